@@ -1,0 +1,365 @@
+//! The host <-> guest protocol of the Fast VM agent.
+//!
+//! The agent (PID 1 in the guest) and the worker (on the host) talk over one
+//! virtio-serial port. That port is a plain byte pipe that survives neither a
+//! host reconnect nor a snapshot restore cleanly: bytes of an old session may
+//! still sit in the queue. So the protocol is built to *resynchronise*:
+//!
+//! ```text
+//!  byte stream:  ... garbage ... | SYNC(nonce) | frame | frame | ... | SYNC(nonce') | frame ...
+//!
+//!  SYNC   = b"FVMSYNC1" ++ nonce (u64 LE)          16 bytes, no header
+//!  frame  = magic 0xFA57 (u16 LE) | kind (u8) | stream (u32 LE) | len (u32 LE) | payload
+//! ```
+//!
+//! Each side starts *unsynced* and drops bytes until it sees a SYNC marker.
+//! The host opens every session with `SYNC(nonce)` + [`Control::Hello`]; the
+//! agent answers `SYNC(nonce)` + [`Control::HelloAck`]. A frame with a bad
+//! magic, an unknown kind or an oversized length drops the decoder back to
+//! unsynced and is reported as [`Frame::Invalid`]: the decoder never panics,
+//! never errors, and never buffers more than [`MAX_PAYLOAD`] + header bytes.
+//!
+//! Streams multiplex many concurrent operations: stream 0 is the session
+//! itself, every other id is chosen by the host for one request (an exec, a
+//! configure, a shutdown). Output data is flow-controlled per stream and fd:
+//! the agent may have at most [`STREAM_WINDOW`] unacknowledged bytes in flight
+//! and the host hands back [`Frame::Credit`] as its consumer drains them, so a
+//! guest printing faster than the host reads blocks in the guest, exhausting
+//! neither side's memory.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Version of this protocol; exchanged in [`Control::Hello`] / [`Control::HelloAck`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Resynchronisation marker; followed by an 8-byte nonce.
+pub const SYNC_MAGIC: [u8; 8] = *b"FVMSYNC1";
+const SYNC_LEN: usize = SYNC_MAGIC.len() + 8;
+/// First two bytes of every frame.
+pub const FRAME_MAGIC: u16 = 0xFA57;
+/// Bytes of a frame header: magic, kind, stream, length.
+pub const HEADER_LEN: usize = 2 + 1 + 4 + 4;
+/// Largest payload a frame may carry; larger lengths are refused unread.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Largest data chunk a sender puts in one frame.
+pub const DATA_CHUNK: usize = 64 << 10;
+/// Unacknowledged output bytes allowed in flight per stream and fd.
+pub const STREAM_WINDOW: u32 = 256 << 10;
+
+/// The standard streams of a process, as carried in data frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fd {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl Fd {
+    fn to_u8(self) -> u8 {
+        match self {
+            Fd::Stdin => 0,
+            Fd::Stdout => 1,
+            Fd::Stderr => 2,
+        }
+    }
+    fn from_u8(b: u8) -> Option<Fd> {
+        match b {
+            0 => Some(Fd::Stdin),
+            1 => Some(Fd::Stdout),
+            2 => Some(Fd::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// How a process should be run by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// argv; `argv[0]` is looked up in PATH.
+    pub argv: Vec<String>,
+    /// Extra environment, on top of the VM-wide env set by [`Control::Configure`].
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the agent's default (`/root`) when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Kill the whole process group after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Keep stdin open for [`Frame::Data`] with [`Fd::Stdin`]; otherwise stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code; `128 + signal` when killed by a signal; 127 when it could not start.
+    pub code: i32,
+    /// The signal that killed it, if any.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// True when the agent killed it for exceeding `timeout_ms`.
+    pub timed_out: bool,
+    /// Wall time in the guest from spawn to exit.
+    pub duration_ms: u64,
+    /// Diagnostic, e.g. a spawn failure ("No such file or directory").
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Control messages, JSON-encoded in [`Frame::Control`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Host -> guest, stream 0: opens a session.
+    Hello { version: u32, nonce: u64 },
+    /// Guest -> host, stream 0: accepts a session.
+    HelloAck {
+        version: u32,
+        nonce: u64,
+        agent_version: String,
+        /// Random id chosen by the agent at boot; changes only on reboot.
+        boot_id: String,
+    },
+    /// Host -> guest: identity and environment of this VM. Sent after every
+    /// (re)connect, so a restored guest picks up its new identity.
+    Configure(GuestConfig),
+    /// Host -> guest: run a process on this stream.
+    Exec(ExecSpec),
+    /// Host -> guest: send a signal to the process group of this stream.
+    Signal { signal: i32 },
+    /// Host -> guest: the host gave up on this stream (client went away):
+    /// kill its process group and drop its remaining output. No Exit follows.
+    Cancel,
+    /// Host -> guest: liveness probe, answered with [`Control::Ok`].
+    Ping,
+    /// Host -> guest: sync disks and power off (or reboot).
+    Shutdown { reboot: bool },
+    /// Guest -> host: the request on this stream succeeded.
+    Ok,
+    /// Guest -> host: the request on this stream failed.
+    Error { message: String },
+    /// Guest -> host: the process of this stream started.
+    Started { pid: u32 },
+    /// Guest -> host: the process of this stream ended; last message of the stream.
+    Exit(ExitStatus),
+}
+
+/// VM-wide settings the host pushes into the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestConfig {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Environment visible to every exec (replaces the previous set).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Host wall clock, so a restored guest's clock is right.
+    #[serde(default)]
+    pub time_unix_ns: Option<u128>,
+    /// Fresh entropy mixed into the guest RNG (important after a restore).
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+}
+
+/// One unit on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Session (re)start marker.
+    Sync { nonce: u64 },
+    Control { stream: u32, msg: Control },
+    /// Raw bytes of one fd of a stream.
+    Data { stream: u32, fd: Fd, data: Bytes },
+    /// No more bytes on this fd of this stream.
+    Eof { stream: u32, fd: Fd },
+    /// The receiver consumed `bytes` of this fd: the sender may send that many more.
+    Credit { stream: u32, fd: Fd, bytes: u32 },
+    /// Produced by the decoder only: the input was not a valid frame. After a
+    /// framing error the decoder is unsynced until the next SYNC marker.
+    Invalid { reason: String },
+}
+
+const KIND_CONTROL: u8 = 1;
+const KIND_DATA: u8 = 2;
+const KIND_EOF: u8 = 3;
+const KIND_CREDIT: u8 = 4;
+
+/// Encoder and decoder of [`Frame`]s. See the module docs for the format.
+#[derive(Debug, Default)]
+pub struct FrameCodec {
+    synced: bool,
+}
+
+impl FrameCodec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True once a SYNC marker was seen and no framing error happened since.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    fn desync(&mut self, reason: String) -> Option<Frame> {
+        self.synced = false;
+        Some(Frame::Invalid { reason })
+    }
+}
+
+fn find_sync(hay: &[u8]) -> Option<usize> {
+    hay.windows(SYNC_MAGIC.len()).position(|w| w == SYNC_MAGIC)
+}
+
+fn read_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
+        if !self.synced {
+            match find_sync(src) {
+                Some(at) => src.advance(at),
+                None => {
+                    // Keep a tail that may be the start of a marker.
+                    let keep = src.len().min(SYNC_MAGIC.len() - 1);
+                    src.advance(src.len() - keep);
+                    return Ok(None);
+                }
+            }
+        }
+        if src.len() >= SYNC_MAGIC.len() && src[..SYNC_MAGIC.len()] == SYNC_MAGIC {
+            if src.len() < SYNC_LEN {
+                return Ok(None);
+            }
+            let mut nonce = [0u8; 8];
+            nonce.copy_from_slice(&src[SYNC_MAGIC.len()..SYNC_LEN]);
+            src.advance(SYNC_LEN);
+            self.synced = true;
+            return Ok(Some(Frame::Sync { nonce: u64::from_le_bytes(nonce) }));
+        }
+        if src.len() < HEADER_LEN {
+            // A partial SYNC marker may be arriving; wait for more.
+            return Ok(None);
+        }
+        let magic = u16::from_le_bytes([src[0], src[1]]);
+        if magic != FRAME_MAGIC {
+            return Ok(self.desync(format!("bad frame magic {magic:#06x}")));
+        }
+        let kind = src[2];
+        let stream = read_u32(&src[3..7]);
+        let len = read_u32(&src[7..11]) as usize;
+        if len > MAX_PAYLOAD {
+            return Ok(self.desync(format!("frame of {len} bytes exceeds {MAX_PAYLOAD}")));
+        }
+        if src.len() < HEADER_LEN + len {
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let payload = src.split_to(len).freeze();
+        let frame = match kind {
+            KIND_CONTROL => match serde_json::from_slice::<Control>(&payload) {
+                Ok(msg) => Frame::Control { stream, msg },
+                // Frame boundaries are intact: stay synced, report the message.
+                Err(e) => Frame::Invalid { reason: format!("bad control message on stream {stream}: {e}") },
+            },
+            KIND_DATA | KIND_EOF | KIND_CREDIT => {
+                let Some((&fd_byte, rest)) = payload.split_first() else {
+                    return Ok(self.desync(format!("empty payload for frame kind {kind}")));
+                };
+                let Some(fd) = Fd::from_u8(fd_byte) else {
+                    return Ok(self.desync(format!("bad fd {fd_byte}")));
+                };
+                match kind {
+                    KIND_DATA => Frame::Data { stream, fd, data: payload.slice(1..) },
+                    KIND_EOF => Frame::Eof { stream, fd },
+                    _ => {
+                        if rest.len() != 4 {
+                            return Ok(self.desync("credit frame of wrong length".into()));
+                        }
+                        Frame::Credit { stream, fd, bytes: read_u32(rest) }
+                    }
+                }
+            }
+            other => return Ok(self.desync(format!("unknown frame kind {other}"))),
+        };
+        Ok(Some(frame))
+    }
+}
+
+/// Errors of encoding a frame (the caller built something unsendable).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte frame limit")]
+    TooLarge(usize),
+    #[error("decoder-only frame cannot be sent")]
+    NotSendable,
+    #[error("control message does not serialize: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn put_header(dst: &mut BytesMut, kind: u8, stream: u32, len: usize) -> Result<(), EncodeError> {
+    if len > MAX_PAYLOAD {
+        return Err(EncodeError::TooLarge(len));
+    }
+    dst.reserve(HEADER_LEN + len);
+    dst.put_u16_le(FRAME_MAGIC);
+    dst.put_u8(kind);
+    dst.put_u32_le(stream);
+    dst.put_u32_le(len as u32);
+    Ok(())
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = EncodeError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match frame {
+            Frame::Sync { nonce } => {
+                dst.put_slice(&SYNC_MAGIC);
+                dst.put_u64_le(nonce);
+            }
+            Frame::Control { stream, msg } => {
+                let json = serde_json::to_vec(&msg)?;
+                put_header(dst, KIND_CONTROL, stream, json.len())?;
+                dst.put_slice(&json);
+            }
+            Frame::Data { stream, fd, data } => {
+                put_header(dst, KIND_DATA, stream, data.len() + 1)?;
+                dst.put_u8(fd.to_u8());
+                dst.put_slice(&data);
+            }
+            Frame::Eof { stream, fd } => {
+                put_header(dst, KIND_EOF, stream, 1)?;
+                dst.put_u8(fd.to_u8());
+            }
+            Frame::Credit { stream, fd, bytes } => {
+                put_header(dst, KIND_CREDIT, stream, 5)?;
+                dst.put_u8(fd.to_u8());
+                dst.put_u32_le(bytes);
+            }
+            Frame::Invalid { .. } => return Err(EncodeError::NotSendable),
+        }
+        Ok(())
+    }
+}
+
+/// Encode one frame into a fresh buffer (convenience for writers without a `Framed`).
+pub fn encode(frame: Frame) -> Result<BytesMut, EncodeError> {
+    let mut buf = BytesMut::new();
+    FrameCodec::new().encode(frame, &mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+//! Running one process for one stream: spawn, pump output under flow
+//! control, feed stdin, enforce the timeout, report the exit.
+//!
+//! ```text
+//!  Exec -> spawn (own session + process group) --fail--> Exit{127, error}
+//!            |
+//!            +-> Started{pid}
+//!            +-> pump stdout / pump stderr: Data frames, at most the credit
+//!            |   the host granted (STREAM_WINDOW at start), then Eof
+//!            +-> timeout: SIGKILL to the whole process group, timed_out
+//!            +-> exit status from the reaper; pipes drained (bounded by
+//!                EXIT_DRAIN when a background child keeps them open)
+//!          -> Exit{code, signal, timed_out, duration_ms}
+//! ```
+
+use crate::session::Shared;
+use bytes::Bytes;
+use fastvm_agent_proto::{Control, ExecSpec, ExitStatus, Fd, Frame, DATA_CHUNK, STREAM_WINDOW};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, watch, Notify};
+
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// After the process exits, keep reading its pipes until EOF, a pause this
+/// long, or [`EXIT_DRAIN`] in all: a background child may hold them open.
+const EXIT_IDLE: Duration = Duration::from_millis(100);
+const EXIT_DRAIN: Duration = Duration::from_secs(1);
+
+/// Send window of one output fd.
+pub(crate) struct Credit {
+    avail: Mutex<u32>,
+    notify: Notify,
+    detached: AtomicBool,
+}
+
+impl Credit {
+    fn new() -> Credit {
+        Credit { avail: Mutex::new(STREAM_WINDOW), notify: Notify::new(), detached: AtomicBool::new(false) }
+    }
+
+    pub(crate) fn give(&self, n: u32) {
+        if let Ok(mut a) = self.avail.lock() {
+            // A hostile or buggy host cannot make us buffer more: the window
+            // only bounds what we send, never what we hold.
+            *a = a.saturating_add(n).min(STREAM_WINDOW.saturating_mul(4));
+        }
+        self.notify.notify_one();
+    }
+
+    fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Wait for credit; take up to `max` bytes of it. Detached streams have unlimited credit.
+    async fn take(&self, max: usize) -> usize {
+        loop {
+            if self.detached.load(Ordering::SeqCst) {
+                return max;
+            }
+            if let Ok(mut a) = self.avail.lock() {
+                if *a > 0 {
+                    let n = (*a as usize).min(max);
+                    *a -= n as u32;
+                    return n;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The session's view of a running stream.
+pub(crate) struct StreamHandle {
+    stdout: Arc<Credit>,
+    stderr: Arc<Credit>,
+    pub(crate) stdin: Option<mpsc::Sender<Option<Bytes>>>,
+    pid: Arc<AtomicI32>,
+    detached: Arc<AtomicBool>,
+}
+
+/// The exec task's side of the same stream.
+pub(crate) struct StreamParts {
+    stdout: Arc<Credit>,
+    stderr: Arc<Credit>,
+    stdin: Option<mpsc::Receiver<Option<Bytes>>>,
+    pid: Arc<AtomicI32>,
+    detached: Arc<AtomicBool>,
+}
+
+impl StreamHandle {
+    pub(crate) fn new(with_stdin: bool) -> (StreamHandle, StreamParts) {
+        let (stdout, stderr) = (Arc::new(Credit::new()), Arc::new(Credit::new()));
+        let (pid, detached) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicBool::new(false)));
+        let (tx, rx) = if with_stdin {
+            let (tx, rx) = mpsc::channel(16);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let handle = StreamHandle { stdout: stdout.clone(), stderr: stderr.clone(), stdin: tx, pid: pid.clone(), detached: detached.clone() };
+        (handle, StreamParts { stdout, stderr, stdin: rx, pid, detached })
+    }
+
+    pub(crate) fn credit(&self, fd: Fd) -> Option<Arc<Credit>> {
+        match fd {
+            Fd::Stdout => Some(self.stdout.clone()),
+            Fd::Stderr => Some(self.stderr.clone()),
+            Fd::Stdin => None,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> Option<i32> {
+        let pid = self.pid.load(Ordering::SeqCst);
+        (pid > 0).then_some(pid)
+    }
+
+    pub(crate) fn owns(&self, token: &Arc<AtomicBool>) -> bool {
+        Arc::ptr_eq(&self.detached, token)
+    }
+
+    pub(crate) fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        self.stdout.detach();
+        self.stderr.detach();
+    }
+}
+
+/// Send `signal` to the process group led by `pid`.
+pub(crate) fn kill_group(pid: i32, signal: i32) {
+    // SAFETY: kill has no memory preconditions; a negative pid targets the group.
+    unsafe { libc::kill(-pid, signal) };
+}
+
+fn command(shared: &Shared, spec: &ExecSpec) -> std::process::Command {
+    let mut cmd = std::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..]).env_clear();
+    cmd.env("PATH", DEFAULT_PATH).env("HOME", "/root").env("USER", "root").env("LANG", "C.UTF-8").env("TERM", "xterm");
+    if let Ok(env) = shared.env.read() {
+        cmd.envs(env.iter());
+    }
+    cmd.envs(spec.env.iter());
+    let cwd = spec.cwd.clone().unwrap_or_else(|| "/root".to_owned());
+    cmd.current_dir(if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() { cwd } else { "/".to_owned() });
+    cmd.stdin(if spec.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn decode_status(status: libc::c_int) -> (i32, Option<i32>) {
+    if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), None)
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        (128 + sig, Some(sig))
+    } else {
+        (255, None)
+    }
+}
+
+async fn finish(shared: &Shared, stream: u32, detached: &Arc<AtomicBool>, status: ExitStatus) {
+    if !detached.load(Ordering::SeqCst) {
+        shared.out.send(Frame::Control { stream, msg: Control::Exit(status) }).await;
+    }
+    shared.remove_stream(stream, detached);
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts: StreamParts) {
+    let start = Instant::now();
+    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+        let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: 0, error: Some("empty command".into()) };
+        return finish(&shared, stream, &parts.detached, status).await;
+    }
+    let spawned = shared.reaper.spawn(&mut command(&shared, &spec));
+    let (mut child, exit_rx) = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let error = Some(format!("cannot start {:?}: {e}", spec.argv[0]));
+            let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: elapsed_ms(start), error };
+            return finish(&shared, stream, &parts.detached, status).await;
+        }
+    };
+    let pid = child.id() as i32;
+    parts.pid.store(pid, Ordering::SeqCst);
+    shared.out.send(Frame::Control { stream, msg: Control::Started { pid: pid as u32 } }).await;
+
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let mut pumps = Vec::new();
+    let outputs = [(Fd::Stdout, child.stdout.take().map(OwnedFd::from), parts.stdout.clone()), (Fd::Stderr, child.stderr.take().map(OwnedFd::from), parts.stderr.clone())];
+    for (fd, pipe_fd, credit) in outputs {
+        let Some(pipe_fd) = pipe_fd else { continue };
+        match pipe::Receiver::from_owned_fd(pipe_fd) {
+            Ok(rx) => pumps.push(tokio::spawn(pump(shared.clone(), stream, fd, rx, credit, parts.detached.clone(), exited_rx.clone()))),
+            Err(e) => crate::log(&format!("stream {stream}: cannot read {fd:?}: {e}")),
+        }
+    }
+    if let (Some(stdin), Some(rx)) = (child.stdin.take(), parts.stdin) {
+        match pipe::Sender::from_owned_fd(OwnedFd::from(stdin)) {
+            Ok(tx) => {
+                tokio::spawn(feed_stdin(shared.clone(), stream, tx, rx));
+            }
+            Err(e) => crate::log(&format!("stream {stream}: cannot write stdin: {e}")),
+        }
+    }
+
+    let mut timed_out = false;
+    let raw = match spec.timeout_ms {
+        Some(ms) => {
+            tokio::pin!(exit_rx);
+            tokio::select! {
+                s = &mut exit_rx => s.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => {
+                    timed_out = true;
+                    kill_group(pid, libc::SIGKILL);
+                    exit_rx.await.ok()
+                }
+            }
+        }
+        None => exit_rx.await.ok(),
+    };
+    let (code, signal) = raw.map(decode_status).unwrap_or((255, None));
+    let _ = exited_tx.send(true);
+    for p in pumps {
+        let _ = p.await;
+    }
+    let status = ExitStatus { code, signal, timed_out, duration_ms: elapsed_ms(start), error: None };
+    finish(&shared, stream, &parts.detached, status).await;
+}
+
+fn elapsed_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis().min(u64::MAX as u128) as u64
+}
+
+async fn pump(
+    shared: Arc<Shared>,
+    stream: u32,
+    fd: Fd,
+    mut rx: pipe::Receiver,
+    credit: Arc<Credit>,
+    detached: Arc<AtomicBool>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; DATA_CHUNK];
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let allowed = credit.take(DATA_CHUNK).await;
+        let read = if let Some(deadline) = drain_deadline {
+            let idle = EXIT_IDLE.min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(idle, rx.read(&mut buf[..allowed])).await {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                r = rx.read(&mut buf[..allowed]) => r,
+                _ = exited.changed() => {
+                    drain_deadline = Some(Instant::now() + EXIT_DRAIN);
+                    credit.give(allowed as u32);
+                    continue;
+                }
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                credit.give((allowed - n) as u32);
+                if !detached.load(Ordering::SeqCst) {
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    shared.out.send(Frame::Data { stream, fd, data }).await;
+                }
+            }
+        }
+    }
+    if !detached.load(Ordering::SeqCst) {
+        shared.out.send(Frame::Eof { stream, fd }).await;
+    }
+}
+
+async fn feed_stdin(shared: Arc<Shared>, stream: u32, mut tx: pipe::Sender, mut rx: mpsc::Receiver<Option<Bytes>>) {
+    while let Some(Some(data)) = rx.recv().await {
+        let n = data.len() as u32;
+        if tx.write_all(&data).await.is_err() {
+            break;
+        }
+        shared.out.send(Frame::Credit { stream, fd: Fd::Stdin, bytes: n }).await;
+    }
+    // Dropping tx closes the child's stdin.
+}
