@@ -1,0 +1,370 @@
+//! The host side of the agent channel: one [`AgentClient`] per VM, talking
+//! over the unix socket behind the VM's virtio-serial port.
+//!
+//! ```text
+//!  connect: SYNC(n) Hello{n}  --(repeat every 250 ms until)-->  HelloAck{n}
+//!  reader task: frames -> per-stream queues (bounded by the flow-control
+//!               window, which the host enforces: a guest exceeding it is cut off)
+//!  ExecStream::next(): yields output, returns credit as it is consumed
+//! ```
+//!
+//! Everything read from the guest is untrusted: frames are bounded by the
+//! codec, unknown streams are ignored, window overruns end the stream.
+
+use crate::error::{Error, Result};
+use crate::exec::ExecEvent;
+use bytes::Bytes;
+use fastvm_agent_proto::{Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, PROTOCOL_VERSION, STREAM_WINDOW};
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// What the agent said about itself at connect.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub version: u32,
+    pub agent_version: String,
+    pub boot_id: String,
+}
+
+enum Incoming {
+    Control(Control),
+    Data(Fd, Bytes),
+    Eof,
+    Closed(String),
+}
+
+struct Route {
+    tx: mpsc::UnboundedSender<Incoming>,
+    /// Bytes received and not yet credited back, per output fd.
+    unacked: [u32; 2],
+}
+
+struct Inner {
+    out: mpsc::Sender<Frame>,
+    routes: Mutex<HashMap<u32, Route>>,
+    next_stream: AtomicU32,
+    closed: watch::Receiver<Option<String>>,
+    info: AgentInfo,
+}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+fn fd_index(fd: Fd) -> Option<usize> {
+    match fd {
+        Fd::Stdout => Some(0),
+        Fd::Stderr => Some(1),
+        Fd::Stdin => None,
+    }
+}
+
+impl AgentClient {
+    /// Connect to the agent socket and handshake, retrying until `timeout`.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<AgentClient> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::trace!(error = %e, "agent socket not ready");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(Error::AgentUnavailable(format!("connect {}: {e}", path.display()))),
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, FrameCodec::new());
+        let mut writer = FramedWrite::new(write, FrameCodec::new());
+        let nonce: u64 = rand::random();
+        let info = loop {
+            let hello = [Frame::Sync { nonce }, Frame::Control { stream: 0, msg: Control::Hello { version: PROTOCOL_VERSION, nonce } }];
+            for f in hello {
+                writer.feed(f).await.map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
+            }
+            writer.flush().await.map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
+            let attempt_end = (Instant::now() + Duration::from_millis(250)).min(deadline);
+            if let Some(info) = wait_hello_ack(&mut reader, nonce, attempt_end).await? {
+                break info;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AgentUnavailable(format!("no answer from the agent within {timeout:?}")));
+            }
+        };
+        if info.version != PROTOCOL_VERSION {
+            return Err(Error::Protocol(format!("agent speaks protocol v{}, host v{PROTOCOL_VERSION}", info.version)));
+        }
+        let (out_tx, mut out_rx) = mpsc::channel::<Frame>(256);
+        tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if writer.send(f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (closed_tx, closed_rx) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            out: out_tx,
+            routes: Mutex::new(HashMap::new()),
+            next_stream: AtomicU32::new(1),
+            closed: closed_rx,
+            info,
+        });
+        tokio::spawn(read_loop(reader, Arc::downgrade(&inner), closed_tx));
+        Ok(AgentClient { inner })
+    }
+
+    pub fn info(&self) -> &AgentInfo {
+        &self.inner.info
+    }
+
+    /// `Some(reason)` once the connection is gone.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.inner.closed.borrow().clone()
+    }
+
+    fn open_stream(&self) -> Result<(u32, mpsc::UnboundedReceiver<Incoming>)> {
+        if let Some(reason) = self.closed_reason() {
+            return Err(Error::AgentUnavailable(reason));
+        }
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.routes.lock().map_err(|_| Error::Protocol("poisoned".into()))?.insert(id, Route { tx, unacked: [0, 0] });
+        Ok((id, rx))
+    }
+
+    fn close_stream(&self, id: u32) {
+        if let Ok(mut r) = self.inner.routes.lock() {
+            r.remove(&id);
+        }
+    }
+
+    async fn send(&self, frame: Frame) -> Result<()> {
+        self.inner.out.send(frame).await.map_err(|_| Error::AgentUnavailable("connection closed".into()))
+    }
+
+    /// Send a one-shot request and wait for its Ok/Error answer.
+    async fn request(&self, msg: Control, timeout: Duration) -> Result<()> {
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(Frame::Control { stream: id, msg }).await?;
+            match tokio::time::timeout(timeout, rx.recv()).await {
+                Err(_) => Err(Error::AgentUnavailable(format!("no answer within {timeout:?}"))),
+                Ok(None) => Err(Error::AgentUnavailable("connection closed".into())),
+                Ok(Some(Incoming::Control(Control::Ok))) => Ok(()),
+                Ok(Some(Incoming::Control(Control::Error { message }))) => Err(Error::Protocol(format!("agent refused: {message}"))),
+                Ok(Some(Incoming::Closed(reason))) => Err(Error::AgentUnavailable(reason)),
+                Ok(Some(_)) => Err(Error::Protocol("unexpected answer".into())),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.request(Control::Ping, Duration::from_secs(10)).await
+    }
+
+    pub async fn configure(&self, cfg: GuestConfig) -> Result<()> {
+        self.request(Control::Configure(cfg), Duration::from_secs(30)).await
+    }
+
+    /// Ask the guest to power off; its answer may be lost as it goes down.
+    pub async fn shutdown(&self) -> Result<()> {
+        match self.request(Control::Shutdown { reboot: false }, Duration::from_secs(5)).await {
+            Ok(()) | Err(Error::AgentUnavailable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Start a process; its output and exit come from the returned stream.
+    pub async fn exec(&self, spec: ExecSpec) -> Result<ExecStream> {
+        let timeout = spec.timeout_ms.map(Duration::from_millis);
+        let (id, rx) = self.open_stream()?;
+        let stream = ExecStream {
+            id,
+            rx,
+            client: self.clone(),
+            finished: false,
+            // The agent enforces the timeout; this guard only covers a guest that stops answering.
+            deadline: timeout.map(|t| Instant::now() + t + Duration::from_secs(30)),
+        };
+        self.send(Frame::Control { stream: id, msg: Control::Exec(spec) }).await?;
+        Ok(stream)
+    }
+}
+
+async fn wait_hello_ack(
+    reader: &mut FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec>,
+    nonce: u64,
+    until: Instant,
+) -> Result<Option<AgentInfo>> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, reader.next()).await {
+            Err(_) => return Ok(None),
+            Ok(None) => return Err(Error::AgentUnavailable("agent socket closed during handshake".into())),
+            Ok(Some(Err(e))) => return Err(Error::AgentUnavailable(format!("read: {e}"))),
+            Ok(Some(Ok(Frame::Control { stream: 0, msg: Control::HelloAck { version, nonce: n, agent_version, boot_id } }))) if n == nonce => {
+                return Ok(Some(AgentInfo { version, agent_version, boot_id }));
+            }
+            Ok(Some(Ok(_))) => {} // stale frames of an earlier session
+        }
+    }
+}
+
+async fn read_loop(
+    mut reader: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec>,
+    inner: std::sync::Weak<Inner>,
+    closed: watch::Sender<Option<String>>,
+) {
+    let reason = loop {
+        let frame = match reader.next().await {
+            None => break "agent connection closed".to_owned(),
+            Some(Err(e)) => break format!("agent read error: {e}"),
+            Some(Ok(f)) => f,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let (stream, item) = match frame {
+            Frame::Control { stream, msg } => (stream, Incoming::Control(msg)),
+            Frame::Data { stream, fd, data } => (stream, Incoming::Data(fd, data)),
+            Frame::Eof { stream, .. } => (stream, Incoming::Eof),
+            Frame::Credit { .. } | Frame::Sync { .. } => continue,
+            Frame::Invalid { reason } => break format!("agent sent invalid data: {reason}"),
+        };
+        let Ok(mut routes) = inner.routes.lock() else { break "poisoned".to_owned() };
+        let mut overrun = false;
+        if let Some(route) = routes.get_mut(&stream) {
+            if let Incoming::Data(fd, data) = &item {
+                if let Some(i) = fd_index(*fd) {
+                    route.unacked[i] = route.unacked[i].saturating_add(data.len() as u32);
+                    overrun = route.unacked[i] > STREAM_WINDOW;
+                }
+            }
+            let last = matches!(item, Incoming::Control(Control::Exit(_)));
+            if overrun {
+                let _ = route.tx.send(Incoming::Closed("guest exceeded its flow-control window".into()));
+                routes.remove(&stream);
+            } else if route.tx.send(item).is_err() || last {
+                routes.remove(&stream);
+            }
+        }
+        drop(routes);
+        if overrun {
+            let _ = inner.out.try_send(Frame::Control { stream, msg: Control::Cancel });
+        }
+    };
+    if let Some(inner) = inner.upgrade() {
+        if let Ok(mut routes) = inner.routes.lock() {
+            for (_, r) in routes.drain() {
+                let _ = r.tx.send(Incoming::Closed(reason.clone()));
+            }
+        }
+    }
+    let _ = closed.send(Some(reason));
+}
+
+/// Output and exit of one process in the guest. Dropping it before the exit
+/// event kills the process group in the guest.
+pub struct ExecStream {
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    client: AgentClient,
+    finished: bool,
+    deadline: Option<Instant>,
+}
+
+impl ExecStream {
+    /// The next event; `None` after the exit event.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            let item = match self.deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), self.rx.recv()).await {
+                    Ok(i) => i,
+                    Err(_) => {
+                        self.finished = true;
+                        self.cancel();
+                        return Some(Err(Error::AgentUnavailable("the guest stopped answering for this exec".into())));
+                    }
+                },
+                None => self.rx.recv().await,
+            };
+            let Some(item) = item else {
+                self.finished = true;
+                return Some(Err(Error::AgentUnavailable("agent connection closed".into())));
+            };
+            match item {
+                Incoming::Data(fd, data) => {
+                    let n = data.len() as u32;
+                    self.ack(fd, n).await;
+                    match fd {
+                        Fd::Stdout => return Some(Ok(ExecEvent::Stdout(data))),
+                        Fd::Stderr => return Some(Ok(ExecEvent::Stderr(data))),
+                        Fd::Stdin => continue,
+                    }
+                }
+                Incoming::Eof | Incoming::Control(Control::Started { .. }) => continue,
+                Incoming::Control(Control::Exit(status)) => {
+                    self.finished = true;
+                    return Some(Ok(ExecEvent::Exit(status)));
+                }
+                Incoming::Control(Control::Error { message }) => {
+                    self.finished = true;
+                    return Some(Err(Error::InvalidExec(message)));
+                }
+                Incoming::Control(other) => {
+                    tracing::debug!(?other, "ignored control message on exec stream");
+                    continue;
+                }
+                Incoming::Closed(reason) => {
+                    self.finished = true;
+                    return Some(Err(Error::AgentUnavailable(reason)));
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, fd: Fd, n: u32) {
+        if let Some(i) = fd_index(fd) {
+            if let Ok(mut routes) = self.client.inner.routes.lock() {
+                if let Some(r) = routes.get_mut(&self.id) {
+                    r.unacked[i] = r.unacked[i].saturating_sub(n);
+                }
+            }
+        }
+        let _ = self.client.send(Frame::Credit { stream: self.id, fd, bytes: n }).await;
+    }
+
+    fn cancel(&self) {
+        self.client.close_stream(self.id);
+        let _ = self.client.inner.out.try_send(Frame::Control { stream: self.id, msg: Control::Cancel });
+    }
+}
+
+impl Drop for ExecStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancel();
+        }
+    }
+}
+
+/// Connect helper with context for the runtime.
+pub(crate) async fn connect_vm(path: &Path, timeout: Duration) -> Result<AgentClient> {
+    AgentClient::connect(path, timeout).await.map_err(|e| match e {
+        Error::Io { context, source } => Error::Io { context: format!("agent: {context}"), source },
+        other => other,
+    })
+}

@@ -1,0 +1,44 @@
+//! Errors of the worker. Each variant's message is what a user or operator sees.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown machine type {0:?}; known types: c1m2, c2m4, c4m8, c8m16")]
+    UnknownMachineType(String),
+    #[error("no VM with id {0}")]
+    NoSuchVm(String),
+    #[error("VM {id} is {state}, {action} needs it {need}")]
+    WrongState { id: String, state: String, action: &'static str, need: &'static str },
+    #[error("the VM's agent is not reachable: {0}")]
+    AgentUnavailable(String),
+    #[error("guest agent protocol violation: {0}")]
+    Protocol(String),
+    #[error("invalid exec request: {0}")]
+    InvalidExec(String),
+    #[error("QEMU failed: {0}")]
+    Qemu(String),
+    #[error("QMP error: {0}")]
+    Qmp(String),
+    #[error("building the guest image failed: {0}")]
+    ImageBuild(String),
+    #[error("the agent binary was not found (looked in {looked:?}); build it with `cargo build --release -p fastvm-agent --target x86_64-unknown-linux-musl` or set FASTVM_AGENT_BIN")]
+    AgentBinaryMissing { looked: Vec<PathBuf> },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("corrupt state file {path}: {message}")]
+    CorruptState { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach context to an io::Error.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io { context: context(), source })
+    }
+}

@@ -1,0 +1,151 @@
+//! Exec requests and their two result modes: streaming events, or a buffered
+//! [`ExecOutput`] with each stream capped at [`BUFFERED_CAP`].
+
+use crate::agent::ExecStream;
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use fastvm_agent_proto::{ExecSpec, ExitStatus};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Per-stream cap of buffered exec output (the spec's 4 MiB).
+pub const BUFFERED_CAP: usize = 4 << 20;
+
+/// What to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+impl ExecRequest {
+    /// Run `argv` as is.
+    pub fn argv<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
+        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+    }
+
+    /// Run a shell string as `sh -c <cmd>`.
+    pub fn shell(cmd: &str) -> Self {
+        Self::argv(["sh", "-c", cmd])
+    }
+
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Check what the guest could not run, and build the wire spec.
+    pub fn to_spec(&self) -> Result<ExecSpec> {
+        if self.argv.first().is_none_or(|a| a.is_empty()) {
+            return Err(Error::InvalidExec("command must be a non-empty argv whose first element names a program".into()));
+        }
+        if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
+            return Err(Error::InvalidExec(format!("command[{i}] contains a NUL byte")));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(Error::InvalidExec(format!("env var {k:?} is not a valid NAME=value pair")));
+            }
+        }
+        if self.cwd.as_deref().is_some_and(|c| c.contains('\0') || !c.starts_with('/')) {
+            return Err(Error::InvalidExec("cwd must be an absolute path".into()));
+        }
+        Ok(ExecSpec {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            timeout_ms: self.timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
+            stdin: false,
+        })
+    }
+}
+
+/// One event of a streaming exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// Always the last event.
+    Exit(ExitStatus),
+}
+
+/// The buffered result of an exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// Diagnostic of the agent (e.g. the program could not be started).
+    pub error: Option<String>,
+}
+
+fn append_capped(buf: &mut Vec<u8>, data: &[u8], cap: usize, truncated: &mut bool) {
+    let room = cap.saturating_sub(buf.len());
+    if data.len() > room {
+        *truncated = true;
+    }
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+/// Drain a stream into an [`ExecOutput`], keeping at most `cap` bytes per
+/// stream (the rest is read, dropped and flagged).
+pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
+    let mut out = ExecOutput::default();
+    while let Some(ev) = stream.next().await {
+        match ev? {
+            ExecEvent::Stdout(d) => append_capped(&mut out.stdout, &d, cap, &mut out.stdout_truncated),
+            ExecEvent::Stderr(d) => append_capped(&mut out.stderr, &d, cap, &mut out.stderr_truncated),
+            ExecEvent::Exit(s) => {
+                out.exit_code = s.code;
+                out.timed_out = s.timed_out;
+                out.duration_ms = s.duration_ms;
+                out.error = s.error;
+                return Ok(out);
+            }
+        }
+    }
+    Err(Error::AgentUnavailable("exec stream ended without an exit status".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_wraps() {
+        assert_eq!(ExecRequest::shell("ls -la").argv, vec!["sh", "-c", "ls -la"]);
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        assert!(ExecRequest::argv(Vec::<String>::new()).to_spec().is_err());
+        assert!(ExecRequest::argv([""]).to_spec().is_err());
+        assert!(ExecRequest::argv(["a\0b"]).to_spec().is_err());
+        let mut r = ExecRequest::argv(["true"]);
+        r.cwd = Some("relative".into());
+        assert!(r.to_spec().is_err());
+        let mut r = ExecRequest::argv(["true"]);
+        r.env.insert("A=B".into(), "x".into());
+        assert!(r.to_spec().is_err());
+        assert!(ExecRequest::argv(["true"]).with_timeout(Duration::from_secs(2)).to_spec().is_ok_and(|s| s.timeout_ms == Some(2000)));
+    }
+
+    #[test]
+    fn cap_truncates_exactly() {
+        let mut buf = Vec::new();
+        let mut t = false;
+        append_capped(&mut buf, b"abcd", 6, &mut t);
+        assert!(!t);
+        append_capped(&mut buf, b"ef", 6, &mut t);
+        assert!(!t);
+        append_capped(&mut buf, b"g", 6, &mut t);
+        assert!(t);
+        assert_eq!(buf, b"abcdef");
+    }
+}

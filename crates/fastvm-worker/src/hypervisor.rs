@@ -1,0 +1,100 @@
+//! The hypervisor abstraction. The runtime only speaks this trait; QEMU
+//! `microvm` ([`crate::qemu`]) is the one driver today, and a Firecracker or
+//! Cloud Hypervisor driver would slot in beside it.
+
+use crate::accel::Accel;
+use crate::catalog::MachineType;
+use crate::error::Result;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything needed to start one VM process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub id: String,
+    pub machine: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk_gib: u32,
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Image id (content hash of kernel, initrd and rootfs).
+    pub image_id: String,
+}
+
+impl LaunchSpec {
+    pub fn new(id: &str, machine: MachineType, disk_gib: u32, accel: Accel, image: &crate::images::GuestImage) -> Self {
+        LaunchSpec {
+            id: id.to_owned(),
+            machine: machine.name.to_owned(),
+            vcpus: machine.vcpus,
+            memory_mib: machine.memory_mib,
+            disk_gib,
+            accel,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            image_id: image.id.clone(),
+        }
+    }
+}
+
+/// The files of one VM's state directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        VmPaths { dir: dir.as_ref().to_path_buf() }
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn agent(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn hypervisor_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Start the VM process with its root disk at `paths.disk()`; returns when
+    /// the process runs and its control channel answers. The process must
+    /// outlive the caller.
+    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Box<dyn VmProcess>>;
+    /// Find the process of a VM started earlier; `None` when it is gone.
+    async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Option<Box<dyn VmProcess>>>;
+}
+
+/// A running VM process.
+#[async_trait]
+pub trait VmProcess: Send + Sync {
+    fn pid(&self) -> u32;
+    /// Stop the vCPUs; memory stays.
+    async fn pause(&self) -> Result<()>;
+    async fn resume(&self) -> Result<()>;
+    async fn is_paused(&self) -> Result<bool>;
+    /// Stop the process now (no guest shutdown).
+    async fn kill(&self) -> Result<()>;
+    /// Resolves when the process has exited.
+    async fn wait_exit(&self);
+    fn has_exited(&self) -> bool;
+}

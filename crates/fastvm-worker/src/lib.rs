@@ -1,0 +1,30 @@
+//! The Fast VM worker: everything that runs on a VM host.
+//!
+//! ```text
+//!  Runtime (runtime.rs)         VMs of this host: create, adopt, exec, pause, delete
+//!    |-- Hypervisor (hypervisor.rs)   trait; QemuMicrovm (qemu.rs) over QMP (qmp.rs)
+//!    |-- ImageStore (images.rs)       kernel + initramfs + rootfs, built from Debian
+//!    |-- catalog.rs                   machine types (c1m2 ...)
+//!    '-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs
+//! ```
+//!
+//! Each VM is one QEMU process that outlives the worker: its state directory
+//! (`<data>/vms/<id>/`) holds everything needed to find it again, and
+//! [`runtime::Runtime::open`] re-adopts the live ones.
+
+pub mod accel;
+pub mod agent;
+pub mod catalog;
+pub mod error;
+pub mod exec;
+pub mod hypervisor;
+pub mod images;
+pub mod qemu;
+pub mod qmp;
+pub mod runtime;
+
+pub use accel::Accel;
+pub use catalog::MachineType;
+pub use error::{Error, Result};
+pub use exec::{ExecEvent, ExecOutput, ExecRequest};
+pub use runtime::{Runtime, RuntimeConfig, VmInfo, VmState};
