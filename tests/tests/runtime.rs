@@ -241,10 +241,7 @@ fn pause_resume_and_delete() {
     let pid = vm.pid.expect("pid");
     block_on(rt.delete(&vm.id)).expect("delete");
     assert!(rt.get(&vm.id).is_err());
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || {
-        std::thread::sleep(Duration::from_millis(500));
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
+    assert!(fastvm_e2e::process_gone(pid), "QEMU {pid} still runs after delete");
 }
 
 #[test]

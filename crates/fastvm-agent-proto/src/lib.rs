@@ -159,7 +159,7 @@ pub struct GuestConfig {
     pub env: BTreeMap<String, String>,
     /// Host wall clock, so a restored guest's clock is right.
     #[serde(default)]
-    pub time_unix_ns: Option<u128>,
+    pub time_unix_ns: Option<u64>,
     /// Fresh entropy mixed into the guest RNG (important after a restore).
     #[serde(default)]
     pub entropy: Vec<u8>,
@@ -179,7 +179,7 @@ pub enum Frame {
     Credit { stream: u32, fd: Fd, bytes: u32 },
     /// Produced by the decoder only: the input was not a valid frame. After a
     /// framing error the decoder is unsynced until the next SYNC marker.
-    Invalid { reason: String },
+    Invalid { stream: Option<u32>, reason: String },
 }
 
 const KIND_CONTROL: u8 = 1;
@@ -205,7 +205,7 @@ impl FrameCodec {
 
     fn desync(&mut self, reason: String) -> Option<Frame> {
         self.synced = false;
-        Some(Frame::Invalid { reason })
+        Some(Frame::Invalid { stream: None, reason })
     }
 }
 
@@ -269,7 +269,7 @@ impl Decoder for FrameCodec {
             KIND_CONTROL => match serde_json::from_slice::<Control>(&payload) {
                 Ok(msg) => Frame::Control { stream, msg },
                 // Frame boundaries are intact: stay synced, report the message.
-                Err(e) => Frame::Invalid { reason: format!("bad control message on stream {stream}: {e}") },
+                Err(e) => Frame::Invalid { stream: Some(stream), reason: format!("bad control message: {e}") },
             },
             KIND_DATA | KIND_EOF | KIND_CREDIT => {
                 let Some((&fd_byte, rest)) = payload.split_first() else {

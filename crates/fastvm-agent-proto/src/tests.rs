@@ -129,6 +129,18 @@ fn control_schema_snapshot() {
     }
 }
 
+/// Regression: a real wall clock (> 2^53 ns) must survive the tagged-enum
+/// decoding path (it once did not, as a u128, and the agent never answered).
+#[test]
+fn configure_with_real_clock_decodes() {
+    let now = 1_795_912_296_454_660_339u64;
+    let msg = Control::Configure(GuestConfig { time_unix_ns: Some(now), ..Default::default() });
+    let mut buf = encode(Frame::Sync { nonce: 1 }).expect("encode");
+    buf.extend_from_slice(&encode(Frame::Control { stream: 2, msg: msg.clone() }).expect("encode"));
+    let got = decode_all(&mut FrameCodec::new(), &mut buf);
+    assert_eq!(got[1], Frame::Control { stream: 2, msg });
+}
+
 proptest! {
     /// Whatever a (possibly hostile) guest sends, the decoder neither panics
     /// nor holds more than one maximal frame in memory.

@@ -39,7 +39,7 @@ fn set_hostname(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn set_clock(unix_ns: u128) -> io::Result<()> {
+fn set_clock(unix_ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
         tv_sec: (unix_ns / 1_000_000_000) as _,
         tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,

@@ -66,7 +66,8 @@ fn main() {
 /// Write a line to the kernel console (visible in the VM's console log).
 pub(crate) fn log(msg: &str) {
     use std::io::Write;
-    let line = format!("fastvm-agent: {msg}\n");
+    // Priority 3 (err): shown on the console even with `quiet`.
+    let line = format!("<3>fastvm-agent: {msg}\n");
     if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
         let _ = f.write_all(line.as_bytes());
     } else {

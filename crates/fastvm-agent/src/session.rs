@@ -118,7 +118,8 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
                 c.give(bytes);
             }
         }
-        Frame::Invalid { reason } => crate::log(&format!("ignored invalid input: {reason}")),
+        Frame::Invalid { stream: Some(stream), reason } => reply(shared, stream, Control::Error { message: reason }).await,
+        Frame::Invalid { stream: None, reason } => crate::log(&format!("ignored invalid input: {reason}")),
         Frame::Data { .. } | Frame::Eof { .. } => crate::log("ignored output-direction frame from host"),
     }
 }

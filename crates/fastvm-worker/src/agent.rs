@@ -239,7 +239,8 @@ async fn read_loop(
             Frame::Data { stream, fd, data } => (stream, Incoming::Data(fd, data)),
             Frame::Eof { stream, .. } => (stream, Incoming::Eof),
             Frame::Credit { .. } | Frame::Sync { .. } => continue,
-            Frame::Invalid { reason } => break format!("agent sent invalid data: {reason}"),
+            Frame::Invalid { stream: Some(stream), reason } => (stream, Incoming::Control(Control::Error { message: reason })),
+            Frame::Invalid { stream: None, reason } => break format!("agent sent invalid data: {reason}"),
         };
         let Ok(mut routes) = inner.routes.lock() else { break "poisoned".to_owned() };
         let mut overrun = false;

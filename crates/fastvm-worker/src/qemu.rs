@@ -19,6 +19,48 @@ use std::time::Duration;
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet rw fastvm.root=/dev/vda i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// The command line for `accel`. Under TCG the guest TSC ticks at the host
+/// TSC rate, but the kernel cannot calibrate it (no HPET/PM timer on
+/// microvm) and, on a loaded host, then hangs in early boot waiting for
+/// timer ticks. Telling it the frequency (`tsc_early_khz`) skips every
+/// calibration loop.
+pub fn kernel_cmdline(accel: Accel) -> String {
+    match (accel, host_tsc_khz()) {
+        (Accel::Tcg, Some(khz)) => format!("{KERNEL_CMDLINE} tsc_early_khz={khz} tsc=reliable"),
+        _ => KERNEL_CMDLINE.to_owned(),
+    }
+}
+
+/// The host TSC frequency, measured once against CLOCK_MONOTONIC_RAW.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(measure_tsc_khz)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    let now = || {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
+        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    };
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() } as u128;
+    let (t0, c0) = (now(), tsc());
+    std::thread::sleep(Duration::from_millis(100));
+    let (t1, c1) = (now(), tsc());
+    let ns = t1.checked_sub(t0)?;
+    let khz = (c1.checked_sub(c0)? * 1_000_000 / ns.max(1)) as u64;
+    tracing::info!(tsc_khz = khz, "measured host TSC frequency");
+    (khz > 100_000).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
 pub struct QemuMicrovm {
     pub binary: PathBuf,
 }
@@ -65,7 +107,7 @@ impl QemuMicrovm {
             "-initrd".into(),
             p(spec.initrd.clone()),
             "-append".into(),
-            KERNEL_CMDLINE.into(),
+            kernel_cmdline(spec.accel),
             "-chardev".into(),
             format!("file,id=con,path={}", p(paths.console_log())),
             "-serial".into(),
@@ -93,6 +135,27 @@ impl QemuMicrovm {
         a.shrink_to_fit();
         a
     }
+}
+
+/// Give QEMU pristine signal state: dispositions (ignored ones survive
+/// exec) and the mask are inherited from whatever thread spawns it, and a
+/// QEMU started with some real-time signals ignored spins without ever
+/// running its guest.
+fn reset_signals() -> std::io::Result<()> {
+    // The kernel's struct sigaction: handler, flags, restorer, mask. All
+    // zeroes is SIG_DFL with no flags.
+    let default_action = [0u64; 4];
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: raw rt_sigaction with a valid, zeroed kernel sigaction; async-signal-safe.
+        unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, default_action.as_ptr(), std::ptr::null_mut::<u64>(), 8usize) };
+    }
+    let empty = 0u64;
+    // SAFETY: raw rt_sigprocmask with a valid empty set; async-signal-safe.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, std::ptr::null_mut::<u64>(), 8usize) };
+    Ok(())
 }
 
 fn read_pid(paths: &VmPaths) -> Option<u32> {
@@ -123,14 +186,11 @@ impl Hypervisor for QemuMicrovm {
             let _ = std::fs::remove_file(stale);
         }
         let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
-        let status = tokio::process::Command::new(&self.binary)
-            .args(Self::args(spec, paths))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .status()
-            .await
-            .ctx(|| format!("run {}", self.binary.display()))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(Self::args(spec, paths)).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+        // SAFETY: the closure only makes async-signal-safe syscalls.
+        unsafe { cmd.pre_exec(reset_signals) };
+        let status = cmd.status().await.ctx(|| format!("run {}", self.binary.display()))?;
         if !status.success() {
             return Err(Error::Qemu(format!("exited with {status}: {}", tail(&paths.hypervisor_log(), 2000))));
         }

@@ -148,7 +148,7 @@ impl Vm {
         }
     }
     fn guest_config(&self) -> GuestConfig {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).ok();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_nanos()).ok());
         GuestConfig {
             hostname: self.record.hostname.clone(),
             env: self.record.env.clone(),
