@@ -379,6 +379,18 @@ impl Runtime {
         exec::collect(self.exec(id, req).await?, cap).await
     }
 
+    /// One protocol round trip with the VM's agent (no process spawned).
+    pub async fn ping(&self, id: &str) -> Result<()> {
+        let vm = self.vm(id)?;
+        Self::require(&vm, VmState::Running, "ping")?;
+        self.agent(&vm).await?.ping().await
+    }
+
+    /// Where the VM's files live (console log, sockets, disk).
+    pub fn vm_dir(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.vm(id)?.paths.dir.clone())
+    }
+
     pub async fn pause(&self, id: &str) -> Result<VmInfo> {
         let vm = self.vm(id)?;
         let _op = vm.op.lock().await;

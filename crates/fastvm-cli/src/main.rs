@@ -1,0 +1,55 @@
+//! `fastvm`: one binary for the server and its clients.
+//!
+//! ```text
+//!  fastvm images build        build (or refresh) the guest image cache
+//! ```
+
+mod images;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fastvm", version, about = "Fast VM: microVMs in a fraction of a boot")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Guest images (kernel, initramfs, root filesystem).
+    Images {
+        #[command(subcommand)]
+        command: images::ImagesCommand,
+    },
+}
+
+/// The per-user data dir: `FASTVM_DATA_DIR`, else `$XDG_DATA_HOME/fastvm`,
+/// else `~/.local/share/fastvm`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FASTVM_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("fastvm");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
+    home.join(".local/share/fastvm")
+}
+
+fn init_tracing() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Images { command } => images::run(command).await,
+        }
+    })
+}
