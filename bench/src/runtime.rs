@@ -61,12 +61,12 @@ async fn raw_boot(spec: &LaunchSpec, dir: &Path, rootfs: &Path) -> anyhow::Resul
     let st = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(rootfs)
-        .arg(paths.disk())
+        .arg(&spec.disk)
         .arg(format!("{}G", spec.disk_gib))
         .status()?;
     anyhow::ensure!(st.success(), "qemu-img failed");
     let start = Instant::now();
-    let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(spec, &paths)).status()?;
+    let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(spec, &paths, None)).status()?;
     anyhow::ensure!(st.success(), "qemu failed");
     let elapsed = loop {
         let log = std::fs::read_to_string(paths.console_log()).unwrap_or_default();
@@ -99,8 +99,9 @@ async fn main() -> anyhow::Result<()> {
     let machine = MachineType::lookup("c1m2")?;
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let spec = LaunchSpec::new(&format!("bench-raw-{i}"), machine, machine.disk_gib, rt.accel(), &image);
-        floor.push(raw_boot(&spec, &data.join("raw"), &image.rootfs).await?);
+        let raw_dir = data.join("raw");
+        let spec = LaunchSpec::new(&format!("bench-raw-{i}"), machine, machine.disk_gib, rt.accel(), &image, raw_dir.join("disk.qcow2"));
+        floor.push(raw_boot(&spec, &raw_dir, &image.rootfs).await?);
         let t = Instant::now();
         let vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
         ours.push(ms(t.elapsed()));

@@ -17,8 +17,22 @@ pub(crate) fn apply(shared: &Shared, cfg: GuestConfig) -> io::Result<()> {
         set_clock(ns)?;
     }
     if !cfg.entropy.is_empty() {
-        // Mixing into the pool is enough to make a restored clone's RNG diverge.
-        std::fs::OpenOptions::new().write(true).open("/dev/urandom")?.write_all(&cfg.entropy)?;
+        reseed_rng(&cfg.entropy)?;
+    }
+    Ok(())
+}
+
+/// Mix host entropy into the pool and force the CRNG to reseed from it, so
+/// that clones restored from one snapshot stop sharing random streams.
+fn reseed_rng(entropy: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    f.write_all(entropy)?;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
+    // SAFETY: an argument-less ioctl on a valid fd.
+    let ret = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if ret != 0 {
+        crate::log(&format!("RNDRESEEDCRNG failed: {}", io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -8,6 +8,8 @@ pub enum Error {
     UnknownMachineType(String),
     #[error("no VM with id {0}")]
     NoSuchVm(String),
+    #[error("no snapshot with id {0}")]
+    NoSuchSnapshot(String),
     #[error("VM {id} is {state}, {action} needs it {need}")]
     WrongState { id: String, state: String, action: &'static str, need: &'static str },
     #[error("the VM's agent is not reachable: {0}")]

@@ -22,10 +22,12 @@ pub struct LaunchSpec {
     pub initrd: PathBuf,
     /// Image id (content hash of kernel, initrd and rootfs).
     pub image_id: String,
+    /// The VM's writable disk layer (a qcow2 overlay in `<data>/layers/`).
+    pub disk: PathBuf,
 }
 
 impl LaunchSpec {
-    pub fn new(id: &str, machine: MachineType, disk_gib: u32, accel: Accel, image: &crate::images::GuestImage) -> Self {
+    pub fn new(id: &str, machine: MachineType, disk_gib: u32, accel: Accel, image: &crate::images::GuestImage, disk: PathBuf) -> Self {
         LaunchSpec {
             id: id.to_owned(),
             machine: machine.name.to_owned(),
@@ -36,6 +38,7 @@ impl LaunchSpec {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
             image_id: image.id.clone(),
+            disk,
         }
     }
 }
@@ -68,18 +71,17 @@ impl VmPaths {
     pub fn hypervisor_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
-    pub fn disk(&self) -> PathBuf {
-        self.dir.join("disk.qcow2")
-    }
 }
 
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Start the VM process with its root disk at `paths.disk()`; returns when
+    /// Start the VM process with its root disk at `spec.disk`; returns when
     /// the process runs and its control channel answers. The process must
-    /// outlive the caller.
-    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Box<dyn VmProcess>>;
+    /// outlive the caller. With `incoming`, the VM's state is loaded from
+    /// that memory file (written by [`VmProcess::snapshot`] of a VM with the
+    /// same machine shape) and the VM is left paused.
+    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Result<Box<dyn VmProcess>>;
     /// Find the process of a VM started earlier; `None` when it is gone.
     async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Option<Box<dyn VmProcess>>>;
 }
@@ -92,6 +94,11 @@ pub trait VmProcess: Send + Sync {
     async fn pause(&self) -> Result<()>;
     async fn resume(&self) -> Result<()>;
     async fn is_paused(&self) -> Result<bool>;
+    /// Capture the VM: its disk layer is frozen (the VM goes on writing to
+    /// the new overlay `new_layer`, backed by the frozen one) and its memory
+    /// and device state are written to `memory`. The VM is paused meanwhile
+    /// and resumed afterwards if it was running.
+    async fn snapshot(&self, memory: &Path, new_layer: &Path) -> Result<()>;
     /// Stop the process now (no guest shutdown).
     async fn kill(&self) -> Result<()>;
     /// Resolves when the process has exited.

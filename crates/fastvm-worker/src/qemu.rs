@@ -11,7 +11,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
 use crate::qmp::Qmp;
 use async_trait::async_trait;
-use std::path::PathBuf;
+use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Kernel command line of every guest. `quiet` keeps the (slow, emulated)
@@ -78,7 +79,7 @@ fn process_name(id: &str) -> String {
 
 impl QemuMicrovm {
     /// The full argument list for `spec` (no binary).
-    pub fn args(spec: &LaunchSpec, paths: &VmPaths) -> Vec<String> {
+    pub fn args(spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Vec<String> {
         let p = |x: PathBuf| x.to_string_lossy().into_owned();
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host,arch-capabilities=off"),
@@ -113,7 +114,7 @@ impl QemuMicrovm {
             "-serial".into(),
             "chardev:con".into(),
             "-drive".into(),
-            format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(paths.disk())),
+            format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(spec.disk.clone())),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-device".into(),
@@ -132,7 +133,10 @@ impl QemuMicrovm {
             p(paths.pidfile()),
             "-daemonize".into(),
         ];
-        a.shrink_to_fit();
+        if let Some(mem) = incoming {
+            a.push("-incoming".into());
+            a.push(format!("exec:cat {}", shell_quote(&p(mem.to_path_buf()))));
+        }
         a
     }
 }
@@ -158,6 +162,10 @@ fn reset_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 fn read_pid(paths: &VmPaths) -> Option<u32> {
     std::fs::read_to_string(paths.pidfile()).ok()?.trim().parse().ok()
 }
@@ -181,13 +189,13 @@ impl Hypervisor for QemuMicrovm {
         "qemu-microvm"
     }
 
-    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Box<dyn VmProcess>> {
+    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Result<Box<dyn VmProcess>> {
         for stale in [paths.qmp(), paths.agent(), paths.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
         let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(Self::args(spec, paths)).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+        cmd.args(Self::args(spec, paths, incoming)).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
         // SAFETY: the closure only makes async-signal-safe syscalls.
         unsafe { cmd.pre_exec(reset_signals) };
         let status = cmd.status().await.ctx(|| format!("run {}", self.binary.display()))?;
@@ -195,9 +203,23 @@ impl Hypervisor for QemuMicrovm {
             return Err(Error::Qemu(format!("exited with {status}: {}", tail(&paths.hypervisor_log(), 2000))));
         }
         let pid = read_pid(paths).ok_or_else(|| Error::Qemu("no pidfile after start".into()))?;
-        let qmp = Qmp::connect(&paths.qmp()).await?;
-        tracing::info!(vm = %spec.id, pid, accel = %spec.accel, "QEMU started");
-        Ok(Box::new(QemuProcess { pid, qmp }))
+        let qmp = match Qmp::connect(&paths.qmp()).await {
+            Ok(q) => q,
+            Err(e) => {
+                let what = if incoming.is_some() { "restore failed" } else { "QEMU failed to start" };
+                return Err(Error::Qemu(format!("{what}: {e}: {}", tail(&paths.hypervisor_log(), 500))));
+            }
+        };
+        let process = QemuProcess { pid, qmp };
+        if incoming.is_some() {
+            if let Err(e) = process.wait_incoming().await {
+                let _ = process.kill().await;
+                let log = tail(&paths.hypervisor_log(), 500);
+                return Err(if log.is_empty() { e } else { Error::Qemu(format!("{e}: {log}")) });
+            }
+        }
+        tracing::info!(vm = %spec.id, pid, accel = %spec.accel, restored = incoming.is_some(), "QEMU started");
+        Ok(Box::new(process))
     }
 
     async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Option<Box<dyn VmProcess>>> {
@@ -220,8 +242,73 @@ pub struct QemuProcess {
     qmp: Qmp,
 }
 
+impl QemuProcess {
+    async fn status(&self) -> Result<String> {
+        let st = self.qmp.execute("query-status", None).await?;
+        Ok(st.get("status").and_then(serde_json::Value::as_str).unwrap_or("unknown").to_owned())
+    }
+
+    /// Wait until an incoming migration has been loaded (the VM is then paused).
+    async fn wait_incoming(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.status().await.map_err(|e| Error::Qemu(format!("restore failed: QEMU exited while loading the state ({e})")))?;
+            match status.as_str() {
+                "inmigrate" | "prelaunch" => {}
+                "paused" | "postmigrate" => return Ok(()),
+                "running" => return Ok(()),
+                other => {
+                    let info = self.qmp.execute("query-migrate", None).await.unwrap_or_default();
+                    return Err(Error::Qemu(format!("restore failed (status {other}): {info}")));
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Qemu("restore did not finish within 120 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 #[async_trait]
 impl VmProcess for QemuProcess {
+    async fn snapshot(&self, memory: &Path, new_layer: &Path) -> Result<()> {
+        let was_running = !self.is_paused().await?;
+        if was_running {
+            self.pause().await?;
+        }
+        let result = async {
+            // Paused: nothing writes to the disk between the layer switch and the memory dump.
+            self.qmp
+                .execute(
+                    "blockdev-snapshot-sync",
+                    Some(json!({ "device": "root", "snapshot-file": new_layer.to_string_lossy(), "format": "qcow2" })),
+                )
+                .await?;
+            self.qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 64u64 << 30 }))).await?;
+            let uri = format!("exec:cat > {}", shell_quote(&memory.to_string_lossy()));
+            self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+            loop {
+                let info = self.qmp.execute("query-migrate", None).await?;
+                match info.get("status").and_then(serde_json::Value::as_str) {
+                    Some("completed") => break,
+                    Some("failed") | Some("cancelled") => {
+                        let why = info.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("unknown");
+                        return Err(Error::Qemu(format!("memory snapshot failed: {why}")));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // `cont` also takes the disks back from the finished migration.
+        if was_running {
+            self.resume().await?;
+        }
+        result
+    }
+
     fn pid(&self) -> u32 {
         self.pid
     }

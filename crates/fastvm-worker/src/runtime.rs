@@ -43,6 +43,9 @@ pub struct RuntimeConfig {
     pub boot_timeout: Duration,
     /// Where guest images are cached; `<data_dir>/images` when `None`.
     pub image_dir: Option<PathBuf>,
+    /// Launch from golden snapshots (one fresh boot per image and machine
+    /// type, restores afterwards). Off: every launch boots the kernel.
+    pub golden: bool,
 }
 
 impl RuntimeConfig {
@@ -55,6 +58,7 @@ impl RuntimeConfig {
             agent_binary: None,
             boot_timeout: Duration::from_secs(120),
             image_dir: None,
+            golden: true,
         }
     }
 }
@@ -92,6 +96,23 @@ pub struct VmInfo {
     pub image_id: String,
 }
 
+/// A captured VM: frozen disk chain plus memory and device state.
+/// Stored as `snapshot.json` in `<data>/snapshots/<id>/` (user snapshots) or
+/// `<data>/golden/<key>/` (golden snapshots), next to its `memory` file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub source_vm: Option<String>,
+    /// The source VM's launch spec: a restore needs the same machine shape.
+    pub launch: LaunchSpec,
+    /// Frozen disk layers, top first.
+    pub layers: Vec<PathBuf>,
+    pub memory: PathBuf,
+    pub hostname: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub created_unix_ms: u64,
+}
+
 /// A request to create a VM.
 #[derive(Debug, Clone, Default)]
 pub struct CreateVm {
@@ -100,8 +121,11 @@ pub struct CreateVm {
     pub machine: String,
     pub disk_gib: Option<u32>,
     pub hostname: Option<String>,
-    /// Visible to every exec in the VM.
+    /// Visible to every exec in the VM. On a restore these replace the
+    /// snapshot's env vars when not empty.
     pub env: BTreeMap<String, String>,
+    /// Restore this snapshot instead of the machine type's golden snapshot.
+    pub snapshot: Option<String>,
 }
 
 /// `spec.json` of a VM directory.
@@ -110,10 +134,15 @@ struct VmRecord {
     launch: LaunchSpec,
     hostname: Option<String>,
     env: BTreeMap<String, String>,
+    /// Disk layers, the writable one first, then its frozen backing layers.
+    #[serde(default)]
+    layers: Vec<PathBuf>,
 }
 
 struct Vm {
     record: VmRecord,
+    /// Current disk chain (changes when the VM is snapshotted).
+    layers: Mutex<Vec<PathBuf>>,
     paths: VmPaths,
     state: Mutex<VmState>,
     process: Mutex<Option<Arc<dyn VmProcess>>>,
@@ -147,6 +176,18 @@ impl Vm {
             image_id: l.image_id.clone(),
         }
     }
+    fn layers(&self) -> Vec<PathBuf> {
+        self.layers.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+    /// Persist `spec.json` with the current disk chain.
+    fn save(&self) -> Result<()> {
+        let mut record = self.record.clone();
+        record.layers = self.layers();
+        if let Some(top) = record.layers.first() {
+            record.launch.disk = top.clone();
+        }
+        write_json_atomic(&self.paths.spec(), &record)
+    }
     fn guest_config(&self) -> GuestConfig {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_nanos()).ok());
         GuestConfig {
@@ -158,8 +199,20 @@ impl Vm {
     }
 }
 
+/// Write `value` as JSON to `path` via a temporary file and a rename.
+fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Qemu(format!("serialize {}: {e}", path.display())))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("commit {}", path.display()))
+}
+
 pub struct Runtime {
     cfg: RuntimeConfig,
+    /// Held while disk layers are created, referenced or collected.
+    layers_lock: tokio::sync::Mutex<()>,
+    /// Per-key build locks of golden snapshots.
+    golden_lock: tokio::sync::Mutex<()>,
     accel: Accel,
     hv: Arc<dyn Hypervisor>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -174,9 +227,25 @@ impl Runtime {
         std::fs::create_dir_all(&vms_dir).ctx(|| format!("create {}", vms_dir.display()))?;
         let accel = accel::choose(cfg.accel);
         let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm { binary: cfg.qemu_binary.clone() });
-        let rt = Arc::new(Runtime { cfg, accel, hv, vms: Mutex::new(HashMap::new()), images: Default::default(), progress: images::log_progress() });
+        for d in ["layers", "snapshots", "golden"] {
+            std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
+        }
+        let rt = Arc::new(Runtime {
+            cfg,
+            layers_lock: Default::default(),
+            golden_lock: Default::default(),
+            accel,
+            hv,
+            vms: Mutex::new(HashMap::new()),
+            images: Default::default(),
+            progress: images::log_progress(),
+        });
         rt.adopt_all().await?;
         Ok(rt)
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.cfg.data_dir
     }
 
     pub fn accel(&self) -> Accel {
@@ -212,8 +281,10 @@ impl Runtime {
                 Err(e) => (VmState::Error(e.to_string()), None),
             };
             tracing::info!(vm = %id, %state, "adopted VM");
+            let layers = if record.layers.is_empty() { vec![record.launch.disk.clone()] } else { record.layers.clone() };
             let vm = Arc::new(Vm {
                 record,
+                layers: Mutex::new(layers),
                 paths,
                 state: Mutex::new(state),
                 process: Mutex::new(process.clone()),
@@ -272,37 +343,90 @@ impl Runtime {
         Ok(image)
     }
 
-    /// Boot a new VM and wait until its agent answers.
+    fn layer_path(&self) -> PathBuf {
+        self.cfg.data_dir.join("layers").join(format!("{}.qcow2", uuid::Uuid::new_v4()))
+    }
+
+    /// Create a VM and wait until its agent answers. Every launch is a
+    /// restore: of `req.snapshot`, or of the golden snapshot of the machine
+    /// type (built once per image, machine type and disk size by a fresh boot),
+    /// unless golden snapshots are disabled.
     pub async fn create(&self, req: CreateVm) -> Result<VmInfo> {
-        let machine = MachineType::lookup(&req.machine)?;
-        let image = self.image().await?.clone();
-        let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
-        let paths = VmPaths::new(self.cfg.data_dir.join("vms").join(&id));
+        let source = match &req.snapshot {
+            Some(id) => Some(self.snapshot_record(id)?),
+            None if self.cfg.golden => {
+                let machine = MachineType::lookup(&req.machine)?;
+                Some(self.golden(machine, req.disk_gib.unwrap_or(machine.disk_gib)).await?)
+            }
+            None => None,
+        };
+        match source {
+            Some(snap) => self.restore(req, &snap).await,
+            None => self.boot_fresh(req).await,
+        }
+    }
+
+    /// Register a VM (state dir, spec.json, disk chain) before its process starts.
+    fn register(&self, id: &str, launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>) -> Result<Arc<Vm>> {
+        let paths = VmPaths::new(self.cfg.data_dir.join("vms").join(id));
         if paths.dir.exists() {
             return Err(Error::Qemu(format!("VM {id} already exists")));
         }
         std::fs::create_dir_all(&paths.dir).ctx(|| format!("create {}", paths.dir.display()))?;
-        let record = VmRecord { launch: LaunchSpec::new(&id, machine, disk_gib, self.accel, &image), hostname: req.hostname.clone(), env: req.env.clone() };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| Error::Qemu(e.to_string()))?;
-        std::fs::write(paths.spec(), bytes).ctx(|| "write spec.json".into())?;
+        let record = VmRecord { launch, hostname, env, layers: layers.clone() };
         let vm = Arc::new(Vm {
             record,
+            layers: Mutex::new(layers),
             paths,
             state: Mutex::new(VmState::Stopped),
             process: Mutex::new(None),
             agent: Default::default(),
             op: Default::default(),
         });
-        self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id.clone(), vm.clone());
+        vm.save()?;
+        self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id.to_owned(), vm.clone());
+        Ok(vm)
+    }
+
+    async fn qemu_img_overlay(backing: &std::path::Path, backing_format: &str, overlay: &std::path::Path, size_gib: Option<u32>) -> Result<()> {
+        let mut cmd = tokio::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"]).arg(backing).arg(overlay);
+        if let Some(g) = size_gib {
+            cmd.arg(format!("{g}G"));
+        }
+        let out = cmd.output().await.ctx(|| "run qemu-img".into())?;
+        if !out.status.success() {
+            return Err(Error::Qemu(format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(())
+    }
+
+    /// Boot a VM from the image (the slow path: kernel boot under TCG).
+    pub async fn boot_fresh(&self, req: CreateVm) -> Result<VmInfo> {
+        let machine = MachineType::lookup(&req.machine)?;
+        let image = self.image().await?.clone();
+        let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
+        let vm = {
+            let _layers = self.layers_lock.lock().await;
+            let disk = self.layer_path();
+            Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)).await?;
+            let launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
+            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk])?
+        };
         let _op = vm.op.lock().await;
-        match self.boot(&vm, &image).await {
+        let result = self.start_process(&vm, None).await;
+        self.finish_start(&vm, result).await
+    }
+
+    async fn finish_start(&self, vm: &Arc<Vm>, result: Result<()>) -> Result<VmInfo> {
+        match result {
             Ok(()) => {
                 vm.set_state(VmState::Running);
                 Ok(vm.info())
             }
             Err(e) => {
-                tracing::warn!(vm = %id, error = %e, "VM failed to start");
+                tracing::warn!(vm = %vm.record.launch.id, error = %e, "VM failed to start");
                 if let Some(p) = vm.process() {
                     let _ = p.kill().await;
                 }
@@ -312,31 +436,48 @@ impl Runtime {
         }
     }
 
-    async fn boot(&self, vm: &Arc<Vm>, image: &GuestImage) -> Result<()> {
-        let disk = vm.paths.disk();
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&image.rootfs)
-            .arg(&disk)
-            .arg(format!("{}G", vm.record.launch.disk_gib))
-            .output()
-            .await
-            .ctx(|| "run qemu-img".into())?;
-        if !out.status.success() {
-            return Err(Error::Qemu(format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    /// Restore a VM from a snapshot: a new writable layer over the snapshot's
+    /// frozen disk, memory loaded from its state file, then a new identity.
+    async fn restore(&self, req: CreateVm, snap: &SnapshotRecord) -> Result<VmInfo> {
+        let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let top = snap.layers.first().ok_or_else(|| Error::CorruptState { path: snap.memory.clone(), message: "snapshot without disk layers".into() })?;
+        if !snap.memory.is_file() {
+            return Err(Error::CorruptState { path: snap.memory.clone(), message: "memory state file is missing".into() });
         }
-        let process: Arc<dyn VmProcess> = Arc::from(self.hv.start(&vm.record.launch, &vm.paths).await?);
+        let hostname = req.hostname.clone().or_else(|| Some(format!("vm-{}", id.split('-').next().unwrap_or(&id))));
+        let env = if req.env.is_empty() { snap.env.clone() } else { req.env.clone() };
+        let vm = {
+            let _layers = self.layers_lock.lock().await;
+            let disk = self.layer_path();
+            Self::qemu_img_overlay(top, "qcow2", &disk, None).await?;
+            let mut launch = snap.launch.clone();
+            launch.id = id.clone();
+            launch.disk = disk.clone();
+            let mut layers = vec![disk];
+            layers.extend(snap.layers.iter().cloned());
+            self.register(&id, launch, hostname, env, layers)?
+        };
+        let _op = vm.op.lock().await;
+        let result = self.start_process(&vm, Some(&snap.memory)).await;
+        self.finish_start(&vm, result).await
+    }
+
+    async fn start_process(&self, vm: &Arc<Vm>, incoming: Option<&std::path::Path>) -> Result<()> {
+        let process: Arc<dyn VmProcess> = Arc::from(self.hv.start(&vm.record.launch, &vm.paths, incoming).await?);
         if let Ok(mut p) = vm.process.lock() {
             *p = Some(process.clone());
         }
         self.watch(vm.clone(), process.clone());
+        if incoming.is_some() {
+            process.resume().await?;
+        }
         let agent_sock = vm.paths.agent();
         let agent = tokio::select! {
             a = connect_vm(&agent_sock, self.cfg.boot_timeout) => a?,
             _ = process.wait_exit() => {
                 let console = std::fs::read_to_string(vm.paths.console_log()).unwrap_or_default();
                 let tail: String = console.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
-                return Err(Error::Qemu(format!("VM exited during boot; console: {tail}")));
+                return Err(Error::Qemu(format!("VM exited during start; console: {tail}")));
             }
         };
         agent.configure(vm.guest_config()).await?;
@@ -446,6 +587,163 @@ impl Runtime {
         }
         if let Ok(mut m) = self.vms.lock() {
             m.remove(id);
+        }
+        self.gc_layers().await
+    }
+
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("snapshots").join(id)
+    }
+
+    /// Capture a running or paused VM (memory, device state and disk). The
+    /// VM keeps running (or stays paused) afterwards. The disk costs nothing
+    /// to capture: the VM's writable layer is frozen and the VM continues on
+    /// a new empty overlay.
+    pub async fn snapshot(&self, vm_id: &str, snapshot_id: Option<String>) -> Result<SnapshotRecord> {
+        let id = snapshot_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let dir = self.snapshot_dir(&id);
+        self.capture(vm_id, id, dir).await
+    }
+
+    async fn capture(&self, vm_id: &str, id: String, dir: PathBuf) -> Result<SnapshotRecord> {
+        let vm = self.vm(vm_id)?;
+        let _op = vm.op.lock().await;
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(Error::WrongState { id: vm_id.to_owned(), state: vm.state().to_string(), action: "snapshot", need: "running or paused" });
+        }
+        let process = vm.process().ok_or_else(|| Error::Qemu("no process".into()))?;
+        if dir.exists() {
+            return Err(Error::Qemu(format!("snapshot {id} already exists")));
+        }
+        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let memory = dir.join("memory");
+        let _layers = self.layers_lock.lock().await;
+        let new_layer = self.layer_path();
+        let frozen = vm.layers();
+        let result = process.snapshot(&memory, &new_layer).await;
+        // Whether or not the memory dump worked, QEMU may already write to the new layer.
+        if new_layer.exists() {
+            if let Ok(mut l) = vm.layers.lock() {
+                l.insert(0, new_layer.clone());
+            }
+            vm.save()?;
+        }
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let record = SnapshotRecord {
+            id,
+            source_vm: Some(vm_id.to_owned()),
+            launch: vm.record.launch.clone(),
+            layers: frozen,
+            memory,
+            hostname: vm.record.hostname.clone(),
+            env: vm.record.env.clone(),
+            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        };
+        write_json_atomic(&dir.join("snapshot.json"), &record)?;
+        Ok(record)
+    }
+
+    fn read_snapshot(dir: &std::path::Path) -> Result<SnapshotRecord> {
+        let path = dir.join("snapshot.json");
+        let bytes = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptState { path, message: e.to_string() })
+    }
+
+    /// A user snapshot by id.
+    pub fn snapshot_record(&self, id: &str) -> Result<SnapshotRecord> {
+        if id.is_empty() || id.contains('/') || id.contains("..") {
+            return Err(Error::NoSuchSnapshot(id.to_owned()));
+        }
+        let dir = self.snapshot_dir(id);
+        if !dir.join("snapshot.json").exists() {
+            return Err(Error::NoSuchSnapshot(id.to_owned()));
+        }
+        Self::read_snapshot(&dir)
+    }
+
+    /// Delete a user snapshot. VMs restored from it keep working: layers are
+    /// collected only when no VM or snapshot references them any more.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.snapshot_record(id)?;
+        let dir = self.snapshot_dir(id);
+        std::fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
+        self.gc_layers().await
+    }
+
+    /// The golden snapshot of (image, accelerator, machine type, disk size),
+    /// built by one fresh boot the first time.
+    async fn golden(&self, machine: MachineType, disk_gib: u32) -> Result<SnapshotRecord> {
+        let image = self.image().await?.clone();
+        let key = format!("{}-{}-{}-{}g", image.id, self.accel, machine.name, disk_gib);
+        let dir = self.cfg.data_dir.join("golden").join(&key);
+        let _g = self.golden_lock.lock().await;
+        if dir.join("snapshot.json").exists() {
+            match Self::read_snapshot(&dir) {
+                Ok(r) if r.memory.is_file() && r.layers.iter().all(|l| l.is_file()) => return Ok(r),
+                Ok(_) | Err(_) => {
+                    tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        tracing::info!(%key, "building golden snapshot (one fresh boot)");
+        let vm_id = format!("golden-{}", uuid::Uuid::new_v4());
+        let req = CreateVm { id: Some(vm_id.clone()), machine: machine.name.into(), disk_gib: Some(disk_gib), ..Default::default() };
+        self.boot_fresh(req).await?;
+        let tmp = dir.with_extension("building");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let captured = self.capture(&vm_id, key.clone(), tmp.clone()).await;
+        let _ = self.delete(&vm_id).await;
+        let mut record = captured?;
+        std::fs::rename(&tmp, &dir).ctx(|| format!("commit {}", dir.display()))?;
+        record.memory = dir.join("memory");
+        record.source_vm = None;
+        write_json_atomic(&dir.join("snapshot.json"), &record)?;
+        self.gc_layers().await?;
+        Ok(record)
+    }
+
+    /// Remove disk layers nothing references (no VM, user or golden snapshot).
+    async fn gc_layers(&self) -> Result<()> {
+        let _layers = self.layers_lock.lock().await;
+        let mut used: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        if let Ok(vms) = self.vms.lock() {
+            for vm in vms.values() {
+                used.extend(vm.layers());
+            }
+        }
+        // VMs on disk that this runtime does not hold (e.g. skipped as unreadable) keep theirs too.
+        for dir in ["vms"] {
+            if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join(dir)) {
+                for e in entries.flatten() {
+                    if let Ok(r) = std::fs::read(e.path().join("spec.json")).map_err(|_| ()).and_then(|b| serde_json::from_slice::<VmRecord>(&b).map_err(|_| ())) {
+                        used.extend(r.layers);
+                        used.insert(r.launch.disk);
+                    }
+                }
+            }
+        }
+        for dir in ["snapshots", "golden"] {
+            if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join(dir)) {
+                for e in entries.flatten() {
+                    match Self::read_snapshot(&e.path()) {
+                        Ok(r) => used.extend(r.layers),
+                        // An unreadable record might still need its layers: collect nothing this time.
+                        Err(_) if e.path().join("snapshot.json").exists() => return Ok(()),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        let layers_dir = self.cfg.data_dir.join("layers");
+        for e in std::fs::read_dir(&layers_dir).ctx(|| "list layers".into())?.flatten() {
+            if !used.contains(&e.path()) {
+                tracing::debug!(layer = %e.path().display(), "removing unreferenced disk layer");
+                let _ = std::fs::remove_file(e.path());
+            }
         }
         Ok(())
     }

@@ -1,0 +1,162 @@
+//! End-to-end tests of snapshots and restores with real guests.
+
+use fastvm_e2e::{block_on, runtime};
+use fastvm_worker::runtime::{CreateVm, SnapshotRecord};
+use fastvm_worker::{ExecOutput, ExecRequest, Runtime, VmState};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+const CAP: usize = 1 << 20;
+
+/// A source VM running a counter in the background, with a file written,
+/// and a snapshot of it.
+struct Fixture {
+    rt: Arc<Runtime>,
+    source: String,
+    snap: SnapshotRecord,
+}
+
+static FIX: LazyLock<Fixture> = LazyLock::new(|| {
+    let rt = runtime("snapshots");
+    let env = BTreeMap::from([("SNAP_ENV".to_owned(), "from-source".to_owned())]);
+    let vm = block_on(rt.create(CreateVm { machine: "c1m2".into(), hostname: Some("source".into()), env, ..Default::default() })).expect("boot source");
+    let setup = "echo payload > /root/file; \
+                 nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 & \
+                 sleep 1; cat /tmp/counter";
+    let out = block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell(setup), CAP)).expect("setup");
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let start = Instant::now();
+    let snap = block_on(rt.snapshot(&vm.id, None)).expect("snapshot");
+    eprintln!("snapshot {} taken in {:?}", snap.id, start.elapsed());
+    Fixture { rt: rt.clone(), source: vm.id, snap }
+});
+
+fn run(rt: &Runtime, id: &str, cmd: &str) -> ExecOutput {
+    block_on(rt.exec_buffered(id, &ExecRequest::shell(cmd), CAP)).expect("exec")
+}
+
+fn text(o: &ExecOutput) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn restore(fix: &Fixture) -> String {
+    let t = Instant::now();
+    let vm = block_on(fix.rt.create(CreateVm { snapshot: Some(fix.snap.id.clone()), ..Default::default() })).expect("restore");
+    eprintln!("restored {} in {:?}", vm.id, t.elapsed());
+    assert_eq!(vm.state, VmState::Running);
+    vm.id
+}
+
+#[test]
+fn restore_keeps_processes_files_env_and_memory() {
+    let fix = &*FIX;
+    let clone = restore(fix);
+    let c1: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter")).parse().expect("counter");
+    // The counter kept its value across the restore (memory intact), not restarted from 1...
+    assert!(c1 >= 5, "counter restarted: {c1}");
+    std::thread::sleep(Duration::from_millis(800));
+    // ...and the process still runs.
+    let c2: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter")).parse().expect("counter");
+    assert!(c2 > c1, "counter process not running after restore: {c1} -> {c2}");
+    assert_eq!(text(&run(&fix.rt, &clone, "cat /root/file")), "payload");
+    assert_eq!(text(&run(&fix.rt, &clone, "echo $SNAP_ENV")), "from-source");
+    block_on(fix.rt.delete(&clone)).expect("delete clone");
+}
+
+#[test]
+fn clones_are_independent_of_each_other_and_the_source() {
+    let fix = &*FIX;
+    let (a, b) = (restore(fix), restore(fix));
+    run(&fix.rt, &a, "echo A > /root/x; sync");
+    run(&fix.rt, &b, "echo B > /root/x; sync");
+    assert_eq!(text(&run(&fix.rt, &a, "cat /root/x")), "A");
+    assert_eq!(text(&run(&fix.rt, &b, "cat /root/x")), "B");
+    assert_eq!(run(&fix.rt, &fix.source, "cat /root/x").exit_code, 1, "clone writes leaked into the source");
+    run(&fix.rt, &fix.source, "echo S > /root/y; sync");
+    assert_eq!(run(&fix.rt, &a, "cat /root/y").exit_code, 1, "source writes leaked into a clone");
+    for id in [a, b] {
+        block_on(fix.rt.delete(&id)).expect("delete");
+    }
+}
+
+#[test]
+fn clones_get_their_own_identity_clock_and_randomness() {
+    let fix = &*FIX;
+    let (a, b) = (restore(fix), restore(fix));
+    let ha = text(&run(&fix.rt, &a, "hostname"));
+    let hb = text(&run(&fix.rt, &b, "hostname"));
+    assert_ne!(ha, "source");
+    assert_ne!(ha, hb);
+    assert_eq!(ha, format!("vm-{}", a.split('-').next().expect("id")));
+    let ra = text(&run(&fix.rt, &a, "head -c 16 /dev/urandom | od -An -tx1"));
+    let rb = text(&run(&fix.rt, &b, "head -c 16 /dev/urandom | od -An -tx1"));
+    assert_ne!(ra, rb, "clones share their random stream");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64;
+    let guest: i64 = text(&run(&fix.rt, &a, "date +%s")).parse().expect("date");
+    assert!((guest - now).abs() <= 5, "guest clock {guest} vs host {now}");
+    for id in [a, b] {
+        block_on(fix.rt.delete(&id)).expect("delete");
+    }
+}
+
+#[test]
+fn source_keeps_running_after_snapshot() {
+    let fix = &*FIX;
+    assert_eq!(fix.rt.get(&fix.source).expect("source").state, VmState::Running);
+    let c1: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter")).parse().expect("counter");
+    std::thread::sleep(Duration::from_millis(500));
+    let c2: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter")).parse().expect("counter");
+    assert!(c2 > c1);
+    assert_eq!(text(&run(&fix.rt, &fix.source, "hostname")), "source");
+}
+
+#[test]
+fn deleting_a_snapshot_keeps_its_clones_and_reclaims_layers_later() {
+    let fix = &*FIX;
+    let layers = |rt: &Runtime| std::fs::read_dir(rt.data_dir().join("layers")).expect("layers").count();
+    // c: a clone of the fixture; s2: a snapshot of c; d: a clone of s2.
+    let c = restore(fix);
+    run(&fix.rt, &c, "echo from-c > /root/c; sync");
+    let s2 = block_on(fix.rt.snapshot(&c, None)).expect("snapshot of a clone");
+    let d = block_on(fix.rt.create(CreateVm { snapshot: Some(s2.id.clone()), ..Default::default() })).expect("restore").id;
+    block_on(fix.rt.delete_snapshot(&s2.id)).expect("delete snapshot");
+    assert!(fix.rt.snapshot_record(&s2.id).is_err());
+    assert!(block_on(fix.rt.create(CreateVm { snapshot: Some(s2.id.clone()), ..Default::default() })).is_err());
+    // d still reads the frozen layer that the deleted snapshot owned, after its source is gone too.
+    let before = layers(&fix.rt);
+    block_on(fix.rt.delete(&c)).expect("delete c");
+    assert_eq!(layers(&fix.rt), before - 1, "only c's writable layer may go while d uses the frozen one");
+    assert_eq!(text(&run(&fix.rt, &d, "cat /root/c /root/file")), "from-c\npayload");
+    block_on(fix.rt.delete(&d)).expect("delete d");
+    assert_eq!(layers(&fix.rt), before - 3, "d's layer and the orphaned frozen layer must be reclaimed");
+}
+
+#[test]
+fn paused_vm_can_be_snapshotted() {
+    let fix = &*FIX;
+    let vm = restore(fix);
+    block_on(fix.rt.pause(&vm)).expect("pause");
+    let snap = block_on(fix.rt.snapshot(&vm, None)).expect("snapshot paused VM");
+    assert_eq!(fix.rt.get(&vm).expect("vm").state, VmState::Paused);
+    block_on(fix.rt.resume(&vm)).expect("resume");
+    assert_eq!(text(&run(&fix.rt, &vm, "cat /root/file")), "payload");
+    let clone = block_on(fix.rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() })).expect("restore").id;
+    assert_eq!(text(&run(&fix.rt, &clone, "cat /root/file")), "payload");
+    for id in [vm, clone] {
+        block_on(fix.rt.delete(&id)).expect("delete");
+    }
+    block_on(fix.rt.delete_snapshot(&snap.id)).expect("delete snapshot");
+}
+
+#[test]
+fn corrupt_snapshot_state_is_an_error_not_a_hang() {
+    let fix = &*FIX;
+    let snap = block_on(fix.rt.snapshot(&fix.source, None)).expect("snapshot");
+    std::fs::write(&snap.memory, b"garbage, not a migration stream").expect("corrupt");
+    let start = Instant::now();
+    let err = block_on(fix.rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() })).expect_err("restore must fail");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(err.to_string().contains("restore failed") || err.to_string().contains("exited"), "{err}");
+    block_on(fix.rt.delete_snapshot(&snap.id)).expect("delete snapshot");
+}
