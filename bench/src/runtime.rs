@@ -1,30 +1,28 @@
-//! Runtime benchmark: launch time and exec round trip, each beside its floor
-//! measured in the same run.
+//! Runtime benchmark: every figure beside its floor measured in the same run.
 //!
-//! * launch: `Runtime::create` (request to agent ready, incl. overlay creation,
-//!   QMP and handshake) vs the floor: the same QEMU command line spawned raw,
-//!   timed to the agent's first console line ("serving on ..."), i.e. the
-//!   guest's init saying hello with none of our host code involved.
-//! * exec: `exec_buffered(["true"])` vs the floor: a protocol ping over the
-//!   same virtio-serial channel (no process spawned in the guest).
+//! | figure                          | floor                                                     |
+//! |---------------------------------|-----------------------------------------------------------|
+//! | fresh boot (`boot_fresh`)       | the same QEMU command line spawned raw, to the agent's    |
+//! |                                 | first console line (guest init says hello, no host code)  |
+//! | launch from machine type        | raw `qemu -incoming` of the same golden state + `cont`,   |
+//! | (golden restore, `create`)      | to the agent answering its handshake                      |
+//! | launch from a user snapshot     | raw `qemu -incoming` of that snapshot, likewise            |
+//! | exec `true`                     | a protocol ping over the same virtio-serial channel        |
+//! | 10 concurrent launches          | the single-launch p50 of this run                          |
+//! | snapshot create, 256 MiB dirty  | (absolute; target < 3 s)                                   |
+//! | host memory per idle restored VM| (absolute: RSS and PSS, shared pages counted once)        |
 //!
 //! Run: `cargo run --release -p fastvm-bench --bin bench-runtime -- [runs]`
-//! (default 20 runs; needs the guest image cache, built on first use).
+//! (default 20 runs; the guest image cache is built on first use).
 
+use fastvm_worker::agent::AgentClient;
 use fastvm_worker::hypervisor::{LaunchSpec, VmPaths};
 use fastvm_worker::qemu::QemuMicrovm;
-use fastvm_worker::runtime::CreateVm;
+use fastvm_worker::qmp::Qmp;
+use fastvm_worker::runtime::{CreateVm, SnapshotRecord};
 use fastvm_worker::{ExecRequest, MachineType, Runtime, RuntimeConfig};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 struct Stats {
     p50: f64,
@@ -33,12 +31,13 @@ struct Stats {
 
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
-    Stats { p50: percentile(&v, 0.5), p99: percentile(&v, 0.99) }
+    let at = |p: f64| v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    Stats { p50: at(0.5), p99: at(0.99) }
 }
 
-fn row(name: &str, ours: &Stats, floor: &Stats, unit: &str) {
+fn row(name: &str, ours: &Stats, floor: &Stats) {
     println!(
-        "{name:<22} p50 {:>9.2} {unit}  p99 {:>9.2} {unit} | floor p50 {:>9.2} {unit}  p99 {:>9.2} {unit} | ratio p50 {:.2}x  p99 {:.2}x",
+        "{name:<28} p50 {:>8.1} ms  p99 {:>8.1} ms | floor p50 {:>8.1} ms  p99 {:>8.1} ms | ratio p50 {:.2}x  p99 {:.2}x",
         ours.p50,
         ours.p99,
         floor.p50,
@@ -52,19 +51,30 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn kill(pidfile: &Path) {
+    if let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+        // SAFETY: kill by the pid of a QEMU this benchmark started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn overlay(backing: &Path, format: &str, disk: &Path, size_gib: Option<u32>) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(backing).arg(disk);
+    if let Some(g) = size_gib {
+        cmd.arg(format!("{g}G"));
+    }
+    anyhow::ensure!(cmd.status()?.success(), "qemu-img failed");
+    Ok(())
+}
+
 /// Spawn QEMU by hand with the runtime's command line and time it to the
 /// agent's first console line.
 async fn raw_boot(spec: &LaunchSpec, dir: &Path, rootfs: &Path) -> anyhow::Result<f64> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let paths = VmPaths::new(dir);
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(rootfs)
-        .arg(&spec.disk)
-        .arg(format!("{}G", spec.disk_gib))
-        .status()?;
-    anyhow::ensure!(st.success(), "qemu-img failed");
+    overlay(rootfs, "raw", &spec.disk, Some(spec.disk_gib))?;
     let start = Instant::now();
     let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(spec, &paths, None)).status()?;
     anyhow::ensure!(st.success(), "qemu failed");
@@ -76,12 +86,54 @@ async fn raw_boot(spec: &LaunchSpec, dir: &Path, rootfs: &Path) -> anyhow::Resul
         anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "raw boot timed out");
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    if let Some(pid) = std::fs::read_to_string(paths.pidfile()).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-        // SAFETY: kill by the pid of the QEMU this benchmark just started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    kill(&paths.pidfile());
     let _ = std::fs::remove_dir_all(dir);
     Ok(ms(elapsed))
+}
+
+/// Spawn QEMU raw with `-incoming` of `snap`, `cont` it, and time it to the
+/// agent's handshake answer.
+async fn raw_restore(snap: &SnapshotRecord, dir: &Path) -> anyhow::Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let paths = VmPaths::new(dir);
+    let mut spec = snap.launch.clone();
+    spec.id = "bench-raw-restore".into();
+    spec.disk = dir.join("disk.qcow2");
+    overlay(&snap.layers[0], "qcow2", &spec.disk, None)?;
+    let start = Instant::now();
+    let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory))).status()?;
+    anyhow::ensure!(st.success(), "qemu failed");
+    let qmp = Qmp::connect(&paths.qmp()).await?;
+    loop {
+        let st = qmp.execute("query-status", None).await?;
+        match st.get("status").and_then(|s| s.as_str()) {
+            Some("paused") | Some("postmigrate") => break,
+            Some("inmigrate") | Some("prelaunch") => tokio::time::sleep(Duration::from_millis(1)).await,
+            other => anyhow::bail!("raw restore ended in {other:?}"),
+        }
+    }
+    qmp.execute("cont", None).await?;
+    AgentClient::connect(&paths.agent(), Duration::from_secs(60)).await?;
+    let elapsed = start.elapsed();
+    kill(&paths.pidfile());
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(ms(elapsed))
+}
+
+/// (RSS, PSS) in MiB of a process.
+fn memory_of(pid: u32) -> (f64, f64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    (field("Rss:"), field("Pss:"))
 }
 
 #[tokio::main]
@@ -93,41 +145,115 @@ async fn main() -> anyhow::Result<()> {
     cfg.image_dir = Some(std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()));
     let rt = Runtime::open(cfg).await?;
     let image = rt.image().await?.clone();
-    println!("fast vm runtime bench: accel={} runs={runs} image={}", rt.accel(), image.id);
+    println!("fast vm runtime bench: accel={} runs={runs} image={} machine=c1m2", rt.accel(), image.id);
+    let raw_dir = data.join("raw");
 
-    // Launch vs raw boot, interleaved so both see the same machine state.
+    // 1. Fresh boot vs raw boot, interleaved so both see the same machine state.
     let machine = MachineType::lookup("c1m2")?;
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let raw_dir = data.join("raw");
         let spec = LaunchSpec::new(&format!("bench-raw-{i}"), machine, machine.disk_gib, rt.accel(), &image, raw_dir.join("disk.qcow2"));
         floor.push(raw_boot(&spec, &raw_dir, &image.rootfs).await?);
+        let t = Instant::now();
+        let vm = rt.boot_fresh(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+        ours.push(ms(t.elapsed()));
+        rt.delete(&vm.id).await?;
+    }
+    row("fresh boot (to agent)", &stats(ours), &stats(floor));
+
+    // 2. Launch from machine type = golden restore.
+    let golden = rt.golden_snapshot("c1m2").await?;
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        floor.push(raw_restore(&golden, &raw_dir).await?);
         let t = Instant::now();
         let vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
         ours.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
-    row("launch (to agent)", &stats(ours), &stats(floor), "ms");
+    let single_p50 = stats(ours.clone()).p50;
+    row("launch from machine type", &stats(ours), &stats(floor));
 
-    // Exec round trip vs protocol ping on one VM.
-    let vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+    // 3. Launch from a user snapshot (of a VM that did some work).
+    let src = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+    rt.exec_buffered(&src.id, &ExecRequest::shell("head -c 64M /dev/urandom > /root/data; sync"), 1024).await?;
+    let snap = rt.snapshot(&src.id, None).await?;
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        floor.push(raw_restore(&snap, &raw_dir).await?);
+        let t = Instant::now();
+        let vm = rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() }).await?;
+        ours.push(ms(t.elapsed()));
+        rt.delete(&vm.id).await?;
+    }
+    row("launch from user snapshot", &stats(ours), &stats(floor));
+
+    // 4. Exec round trip vs protocol ping on one VM.
     let req = ExecRequest::argv(["true"]);
     for _ in 0..5 {
-        rt.exec_buffered(&vm.id, &req, 1024).await?;
-        rt.ping(&vm.id).await?;
+        rt.exec_buffered(&src.id, &req, 1024).await?;
+        rt.ping(&src.id).await?;
     }
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(50) {
         let t = Instant::now();
-        rt.ping(&vm.id).await?;
+        rt.ping(&src.id).await?;
         floor.push(ms(t.elapsed()));
         let t = Instant::now();
-        let out = rt.exec_buffered(&vm.id, &req, 1024).await?;
+        let out = rt.exec_buffered(&src.id, &req, 1024).await?;
         ours.push(ms(t.elapsed()));
         anyhow::ensure!(out.exit_code == 0, "true failed");
     }
-    row("exec `true`", &stats(ours), &stats(floor), "ms");
-    rt.delete(&vm.id).await?;
+    row("exec `true`", &stats(ours), &stats(floor));
+
+    // 5. Snapshot create of a VM with 256 MiB of freshly dirtied memory.
+    let mut times = Vec::new();
+    for i in 0..3 {
+        let cmd = format!("rm -f /dev/shm/d*; head -c 256M /dev/urandom > /dev/shm/d{i}");
+        rt.exec_buffered(&src.id, &ExecRequest::shell(&cmd), 1024).await?;
+        let t = Instant::now();
+        let s = rt.snapshot(&src.id, None).await?;
+        times.push(ms(t.elapsed()));
+        let size = std::fs::metadata(&s.memory).map(|m| m.len()).unwrap_or(0) >> 20;
+        println!("snapshot create, 256 MiB dirty: {:>8.1} ms (memory file {size} MiB; target < 3000 ms)", times[i]);
+        rt.delete_snapshot(&s.id).await?;
+    }
+
+    // 6. Ten concurrent launches from the machine type.
+    let t = Instant::now();
+    let launches = (0..10).map(|_| rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }));
+    let vms = futures_join_all(launches).await?;
+    let all = ms(t.elapsed());
+    println!("10 concurrent launches:      all running in {all:>8.1} ms | single p50 {single_p50:>8.1} ms | ratio {:.2}x (target <= 3x)", all / single_p50);
+
+    // 7. Host memory per idle restored VM.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (mut rss, mut pss) = (0.0, 0.0);
+    for vm in &vms {
+        let pid = rt.get(&vm.id)?.pid.unwrap_or(0);
+        let (r, p) = memory_of(pid);
+        rss += r;
+        pss += p;
+    }
+    let n = vms.len() as f64;
+    println!("idle restored VM (c1m2, 2 GiB): RSS {:>6.1} MiB  PSS {:>6.1} MiB per VM (mean of {n})", rss / n, pss / n);
+    for vm in vms {
+        rt.delete(&vm.id).await?;
+    }
+    rt.delete(&src.id).await?;
+    rt.delete_snapshot(&snap.id).await?;
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
+}
+
+async fn futures_join_all<F, T>(futs: impl Iterator<Item = F>) -> anyhow::Result<Vec<T>>
+where
+    F: std::future::Future<Output = fastvm_worker::Result<T>>,
+{
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(f);
+    }
+    let results = futures::future::join_all(set).await;
+    results.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect()
 }

@@ -2,9 +2,14 @@
 //!
 //! ```text
 //!  fastvm images build        build (or refresh) the guest image cache
+//!  fastvm vm launch|list|get|rm|pause|resume
+//!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
 //! ```
 
+mod client;
+mod exec;
 mod images;
+mod vm;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -23,6 +28,13 @@ enum Command {
         #[command(subcommand)]
         command: images::ImagesCommand,
     },
+    /// Manage VMs.
+    Vm {
+        #[command(subcommand)]
+        command: vm::VmCommand,
+    },
+    /// Run a command in a VM.
+    Exec(exec::ExecArgs),
 }
 
 /// The per-user data dir: `FASTVM_DATA_DIR`, else `$XDG_DATA_HOME/fastvm`,
@@ -47,9 +59,19 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         match cli.command {
-            Command::Images { command } => images::run(command).await,
+            Command::Images { command } => images::run(command).await.map(|()| 0),
+            Command::Vm { command } => vm::run(command).await.map(|()| 0),
+            Command::Exec(args) => exec::run(args).await,
         }
-    })
+    });
+    match code {
+        Ok(0) => Ok(()),
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1)
+        }
+    }
 }

@@ -673,6 +673,13 @@ impl Runtime {
         self.gc_layers().await
     }
 
+    /// The golden snapshot of a machine type at its default disk size
+    /// (built on first use).
+    pub async fn golden_snapshot(&self, machine: &str) -> Result<SnapshotRecord> {
+        let m = MachineType::lookup(machine)?;
+        self.golden(m, m.disk_gib).await
+    }
+
     /// The golden snapshot of (image, accelerator, machine type, disk size),
     /// built by one fresh boot the first time.
     async fn golden(&self, machine: MachineType, disk_gib: u32) -> Result<SnapshotRecord> {
