@@ -1,6 +1,8 @@
 //! `fastvm`: one binary for the server and its clients.
 //!
 //! ```text
+//!  fastvm serve               control plane + embedded worker (REST API)
+//!  fastvm keys create|list|revoke
 //!  fastvm images build        build (or refresh) the guest image cache
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
@@ -9,6 +11,7 @@
 mod client;
 mod exec;
 mod images;
+mod serve;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: REST API, store and the embedded worker.
+    Serve(serve::ServeArgs),
+    /// Manage API keys (works on the store directly).
+    Keys {
+        #[command(subcommand)]
+        command: serve::KeysCommand,
+    },
     /// Guest images (kernel, initramfs, root filesystem).
     Images {
         #[command(subcommand)]
@@ -61,6 +71,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let code = rt.block_on(async move {
         match cli.command {
+            Command::Serve(args) => serve::serve(args).await.map(|()| 0),
+            Command::Keys { command } => serve::keys(command).await.map(|()| 0),
             Command::Images { command } => images::run(command).await.map(|()| 0),
             Command::Vm { command } => vm::run(command).await.map(|()| 0),
             Command::Exec(args) => exec::run(args).await,

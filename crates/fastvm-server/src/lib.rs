@@ -1,1 +1,264 @@
-//! Control plane (to come).
+//! The Fast VM control plane: the REST API of the spec over a store (SQLite or
+//! PostgreSQL) and workers (today: the embedded one of this process).
+//!
+//! ```text
+//!  client --HTTP--> routes/ (axum: auth.rs, error.rs, one module per resource)
+//!                      |
+//!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
+//!                    |                         |
+//!                  store/ (sqlx Any:          worker.rs: Worker trait
+//!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
+//! ```
+//!
+//! Entry points: [`serve`] (what `fastvm serve` runs), [`start`] (serve in the
+//! background, e.g. on an ephemeral port in tests), [`build_app`] (the router
+//! and its state without a listener), and [`open_store`] with
+//! [`store::Store::create_key`] / [`store::Store::list_keys`] /
+//! [`store::Store::revoke_key`] for `fastvm keys`.
+//!
+//! On first start (an empty store) the server creates the org `default`, a
+//! user `admin` and an API key, written to `DATA_DIR/admin-api-key` (mode 0600).
+//!
+//! Shutdown leaves every VM running; the next start re-adopts them (the
+//! worker finds their QEMU processes again) and reconciles the stored statuses.
+
+pub mod auth;
+pub mod error;
+mod lifecycle;
+pub mod openapi;
+pub mod routes;
+pub mod store;
+pub mod worker;
+
+use anyhow::Context as _;
+use fastvm_types::OrgId;
+use fastvm_worker::{Runtime, RuntimeConfig};
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use store::Store;
+use worker::{LocalWorker, Worker};
+
+/// Name of the org created on first start.
+pub const DEFAULT_ORG: &str = "default";
+/// File (in the data dir) holding the admin API key created on first start.
+pub const ADMIN_KEY_FILE: &str = "admin-api-key";
+
+/// Everything `fastvm serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// State of the server: `fastvm.db` (SQLite), `admin-api-key`, and the
+    /// embedded worker's `vms/` and `images/` (unless `runtime` says otherwise).
+    pub data_dir: PathBuf,
+    /// Where to listen (port 0: any free port, see [`RunningServer::addr`]).
+    pub listen: SocketAddr,
+    /// `postgres://...` to use PostgreSQL; SQLite in the data dir when `None`.
+    pub database_url: Option<String>,
+    /// The embedded worker (accelerator, QEMU binary, image cache, ...).
+    pub runtime: RuntimeConfig,
+    /// How long `POST /v1/vms` waits for the VM to run before answering 202.
+    pub launch_wait: Duration,
+    /// After shutdown is requested, how long open requests (e.g. exec
+    /// streams) may go on before the server stops anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults: listen on 127.0.0.1:8080, SQLite, 5 s launch wait.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        ServerConfig {
+            runtime: RuntimeConfig::new(&data_dir),
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: None,
+            launch_wait: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state of every handler (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    worker: Arc<dyn Worker>,
+    launch_wait: Duration,
+}
+
+impl AppState {
+    pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
+        AppState { inner: Arc::new(Inner { store, worker, launch_wait }) }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn worker(&self) -> &Arc<dyn Worker> {
+        &self.inner.worker
+    }
+
+    pub fn launch_wait(&self) -> Duration {
+        self.inner.launch_wait
+    }
+
+    /// Align stored statuses with what the worker re-adopted (done by
+    /// [`build_app`]; public for servers assembled by hand).
+    pub async fn reconcile_on_start(&self) -> anyhow::Result<()> {
+        self.reconcile_all().await.map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))
+    }
+}
+
+/// Open the store of a data dir, creating, migrating and (on first use, see
+/// [`bootstrap`]) populating it: what `fastvm serve` and `fastvm keys` use.
+/// It may run beside a serving server (SQLite WAL allows it).
+pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let store = Store::open(data_dir, database_url).await.with_context(|| match database_url {
+        Some(_) => "opening the PostgreSQL store".to_owned(),
+        None => format!("opening the store in {}", data_dir.display()),
+    })?;
+    bootstrap(&store, data_dir).await?;
+    Ok(store)
+}
+
+/// The default org (created on first start), if any.
+pub async fn default_org(store: &Store) -> anyhow::Result<Option<OrgId>> {
+    Ok(store.org_by_name(DEFAULT_ORG).await?)
+}
+
+/// On an empty store: create the default org, user `admin` and an admin API
+/// key, and write the key to `DATA_DIR/admin-api-key` (mode 0600). Returns
+/// the file's path when it did so.
+pub async fn bootstrap(store: &Store, data_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if store.org_count().await? > 0 {
+        return Ok(None);
+    }
+    let org = store.create_org(DEFAULT_ORG).await?;
+    let user = store.create_user(org, "admin").await?;
+    let key = store.create_key_for(org, Some(user), "admin").await?;
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    write_secret(&path, &format!("{}\n", key.token)).with_context(|| format!("writing the admin API key to {}", path.display()))?;
+    tracing::info!(path = %path.display(), org = %org, "first start: created org {DEFAULT_ORG:?}, user \"admin\" and an admin API key");
+    Ok(Some(path))
+}
+
+/// Write `contents` to a new file readable by its owner only.
+fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+/// The router and its state: opens the store (bootstrapping it on first
+/// start), opens the embedded worker (re-adopting its VMs) and reconciles.
+pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppState)> {
+    let store = open_store(&cfg.data_dir, cfg.database_url.as_deref()).await?;
+    let key_file = cfg.data_dir.join(ADMIN_KEY_FILE);
+    if key_file.exists() {
+        tracing::info!(path = %key_file.display(), "admin API key");
+    }
+    let runtime = Runtime::open(cfg.runtime.clone()).await.context("opening the embedded worker")?;
+    tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
+    let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
+    let state = AppState::new(store, worker, cfg.launch_wait);
+    state.reconcile_on_start().await?;
+    Ok((routes::router(state.clone()), state))
+}
+
+/// Serve the API on `cfg.listen` until `shutdown` completes. VMs keep
+/// running after it returns.
+pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let (router, state) = build_app(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
+    serve_on(listener, router, state, shutdown, cfg.shutdown_grace).await
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let requested = Arc::new(tokio::sync::Notify::new());
+    let notify = requested.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; VMs keep running");
+        notify.notify_one();
+    });
+    let result = tokio::select! {
+        r = server.into_future() => r.context("serving HTTP"),
+        _ = async { requested.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "requests still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
+    state.worker().detach();
+    state.store().close().await;
+    result
+}
+
+/// A server serving in the background (see [`start`]).
+pub struct RunningServer {
+    addr: SocketAddr,
+    state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Shut down gracefully (VMs keep running) and wait until it is done.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("server task")?
+    }
+}
+
+/// Build the app and serve it in the background on `cfg.listen` (which may
+/// have port 0).
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
+    let (router, state) = build_app(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_on(
+        listener,
+        router,
+        state.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+        cfg.shutdown_grace,
+    ));
+    Ok(RunningServer { addr, state, stop: Some(stop), task })
+}

@@ -178,6 +178,18 @@ impl AgentClient {
         self.request(Control::Configure(cfg), Duration::from_secs(30)).await
     }
 
+    /// Send a configuration without waiting for the guest to apply it. The
+    /// agent handles frames in order, so every later request on this
+    /// connection sees the new configuration; a failure is logged.
+    pub fn configure_in_background(&self, cfg: GuestConfig, vm: String) {
+        let client = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.configure(cfg).await {
+                tracing::warn!(%vm, error = %e, "guest configuration failed");
+            }
+        });
+    }
+
     /// Ask the guest to power off; its answer may be lost as it goes down.
     pub async fn shutdown(&self) -> Result<()> {
         match self.request(Control::Shutdown { reboot: false }, Duration::from_secs(5)).await {

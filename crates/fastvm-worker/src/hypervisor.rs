@@ -24,6 +24,23 @@ pub struct LaunchSpec {
     pub image_id: String,
     /// The VM's writable disk layer (a qcow2 overlay in `<data>/layers/`).
     pub disk: PathBuf,
+    /// Guest RAM backed by this file instead of anonymous memory.
+    #[serde(default)]
+    pub ram: Option<RamFile>,
+}
+
+/// File-backed guest RAM.
+///
+/// * `shared`: writes go to the file (a golden VM writes its RAM image).
+/// * private: a copy-on-write mapping of the file (restored VMs share the
+///   golden RAM pages through the page cache until they write to them).
+///
+/// Shared RAM is skipped by migration (`x-ignore-shared`), so a snapshot of a
+/// VM with shared RAM carries only device state; its RAM is the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamFile {
+    pub path: PathBuf,
+    pub shared: bool,
 }
 
 impl LaunchSpec {
@@ -39,6 +56,7 @@ impl LaunchSpec {
             initrd: image.initrd.clone(),
             image_id: image.id.clone(),
             disk,
+            ram: None,
         }
     }
 }
@@ -97,8 +115,8 @@ pub trait VmProcess: Send + Sync {
     /// Capture the VM: its disk layer is frozen (the VM goes on writing to
     /// the new overlay `new_layer`, backed by the frozen one) and its memory
     /// and device state are written to `memory`. The VM is paused meanwhile
-    /// and resumed afterwards if it was running.
-    async fn snapshot(&self, memory: &Path, new_layer: &Path) -> Result<()>;
+    /// and resumed afterwards if it was running, unless `leave_paused`.
+    async fn snapshot(&self, memory: &Path, new_layer: &Path, leave_paused: bool) -> Result<()>;
     /// Stop the process now (no guest shutdown).
     async fn kill(&self) -> Result<()>;
     /// Resolves when the process has exited.

@@ -133,9 +133,20 @@ impl QemuMicrovm {
             p(paths.pidfile()),
             "-daemonize".into(),
         ];
-        if let Some(mem) = incoming {
+        // Guest RAM is always the backend object `ram`, so that every
+        // snapshot stream names the same RAM block whichever backend a VM had.
+        let backend = match &spec.ram {
+            Some(ram) => {
+                let share = if ram.shared { "on" } else { "off" };
+                format!("memory-backend-file,id=ram,size={}M,mem-path={},share={share}", spec.memory_mib, p(ram.path.clone()))
+            }
+            None => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+        };
+        a.extend(["-object".into(), backend, "-machine".into(), "memory-backend=ram".into()]);
+        if incoming.is_some() {
+            // The stream is fed after the capabilities are set over QMP.
             a.push("-incoming".into());
-            a.push(format!("exec:cat {}", shell_quote(&p(mem.to_path_buf()))));
+            a.push("defer".into());
         }
         a
     }
@@ -177,6 +188,14 @@ fn is_our_process(pid: u32, id: &str) -> bool {
     cmdline.split(|b| *b == 0).any(|arg| arg == want.as_bytes())
 }
 
+/// True while `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X"),
+    }
+}
+
 fn tail(path: &std::path::Path, max: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let start = s.len().saturating_sub(max);
@@ -211,8 +230,14 @@ impl Hypervisor for QemuMicrovm {
             }
         };
         let process = QemuProcess { pid, qmp };
-        if incoming.is_some() {
-            if let Err(e) = process.wait_incoming().await {
+        if let Some(mem) = incoming {
+            let uri = format!("exec:cat {}", shell_quote(&mem.to_string_lossy()));
+            let started = async {
+                process.set_capabilities().await?;
+                process.qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+                process.wait_incoming().await
+            };
+            if let Err(e) = started.await {
                 let _ = process.kill().await;
                 let log = tail(&paths.hypervisor_log(), 500);
                 return Err(if log.is_empty() { e } else { Error::Qemu(format!("{e}: {log}")) });
@@ -242,7 +267,18 @@ pub struct QemuProcess {
     qmp: Qmp,
 }
 
+/// Migration capabilities of every capture and restore (both ends must agree):
+/// `x-ignore-shared` skips file-backed shared RAM (the golden VM's RAM image),
+/// so such a snapshot carries only device state and a private mapping of the
+/// file is restored without loading any RAM.
+const CAPABILITIES: &[&str] = &["x-ignore-shared"];
+
 impl QemuProcess {
+    async fn set_capabilities(&self) -> Result<()> {
+        let caps: Vec<serde_json::Value> = CAPABILITIES.iter().map(|c| json!({ "capability": c, "state": true })).collect();
+        self.qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps }))).await.map(|_| ())
+    }
+
     async fn status(&self) -> Result<String> {
         let st = self.qmp.execute("query-status", None).await?;
         Ok(st.get("status").and_then(serde_json::Value::as_str).unwrap_or("unknown").to_owned())
@@ -272,7 +308,7 @@ impl QemuProcess {
 
 #[async_trait]
 impl VmProcess for QemuProcess {
-    async fn snapshot(&self, memory: &Path, new_layer: &Path) -> Result<()> {
+    async fn snapshot(&self, memory: &Path, new_layer: &Path, leave_paused: bool) -> Result<()> {
         let was_running = !self.is_paused().await?;
         if was_running {
             self.pause().await?;
@@ -285,6 +321,7 @@ impl VmProcess for QemuProcess {
                     Some(json!({ "device": "root", "snapshot-file": new_layer.to_string_lossy(), "format": "qcow2" })),
                 )
                 .await?;
+            self.set_capabilities().await?;
             self.qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 64u64 << 30 }))).await?;
             let uri = format!("exec:cat > {}", shell_quote(&memory.to_string_lossy()));
             self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
@@ -303,7 +340,7 @@ impl VmProcess for QemuProcess {
         }
         .await;
         // `cont` also takes the disks back from the finished migration.
-        if was_running {
+        if was_running && !leave_paused {
             self.resume().await?;
         }
         result
@@ -336,6 +373,11 @@ impl VmProcess for QemuProcess {
             // (its QMP socket is still open, so the pid cannot have been recycled).
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
             self.qmp.wait_closed().await;
+        }
+        // QMP closes before the process is gone (RAM teardown takes a moment).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process_alive(self.pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }

@@ -107,7 +107,11 @@ pub struct SnapshotRecord {
     pub launch: LaunchSpec,
     /// Frozen disk layers, top first.
     pub layers: Vec<PathBuf>,
+    /// Device state (and RAM, unless `ram` is set).
     pub memory: PathBuf,
+    /// RAM image file (golden snapshots): restores map it copy-on-write.
+    #[serde(default)]
+    pub ram: Option<PathBuf>,
     pub hostname: Option<String>,
     pub env: BTreeMap<String, String>,
     pub created_unix_ms: u64,
@@ -403,6 +407,10 @@ impl Runtime {
 
     /// Boot a VM from the image (the slow path: kernel boot under TCG).
     pub async fn boot_fresh(&self, req: CreateVm) -> Result<VmInfo> {
+        self.boot_fresh_with(req, None).await
+    }
+
+    async fn boot_fresh_with(&self, req: CreateVm, ram: Option<crate::hypervisor::RamFile>) -> Result<VmInfo> {
         let machine = MachineType::lookup(&req.machine)?;
         let image = self.image().await?.clone();
         let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -411,7 +419,8 @@ impl Runtime {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
             Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)).await?;
-            let launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
+            let mut launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
+            launch.ram = ram;
             self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk])?
         };
         let _op = vm.op.lock().await;
@@ -446,13 +455,16 @@ impl Runtime {
         }
         let hostname = req.hostname.clone().or_else(|| Some(format!("vm-{}", id.split('-').next().unwrap_or(&id))));
         let env = if req.env.is_empty() { snap.env.clone() } else { req.env.clone() };
+        let t0 = std::time::Instant::now();
         let vm = {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
             Self::qemu_img_overlay(top, "qcow2", &disk, None).await?;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created");
             let mut launch = snap.launch.clone();
             launch.id = id.clone();
             launch.disk = disk.clone();
+            launch.ram = snap.ram.clone().map(|path| crate::hypervisor::RamFile { path, shared: false });
             let mut layers = vec![disk];
             layers.extend(snap.layers.iter().cloned());
             self.register(&id, launch, hostname, env, layers)?
@@ -463,7 +475,9 @@ impl Runtime {
     }
 
     async fn start_process(&self, vm: &Arc<Vm>, incoming: Option<&std::path::Path>) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let process: Arc<dyn VmProcess> = Arc::from(self.hv.start(&vm.record.launch, &vm.paths, incoming).await?);
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: process up (state loaded)");
         if let Ok(mut p) = vm.process.lock() {
             *p = Some(process.clone());
         }
@@ -480,7 +494,14 @@ impl Runtime {
                 return Err(Error::Qemu(format!("VM exited during start; console: {tail}")));
             }
         };
-        agent.configure(vm.guest_config()).await?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: agent connected");
+        if incoming.is_some() {
+            // A restore is on the latency path; the configuration is ordered
+            // before anything else sent on this connection, so don't wait.
+            agent.configure_in_background(vm.guest_config(), vm.record.launch.id.clone());
+        } else {
+            agent.configure(vm.guest_config()).await?;
+        }
         *vm.agent.lock().await = Some(agent);
         Ok(())
     }
@@ -602,10 +623,10 @@ impl Runtime {
     pub async fn snapshot(&self, vm_id: &str, snapshot_id: Option<String>) -> Result<SnapshotRecord> {
         let id = snapshot_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let dir = self.snapshot_dir(&id);
-        self.capture(vm_id, id, dir).await
+        self.capture(vm_id, id, dir, false).await
     }
 
-    async fn capture(&self, vm_id: &str, id: String, dir: PathBuf) -> Result<SnapshotRecord> {
+    async fn capture(&self, vm_id: &str, id: String, dir: PathBuf, leave_paused: bool) -> Result<SnapshotRecord> {
         let vm = self.vm(vm_id)?;
         let _op = vm.op.lock().await;
         if !matches!(vm.state(), VmState::Running | VmState::Paused) {
@@ -620,7 +641,10 @@ impl Runtime {
         let _layers = self.layers_lock.lock().await;
         let new_layer = self.layer_path();
         let frozen = vm.layers();
-        let result = process.snapshot(&memory, &new_layer).await;
+        let result = process.snapshot(&memory, &new_layer, leave_paused).await;
+        if leave_paused && result.is_ok() {
+            vm.set_state(VmState::Paused);
+        }
         // Whether or not the memory dump worked, QEMU may already write to the new layer.
         if new_layer.exists() {
             if let Ok(mut l) = vm.layers.lock() {
@@ -632,12 +656,16 @@ impl Runtime {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        // The RAM backend of a restore is decided from `ram` below, never inherited.
+        let mut launch = vm.record.launch.clone();
+        launch.ram = None;
         let record = SnapshotRecord {
             id,
             source_vm: Some(vm_id.to_owned()),
-            launch: vm.record.launch.clone(),
+            launch,
             layers: frozen,
             memory,
+            ram: vm.record.launch.ram.as_ref().filter(|r| r.shared).map(|r| r.path.clone()),
             hostname: vm.record.hostname.clone(),
             env: vm.record.env.clone(),
             created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -689,7 +717,7 @@ impl Runtime {
         let _g = self.golden_lock.lock().await;
         if dir.join("snapshot.json").exists() {
             match Self::read_snapshot(&dir) {
-                Ok(r) if r.memory.is_file() && r.layers.iter().all(|l| l.is_file()) => return Ok(r),
+                Ok(r) if r.memory.is_file() && r.layers.iter().all(|l| l.is_file()) && r.ram.as_ref().is_none_or(|p| p.is_file()) => return Ok(r),
                 Ok(_) | Err(_) => {
                     tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
                     let _ = std::fs::remove_dir_all(&dir);
@@ -699,16 +727,31 @@ impl Runtime {
         tracing::info!(%key, "building golden snapshot (one fresh boot)");
         let vm_id = format!("golden-{}", uuid::Uuid::new_v4());
         let req = CreateVm { id: Some(vm_id.clone()), machine: machine.name.into(), disk_gib: Some(disk_gib), ..Default::default() };
-        self.boot_fresh(req).await?;
+        // The golden VM's RAM lives in a file that becomes the snapshot's RAM image.
         let tmp = dir.with_extension("building");
         let _ = std::fs::remove_dir_all(&tmp);
-        let captured = self.capture(&vm_id, key.clone(), tmp.clone()).await;
+        std::fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        let ram = crate::hypervisor::RamFile { path: tmp.join("ram"), shared: true };
+        let booted = self.boot_fresh_with(req, Some(ram)).await;
+        let captured = match booted {
+            // Left paused: with shared RAM, anything it ran afterwards would change the image.
+            Ok(_) => self.capture(&vm_id, key.clone(), tmp.join("state"), true).await,
+            Err(e) => Err(e),
+        };
+        // Commit the record before the golden VM goes: deleting it collects
+        // every layer no record references.
+        let committed = captured.and_then(|mut record| {
+            std::fs::rename(tmp.join("state").join("memory"), tmp.join("memory")).ctx(|| "move golden state".into())?;
+            let _ = std::fs::remove_dir_all(tmp.join("state"));
+            std::fs::rename(&tmp, &dir).ctx(|| format!("commit {}", dir.display()))?;
+            record.memory = dir.join("memory");
+            record.ram = Some(dir.join("ram"));
+            record.source_vm = None;
+            write_json_atomic(&dir.join("snapshot.json"), &record)?;
+            Ok(record)
+        });
         let _ = self.delete(&vm_id).await;
-        let mut record = captured?;
-        std::fs::rename(&tmp, &dir).ctx(|| format!("commit {}", dir.display()))?;
-        record.memory = dir.join("memory");
-        record.source_vm = None;
-        write_json_atomic(&dir.join("snapshot.json"), &record)?;
+        let record = committed?;
         self.gc_layers().await?;
         Ok(record)
     }

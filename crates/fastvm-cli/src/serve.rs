@@ -1,0 +1,106 @@
+//! `fastvm serve` (control plane + embedded worker) and `fastvm keys ...`.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fastvm_server::ServerConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Data directory (database, API key, VMs, images).
+    #[arg(long, env = "FASTVM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// `postgres://...` to keep state in PostgreSQL instead of SQLite.
+    #[arg(long, env = "FASTVM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Accelerator: auto (KVM only with vmx/svm and /dev/kvm), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Where guest images are cached (default: DATA_DIR/images).
+    #[arg(long, env = "FASTVM_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
+    let mut cfg = ServerConfig::new(&data_dir);
+    cfg.listen = args.listen;
+    cfg.database_url = args.database_url;
+    cfg.runtime.accel = args.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    cfg.runtime.image_dir = args.image_dir;
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
+    };
+    fastvm_server::serve(cfg, shutdown).await
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for the default org (printed once).
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List API keys (never the secrets).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key by id or prefix.
+    Revoke {
+        key: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    #[arg(long, env = "FASTVM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "FASTVM_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    let open = |s: &StoreArgs| (s.data_dir.clone().unwrap_or_else(crate::default_data_dir), s.database_url.clone());
+    match cmd {
+        KeysCommand::Create { name, store } => {
+            let (dir, url) = open(&store);
+            let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
+            let org = fastvm_server::default_org(&st).await?.context("no default org in this store")?;
+            let key = st.create_key(org, &name).await?;
+            println!("{}", key.token);
+            eprintln!("key {} created for org {org}; it is shown only now", key.info.id);
+        }
+        KeysCommand::List { store } => {
+            let (dir, url) = open(&store);
+            let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
+            println!("{:<36}  {:<16}  {:<12}  {}", "ID", "NAME", "PREFIX", "REVOKED");
+            for k in st.list_keys(None).await? {
+                println!("{:<36}  {:<16}  {:<12}  {}", k.id, k.name, k.prefix, if k.revoked_at_ms.is_some() { "yes" } else { "no" });
+            }
+        }
+        KeysCommand::Revoke { key, store } => {
+            let (dir, url) = open(&store);
+            let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
+            let k = st.revoke_key(&key).await?;
+            println!("revoked {}", k.id);
+        }
+    }
+    Ok(())
+}

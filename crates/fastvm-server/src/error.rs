@@ -1,0 +1,131 @@
+//! The one error type of every handler, rendered as the API's single error
+//! shape `{"error": {"code": "...", "message": "..."}}` with the right status.
+//!
+//! | status | codes                                                              |
+//! |--------|--------------------------------------------------------------------|
+//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields) |
+//! | 401    | `UNAUTHENTICATED`                                                  |
+//! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
+//! | 405    | `METHOD_NOT_ALLOWED`                                               |
+//! | 409    | `INVALID_STATE` (illegal status transition)                        |
+//! | 413    | `PAYLOAD_TOO_LARGE`                                                |
+//! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
+//! | 422    | the [`fastvm_types::codes`] of validation, `SNAPSHOTS_NOT_AVAILABLE` |
+//! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
+//! | 501    | `NOT_IMPLEMENTED`                                                  |
+//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`                                 |
+
+use crate::store::StoreError;
+use crate::worker::WorkerError;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fastvm_types::ValidationError;
+
+/// Machine-readable codes of the server's own errors (validation codes come
+/// from [`fastvm_types::codes`]).
+pub mod codes {
+    pub const INVALID_JSON: &str = "INVALID_JSON";
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    pub const INVALID_STATE: &str = "INVALID_STATE";
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
+    pub const SNAPSHOTS_NOT_AVAILABLE: &str = "SNAPSHOTS_NOT_AVAILABLE";
+    pub const INTERNAL: &str = "INTERNAL";
+    pub const DATABASE_ERROR: &str = "DATABASE_ERROR";
+    pub const WORKER_ERROR: &str = "WORKER_ERROR";
+    pub const AGENT_UNAVAILABLE: &str = "AGENT_UNAVAILABLE";
+    pub const UNAVAILABLE: &str = "UNAVAILABLE";
+    pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
+}
+
+/// An error answer: status, code and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { status, code: code.into(), message: message.into() }
+    }
+
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, message)
+    }
+
+    /// 409: the resource's current status forbids the operation.
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, codes::INVALID_STATE, message)
+    }
+
+    pub fn unprocessable(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)
+    }
+
+    /// The wire body.
+    pub fn body(&self) -> fastvm_types::ApiError {
+        fastvm_types::ApiError::new(self.code.clone(), self.message.clone())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = %self.code, message = %self.message, "request failed");
+        }
+        let mut res = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::unprocessable(e.code, e.message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError::not_found(m),
+            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            StoreError::Db(sqlx::Error::PoolTimedOut) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, "the database is busy; retry"),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::DATABASE_ERROR, other.to_string()),
+        }
+    }
+}
+
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            WorkerError::NotFound(_) => ApiError::invalid_state(format!("the VM is gone from its worker: {msg}")),
+            WorkerError::WrongState(_) => ApiError::invalid_state(msg),
+            WorkerError::UnknownMachineType(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, msg),
+            WorkerError::InvalidExec(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_COMMAND, msg),
+            WorkerError::AgentUnavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::AGENT_UNAVAILABLE, msg),
+            WorkerError::Failed(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::WORKER_ERROR, msg),
+        }
+    }
+}

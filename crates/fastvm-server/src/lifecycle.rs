@@ -1,0 +1,521 @@
+//! VM lifecycle: the status machine of [`crate::routes::vms`] applied to the
+//! store and the worker, independent of HTTP.
+//!
+//! The store is the source of truth for API statuses. Every change is a
+//! read-modify-write guarded by the row's version ([`AppState::modify`]), so
+//! two requests racing on one VM cannot both win: the loser re-reads and is
+//! judged against the new status (409 when it no longer applies).
+//!
+//! A transition that needs the worker first moves the row to the
+//! transitional status (`pausing`, `resuming`, `deleting`), which no other
+//! transition accepts, then calls the worker, then settles the row: to the
+//! target status on success, or to what the worker reports on failure.
+//!
+//! `running` and `paused` rows are reconciled with the worker's view of the
+//! process whenever they are read: a VM whose QEMU died is `stopped`.
+
+use crate::auth::Caller;
+use crate::error::{codes, ApiError};
+use crate::store::{now_ms, VmRecord};
+use crate::worker::{ExecEvents, VmSpec, WorkerError};
+use crate::AppState;
+use axum::http::StatusCode;
+use fastvm_types::exec::ExecVmRequest;
+use fastvm_types::vm::normalize_vm_name;
+use fastvm_types::{LaunchVmRequest, OrgId, Patch, UpdateVmRequest, VmId, VmStatus};
+use fastvm_worker::{ExecRequest, MachineType, VmState};
+use std::time::Duration;
+
+/// How often a read-modify-write is retried when the row keeps changing.
+const MAX_ATTEMPTS: usize = 16;
+
+fn no_such_vm(id: VmId) -> ApiError {
+    ApiError::not_found(format!("no VM with id {id}"))
+}
+
+/// The API status matching a worker's view of a process (`None`: the worker
+/// does not know the VM), and why when it is a failure.
+fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
+    match state {
+        Some(VmState::Running) => (VmStatus::Running, None),
+        Some(VmState::Paused) => (VmStatus::Paused, None),
+        Some(VmState::Stopped) => (VmStatus::Stopped, Some("the VM process exited".into())),
+        Some(VmState::Error(m)) => (VmStatus::Error, Some(m)),
+        None => (VmStatus::Stopped, Some("the worker no longer knows this VM".into())),
+    }
+}
+
+/// Move `r` to `to`, keeping the TTL bookkeeping of the spec: while running
+/// `expiresAtMs` is the deadline; while paused the remaining budget is frozen
+/// in `ttlRemainingMs`.
+fn set_status(r: &mut VmRecord, to: VmStatus, now: i64) {
+    let cycle = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
+    match to {
+        VmStatus::Running => {
+            r.paused_at_ms = None;
+            if let Some(cycle) = cycle {
+                let deadline = match r.ttl_remaining_ms.take() {
+                    Some(rem) => now.saturating_add(rem),
+                    None => r.expires_at_ms.unwrap_or_else(|| now.saturating_add(cycle)),
+                };
+                r.expires_at_ms = Some(deadline);
+            }
+        }
+        VmStatus::Paused => {
+            r.paused_at_ms = Some(now);
+            if let Some(cycle) = cycle {
+                let remaining = r.expires_at_ms.map(|e| e.saturating_sub(now).max(0)).or(r.ttl_remaining_ms).unwrap_or(cycle);
+                r.ttl_remaining_ms = Some(remaining);
+                r.expires_at_ms = None;
+            }
+        }
+        _ => {}
+    }
+    r.status = to;
+}
+
+/// Restart the TTL cycle of `r` (a new TTL was set).
+fn restart_ttl(r: &mut VmRecord, now: i64) {
+    r.expires_at_ms = None;
+    r.ttl_remaining_ms = None;
+    let Some(cycle) = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX)) else { return };
+    match r.status {
+        VmStatus::Running | VmStatus::Pausing => r.expires_at_ms = Some(now.saturating_add(cycle)),
+        VmStatus::Paused | VmStatus::Resuming => r.ttl_remaining_ms = Some(cycle),
+        _ => {}
+    }
+}
+
+/// A transition through a transitional status, done by the worker.
+#[derive(Clone, Copy)]
+struct Transition {
+    action: &'static str,
+    from: VmStatus,
+    via: VmStatus,
+    to: VmStatus,
+}
+
+const PAUSE: Transition = Transition { action: "pause", from: VmStatus::Running, via: VmStatus::Pausing, to: VmStatus::Paused };
+const RESUME: Transition = Transition { action: "resume", from: VmStatus::Paused, via: VmStatus::Resuming, to: VmStatus::Running };
+
+impl AppState {
+    /// Read-modify-write the live VM `id` (of `org` when given) until the
+    /// write lands on an unchanged row. `f` may refuse with an error.
+    async fn modify<F>(&self, org: Option<OrgId>, id: VmId, mut f: F) -> Result<VmRecord, ApiError>
+    where
+        F: FnMut(&mut VmRecord) -> Result<(), ApiError>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let found = match org {
+                Some(org) => self.store().get_vm(org, id).await?,
+                None => self.store().get_vm_unscoped(id).await?.filter(|r| r.deleted_at_ms.is_none()),
+            };
+            let mut rec = found.ok_or_else(|| no_such_vm(id))?;
+            f(&mut rec)?;
+            if self.store().update_vm(&mut rec).await? {
+                return Ok(rec);
+            }
+        }
+        Err(ApiError::new(StatusCode::CONFLICT, codes::INVALID_STATE, format!("VM {id} is changing too often; retry")))
+    }
+
+    /// `rec` with its status brought in line with the worker (running and paused rows only).
+    async fn reconciled(&self, rec: VmRecord) -> Result<VmRecord, ApiError> {
+        if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+            return Ok(rec);
+        }
+        let (status, message) = observed(self.worker().state(rec.id));
+        if status == rec.status {
+            return Ok(rec);
+        }
+        tracing::info!(vm = %rec.id, from = rec.status.as_str(), to = status.as_str(), reason = message.as_deref().unwrap_or(""), "VM status reconciled with its worker");
+        let mut new = rec.clone();
+        set_status(&mut new, status, now_ms());
+        new.status_message = message;
+        if self.store().update_vm(&mut new).await? {
+            return Ok(new);
+        }
+        // Someone else changed it meanwhile: theirs is newer.
+        self.store().get_vm(rec.org_id, rec.id).await?.ok_or_else(|| no_such_vm(rec.id))
+    }
+
+    /// The live VM `id` of `org`, reconciled.
+    pub(crate) async fn find_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        let rec = self.store().get_vm(org, id).await?.ok_or_else(|| no_such_vm(id))?;
+        self.reconciled(rec).await
+    }
+
+    /// The live VMs of `org` (only those in `status` when given), reconciled.
+    pub(crate) async fn list_vms(&self, org: OrgId, status: Option<VmStatus>) -> Result<Vec<VmRecord>, ApiError> {
+        let mut out = Vec::new();
+        for rec in self.store().list_vms(org, status).await? {
+            let rec = self.reconciled(rec).await?;
+            // Reconciliation may have moved it out of the filter.
+            if status.is_none_or(|s| s == rec.status) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /v1/vms`: store the VM as `provisioning`, boot it in the
+    /// background, and wait up to `launch_wait` for it to run. Returns the VM
+    /// as it is when the wait ends.
+    pub(crate) async fn launch_vm(&self, caller: Caller, req: LaunchVmRequest) -> Result<VmRecord, ApiError> {
+        req.validate()?;
+        if let Some(snapshot) = req.snapshot_id {
+            return Err(ApiError::unprocessable(
+                codes::SNAPSHOTS_NOT_AVAILABLE,
+                format!("cannot restore snapshot {snapshot}: snapshots are not available on this server yet; launch with machineType instead"),
+            ));
+        }
+        let machine_name = req.machine_type.as_deref().map(str::trim).unwrap_or_default();
+        let machine = MachineType::lookup(machine_name).map_err(|e| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?;
+        let id = VmId::new_v4();
+        let rec = VmRecord {
+            id,
+            org_id: caller.org_id,
+            worker_id: self.worker().id().to_owned(),
+            name: normalize_vm_name(req.name.as_deref(), &id),
+            machine_name: machine.name.to_owned(),
+            source_name: String::new(),
+            cpu: machine.vcpus,
+            memory_mib: u64::from(machine.memory_mib),
+            disk_gib: u64::from(machine.disk_gib),
+            status: VmStatus::Provisioning,
+            status_message: None,
+            firewall: req.firewall.unwrap_or_default(),
+            metadata: req.metadata.unwrap_or_default(),
+            env_vars: req.env_vars.unwrap_or_default(),
+            ttl: req.ttl,
+            expires_at_ms: None,
+            ttl_remaining_ms: None,
+            created_at_ms: now_ms(),
+            paused_at_ms: None,
+            deleted_at_ms: None,
+            version: 0,
+        };
+        self.store().insert_vm(&rec).await?;
+        tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM");
+        let spec = VmSpec { id, machine, hostname: format!("vm-{}", id.short()), env: rec.env_vars.clone() };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let state = self.clone();
+        tokio::spawn(async move {
+            state.provision(spec).await;
+            let _ = done_tx.send(());
+        });
+        // The boot goes on in the background if the wait ends first.
+        let _ = tokio::time::timeout(self.launch_wait(), done_rx).await;
+        Ok(self.store().get_vm(caller.org_id, id).await?.unwrap_or(rec))
+    }
+
+    /// Boot the VM of `spec` and settle its row: running, or error.
+    async fn provision(&self, spec: VmSpec) {
+        let id = spec.id;
+        let started = std::time::Instant::now();
+        let result = self.worker().create(spec).await;
+        let settle = match &result {
+            Ok(()) => {
+                tracing::info!(vm = %id, elapsed_ms = started.elapsed().as_millis() as u64, "VM running");
+                self.modify(None, id, |r| {
+                    if r.status != VmStatus::Provisioning {
+                        return Err(ApiError::invalid_state(format!("VM {id} is {}", r.status.as_str())));
+                    }
+                    set_status(r, VmStatus::Running, now_ms());
+                    Ok(())
+                })
+                .await
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, error = %e, "VM failed to start");
+                let message = format!("the VM failed to start: {e}");
+                self.modify(None, id, |r| {
+                    if r.status != VmStatus::Provisioning {
+                        return Err(ApiError::invalid_state(format!("VM {id} is {}", r.status.as_str())));
+                    }
+                    r.status = VmStatus::Error;
+                    r.status_message = Some(message.clone());
+                    Ok(())
+                })
+                .await
+            }
+        };
+        if let Err(e) = settle {
+            // Deleted (or being deleted) while it booted: make sure it is gone.
+            tracing::info!(vm = %id, reason = %e.message, "VM left provisioning meanwhile; removing it from its worker");
+            if let Err(e) = self.worker().delete(id).await {
+                tracing::warn!(vm = %id, error = %e, "cleanup of a VM deleted during boot failed");
+            }
+        }
+    }
+
+    /// `PATCH /v1/vms/{id}`.
+    pub(crate) async fn update_vm(&self, org: OrgId, id: VmId, req: UpdateVmRequest) -> Result<VmRecord, ApiError> {
+        req.validate()?;
+        let rec = self
+            .modify(Some(org), id, |r| {
+                if let Some(name) = &req.name {
+                    r.name = normalize_vm_name(Some(name), &id);
+                }
+                if let Some(m) = &req.metadata {
+                    r.metadata = m.clone();
+                }
+                match &req.ttl {
+                    Patch::Absent => {}
+                    Patch::Null => {
+                        r.ttl = None;
+                        r.expires_at_ms = None;
+                        r.ttl_remaining_ms = None;
+                    }
+                    Patch::Value(t) => {
+                        r.ttl = Some(*t);
+                        restart_ttl(r, now_ms());
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        self.reconciled(rec).await
+    }
+
+    /// Move a VM from `t.from` to the transitional `t.via`, run `op` on the
+    /// worker, then settle in `t.to` (or in what the worker reports, on failure).
+    async fn transition<Fut>(&self, org: OrgId, id: VmId, t: Transition, op: Fut) -> Result<VmRecord, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<(), WorkerError>>,
+    {
+        let Transition { action, from, via, to } = t;
+        self.find_vm(org, id).await?;
+        self.modify(Some(org), id, |r| {
+            if r.status != from {
+                return Err(ApiError::invalid_state(format!("VM {id} is {}; {action} needs it {}", r.status.as_str(), from.as_str())));
+            }
+            r.status = via;
+            Ok(())
+        })
+        .await?;
+        let result = op.await;
+        let (target, message) = match &result {
+            Ok(()) => (to, None),
+            Err(e) => {
+                tracing::warn!(vm = %id, action, error = %e, "VM transition failed");
+                observed(self.worker().state(id))
+            }
+        };
+        let rec = self
+            .modify(Some(org), id, |r| {
+                if r.status == via {
+                    set_status(r, target, now_ms());
+                    if message.is_some() {
+                        r.status_message = message.clone();
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        result?;
+        Ok(rec)
+    }
+
+    /// `POST /v1/vms/{id}/pause`: running -> pausing -> paused.
+    pub(crate) async fn pause_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        self.transition(org, id, PAUSE, self.worker().pause(id)).await
+    }
+
+    /// `POST /v1/vms/{id}/resume`: paused -> resuming -> running.
+    pub(crate) async fn resume_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        self.transition(org, id, RESUME, self.worker().resume(id)).await
+    }
+
+    /// `DELETE /v1/vms/{id}`: any status but deleting -> deleting -> gone
+    /// (`deleted_at_ms` set); the VM process is killed and its files removed.
+    pub(crate) async fn delete_vm(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
+        self.modify(Some(org), id, |r| {
+            if r.status == VmStatus::Deleting {
+                return Err(ApiError::invalid_state(format!("VM {id} is already being deleted")));
+            }
+            r.status = VmStatus::Deleting;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(vm = %id, "deleting VM");
+        match self.worker().delete(id).await {
+            Ok(()) => {
+                self.modify(Some(org), id, |r| {
+                    r.deleted_at_ms = Some(now_ms());
+                    Ok(())
+                })
+                .await?;
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!("delete failed: {e}");
+                self.modify(Some(org), id, |r| {
+                    r.status = VmStatus::Error;
+                    r.status_message = Some(message.clone());
+                    Ok(())
+                })
+                .await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `POST /v1/vms/{id}/exec`: start `req` in the running VM.
+    pub(crate) async fn start_exec(&self, org: OrgId, id: VmId, req: &ExecVmRequest) -> Result<ExecEvents, ApiError> {
+        req.validate()?;
+        let rec = self.find_vm(org, id).await?;
+        if rec.status != VmStatus::Running {
+            return Err(ApiError::invalid_state(format!("VM {id} is {}; exec needs it running", rec.status.as_str())));
+        }
+        let wreq = ExecRequest {
+            argv: req.command.clone(),
+            env: req.env.clone().unwrap_or_default(),
+            cwd: req.cwd.clone(),
+            timeout: req.timeout_sec.map(Duration::from_secs),
+        };
+        match self.worker().exec(id, wreq).await {
+            Ok(events) => Ok(events),
+            Err(e) => {
+                if matches!(e, WorkerError::WrongState(_) | WorkerError::NotFound(_)) {
+                    // The process changed under us: record what the worker sees.
+                    let _ = self.find_vm(org, id).await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// At startup: settle rows left in flight by the previous run and align
+    /// every live row with what the worker re-adopted.
+    pub(crate) async fn reconcile_all(&self) -> Result<(), ApiError> {
+        let worker = self.worker().clone();
+        for rec in self.store().list_live_vms_on(worker.id()).await? {
+            let id = rec.id;
+            match rec.status {
+                VmStatus::Deleting => {
+                    tracing::info!(vm = %id, "finishing a delete interrupted by the last shutdown");
+                    if let Err(e) = self.delete_interrupted(rec).await {
+                        tracing::warn!(vm = %id, error = %e, "could not finish the delete");
+                    }
+                }
+                VmStatus::Stopped | VmStatus::Error => {}
+                from => {
+                    let (mut status, mut message) = observed(worker.state(id));
+                    if from == VmStatus::Provisioning && status != VmStatus::Running {
+                        status = VmStatus::Error;
+                        message = Some("the server stopped while the VM was provisioning".into());
+                    }
+                    if status != from {
+                        tracing::info!(vm = %id, from = from.as_str(), to = status.as_str(), "VM status reconciled at startup");
+                        self.modify(None, id, |r| {
+                            if r.status == from {
+                                set_status(r, status, now_ms());
+                                r.status_message = message.clone();
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    } else {
+                        tracing::info!(vm = %id, status = status.as_str(), "VM re-adopted");
+                    }
+                }
+            }
+        }
+        // VMs the worker still runs although their row is deleted.
+        for (id, _) in worker.list() {
+            let Ok(vm_id) = id.parse::<VmId>() else { continue };
+            match self.store().get_vm_unscoped(vm_id).await? {
+                Some(r) if r.deleted_at_ms.is_some() => {
+                    tracing::info!(vm = %id, "removing a VM whose row is deleted");
+                    if let Err(e) = worker.delete(vm_id).await {
+                        tracing::warn!(vm = %id, error = %e, "could not remove it");
+                    }
+                }
+                Some(_) => {}
+                None => tracing::warn!(vm = %id, "the worker runs a VM the store does not know; leaving it alone"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_interrupted(&self, rec: VmRecord) -> Result<(), ApiError> {
+        self.worker().delete(rec.id).await?;
+        self.modify(Some(rec.org_id), rec.id, |r| {
+            r.deleted_at_ms = Some(now_ms());
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastvm_types::{Ttl, TtlAction};
+
+    fn rec(status: VmStatus, ttl: Option<u64>) -> VmRecord {
+        VmRecord {
+            id: VmId::new_v4(),
+            org_id: OrgId::new_v4(),
+            worker_id: "local".into(),
+            name: "x".into(),
+            machine_name: "c1m2".into(),
+            source_name: String::new(),
+            cpu: 1,
+            memory_mib: 2048,
+            disk_gib: 10,
+            status,
+            status_message: None,
+            firewall: Default::default(),
+            metadata: Default::default(),
+            env_vars: Default::default(),
+            ttl: ttl.map(|seconds| Ttl { seconds, action: TtlAction::Pause }),
+            expires_at_ms: None,
+            ttl_remaining_ms: None,
+            created_at_ms: 0,
+            paused_at_ms: None,
+            deleted_at_ms: None,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn ttl_freezes_while_paused() {
+        let mut r = rec(VmStatus::Provisioning, Some(60));
+        set_status(&mut r, VmStatus::Running, 1_000);
+        assert_eq!(r.expires_at_ms, Some(61_000));
+        set_status(&mut r, VmStatus::Paused, 11_000);
+        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (None, Some(50_000), Some(11_000)));
+        set_status(&mut r, VmStatus::Running, 100_000);
+        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (Some(150_000), None, None));
+    }
+
+    #[test]
+    fn no_ttl_no_deadline() {
+        let mut r = rec(VmStatus::Provisioning, None);
+        set_status(&mut r, VmStatus::Running, 1_000);
+        set_status(&mut r, VmStatus::Paused, 2_000);
+        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (None, None, Some(2_000)));
+    }
+
+    #[test]
+    fn new_ttl_restarts_the_cycle() {
+        let mut r = rec(VmStatus::Running, Some(10));
+        restart_ttl(&mut r, 5_000);
+        assert_eq!(r.expires_at_ms, Some(15_000));
+        let mut p = rec(VmStatus::Paused, Some(10));
+        restart_ttl(&mut p, 5_000);
+        assert_eq!((p.expires_at_ms, p.ttl_remaining_ms), (None, Some(10_000)));
+    }
+
+    #[test]
+    fn worker_states_map_to_statuses() {
+        assert_eq!(observed(Some(VmState::Running)).0, VmStatus::Running);
+        assert_eq!(observed(Some(VmState::Paused)).0, VmStatus::Paused);
+        assert_eq!(observed(Some(VmState::Stopped)).0, VmStatus::Stopped);
+        assert_eq!(observed(Some(VmState::Error("x".into()))), (VmStatus::Error, Some("x".into())));
+        assert_eq!(observed(None).0, VmStatus::Stopped);
+    }
+}

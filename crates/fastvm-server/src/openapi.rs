@@ -1,0 +1,114 @@
+//! The OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]`
+//! annotations and the types crate's schemas. Served at `GET /openapi.json`
+//! and committed at `openapi/fastvm.json`; the test below fails when the two
+//! drift. Regenerate the committed file with
+//! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
+
+use crate::routes::{exec, health, vms};
+use std::sync::OnceLock;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Fast VM API",
+        description = "Self-hostable microVM platform: launch VMs, run commands in them, pause and resume them.\n\nAuthenticate with `Authorization: Bearer <api key>`. Every error answers `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(health::healthz, vms::list, vms::launch, vms::get, vms::update, vms::delete, vms::pause, vms::resume, exec::exec),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "health", description = "Liveness"),
+        (name = "vms", description = "VM lifecycle and exec"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some("An API key (`fvm_...`), created at first start or with `fastvm keys create`.".into());
+        components.add_security_scheme("bearerAuth", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The document as pretty JSON with a trailing newline (the committed form).
+pub fn document_json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        let mut s = serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\": \"cannot render the OpenAPI document: {e}\"}}"));
+        s.push('\n');
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::path::PathBuf;
+
+    fn committed_path() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../openapi/fastvm.json")
+    }
+
+    #[test]
+    fn openapi_matches_committed_file() -> Result<(), Box<dyn std::error::Error>> {
+        let generated = document_json();
+        let path = committed_path();
+        if std::env::var_os("FASTVM_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, generated)?;
+            return Ok(());
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} differs from the OpenAPI document the code generates; regenerate it with \
+             `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi` and commit it",
+            path.display()
+        );
+        Ok(())
+    }
+
+    fn collect_refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    match (k.as_str(), x.as_str()) {
+                        ("$ref", Some(r)) => out.push(r.to_owned()),
+                        _ => collect_refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn openapi_is_3_1_and_every_ref_resolves() -> Result<(), Box<dyn std::error::Error>> {
+        let doc: Value = serde_json::from_str(document_json())?;
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")));
+        let mut refs = Vec::new();
+        collect_refs(&doc, &mut refs);
+        assert!(!refs.is_empty());
+        for r in refs {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(doc["components"]["schemas"].get(name).is_some(), "dangling {r}");
+        }
+        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post")] {
+            assert!(doc["paths"][path][method].is_object(), "missing {method} {path}");
+        }
+        assert_eq!(doc["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/LaunchVmRequest");
+        Ok(())
+    }
+}

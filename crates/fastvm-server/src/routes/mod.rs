@@ -1,0 +1,120 @@
+//! The HTTP API: the router, its layers, and the extractors that turn every
+//! bad input into the API's one error shape.
+//!
+//! ```text
+//!  request -> CatchPanic -> Trace -> body limit (1 MiB) -> route
+//!     route: Caller (auth, 401) -> VmPath (UUID, 404) -> JsonBody (400/413/415) -> handler
+//!     no route: 404 NOT_FOUND; wrong method: 405 METHOD_NOT_ALLOWED
+//! ```
+//!
+//! Endpoints of the spec that are not implemented yet (snapshots, services,
+//! files, volumes, ...) are not routed: they answer 404 with a message
+//! saying this server does not serve them.
+
+pub mod exec;
+pub mod health;
+pub mod vms;
+
+use crate::error::{codes, ApiError};
+use crate::AppState;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use fastvm_types::VmId;
+use serde::de::DeserializeOwned;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+/// Largest JSON request body accepted.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/openapi.json", get(health::openapi_json))
+        .route("/v1/vms", get(vms::list).post(vms::launch))
+        .route("/v1/vms/{id}", get(vms::get).patch(vms::update).delete(vms::delete))
+        .route("/v1/vms/{id}/pause", post(vms::pause))
+        .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/vms/{id}/exec", post(exec::exec))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("the server hit a bug while handling this request").into_response()))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}; this server does not serve it", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, format!("{} does not accept {method}", uri.path()))
+}
+
+/// A JSON request body (`Content-Type: application/json`, at most
+/// [`MAX_JSON_BODY`] bytes) decoded into `T`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(codes::INVALID_JSON, e.body_text()),
+        JsonRejection::JsonDataError(e) => ApiError::bad_request(codes::INVALID_REQUEST, e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            codes::UNSUPPORTED_MEDIA_TYPE,
+            "send the request body as JSON with the header `Content-Type: application/json`",
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, format!("the request body exceeds {MAX_JSON_BODY} bytes"))
+        }
+        other => ApiError::new(other.status(), codes::INVALID_REQUEST, other.body_text()),
+    }
+}
+
+/// Query parameters decoded into `T`.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(QueryParams(v)),
+            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => Err(ApiError::bad_request(codes::INVALID_REQUEST, e.body_text())),
+            Err(e) => Err(ApiError::new(e.status(), codes::INVALID_REQUEST, e.body_text())),
+        }
+    }
+}
+
+/// The `{id}` of a VM route. Anything but a UUID is a VM that does not exist.
+pub struct VmPath(pub VmId);
+
+impl<S: Send + Sync> FromRequestParts<S> for VmPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        raw.parse::<VmId>().map(VmPath).map_err(|_| {
+            let shown: String = raw.chars().take(64).collect();
+            ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! `/v1/vms`: launch, list, get, update, delete, pause and resume VMs.
+//!
+//! The status machine (the logic lives in [`crate::lifecycle`]):
+//!
+//! ```text
+//!   POST /v1/vms
+//!        |
+//!        v         boot ok                 /pause                  (done)
+//!   provisioning ----------> running ------------> pausing ------------> paused
+//!        |                    ^  |                                       |  |
+//!        | boot failed        |  | QEMU exited                   /resume |  | QEMU
+//!        v                    |  v                                       v  | exited
+//!      error                  |  stopped <----------------------------------'
+//!                             |                     (done)
+//!                             '--------------------------------- resuming
+//!
+//!   DELETE: any status but deleting -> deleting -> gone (404 from then on)
+//!   A failed pause/resume settles in whatever the worker reports.
+//!   Any other request for a transition is 409 INVALID_STATE, naming the status.
+//! ```
+//!
+//! `201 Created` answers a launch whose VM is running within the server's
+//! launch wait (`ServerConfig::launch_wait`); otherwise `202 Accepted` with the
+//! VM still `provisioning` (or `error`), and the client polls `GET`.
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::routes::{JsonBody, QueryParams, VmPath};
+use crate::store::VmRecord;
+use crate::AppState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use fastvm_types::vm::ListVmsQuery;
+use fastvm_types::{ApiError as ErrorBody, DeleteResponse, LaunchVmRequest, UpdateVmRequest, Vm, VmStatus};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// RFC 3339 (UTC, milliseconds) of a Unix-ms time.
+pub(crate) fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The API view of a stored VM. Features that land later are present with
+/// honest values: no services (so `effectiveFirewall` is the normalized
+/// policy), no volumes, no bucket mounts, no public IPv6.
+pub(crate) fn view(r: &VmRecord) -> Vm {
+    let firewall = r.firewall.normalized();
+    let effective_firewall = r.firewall.with_service_rules(std::iter::empty());
+    let non_negative = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    Vm {
+        id: r.id,
+        name: r.name.clone(),
+        org_id: r.org_id,
+        machine_name: r.machine_name.clone(),
+        source_name: r.source_name.clone(),
+        firewall,
+        effective_firewall,
+        metadata: r.metadata.clone(),
+        env_vars: r.env_vars.clone(),
+        public_ipv6: None,
+        cpu: r.cpu,
+        memory_mib: r.memory_mib,
+        disk_gib: r.disk_gib,
+        status: r.status,
+        created_at: rfc3339(r.created_at_ms),
+        deleted_at: r.deleted_at_ms.map(rfc3339),
+        ttl: r.ttl,
+        expires_at_ms: if r.status == VmStatus::Running { non_negative(r.expires_at_ms) } else { None },
+        ttl_remaining_ms: if r.status == VmStatus::Paused { non_negative(r.ttl_remaining_ms) } else { None },
+        paused_at: r.paused_at_ms.map(rfc3339),
+        volumes: vec![],
+        bucket_mounts: vec![],
+    }
+}
+
+/// List VMs
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    operation_id = "listVms",
+    summary = "List VMs",
+    params(ListVmsQuery),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The org's VMs, oldest first", body = [Vm]),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+    )
+)]
+pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q): QueryParams<ListVmsQuery>) -> Result<Json<Vec<Vm>>, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => match VmStatus::parse(s) {
+            Some(s) => Some(s),
+            // An unknown status matches no VM.
+            None => return Ok(Json(vec![])),
+        },
+    };
+    let vms = state.list_vms(caller.org_id, status).await?;
+    Ok(Json(vms.iter().map(view).collect()))
+}
+
+/// Launch a VM
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "vms",
+    operation_id = "launchVm",
+    summary = "Launch a VM",
+    request_body = LaunchVmRequest,
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 201, description = "The VM is running", body = Vm),
+        (status = 202, description = "The VM is still provisioning (poll GET /v1/vms/{id}), or failed to start (status error)", body = Vm),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 422, description = "The body breaks a rule (machine type, metadata, envVars, firewall, ttl, snapshots unavailable)", body = ErrorBody),
+    )
+)]
+pub async fn launch(State(state): State<AppState>, caller: Caller, JsonBody(req): JsonBody<LaunchVmRequest>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    let rec = state.launch_vm(caller, req).await?;
+    let status = if rec.status == VmStatus::Running { StatusCode::CREATED } else { StatusCode::ACCEPTED };
+    Ok((status, Json(view(&rec))))
+}
+
+/// Get a VM
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}",
+    tag = "vms",
+    operation_id = "getVm",
+    summary = "Get a VM",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM", body = Vm),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+    )
+)]
+pub async fn get(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.find_vm(caller.org_id, id).await?)))
+}
+
+/// Update a VM
+#[utoipa::path(
+    patch,
+    path = "/v1/vms/{id}",
+    tag = "vms",
+    operation_id = "updateVm",
+    summary = "Update a VM",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    request_body = UpdateVmRequest,
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The updated VM", body = Vm),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 422, description = "The body breaks a rule (nothing to update, metadata, ttl)", body = ErrorBody),
+    )
+)]
+pub async fn update(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<UpdateVmRequest>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.update_vm(caller.org_id, id, req).await?)))
+}
+
+/// Delete a VM
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{id}",
+    tag = "vms",
+    operation_id = "deleteVm",
+    summary = "Delete a VM",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM is deleted: its process killed, its disk removed", body = DeleteResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM is already being deleted", body = ErrorBody),
+    )
+)]
+pub async fn delete(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<DeleteResponse>, ApiError> {
+    state.delete_vm(caller.org_id, id).await?;
+    Ok(Json(DeleteResponse::new(id)))
+}
+
+/// Pause a VM
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/pause",
+    tag = "vms",
+    operation_id = "pauseVm",
+    summary = "Pause a VM",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM is paused: memory kept, vCPUs stopped, TTL frozen", body = Vm),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM is not running", body = ErrorBody),
+    )
+)]
+pub async fn pause(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.pause_vm(caller.org_id, id).await?)))
+}
+
+/// Resume a paused VM
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/resume",
+    tag = "vms",
+    operation_id = "resumeVm",
+    summary = "Resume a paused VM",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM is running again", body = Vm),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM is not paused", body = ErrorBody),
+    )
+)]
+pub async fn resume(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.resume_vm(caller.org_id, id).await?)))
+}

@@ -1,0 +1,115 @@
+//! API keys: stored as the SHA-256 of the token, never the token itself.
+
+use super::{now_ms, parse_id, Result, Store, StoreError};
+use crate::auth;
+use fastvm_types::OrgId;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+/// What is known about a key (the token itself is only shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: uuid::Uuid,
+    pub org_id: OrgId,
+    pub name: String,
+    /// The token's first characters (`fvm_1a2b3c4d`), to recognise it.
+    pub prefix: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A freshly created key: `token` is the secret to hand to the client.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub info: ApiKeyInfo,
+    pub token: String,
+}
+
+fn key_from_row(row: &AnyRow) -> Result<ApiKeyInfo> {
+    Ok(ApiKeyInfo {
+        id: parse_id(row, "id", "api_keys")?,
+        org_id: parse_id(row, "org_id", "api_keys")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        revoked_at_ms: row.try_get("revoked_at_ms")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, org_id, name, prefix, created_at_ms, revoked_at_ms";
+
+impl Store {
+    /// Create an API key of `org` (optionally owned by a user) named `name`.
+    pub async fn create_key_for(&self, org: OrgId, user: Option<uuid::Uuid>, name: &str) -> Result<NewApiKey> {
+        let exists = sqlx::query("SELECT 1 AS one FROM orgs WHERE id = $1").bind(org.to_string()).fetch_optional(&self.pool).await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("no org with id {org}")));
+        }
+        let token = auth::new_token();
+        let info = ApiKeyInfo {
+            id: uuid::Uuid::new_v4(),
+            org_id: org,
+            name: name.to_owned(),
+            prefix: auth::token_prefix(&token),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        sqlx::query("INSERT INTO api_keys (id, org_id, user_id, name, prefix, token_hash, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(info.id.to_string())
+            .bind(org.to_string())
+            .bind(user.map(|u| u.to_string()))
+            .bind(&info.name)
+            .bind(&info.prefix)
+            .bind(auth::hash_token(&token))
+            .bind(info.created_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(NewApiKey { info, token })
+    }
+
+    /// Create an API key of `org` named `name`.
+    pub async fn create_key(&self, org: OrgId, name: &str) -> Result<NewApiKey> {
+        self.create_key_for(org, None, name).await
+    }
+
+    /// Keys of `org` (every org's when `None`), revoked ones included, oldest first.
+    pub async fn list_keys(&self, org: Option<OrgId>) -> Result<Vec<ApiKeyInfo>> {
+        let rows = match org {
+            Some(org) => {
+                sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY created_at_ms, id"))
+                    .bind(org.to_string())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, id")).fetch_all(&self.pool).await?,
+        };
+        rows.iter().map(key_from_row).collect()
+    }
+
+    /// Revoke the key whose id (a UUID) or prefix (`fvm_1a2b3c4d`) is `key`.
+    /// Returns the key, or `NotFound`; revoking twice keeps the first time.
+    pub async fn revoke_key(&self, key: &str) -> Result<ApiKeyInfo> {
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 OR prefix = $1")).bind(key).fetch_all(&self.pool).await?;
+        let found = match rows.as_slice() {
+            [] => return Err(StoreError::NotFound(format!("no API key with id or prefix {key:?}"))),
+            [one] => key_from_row(one)?,
+            _ => return Err(StoreError::Conflict(format!("several keys start with {key:?}; give the key id"))),
+        };
+        sqlx::query("UPDATE api_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
+            .bind(now_ms())
+            .bind(found.id.to_string())
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1")).bind(found.id.to_string()).fetch_one(&self.pool).await?;
+        key_from_row(&row)
+    }
+
+    /// The key (not revoked) whose token is `token`.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<ApiKeyInfo>> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = $1 AND revoked_at_ms IS NULL"))
+            .bind(auth::hash_token(token))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+}

@@ -1,0 +1,183 @@
+//! One suite for the store, run against SQLite always and against PostgreSQL
+//! when `FASTVM_TEST_PG_URL` is set (e.g. `export FASTVM_TEST_PG_URL=$(scripts/start-postgres)`).
+//! Each PostgreSQL run works in a throwaway database created (and dropped)
+//! through that URL, so runs never see each other's rows.
+
+use super::*;
+use fastvm_types::{FirewallPolicy, Ttl, TtlAction, VmId, VmStatus};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgConnection;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn sample_vm(org: OrgId) -> VmRecord {
+    VmRecord {
+        id: VmId::new_v4(),
+        org_id: org,
+        worker_id: "local".into(),
+        name: "dev box".into(),
+        machine_name: "c1m2".into(),
+        source_name: String::new(),
+        cpu: 1,
+        memory_mib: 2048,
+        disk_gib: 10,
+        status: VmStatus::Provisioning,
+        status_message: None,
+        firewall: FirewallPolicy::default(),
+        metadata: [("team".to_owned(), "infra".to_owned())].into(),
+        env_vars: [("A".to_owned(), "1".to_owned())].into(),
+        ttl: Some(Ttl { seconds: 60, action: TtlAction::Delete }),
+        expires_at_ms: None,
+        ttl_remaining_ms: None,
+        created_at_ms: now_ms(),
+        paused_at_ms: None,
+        deleted_at_ms: None,
+        version: 0,
+    }
+}
+
+/// The whole suite, on one store.
+async fn suite(store: &Store) -> TestResult {
+    store.ping().await?;
+    orgs_and_keys(store).await?;
+    vms_roundtrip_and_scoping(store).await?;
+    optimistic_concurrency(store).await?;
+    Ok(())
+}
+
+async fn orgs_and_keys(store: &Store) -> TestResult {
+    assert_eq!(store.org_count().await?, 0);
+    let org = store.create_org("acme").await?;
+    assert_eq!(store.org_by_name("acme").await?, Some(org));
+    assert_eq!(store.org_by_name("nope").await?, None);
+    assert!(matches!(store.create_org("acme").await, Err(StoreError::Conflict(_))));
+    let user = store.create_user(org, "alice").await?;
+
+    let k1 = store.create_key_for(org, Some(user), "ci").await?;
+    let k2 = store.create_key(org, "laptop").await?;
+    assert!(k1.token.starts_with("fvm_") && k1.token != k2.token);
+    assert_eq!(k1.info.prefix, crate::auth::token_prefix(&k1.token));
+    assert!(matches!(store.create_key(OrgId::new_v4(), "x").await, Err(StoreError::NotFound(_))));
+
+    assert_eq!(store.authenticate(&k1.token).await?.map(|k| k.org_id), Some(org));
+    assert_eq!(store.authenticate("fvm_0000").await?, None);
+
+    let keys = store.list_keys(Some(org)).await?;
+    let mut names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["ci", "laptop"]);
+    let other = store.create_org("other").await?;
+    assert!(store.list_keys(Some(other)).await?.is_empty());
+    assert_eq!(store.list_keys(None).await?.len(), 2);
+
+    // Revoke by id, then by prefix; revoked keys stop authenticating but stay listed.
+    let revoked = store.revoke_key(&k1.info.id.to_string()).await?;
+    assert!(revoked.revoked_at_ms.is_some());
+    assert_eq!(store.authenticate(&k1.token).await?, None);
+    assert!(store.revoke_key(&k2.info.prefix).await?.revoked_at_ms.is_some());
+    assert_eq!(store.authenticate(&k2.token).await?, None);
+    assert!(matches!(store.revoke_key("fvm_nothing").await, Err(StoreError::NotFound(_))));
+    assert_eq!(store.list_keys(Some(org)).await?.len(), 2);
+    Ok(())
+}
+
+async fn vms_roundtrip_and_scoping(store: &Store) -> TestResult {
+    let org = store.create_org("vms-org").await?;
+    let other = store.create_org("vms-other").await?;
+    let vm = sample_vm(org);
+    store.insert_vm(&vm).await?;
+    assert_eq!(store.get_vm(org, vm.id).await?, Some(vm.clone()));
+    // Another org never sees it.
+    assert_eq!(store.get_vm(other, vm.id).await?, None);
+    assert!(store.list_vms(other, None).await?.is_empty());
+
+    let mut second = sample_vm(org);
+    second.created_at_ms = vm.created_at_ms + 1;
+    second.status = VmStatus::Running;
+    second.ttl = None;
+    second.firewall = serde_json::from_value(serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}))?;
+    store.insert_vm(&second).await?;
+    assert_eq!(store.get_vm(org, second.id).await?, Some(second.clone()));
+
+    let all = store.list_vms(org, None).await?;
+    assert_eq!(all.iter().map(|v| v.id).collect::<Vec<_>>(), [vm.id, second.id]);
+    assert_eq!(store.list_vms(org, Some(VmStatus::Running)).await?.len(), 1);
+    assert!(store.list_vms(org, Some(VmStatus::Paused)).await?.is_empty());
+    assert_eq!(store.list_live_vms_on("local").await?.len(), 2);
+    assert!(store.list_live_vms_on("elsewhere").await?.is_empty());
+
+    // Deleted rows disappear from org-scoped reads but stay for background work.
+    let mut gone = second.clone();
+    gone.status = VmStatus::Deleting;
+    gone.deleted_at_ms = Some(now_ms());
+    assert!(store.update_vm(&mut gone).await?);
+    assert_eq!(store.get_vm(org, second.id).await?, None);
+    assert_eq!(store.list_vms(org, None).await?.len(), 1);
+    assert_eq!(store.get_vm_unscoped(second.id).await?.and_then(|v| v.deleted_at_ms), gone.deleted_at_ms);
+    Ok(())
+}
+
+async fn optimistic_concurrency(store: &Store) -> TestResult {
+    let org = store.create_org("cas-org").await?;
+    let vm = sample_vm(org);
+    store.insert_vm(&vm).await?;
+    let mut a = vm.clone();
+    let mut b = vm.clone();
+    a.status = VmStatus::Running;
+    a.expires_at_ms = Some(123);
+    assert!(store.update_vm(&mut a).await?);
+    assert_eq!(a.version, 1);
+    // b read the old version: its write is refused.
+    b.name = "late".into();
+    assert!(!store.update_vm(&mut b).await?);
+    let now = store.get_vm(org, vm.id).await?.ok_or("vm")?;
+    assert_eq!((now.status, now.name.as_str(), now.expires_at_ms, now.version), (VmStatus::Running, "dev box", Some(123), 1));
+    // A write through another org's id is refused too.
+    let mut foreign = now.clone();
+    foreign.org_id = OrgId::new_v4();
+    foreign.name = "stolen".into();
+    assert!(!store.update_vm(&mut foreign).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_suite_sqlite() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path(), None).await?;
+    assert_eq!(store.backend(), Backend::Sqlite);
+    suite(&store).await?;
+    store.close().await;
+    // WAL mode is on, and reopening (migrations already applied) keeps the data.
+    let store = Store::open(dir.path(), None).await?;
+    assert_eq!(store.org_count().await?, 5);
+    let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await?.try_get(0)?;
+    assert_eq!(mode.to_lowercase(), "wal");
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_suite_postgres() -> TestResult {
+    let Ok(url) = std::env::var("FASTVM_TEST_PG_URL") else {
+        eprintln!("FASTVM_TEST_PG_URL is not set: skipping the PostgreSQL run of the store suite");
+        return Ok(());
+    };
+    let admin_opts: PgConnectOptions = url.parse()?;
+    let db = format!("fastvm_t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect_with(&admin_opts).await?;
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await?;
+    let result = async {
+        let test_url = admin_opts.clone().database(&db).to_url_lossy().to_string();
+        let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
+        assert_eq!(store.backend(), Backend::Postgres);
+        suite(&store).await?;
+        store.close().await;
+        // Reopen: migrations are idempotent, data is kept.
+        let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
+        assert_eq!(store.org_count().await?, 5);
+        store.close().await;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin).await?;
+    result
+}

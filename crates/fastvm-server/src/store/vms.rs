@@ -1,0 +1,222 @@
+//! VM rows. A deleted VM keeps its row (with `deleted_at_ms` set) but is
+//! invisible to every org-scoped read.
+
+use super::{parse_id, Result, Store, StoreError};
+use fastvm_types::{EnvVars, FirewallPolicy, Metadata, OrgId, Ttl, TtlAction, VmId, VmStatus};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: VmId,
+    pub org_id: OrgId,
+    /// The worker that runs it.
+    pub worker_id: String,
+    pub name: String,
+    pub machine_name: String,
+    pub source_name: String,
+    pub cpu: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub status: VmStatus,
+    /// Why the VM is in `error` (or `stopped`), for operators.
+    pub status_message: Option<String>,
+    /// The user's policy as given (validated).
+    pub firewall: FirewallPolicy,
+    pub metadata: Metadata,
+    pub env_vars: EnvVars,
+    pub ttl: Option<Ttl>,
+    pub expires_at_ms: Option<i64>,
+    pub ttl_remaining_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub paused_at_ms: Option<i64>,
+    pub deleted_at_ms: Option<i64>,
+    /// Bumped by every update (optimistic concurrency).
+    pub version: i64,
+}
+
+const VM_COLUMNS: &str = "id, org_id, worker_id, name, machine_name, source_name, cpu, memory_mib, disk_gib, status, status_message, \
+     firewall, metadata, env_vars, ttl_seconds, ttl_action, expires_at_ms, ttl_remaining_ms, created_at_ms, paused_at_ms, \
+     deleted_at_ms, version";
+
+fn corrupt(message: String) -> StoreError {
+    StoreError::Corrupt { table: "vms", message }
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
+    let s: String = row.try_get(col)?;
+    serde_json::from_str(&s).map_err(|e| corrupt(format!("{col}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| corrupt(format!("cannot encode: {e}")))
+}
+
+fn unsigned<T: TryFrom<i64>>(row: &AnyRow, col: &str) -> Result<T> {
+    let v: i64 = row.try_get(col)?;
+    T::try_from(v).map_err(|_| corrupt(format!("{col} = {v} is out of range")))
+}
+
+fn action_str(a: TtlAction) -> &'static str {
+    match a {
+        TtlAction::Pause => "pause",
+        TtlAction::Delete => "delete",
+    }
+}
+
+fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
+    let status: String = row.try_get("status")?;
+    let ttl_seconds: Option<i64> = row.try_get("ttl_seconds")?;
+    let ttl_action: Option<String> = row.try_get("ttl_action")?;
+    let ttl = match (ttl_seconds, ttl_action.as_deref()) {
+        (Some(s), Some(a)) => Some(Ttl {
+            seconds: u64::try_from(s).map_err(|_| corrupt(format!("ttl_seconds = {s}")))?,
+            action: match a {
+                "pause" => TtlAction::Pause,
+                "delete" => TtlAction::Delete,
+                other => return Err(corrupt(format!("ttl_action = {other:?}"))),
+            },
+        }),
+        _ => None,
+    };
+    Ok(VmRecord {
+        id: parse_id(row, "id", "vms")?,
+        org_id: parse_id(row, "org_id", "vms")?,
+        worker_id: row.try_get("worker_id")?,
+        name: row.try_get("name")?,
+        machine_name: row.try_get("machine_name")?,
+        source_name: row.try_get("source_name")?,
+        cpu: unsigned(row, "cpu")?,
+        memory_mib: unsigned(row, "memory_mib")?,
+        disk_gib: unsigned(row, "disk_gib")?,
+        status: VmStatus::parse(&status).ok_or_else(|| corrupt(format!("status = {status:?}")))?,
+        status_message: row.try_get("status_message")?,
+        firewall: json_col(row, "firewall")?,
+        metadata: json_col(row, "metadata")?,
+        env_vars: json_col(row, "env_vars")?,
+        ttl,
+        expires_at_ms: row.try_get("expires_at_ms")?,
+        ttl_remaining_ms: row.try_get("ttl_remaining_ms")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        paused_at_ms: row.try_get("paused_at_ms")?,
+        deleted_at_ms: row.try_get("deleted_at_ms")?,
+        version: row.try_get("version")?,
+    })
+}
+
+impl Store {
+    /// Insert a new VM row.
+    pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+        ))
+        .bind(vm.id.to_string())
+        .bind(vm.org_id.to_string())
+        .bind(&vm.worker_id)
+        .bind(&vm.name)
+        .bind(&vm.machine_name)
+        .bind(&vm.source_name)
+        .bind(i64::from(vm.cpu))
+        .bind(i64::try_from(vm.memory_mib).unwrap_or(i64::MAX))
+        .bind(i64::try_from(vm.disk_gib).unwrap_or(i64::MAX))
+        .bind(vm.status.as_str())
+        .bind(vm.status_message.clone())
+        .bind(to_json(&vm.firewall)?)
+        .bind(to_json(&vm.metadata)?)
+        .bind(to_json(&vm.env_vars)?)
+        .bind(vm.ttl.map(|t| i64::try_from(t.seconds).unwrap_or(i64::MAX)))
+        .bind(vm.ttl.map(|t| action_str(t.action)))
+        .bind(vm.expires_at_ms)
+        .bind(vm.ttl_remaining_ms)
+        .bind(vm.created_at_ms)
+        .bind(vm.paused_at_ms)
+        .bind(vm.deleted_at_ms)
+        .bind(vm.version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The live (not deleted) VM `id` of `org`.
+    pub async fn get_vm(&self, org: OrgId, id: VmId) -> Result<Option<VmRecord>> {
+        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND org_id = $2 AND deleted_at_ms IS NULL"))
+            .bind(id.to_string())
+            .bind(org.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(vm_from_row).transpose()
+    }
+
+    /// The VM `id` of any org, deleted or not (for background work, never for callers).
+    pub async fn get_vm_unscoped(&self, id: VmId) -> Result<Option<VmRecord>> {
+        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1")).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(vm_from_row).transpose()
+    }
+
+    /// The live VMs of `org`, oldest first, optionally only those in `status`.
+    pub async fn list_vms(&self, org: OrgId, status: Option<VmStatus>) -> Result<Vec<VmRecord>> {
+        let rows = match status {
+            Some(s) => {
+                sqlx::query(&format!(
+                    "SELECT {VM_COLUMNS} FROM vms WHERE org_id = $1 AND status = $2 AND deleted_at_ms IS NULL ORDER BY created_at_ms, id"
+                ))
+                .bind(org.to_string())
+                .bind(s.as_str())
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE org_id = $1 AND deleted_at_ms IS NULL ORDER BY created_at_ms, id"))
+                    .bind(org.to_string())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// Every live VM of every org placed on `worker_id` (startup reconciliation).
+    pub async fn list_live_vms_on(&self, worker_id: &str) -> Result<Vec<VmRecord>> {
+        let rows = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE worker_id = $1 AND deleted_at_ms IS NULL ORDER BY created_at_ms, id"))
+            .bind(worker_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// Write every mutable column of `vm` if its row still has `vm.version`;
+    /// on success bump `vm.version` and return true. False means someone
+    /// else changed the row first: re-read and decide again.
+    pub async fn update_vm(&self, vm: &mut VmRecord) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE vms SET name = $1, status = $2, status_message = $3, firewall = $4, metadata = $5, env_vars = $6, \
+             ttl_seconds = $7, ttl_action = $8, expires_at_ms = $9, ttl_remaining_ms = $10, paused_at_ms = $11, \
+             deleted_at_ms = $12, version = $13 WHERE id = $14 AND org_id = $15 AND version = $16",
+        )
+        .bind(&vm.name)
+        .bind(vm.status.as_str())
+        .bind(vm.status_message.clone())
+        .bind(to_json(&vm.firewall)?)
+        .bind(to_json(&vm.metadata)?)
+        .bind(to_json(&vm.env_vars)?)
+        .bind(vm.ttl.map(|t| i64::try_from(t.seconds).unwrap_or(i64::MAX)))
+        .bind(vm.ttl.map(|t| action_str(t.action)))
+        .bind(vm.expires_at_ms)
+        .bind(vm.ttl_remaining_ms)
+        .bind(vm.paused_at_ms)
+        .bind(vm.deleted_at_ms)
+        .bind(vm.version + 1)
+        .bind(vm.id.to_string())
+        .bind(vm.org_id.to_string())
+        .bind(vm.version)
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() == 1 {
+            vm.version += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+}

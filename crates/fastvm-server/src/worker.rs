@@ -1,0 +1,159 @@
+//! The control plane's view of a VM host: the [`Worker`] trait.
+//!
+//! Placement and lifecycle logic talk to workers only through this trait, never
+//! to QEMU. Today there is one implementation, [`LocalWorker`], over the
+//! in-process [`fastvm_worker::Runtime`] (single-host mode); remote workers
+//! (HTTP) will implement the same trait.
+//!
+//! Workers know nothing of orgs, names or API statuses: they run VM processes
+//! by id and report each one's [`VmState`].
+
+use async_trait::async_trait;
+use fastvm_types::VmId;
+use fastvm_worker::runtime::CreateVm;
+use fastvm_worker::{ExecEvent, ExecRequest, MachineType, Runtime, VmState};
+use futures::stream::BoxStream;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Errors of a worker operation; each message says what failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerError {
+    /// The worker has no such VM.
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM's process state forbids the operation.
+    #[error("{0}")]
+    WrongState(String),
+    #[error("{0}")]
+    UnknownMachineType(String),
+    /// The exec request was refused (by the worker or the guest agent).
+    #[error("{0}")]
+    InvalidExec(String),
+    /// The guest agent cannot be reached.
+    #[error("{0}")]
+    AgentUnavailable(String),
+    /// Anything else (QEMU, disks, images).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<fastvm_worker::Error> for WorkerError {
+    fn from(e: fastvm_worker::Error) -> Self {
+        use fastvm_worker::Error as E;
+        let msg = e.to_string();
+        match e {
+            E::NoSuchVm(_) => WorkerError::NotFound(msg),
+            E::WrongState { .. } => WorkerError::WrongState(msg),
+            E::UnknownMachineType(_) => WorkerError::UnknownMachineType(msg),
+            E::InvalidExec(_) => WorkerError::InvalidExec(msg),
+            E::AgentUnavailable(_) => WorkerError::AgentUnavailable(msg),
+            _ => WorkerError::Failed(msg),
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: VmId,
+    pub machine: MachineType,
+    pub hostname: String,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Events of one exec, ending with `Exit`. Dropping the stream before the
+/// exit cancels the process. The stream is pulled: output is only read
+/// from the guest as the consumer polls, so a slow consumer slows the guest.
+pub type ExecEvents = BoxStream<'static, Result<ExecEvent, WorkerError>>;
+
+/// A host that runs VMs.
+#[async_trait]
+pub trait Worker: Send + Sync + 'static {
+    /// Stable id of this worker (stored with each VM it runs).
+    fn id(&self) -> &str;
+    /// Boot a VM and wait until its guest agent answers.
+    async fn create(&self, spec: VmSpec) -> Result<(), WorkerError>;
+    /// The process state of `id`; `None` when the worker does not know it.
+    fn state(&self, id: VmId) -> Option<VmState>;
+    /// Every VM the worker knows, with its state.
+    fn list(&self) -> Vec<(String, VmState)>;
+    /// Stop the vCPUs, keeping memory.
+    async fn pause(&self, id: VmId) -> Result<(), WorkerError>;
+    async fn resume(&self, id: VmId) -> Result<(), WorkerError>;
+    /// Kill the VM and remove its files; a VM the worker does not know is
+    /// already deleted (`Ok`).
+    async fn delete(&self, id: VmId) -> Result<(), WorkerError>;
+    /// Start a process in the running VM.
+    async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError>;
+    /// Let go of every VM without stopping them (server shutdown).
+    fn detach(&self) {}
+}
+
+/// The worker of this process, over [`fastvm_worker::Runtime`].
+pub struct LocalWorker {
+    id: String,
+    runtime: Arc<Runtime>,
+}
+
+impl LocalWorker {
+    pub fn new(runtime: Arc<Runtime>) -> Self {
+        LocalWorker { id: "local".into(), runtime }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+}
+
+#[async_trait]
+impl Worker for LocalWorker {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn create(&self, spec: VmSpec) -> Result<(), WorkerError> {
+        let req = CreateVm { id: Some(spec.id.to_string()), machine: spec.machine.name.to_owned(), hostname: Some(spec.hostname), env: spec.env, ..Default::default() };
+        self.runtime.create(req).await?;
+        Ok(())
+    }
+
+    fn state(&self, id: VmId) -> Option<VmState> {
+        self.runtime.get(&id.to_string()).ok().map(|i| i.state)
+    }
+
+    fn list(&self) -> Vec<(String, VmState)> {
+        self.runtime.list().into_iter().map(|i| (i.id, i.state)).collect()
+    }
+
+    async fn pause(&self, id: VmId) -> Result<(), WorkerError> {
+        self.runtime.pause(&id.to_string()).await?;
+        Ok(())
+    }
+
+    async fn resume(&self, id: VmId) -> Result<(), WorkerError> {
+        self.runtime.resume(&id.to_string()).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, id: VmId) -> Result<(), WorkerError> {
+        match self.runtime.delete(&id.to_string()).await {
+            Ok(()) | Err(fastvm_worker::Error::NoSuchVm(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError> {
+        let stream = self.runtime.exec(&id.to_string(), &req).await?;
+        // `unfold` calls `next()` only when polled: no read-ahead.
+        let events = futures::stream::unfold(stream, |mut s| async move {
+            let item = s.next().await?;
+            Some((item.map_err(WorkerError::from), s))
+        });
+        Ok(Box::pin(events))
+    }
+
+    fn detach(&self) {
+        self.runtime.detach_all();
+    }
+}
