@@ -140,11 +140,29 @@ fn memory_of(pid: u32) -> (f64, f64) {
     (field("Rss:"), field("Pss:"))
 }
 
+/// Kills every QEMU this run started (by pidfile) and removes the data dir,
+/// also when the benchmark fails half-way.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sub in ["vms", "raw"] {
+            let Ok(entries) = std::fs::read_dir(self.0.join(sub)) else { continue };
+            for e in entries.flatten() {
+                kill(&e.path().join("qemu.pid"));
+            }
+            kill(&self.0.join(sub).join("qemu.pid"));
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).try_init();
     let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
     let data: PathBuf = std::env::temp_dir().join(format!("fastvm-bench-{}", std::process::id()));
+    let _cleanup = Cleanup(data.clone());
     let mut cfg = RuntimeConfig::new(&data);
     cfg.image_dir = Some(std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()));
     let rt = Runtime::open(cfg).await?;

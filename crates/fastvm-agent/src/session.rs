@@ -152,14 +152,13 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
             }
             let (handle, parts) = StreamHandle::new(spec.stdin);
             let duplicate = match shared.streams.lock() {
-                Ok(mut streams) => {
-                    if streams.contains_key(&stream) {
-                        true
-                    } else {
-                        streams.insert(stream, handle);
+                Ok(mut streams) => match streams.entry(stream) {
+                    std::collections::hash_map::Entry::Occupied(_) => true,
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(handle);
                         false
                     }
-                }
+                },
                 Err(_) => true,
             };
             if duplicate {

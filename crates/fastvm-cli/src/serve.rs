@@ -90,7 +90,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::List { store } => {
             let (dir, url) = open(&store);
             let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
-            println!("{:<36}  {:<16}  {:<12}  {}", "ID", "NAME", "PREFIX", "REVOKED");
+            println!("{:<36}  {:<16}  {:<12}  REVOKED", "ID", "NAME", "PREFIX");
             for k in st.list_keys(None).await? {
                 println!("{:<36}  {:<16}  {:<12}  {}", k.id, k.name, k.prefix, if k.revoked_at_ms.is_some() { "yes" } else { "no" });
             }

@@ -78,7 +78,7 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn print_table(vms: &[Value]) {
-    println!("{:<36}  {:<20}  {:<12}  {:<7}  {}", "ID", "NAME", "STATUS", "MACHINE", "CREATED");
+    println!("{:<36}  {:<20}  {:<12}  {:<7}  CREATED", "ID", "NAME", "STATUS", "MACHINE");
     for vm in vms {
         println!("{:<36}  {:<20}  {:<12}  {:<7}  {}", s(vm, "id"), s(vm, "name"), s(vm, "status"), s(vm, "machineName"), s(vm, "createdAt"));
     }

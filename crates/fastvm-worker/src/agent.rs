@@ -184,8 +184,11 @@ impl AgentClient {
     pub fn configure_in_background(&self, cfg: GuestConfig, vm: String) {
         let client = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = client.configure(cfg).await {
-                tracing::warn!(%vm, error = %e, "guest configuration failed");
+            match client.configure(cfg).await {
+                Ok(()) => {}
+                // The VM went away (deleted right after launch): nothing to configure.
+                Err(Error::AgentUnavailable(e)) => tracing::debug!(%vm, error = %e, "guest configuration not delivered"),
+                Err(e) => tracing::warn!(%vm, error = %e, "guest configuration failed"),
             }
         });
     }
