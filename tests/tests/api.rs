@@ -238,7 +238,7 @@ fn launch_validation_errors() {
     assert_error(&call(Method::POST, "/v1/vms", Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
     assert_error(&call(Method::POST, "/v1/vms", Some(json!({"machineType": "c3m7"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
     let snap = call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"})));
-    assert_error(&snap, StatusCode::UNPROCESSABLE_ENTITY, "SNAPSHOTS_NOT_AVAILABLE");
+    assert_error(&snap, StatusCode::NOT_FOUND, "NOT_FOUND");
     let meta = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "metadata": {"k": "v".repeat(5000)}})));
     assert_error(&meta, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_METADATA");
     let env = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "envVars": {"1BAD": "x"}})));

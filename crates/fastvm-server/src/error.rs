@@ -7,10 +7,10 @@
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition)                        |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready)    |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
-//! | 422    | the [`fastvm_types::codes`] of validation, `SNAPSHOTS_NOT_AVAILABLE` |
+//! | 422    | the [`fastvm_types::codes`] of validation, `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`                                 |
@@ -32,7 +32,7 @@ pub mod codes {
     pub const INVALID_STATE: &str = "INVALID_STATE";
     pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
-    pub const SNAPSHOTS_NOT_AVAILABLE: &str = "SNAPSHOTS_NOT_AVAILABLE";
+    pub const MACHINE_TYPE_MISMATCH: &str = "MACHINE_TYPE_MISMATCH";
     pub const INTERNAL: &str = "INTERNAL";
     pub const DATABASE_ERROR: &str = "DATABASE_ERROR";
     pub const WORKER_ERROR: &str = "WORKER_ERROR";
@@ -121,6 +121,7 @@ impl From<WorkerError> for ApiError {
         let msg = e.to_string();
         match e {
             WorkerError::NotFound(_) => ApiError::invalid_state(format!("the VM is gone from its worker: {msg}")),
+            WorkerError::NoSuchSnapshot(_) => ApiError::invalid_state(format!("the snapshot is gone from its worker: {msg}")),
             WorkerError::WrongState(_) => ApiError::invalid_state(msg),
             WorkerError::UnknownMachineType(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, msg),
             WorkerError::InvalidExec(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_COMMAND, msg),

@@ -5,6 +5,7 @@
 //!  client --HTTP--> routes/ (axum: auth.rs, error.rs, one module per resource)
 //!                      |
 //!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
+//!                  snapshots.rs (capture, restore guard, delete)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -27,6 +28,7 @@ pub mod error;
 mod lifecycle;
 pub mod openapi;
 pub mod routes;
+mod snapshots;
 pub mod store;
 pub mod worker;
 
@@ -90,11 +92,19 @@ struct Inner {
     store: Store,
     worker: Arc<dyn Worker>,
     launch_wait: Duration,
+    /// Restores hold it shared until their VM runs (or failed); deleting a
+    /// snapshot holds it exclusively, so a snapshot's files never vanish
+    /// under a restore that already found its row.
+    snapshot_use: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl AppState {
     pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
-        AppState { inner: Arc::new(Inner { store, worker, launch_wait }) }
+        AppState { inner: Arc::new(Inner { store, worker, launch_wait, snapshot_use: Default::default() }) }
+    }
+
+    pub(crate) fn snapshot_use(&self) -> &Arc<tokio::sync::RwLock<()>> {
+        &self.inner.snapshot_use
     }
 
     pub fn store(&self) -> &Store {

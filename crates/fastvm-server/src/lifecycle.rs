@@ -22,6 +22,7 @@ use crate::AppState;
 use axum::http::StatusCode;
 use fastvm_types::exec::ExecVmRequest;
 use fastvm_types::vm::normalize_vm_name;
+use fastvm_types::snapshot::SnapshotStatus;
 use fastvm_types::{LaunchVmRequest, OrgId, Patch, UpdateVmRequest, VmId, VmStatus};
 use fastvm_worker::{ExecRequest, MachineType, VmState};
 use std::time::Duration;
@@ -158,35 +159,38 @@ impl AppState {
         Ok(out)
     }
 
-    /// `POST /v1/vms`: store the VM as `provisioning`, boot it in the
-    /// background, and wait up to `launch_wait` for it to run. Returns the VM
-    /// as it is when the wait ends.
+    /// `POST /v1/vms`: store the VM as `provisioning`, boot (or restore) it
+    /// in the background, and wait up to `launch_wait` for it to run.
+    /// Returns the VM as it is when the wait ends.
+    ///
+    /// With `snapshotId` the VM is a restore of that snapshot (of the
+    /// caller's org, `ready`): its shape and `sourceName` come from the
+    /// snapshot, its env vars too unless the request gives some, its
+    /// firewall unless the request gives one; name, metadata and TTL come
+    /// from the request. `machineType` may be given but must be the
+    /// snapshot's (422 `MACHINE_TYPE_MISMATCH`).
     pub(crate) async fn launch_vm(&self, caller: Caller, req: LaunchVmRequest) -> Result<VmRecord, ApiError> {
         req.validate()?;
-        if let Some(snapshot) = req.snapshot_id {
-            return Err(ApiError::unprocessable(
-                codes::SNAPSHOTS_NOT_AVAILABLE,
-                format!("cannot restore snapshot {snapshot}: snapshots are not available on this server yet; launch with machineType instead"),
-            ));
-        }
-        let machine_name = req.machine_type.as_deref().map(str::trim).unwrap_or_default();
-        let machine = MachineType::lookup(machine_name).map_err(|e| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?;
+        let requested = match req.machine_type.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+            Some(name) => Some(MachineType::lookup(name).map_err(|e| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?),
+            None => None,
+        };
         let id = VmId::new_v4();
-        let rec = VmRecord {
+        let mut rec = VmRecord {
             id,
             org_id: caller.org_id,
             worker_id: self.worker().id().to_owned(),
             name: normalize_vm_name(req.name.as_deref(), &id),
-            machine_name: machine.name.to_owned(),
+            machine_name: String::new(),
             source_name: String::new(),
-            cpu: machine.vcpus,
-            memory_mib: u64::from(machine.memory_mib),
-            disk_gib: u64::from(machine.disk_gib),
+            cpu: 0,
+            memory_mib: 0,
+            disk_gib: 0,
             status: VmStatus::Provisioning,
             status_message: None,
-            firewall: req.firewall.unwrap_or_default(),
-            metadata: req.metadata.unwrap_or_default(),
-            env_vars: req.env_vars.unwrap_or_default(),
+            firewall: req.firewall.clone().unwrap_or_default(),
+            metadata: req.metadata.clone().unwrap_or_default(),
+            env_vars: req.env_vars.clone().unwrap_or_default(),
             ttl: req.ttl,
             expires_at_ms: None,
             ttl_remaining_ms: None,
@@ -195,13 +199,61 @@ impl AppState {
             deleted_at_ms: None,
             version: 0,
         };
+        // A restore keeps the snapshot in use until its VM runs (see crate::snapshots).
+        let mut in_use = None;
+        let machine = match req.snapshot_id {
+            None => {
+                let machine = requested.ok_or_else(|| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, "machineType is required unless snapshotId is set"))?;
+                rec.machine_name = machine.name.to_owned();
+                rec.cpu = machine.vcpus;
+                rec.memory_mib = u64::from(machine.memory_mib);
+                rec.disk_gib = u64::from(machine.disk_gib);
+                machine
+            }
+            Some(sid) => {
+                in_use = Some(self.snapshot_use().clone().read_owned().await);
+                let snap = self.find_snapshot(caller.org_id, sid).await?;
+                if snap.status != SnapshotStatus::Ready {
+                    let status = crate::store::snapshot_status_str(snap.status);
+                    return Err(ApiError::invalid_state(format!("snapshot {sid} is {status}; only a ready snapshot can be restored")));
+                }
+                if snap.worker_id != self.worker().id() {
+                    return Err(ApiError::invalid_state(format!("snapshot {sid} lives on worker {:?}, which this server does not drive", snap.worker_id)));
+                }
+                let machine = MachineType::lookup(&snap.machine_name).map_err(|e| ApiError::internal(format!("snapshot {sid} has an unknown machine type: {e}")))?;
+                if let Some(m) = requested.filter(|m| m.name != machine.name) {
+                    return Err(ApiError::unprocessable(
+                        codes::MACHINE_TYPE_MISMATCH,
+                        format!("snapshot {sid} was captured on machine type {}; it cannot be restored as {} (omit machineType)", machine.name, m.name),
+                    ));
+                }
+                rec.machine_name = snap.machine_name.clone();
+                rec.source_name = snap.name.clone();
+                rec.cpu = snap.cpu;
+                rec.memory_mib = snap.memory_mib;
+                rec.disk_gib = snap.disk_gib;
+                if req.firewall.is_none() {
+                    rec.firewall = snap.firewall.clone();
+                }
+                // No env vars (or an empty map) keep the snapshot's: the
+                // worker restores those when given none.
+                if rec.env_vars.is_empty() {
+                    rec.env_vars = snap.env_vars.clone();
+                }
+                machine
+            }
+        };
         self.store().insert_vm(&rec).await?;
-        tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM");
-        let spec = VmSpec { id, machine, hostname: format!("vm-{}", id.short()), env: rec.env_vars.clone() };
+        match req.snapshot_id {
+            Some(sid) => tracing::info!(vm = %id, org = %caller.org_id, snapshot = %sid, machine = machine.name, "restoring VM from snapshot"),
+            None => tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM"),
+        }
+        let spec = VmSpec { id, machine, hostname: format!("vm-{}", id.short()), env: rec.env_vars.clone(), snapshot: req.snapshot_id };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let state = self.clone();
         tokio::spawn(async move {
             state.provision(spec).await;
+            drop(in_use);
             let _ = done_tx.send(());
         });
         // The boot goes on in the background if the wait ends first.
@@ -436,7 +488,7 @@ impl AppState {
                 None => tracing::warn!(vm = %id, "the worker runs a VM the store does not know; leaving it alone"),
             }
         }
-        Ok(())
+        self.reconcile_snapshots().await
     }
 
     async fn delete_interrupted(&self, rec: VmRecord) -> Result<(), ApiError> {

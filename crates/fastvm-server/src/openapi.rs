@@ -4,7 +4,7 @@
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
 
-use crate::routes::{exec, health, vms};
+use crate::routes::{exec, health, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -13,14 +13,30 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(
         title = "Fast VM API",
-        description = "Self-hostable microVM platform: launch VMs, run commands in them, pause and resume them.\n\nAuthenticate with `Authorization: Bearer <api key>`. Every error answers `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
+        description = "Self-hostable microVM platform: launch VMs, run commands in them, pause and resume them, snapshot and restore them.\n\nAuthenticate with `Authorization: Bearer <api key>`. Every error answers `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
-    paths(health::healthz, vms::list, vms::launch, vms::get, vms::update, vms::delete, vms::pause, vms::resume, exec::exec),
+    paths(
+        health::healthz,
+        vms::list,
+        vms::launch,
+        vms::get,
+        vms::update,
+        vms::delete,
+        vms::pause,
+        vms::resume,
+        exec::exec,
+        snapshots::list,
+        snapshots::create,
+        snapshots::get,
+        snapshots::update,
+        snapshots::delete
+    ),
     modifiers(&BearerAuth),
     tags(
         (name = "health", description = "Liveness"),
         (name = "vms", description = "VM lifecycle and exec"),
+        (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
     )
 )]
 struct ApiDoc;
@@ -105,7 +121,7 @@ mod tests {
             let name = r.trim_start_matches("#/components/schemas/");
             assert!(doc["components"]["schemas"].get(name).is_some(), "dangling {r}");
         }
-        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post")] {
+        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post"), ("/v1/snapshots", "post"), ("/v1/snapshots/{id}", "delete")] {
             assert!(doc["paths"][path][method].is_object(), "missing {method} {path}");
         }
         assert_eq!(doc["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/LaunchVmRequest");

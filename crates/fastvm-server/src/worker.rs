@@ -6,10 +6,12 @@
 //! (HTTP) will implement the same trait.
 //!
 //! Workers know nothing of orgs, names or API statuses: they run VM processes
-//! by id and report each one's [`VmState`].
+//! by id and report each one's [`VmState`], and keep snapshots (memory,
+//! device state and frozen disk layers) by id. A snapshot lives on the worker
+//! that captured it; VMs restored from it run there too.
 
 use async_trait::async_trait;
-use fastvm_types::VmId;
+use fastvm_types::{SnapshotId, VmId};
 use fastvm_worker::runtime::CreateVm;
 use fastvm_worker::{ExecEvent, ExecRequest, MachineType, Runtime, VmState};
 use futures::stream::BoxStream;
@@ -22,6 +24,9 @@ pub enum WorkerError {
     /// The worker has no such VM.
     #[error("{0}")]
     NotFound(String),
+    /// The worker has no such snapshot.
+    #[error("{0}")]
+    NoSuchSnapshot(String),
     /// The VM's process state forbids the operation.
     #[error("{0}")]
     WrongState(String),
@@ -44,6 +49,7 @@ impl From<fastvm_worker::Error> for WorkerError {
         let msg = e.to_string();
         match e {
             E::NoSuchVm(_) => WorkerError::NotFound(msg),
+            E::NoSuchSnapshot(_) => WorkerError::NoSuchSnapshot(msg),
             E::WrongState { .. } => WorkerError::WrongState(msg),
             E::UnknownMachineType(_) => WorkerError::UnknownMachineType(msg),
             E::InvalidExec(_) => WorkerError::InvalidExec(msg),
@@ -57,9 +63,15 @@ impl From<fastvm_worker::Error> for WorkerError {
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub id: VmId,
+    /// The machine shape (for a restore: the snapshot's).
     pub machine: MachineType,
     pub hostname: String,
+    /// The guest's environment. On a restore an empty map keeps the
+    /// snapshot's environment.
     pub env: BTreeMap<String, String>,
+    /// Restore this snapshot (of this worker) instead of launching the
+    /// machine type's fresh state.
+    pub snapshot: Option<SnapshotId>,
 }
 
 /// Events of one exec, ending with `Exit`. Dropping the stream before the
@@ -86,6 +98,14 @@ pub trait Worker: Send + Sync + 'static {
     async fn delete(&self, id: VmId) -> Result<(), WorkerError>;
     /// Start a process in the running VM.
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError>;
+    /// Capture the running or paused VM `vm` as snapshot `snapshot`: memory,
+    /// device state and disk. The VM keeps running (a paused VM stays
+    /// paused). On failure nothing of the snapshot is left behind.
+    async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError>;
+    /// Remove a snapshot. VMs restored from it keep working (their disk
+    /// layers are reference-collected). An unknown snapshot is already
+    /// deleted (`Ok`).
+    async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError>;
     /// Let go of every VM without stopping them (server shutdown).
     fn detach(&self) {}
 }
@@ -113,7 +133,14 @@ impl Worker for LocalWorker {
     }
 
     async fn create(&self, spec: VmSpec) -> Result<(), WorkerError> {
-        let req = CreateVm { id: Some(spec.id.to_string()), machine: spec.machine.name.to_owned(), hostname: Some(spec.hostname), env: spec.env, ..Default::default() };
+        let req = CreateVm {
+            id: Some(spec.id.to_string()),
+            machine: spec.machine.name.to_owned(),
+            hostname: Some(spec.hostname),
+            env: spec.env,
+            snapshot: spec.snapshot.map(|s| s.to_string()),
+            ..Default::default()
+        };
         self.runtime.create(req).await?;
         Ok(())
     }
@@ -151,6 +178,18 @@ impl Worker for LocalWorker {
             Some((item.map_err(WorkerError::from), s))
         });
         Ok(Box::pin(events))
+    }
+
+    async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
+        self.runtime.snapshot(&vm.to_string(), Some(snapshot.to_string())).await?;
+        Ok(())
+    }
+
+    async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError> {
+        match self.runtime.delete_snapshot(&snapshot.to_string()).await {
+            Ok(()) | Err(fastvm_worker::Error::NoSuchSnapshot(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn detach(&self) {

@@ -1,7 +1,8 @@
 //! Control-plane tests over a simulated worker: the lifecycle paths a real
 //! VM rarely takes (boots that fail or outlast the launch wait, deletes
 //! during boot, worker failures, interrupted transitions at restart, a guest
-//! dying mid-stream), fast and deterministic, through the real router.
+//! dying mid-stream, snapshot captures that fail, restores racing a
+//! snapshot delete), fast and deterministic, through the real router.
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -10,11 +11,13 @@ use fastvm_agent_proto::ExitStatus;
 use fastvm_server::store::{Store, VmRecord};
 use fastvm_server::worker::{ExecEvents, VmSpec, Worker, WorkerError};
 use fastvm_server::AppState;
-use fastvm_types::{OrgId, VmId, VmStatus};
+use fastvm_server::store::SnapshotRecord;
+use fastvm_types::snapshot::SnapshotStatus;
+use fastvm_types::{OrgId, SnapshotId, VmId, VmStatus};
 use fastvm_worker::{ExecEvent, ExecRequest, VmState};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +33,11 @@ struct FakeWorker {
     gate: Option<tokio::sync::Semaphore>,
     fail_create: AtomicBool,
     fail_pause: AtomicBool,
+    fail_snapshot: AtomicBool,
     deleted: Mutex<Vec<VmId>>,
+    snapshots: Mutex<HashSet<SnapshotId>>,
+    /// The spec of every create, in order.
+    created: Mutex<Vec<VmSpec>>,
 }
 
 impl FakeWorker {
@@ -41,6 +48,12 @@ impl FakeWorker {
     }
     fn has(&self, id: VmId) -> bool {
         self.vms.lock().map(|m| m.contains_key(&id)).unwrap_or(false)
+    }
+    fn has_snapshot(&self, id: SnapshotId) -> bool {
+        self.snapshots.lock().map(|m| m.contains(&id)).unwrap_or(false)
+    }
+    fn last_created(&self) -> Option<VmSpec> {
+        self.created.lock().ok().and_then(|c| c.last().cloned())
     }
 }
 
@@ -55,12 +68,18 @@ impl Worker for FakeWorker {
     }
 
     async fn create(&self, spec: VmSpec) -> Result<(), WorkerError> {
+        if let Ok(mut c) = self.created.lock() {
+            c.push(spec.clone());
+        }
         if let Some(gate) = &self.gate {
             gate.acquire().await.map_err(|e| WorkerError::Failed(e.to_string()))?.forget();
         }
         if self.fail_create.load(Ordering::SeqCst) {
             self.set(spec.id, VmState::Error("boom".into()));
             return Err(WorkerError::Failed("QEMU failed: boom".into()));
+        }
+        if let Some(snap) = spec.snapshot.filter(|s| !self.has_snapshot(*s)) {
+            return Err(WorkerError::NoSuchSnapshot(format!("no snapshot with id {snap}")));
         }
         self.set(spec.id, VmState::Running);
         Ok(())
@@ -112,6 +131,26 @@ impl Worker for FakeWorker {
             _ => vec![Ok(ExecEvent::Stdout("out\n".into())), Ok(ExecEvent::Stderr("err\n".into())), Ok(exit(3))],
         };
         Ok(futures::stream::iter(events).boxed())
+    }
+
+    async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
+        if !matches!(self.state(vm), Some(VmState::Running | VmState::Paused)) {
+            return Err(WorkerError::WrongState(format!("VM {vm} is not running or paused")));
+        }
+        if self.fail_snapshot.load(Ordering::SeqCst) {
+            return Err(WorkerError::Failed("writing the memory state failed: No space left on device".into()));
+        }
+        if let Ok(mut s) = self.snapshots.lock() {
+            s.insert(snapshot);
+        }
+        Ok(())
+    }
+
+    async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError> {
+        if let Ok(mut s) = self.snapshots.lock() {
+            s.remove(&snapshot);
+        }
+        Ok(())
     }
 }
 
@@ -373,5 +412,262 @@ async fn startup_settles_interrupted_transitions() -> TestResult {
     assert!(!h.worker.has(deleting.id));
     assert_eq!(status(&died).await?, Some(VmStatus::Stopped));
     assert!(h.worker.has(orphan), "VMs the store does not know are left alone");
+    Ok(())
+}
+
+// --- snapshots -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn snapshot_crud_and_name_rules() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c2m4", "metadata": {"team": "a"}, "envVars": {"K": "v"}}))).await?;
+    let vm_id = id_of(&vm)?;
+
+    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "  base \t  image  "}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let mut keys: Vec<&str> = snap.as_object().ok_or("object")?.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["bucketMounts", "createdAt", "envVars", "firewall", "id", "machineName", "metadata", "name", "orgId", "services", "status", "vmId", "volumes"]);
+    assert_eq!((&snap["name"], &snap["status"], &snap["vmId"], &snap["orgId"]), (&json!("base image"), &json!("ready"), &vm["id"], &vm["orgId"]));
+    assert_eq!((&snap["machineName"], &snap["metadata"], &snap["envVars"]), (&json!("c2m4"), &json!({"team": "a"}), &json!({"K": "v"})));
+    assert_eq!((&snap["services"], &snap["volumes"], &snap["bucketMounts"]), (&json!([]), &json!([]), &json!([])));
+    assert_eq!(snap["firewall"], vm["firewall"]);
+    let sid = id_of(&snap)?;
+    assert!(h.worker.has_snapshot(sid.parse()?));
+    // The source VM is untouched.
+    assert_eq!(h.status_of(&vm_id).await?, "running");
+
+    // Default name, truncation to 64 runes.
+    let (_, d) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id}))).await?;
+    assert_eq!(d["name"], json!(format!("snapshot-{}", &vm_id[..8])));
+    let (_, e) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "   "}))).await?;
+    assert_eq!(e["name"], d["name"]);
+    let (_, t) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "é".repeat(70)}))).await?;
+    assert_eq!(t["name"], json!("é".repeat(64)));
+
+    let (status, list) = h.call("GET", "/v1/snapshots", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().map(Vec::len), Some(4));
+    assert_eq!(list[0]["id"], snap["id"], "oldest first");
+    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?, (StatusCode::OK, snap.clone()));
+
+    // Rename (normalized; empty gives the default name); nothing to update is 422.
+    let (status, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": " new   name "}))).await?;
+    assert_eq!((status, &r["name"]), (StatusCode::OK, &json!("new name")));
+    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?.1["name"], json!("new name"));
+    let (_, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": ""}))).await?;
+    assert_eq!(r["name"], d["name"]);
+    let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_REQUEST")));
+    let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"nmae": "x"}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
+
+    // Delete: gone from the worker, 404 afterwards, not listed.
+    let (status, body) = h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?;
+    assert_eq!((status, body), (StatusCode::OK, json!({"id": sid, "deleted": true})));
+    assert!(!h.worker.has_snapshot(sid.parse()?));
+    for (m, b) in [("GET", None), ("PATCH", Some(json!({"name": "x"}))), ("DELETE", None)] {
+        let (status, err) = h.call(m, &format!("/v1/snapshots/{sid}"), b).await?;
+        assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")), "{m}");
+    }
+    assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1.as_array().map(Vec::len), Some(3));
+    // Ids that are not UUIDs are 404s too.
+    assert_eq!(h.call("GET", "/v1/snapshots/snp_123", None).await?.0, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_needs_a_running_or_paused_vm_of_the_org() -> TestResult {
+    let h = harness(gated(), Duration::ZERO).await?;
+    // Unknown VM, malformed body.
+    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": VmId::new_v4()}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
+    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": "nope"}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
+    let (status, _) = h.call("POST", "/v1/snapshots", Some(json!({"name": "x"}))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A provisioning VM: 409, and no row is left.
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let id = id_of(&vm)?;
+    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
+    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("provisioning")), "{err}");
+    assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
+    // Paused works, and the VM stays paused.
+    if let Some(gate) = &h.worker.gate {
+        gate.add_permits(1);
+    }
+    h.wait_status(&id, "running").await?;
+    assert_eq!(h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?.0, StatusCode::OK);
+    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
+    assert_eq!((status, &snap["status"]), (StatusCode::CREATED, &json!("ready")));
+    assert_eq!(h.status_of(&id).await?, "paused");
+    // Another org sees nothing and can touch nothing.
+    let store = h.state.store();
+    let other = store.create_org("other").await?;
+    let other_key = store.create_key(other, "k").await?.token;
+    let other_h = Harness { state: h.state.clone(), router: h.router.clone(), worker: h.worker.clone(), key: other_key, _dir: tempfile::tempdir()? };
+    let sid = id_of(&snap)?;
+    for (m, path, b) in [
+        ("GET", format!("/v1/snapshots/{sid}"), None),
+        ("PATCH", format!("/v1/snapshots/{sid}"), Some(json!({"name": "mine"}))),
+        ("DELETE", format!("/v1/snapshots/{sid}"), None),
+        ("POST", "/v1/snapshots".to_owned(), Some(json!({"vmId": id}))),
+        ("POST", "/v1/vms".to_owned(), Some(json!({"snapshotId": sid}))),
+    ] {
+        let (status, err) = other_h.call(m, &path, b).await?;
+        assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")), "{m} {path}");
+    }
+    assert_eq!(other_h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
+    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?.1["name"], snap["name"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_capture_keeps_an_error_snapshot() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    h.worker.fail_snapshot.store(true, Ordering::SeqCst);
+    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"], "name": "doomed"}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::INTERNAL_SERVER_ERROR, &json!("WORKER_ERROR")));
+    let message = err["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("No space left") && message.contains("status error"), "{err}");
+    let (_, list) = h.call("GET", "/v1/snapshots", None).await?;
+    assert_eq!((&list[0]["name"], &list[0]["status"]), (&json!("doomed"), &json!("error")));
+    assert!(message.contains(list[0]["id"].as_str().unwrap_or("?")), "the error names the snapshot: {err}");
+    // It cannot be restored, and can be deleted.
+    let sid = id_of(&list[0])?;
+    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
+    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("error")), "{err}");
+    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?.0, StatusCode::OK);
+    assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
+    assert_eq!(h.status_of(&id_of(&vm)?).await?, "running");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let firewall = json!({"egress": {"defaultAction": "deny", "rules": []}});
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c2m4", "envVars": {"FROM": "source"}, "metadata": {"m": "source"}, "firewall": firewall}))).await?;
+    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"], "name": "golden one"}))).await?;
+    let sid = id_of(&snap)?;
+
+    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "name": "clone", "metadata": {"m": "clone"}}))).await?;
+    assert_eq!((status, &r["status"]), (StatusCode::CREATED, &json!("running")), "{r}");
+    assert_eq!((&r["name"], &r["sourceName"], &r["machineName"], &r["cpu"], &r["memoryMiB"], &r["diskGiB"]), (&json!("clone"), &json!("golden one"), &json!("c2m4"), &json!(2), &json!(4096), &json!(10)));
+    assert_eq!((&r["envVars"], &r["metadata"], &r["firewall"]), (&json!({"FROM": "source"}), &json!({"m": "clone"}), &vm["firewall"]));
+    assert_ne!(r["id"], vm["id"]);
+    let spec = h.worker.last_created().ok_or("no create")?;
+    assert_eq!((spec.snapshot.map(|s| s.to_string()), spec.machine.name), (Some(sid.clone()), "c2m4"));
+    assert_eq!(spec.env.get("FROM").map(String::as_str), Some("source"));
+
+    // The request's env vars replace the snapshot's; the same machine type is accepted.
+    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": " c2m4 ", "envVars": {"NEW": "1"}}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{r}");
+    assert_eq!((&r["envVars"], &r["metadata"], &r["name"]), (&json!({"NEW": "1"}), &json!({}), &json!(format!("vm-{}", &id_of(&r)?[..8]))));
+    assert_eq!(h.worker.last_created().map(|s| s.env.into_iter().collect::<Vec<_>>()), Some(vec![("NEW".to_owned(), "1".to_owned())]));
+
+    // Another machine type is refused, unknown ones too; nothing is left behind.
+    let before = h.call("GET", "/v1/vms", None).await?.1.as_array().map(Vec::len);
+    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c1m2"}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("MACHINE_TYPE_MISMATCH")));
+    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("c2m4") && m.contains("c1m2")), "{err}");
+    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c3m7"}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_MACHINE_TYPE")));
+    // Unknown snapshot: 404.
+    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": SnapshotId::new_v4()}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
+    assert_eq!(h.call("GET", "/v1/vms", None).await?.1.as_array().map(Vec::len), before);
+
+    // A deleted snapshot: 404 on launch; its clones keep running.
+    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?.0, StatusCode::OK);
+    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
+    assert_eq!(h.status_of(&id_of(&r)?).await?, "running");
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_delete_waits_for_restores_in_flight() -> TestResult {
+    let h = harness(gated(), Duration::ZERO).await?;
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let gate = h.worker.gate.as_ref().ok_or("gate")?;
+    gate.add_permits(1);
+    h.wait_status(&id_of(&vm)?, "running").await?;
+    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]}))).await?;
+    let sid = id_of(&snap)?;
+    // A restore held at the gate...
+    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
+    assert_eq!((status, &r["status"], &r["sourceName"]), (StatusCode::ACCEPTED, &json!("provisioning"), &snap["name"]));
+    // ...holds the delete back until it has its VM.
+    let h = Arc::new(h);
+    let h2 = h.clone();
+    let path = format!("/v1/snapshots/{sid}");
+    let delete = tokio::spawn(async move { h2.call("DELETE", &path, None).await.map(|(s, _)| s).map_err(|e| e.to_string()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!delete.is_finished(), "the delete did not wait for the restore");
+    assert!(h.worker.has_snapshot(sid.parse()?));
+    if let Some(gate) = &h.worker.gate {
+        gate.add_permits(1);
+    }
+    assert_eq!(delete.await??, StatusCode::OK);
+    h.wait_status(&id_of(&r)?, "running").await?;
+    assert!(!h.worker.has_snapshot(sid.parse()?));
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_failure_is_an_error_vm() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]}))).await?;
+    // The worker lost the files (e.g. removed by hand).
+    if let Ok(mut s) = h.worker.snapshots.lock() {
+        s.clear();
+    }
+    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": snap["id"]}))).await?;
+    assert_eq!((status, &r["status"]), (StatusCode::ACCEPTED, &json!("error")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn startup_marks_interrupted_captures_error() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let store = h.state.store();
+    let org = fastvm_server::default_org(store).await?.ok_or("default org")?;
+    let rec = SnapshotRecord {
+        id: SnapshotId::new_v4(),
+        org_id: org,
+        vm_id: VmId::new_v4(),
+        worker_id: "local".into(),
+        name: "half".into(),
+        status: SnapshotStatus::Creating,
+        status_message: None,
+        machine_name: "c1m2".into(),
+        cpu: 1,
+        memory_mib: 2048,
+        disk_gib: 10,
+        metadata: Default::default(),
+        env_vars: Default::default(),
+        firewall: Default::default(),
+        services: vec![],
+        volumes: vec![],
+        bucket_mounts: vec![],
+        created_at_ms: 1,
+        deleted_at_ms: None,
+    };
+    store.insert_snapshot(&rec).await?;
+    // Creating: neither restorable nor deletable.
+    let (status, _) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": rec.id}))).await?;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None).await?.0, StatusCode::CONFLICT);
+    assert_eq!(h.call("GET", &format!("/v1/snapshots/{}", rec.id), None).await?.1["status"], json!("creating"));
+    h.state.reconcile_on_start().await?;
+    let got = store.get_snapshot(org, rec.id).await?.ok_or("snapshot")?;
+    assert_eq!(got.status, SnapshotStatus::Error);
+    assert!(got.status_message.is_some_and(|m| m.contains("server stopped")));
+    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None).await?.0, StatusCode::OK);
     Ok(())
 }

@@ -3,16 +3,17 @@
 //!
 //! ```text
 //!  request -> CatchPanic -> Trace -> body limit (1 MiB) -> route
-//!     route: Caller (auth, 401) -> VmPath (UUID, 404) -> JsonBody (400/413/415) -> handler
+//!     route: Caller (auth, 401) -> VmPath / SnapshotPath (UUID, 404) -> JsonBody (400/413/415) -> handler
 //!     no route: 404 NOT_FOUND; wrong method: 405 METHOD_NOT_ALLOWED
 //! ```
 //!
-//! Endpoints of the spec that are not implemented yet (snapshots, services,
-//! files, volumes, ...) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (services, files,
+//! volumes, snapshot imports, ...) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod exec;
 pub mod health;
+pub mod snapshots;
 pub mod vms;
 
 use crate::error::{codes, ApiError};
@@ -24,7 +25,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
-use fastvm_types::VmId;
+use fastvm_types::{SnapshotId, VmId};
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -42,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/exec", post(exec::exec))
+        .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
+        .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -115,6 +118,21 @@ impl<S: Send + Sync> FromRequestParts<S> for VmPath {
         raw.parse::<VmId>().map(VmPath).map_err(|_| {
             let shown: String = raw.chars().take(64).collect();
             ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
+        })
+    }
+}
+
+/// The `{id}` of a snapshot route. Anything but a UUID is a snapshot that does not exist.
+pub struct SnapshotPath(pub SnapshotId);
+
+impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        raw.parse::<SnapshotId>().map(SnapshotPath).map_err(|_| {
+            let shown: String = raw.chars().take(64).collect();
+            ApiError::not_found(format!("no snapshot with id {shown:?} (snapshot ids are UUIDs)"))
         })
     }
 }

@@ -22,6 +22,11 @@
 //! `201 Created` answers a launch whose VM is running within the server's
 //! launch wait (`ServerConfig::launch_wait`); otherwise `202 Accepted` with the
 //! VM still `provisioning` (or `error`), and the client polls `GET`.
+//!
+//! A launch with `snapshotId` restores that snapshot (of the caller's org,
+//! `ready`; else 404 / 409): the new VM gets its own id and hostname and
+//! `sourceName` = the snapshot's name; processes, files and memory are the
+//! snapshot's. See [`crate::lifecycle`] for which fields come from where.
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -109,6 +114,8 @@ pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q):
     tag = "vms",
     operation_id = "launchVm",
     summary = "Launch a VM",
+    description = "Boots a VM of `machineType`, or restores the snapshot `snapshotId` (machine shape, env vars and firewall from the snapshot \
+                   unless the request gives env vars or a firewall; `machineType`, if given, must be the snapshot's).",
     request_body = LaunchVmRequest,
     security(("bearerAuth" = [])),
     responses(
@@ -116,9 +123,11 @@ pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q):
         (status = 202, description = "The VM is still provisioning (poll GET /v1/vms/{id}), or failed to start (status error)", body = Vm),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such snapshot (snapshotId) in the caller's org", body = ErrorBody),
+        (status = 409, description = "The snapshot is not ready", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The body breaks a rule (machine type, metadata, envVars, firewall, ttl, snapshots unavailable)", body = ErrorBody),
+        (status = 422, description = "The body breaks a rule (machine type, or one other than the snapshot's; metadata, envVars, firewall, ttl)", body = ErrorBody),
     )
 )]
 pub async fn launch(State(state): State<AppState>, caller: Caller, JsonBody(req): JsonBody<LaunchVmRequest>) -> Result<(StatusCode, Json<Vm>), ApiError> {

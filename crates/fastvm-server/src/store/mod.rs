@@ -1,4 +1,4 @@
-//! The control plane's state: orgs, users, API keys and VMs, in SQLite (the
+//! The control plane's state: orgs, users, API keys, VMs and snapshots, in SQLite (the
 //! embedded default, `DATA_DIR/fastvm.db`, WAL) or PostgreSQL.
 //!
 //! One code path serves both backends through sqlx's `Any` driver: the SQL
@@ -10,15 +10,18 @@
 //! Every VM query is scoped by org id: a caller can never read or change a
 //! row of another org. VM rows are updated with optimistic concurrency
 //! ([`Store::update_vm`] checks and bumps `version`), so concurrent requests
-//! on one VM never lose each other's changes.
+//! on one VM never lose each other's changes. Snapshot rows change little
+//! (status once, name, deletion): each change is one guarded `UPDATE`.
 
 mod keys;
+mod snapshots;
 mod vms;
 
 #[cfg(test)]
 mod tests;
 
 pub use keys::{ApiKeyInfo, NewApiKey};
+pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use vms::VmRecord;
 
 use fastvm_types::OrgId;

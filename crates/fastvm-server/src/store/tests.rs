@@ -4,7 +4,8 @@
 //! through that URL, so runs never see each other's rows.
 
 use super::*;
-use fastvm_types::{FirewallPolicy, Ttl, TtlAction, VmId, VmStatus};
+use fastvm_types::snapshot::{SnapshotService, SnapshotStatus};
+use fastvm_types::{FirewallPolicy, SnapshotId, Ttl, TtlAction, VmId, VmStatus};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgConnection;
 
@@ -42,6 +43,7 @@ async fn suite(store: &Store) -> TestResult {
     orgs_and_keys(store).await?;
     vms_roundtrip_and_scoping(store).await?;
     optimistic_concurrency(store).await?;
+    snapshots_roundtrip_and_scoping(store).await?;
     Ok(())
 }
 
@@ -140,6 +142,75 @@ async fn optimistic_concurrency(store: &Store) -> TestResult {
     Ok(())
 }
 
+fn sample_snapshot(org: OrgId, vm: VmId) -> SnapshotRecord {
+    SnapshotRecord {
+        id: SnapshotId::new_v4(),
+        org_id: org,
+        vm_id: vm,
+        worker_id: "local".into(),
+        name: "base image".into(),
+        status: SnapshotStatus::Creating,
+        status_message: None,
+        machine_name: "c2m4".into(),
+        cpu: 2,
+        memory_mib: 4096,
+        disk_gib: 10,
+        metadata: [("team".to_owned(), "infra".to_owned())].into(),
+        env_vars: [("A".to_owned(), "1".to_owned())].into(),
+        firewall: FirewallPolicy::default(),
+        services: vec![],
+        volumes: vec![],
+        bucket_mounts: vec![],
+        created_at_ms: now_ms(),
+        deleted_at_ms: None,
+    }
+}
+
+async fn snapshots_roundtrip_and_scoping(store: &Store) -> TestResult {
+    let org = store.create_org("snap-org").await?;
+    let other = store.create_org("snap-other").await?;
+    let vm = VmId::new_v4();
+    let mut s = sample_snapshot(org, vm);
+    s.firewall = serde_json::from_value(serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}))?;
+    s.services = vec![SnapshotService { name: "web".into(), port: 8080, h2c: true }];
+    store.insert_snapshot(&s).await?;
+    assert_eq!(store.get_snapshot(org, s.id).await?, Some(s.clone()));
+    // Another org never sees or changes it.
+    assert_eq!(store.get_snapshot(other, s.id).await?, None);
+    assert!(store.list_snapshots(other).await?.is_empty());
+    assert!(!store.rename_snapshot(other, s.id, "stolen").await?);
+    assert!(!store.mark_snapshot_deleted(other, s.id, now_ms()).await?);
+
+    // Status moves only from the expected status.
+    assert_eq!(store.list_snapshots_in(SnapshotStatus::Creating).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [s.id]);
+    assert!(!store.set_snapshot_status(s.id, SnapshotStatus::Ready, SnapshotStatus::Error, Some("x")).await?);
+    assert!(store.set_snapshot_status(s.id, SnapshotStatus::Creating, SnapshotStatus::Ready, None).await?);
+    assert!(store.list_snapshots_in(SnapshotStatus::Creating).await?.is_empty());
+    let mut second = sample_snapshot(org, vm);
+    second.created_at_ms = s.created_at_ms + 1;
+    second.status = SnapshotStatus::Error;
+    second.status_message = Some("disk full".into());
+    store.insert_snapshot(&second).await?;
+    assert_eq!(store.get_snapshot(org, second.id).await?.and_then(|x| x.status_message), Some("disk full".into()));
+
+    assert!(store.rename_snapshot(org, s.id, "renamed").await?);
+    let got = store.get_snapshot(org, s.id).await?.ok_or("snapshot")?;
+    assert_eq!((got.name.as_str(), got.status, got.services.len()), ("renamed", SnapshotStatus::Ready, 1));
+    assert_eq!(store.list_snapshots(org).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [s.id, second.id]);
+
+    // Deleted rows disappear from org-scoped reads but stay for background work.
+    let at = now_ms();
+    assert!(store.mark_snapshot_deleted(org, s.id, at).await?);
+    assert!(!store.mark_snapshot_deleted(org, s.id, at).await?, "deleting twice");
+    assert_eq!(store.get_snapshot(org, s.id).await?, None);
+    assert!(!store.rename_snapshot(org, s.id, "late").await?);
+    assert!(!store.set_snapshot_status(s.id, SnapshotStatus::Ready, SnapshotStatus::Error, None).await?);
+    assert_eq!(store.list_snapshots(org).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [second.id]);
+    assert_eq!(store.get_snapshot_unscoped(s.id).await?.and_then(|x| x.deleted_at_ms), Some(at));
+    assert_eq!(store.get_snapshot_unscoped(SnapshotId::new_v4()).await?, None);
+    Ok(())
+}
+
 #[tokio::test]
 async fn store_suite_sqlite() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -149,7 +220,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 5);
+    assert_eq!(store.org_count().await?, 7);
     let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await?.try_get(0)?;
     assert_eq!(mode.to_lowercase(), "wal");
     Ok(())
@@ -173,7 +244,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 5);
+        assert_eq!(store.org_count().await?, 7);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
