@@ -232,7 +232,19 @@ fn restart_readopts_and_dead_vms_are_stopped() {
 fn pause_resume_and_delete() {
     let rt = runtime("lifecycle");
     let vm = block_on(rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() })).expect("boot");
+    // A busy guest, then paused: its QEMU must stop burning CPU.
+    block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &"), CAP)).expect("spin");
     assert_eq!(block_on(rt.pause(&vm.id)).expect("pause").state, VmState::Paused);
+    let pid = vm.pid.expect("pid");
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let fields: Vec<u64> = stat.rsplit_once(')').expect("comm").1.split_whitespace().skip(11).take(2).map(|f| f.parse().expect("tick")).collect();
+        fields[0] + fields[1]
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks() - before;
+    assert!(used <= 5, "paused VM used {used} CPU ticks (1/100 s) in 1 s");
     assert!(block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("true"), CAP)).is_err());
     assert!(block_on(rt.pause(&vm.id)).is_err(), "pausing twice is an error");
     assert_eq!(block_on(rt.resume(&vm.id)).expect("resume").state, VmState::Running);
