@@ -301,9 +301,10 @@ fn snapshot_errors() {
     // Restoring as another machine type; renaming with nothing to rename.
     assert_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c2m4"}))), StatusCode::UNPROCESSABLE_ENTITY, "MACHINE_TYPE_MISMATCH");
     assert_error(&call(Method::PATCH, &format!("/v1/snapshots/{sid}"), Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
-    // None of these left a VM or a snapshot behind.
-    let (_, vms) = call(Method::GET, "/v1/vms?status=provisioning", None);
-    assert_eq!(vms, json!([]));
+    // None of these left a VM or a failed snapshot behind (other tests run
+    // concurrently and launch VMs of their own, all c1m2).
+    let (_, vms) = call(Method::GET, "/v1/vms", None);
+    assert!(vms.as_array().expect("array").iter().all(|v| v["machineName"] == "c1m2"), "{vms}");
     let (_, snaps) = call(Method::GET, "/v1/snapshots", None);
-    assert!(snaps.as_array().expect("array").iter().all(|s| s["status"] == "ready"), "{snaps}");
+    assert!(snaps.as_array().expect("array").iter().all(|s| s["status"] != "error"), "{snaps}");
 }

@@ -1,7 +1,7 @@
 """Unit-test fakes: an httpx.MockTransport router standing in for the server.
 
-Real end-to-end tests against a live server live elsewhere; these only check what
-the SDK puts on the wire and how it reads answers.
+These only check what the SDK puts on the wire and how it reads answers; the
+end-to-end tests against a live server booting real VMs are in ``tests/e2e``.
 """
 
 from __future__ import annotations
