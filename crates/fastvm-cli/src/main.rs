@@ -3,6 +3,7 @@
 //! ```text
 //!  fastvm serve               control plane + embedded worker (REST API)
 //!  fastvm keys create|list|revoke
+//!  fastvm orgs quota get|set  org quota limits (and usage)
 //!  fastvm images build        build (or refresh) the guest image cache
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
@@ -11,6 +12,7 @@
 mod client;
 mod exec;
 mod images;
+mod orgs;
 mod serve;
 mod vm;
 
@@ -32,6 +34,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: serve::KeysCommand,
+    },
+    /// Org administration: quota limits (works on the store directly).
+    Orgs {
+        #[command(subcommand)]
+        command: orgs::OrgsCommand,
     },
     /// Guest images (kernel, initramfs, root filesystem).
     Images {
@@ -73,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|()| 0),
             Command::Keys { command } => serve::keys(command).await.map(|()| 0),
+            Command::Orgs { command } => orgs::run(command).await.map(|()| 0),
             Command::Images { command } => images::run(command).await.map(|()| 0),
             Command::Vm { command } => vm::run(command).await.map(|()| 0),
             Command::Exec(args) => exec::run(args).await,

@@ -7,10 +7,11 @@
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready)    |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 422    | the [`fastvm_types::codes`] of validation, `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
+//! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`                                 |
@@ -39,6 +40,13 @@ pub mod codes {
     pub const AGENT_UNAVAILABLE: &str = "AGENT_UNAVAILABLE";
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
     pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
+    pub const TTL_NOT_SET: &str = "TTL_NOT_SET";
+    pub const QUOTA_EXCEEDED_VCPU: &str = "QUOTA_EXCEEDED_VCPU";
+    pub const QUOTA_EXCEEDED_MEMORY_MIB: &str = "QUOTA_EXCEEDED_MEMORY_MIB";
+    pub const QUOTA_EXCEEDED_DISK_GIB: &str = "QUOTA_EXCEEDED_DISK_GIB";
+    pub const QUOTA_EXCEEDED_SNAPSHOT_COUNT: &str = "QUOTA_EXCEEDED_SNAPSHOT_COUNT";
+    pub const QUOTA_EXCEEDED_VOLUME_COUNT: &str = "QUOTA_EXCEEDED_VOLUME_COUNT";
+    pub const QUOTA_EXCEEDED_VOLUME_GIB: &str = "QUOTA_EXCEEDED_VOLUME_GIB";
 }
 
 /// An error answer: status, code and message.

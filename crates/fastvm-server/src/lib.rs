@@ -6,6 +6,7 @@
 //!                      |
 //!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
 //!                  snapshots.rs (capture, restore guard, delete)
+//!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -20,6 +21,11 @@
 //! On first start (an empty store) the server creates the org `default`, a
 //! user `admin` and an API key, written to `DATA_DIR/admin-api-key` (mode 0600).
 //!
+//! [`serve`] and [`start`] run the TTL reaper ([`spawn_ttl_reaper`]) while
+//! they serve; it rebuilds its deadlines from the store, so a TTL that
+//! expired while the server was down fires right after the next start.
+//! Quotas: [`store::Store::set_quota`] changes an org's limits.
+//!
 //! Shutdown leaves every VM running; the next start re-adopts them (the
 //! worker finds their QEMU processes again) and reconciles the stored statuses.
 
@@ -27,10 +33,14 @@ pub mod auth;
 pub mod error;
 mod lifecycle;
 pub mod openapi;
+mod quotas;
 pub mod routes;
 mod snapshots;
 pub mod store;
+mod ttl;
 pub mod worker;
+
+pub use ttl::{spawn_ttl_reaper, TtlReaper};
 
 use anyhow::Context as _;
 use fastvm_types::OrgId;
@@ -96,11 +106,22 @@ struct Inner {
     /// snapshot holds it exclusively, so a snapshot's files never vanish
     /// under a restore that already found its row.
     snapshot_use: Arc<tokio::sync::RwLock<()>>,
+    /// One mutex per org around quota check + reservation (see quotas.rs).
+    quota_locks: std::sync::Mutex<std::collections::HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wakes the TTL reaper when a deadline may have moved (see ttl.rs).
+    ttl_wake: tokio::sync::Notify,
 }
 
 impl AppState {
     pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
-        AppState { inner: Arc::new(Inner { store, worker, launch_wait, snapshot_use: Default::default() }) }
+        AppState { inner: Arc::new(Inner {
+            store,
+            worker,
+            launch_wait,
+            snapshot_use: Default::default(),
+            quota_locks: Default::default(),
+            ttl_wake: Default::default(),
+        }) }
     }
 
     pub(crate) fn snapshot_use(&self) -> &Arc<tokio::sync::RwLock<()>> {
@@ -202,6 +223,7 @@ async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    let reaper = spawn_ttl_reaper(&state);
     let requested = Arc::new(tokio::sync::Notify::new());
     let notify = requested.clone();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -216,6 +238,7 @@ async fn serve_on(
             Ok(())
         }
     };
+    reaper.stop().await;
     state.worker().detach();
     state.store().close().await;
     result

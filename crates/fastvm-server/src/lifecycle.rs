@@ -16,6 +16,7 @@
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
+use crate::quotas::VmShape;
 use crate::store::{now_ms, VmRecord};
 use crate::worker::{ExecEvents, VmSpec, WorkerError};
 use crate::AppState;
@@ -23,7 +24,7 @@ use axum::http::StatusCode;
 use fastvm_types::exec::ExecVmRequest;
 use fastvm_types::vm::normalize_vm_name;
 use fastvm_types::snapshot::SnapshotStatus;
-use fastvm_types::{LaunchVmRequest, OrgId, Patch, UpdateVmRequest, VmId, VmStatus};
+use fastvm_types::{LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus};
 use fastvm_worker::{ExecRequest, MachineType, VmState};
 use std::time::Duration;
 
@@ -87,6 +88,16 @@ fn restart_ttl(r: &mut VmRecord, now: i64) {
     }
 }
 
+/// Ok when `r` is running with a TTL of `action` whose deadline is at or before `now`.
+fn ttl_due(r: &VmRecord, action: TtlAction, now: i64) -> Result<(), ApiError> {
+    let due = r.status == VmStatus::Running && r.ttl.is_some_and(|t| t.action == action) && r.expires_at_ms.is_some_and(|e| e <= now);
+    if due {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_state(format!("VM {} is no longer due for its TTL {action:?}", r.id)))
+    }
+}
+
 /// A transition through a transitional status, done by the worker.
 #[derive(Clone, Copy)]
 struct Transition {
@@ -114,6 +125,9 @@ impl AppState {
             let mut rec = found.ok_or_else(|| no_such_vm(id))?;
             f(&mut rec)?;
             if self.store().update_vm(&mut rec).await? {
+                if rec.expires_at_ms.is_some() {
+                    self.ttl_changed();
+                }
                 return Ok(rec);
             }
         }
@@ -134,6 +148,9 @@ impl AppState {
         set_status(&mut new, status, now_ms());
         new.status_message = message;
         if self.store().update_vm(&mut new).await? {
+            if new.expires_at_ms.is_some() {
+                self.ttl_changed();
+            }
             return Ok(new);
         }
         // Someone else changed it meanwhile: theirs is newer.
@@ -243,7 +260,14 @@ impl AppState {
                 machine
             }
         };
-        self.store().insert_vm(&rec).await?;
+        {
+            // Check and reserve (the provisioning row) atomically per org.
+            let lock = self.quota_lock(caller.org_id);
+            let _held = lock.lock().await;
+            let shape = VmShape { cpu: u64::from(rec.cpu), memory_mib: rec.memory_mib, disk_gib: rec.disk_gib };
+            self.check_vm_quota(caller.org_id, "launching this VM", shape).await?;
+            self.store().insert_vm(&rec).await?;
+        }
         match req.snapshot_id {
             Some(sid) => tracing::info!(vm = %id, org = %caller.org_id, snapshot = %sid, machine = machine.name, "restoring VM from snapshot"),
             None => tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM"),
@@ -336,12 +360,24 @@ impl AppState {
     where
         Fut: std::future::Future<Output = Result<(), WorkerError>>,
     {
+        self.transition_if(org, id, t, op, |_| Ok(())).await
+    }
+
+    /// [`Self::transition`], entered only when `guard` accepts the row
+    /// (checked, and allowed to adjust it, in the same compare-and-set that
+    /// moves it to `t.via`).
+    async fn transition_if<Fut, G>(&self, org: OrgId, id: VmId, t: Transition, op: Fut, mut guard: G) -> Result<VmRecord, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<(), WorkerError>>,
+        G: FnMut(&mut VmRecord) -> Result<(), ApiError>,
+    {
         let Transition { action, from, via, to } = t;
         self.find_vm(org, id).await?;
         self.modify(Some(org), id, |r| {
             if r.status != from {
                 return Err(ApiError::invalid_state(format!("VM {id} is {}; {action} needs it {}", r.status.as_str(), from.as_str())));
             }
+            guard(r)?;
             r.status = via;
             Ok(())
         })
@@ -374,18 +410,79 @@ impl AppState {
         self.transition(org, id, PAUSE, self.worker().pause(id)).await
     }
 
-    /// `POST /v1/vms/{id}/resume`: paused -> resuming -> running.
+    /// `POST /v1/vms/{id}/resume`: paused -> resuming -> running; 429 when
+    /// the org is over a VM limit (only after the limits were lowered:
+    /// paused VMs already count).
     pub(crate) async fn resume_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        let lock = self.quota_lock(org);
+        let _held = lock.lock().await;
+        let rec = self.find_vm(org, id).await?;
+        if rec.status == VmStatus::Paused {
+            self.check_resume_quota(org, VmShape { cpu: u64::from(rec.cpu), memory_mib: rec.memory_mib, disk_gib: rec.disk_gib }).await?;
+        }
         self.transition(org, id, RESUME, self.worker().resume(id)).await
+    }
+
+    /// The TTL reaper's pause: like [`Self::pause_vm`], only if the VM is
+    /// still running, still due and its action still `pause`. The cycle
+    /// ends: the paused VM keeps a full TTL for its next resume.
+    pub(crate) async fn ttl_pause(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        self.transition_if(org, id, PAUSE, self.worker().pause(id), |r| {
+            let now = now_ms();
+            ttl_due(r, TtlAction::Pause, now)?;
+            // Pre-freeze a full cycle: set_status keeps it when the VM
+            // settles paused, and turns it into a fresh deadline should the
+            // pause fail and the VM settle running.
+            r.expires_at_ms = None;
+            r.ttl_remaining_ms = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
+            Ok(())
+        })
+        .await
+    }
+
+    /// The TTL reaper's delete: the DELETE path, only if the VM is still
+    /// running, still due and its action still `delete`.
+    pub(crate) async fn ttl_delete(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
+        self.delete_vm_if(org, id, |r| ttl_due(r, TtlAction::Delete, now_ms())).await
+    }
+
+    /// `POST /v1/vms/{id}/ttl/refresh`: start a new full cycle (running:
+    /// `expiresAtMs` = now + seconds; paused: `ttlRemainingMs` = seconds).
+    /// 409 `TTL_NOT_SET` without a TTL, 409 `INVALID_STATE` unless running or paused.
+    pub(crate) async fn refresh_ttl(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        self.find_vm(org, id).await?;
+        let rec = self
+            .modify(Some(org), id, |r| {
+                if r.ttl.is_none() {
+                    return Err(ApiError::new(StatusCode::CONFLICT, codes::TTL_NOT_SET, format!("VM {id} has no TTL to refresh; set one with PATCH /v1/vms/{id}")));
+                }
+                if !matches!(r.status, VmStatus::Running | VmStatus::Paused) {
+                    return Err(ApiError::invalid_state(format!("VM {id} is {}; a TTL refresh needs it running or paused", r.status.as_str())));
+                }
+                restart_ttl(r, now_ms());
+                Ok(())
+            })
+            .await?;
+        tracing::info!(vm = %id, expires_at_ms = ?rec.expires_at_ms, ttl_remaining_ms = ?rec.ttl_remaining_ms, "TTL refreshed");
+        Ok(rec)
     }
 
     /// `DELETE /v1/vms/{id}`: any status but deleting -> deleting -> gone
     /// (`deleted_at_ms` set); the VM process is killed and its files removed.
     pub(crate) async fn delete_vm(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
+        self.delete_vm_if(org, id, |_| Ok(())).await
+    }
+
+    /// [`Self::delete_vm`], only when `guard` accepts the row.
+    async fn delete_vm_if<G>(&self, org: OrgId, id: VmId, guard: G) -> Result<(), ApiError>
+    where
+        G: Fn(&VmRecord) -> Result<(), ApiError>,
+    {
         self.modify(Some(org), id, |r| {
             if r.status == VmStatus::Deleting {
                 return Err(ApiError::invalid_state(format!("VM {id} is already being deleted")));
             }
+            guard(r)?;
             r.status = VmStatus::Deleting;
             Ok(())
         })

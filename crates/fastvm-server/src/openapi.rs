@@ -4,7 +4,7 @@
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
 
-use crate::routes::{exec, health, snapshots, vms};
+use crate::routes::{exec, health, org, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -25,18 +25,21 @@ use utoipa::{Modify, OpenApi};
         vms::delete,
         vms::pause,
         vms::resume,
+        vms::refresh_ttl,
         exec::exec,
         snapshots::list,
         snapshots::create,
         snapshots::get,
         snapshots::update,
-        snapshots::delete
+        snapshots::delete,
+        org::quotas
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "health", description = "Liveness"),
         (name = "vms", description = "VM lifecycle and exec"),
         (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
+        (name = "org", description = "The caller's org: quotas and usage"),
     )
 )]
 struct ApiDoc;
@@ -121,7 +124,7 @@ mod tests {
             let name = r.trim_start_matches("#/components/schemas/");
             assert!(doc["components"]["schemas"].get(name).is_some(), "dangling {r}");
         }
-        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post"), ("/v1/snapshots", "post"), ("/v1/snapshots/{id}", "delete")] {
+        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post"), ("/v1/snapshots", "post"), ("/v1/snapshots/{id}", "delete"), ("/v1/vms/{id}/ttl/refresh", "post"), ("/v1/org/quotas", "get")] {
             assert!(doc["paths"][path][method].is_object(), "missing {method} {path}");
         }
         assert_eq!(doc["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/LaunchVmRequest");

@@ -80,7 +80,13 @@ impl AppState {
         if rec.worker_id != self.worker().id() {
             return Err(ApiError::invalid_state(format!("VM {} runs on worker {:?}, which this server does not drive", vm.id, rec.worker_id)));
         }
-        self.store().insert_snapshot(&rec).await?;
+        {
+            // Check and reserve (the creating row) atomically per org.
+            let lock = self.quota_lock(caller.org_id);
+            let _held = lock.lock().await;
+            self.check_snapshot_quota(caller.org_id).await?;
+            self.store().insert_snapshot(&rec).await?;
+        }
         let (id, vm_id) = (rec.id, vm.id);
         tracing::info!(snapshot = %id, vm = %vm_id, org = %caller.org_id, "capturing snapshot");
         let state = self.clone();

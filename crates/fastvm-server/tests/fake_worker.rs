@@ -159,7 +159,7 @@ struct Harness {
     router: axum::Router,
     worker: Arc<FakeWorker>,
     key: String,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 async fn harness(worker: FakeWorker, launch_wait: Duration) -> Result<Harness, Box<dyn std::error::Error>> {
@@ -170,7 +170,7 @@ async fn harness(worker: FakeWorker, launch_wait: Duration) -> Result<Harness, B
     let worker = Arc::new(worker);
     let state = AppState::new(store, worker.clone(), launch_wait);
     let router = fastvm_server::routes::router(state.clone());
-    Ok(Harness { state, router, worker, key, _dir: dir })
+    Ok(Harness { state, router, worker, key, _dir: Arc::new(dir) })
 }
 
 impl Harness {
@@ -506,7 +506,7 @@ async fn snapshot_needs_a_running_or_paused_vm_of_the_org() -> TestResult {
     let store = h.state.store();
     let other = store.create_org("other").await?;
     let other_key = store.create_key(other, "k").await?.token;
-    let other_h = Harness { state: h.state.clone(), router: h.router.clone(), worker: h.worker.clone(), key: other_key, _dir: tempfile::tempdir()? };
+    let other_h = Harness { state: h.state.clone(), router: h.router.clone(), worker: h.worker.clone(), key: other_key, _dir: Arc::new(tempfile::tempdir()?) };
     let sid = id_of(&snap)?;
     for (m, path, b) in [
         ("GET", format!("/v1/snapshots/{sid}"), None),
@@ -669,5 +669,322 @@ async fn startup_marks_interrupted_captures_error() -> TestResult {
     assert_eq!(got.status, SnapshotStatus::Error);
     assert!(got.status_message.is_some_and(|m| m.contains("server stopped")));
     assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None).await?.0, StatusCode::OK);
+    Ok(())
+}
+
+// --- TTL -----------------------------------------------------------------------------
+
+impl Harness {
+    /// A new server (state, router, TTL reaper) over the same store and
+    /// worker, as after a restart.
+    async fn restarted(&self) -> Result<(Harness, fastvm_server::TtlReaper), Box<dyn std::error::Error>> {
+        let store = Store::open(self._dir.path(), None).await?;
+        let state = AppState::new(store, self.worker.clone(), self.state.launch_wait());
+        state.reconcile_on_start().await?;
+        let reaper = fastvm_server::spawn_ttl_reaper(&state);
+        let router = fastvm_server::routes::router(state.clone());
+        Ok((Harness { state, router, worker: self.worker.clone(), key: self.key.clone(), _dir: self._dir.clone() }, reaper))
+    }
+
+    async fn vm(&self, id: &str) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
+        self.call("GET", &format!("/v1/vms/{id}"), None).await
+    }
+
+    /// Poll (every 20 ms, up to `within`) until the VM has `status`; returns when (ms).
+    async fn wait_status_within(&self, id: &str, status: &str, within: Duration) -> Result<i64, Box<dyn std::error::Error>> {
+        let start = std::time::Instant::now();
+        loop {
+            let (code, v) = self.vm(id).await?;
+            let now = fastvm_server::store::now_ms();
+            if (status == "gone" && code == StatusCode::NOT_FOUND) || v["status"] == json!(status) {
+                return Ok(now);
+            }
+            if start.elapsed() > within {
+                return Err(format!("VM {id} did not become {status} within {within:?} (is {})", v["status"]).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn launch(&self, body: Value) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
+        self.call("POST", "/v1/vms", Some(body)).await
+    }
+}
+
+fn ms(v: &Value, field: &str) -> Result<i64, Box<dyn std::error::Error>> {
+    Ok(v[field].as_i64().ok_or_else(|| format!("{field} is {} in {v}", v[field]))?)
+}
+
+#[tokio::test]
+async fn ttl_pause_fires_within_a_second() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
+    let (status, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = id_of(&vm)?;
+    let deadline = ms(&vm, "expiresAtMs")?;
+    assert_eq!(vm["ttlRemainingMs"], json!(null));
+    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
+    assert!(fired_at >= deadline && fired_at <= deadline + 1000, "fired at {fired_at}, deadline {deadline}");
+    assert_eq!(h.worker.state(id.parse()?), Some(VmState::Paused), "the worker really paused it");
+    let (_, vm) = h.vm(&id).await?;
+    // The TTL pause ends the cycle: the next resume starts a full one.
+    assert_eq!((&vm["expiresAtMs"], &vm["ttlRemainingMs"]), (&json!(null), &json!(1000)));
+    // Resumed, it runs a full second again, then pauses again.
+    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/resume"), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let deadline = ms(&vm, "expiresAtMs")?;
+    assert!(deadline - fastvm_server::store::now_ms() > 800);
+    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
+    assert!(fired_at >= deadline && fired_at <= deadline + 1000, "fired at {fired_at}, deadline {deadline}");
+    reaper.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ttl_delete_fires() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
+    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}})).await?;
+    let id = id_of(&vm)?;
+    let deadline = ms(&vm, "expiresAtMs")?;
+    // A VM without TTL is left alone.
+    let (_, other) = h.launch(json!({"machineType": "c1m2"})).await?;
+    let fired_at = h.wait_status_within(&id, "gone", Duration::from_secs(3)).await?;
+    assert!(fired_at <= deadline + 1000, "gone at {fired_at}, deadline {deadline}");
+    assert!(!h.worker.has(id.parse()?));
+    assert!(h.worker.deleted.lock().map_err(|e| e.to_string())?.contains(&id.parse()?));
+    assert_eq!(h.status_of(&id_of(&other)?).await?, "running");
+    let (_, list) = h.call("GET", "/v1/vms", None).await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    reaper.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ttl_freezes_while_paused_and_resumes_the_rest() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
+    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "delete"}})).await?;
+    let id = id_of(&vm)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, vm) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
+    assert_eq!(vm["expiresAtMs"], json!(null));
+    let remaining = ms(&vm, "ttlRemainingMs")?;
+    assert!((1000..=1600).contains(&remaining), "remaining {remaining}");
+    // Paused past the original deadline: nothing fires, the budget stays frozen.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (_, vm) = h.vm(&id).await?;
+    assert_eq!((&vm["status"], ms(&vm, "ttlRemainingMs")?), (&json!("paused"), remaining));
+    let before = fastvm_server::store::now_ms();
+    let (_, vm) = h.call("POST", &format!("/v1/vms/{id}/resume"), None).await?;
+    let deadline = ms(&vm, "expiresAtMs")?;
+    assert!(deadline >= before + remaining && deadline <= fastvm_server::store::now_ms() + remaining, "deadline {deadline}");
+    assert_eq!(vm["ttlRemainingMs"], json!(null));
+    let gone_at = h.wait_status_within(&id, "gone", Duration::from_secs(3)).await?;
+    assert!(gone_at >= deadline && gone_at <= deadline + 1000, "gone at {gone_at}, deadline {deadline}");
+    reaper.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ttl_refresh_and_clear() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
+    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}})).await?;
+    let id = id_of(&vm)?;
+    let first = ms(&vm, "expiresAtMs")?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let second = ms(&vm, "expiresAtMs")?;
+    assert!(second >= first + 1100, "refresh starts a new full cycle: {first} -> {second}");
+    // Past the first deadline it still runs; it pauses at the new one.
+    tokio::time::sleep(Duration::from_millis(u64::try_from(first + 300 - fastvm_server::store::now_ms()).unwrap_or(0))).await;
+    assert_eq!(h.status_of(&id).await?, "running");
+    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
+    assert!(fired_at >= second && fired_at <= second + 1000);
+
+    // Paused: the refresh gives a full frozen budget.
+    h.call("PATCH", &format!("/v1/vms/{id}"), Some(json!({"ttl": {"seconds": 5, "action": "pause"}}))).await?;
+    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
+    assert_eq!((status, &vm["ttlRemainingMs"], &vm["expiresAtMs"]), (StatusCode::OK, &json!(5000), &json!(null)));
+
+    // PATCH ttl null clears it; then a refresh is 409 TTL_NOT_SET.
+    let (status, vm) = h.call("PATCH", &format!("/v1/vms/{id}"), Some(json!({"ttl": null}))).await?;
+    assert_eq!((status, &vm["ttl"], &vm["ttlRemainingMs"]), (StatusCode::OK, &json!(null), &json!(null)));
+    let (status, err) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("TTL_NOT_SET")));
+    let (status, _) = h.call("POST", &format!("/v1/vms/{}/ttl/refresh", VmId::new_v4()), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A VM that is neither running nor paused: 409 INVALID_STATE.
+    h.worker.fail_create.store(true, Ordering::SeqCst);
+    let (_, bad) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 5, "action": "pause"}})).await?;
+    assert_eq!(bad["status"], json!("error"));
+    let (status, err) = h.call("POST", &format!("/v1/vms/{}/ttl/refresh", id_of(&bad)?), None).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
+    reaper.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ttl_timers_survive_a_restart() -> TestResult {
+    // No reaper: the server is "down" while the deadlines pass.
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (_, p) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
+    let (_, d) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}})).await?;
+    let (_, later) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}})).await?;
+    let (p, d, later_deadline, later) = (id_of(&p)?, id_of(&d)?, ms(&later, "expiresAtMs")?, id_of(&later)?);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(h.status_of(&p).await?, "running");
+    let (h2, reaper) = h.restarted().await?;
+    h2.wait_status_within(&p, "paused", Duration::from_millis(1000)).await?;
+    h2.wait_status_within(&d, "gone", Duration::from_millis(1000)).await?;
+    // A deadline still ahead at the restart fires on time too.
+    let fired_at = h2.wait_status_within(&later, "paused", Duration::from_secs(3)).await?;
+    assert!(fired_at >= later_deadline && fired_at <= later_deadline + 1000);
+    reaper.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_ttl_pause_rearms_a_full_cycle() -> TestResult {
+    // A failed TTL pause settles on the worker's view and re-arms a full cycle.
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    h.worker.fail_pause.store(true, Ordering::SeqCst);
+    let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
+    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
+    let id = id_of(&vm)?;
+    let first = ms(&vm, "expiresAtMs")?;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (_, vm) = h.vm(&id).await?;
+    assert_eq!(vm["status"], json!("running"));
+    assert!(ms(&vm, "expiresAtMs")? >= first + 900, "a new cycle after the failed attempt");
+    reaper.stop().await;
+    Ok(())
+}
+
+// --- quotas --------------------------------------------------------------------------
+
+async fn org_of(h: &Harness) -> Result<OrgId, Box<dyn std::error::Error>> {
+    Ok(fastvm_server::default_org(h.state.store()).await?.ok_or("default org")?)
+}
+
+#[tokio::test]
+async fn quotas_defaults_and_live_usage() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (status, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(q["orgId"], json!(org_of(&h).await?.to_string()));
+    assert_eq!(
+        q["limits"],
+        json!({"vcpu": 16, "memoryMiB": 32768, "diskGiB": 200, "snapshotCount": 50, "volumeCount": 20, "volumeGiB": 500})
+    );
+    assert_eq!(q["usage"], json!({"vcpu": 0, "memoryMiB": 0, "diskGiB": 0, "snapshotCount": 0, "volumeCount": 0, "volumeGiB": 0}));
+    let (_, a) = h.launch(json!({"machineType": "c2m4"})).await?;
+    let (_, b) = h.launch(json!({"machineType": "c1m2"})).await?;
+    let (a, b) = (id_of(&a)?, id_of(&b)?);
+    h.call("POST", &format!("/v1/vms/{a}/pause"), None).await?;
+    let (status, _) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": b}))).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    // Paused VMs count.
+    assert_eq!(q["usage"], json!({"vcpu": 3, "memoryMiB": 6144, "diskGiB": 20, "snapshotCount": 1, "volumeCount": 0, "volumeGiB": 0}));
+    // Stopped VMs and deleted ones do not.
+    h.worker.set(b.parse()?, VmState::Stopped);
+    assert_eq!(h.status_of(&b).await?, "stopped");
+    h.call("DELETE", &format!("/v1/vms/{a}"), None).await?;
+    let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    assert_eq!((&q["usage"]["vcpu"], &q["usage"]["memoryMiB"], &q["usage"]["snapshotCount"]), (&json!(0), &json!(0), &json!(1)));
+    // Limits changed by the admin function show up.
+    h.state.store().set_quota(org_of(&h).await?, fastvm_server::store::QuotaPatch { vcpu: Some(4), ..Default::default() }).await?;
+    let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    assert_eq!((&q["limits"]["vcpu"], &q["limits"]["memoryMiB"]), (&json!(4), &json!(32768)));
+    Ok(())
+}
+
+async fn expect_429(h: &Harness, res: (StatusCode, Value), code: &str) -> TestResult {
+    let (status, err) = res;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::TOO_MANY_REQUESTS, &json!(code)), "{err}");
+    let msg = err["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("limit of") && msg.contains("uses") && msg.contains("needs"), "{msg}");
+    let _ = h;
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_quota_answers_429_with_its_code_and_changes_nothing() -> TestResult {
+    use fastvm_server::store::QuotaPatch;
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let org = org_of(&h).await?;
+    let store = h.state.store();
+    let (_, base) = h.launch(json!({"machineType": "c1m2"})).await?;
+    let base = id_of(&base)?;
+    let vms_before = h.call("GET", "/v1/vms", None).await?.1;
+    let created_before = h.worker.created.lock().map_err(|e| e.to_string())?.len();
+
+    store.set_quota(org, QuotaPatch { vcpu: Some(2), ..Default::default() }).await?;
+    let res = h.launch(json!({"machineType": "c2m4"})).await?;
+    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("needs 2 vCPU") && m.contains("uses 1 vCPU") && m.contains("limit of 2 vCPU")), "{}", res.1);
+    expect_429(&h, res, "QUOTA_EXCEEDED_VCPU").await?;
+
+    store.set_quota(org, QuotaPatch { vcpu: Some(16), memory_mib: Some(4096), ..Default::default() }).await?;
+    expect_429(&h, h.launch(json!({"machineType": "c2m4"})).await?, "QUOTA_EXCEEDED_MEMORY_MIB").await?;
+
+    store.set_quota(org, QuotaPatch { memory_mib: Some(32768), disk_gib: Some(15), ..Default::default() }).await?;
+    expect_429(&h, h.launch(json!({"machineType": "c1m2"})).await?, "QUOTA_EXCEEDED_DISK_GIB").await?;
+
+    // Nothing was created: no row, no worker call.
+    assert_eq!(h.call("GET", "/v1/vms", None).await?.1, vms_before);
+    assert_eq!(h.worker.created.lock().map_err(|e| e.to_string())?.len(), created_before);
+
+    // Restores are launches: the same check.
+    store.set_quota(org, QuotaPatch { disk_gib: Some(200), snapshot_count: Some(1), ..Default::default() }).await?;
+    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": base}))).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    expect_429(&h, h.call("POST", "/v1/snapshots", Some(json!({"vmId": base}))).await?, "QUOTA_EXCEEDED_SNAPSHOT_COUNT").await?;
+    let (_, snaps) = h.call("GET", "/v1/snapshots", None).await?;
+    assert_eq!(snaps.as_array().map(Vec::len), Some(1));
+    store.set_quota(org, QuotaPatch { vcpu: Some(1), ..Default::default() }).await?;
+    expect_429(&h, h.launch(json!({"snapshotId": snap["id"]})).await?, "QUOTA_EXCEEDED_VCPU").await?;
+
+    // Resume: paused VMs count, so it fails only when the limits were lowered below the usage.
+    store.set_quota(org, QuotaPatch { vcpu: Some(16), ..Default::default() }).await?;
+    h.call("POST", &format!("/v1/vms/{base}/pause"), None).await?;
+    let (status, _) = h.call("POST", &format!("/v1/vms/{base}/resume"), None).await?;
+    assert_eq!(status, StatusCode::OK, "at the limit is fine");
+    h.call("POST", &format!("/v1/vms/{base}/pause"), None).await?;
+    store.set_quota(org, QuotaPatch { memory_mib: Some(1024), ..Default::default() }).await?;
+    expect_429(&h, h.call("POST", &format!("/v1/vms/{base}/resume"), None).await?, "QUOTA_EXCEEDED_MEMORY_MIB").await?;
+    assert_eq!(h.status_of(&base).await?, "paused");
+    assert_eq!(h.worker.state(base.parse()?), Some(VmState::Paused));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_launches_cannot_race_past_a_limit() -> TestResult {
+    let h = Arc::new(harness(FakeWorker::default(), Duration::from_secs(5)).await?);
+    let org = org_of(&h).await?;
+    h.state.store().set_quota(org, fastvm_server::store::QuotaPatch { vcpu: Some(3), ..Default::default() }).await?;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move { h.launch(json!({"machineType": "c1m2"})).await.map(|(s, v)| (s, v["error"]["code"].clone())).map_err(|e| e.to_string()) }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await?? {
+            (StatusCode::CREATED, _) => ok += 1,
+            (StatusCode::TOO_MANY_REQUESTS, code) if code == json!("QUOTA_EXCEEDED_VCPU") => refused += 1,
+            other => return Err(format!("unexpected answer {other:?}").into()),
+        }
+    }
+    assert_eq!((ok, refused), (3, 7));
+    let (_, list) = h.call("GET", "/v1/vms", None).await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(3));
+    let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    assert_eq!(q["usage"]["vcpu"], json!(3));
     Ok(())
 }

@@ -13,6 +13,7 @@
 
 pub mod exec;
 pub mod health;
+pub mod org;
 pub mod snapshots;
 pub mod vms;
 
@@ -43,6 +44,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/exec", post(exec::exec))
+        .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
+        .route("/v1/org/quotas", get(org::quotas))
         .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
         .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))
         .fallback(no_route)

@@ -76,6 +76,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
         (status = 409, description = "The VM is neither running nor paused (or vanished during the capture)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 429, description = "The org's snapshotCount quota would be exceeded (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`); nothing was created", body = ErrorBody),
         (status = 500, description = "The capture failed; the snapshot is kept with status error", body = ErrorBody),
     )
 )]

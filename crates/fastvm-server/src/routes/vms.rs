@@ -128,6 +128,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q):
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "The body breaks a rule (machine type, or one other than the snapshot's; metadata, envVars, firewall, ttl)", body = ErrorBody),
+        (status = 429, description = "An org quota would be exceeded (`QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`); nothing was created", body = ErrorBody),
     )
 )]
 pub async fn launch(State(state): State<AppState>, caller: Caller, JsonBody(req): JsonBody<LaunchVmRequest>) -> Result<(StatusCode, Json<Vm>), ApiError> {
@@ -234,8 +235,33 @@ pub async fn pause(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is not paused", body = ErrorBody),
+        (status = 429, description = "The org is over a VM quota (its limits were lowered below its usage); the VM stays paused", body = ErrorBody),
     )
 )]
 pub async fn resume(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.resume_vm(caller.org_id, id).await?)))
+}
+
+/// Reset the VM's TTL cycle
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/ttl/refresh",
+    tag = "vms",
+    operation_id = "refreshVmTtl",
+    summary = "Reset the VM's TTL cycle",
+    description = "Starts a new full TTL cycle: a running VM gets `expiresAtMs` = now + `ttl.seconds`; a paused VM gets \
+                   `ttlRemainingMs` = `ttl.seconds` × 1000 (the countdown stays frozen until it is resumed). When the deadline passes, \
+                   the server runs `ttl.action` within about a second: `pause` (running → pausing → paused; the next resume starts a \
+                   full cycle) or `delete` (like DELETE /v1/vms/{id}).",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM with its new deadline", body = Vm),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM has no TTL (`TTL_NOT_SET`), or is neither running nor paused (`INVALID_STATE`)", body = ErrorBody),
+    )
+)]
+pub async fn refresh_ttl(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.refresh_ttl(caller.org_id, id).await?)))
 }

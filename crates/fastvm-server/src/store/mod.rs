@@ -12,8 +12,11 @@
 //! ([`Store::update_vm`] checks and bumps `version`), so concurrent requests
 //! on one VM never lose each other's changes. Snapshot rows change little
 //! (status once, name, deletion): each change is one guarded `UPDATE`.
+//! Quota limits (`org_quotas`) and usage (computed from the rows on every
+//! read) are in `quotas.rs`.
 
 mod keys;
+mod quotas;
 mod snapshots;
 mod vms;
 
@@ -21,6 +24,7 @@ mod vms;
 mod tests;
 
 pub use keys::{ApiKeyInfo, NewApiKey};
+pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use vms::VmRecord;
 

@@ -44,6 +44,8 @@ async fn suite(store: &Store) -> TestResult {
     vms_roundtrip_and_scoping(store).await?;
     optimistic_concurrency(store).await?;
     snapshots_roundtrip_and_scoping(store).await?;
+    quotas_limits_and_usage(store).await?;
+    ttl_queries(store).await?;
     Ok(())
 }
 
@@ -211,6 +213,77 @@ async fn snapshots_roundtrip_and_scoping(store: &Store) -> TestResult {
     Ok(())
 }
 
+async fn quotas_limits_and_usage(store: &Store) -> TestResult {
+    use fastvm_types::quota::OrgQuotaValues;
+    let org = store.create_org("quota-org").await?;
+    assert_eq!(store.quota_limits(org).await?, DEFAULT_QUOTA);
+    assert_eq!(store.quota_usage(org).await?, OrgQuotaValues::default());
+    // Partial changes keep the other limits.
+    let l = store.set_quota(org, QuotaPatch { vcpu: Some(4), snapshot_count: Some(2), ..Default::default() }).await?;
+    assert_eq!(l, OrgQuotaValues { vcpu: 4, snapshot_count: 2, ..DEFAULT_QUOTA });
+    let l = store.set_quota(org, QuotaPatch { memory_mib: Some(1024), vcpu: Some(5), ..Default::default() }).await?;
+    assert_eq!(l, OrgQuotaValues { vcpu: 5, memory_mib: 1024, snapshot_count: 2, ..DEFAULT_QUOTA });
+    assert_eq!(store.quota_limits(org).await?, l);
+    let all = OrgQuotaValues { vcpu: 1, memory_mib: 2, disk_gib: 3, snapshot_count: 4, volume_count: 5, volume_gib: 6 };
+    assert_eq!(store.set_quota(org, QuotaPatch::all(all)).await?, all);
+    assert!(matches!(store.set_quota(OrgId::new_v4(), QuotaPatch::default()).await, Err(StoreError::NotFound(_))));
+
+    // Usage: live VMs except stopped/error; paused ones count; other orgs do not.
+    let mut counted = 0u64;
+    for status in VmStatus::ALL {
+        let mut vm = sample_vm(org);
+        vm.status = status;
+        store.insert_vm(&vm).await?;
+        if !matches!(status, VmStatus::Stopped | VmStatus::Error) {
+            counted += 1;
+        }
+    }
+    let mut deleted = sample_vm(org);
+    deleted.status = VmStatus::Running;
+    deleted.deleted_at_ms = Some(now_ms());
+    store.insert_vm(&deleted).await?;
+    let other = store.create_org("quota-other").await?;
+    store.insert_vm(&sample_vm(other)).await?;
+    let vm = sample_vm(org);
+    store.insert_snapshot(&sample_snapshot(org, vm.id)).await?;
+    let gone = sample_snapshot(org, vm.id);
+    store.insert_snapshot(&gone).await?;
+    assert!(store.mark_snapshot_deleted(org, gone.id, now_ms()).await?);
+    let u = store.quota_usage(org).await?;
+    assert_eq!(u, OrgQuotaValues { vcpu: counted, memory_mib: counted * 2048, disk_gib: counted * 10, snapshot_count: 1, volume_count: 0, volume_gib: 0 });
+    assert!(counted >= 5);
+    assert_eq!(store.quota_usage(other).await?.vcpu, 1);
+    // The other org keeps the defaults.
+    assert_eq!(store.quota_limits(other).await?, DEFAULT_QUOTA);
+    Ok(())
+}
+
+async fn ttl_queries(store: &Store) -> TestResult {
+    let org = store.org_by_name("acme").await?.ok_or("acme")?;
+    let worker = "ttl-worker";
+    assert_eq!(store.next_ttl_deadline(worker).await?, None);
+    let mk = |status: VmStatus, expires: Option<i64>| {
+        let mut vm = sample_vm(org);
+        vm.worker_id = worker.into();
+        vm.status = status;
+        vm.expires_at_ms = expires;
+        vm
+    };
+    let due = mk(VmStatus::Running, Some(1_000));
+    let later = mk(VmStatus::Running, Some(5_000));
+    let paused = mk(VmStatus::Paused, Some(500));
+    let mut gone = mk(VmStatus::Running, Some(600));
+    gone.deleted_at_ms = Some(1);
+    for v in [&due, &later, &paused, &gone, &mk(VmStatus::Running, None)] {
+        store.insert_vm(v).await?;
+    }
+    assert_eq!(store.next_ttl_deadline(worker).await?, Some(1_000));
+    assert_eq!(store.list_ttl_due(worker, 2_000).await?.iter().map(|v| v.id).collect::<Vec<_>>(), [due.id]);
+    assert_eq!(store.list_ttl_due(worker, 5_000).await?.len(), 2);
+    assert!(store.list_ttl_due("elsewhere", i64::MAX).await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test]
 async fn store_suite_sqlite() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -220,7 +293,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 7);
+    assert_eq!(store.org_count().await?, 9);
     let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await?.try_get(0)?;
     assert_eq!(mode.to_lowercase(), "wal");
     Ok(())
@@ -244,7 +317,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 7);
+        assert_eq!(store.org_count().await?, 9);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }

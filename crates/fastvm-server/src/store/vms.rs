@@ -185,6 +185,31 @@ impl Store {
         rows.iter().map(vm_from_row).collect()
     }
 
+    /// Running live VMs on `worker_id` whose TTL deadline is at or before `now_ms` (the TTL reaper).
+    pub async fn list_ttl_due(&self, worker_id: &str, now_ms: i64) -> Result<Vec<VmRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE worker_id = $1 AND status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL AND expires_at_ms <= $2 ORDER BY expires_at_ms, id"
+        ))
+        .bind(worker_id)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// The earliest TTL deadline of the running live VMs on `worker_id`, if any.
+    pub async fn next_ttl_deadline(&self, worker_id: &str) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(expires_at_ms) AS next FROM vms WHERE worker_id = $1 AND status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL",
+        )
+        .bind(worker_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("next")?)
+    }
+
     /// Write every mutable column of `vm` if its row still has `vm.version`;
     /// on success bump `vm.version` and return true. False means someone
     /// else changed the row first: re-read and decide again.
