@@ -7,6 +7,7 @@
 //!  fastvm images build        build (or refresh) the guest image cache
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
+//!  fastvm snapshot create|list|get|rm
 //! ```
 
 mod client;
@@ -14,6 +15,7 @@ mod exec;
 mod images;
 mod orgs;
 mod serve;
+mod snapshot;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +54,11 @@ enum Command {
     },
     /// Run a command in a VM.
     Exec(exec::ExecArgs),
+    /// Capture VMs and manage snapshots (restore: `fastvm vm launch --snapshot ID`).
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
 }
 
 /// The per-user data dir: `FASTVM_DATA_DIR`, else `$XDG_DATA_HOME/fastvm`,
@@ -84,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             Command::Images { command } => images::run(command).await.map(|()| 0),
             Command::Vm { command } => vm::run(command).await.map(|()| 0),
             Command::Exec(args) => exec::run(args).await,
+            Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
         }
     });
     match code {
