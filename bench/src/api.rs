@@ -116,6 +116,11 @@ async fn main() -> anyhow::Result<()> {
     let server = fastvm_server::start(cfg).await?;
     let base = server.url();
     let key = std::fs::read_to_string(server_dir.join("admin-api-key"))?.trim().to_owned();
+    // 50 c1m2 VMs need more than the default org quota (16 vCPUs).
+    let store = server.state().store();
+    let org = fastvm_server::default_org(store).await?.ok_or_else(|| anyhow::anyhow!("no default org"))?;
+    let big = fastvm_server::store::QuotaPatch { vcpu: Some(256), memory_mib: Some(1 << 20), disk_gib: Some(10_000), ..Default::default() };
+    store.set_quota(org, big).await?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
 
     let mut lib_cfg = RuntimeConfig::new(&lib_dir);
