@@ -62,3 +62,31 @@ def test_cli_reports_bad_input_clearly(fastvm_server) -> None:
     assert out.returncode != 0 and b"INVALID_MACHINE_TYPE" in out.stderr
     out = cli(fastvm_server, "vm", "launch", check=False)
     assert out.returncode != 0 and b"--machine" in out.stderr
+
+
+def test_cli_keys_and_quotas_manage_the_live_store(fastvm_server) -> None:
+    """`fastvm keys` and `fastvm orgs quota` work on the server's store while it runs."""
+    import httpx
+
+    data = ["--data-dir", str(fastvm_server.data_dir)]
+    token = cli(fastvm_server, "keys", "create", "--name", "ci-key", *data).stdout.decode().strip()
+    assert token.startswith("fvm_")
+    url = f"{fastvm_server.base_url}/v1/vms"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+    listing = cli(fastvm_server, "keys", "list", *data).stdout.decode()
+    line = next(l for l in listing.splitlines() if "ci-key" in l)
+    key_id, revoked = line.split()[0], line.split()[-1]
+    assert revoked == "no" and token not in listing  # secrets are never listed
+    cli(fastvm_server, "keys", "revoke", key_id, *data)
+    assert "yes" in next(l for l in cli(fastvm_server, "keys", "list", *data).stdout.decode().splitlines() if key_id in l)
+    denied = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "UNAUTHENTICATED"
+
+    # Raising limits (harmless for the other tests sharing this server).
+    shown = cli(fastvm_server, "orgs", "quota", "set", "--vcpu", "96", "--snapshot-count", "77", *data).stdout.decode()
+    assert any(l.split()[:2] == ["vcpu", "96"] for l in shown.splitlines()), shown
+    quotas = httpx.get(f"{fastvm_server.base_url}/v1/org/quotas", headers={"Authorization": f"Bearer {fastvm_server.api_key}"}).json()
+    assert quotas["limits"]["vcpu"] == 96 and quotas["limits"]["snapshotCount"] == 77, quotas
+    nothing = cli(fastvm_server, "orgs", "quota", "set", *data, check=False)
+    assert nothing.returncode != 0 and b"nothing to set" in nothing.stderr
