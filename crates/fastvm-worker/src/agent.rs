@@ -376,11 +376,3 @@ impl Drop for ExecStream {
         }
     }
 }
-
-/// Connect helper with context for the runtime.
-pub(crate) async fn connect_vm(path: &Path, timeout: Duration) -> Result<AgentClient> {
-    AgentClient::connect(path, timeout).await.map_err(|e| match e {
-        Error::Io { context, source } => Error::Io { context: format!("agent: {context}"), source },
-        other => other,
-    })
-}

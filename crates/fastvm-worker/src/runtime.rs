@@ -17,7 +17,7 @@
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
 use crate::accel::{self, Accel, AccelChoice};
-use crate::agent::{connect_vm, AgentClient, ExecStream};
+use crate::agent::{AgentClient, ExecStream};
 use crate::catalog::MachineType;
 use crate::error::{Error, IoContext, Result};
 use crate::exec::{self, ExecOutput, ExecRequest};
@@ -256,12 +256,6 @@ impl Runtime {
         self.accel
     }
 
-    /// Set the sink of image-build progress lines (default: tracing).
-    pub fn set_progress(self: &mut Arc<Self>, progress: Progress) {
-        if let Some(rt) = Arc::get_mut(self) {
-            rt.progress = progress;
-        }
-    }
 
     async fn adopt_all(self: &Arc<Self>) -> Result<()> {
         let dir = self.cfg.data_dir.join("vms");
@@ -487,7 +481,7 @@ impl Runtime {
         }
         let agent_sock = vm.paths.agent();
         let agent = tokio::select! {
-            a = connect_vm(&agent_sock, self.cfg.boot_timeout) => a?,
+            a = AgentClient::connect(&agent_sock, self.cfg.boot_timeout) => a?,
             _ = process.wait_exit() => {
                 let console = std::fs::read_to_string(vm.paths.console_log()).unwrap_or_default();
                 let tail: String = console.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
@@ -514,7 +508,7 @@ impl Runtime {
                 return Ok(a.clone());
             }
         }
-        let agent = connect_vm(&vm.paths.agent(), Duration::from_secs(30)).await?;
+        let agent = AgentClient::connect(&vm.paths.agent(), Duration::from_secs(30)).await?;
         agent.configure(vm.guest_config()).await?;
         *slot = Some(agent.clone());
         Ok(agent)
