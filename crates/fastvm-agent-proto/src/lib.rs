@@ -163,6 +163,30 @@ pub struct GuestConfig {
     /// Fresh entropy mixed into the guest RNG (important after a restore).
     #[serde(default)]
     pub entropy: Vec<u8>,
+    /// The guest's network interface: applied after every restore so clones
+    /// of one snapshot get their own MAC and addresses. Absent: untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+}
+
+/// Addressing of the guest's one network interface (the first that is not `lo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// IPv4 address with prefix length, e.g. `10.200.0.2/30`.
+    pub ipv4: String,
+    /// IPv4 default gateway.
+    pub gateway4: String,
+    /// IPv6 address with prefix length, when the VM has one.
+    #[serde(default)]
+    pub ipv6: Option<String>,
+    /// IPv6 default gateway.
+    #[serde(default)]
+    pub gateway6: Option<String>,
+    /// Name servers written to `/etc/resolv.conf` (only these).
+    #[serde(default)]
+    pub dns: Vec<String>,
 }
 
 /// One unit on the wire.

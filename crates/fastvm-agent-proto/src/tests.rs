@@ -104,8 +104,23 @@ fn control_schema_snapshot() {
                 env: BTreeMap::from([("K".into(), "v".into())]),
                 time_unix_ns: Some(5),
                 entropy: vec![1, 2],
+                network: None,
             }),
             r#"{"type":"configure","hostname":"h","env":{"K":"v"},"time_unix_ns":5,"entropy":[1,2]}"#,
+        ),
+        (
+            Control::Configure(GuestConfig {
+                network: Some(NetworkConfig {
+                    mac: "02:00:00:00:00:01".into(),
+                    ipv4: "10.200.0.2/30".into(),
+                    gateway4: "10.200.0.1".into(),
+                    ipv6: Some("fd00::2/126".into()),
+                    gateway6: Some("fd00::1".into()),
+                    dns: vec!["10.200.0.1".into()],
+                }),
+                ..Default::default()
+            }),
+            r#"{"type":"configure","hostname":null,"env":{},"time_unix_ns":null,"entropy":[],"network":{"mac":"02:00:00:00:00:01","ipv4":"10.200.0.2/30","gateway4":"10.200.0.1","ipv6":"fd00::2/126","gateway6":"fd00::1","dns":["10.200.0.1"]}}"#,
         ),
         (
             Control::Exec(ExecSpec { argv: vec!["true".into()], env: BTreeMap::new(), cwd: None, timeout_ms: None, stdin: false }),

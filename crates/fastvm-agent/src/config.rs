@@ -1,12 +1,88 @@
-//! Applying [`GuestConfig`]: hostname, VM-wide env vars, clock, entropy.
-//! Sent by the host after every (re)connect, which is how a guest restored
-//! from a snapshot learns its own identity and the current time.
+//! Applying [`GuestConfig`]: hostname, VM-wide env vars, clock, entropy and
+//! the network interface. Sent by the host after every (re)connect, which is
+//! how a guest restored from a snapshot learns its own identity, addresses
+//! and the current time.
 
 use crate::session::Shared;
-use fastvm_agent_proto::GuestConfig;
+use fastvm_agent_proto::{GuestConfig, NetworkConfig};
 use std::io::{self, Write};
 
-pub(crate) fn apply(shared: &Shared, cfg: GuestConfig) -> io::Result<()> {
+pub(crate) async fn apply(shared: &Shared, cfg: GuestConfig) -> io::Result<()> {
+    if let Some(net) = cfg.network.as_ref() {
+        apply_network(shared, net).await?;
+    }
+    apply_identity(shared, cfg)
+}
+
+/// The first interface that is not `lo` (virtio-net: `eth0` without udev).
+fn guest_interface() -> io::Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no network interface"))
+}
+
+/// True for text that is safe on an `ip -batch` line (addresses, MACs).
+fn plain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b".:/".contains(&b))
+}
+
+/// Set the MAC, replace the global addresses and default routes (one
+/// `ip -batch` run) and point `/etc/resolv.conf` at the VM's resolver only.
+async fn apply_network(shared: &Shared, net: &NetworkConfig) -> io::Result<()> {
+    let dev = guest_interface()?;
+    let mut fields = vec![net.mac.as_str(), net.ipv4.as_str(), net.gateway4.as_str()];
+    fields.extend(net.ipv6.as_deref());
+    fields.extend(net.gateway6.as_deref());
+    fields.extend(net.dns.iter().map(String::as_str));
+    if let Some(bad) = fields.iter().find(|f| !plain(f)) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid network field {bad:?}")));
+    }
+    // No SLAAC, router advertisements or DAD: the host assigns everything.
+    for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/{key}"), value);
+    }
+    let mut batch = format!(
+        "link set dev {dev} address {mac}\naddr flush dev {dev} scope global\naddr add {v4} dev {dev}\nlink set dev {dev} up\nroute replace default via {gw4} dev {dev}\n",
+        mac = net.mac,
+        v4 = net.ipv4,
+        gw4 = net.gateway4
+    );
+    if let Some(v6) = net.ipv6.as_deref() {
+        batch.push_str(&format!("addr add {v6} dev {dev} nodad\n"));
+    }
+    if let Some(gw6) = net.gateway6.as_deref() {
+        batch.push_str(&format!("route replace default via {gw6} dev {dev}\n"));
+    }
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["-batch", "-"])
+        .env("PATH", crate::exec::DEFAULT_PATH)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let (mut child, status) = shared.reaper.spawn(&mut cmd)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(batch.as_bytes())?;
+    }
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use std::io::Read;
+        let _ = (&mut stderr).take(4096).read_to_string(&mut err);
+    }
+    let status = status.await.map_err(|_| io::Error::other("ip: exit status lost"))?;
+    if status != 0 {
+        return Err(io::Error::other(format!("ip -batch failed ({status}): {}", err.trim())));
+    }
+    let resolv: String = net.dns.iter().map(|s| format!("nameserver {s}\n")).collect();
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    std::fs::write("/etc/resolv.conf", resolv)?;
+    Ok(())
+}
+
+fn apply_identity(shared: &Shared, cfg: GuestConfig) -> io::Result<()> {
     if let Some(name) = cfg.hostname.as_deref() {
         set_hostname(name)?;
     }

@@ -140,7 +140,7 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
             }
         }
         Control::Configure(cfg) => {
-            let answer = match crate::config::apply(shared, cfg) {
+            let answer = match crate::config::apply(shared, cfg).await {
                 Ok(()) => Control::Ok,
                 Err(e) => Control::Error { message: e.to_string() },
             };

@@ -28,6 +28,10 @@ pub enum Error {
     AgentBinaryMissing { looked: Vec<PathBuf> },
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    #[error("VM networking failed: {0}")]
+    Network(String),
+    #[error("invalid firewall policy: {0}")]
+    InvalidFirewall(String),
     #[error("corrupt state file {path}: {message}")]
     CorruptState { path: PathBuf, message: String },
 }

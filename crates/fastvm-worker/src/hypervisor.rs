@@ -27,6 +27,19 @@ pub struct LaunchSpec {
     /// Guest RAM backed by this file instead of anonymous memory.
     #[serde(default)]
     pub ram: Option<RamFile>,
+    /// The VM's network device: QEMU runs in this namespace and opens its tap.
+    #[serde(default)]
+    pub net: Option<NetLaunch>,
+}
+
+/// The virtio-net device of a VM and where its tap lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetLaunch {
+    /// Network namespace QEMU is started in.
+    pub netns: String,
+    /// Tap device inside that namespace.
+    pub tap: String,
+    pub mac: String,
 }
 
 /// File-backed guest RAM.
@@ -57,6 +70,7 @@ impl LaunchSpec {
             image_id: image.id.clone(),
             disk,
             ram: None,
+            net: None,
         }
     }
 }

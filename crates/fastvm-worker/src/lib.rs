@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod hypervisor;
 pub mod images;
+pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;

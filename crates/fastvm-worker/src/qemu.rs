@@ -133,6 +133,14 @@ impl QemuMicrovm {
             p(paths.pidfile()),
             "-daemonize".into(),
         ];
+        if let Some(net) = &spec.net {
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+        }
         // Guest RAM is always the backend object `ram`, so that every
         // snapshot stream names the same RAM block whichever backend a VM had.
         let backend = match &spec.ram {
@@ -215,9 +223,24 @@ impl Hypervisor for QemuMicrovm {
         let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(Self::args(spec, paths, incoming)).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
-        // SAFETY: the closure only makes async-signal-safe syscalls.
-        unsafe { cmd.pre_exec(reset_signals) };
+        // QEMU runs in the VM's network namespace, where it opens its tap.
+        let netns = spec.net.as_ref().map(|n| crate::net::netns::open(&n.netns)).transpose()?;
+        let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        // SAFETY: the closure only makes async-signal-safe syscalls (sigaction,
+        // sigprocmask, setns); `netns` stays open until the spawn is done.
+        unsafe {
+            cmd.pre_exec(move || {
+                reset_signals()?;
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            })
+        };
         let status = cmd.status().await.ctx(|| format!("run {}", self.binary.display()))?;
+        drop(netns);
         if !status.success() {
             return Err(Error::Qemu(format!("exited with {status}: {}", tail(&paths.hypervisor_log(), 2000))));
         }

@@ -13,7 +13,7 @@
 //!
 //! State directory `<data>/vms/<id>/`: `spec.json` (what was launched),
 //! `qemu.pid`, `qmp.sock`, `agent.sock`, `console.log`, `qemu.log`,
-//! `disk.qcow2`. [`Runtime::open`] walks these directories and re-adopts
+//! `net.json` (network slot and firewall policy, see [`crate::net`]). [`Runtime::open`] walks these directories and re-adopts
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
 use crate::accel::{self, Accel, AccelChoice};
@@ -24,7 +24,9 @@ use crate::exec::{self, ExecOutput, ExecRequest};
 use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
 use crate::images::{self, GuestImage, ImageStore, Progress};
 use crate::qemu::QemuMicrovm;
+use crate::net::{NetConfig, NetRecord, Network, VmNet};
 use fastvm_agent_proto::GuestConfig;
+use fastvm_types::FirewallPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -46,6 +48,9 @@ pub struct RuntimeConfig {
     /// Launch from golden snapshots (one fresh boot per image and machine
     /// type, restores afterwards). Off: every launch boots the kernel.
     pub golden: bool,
+    /// Per-VM networking (namespace, tap, firewall, resolver); `None` gives
+    /// VMs no network device at all (hosts without nftables).
+    pub network: Option<NetConfig>,
 }
 
 impl RuntimeConfig {
@@ -59,6 +64,7 @@ impl RuntimeConfig {
             boot_timeout: Duration::from_secs(120),
             image_dir: None,
             golden: true,
+            network: Some(NetConfig::default()),
         }
     }
 }
@@ -94,6 +100,11 @@ pub struct VmInfo {
     pub state: VmState,
     pub pid: Option<u32>,
     pub image_id: String,
+    /// The guest's IPv6 address (from the operator's prefix), when networked.
+    pub public_ipv6: Option<String>,
+    /// The guest's private IPv4 address (NATed for egress).
+    pub private_ipv4: Option<String>,
+    pub mac: Option<String>,
 }
 
 /// A captured VM: frozen disk chain plus memory and device state.
@@ -130,6 +141,8 @@ pub struct CreateVm {
     pub env: BTreeMap<String, String>,
     /// Restore this snapshot instead of the machine type's golden snapshot.
     pub snapshot: Option<String>,
+    /// Firewall of the VM (validated here too).
+    pub firewall: FirewallPolicy,
 }
 
 /// `spec.json` of a VM directory.
@@ -153,6 +166,7 @@ struct Vm {
     agent: tokio::sync::Mutex<Option<AgentClient>>,
     /// Serialises lifecycle operations of this VM.
     op: tokio::sync::Mutex<()>,
+    net: Mutex<Option<Arc<VmNet>>>,
 }
 
 impl Vm {
@@ -167,8 +181,12 @@ impl Vm {
     fn process(&self) -> Option<Arc<dyn VmProcess>> {
         self.process.lock().ok().and_then(|p| p.clone())
     }
+    fn net(&self) -> Option<Arc<VmNet>> {
+        self.net.lock().ok().and_then(|n| n.clone())
+    }
     fn info(&self) -> VmInfo {
         let l = &self.record.launch;
+        let net = self.net();
         VmInfo {
             id: l.id.clone(),
             machine: l.machine.clone(),
@@ -178,6 +196,9 @@ impl Vm {
             state: self.state(),
             pid: self.process().filter(|p| !p.has_exited()).map(|p| p.pid()),
             image_id: l.image_id.clone(),
+            public_ipv6: net.as_ref().map(|n| n.addr.guest6.to_string()),
+            private_ipv4: net.as_ref().map(|n| n.addr.guest4.to_string()),
+            mac: net.as_ref().map(|n| n.addr.mac.clone()),
         }
     }
     fn layers(&self) -> Vec<PathBuf> {
@@ -199,8 +220,13 @@ impl Vm {
             env: self.record.env.clone(),
             time_unix_ns: now,
             entropy: (0..32).map(|_| rand::random::<u8>()).collect(),
+            network: self.net().map(|n| n.guest_config()),
         }
     }
+}
+
+fn read_net_record(paths: &VmPaths) -> Option<NetRecord> {
+    serde_json::from_slice(&std::fs::read(paths.dir.join("net.json")).ok()?).ok()
 }
 
 /// Write `value` as JSON to `path` via a temporary file and a rename.
@@ -222,6 +248,7 @@ pub struct Runtime {
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     images: tokio::sync::OnceCell<(ImageStore, GuestImage)>,
     progress: Progress,
+    net: Option<Network>,
 }
 
 impl Runtime {
@@ -234,7 +261,12 @@ impl Runtime {
         for d in ["layers", "snapshots", "golden"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
         }
+        let net = match cfg.network.clone() {
+            Some(n) => Some(Network::open(n, &cfg.data_dir).await?),
+            None => None,
+        };
         let rt = Arc::new(Runtime {
+            net,
             cfg,
             layers_lock: Default::default(),
             golden_lock: Default::default(),
@@ -280,6 +312,16 @@ impl Runtime {
             };
             tracing::info!(vm = %id, %state, "adopted VM");
             let layers = if record.layers.is_empty() { vec![record.launch.disk.clone()] } else { record.layers.clone() };
+            let net = match (&self.net, read_net_record(&paths)) {
+                (Some(network), Some(rec)) => match network.adopt(rec).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(vm = %id, error = %e, "VM network not re-adopted");
+                        None
+                    }
+                },
+                _ => None,
+            };
             let vm = Arc::new(Vm {
                 record,
                 layers: Mutex::new(layers),
@@ -288,13 +330,38 @@ impl Runtime {
                 process: Mutex::new(process.clone()),
                 agent: Default::default(),
                 op: Default::default(),
+                net: Mutex::new(net),
             });
             if let Some(p) = process {
                 self.watch(vm.clone(), p);
             }
             self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id, vm);
         }
+        if let Some(network) = &self.net {
+            let keep: std::collections::HashSet<String> =
+                self.vms.lock().map(|m| m.values().filter_map(|vm| vm.net()).map(|n| n.addr.netns.clone()).collect()).unwrap_or_default();
+            network.cleanup_orphans(&keep).await;
+        }
         Ok(())
+    }
+
+    /// Replace the firewall of a VM; a running VM enforces it at once (the
+    /// ruleset is reloaded atomically and the resolver switches its gate).
+    pub async fn set_firewall(&self, id: &str, policy: &FirewallPolicy) -> Result<()> {
+        policy.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
+        let vm = self.vm(id)?;
+        let (Some(network), Some(net)) = (&self.net, vm.net()) else { return Ok(()) };
+        network.set_policy(&net, policy).await?;
+        write_json_atomic(&vm.paths.dir.join("net.json"), &net.record())
+    }
+
+    /// Set up the network of a new VM (when networking is on).
+    async fn create_net(&self, id: &str, policy: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
+        policy.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
+        match &self.net {
+            Some(network) => Ok(Some(network.create(id, policy).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Mark the VM stopped when its process exits, whatever the cause.
@@ -350,6 +417,7 @@ impl Runtime {
     /// type (built once per image, machine type and disk size by a fresh boot),
     /// unless golden snapshots are disabled.
     pub async fn create(&self, req: CreateVm) -> Result<VmInfo> {
+        req.firewall.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
         let source = match &req.snapshot {
             Some(id) => Some(self.snapshot_record(id)?),
             None if self.cfg.golden => {
@@ -365,12 +433,24 @@ impl Runtime {
     }
 
     /// Register a VM (state dir, spec.json, disk chain) before its process starts.
-    fn register(&self, id: &str, launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>) -> Result<Arc<Vm>> {
+    /// The VM's network is set up here (and torn down again on failure).
+    async fn register(&self, id: &str, mut launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, firewall: &FirewallPolicy) -> Result<Arc<Vm>> {
         let paths = VmPaths::new(self.cfg.data_dir.join("vms").join(id));
         if paths.dir.exists() {
             return Err(Error::Qemu(format!("VM {id} already exists")));
         }
         std::fs::create_dir_all(&paths.dir).ctx(|| format!("create {}", paths.dir.display()))?;
+        let net = match self.create_net(id, firewall).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                return Err(e);
+            }
+        };
+        launch.net = net.as_ref().map(|n| crate::hypervisor::NetLaunch { netns: n.addr.netns.clone(), tap: crate::net::addr::TAP.into(), mac: n.addr.mac.clone() });
+        if let Some(n) = &net {
+            write_json_atomic(&paths.dir.join("net.json"), &n.record())?;
+        }
         let record = VmRecord { launch, hostname, env, layers: layers.clone() };
         let vm = Arc::new(Vm {
             record,
@@ -380,6 +460,7 @@ impl Runtime {
             process: Mutex::new(None),
             agent: Default::default(),
             op: Default::default(),
+            net: Mutex::new(net),
         });
         vm.save()?;
         self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id.to_owned(), vm.clone());
@@ -415,7 +496,7 @@ impl Runtime {
             Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)).await?;
             let mut launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
             launch.ram = ram;
-            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk])?
+            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk], &req.firewall).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, None).await;
@@ -461,7 +542,7 @@ impl Runtime {
             launch.ram = snap.ram.clone().map(|path| crate::hypervisor::RamFile { path, shared: false });
             let mut layers = vec![disk];
             layers.extend(snap.layers.iter().cloned());
-            self.register(&id, launch, hostname, env, layers)?
+            self.register(&id, launch, hostname, env, layers, &req.firewall).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, Some(&snap.memory)).await;
@@ -597,6 +678,9 @@ impl Runtime {
             p.kill().await?;
         }
         *vm.agent.lock().await = None;
+        if let (Some(network), Some(net)) = (&self.net, vm.net.lock().ok().and_then(|mut n| n.take())) {
+            network.destroy(&net).await;
+        }
         if vm.paths.dir.exists() {
             std::fs::remove_dir_all(&vm.paths.dir).ctx(|| format!("remove {}", vm.paths.dir.display()))?;
         }
@@ -706,7 +790,10 @@ impl Runtime {
     /// built by one fresh boot the first time.
     async fn golden(&self, machine: MachineType, disk_gib: u32) -> Result<SnapshotRecord> {
         let image = self.image().await?.clone();
-        let key = format!("{}-{}-{}-{}g", image.id, self.accel, machine.name, disk_gib);
+        // The device set is part of the key: a golden VM without a network
+        // device cannot be restored into one with it (and vice versa).
+        let net = if self.net.is_some() { "-net1" } else { "" };
+        let key = format!("{}-{}-{}-{}g{net}", image.id, self.accel, machine.name, disk_gib);
         let dir = self.cfg.data_dir.join("golden").join(&key);
         let _g = self.golden_lock.lock().await;
         if dir.join("snapshot.json").exists() {
