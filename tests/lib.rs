@@ -32,6 +32,7 @@ extern "C" fn cleanup_at_exit() {
     let dirs = DIRS.lock().map(|d| d.clone()).unwrap_or_default();
     for dir in dirs {
         kill_vms_in(&dir);
+        fastvm_worker::net::remove_owned_by(&dir);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -69,6 +70,11 @@ pub fn data_dir(name: &str) -> PathBuf {
 pub fn config(dir: &std::path::Path) -> RuntimeConfig {
     let mut cfg = RuntimeConfig::new(dir);
     cfg.image_dir = Some(image_cache());
+    // Tests never use the host's resolver: guests' allowed queries go to a
+    // local port where nothing answers (network tests point it at their own DNS).
+    if let Some(net) = cfg.network.as_mut() {
+        net.dns_upstream = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+    }
     cfg
 }
 
