@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use fastvm_types::exec::ExecVmRequest;
 use fastvm_types::vm::normalize_vm_name;
 use fastvm_types::snapshot::SnapshotStatus;
-use fastvm_types::{LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus};
+use fastvm_types::{FirewallPolicy, LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus};
 use fastvm_worker::{ExecRequest, MachineType, VmState};
 use std::time::Duration;
 
@@ -215,6 +215,7 @@ impl AppState {
             paused_at_ms: None,
             deleted_at_ms: None,
             version: 0,
+            public_ipv6: None,
         };
         // A restore keeps the snapshot in use until its VM runs (see crate::snapshots).
         let mut in_use = None;
@@ -272,7 +273,14 @@ impl AppState {
             Some(sid) => tracing::info!(vm = %id, org = %caller.org_id, snapshot = %sid, machine = machine.name, "restoring VM from snapshot"),
             None => tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM"),
         }
-        let spec = VmSpec { id, machine, hostname: format!("vm-{}", id.short()), env: rec.env_vars.clone(), snapshot: req.snapshot_id };
+        let spec = VmSpec {
+            id,
+            machine,
+            hostname: format!("vm-{}", id.short()),
+            env: rec.env_vars.clone(),
+            snapshot: req.snapshot_id,
+            firewall: rec.firewall.clone(),
+        };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let state = self.clone();
         tokio::spawn(async move {
@@ -289,7 +297,13 @@ impl AppState {
     async fn provision(&self, spec: VmSpec) {
         let id = spec.id;
         let started = std::time::Instant::now();
+        let launched_with = spec.firewall.clone();
         let result = self.worker().create(spec).await;
+        if result.is_ok() {
+            if let Err(e) = self.store().set_vm_public_ipv6(id, self.worker().public_ipv6(id).as_deref()).await {
+                tracing::warn!(vm = %id, error = %e, "recording the VM's public IPv6 failed");
+            }
+        }
         let settle = match &result {
             Ok(()) => {
                 tracing::info!(vm = %id, elapsed_ms = started.elapsed().as_millis() as u64, "VM running");
@@ -316,6 +330,14 @@ impl AppState {
                 .await
             }
         };
+        // A firewall set while the VM booted is pushed now.
+        if let Ok(rec) = &settle {
+            if rec.firewall != launched_with {
+                if let Err(e) = self.worker().set_firewall(id, &rec.firewall).await {
+                    tracing::warn!(vm = %id, error = %e, "applying the firewall set during boot failed");
+                }
+            }
+        }
         if let Err(e) = settle {
             // Deleted (or being deleted) while it booted: make sure it is gone.
             tracing::info!(vm = %id, reason = %e.message, "VM left provisioning meanwhile; removing it from its worker");
@@ -323,6 +345,29 @@ impl AppState {
                 tracing::warn!(vm = %id, error = %e, "cleanup of a VM deleted during boot failed");
             }
         }
+    }
+
+    /// `PUT /v1/vms/{id}/firewall` (`patch` false: replace) and `PATCH`
+    /// (`patch` true: the blocks given replace the stored ones). The result is
+    /// validated (400 with the rule's code), stored, and pushed to the worker
+    /// of a running or paused VM, which enforces it at once.
+    pub(crate) async fn set_firewall(&self, org: OrgId, id: VmId, policy: FirewallPolicy, patch: bool) -> Result<VmRecord, ApiError> {
+        let current = self.find_vm(org, id).await?;
+        let new = if patch { current.firewall.merge_patch(policy) } else { policy };
+        new.validate().map_err(|e| ApiError::bad_request(e.code, e.message))?;
+        let rec = self
+            .modify(Some(org), id, |r| {
+                if r.status == VmStatus::Deleting {
+                    return Err(ApiError::invalid_state(format!("VM {id} is being deleted")));
+                }
+                r.firewall = new.clone();
+                Ok(())
+            })
+            .await?;
+        if matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+            self.worker().set_firewall(id, &new).await.map_err(|e| ApiError::internal(format!("the worker could not apply the firewall: {e}")))?;
+        }
+        Ok(rec)
     }
 
     /// `PATCH /v1/vms/{id}`.
@@ -627,6 +672,7 @@ mod tests {
             paused_at_ms: None,
             deleted_at_ms: None,
             version: 0,
+            public_ipv6: None,
         }
     }
 

@@ -26,6 +26,8 @@ use utoipa::{Modify, OpenApi};
         vms::pause,
         vms::resume,
         vms::refresh_ttl,
+        vms::set_firewall,
+        vms::patch_firewall,
         exec::exec,
         snapshots::list,
         snapshots::create,

@@ -11,7 +11,7 @@
 //! that captured it; VMs restored from it run there too.
 
 use async_trait::async_trait;
-use fastvm_types::{SnapshotId, VmId};
+use fastvm_types::{FirewallPolicy, SnapshotId, VmId};
 use fastvm_worker::runtime::CreateVm;
 use fastvm_worker::{ExecEvent, ExecRequest, MachineType, Runtime, VmState};
 use futures::stream::BoxStream;
@@ -72,6 +72,8 @@ pub struct VmSpec {
     /// Restore this snapshot (of this worker) instead of launching the
     /// machine type's fresh state.
     pub snapshot: Option<SnapshotId>,
+    /// The VM's firewall (validated), enforced from its first packet.
+    pub firewall: FirewallPolicy,
 }
 
 /// Events of one exec, ending with `Exit`. Dropping the stream before the
@@ -106,6 +108,13 @@ pub trait Worker: Send + Sync + 'static {
     /// layers are reference-collected). An unknown snapshot is already
     /// deleted (`Ok`).
     async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError>;
+    /// Replace the firewall of a VM; a running VM enforces it within a
+    /// second, without a restart.
+    async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError>;
+    /// The VM's public IPv6 address, when it has a network.
+    fn public_ipv6(&self, _id: VmId) -> Option<String> {
+        None
+    }
     /// Let go of every VM without stopping them (server shutdown).
     fn detach(&self) {}
 }
@@ -139,6 +148,7 @@ impl Worker for LocalWorker {
             hostname: Some(spec.hostname),
             env: spec.env,
             snapshot: spec.snapshot.map(|s| s.to_string()),
+            firewall: spec.firewall,
             ..Default::default()
         };
         self.runtime.create(req).await?;
@@ -190,6 +200,15 @@ impl Worker for LocalWorker {
             Ok(()) | Err(fastvm_worker::Error::NoSuchSnapshot(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError> {
+        self.runtime.set_firewall(&id.to_string(), policy).await?;
+        Ok(())
+    }
+
+    fn public_ipv6(&self, id: VmId) -> Option<String> {
+        self.runtime.get(&id.to_string()).ok().and_then(|i| i.public_ipv6)
     }
 
     fn detach(&self) {

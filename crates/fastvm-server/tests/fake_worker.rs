@@ -13,7 +13,7 @@ use fastvm_server::worker::{ExecEvents, VmSpec, Worker, WorkerError};
 use fastvm_server::AppState;
 use fastvm_server::store::SnapshotRecord;
 use fastvm_types::snapshot::SnapshotStatus;
-use fastvm_types::{OrgId, SnapshotId, VmId, VmStatus};
+use fastvm_types::{FirewallPolicy, OrgId, SnapshotId, VmId, VmStatus};
 use fastvm_worker::{ExecEvent, ExecRequest, VmState};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -38,6 +38,8 @@ struct FakeWorker {
     snapshots: Mutex<HashSet<SnapshotId>>,
     /// The spec of every create, in order.
     created: Mutex<Vec<VmSpec>>,
+    /// Every firewall pushed by set_firewall, in order.
+    firewalls: Mutex<Vec<(VmId, FirewallPolicy)>>,
 }
 
 impl FakeWorker {
@@ -151,6 +153,20 @@ impl Worker for FakeWorker {
             s.remove(&snapshot);
         }
         Ok(())
+    }
+
+    async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError> {
+        if !self.has(id) {
+            return Err(WorkerError::NotFound(format!("no VM {id}")));
+        }
+        if let Ok(mut f) = self.firewalls.lock() {
+            f.push((id, policy.clone()));
+        }
+        Ok(())
+    }
+
+    fn public_ipv6(&self, id: VmId) -> Option<String> {
+        self.has(id).then(|| "fd00:fa57::1:2".to_owned())
     }
 }
 
@@ -376,6 +392,7 @@ fn row(org: OrgId, status: VmStatus) -> VmRecord {
         paused_at_ms: None,
         deleted_at_ms: None,
         version: 0,
+        public_ipv6: None,
     }
 }
 
@@ -986,5 +1003,57 @@ async fn parallel_launches_cannot_race_past_a_limit() -> TestResult {
     assert_eq!(list.as_array().map(Vec::len), Some(3));
     let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
     assert_eq!(q["usage"]["vcpu"], json!(3));
+    Ok(())
+}
+
+#[tokio::test]
+async fn firewall_put_and_patch_validate_store_and_push() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2", "firewall": {"dns": {"mode": "allow", "domains": ["*.example.com"]}}}))).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(vm["publicIpv6"], json!("fd00:fa57::1:2"));
+    let id = id_of(&vm)?;
+    assert_eq!(h.worker.last_created().map(|s| s.firewall.dns.map(|d| d.domains)), Some(Some(vec!["*.example.com".to_owned()])));
+    let path = format!("/v1/vms/{id}/firewall");
+
+    // PUT replaces: missing blocks become the defaults.
+    let put = json!({"ingress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "::/0", "protocol": "tcp", "ports": "8080", "action": "allow"}]}});
+    let (status, v) = h.call("PUT", &path, Some(put)).await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["firewall"]["dns"]["mode"], json!("deny"));
+    assert_eq!(v["firewall"]["ingress"]["rules"][0]["ports"], json!("8080"));
+    assert_eq!(v["effectiveFirewall"]["egress"]["defaultAction"], json!("allow"));
+    let pushed = h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0);
+    assert_eq!(pushed, 1);
+
+    // PATCH keeps the blocks it does not carry.
+    let (status, v) = h.call("PATCH", &path, Some(json!({"egress": {"defaultAction": "deny", "rules": []}}))).await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!((&v["firewall"]["egress"]["defaultAction"], &v["firewall"]["ingress"]["rules"][0]["ports"]), (&json!("deny"), &json!("8080")));
+    assert_eq!(h.call("GET", &format!("/v1/vms/{id}"), None).await?.1["firewall"], v["firewall"]);
+
+    // Validation: 400 with the rule's code; nothing stored or pushed.
+    let bad = [
+        (json!({"ingress": {"rules": [{"kind": "cidr", "value": "10.0.0.0/33", "action": "allow"}]}}), "INVALID_CIDR"),
+        (json!({"ingress": {"rules": [{"kind": "cidr", "value": "::/0", "protocol": "any", "ports": "80", "action": "allow"}]}}), "INVALID_PORTS"),
+        (json!({"egress": {"rules": [{"kind": "fqdn", "value": "a.*.com", "action": "allow"}]}}), "INVALID_FIREWALL"),
+        (json!({"dns": {"mode": "allow", "domains": ["ok.test"]}, "egress": {"rules": [{"kind": "fqdn", "value": "other.test", "action": "allow"}]}}), "DEAD_FQDN_RULE"),
+    ];
+    for (body, code) in bad {
+        let (status, err) = h.call("PUT", &path, Some(body.clone())).await?;
+        assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!(code)), "{body}: {err}");
+    }
+    // A PATCH whose merge makes a rule dead is refused too.
+    let (_, _) = h.call("PATCH", &path, Some(json!({"egress": {"rules": [{"kind": "fqdn", "value": "api.test", "protocol": "tcp", "ports": "443", "action": "allow"}]}}))).await?;
+    let (status, err) = h.call("PATCH", &path, Some(json!({"dns": {"mode": "deny", "domains": ["api.test"]}}))).await?;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("DEAD_FQDN_RULE")), "{err}");
+    let (status, _) = h.call("PUT", &path, Some(json!({"bogus": 1}))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0), 3);
+
+    // Unknown VM: 404.
+    let (status, _) = h.call("PUT", &format!("/v1/vms/{}/firewall", VmId::new_v4()), Some(json!({}))).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     Ok(())
 }

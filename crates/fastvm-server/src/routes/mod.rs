@@ -24,7 +24,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use fastvm_types::{SnapshotId, VmId};
 use serde::de::DeserializeOwned;
@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/exec", post(exec::exec))
         .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
+        .route("/v1/vms/{id}/firewall", put(vms::set_firewall).patch(vms::patch_firewall))
         .route("/v1/org/quotas", get(org::quotas))
         .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
         .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))

@@ -37,7 +37,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use fastvm_types::vm::ListVmsQuery;
-use fastvm_types::{ApiError as ErrorBody, DeleteResponse, LaunchVmRequest, UpdateVmRequest, Vm, VmStatus};
+use fastvm_types::{ApiError as ErrorBody, DeleteResponse, FirewallPolicy, LaunchVmRequest, UpdateVmRequest, Vm, VmStatus};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// RFC 3339 (UTC, milliseconds) of a Unix-ms time.
@@ -48,7 +48,7 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 
 /// The API view of a stored VM. Features that land later are present with
 /// honest values: no services (so `effectiveFirewall` is the normalized
-/// policy), no volumes, no bucket mounts, no public IPv6.
+/// policy), no volumes, no bucket mounts.
 pub(crate) fn view(r: &VmRecord) -> Vm {
     let firewall = r.firewall.normalized();
     let effective_firewall = r.firewall.with_service_rules(std::iter::empty());
@@ -63,7 +63,7 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
         effective_firewall,
         metadata: r.metadata.clone(),
         env_vars: r.env_vars.clone(),
-        public_ipv6: None,
+        public_ipv6: r.public_ipv6.clone(),
         cpu: r.cpu,
         memory_mib: r.memory_mib,
         disk_gib: r.disk_gib,
@@ -264,4 +264,56 @@ pub async fn resume(State(state): State<AppState>, caller: Caller, VmPath(id): V
 )]
 pub async fn refresh_ttl(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.refresh_ttl(caller.org_id, id).await?)))
+}
+
+/// Replace firewall policy
+#[utoipa::path(
+    put,
+    path = "/v1/vms/{id}/firewall",
+    tag = "vms",
+    operation_id = "setVmFirewall",
+    summary = "Replace firewall policy",
+    description = "Replaces the VM's firewall (missing blocks take the safe defaults: ingress deny, egress allow, dns mode=deny). \
+                   A running VM enforces the new policy within a second, without a restart.",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    request_body = FirewallPolicy,
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM with its new firewall", body = Vm),
+        (status = 400, description = "Malformed body, or a rule breaks the spec (`INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM is being deleted", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+    )
+)]
+pub async fn set_firewall(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(policy): JsonBody<FirewallPolicy>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.set_firewall(caller.org_id, id, policy, false).await?)))
+}
+
+/// Patch firewall policy
+#[utoipa::path(
+    patch,
+    path = "/v1/vms/{id}/firewall",
+    tag = "vms",
+    operation_id = "patchVmFirewall",
+    summary = "Patch firewall policy",
+    description = "Each block given (ingress, egress, dns) replaces the VM's current one; blocks not given are kept. The result is \
+                   validated as a whole (an fqdn rule made dead by the dns block is rejected) and enforced within a second.",
+    params(("id" = String, Path, description = "VM ID (UUID).")),
+    request_body = FirewallPolicy,
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The VM with its new firewall", body = Vm),
+        (status = 400, description = "Malformed body, or the merged policy breaks the spec (`INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 409, description = "The VM is being deleted", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+    )
+)]
+pub async fn patch_firewall(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(policy): JsonBody<FirewallPolicy>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(&state.set_firewall(caller.org_id, id, policy, true).await?)))
 }

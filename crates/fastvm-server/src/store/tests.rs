@@ -25,6 +25,7 @@ fn sample_vm(org: OrgId) -> VmRecord {
         status: VmStatus::Provisioning,
         status_message: None,
         firewall: FirewallPolicy::default(),
+        public_ipv6: None,
         metadata: [("team".to_owned(), "infra".to_owned())].into(),
         env_vars: [("A".to_owned(), "1".to_owned())].into(),
         ttl: Some(Ttl { seconds: 60, action: TtlAction::Delete }),

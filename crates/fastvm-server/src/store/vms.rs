@@ -34,11 +34,13 @@ pub struct VmRecord {
     pub deleted_at_ms: Option<i64>,
     /// Bumped by every update (optimistic concurrency).
     pub version: i64,
+    /// The guest's public IPv6 address, once its worker reported it.
+    pub public_ipv6: Option<String>,
 }
 
 const VM_COLUMNS: &str = "id, org_id, worker_id, name, machine_name, source_name, cpu, memory_mib, disk_gib, status, status_message, \
      firewall, metadata, env_vars, ttl_seconds, ttl_action, expires_at_ms, ttl_remaining_ms, created_at_ms, paused_at_ms, \
-     deleted_at_ms, version";
+     deleted_at_ms, version, public_ipv6";
 
 fn corrupt(message: String) -> StoreError {
     StoreError::Corrupt { table: "vms", message }
@@ -102,6 +104,7 @@ fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
         paused_at_ms: row.try_get("paused_at_ms")?,
         deleted_at_ms: row.try_get("deleted_at_ms")?,
         version: row.try_get("version")?,
+        public_ipv6: row.try_get("public_ipv6")?,
     })
 }
 
@@ -109,7 +112,7 @@ impl Store {
     /// Insert a new VM row.
     pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
         sqlx::query(&format!(
-            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
         ))
         .bind(vm.id.to_string())
         .bind(vm.org_id.to_string())
@@ -133,6 +136,7 @@ impl Store {
         .bind(vm.paused_at_ms)
         .bind(vm.deleted_at_ms)
         .bind(vm.version)
+        .bind(vm.public_ipv6.clone())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -208,6 +212,12 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(row.try_get("next")?)
+    }
+
+    /// Record the public IPv6 address the worker gave the VM.
+    pub async fn set_vm_public_ipv6(&self, id: VmId, ipv6: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE vms SET public_ipv6 = $1 WHERE id = $2").bind(ipv6.map(str::to_owned)).bind(id.to_string()).execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Write every mutable column of `vm` if its row still has `vm.version`;
