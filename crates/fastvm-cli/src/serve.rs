@@ -23,6 +23,18 @@ pub struct ServeArgs {
     /// Where guest images are cached (default: DATA_DIR/images).
     #[arg(long, env = "FASTVM_IMAGE_DIR")]
     pub image_dir: Option<PathBuf>,
+    /// IPv6 prefix routed to this host; each VM's publicIpv6 comes from it.
+    #[arg(long, env = "FASTVM_IPV6_PREFIX", default_value = "fd00:fa57::/64")]
+    pub ipv6_prefix: ipnet::Ipv6Net,
+    /// IPv4 pool of the VMs' private addresses (a /29 per VM, NATed for egress).
+    #[arg(long, env = "FASTVM_IPV4_POOL", default_value = "10.200.0.0/16")]
+    pub ipv4_pool: ipnet::Ipv4Net,
+    /// Upstream DNS server of the VMs' resolvers (default: the host's first nameserver).
+    #[arg(long, env = "FASTVM_DNS_UPSTREAM")]
+    pub dns_upstream: Option<SocketAddr>,
+    /// No VM networking at all (hosts without nftables or network namespaces).
+    #[arg(long, env = "FASTVM_NO_NETWORK")]
+    pub no_network: bool,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -32,6 +44,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.database_url = args.database_url;
     cfg.runtime.accel = args.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     cfg.runtime.image_dir = args.image_dir;
+    if args.no_network {
+        cfg.runtime.network = None;
+    } else if let Some(net) = cfg.runtime.network.as_mut() {
+        net.ipv6_prefix = args.ipv6_prefix;
+        net.ipv4_pool = args.ipv4_pool;
+        if let Some(up) = args.dns_upstream {
+            net.dns_upstream = up;
+        }
+    }
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(t) => t,

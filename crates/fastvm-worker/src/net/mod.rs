@@ -267,8 +267,14 @@ impl Network {
             return Err(Error::Network(format!("namespace {} is gone", rec.addressing.netns)));
         }
         let net = Arc::new(VmNet { addr: rec.addressing, policy: Mutex::new(rec.policy), resolver: Mutex::new(None), nft_lock: Default::default() });
-        self.load_rules(&net).await?;
-        self.start_resolver(&net).await?;
+        // The VM keeps its network (and is torn down on delete) even when
+        // these fail, e.g. while another runtime still serves its resolver.
+        if let Err(e) = self.load_rules(&net).await {
+            tracing::warn!(netns = %net.addr.netns, error = %e, "reloading the firewall failed");
+        }
+        if let Err(e) = self.start_resolver(&net).await {
+            tracing::warn!(netns = %net.addr.netns, error = %e, "restarting the resolver failed");
+        }
         Ok(net)
     }
 
