@@ -129,14 +129,14 @@ while True:
     c, _ = s.accept(); c.close()
 EOF
 setsid nohup python3 /tmp/l.py >/dev/null 2>&1 &
-for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/7000) 2>/dev/null && exit 0; sleep 0.1; done; exit 1";
+for i in $(seq 100); do python3 -c \"import socket; socket.create_connection(('127.0.0.1', 7000), 1)\" 2>/dev/null && exit 0; sleep 0.1; done; exit 1";
 
 /// Throughput MB/s (median of 3) from the guest to `sink_addr`, and connect
 /// latencies (ms) to `guest:7000` made by `connect_from` (a namespace, or the host).
 async fn measure(guest: &impl Guest, sink_addr: SocketAddr, rx: &mpsc::Receiver<(usize, f64)>, target: SocketAddr, connect_from: Option<&str>) -> anyhow::Result<(f64, Vec<f64>)> {
     let mut rates = Vec::new();
     for _ in 0..3 {
-        guest.sh(&format!("head -c {}M /dev/zero > /dev/tcp/{}/{}", MIB, sink_addr.ip(), sink_addr.port())).await?;
+        guest.sh(&format!("bash -c 'head -c {}M /dev/zero > /dev/tcp/{}/{}'", MIB, sink_addr.ip(), sink_addr.port())).await?;
         let (bytes, secs) = rx.recv_timeout(Duration::from_secs(30))?;
         anyhow::ensure!(bytes == MIB << 20, "sink got {bytes} bytes");
         rates.push(bytes as f64 / secs / 1e6);
