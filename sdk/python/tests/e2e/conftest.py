@@ -138,6 +138,8 @@ class LiveServer:
                     "--data-dir", str(self.data_dir),
                     "--listen", f"127.0.0.1:{self.port}",
                     "--image-dir", str(self.image_dir),
+                    # Guests' allowed DNS queries go nowhere: never the host's resolver.
+                    "--dns-upstream", "127.0.0.1:9",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
