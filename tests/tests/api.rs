@@ -199,7 +199,9 @@ fn launch_201_returns_every_vm_field() {
     assert_eq!((&vm["machineName"], &vm["cpu"], &vm["memoryMiB"], &vm["diskGiB"]), (&json!("c1m2"), &json!(1), &json!(2048), &json!(10)));
     assert_eq!(vm["metadata"], json!({"team": "api"}));
     assert_eq!(vm["envVars"], json!({"GREETING": "hello api"}));
-    assert_eq!((&vm["volumes"], &vm["bucketMounts"], &vm["publicIpv6"], &vm["deletedAt"], &vm["pausedAt"]), (&json!([]), &json!([]), &json!(null), &json!(null), &json!(null)));
+    assert_eq!((&vm["volumes"], &vm["bucketMounts"], &vm["deletedAt"], &vm["pausedAt"]), (&json!([]), &json!([]), &json!(null), &json!(null)));
+    // Every VM gets an address of the worker's IPv6 prefix (default fd00:fa57::/64).
+    assert!(vm["publicIpv6"].as_str().is_some_and(|a| a.starts_with("fd00:fa57::")), "{}", vm["publicIpv6"]);
     // The stored policy comes back normalized; no services yet, so the effective one equals it.
     assert_eq!(vm["firewall"]["egress"]["defaultAction"], "deny");
     assert_eq!(vm["firewall"]["ingress"]["defaultAction"], "deny");
