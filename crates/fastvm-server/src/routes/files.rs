@@ -162,11 +162,11 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
 pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FileFetchRequest>) -> Result<Json<ExecVmResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
+    state.running_vm_cap(caller.org_id, id, "fetch").await?;
     let key = staging.resolve(&req.url, Method::Get).map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
     if key.org != caller.org_id.to_string() {
         return Err(ApiError::bad_request(codes::INVALID_FETCH_URL, "url was presigned for a VM of another org; presign one for a VM of yours"));
     }
-    state.running_vm_cap(caller.org_id, id, "fetch").await?;
     let (_, body) = staging.get(&key).await?;
     let mut wreq = ExecRequest::argv(["sh", "-c", FETCH_SCRIPT, "sh", req.path.as_str()]).with_timeout(timeout_of(req.timeout_sec));
     wreq.stdin = true;
@@ -199,11 +199,11 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
 pub async fn export(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FileExportRequest>) -> Result<Json<FileExportResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
+    let cap = state.running_vm_cap(caller.org_id, id, "export").await?;
     let key = staging.resolve(&req.url, Method::Put).map_err(|e| body_url_error(e, codes::INVALID_EXPORT_URL, "url (an uploadUrl)"))?;
     if key.org != caller.org_id.to_string() || key.vm != id.to_string() {
         return Err(ApiError::bad_request(codes::INVALID_EXPORT_URL, "url was presigned for another VM; presign one for this VM"));
     }
-    let cap = state.running_vm_cap(caller.org_id, id, "export").await?;
     let deadline = Instant::now() + timeout_of(req.timeout_sec);
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
 
