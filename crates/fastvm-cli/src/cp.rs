@@ -91,7 +91,7 @@ fn check_exec(out: &Value, what: &str) -> anyhow::Result<()> {
 async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &str) -> anyhow::Result<()> {
     let meta = std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?;
     let is_dir = meta.is_dir();
-    let target = if is_dir { format!("/tmp/.fastvm-upload-{}.tar", uuid::Uuid::new_v4().simple()) } else { path.to_owned() };
+    let target = if is_dir { format!("/var/tmp/.fastvm-upload-{}.tar", uuid::Uuid::new_v4().simple()) } else { path.to_owned() };
     let (up, down) = presign(client, vm, &target).await?;
     let put = client.http.put(&up).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
     let bar;

@@ -63,7 +63,7 @@ def test_upload_directory_streams_tar_and_extracts(client, server, tmp_path):
 
     presign, put, fetch, run = server.requests
     tmp = server.json(presign)["path"]
-    assert tmp.startswith("/tmp/.fastvm-upload-") and tmp.endswith(".tar")
+    assert tmp.startswith("/var/tmp/.fastvm-upload-") and tmp.endswith(".tar")
     assert "Content-Length" not in put.headers  # streamed from tar's stdout
     members = tar_members(put.content)
     assert members["./main.py"] == b"print(1)" and members["./pkg/mod.py"] == b"x = 2"

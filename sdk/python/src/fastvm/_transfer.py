@@ -43,7 +43,8 @@ def _tar_argv(directory: str) -> list[str]:
 
 
 def _vm_tmp_path() -> str:
-    return f"/tmp/.fastvm-upload-{uuid.uuid4().hex}.tar"
+    # /var/tmp: on the VM disk (the guest /tmp is a RAM tmpfs, too small for big trees).
+    return f"/var/tmp/.fastvm-upload-{uuid.uuid4().hex}.tar"
 
 
 def _extract_command(tmp: str, dest: str) -> str:
