@@ -11,6 +11,7 @@
 //! ```
 
 mod client;
+mod cp;
 mod exec;
 mod images;
 mod orgs;
@@ -54,6 +55,8 @@ enum Command {
     },
     /// Run a command in a VM.
     Exec(exec::ExecArgs),
+    /// Copy files and directories into or out of a VM: `cp LOCAL VM:PATH`, `cp VM:PATH LOCAL`.
+    Cp(cp::CpArgs),
     /// Capture VMs and manage snapshots (restore: `fastvm vm launch --snapshot ID`).
     Snapshot {
         #[command(subcommand)]
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             Command::Images { command } => images::run(command).await.map(|()| 0),
             Command::Vm { command } => vm::run(command).await.map(|()| 0),
             Command::Exec(args) => exec::run(args).await,
+            Command::Cp(args) => cp::run(args).await.map(|()| 0),
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
         }
     });

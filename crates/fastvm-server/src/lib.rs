@@ -36,6 +36,7 @@ pub mod openapi;
 mod quotas;
 pub mod routes;
 mod snapshots;
+pub mod staging;
 pub mod store;
 mod ttl;
 pub mod worker;
@@ -75,6 +76,12 @@ pub struct ServerConfig {
     /// After shutdown is requested, how long open requests (e.g. exec
     /// streams) may go on before the server stops anyway.
     pub shutdown_grace: Duration,
+    /// Base of the absolute URLs this server hands out (signed staging
+    /// URLs), e.g. `https://vms.example.com`. Default: `http://` + the
+    /// listen address (127.0.0.1 when listening on every address).
+    pub public_url: Option<String>,
+    /// URL lifetime, object max age, upload cap of the staging store.
+    pub staging: staging::StagingConfig,
 }
 
 impl ServerConfig {
@@ -88,7 +95,21 @@ impl ServerConfig {
             database_url: None,
             launch_wait: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            public_url: None,
+            staging: staging::StagingConfig::default(),
         }
+    }
+
+    /// [`ServerConfig::public_url`] or its default from the listen address.
+    pub fn public_base_url(&self) -> String {
+        if let Some(u) = &self.public_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
     }
 }
 
@@ -110,6 +131,11 @@ struct Inner {
     quota_locks: std::sync::Mutex<std::collections::HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the TTL reaper when a deadline may have moved (see ttl.rs).
     ttl_wake: tokio::sync::Notify,
+    /// The staging store of file transfers (none: those routes answer 501).
+    staging: Option<Arc<dyn staging::StagingStore>>,
+    /// The same store when it is the local one (it serves /v1/staging).
+    local_staging: Option<Arc<staging::local::LocalStaging>>,
+    staging_config: staging::StagingConfig,
 }
 
 impl AppState {
@@ -121,7 +147,38 @@ impl AppState {
             snapshot_use: Default::default(),
             quota_locks: Default::default(),
             ttl_wake: Default::default(),
+            staging: None,
+            local_staging: None,
+            staging_config: Default::default(),
         }) }
+    }
+
+    /// Give the state a local staging store (call right after [`AppState::new`]).
+    pub fn with_local_staging(mut self, store: Arc<staging::local::LocalStaging>, cfg: staging::StagingConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.staging = Some(store.clone());
+            inner.local_staging = Some(store);
+            inner.staging_config = cfg;
+        }
+        self
+    }
+
+    pub(crate) fn staging(&self) -> Result<&Arc<dyn staging::StagingStore>, error::ApiError> {
+        self.inner.staging.as_ref().ok_or_else(no_staging)
+    }
+
+    pub(crate) fn local_staging(&self) -> Result<&Arc<staging::local::LocalStaging>, error::ApiError> {
+        self.inner.local_staging.as_ref().ok_or_else(no_staging)
+    }
+
+    pub(crate) fn staging_config(&self) -> &staging::StagingConfig {
+        &self.inner.staging_config
+    }
+
+    /// The staging store and its max object age, for [`staging::spawn_gc`].
+    pub fn staging_gc(&self) -> Option<staging::GcTask> {
+        let store = self.inner.staging.clone()?;
+        Some(staging::spawn_gc(store, self.inner.staging_config.max_age))
     }
 
     pub(crate) fn snapshot_use(&self) -> &Arc<tokio::sync::RwLock<()>> {
@@ -145,6 +202,10 @@ impl AppState {
     pub async fn reconcile_on_start(&self) -> anyhow::Result<()> {
         self.reconcile_all().await.map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))
     }
+}
+
+fn no_staging() -> error::ApiError {
+    error::ApiError::new(axum::http::StatusCode::NOT_IMPLEMENTED, error::codes::NOT_IMPLEMENTED, "file transfer needs a staging store; this server was built without one")
 }
 
 /// Open the store of a data dir, creating, migrating and (on first use, see
@@ -182,7 +243,7 @@ pub async fn bootstrap(store: &Store, data_dir: &Path) -> anyhow::Result<Option<
 }
 
 /// Write `contents` to a new file readable by its owner only.
-fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
@@ -202,16 +263,18 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
     let runtime = Runtime::open(cfg.runtime.clone()).await.context("opening the embedded worker")?;
     tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
     let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let state = AppState::new(store, worker, cfg.launch_wait);
+    let staging = staging::local::LocalStaging::open(&cfg.data_dir, &cfg.public_base_url()).context("opening the staging store")?;
+    let state = AppState::new(store, worker, cfg.launch_wait).with_local_staging(Arc::new(staging), cfg.staging.clone());
     state.reconcile_on_start().await?;
     Ok((routes::router(state.clone()), state))
 }
 
 /// Serve the API on `cfg.listen` until `shutdown` completes. VMs keep
 /// running after it returns.
-pub async fn serve(cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let (router, state) = build_app(&cfg).await?;
+pub async fn serve(mut cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    cfg.listen = listener.local_addr()?;
+    let (router, state) = build_app(&cfg).await?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
     serve_on(listener, router, state, shutdown, cfg.shutdown_grace).await
 }
@@ -224,6 +287,7 @@ async fn serve_on(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let reaper = spawn_ttl_reaper(&state);
+    let _staging_gc = state.staging_gc();
     let requested = Arc::new(tokio::sync::Notify::new());
     let notify = requested.clone();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -278,10 +342,11 @@ impl RunningServer {
 
 /// Build the app and serve it in the background on `cfg.listen` (which may
 /// have port 0).
-pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
-    let (router, state) = build_app(&cfg).await?;
+pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    cfg.listen = addr;
+    let (router, state) = build_app(&cfg).await?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(

@@ -567,6 +567,7 @@ impl AppState {
             env: req.env.clone().unwrap_or_default(),
             cwd: req.cwd.clone(),
             timeout: req.timeout_sec.map(Duration::from_secs),
+            stdin: false,
         };
         match self.worker().exec(id, wreq).await {
             Ok(events) => Ok(events),

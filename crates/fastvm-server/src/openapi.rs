@@ -4,7 +4,7 @@
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
 
-use crate::routes::{exec, health, org, snapshots, vms};
+use crate::routes::{exec, files, health, org, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -29,6 +29,9 @@ use utoipa::{Modify, OpenApi};
         vms::set_firewall,
         vms::patch_firewall,
         exec::exec,
+        files::presign,
+        files::fetch,
+        files::export,
         snapshots::list,
         snapshots::create,
         snapshots::get,
@@ -41,6 +44,7 @@ use utoipa::{Modify, OpenApi};
         (name = "health", description = "Liveness"),
         (name = "vms", description = "VM lifecycle and exec"),
         (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
+        (name = "files", description = "File transfer through the staging store. `/files/export` is an extension of this server (the spec's download flow needs guest network; export does not)"),
         (name = "org", description = "The caller's org: quotas and usage"),
     )
 )]

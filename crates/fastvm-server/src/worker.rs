@@ -81,6 +81,9 @@ pub struct VmSpec {
 /// from the guest as the consumer polls, so a slow consumer slows the guest.
 pub type ExecEvents = BoxStream<'static, Result<ExecEvent, WorkerError>>;
 
+/// Bytes fed to a process's stdin (or read from a staging object).
+pub type ByteStream = BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
+
 /// A host that runs VMs.
 #[async_trait]
 pub trait Worker: Send + Sync + 'static {
@@ -100,6 +103,14 @@ pub trait Worker: Send + Sync + 'static {
     async fn delete(&self, id: VmId) -> Result<(), WorkerError>;
     /// Start a process in the running VM.
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError>;
+    /// Start a process whose stdin is `input` (then EOF), pulled only as the
+    /// guest consumes it. When `input` fails, the process is killed and the
+    /// events end with that error (a partial input never looks complete).
+    /// The default refuses (a worker without stdin support).
+    async fn exec_with_input(&self, id: VmId, req: ExecRequest, input: ByteStream) -> Result<ExecEvents, WorkerError> {
+        let _ = (id, req, input);
+        Err(WorkerError::Failed("this worker cannot feed a process's stdin".into()))
+    }
     /// Capture the running or paused VM `vm` as snapshot `snapshot`: memory,
     /// device state and disk. The VM keeps running (a paused VM stays
     /// paused). On failure nothing of the snapshot is left behind.
@@ -190,6 +201,26 @@ impl Worker for LocalWorker {
         Ok(Box::pin(events))
     }
 
+    async fn exec_with_input(&self, id: VmId, req: ExecRequest, input: ByteStream) -> Result<ExecEvents, WorkerError> {
+        let mut stream = self.runtime.exec(&id.to_string(), &req.with_stdin()).await?;
+        let writer = stream.take_stdin().ok_or_else(|| WorkerError::Failed("the exec has no stdin".into()))?;
+        let (fail_tx, fail_rx) = tokio::sync::mpsc::channel::<String>(1);
+        let pump = AbortOnDrop(tokio::spawn(pump_stdin(writer, input, fail_tx)));
+        let events = futures::stream::unfold(Some((stream, fail_rx, pump)), |state| async move {
+            let (mut s, mut fail_rx, pump) = state?;
+            tokio::select! {
+                biased;
+                Some(msg) = fail_rx.recv() => Some((Err(WorkerError::Failed(msg)), None)),
+                item = s.next() => {
+                    let item = item?.map_err(WorkerError::from);
+                    let last = matches!(item, Ok(ExecEvent::Exit(_)) | Err(_));
+                    Some((item, (!last).then_some((s, fail_rx, pump))))
+                }
+            }
+        });
+        Ok(Box::pin(events))
+    }
+
     async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
         self.runtime.snapshot(&vm.to_string(), Some(snapshot.to_string())).await?;
         Ok(())
@@ -214,4 +245,35 @@ impl Worker for LocalWorker {
     fn detach(&self) {
         self.runtime.detach_all();
     }
+}
+
+/// Aborts its task when dropped (the exec's consumer went away).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Feed `input` to the process, then EOF. A failing input kills the process
+/// and is reported through `fail`; a process that stops reading ends the
+/// pump quietly (its exit status says why).
+async fn pump_stdin(mut writer: fastvm_worker::agent::StdinWriter, mut input: ByteStream, fail: tokio::sync::mpsc::Sender<String>) {
+    use futures::StreamExt as _;
+    while let Some(chunk) = input.next().await {
+        match chunk {
+            Ok(data) => {
+                if writer.write(data).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                let _ = fail.send(format!("reading the input for the guest failed: {e}")).await;
+                return;
+            }
+        }
+    }
+    let _ = writer.finish().await;
 }

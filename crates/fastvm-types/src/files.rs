@@ -41,6 +41,48 @@ pub struct FileFetchRequest {
     pub timeout_sec: Option<u64>,
 }
 
+/// Body of `POST /v1/vms/{id}/files/export` (an extension of this server,
+/// not in the spec): stream a guest path into the staging object of `url`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileExportRequest {
+    /// Absolute path in the guest: a file (copied as is) or a directory
+    /// (a tar archive rooted at `./`).
+    pub path: String,
+    /// An `uploadUrl` from `/files/presign` for this VM.
+    pub url: String,
+    /// Timeout in seconds for classifying and streaming (positive); omit for the server default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_sec: Option<u64>,
+}
+
+/// What an export found at the guest path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    /// A file: the object holds its bytes.
+    File,
+    /// A directory: the object is a tar archive rooted at `./`.
+    Directory,
+}
+
+/// Answer of `POST /v1/vms/{id}/files/export`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileExportResponse {
+    pub kind: FileKind,
+    /// Bytes written to the staging object.
+    pub size_bytes: u64,
+}
+
+impl FileExportRequest {
+    /// Checks the path and timeout (the server checks the URL).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate_guest_path("path", &self.path)?;
+        validate_timeout("timeoutSec", self.timeout_sec)
+    }
+}
+
 impl FilePresignRequest {
     /// Checks the path is absolute and NUL-free.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -84,6 +126,15 @@ mod tests {
             v,
             json!({"uploadUrl": "u", "downloadUrl": "d", "expiresInSec": 900, "maxUploadBytes": 10})
         );
+        Ok(())
+    }
+
+    #[test]
+    fn export_wire_forms() -> Result<(), serde_json::Error> {
+        let r: FileExportRequest = serde_json::from_value(json!({"path": "/a", "url": "http://x/u", "timeoutSec": 5}))?;
+        assert_eq!(r.validate(), Ok(()));
+        let v = serde_json::to_value(FileExportResponse { kind: FileKind::Directory, size_bytes: 3 })?;
+        assert_eq!(v, json!({"kind": "directory", "sizeBytes": 3}));
         Ok(())
     }
 

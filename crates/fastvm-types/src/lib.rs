@@ -17,7 +17,7 @@
 //! | [`exec`]           | `/v1/vms/{id}/exec` (JSON and NDJSON)                   |
 //! | [`firewall`]       | `/v1/vms/{id}/firewall` (PUT, PATCH)                    |
 //! | [`service`]        | `/v1/vms/{id}/services`                                 |
-//! | [`files`]          | `/v1/vms/{id}/files/presign`, `/files/fetch`            |
+//! | [`files`]          | `/v1/vms/{id}/files/presign`, `/files/fetch`, `/files/export` (extension) |
 //! | [`volume`]         | `/v1/volumes`, `/v1/vms/{id}/volumes`                   |
 //! | [`bucket_mount`]   | `/v1/vms/{id}/bucket-mounts`                            |
 //! | [`console`]        | `/v1/vms/{id}/console-token`                            |
@@ -93,6 +93,9 @@ pub use vm::{LaunchVmRequest, Ttl, TtlAction, UpdateVmRequest, Vm, VmStatus};
     files::FilePresignRequest,
     files::FilePresignResponse,
     files::FileFetchRequest,
+    files::FileExportRequest,
+    files::FileExportResponse,
+    files::FileKind,
     console::ConsoleTokenResponse,
     health::HealthResponse,
     quota::OrgQuotaValues,

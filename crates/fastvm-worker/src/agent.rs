@@ -6,6 +6,9 @@
 //!  reader task: frames -> per-stream queues (bounded by the flow-control
 //!               window, which the host enforces: a guest exceeding it is cut off)
 //!  ExecStream::next(): yields output, returns credit as it is consumed
+//!  StdinWriter::write(): sends stdin Data frames within the window the agent
+//!               grants (STREAM_WINDOW at start, Credit{Stdin} as it writes them
+//!               to the process), then Eof on finish()
 //! ```
 //!
 //! Everything read from the guest is untrusted: frames are bounded by the
@@ -14,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::exec::ExecEvent;
 use bytes::Bytes;
-use fastvm_agent_proto::{Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, PROTOCOL_VERSION, STREAM_WINDOW};
+use fastvm_agent_proto::{Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// What the agent said about itself at connect.
@@ -44,6 +47,62 @@ struct Route {
     tx: mpsc::UnboundedSender<Incoming>,
     /// Bytes received and not yet credited back, per output fd.
     unacked: [u32; 2],
+    /// Send window of the stream's stdin, when it has one.
+    stdin: Option<Arc<StdinCredit>>,
+}
+
+impl Drop for Route {
+    /// A removed route (exit, cancel, connection loss) wakes a writer
+    /// waiting for stdin credit that will never come.
+    fn drop(&mut self) {
+        if let Some(c) = &self.stdin {
+            c.close();
+        }
+    }
+}
+
+/// How many stdin bytes the host may still send on one stream.
+struct StdinCredit {
+    avail: Mutex<u32>,
+    notify: Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl StdinCredit {
+    fn new() -> Self {
+        StdinCredit { avail: Mutex::new(STREAM_WINDOW), notify: Notify::new(), closed: Default::default() }
+    }
+
+    fn give(&self, n: u32) {
+        if let Ok(mut a) = self.avail.lock() {
+            // A guest cannot talk us into sending more than one window ahead.
+            *a = a.saturating_add(n).min(STREAM_WINDOW);
+        }
+        self.notify.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Wait for credit and take up to `max` bytes of it; `None` once the stream is gone.
+    async fn take(&self, max: usize) -> Option<usize> {
+        loop {
+            let notified = self.notify.notified();
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Ok(mut a) = self.avail.lock() {
+                if *a > 0 {
+                    let n = (*a as usize).min(max);
+                    *a -= n as u32;
+                    return Some(n);
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 struct Inner {
@@ -131,13 +190,13 @@ impl AgentClient {
         self.inner.closed.borrow().clone()
     }
 
-    fn open_stream(&self) -> Result<(u32, mpsc::UnboundedReceiver<Incoming>)> {
+    fn open_stream(&self, stdin: Option<Arc<StdinCredit>>) -> Result<(u32, mpsc::UnboundedReceiver<Incoming>)> {
         if let Some(reason) = self.closed_reason() {
             return Err(Error::AgentUnavailable(reason));
         }
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.inner.routes.lock().map_err(|_| Error::Protocol("poisoned".into()))?.insert(id, Route { tx, unacked: [0, 0] });
+        self.inner.routes.lock().map_err(|_| Error::Protocol("poisoned".into()))?.insert(id, Route { tx, unacked: [0, 0], stdin });
         Ok((id, rx))
     }
 
@@ -153,7 +212,7 @@ impl AgentClient {
 
     /// Send a one-shot request and wait for its Ok/Error answer.
     async fn request(&self, msg: Control, timeout: Duration) -> Result<()> {
-        let (id, mut rx) = self.open_stream()?;
+        let (id, mut rx) = self.open_stream(None)?;
         let result = async {
             self.send(Frame::Control { stream: id, msg }).await?;
             match tokio::time::timeout(timeout, rx.recv()).await {
@@ -204,10 +263,12 @@ impl AgentClient {
     /// Start a process; its output and exit come from the returned stream.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecStream> {
         let timeout = spec.timeout_ms.map(Duration::from_millis);
-        let (id, rx) = self.open_stream()?;
+        let credit = spec.stdin.then(|| Arc::new(StdinCredit::new()));
+        let (id, rx) = self.open_stream(credit.clone())?;
         let stream = ExecStream {
             id,
             rx,
+            stdin: credit.map(|credit| StdinWriter { id, client: self.clone(), credit }),
             client: self.clone(),
             finished: false,
             // The agent enforces the timeout; this guard only covers a guest that stops answering.
@@ -253,6 +314,13 @@ async fn read_loop(
             Frame::Control { stream, msg } => (stream, Incoming::Control(msg)),
             Frame::Data { stream, fd, data } => (stream, Incoming::Data(fd, data)),
             Frame::Eof { stream, .. } => (stream, Incoming::Eof),
+            Frame::Credit { stream, fd: Fd::Stdin, bytes } => {
+                let credit = inner.routes.lock().ok().and_then(|r| r.get(&stream).and_then(|r| r.stdin.clone()));
+                if let Some(c) = credit {
+                    c.give(bytes);
+                }
+                continue;
+            }
             Frame::Credit { .. } | Frame::Sync { .. } => continue,
             Frame::Invalid { stream: Some(stream), reason } => (stream, Incoming::Control(Control::Error { message: reason })),
             Frame::Invalid { stream: None, reason } => break format!("agent sent invalid data: {reason}"),
@@ -294,12 +362,19 @@ async fn read_loop(
 pub struct ExecStream {
     id: u32,
     rx: mpsc::UnboundedReceiver<Incoming>,
+    stdin: Option<StdinWriter>,
     client: AgentClient,
     finished: bool,
     deadline: Option<Instant>,
 }
 
 impl ExecStream {
+    /// The writer of the process's stdin (once; `None` unless the exec was
+    /// started with `stdin`).
+    pub fn take_stdin(&mut self) -> Option<StdinWriter> {
+        self.stdin.take()
+    }
+
     /// The next event; `None` after the exit event.
     pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
         if self.finished {
@@ -374,5 +449,41 @@ impl Drop for ExecStream {
         if !self.finished {
             self.cancel();
         }
+    }
+}
+
+/// The host's end of a process's stdin. Writes wait for the credit the
+/// agent grants, so a slow process slows the writer and nothing piles up in
+/// either side's memory. Dropping it without [`StdinWriter::finish`] leaves
+/// stdin open (use [`StdinWriter::abort`] to kill the process instead).
+pub struct StdinWriter {
+    id: u32,
+    client: AgentClient,
+    credit: Arc<StdinCredit>,
+}
+
+impl StdinWriter {
+    /// Send `data` to the process, in frames of at most [`DATA_CHUNK`] bytes.
+    /// Fails once the process exited or the connection is gone.
+    pub async fn write(&mut self, mut data: Bytes) -> Result<()> {
+        while !data.is_empty() {
+            let Some(n) = self.credit.take(data.len().min(DATA_CHUNK)).await else {
+                return Err(Error::AgentUnavailable("the process no longer reads its stdin (it exited or was cancelled)".into()));
+            };
+            let chunk = data.split_to(n);
+            self.client.send(Frame::Data { stream: self.id, fd: Fd::Stdin, data: chunk }).await?;
+        }
+        Ok(())
+    }
+
+    /// Close the process's stdin (it reads EOF after the bytes sent so far).
+    pub async fn finish(self) -> Result<()> {
+        self.client.send(Frame::Eof { stream: self.id, fd: Fd::Stdin }).await
+    }
+
+    /// Kill the process (e.g. its input failed midway: a truncated file must
+    /// not look like a complete one). Its exit still comes from the stream.
+    pub async fn abort(self) -> Result<()> {
+        self.client.send(Frame::Control { stream: self.id, msg: Control::Cancel }).await
     }
 }

@@ -18,6 +18,9 @@ pub struct ExecRequest {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub timeout: Option<Duration>,
+    /// Keep the process's stdin open for [`crate::agent::StdinWriter`]
+    /// (taken with [`crate::agent::ExecStream::take_stdin`]); otherwise stdin is /dev/null.
+    pub stdin: bool,
 }
 
 impl ExecRequest {
@@ -33,6 +36,12 @@ impl ExecRequest {
 
     pub fn with_timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
+        self
+    }
+
+    /// Open stdin for the host to write (see [`crate::agent::StdinWriter`]).
+    pub fn with_stdin(mut self) -> Self {
+        self.stdin = true;
         self
     }
 
@@ -57,7 +66,7 @@ impl ExecRequest {
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             timeout_ms: self.timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
-            stdin: false,
+            stdin: self.stdin,
         })
     }
 }

@@ -134,7 +134,7 @@ async def test_async_upload_and_download_dir(aclient, server, tmp_path):
     put = server.last("PUT")
     assert b"hello" in put.content and "Authorization" not in put.headers
 
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 0, "stdout": "dir\n"})
+    server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "directory", "sizeBytes": 1})
     big = b"x" * (3 * 1024 * 1024)  # larger than a pipe buffer
     server.on("GET", "/get/obj1", httpx.Response(200, content=make_tar(("./", "dir", None), ("./big", "file", big), ("./s/t", "file", "t"))))
     await aclient.download("vm-1", "/root/src", str(tmp_path / "back"))
@@ -144,11 +144,11 @@ async def test_async_upload_and_download_dir(aclient, server, tmp_path):
 
 async def test_async_download_refuses_traversal_and_missing(aclient, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 0, "stdout": "dir\n"})
+    server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "directory", "sizeBytes": 1})
     server.on("GET", "/get/obj1", httpx.Response(200, content=make_tar(("ok", "file", "1"), ("/abs", "file", "x"), ("big", "file", b"y" * 2_000_000))))
     with pytest.raises(UnsafeArchiveError):
         await aclient.download("vm-1", "/d", str(tmp_path / "back"))
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 2})
+    server.on("POST", "/v1/vms/vm-1/files/export", httpx.Response(404, json={"error": {"code": "FILE_NOT_FOUND", "message": "no"}}))
     with pytest.raises(FileNotFoundError):
         await aclient.download("vm-1", "/nope", str(tmp_path / "x"))
 

@@ -9,7 +9,7 @@ from fastvm._tar import IterReader, safe_extract
 
 
 def make_tar(*members) -> bytes:
-    """members: (name, kind, payload) with kind in file/dir/sym/hard."""
+    """members: (name, kind, payload) with kind in file/dir/sym/hard/chr/fifo."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, kind, payload in members:
@@ -28,6 +28,11 @@ def make_tar(*members) -> bytes:
             elif kind == "hard":
                 info.type = tarfile.LNKTYPE
                 info.linkname = payload
+            elif kind == "chr":
+                info.type = tarfile.CHRTYPE
+                info.devmajor, info.devminor = 1, 3  # /dev/null
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
             tar.addfile(info)
     return buf.getvalue()
 
@@ -103,3 +108,20 @@ def test_manual_fallback_without_data_filter(tmp_path, monkeypatch):
         with pytest.raises(UnsafeArchiveError):
             safe_extract(stream(make_tar(*bad)), str(tmp_path / "bad"))
     assert not os.path.lexists(tmp_path / "evil")
+
+
+@pytest.mark.parametrize("kind", ["chr", "fifo"])
+@pytest.mark.parametrize("data_filter", [True, False])
+def test_device_files_are_never_created(tmp_path, monkeypatch, kind, data_filter):
+    import fastvm._tar as t
+
+    if data_filter and not t.HAS_DATA_FILTER:
+        pytest.skip("this Python has no tarfile data filter")
+    monkeypatch.setattr(t, "HAS_DATA_FILTER", data_filter)
+    dest = tmp_path / "d"
+    try:
+        safe_extract(stream(make_tar(("./ok", "file", "1"), ("./dev", kind, None))), str(dest))
+    except UnsafeArchiveError:
+        pass  # the data filter refuses; the fallback skips silently
+    assert (dest / "ok").read_text() == "1"
+    assert not os.path.lexists(dest / "dev")

@@ -1,7 +1,6 @@
 import io
 import os
 import shlex
-import stat
 import subprocess
 import tarfile
 
@@ -9,7 +8,7 @@ import httpx
 import pytest
 
 from fastvm import FileTransferError, UnsafeArchiveError
-from fastvm._transfer import _extract_command, download_script
+from fastvm._transfer import _extract_command
 
 from .test_tar import make_tar
 
@@ -64,7 +63,7 @@ def test_upload_directory_streams_tar_and_extracts(client, server, tmp_path):
 
     presign, put, fetch, run = server.requests
     tmp = server.json(presign)["path"]
-    assert tmp.startswith("/tmp/.fastvm-upload-") and tmp.endswith(".tar")
+    assert tmp.startswith("/var/tmp/.fastvm-upload-") and tmp.endswith(".tar")
     assert "Content-Length" not in put.headers  # streamed from tar's stdout
     members = tar_members(put.content)
     assert members["./main.py"] == b"print(1)" and members["./pkg/mod.py"] == b"x = 2"
@@ -98,22 +97,20 @@ def test_upload_missing_local_path(client, tmp_path):
 
 def test_download_file(client, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 0, "stdout": "file\n", "stderr": ""})
+    server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "file", "sizeBytes": 900})
     server.on("GET", "/get/obj1", httpx.Response(200, content=b"log line\n" * 100))
     dest = tmp_path / "nested" / "out.log"
     client.download("vm-1", "/root/out.log", str(dest), exec_timeout_sec=55)
     assert dest.read_bytes() == b"log line\n" * 100
-    presign, run, get = server.requests
+    presign, export, get = server.requests
     assert server.json(presign) == {"path": "/root/out.log"}
-    body = server.json(run)
-    assert body["command"][:2] == ["sh", "-c"] and body["timeoutSec"] == 55
-    assert body["command"][2] == download_script("/root/out.log", PRESIGN["uploadUrl"])
+    assert server.json(export) == {"path": "/root/out.log", "url": PRESIGN["uploadUrl"], "timeoutSec": 55}
     assert "Authorization" not in get.headers
 
 
 def test_download_directory(client, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 0, "stdout": "dir\n"})
+    server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "directory", "sizeBytes": 1})
     data = make_tar(("./", "dir", None), ("./a", "dir", None), ("./a/b.txt", "file", "bee"), ("./c.txt", "file", "sea"))
     server.on("GET", "/get/obj1", httpx.Response(200, content=data))
     client.download("vm-1", "/var/log", str(tmp_path / "backup"))
@@ -123,7 +120,7 @@ def test_download_directory(client, server, tmp_path):
 
 def test_download_directory_refuses_traversal(client, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 0, "stdout": "dir\n"})
+    server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "directory", "sizeBytes": 1})
     server.on("GET", "/get/obj1", httpx.Response(200, content=make_tar(("../evil", "file", "x"))))
     with pytest.raises(UnsafeArchiveError):
         client.download("vm-1", "/var/log", str(tmp_path / "backup"))
@@ -132,69 +129,40 @@ def test_download_directory_refuses_traversal(client, server, tmp_path):
 
 def test_download_missing_raises_file_not_found(client, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 2, "stdout": "", "stderr": ""})
+    server.on(
+        "POST",
+        "/v1/vms/vm-1/files/export",
+        httpx.Response(404, json={"error": {"code": "FILE_NOT_FOUND", "message": "no file"}}),
+    )
     with pytest.raises(FileNotFoundError) as info:
         client.download("vm-1", "/nope", str(tmp_path / "x"))
     assert info.value.filename == "/nope"
     assert len(server.requests) == 2  # nothing downloaded
 
 
+def test_download_missing_vm_is_not_file_not_found(client, server, tmp_path):
+    from fastvm import NotFoundError
+
+    server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
+    server.on("POST", "/v1/vms/vm-1/files/export", httpx.Response(404, json={"error": {"code": "NOT_FOUND", "message": "no VM"}}))
+    with pytest.raises(NotFoundError):
+        client.download("vm-1", "/x", str(tmp_path / "x"))
+
+
 def test_download_vm_side_failure(client, server, tmp_path):
     server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
-    server.on("POST", "/v1/vms/vm-1/exec", {"exitCode": 3, "stdout": "file\n", "stderr": "curl: (22) 403"})
-    with pytest.raises(FileTransferError) as info:
-        client.download("vm-1", "/root/f", str(tmp_path / "x"))
-    assert "curl" in str(info.value)
-
-
-# --- the VM-side shell scripts, run here with a real sh and a fake curl -------------
-
-
-@pytest.fixture
-def fake_curl(tmp_path):
-    """A `curl` on PATH that stores what `-T` names (or stdin for `-T -`) in $CURL_OUT."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    curl = bindir / "curl"
-    curl.write_text(
-        "#!/bin/sh\n"
-        'src=""\n'
-        'while [ $# -gt 0 ]; do if [ "$1" = "-T" ]; then src="$2"; shift; fi; shift; done\n'
-        'if [ "$src" = "-" ]; then cat > "$CURL_OUT"; else cat "$src" > "$CURL_OUT"; fi\n'
+    server.on(
+        "POST",
+        "/v1/vms/vm-1/files/export",
+        httpx.Response(500, json={"error": {"code": "EXPORT_FAILED", "message": "cat: Permission denied"}}),
     )
-    curl.chmod(curl.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "uploaded"
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "CURL_OUT": str(out)}
-    return env, out
+    with pytest.raises(Exception) as info:
+        client.download("vm-1", "/root/f", str(tmp_path / "x"))
+    assert "Permission denied" in str(info.value)
 
 
 def run_sh(script, env):
     return subprocess.run(["sh", "-c", script], env=env, capture_output=True)
-
-
-def test_download_script_file(tmp_path, fake_curl):
-    env, out = fake_curl
-    src = tmp_path / "it's a file"
-    src.write_bytes(b"payload")
-    res = run_sh(download_script(str(src), "http://u/x?a=1&b=2"), env)
-    assert res.returncode == 0 and res.stdout.strip() == b"file"
-    assert out.read_bytes() == b"payload"
-
-
-def test_download_script_dir(tmp_path, fake_curl):
-    env, out = fake_curl
-    src = tmp_path / "d d"
-    (src / "sub").mkdir(parents=True)
-    (src / "sub" / "f").write_text("z")
-    res = run_sh(download_script(str(src), "http://u/x"), env)
-    assert res.returncode == 0 and res.stdout.strip() == b"dir"
-    assert tar_members(out.read_bytes())["./sub/f"] == b"z"
-
-
-def test_download_script_missing(tmp_path, fake_curl):
-    env, out = fake_curl
-    res = run_sh(download_script(str(tmp_path / "nope; rm -rf /"), "http://u/x"), env)
-    assert res.returncode == 2 and not out.exists()
 
 
 def test_extract_command(tmp_path):

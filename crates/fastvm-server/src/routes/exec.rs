@@ -90,7 +90,7 @@ fn append_capped(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
 }
 
 /// Drain the events into the buffered answer.
-async fn collect(mut events: ExecEvents) -> Result<ExecVmResponse, ApiError> {
+pub(crate) async fn collect(mut events: ExecEvents) -> Result<ExecVmResponse, ApiError> {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let (mut stdout_truncated, mut stderr_truncated) = (false, false);
     while let Some(event) = events.next().await {

@@ -7,11 +7,15 @@
 //!     no route: 404 NOT_FOUND; wrong method: 405 METHOD_NOT_ALLOWED
 //! ```
 //!
-//! Endpoints of the spec that are not implemented yet (services, files,
+//! `/v1/staging/{token}` (signed URLs of the local staging store) takes no
+//! API key and no body limit: the token is the credential and carries the cap.
+//!
+//! Endpoints of the spec that are not implemented yet (services,
 //! volumes, snapshot imports, ...) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod exec;
+pub mod files;
 pub mod health;
 pub mod org;
 pub mod snapshots;
@@ -46,6 +50,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{id}/exec", post(exec::exec))
         .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
         .route("/v1/vms/{id}/firewall", put(vms::set_firewall).patch(vms::patch_firewall))
+        .route("/v1/vms/{id}/files/presign", post(files::presign))
+        .route("/v1/vms/{id}/files/fetch", post(files::fetch))
+        .route("/v1/vms/{id}/files/export", post(files::export))
+        // Staged objects stream: no body limit (the token carries the cap).
+        .route("/v1/staging/{token}", get(files::staging_get).put(files::staging_put).layer(DefaultBodyLimit::disable()))
         .route("/v1/org/quotas", get(org::quotas))
         .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
         .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))

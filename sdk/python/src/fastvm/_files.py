@@ -28,3 +28,17 @@ class Files(Resource):
             cast=ExecVMResponse,
             timeout=NOT_GIVEN if timeout_sec is None else self._client._extended_timeout(timeout_sec + TIMEOUT_MARGIN),
         )
+
+    def export(self, id: str, *, path: str, url: str, timeout_sec: int | None = None) -> dict:
+        """POST /v1/vms/{id}/files/export (an extension of this server, not in the spec):
+        the server streams ``path`` of the VM (a file, or a tar of a directory rooted at
+        ``./``) into the staging object of ``url`` (an ``upload_url`` presigned for this
+        VM) over its agent channel, so it works without guest network. Answers
+        ``{"kind": "file"|"directory", "sizeBytes": n}``; a missing path is a 404
+        ``FILE_NOT_FOUND``."""
+        return self._client._call(
+            "POST",
+            f"/v1/vms/{seg(id)}/files/export",
+            body=body(path=path, url=url, timeout_sec=timeout_sec),
+            timeout=NOT_GIVEN if timeout_sec is None else self._client._extended_timeout(timeout_sec + TIMEOUT_MARGIN),
+        )

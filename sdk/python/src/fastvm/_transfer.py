@@ -3,10 +3,12 @@
 Upload, file:      presign(remote) -> PUT file bytes to upload_url -> VM fetches download_url to remote.
 Upload, directory: presign(tmp) -> PUT the stdout of ``tar -C dir -cf - .`` -> VM fetches
                    to tmp -> exec ``mkdir -p DEST && tar -xf TMP -C DEST``, then ``rm -f TMP``.
-Download:          presign(remote) -> exec a script in the VM that classifies the path
-                   (missing: exit 2 -> FileNotFoundError) and PUTs the file, or a tar of
-                   the directory, to upload_url with curl -> stream GET download_url into
-                   the local file, or into a safe client-side tar extraction.
+Download:          presign(remote) -> files/export(remote, upload_url): the server classifies
+                   the path in the VM (missing: 404 FILE_NOT_FOUND -> FileNotFoundError) and
+                   streams the file, or a tar of the directory rooted at ./, over its agent
+                   channel into the staging object -> stream GET download_url into the local
+                   file, or into a safe client-side tar extraction. (The spec's VM-side
+                   ``curl -T -`` to upload_url needs guest network; export does not.)
 
 Everything streams: no temporary copy on the client, memory bounded by chunk size.
 """
@@ -22,7 +24,7 @@ import tempfile
 import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
-from ._exceptions import FileTransferError
+from ._exceptions import FileTransferError, NotFoundError
 from ._tar import IterReader, safe_extract
 from .models import ExecVMResponse
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 CHUNK = 1024 * 1024
 OCTET = "application/octet-stream"
-EXIT_MISSING = 2
 
 # macOS bsdtar would otherwise add AppleDouble "._*" entries.
 _TAR_ENV = {**os.environ, "COPYFILE_DISABLE": "1"}
@@ -42,25 +43,13 @@ def _tar_argv(directory: str) -> list[str]:
 
 
 def _vm_tmp_path() -> str:
-    return f"/tmp/.fastvm-upload-{uuid.uuid4().hex}.tar"
+    # /var/tmp: on the VM disk (the guest /tmp is a RAM tmpfs, too small for big trees).
+    return f"/var/tmp/.fastvm-upload-{uuid.uuid4().hex}.tar"
 
 
 def _extract_command(tmp: str, dest: str) -> str:
     t, d = shlex.quote(tmp), shlex.quote(dest)
     return f"mkdir -p {d} && tar -xf {t} -C {d}; rc=$?; rm -f {t}; exit $rc"
-
-
-def download_script(path: str, upload_url: str) -> str:
-    """Shell run in the VM by ``download``: prints ``dir`` or ``file`` and uploads,
-    or exits 2 when ``path`` does not exist."""
-    p, u = shlex.quote(path), shlex.quote(upload_url)
-    put = f"curl -sS -f -X PUT -H 'Content-Type: {OCTET}' -o /dev/null"
-    return (
-        f"p={p}; u={u}; "
-        f'if [ -d "$p" ]; then echo dir; tar -C "$p" -cf - . | {put} -T - "$u" || exit 3; '
-        f'elif [ -e "$p" ]; then echo file; {put} -T "$p" "$u" || exit 3; '
-        f"else exit {EXIT_MISSING}; fi"
-    )
 
 
 def _check(result: ExecVMResponse, what: str) -> None:
@@ -82,14 +71,17 @@ def _classify_local(local_path: str) -> str:
     raise _missing(local_path, "local")
 
 
-def _classify_download(result: ExecVMResponse, remote_path: str) -> str:
-    if result.exit_code == EXIT_MISSING:
-        raise _missing(remote_path, "in the VM")
-    _check(result, "download")
-    kind = (result.stdout or "").strip().splitlines()
-    if not kind or kind[-1] not in ("dir", "file"):
-        raise FileTransferError(f"download: unexpected classification output {result.stdout!r}")
-    return kind[-1]
+def _export_kind(exported: object, remote_path: str) -> str:
+    kind = exported.get("kind") if isinstance(exported, dict) else None
+    if kind not in ("file", "directory"):
+        raise FileTransferError(f"download: unexpected export answer {exported!r}")
+    return "dir" if kind == "directory" else "file"
+
+
+def _missing_remote(e: NotFoundError, remote_path: str) -> Exception:
+    if e.code == "FILE_NOT_FOUND":
+        return _missing(remote_path, "in the VM")
+    return e
 
 
 def _prepare_local_file(local_path: str) -> None:
@@ -147,8 +139,11 @@ def upload(client: FastvmClient, vm_id: str, local_path: str, remote_path: str, 
 
 def download(client: FastvmClient, vm_id: str, remote_path: str, local_path: str, *, exec_timeout_sec: int) -> None:
     presign = client.vms.files.presign(vm_id, path=remote_path)
-    result = client.vms.run(vm_id, command=download_script(remote_path, client._external_url(presign.upload_url)), timeout_sec=exec_timeout_sec)
-    kind = _classify_download(result, remote_path)
+    try:
+        exported = client.vms.files.export(vm_id, path=remote_path, url=presign.upload_url, timeout_sec=exec_timeout_sec)
+    except NotFoundError as e:
+        raise _missing_remote(e, remote_path) from None
+    kind = _export_kind(exported, remote_path)
     with client._get_signed_stream(presign.download_url) as response:
         if kind == "dir":
             safe_extract(IterReader(response.iter_bytes(CHUNK)), local_path)  # type: ignore[arg-type]
@@ -206,8 +201,11 @@ async def aupload(client: AsyncFastvmClient, vm_id: str, local_path: str, remote
 
 async def adownload(client: AsyncFastvmClient, vm_id: str, remote_path: str, local_path: str, *, exec_timeout_sec: int) -> None:
     presign = await client.vms.files.presign(vm_id, path=remote_path)
-    result = await client.vms.run(vm_id, command=download_script(remote_path, client._external_url(presign.upload_url)), timeout_sec=exec_timeout_sec)
-    kind = _classify_download(result, remote_path)
+    try:
+        exported = await client.vms.files.export(vm_id, path=remote_path, url=presign.upload_url, timeout_sec=exec_timeout_sec)
+    except NotFoundError as e:
+        raise _missing_remote(e, remote_path) from None
+    kind = _export_kind(exported, remote_path)
     async with client._get_signed_stream(presign.download_url) as response:
         if kind == "dir":
             await _aextract(response.aiter_bytes(CHUNK), local_path)

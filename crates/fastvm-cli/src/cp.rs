@@ -1,0 +1,441 @@
+//! `fastvm cp LOCAL VM:PATH` and `fastvm cp VM:PATH LOCAL`: files and
+//! directories, streamed both ways with a progress bar.
+//!
+//! ```text
+//!  upload   presign(PATH) -> PUT uploadUrl (file bytes, or a tar of the directory
+//!           written on the fly) -> files/fetch(downloadUrl) [-> tar -x in the VM]
+//!  download presign(PATH) -> files/export(uploadUrl) -> GET downloadUrl -> the
+//!           file, or a checked tar extraction into LOCAL
+//! ```
+//!
+//! Nothing is staged on the client: tar runs in a thread that feeds (or is
+//! fed by) a small bounded channel, so memory stays flat whatever the size.
+//! Extraction refuses what would land outside LOCAL: absolute names, `..`,
+//! symlinks pointing out, writes through symlinks, device files and FIFOs.
+
+use crate::client::{decode, Client, ConnectArgs};
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+/// Chunk size of the tar pipes.
+const CHUNK: usize = 256 << 10;
+/// Chunks in flight between the tar thread and the HTTP body.
+const DEPTH: usize = 8;
+
+#[derive(clap::Args)]
+pub struct CpArgs {
+    /// Source: a local path or VM:PATH.
+    pub src: String,
+    /// Destination: VM:PATH or a local path.
+    pub dst: String,
+    /// Timeout in seconds of the VM-side steps (fetch, export, tar -x).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+}
+
+/// `VM:PATH` (a VM id without `/`, then an absolute path).
+fn remote(arg: &str) -> Option<(&str, &str)> {
+    let (vm, path) = arg.split_once(':')?;
+    (!vm.is_empty() && !vm.contains('/') && path.starts_with('/')).then_some((vm, path))
+}
+
+pub async fn run(args: CpArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.conn)?;
+    match (remote(&args.src), remote(&args.dst)) {
+        (None, Some((vm, path))) => upload(&client, &args, Path::new(&args.src), vm, path).await,
+        (Some((vm, path)), None) => download(&client, &args, vm, path, Path::new(&args.dst)).await,
+        _ => bail!("give exactly one side as VM:PATH (an absolute path in the VM), e.g. `fastvm cp ./src VM:/root/src`"),
+    }
+}
+
+fn progress(quiet: bool, len: Option<u64>, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    let template = if len.is_some() { "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}" } else { "{msg} {spinner} {bytes} {bytes_per_sec}" };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+async fn presign(client: &Client, vm: &str, path: &str) -> anyhow::Result<(String, String)> {
+    let p = client.post(&format!("/v1/vms/{vm}/files/presign"), &json!({ "path": path })).await?;
+    let url = |k: &str| p[k].as_str().map(str::to_owned).ok_or_else(|| anyhow!("presign answered without {k}"));
+    Ok((url("uploadUrl")?, url("downloadUrl")?))
+}
+
+fn check_exec(out: &Value, what: &str) -> anyhow::Result<()> {
+    if out["exitCode"].as_i64() == Some(0) && out["timedOut"].as_bool() != Some(true) {
+        return Ok(());
+    }
+    let why = if out["timedOut"].as_bool() == Some(true) { "timed out (raise --timeout)".to_owned() } else { format!("exited {}", out["exitCode"]) };
+    bail!("{what} in the VM {why}: {}", out["stderr"].as_str().unwrap_or("").trim())
+}
+
+async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &str) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?;
+    let is_dir = meta.is_dir();
+    let target = if is_dir { format!("/var/tmp/.fastvm-upload-{}.tar", uuid::Uuid::new_v4().simple()) } else { path.to_owned() };
+    let (up, down) = presign(client, vm, &target).await?;
+    let put = client.http.put(&up).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
+    let bar;
+    let put = if is_dir {
+        bar = progress(args.quiet, None, "tar+upload");
+        let (rx, tar_thread) = tar_directory(local.to_owned());
+        let b = bar.clone();
+        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).map(move |c: std::io::Result<Bytes>| {
+            if let Ok(c) = &c {
+                b.inc(c.len() as u64);
+            }
+            c
+        });
+        let res = put.body(reqwest::Body::wrap_stream(body)).send().await;
+        tar_thread.join().map_err(|_| anyhow!("the tar thread panicked"))??;
+        res
+    } else {
+        bar = progress(args.quiet, Some(meta.len()), "upload");
+        let file = tokio::fs::File::open(local).await.with_context(|| format!("cannot open {}", local.display()))?;
+        let b = bar.clone();
+        let body = tokio_util_reader(file).map(move |c| {
+            if let Ok(c) = &c {
+                b.inc(c.len() as u64);
+            }
+            c
+        });
+        put.header(reqwest::header::CONTENT_LENGTH, meta.len()).body(reqwest::Body::wrap_stream(body)).send().await
+    };
+    let res = put.with_context(|| format!("uploading to {}", client.base))?;
+    decode(res).await?;
+    bar.finish_and_clear();
+    let out = client.post(&format!("/v1/vms/{vm}/files/fetch"), &json!({ "url": down, "path": target, "timeoutSec": args.timeout })).await?;
+    check_exec(&out, "writing the file")?;
+    if is_dir {
+        let (t, d) = (shell_quote(&target), shell_quote(path));
+        let cmd = format!("mkdir -p {d} && tar -xf {t} -C {d}; rc=$?; rm -f {t}; exit $rc");
+        let out = client.post(&format!("/v1/vms/{vm}/exec"), &json!({ "command": ["sh", "-c", cmd], "timeoutSec": args.timeout })).await?;
+        check_exec(&out, "extracting the archive")?;
+    }
+    Ok(())
+}
+
+/// A file as a stream of chunks.
+fn tokio_util_reader(file: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes into a bounded channel of chunks (the tar thread's output).
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+/// Tar `dir` (rooted at `./`) in a thread; its chunks come from the receiver.
+fn tar_directory(dir: PathBuf) -> (tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, std::thread::JoinHandle<anyhow::Result<()>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
+    let thread = std::thread::spawn(move || {
+        let err_tx = tx.clone();
+        let result = (|| -> anyhow::Result<()> {
+            let mut builder = tar::Builder::new(ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) });
+            builder.follow_symlinks(false);
+            builder.append_dir_all(".", &dir).with_context(|| format!("reading {}", dir.display()))?;
+            let mut w = builder.into_inner()?;
+            w.flush()?;
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            // Fail the HTTP body too, so the server discards the partial object.
+            let _ = err_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+        result
+    });
+    (rx, thread)
+}
+
+async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &Path) -> anyhow::Result<()> {
+    let (up, down) = presign(client, vm, path).await?;
+    let res = client
+        .request(reqwest::Method::POST, &format!("/v1/vms/{vm}/files/export"))
+        .json(&json!({ "path": path, "url": up, "timeoutSec": args.timeout }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the Fast VM API at {}", client.base))?;
+    let exported = decode(res).await.map_err(|e| if e.to_string().starts_with("FILE_NOT_FOUND") { anyhow!("{vm}:{path}: no such file or directory in the VM") } else { e })?;
+    let size = exported["sizeBytes"].as_u64();
+    let res = client.http.get(&down).send().await.with_context(|| format!("downloading from {}", client.base))?;
+    if !res.status().is_success() {
+        decode(res).await?;
+        bail!("download failed");
+    }
+    let bar = progress(args.quiet, size, "download");
+    let mut body = res.bytes_stream();
+    match exported["kind"].as_str() {
+        Some("file") => {
+            let dest = if local.is_dir() { local.join(Path::new(path).file_name().unwrap_or_default()) } else { local.to_owned() };
+            if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let mut file = tokio::fs::File::create(&dest).await.with_context(|| format!("creating {}", dest.display()))?;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.context("download interrupted")?;
+                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.with_context(|| format!("writing {}", dest.display()))?;
+                bar.inc(chunk.len() as u64);
+            }
+            tokio::io::AsyncWriteExt::flush(&mut file).await?;
+        }
+        Some("directory") => {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(DEPTH);
+            let dest = local.to_owned();
+            let extract = tokio::task::spawn_blocking(move || safe_unpack(ChannelReader { rx, cur: Bytes::new() }, &dest));
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.context("download interrupted")?;
+                bar.inc(chunk.len() as u64);
+                if tx.send(chunk).is_err() {
+                    break; // extraction stopped: its error says why
+                }
+            }
+            drop(tx);
+            extract.await.map_err(|e| anyhow!("extraction thread: {e}"))??;
+        }
+        other => bail!("export answered an unknown kind {other:?}"),
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Reads the chunks of a channel (the HTTP body) as one byte stream.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(c) => self.cur = c,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Why a member name is unsafe: absolute, or with a `..` component.
+fn unsafe_name(p: &Path) -> Option<&'static str> {
+    for c in p.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Some("has a '..' component"),
+            Component::RootDir | Component::Prefix(_) => return Some("is absolute"),
+        }
+    }
+    None
+}
+
+/// `base` joined with `rel` lexically; `None` when `..` climbs above `base`.
+fn join_within(base: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut parts: Vec<_> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => parts.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.iter().fold(base.to_path_buf(), |p, n| p.join(n)))
+}
+
+/// Extract a tar stream into `dest`, refusing members that would land or
+/// point outside it, and device files / FIFOs. setuid/setgid/sticky bits are
+/// dropped.
+pub fn safe_unpack<R: Read>(reader: R, dest: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let root = dest.canonicalize().with_context(|| format!("resolving {}", dest.display()))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_mask(0o7000);
+    archive.set_overwrite(true);
+    for entry in archive.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading the archive")?;
+        let name = entry.path().context("a member name is not valid")?.into_owned();
+        let shown = name.display().to_string();
+        if let Some(why) = unsafe_name(&name) {
+            bail!("refusing tar member {shown:?}: it {why}");
+        }
+        use tar::EntryType as T;
+        let kind = entry.header().entry_type();
+        match kind {
+            T::Regular | T::Continuous | T::GNUSparse | T::Directory => {}
+            T::Symlink => {
+                let target = entry.link_name().context("symlink target")?.unwrap_or_default().into_owned();
+                if target.is_absolute() {
+                    bail!("refusing symlink {shown:?} -> {}: absolute target", target.display());
+                }
+                // Resolve the parent as it is on disk (it may be a symlink extracted earlier).
+                let parent = name.parent().unwrap_or(Path::new(""));
+                let real_parent = join_within(&root, parent).and_then(|p| p.canonicalize().ok());
+                let rel_parent = match &real_parent {
+                    Some(p) => p.strip_prefix(&root).map(Path::to_path_buf).ok(),
+                    None => Some(parent.to_path_buf()),
+                };
+                if rel_parent.and_then(|p| join_within(&root, &p.join(&target))).is_none() {
+                    bail!("refusing symlink {shown:?} -> {}: points outside the destination", target.display());
+                }
+            }
+            T::Link => {
+                let target = entry.link_name().context("hard link target")?.unwrap_or_default().into_owned();
+                if unsafe_name(&target).is_some() {
+                    bail!("refusing hard link {shown:?} -> {}: target outside the destination", target.display());
+                }
+            }
+            other => bail!("refusing tar member {shown:?}: {other:?} entries (devices, FIFOs) are not extracted"),
+        }
+        // The parent must stay inside the destination even through symlinks extracted earlier.
+        if let Some(parent) = name.parent().and_then(|p| join_within(&root, p)) {
+            if let Ok(real) = parent.canonicalize() {
+                if !real.starts_with(&root) {
+                    bail!("refusing tar member {shown:?}: its directory resolves outside the destination");
+                }
+            }
+        }
+        if !entry.unpack_in(&root).with_context(|| format!("extracting {shown:?}"))? {
+            bail!("refusing tar member {shown:?}: it would land outside the destination");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(members: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            match kind {
+                tar::EntryType::Symlink | tar::EntryType::Link => {
+                    h.set_size(0);
+                    // set_link_name refuses some targets itself; write raw bytes.
+                    let raw = &mut h.as_old_mut().linkname;
+                    raw[..data.len()].copy_from_slice(data.as_bytes());
+                }
+                _ => h.set_size(data.len() as u64),
+            }
+            let raw = &mut h.as_old_mut().name;
+            raw[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            let body: &[u8] = if matches!(kind, tar::EntryType::Regular) { data.as_bytes() } else { &[] };
+            b.append(&h, body).expect("append");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn extracts_a_normal_tree() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let dest = dir.path().join("out");
+        let t = tar_of(&[("./a/", tar::EntryType::Directory, ""), ("./a/f", tar::EntryType::Regular, "hi"), ("./l", tar::EntryType::Symlink, "a/f")]);
+        safe_unpack(&t[..], &dest).expect("unpack");
+        assert_eq!(std::fs::read_to_string(dest.join("l")).expect("read"), "hi");
+    }
+
+    #[test]
+    fn refuses_escapes() {
+        use tar::EntryType as T;
+        let cases: &[&[(&str, T, &str)]] = &[
+            &[("/abs", T::Regular, "x")],
+            &[("../evil", T::Regular, "x")],
+            &[("a/../../evil", T::Regular, "x")],
+            &[("l", T::Symlink, "/etc")],
+            &[("l", T::Symlink, "../evil")],
+            &[("d/", T::Directory, ""), ("d/l", T::Symlink, "../../evil")],
+            &[("h", T::Link, "/etc/passwd")],
+            &[("h", T::Link, "../evil")],
+            &[("dev", T::Char, "")],
+            &[("fifo", T::Fifo, "")],
+        ];
+        for members in cases {
+            let dir = tempfile::tempdir().expect("tmp");
+            let dest = dir.path().join("out");
+            let r = safe_unpack(&tar_of(members)[..], &dest);
+            assert!(r.is_err(), "{members:?} was accepted");
+            assert!(!dir.path().join("evil").exists());
+            assert!(!dest.join("dev").exists() && !dest.join("fifo").exists());
+        }
+    }
+
+    #[test]
+    fn refuses_writing_through_a_symlink_chain() {
+        use tar::EntryType as T;
+        let dir = tempfile::tempdir().expect("tmp");
+        let dest = dir.path().join("out");
+        let r = safe_unpack(&tar_of(&[("a", T::Symlink, "."), ("a/b", T::Symlink, ".."), ("a/b/evil", T::Regular, "x")])[..], &dest);
+        assert!(r.is_err());
+        assert!(!dir.path().join("evil").exists());
+    }
+
+    #[test]
+    fn remote_args() {
+        assert_eq!(remote("abc:/root/x"), Some(("abc", "/root/x")));
+        assert_eq!(remote("./a:b"), None);
+        assert_eq!(remote("abc:rel"), None);
+        assert_eq!(remote("/local/path"), None);
+    }
+}
