@@ -35,6 +35,48 @@ pub struct ServeArgs {
     /// No VM networking at all (hosts without nftables or network namespaces).
     #[arg(long, env = "FASTVM_NO_NETWORK")]
     pub no_network: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// Stage file transfers in an S3-compatible bucket (default: the data dir).
+#[derive(Args)]
+pub struct S3Args {
+    /// Bucket for file-transfer staging; setting it turns the S3 backend on.
+    #[arg(long, env = "FASTVM_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 API endpoint, e.g. http://127.0.0.1:9000 (default: AWS in --s3-region).
+    #[arg(long, env = "FASTVM_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "FASTVM_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Object keys start with PREFIX/ (then org/vm/uuid).
+    #[arg(long, env = "FASTVM_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    #[arg(long, env = "FASTVM_S3_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key_id: Option<String>,
+    /// Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "FASTVM_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+}
+
+impl S3Args {
+    /// The S3 staging config, if a bucket is set.
+    fn config(self) -> anyhow::Result<Option<fastvm_server::staging::s3::S3Config>> {
+        let Some(bucket) = self.s3_bucket else {
+            return Ok(None);
+        };
+        let access_key_id = self.s3_access_key_id.context("--s3-bucket needs --s3-access-key-id (or FASTVM_S3_ACCESS_KEY_ID)")?;
+        let secret_access_key = self.s3_secret_access_key.context("--s3-bucket needs FASTVM_S3_SECRET_ACCESS_KEY (or --s3-secret-access-key)")?;
+        Ok(Some(fastvm_server::staging::s3::S3Config {
+            endpoint: self.s3_endpoint,
+            region: self.s3_region,
+            bucket,
+            access_key_id,
+            secret_access_key,
+            prefix: self.s3_prefix,
+        }))
+    }
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -53,6 +95,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             net.dns_upstream = up;
         }
     }
+    cfg.staging.s3 = args.s3.config()?;
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(t) => t,

@@ -153,6 +153,16 @@ impl AppState {
         }) }
     }
 
+    /// Give the state a staging store that is not the local one (S3).
+    pub fn with_staging(mut self, store: Arc<dyn staging::StagingStore>, cfg: staging::StagingConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.staging = Some(store);
+            inner.local_staging = None;
+            inner.staging_config = cfg;
+        }
+        self
+    }
+
     /// Give the state a local staging store (call right after [`AppState::new`]).
     pub fn with_local_staging(mut self, store: Arc<staging::local::LocalStaging>, cfg: staging::StagingConfig) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
@@ -168,7 +178,15 @@ impl AppState {
     }
 
     pub(crate) fn local_staging(&self) -> Result<&Arc<staging::local::LocalStaging>, error::ApiError> {
-        self.inner.local_staging.as_ref().ok_or_else(no_staging)
+        match (&self.inner.local_staging, &self.inner.staging) {
+            (Some(local), _) => Ok(local),
+            (None, Some(_)) => Err(error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                error::codes::NOT_FOUND,
+                "this server stages files in S3: its presigned URLs point at the bucket, not at /v1/staging",
+            )),
+            (None, None) => Err(no_staging()),
+        }
     }
 
     pub(crate) fn staging_config(&self) -> &staging::StagingConfig {
@@ -263,8 +281,18 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
     let runtime = Runtime::open(cfg.runtime.clone()).await.context("opening the embedded worker")?;
     tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
     let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let staging = staging::local::LocalStaging::open(&cfg.data_dir, &cfg.public_base_url()).context("opening the staging store")?;
-    let state = AppState::new(store, worker, cfg.launch_wait).with_local_staging(Arc::new(staging), cfg.staging.clone());
+    let state = AppState::new(store, worker, cfg.launch_wait);
+    let state = match &cfg.staging.s3 {
+        Some(s3) => {
+            let staging = staging::s3::S3Staging::new(s3)?;
+            tracing::info!(endpoint = ?s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "staging in S3");
+            state.with_staging(Arc::new(staging), cfg.staging.clone())
+        }
+        None => {
+            let staging = staging::local::LocalStaging::open(&cfg.data_dir, &cfg.public_base_url()).context("opening the staging store")?;
+            state.with_local_staging(Arc::new(staging), cfg.staging.clone())
+        }
+    };
     state.reconcile_on_start().await?;
     Ok((routes::router(state.clone()), state))
 }

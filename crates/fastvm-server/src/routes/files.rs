@@ -136,7 +136,7 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
     let cap = state.staging_config().max_upload_bytes.map_or(disk, |m| m.min(disk));
     let key = ObjectKey { org: caller.org_id.to_string(), vm: id.to_string(), object: uuid::Uuid::new_v4().to_string() };
     let ttl = state.staging_config().url_ttl;
-    let urls = staging.presign(&key, cap, ttl)?;
+    let urls = staging.presign(&key, cap, ttl).await?;
     Ok(Json(FilePresignResponse { upload_url: urls.upload_url, download_url: urls.download_url, expires_in_sec: ttl.as_secs(), max_upload_bytes: cap }))
 }
 
@@ -155,6 +155,7 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `STAGING_OBJECT_NOT_FOUND`: nothing uploaded yet", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 413, description = "The staged object is larger than the VM's upload cap (maxUploadBytes)", body = ErrorBody),
         (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
@@ -162,12 +163,21 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
 pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FileFetchRequest>) -> Result<Json<ExecVmResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
-    state.running_vm_cap(caller.org_id, id, "fetch").await?;
+    let cap = state.running_vm_cap(caller.org_id, id, "fetch").await?;
     let key = staging.resolve(&req.url, Method::Get).map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
     if key.org != caller.org_id.to_string() {
         return Err(ApiError::bad_request(codes::INVALID_FETCH_URL, "url was presigned for a VM of another org; presign one for a VM of yours"));
     }
-    let (_, body) = staging.get(&key).await?;
+    // A presigned PUT to S3 cannot be capped: refuse an over-cap object
+    // here, from its size, before a byte reaches the guest.
+    let (size, body) = staging.get(&key).await?;
+    if size > cap {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            crate::error::codes::PAYLOAD_TOO_LARGE,
+            format!("the staged object is {size} bytes, over this VM's limit of {cap} bytes (maxUploadBytes of presign); upload less"),
+        ));
+    }
     let mut wreq = ExecRequest::argv(["sh", "-c", FETCH_SCRIPT, "sh", req.path.as_str()]).with_timeout(timeout_of(req.timeout_sec));
     wreq.stdin = true;
     let events = state.worker().exec_with_input(id, wreq, body).await?;

@@ -96,7 +96,7 @@ async fn write_capped(file: &mut tokio::fs::File, mut body: ByteStream, cap: u64
 
 #[async_trait]
 impl StagingStore for LocalStaging {
-    fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError> {
+    async fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError> {
         let expires = unix_now().saturating_add(ttl.as_secs().max(1));
         Ok(Presigned { upload_url: self.url(key, Method::Put, cap, expires), download_url: self.url(key, Method::Get, cap, expires) })
     }
@@ -193,7 +193,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = LocalStaging::open(dir.path(), "http://127.0.0.1:1/")?;
         let k = key();
-        let urls = s.presign(&k, 5, Duration::from_secs(60))?;
+        let urls = s.presign(&k, 5, Duration::from_secs(60)).await?;
         assert!(urls.upload_url.starts_with("http://127.0.0.1:1/v1/staging/"));
         assert_eq!(s.resolve(&urls.download_url, Method::Get)?, k);
         assert_eq!(s.resolve(&urls.upload_url, Method::Put)?, k);

@@ -16,9 +16,12 @@
 //! [`StagingConfig::max_age`] are removed by [`spawn_gc`].
 //!
 //! Backends: [`local::LocalStaging`] (files under `<data>/staging/`, URLs
-//! signed by this server and served at `/v1/staging/{token}`).
+//! signed by this server and served at `/v1/staging/{token}`), the default;
+//! [`s3::S3Staging`] (an S3-compatible bucket, real S3 presigned URLs) when
+//! [`StagingConfig::s3`] is set.
 
 pub mod local;
+pub mod s3;
 pub mod token;
 
 use crate::worker::ByteStream;
@@ -35,11 +38,13 @@ pub struct StagingConfig {
     pub max_age: Duration,
     /// Lower cap on uploads than the VM's disk size (tests, small hosts).
     pub max_upload_bytes: Option<u64>,
+    /// Stage in this S3-compatible bucket instead of the data dir.
+    pub s3: Option<s3::S3Config>,
 }
 
 impl Default for StagingConfig {
     fn default() -> Self {
-        StagingConfig { url_ttl: Duration::from_secs(3600), max_age: Duration::from_secs(24 * 3600), max_upload_bytes: None }
+        StagingConfig { url_ttl: Duration::from_secs(3600), max_age: Duration::from_secs(24 * 3600), max_upload_bytes: None, s3: None }
     }
 }
 
@@ -80,7 +85,7 @@ pub enum StagingError {
 #[async_trait]
 pub trait StagingStore: Send + Sync + 'static {
     /// URLs for `key`, valid for `ttl`, uploads capped at `cap` bytes.
-    fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError>;
+    async fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError>;
     /// The object a URL minted by [`StagingStore::presign`] opens with
     /// `method`, after checking signature and expiry.
     fn resolve(&self, url: &str, method: Method) -> Result<ObjectKey, TokenError>;

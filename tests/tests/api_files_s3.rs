@@ -1,0 +1,358 @@
+//! End-to-end tests of the S3 staging backend: a real S3-compatible server
+//! (moto, from PyPI) started here, the real Fast VM server staging in it,
+//! and one shared real guest.
+//!
+//! moto is found at `FASTVM_TEST_MOTO` (scripts/test points it at the venv's
+//! `moto_server`), else `moto_server` on PATH. Without it the tests fail
+//! when `CI` is set and are skipped (with a printed reason) otherwise.
+//!
+//! Server S caps uploads at 16 MiB; server G (no VM, its own key prefix)
+//! proves the staging GC.
+
+use fastvm_e2e::{block_on, config, data_dir};
+use fastvm_server::staging::s3::{S3Config, S3Staging};
+use fastvm_server::staging::{ObjectKey, StagingStore as _};
+use fastvm_server::{RunningServer, ServerConfig};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+const CAP: u64 = 16 << 20;
+const BUCKET: &str = "fastvm-staging";
+
+/// The moto server; killed by pid when dropped, and at process exit
+/// (statics are never dropped).
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+static MOTO_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn kill_moto_at_exit() {
+    let pid = MOTO_PID.swap(0, Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill has no memory preconditions; the pid is the moto we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let pid = MOTO_PID.swap(0, Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `moto_server` from `FASTVM_TEST_MOTO` or PATH.
+fn moto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FASTVM_TEST_MOTO").map(PathBuf::from) {
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("moto_server")).find(|p| p.is_file()))
+}
+
+fn start_moto() -> Option<Moto> {
+    let Some(bin) = moto_binary() else {
+        let why = "moto_server not found (set FASTVM_TEST_MOTO or pip install 'moto[server]')";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}; CI is set, so this is a failure");
+        }
+        eprintln!("skipping S3 staging tests: {why}");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("fastvm-e2e-{}-moto.log", std::process::id()))).expect("moto log");
+    let child = Command::new(&bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    MOTO_PID.store(i32::try_from(child.id()).expect("pid"), Ordering::SeqCst);
+    // SAFETY: registering a plain extern "C" fn with atexit.
+    unsafe { libc::atexit(kill_moto_at_exit) };
+    let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = block_on(client.get(format!("{}/moto-api/", moto.endpoint)).send()).is_ok_and(|r| r.status().is_success());
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "moto did not answer on {} within 60 s", moto.endpoint);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // moto accepts unsigned requests: create the bucket.
+    let res = block_on(client.put(format!("{}/{BUCKET}", moto.endpoint)).send()).expect("create bucket");
+    assert!(res.status().is_success(), "create bucket: {}", res.status());
+    Some(moto)
+}
+
+static MOTO: LazyLock<Option<Moto>> = LazyLock::new(start_moto);
+
+fn s3_config(endpoint: &str, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(endpoint.to_owned()),
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        access_key_id: "testing".into(),
+        secret_access_key: "testing-secret".into(),
+        prefix: prefix.into(),
+    }
+}
+
+struct Api {
+    server: RunningServer,
+    key: String,
+    client: Client,
+    endpoint: String,
+}
+
+fn start(name: &str, prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> Option<Api> {
+    let endpoint = MOTO.as_ref()?.endpoint.clone();
+    let dir: PathBuf = data_dir(name);
+    let mut cfg = ServerConfig::new(&dir);
+    cfg.runtime = config(&dir);
+    cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.launch_wait = Duration::from_secs(300);
+    cfg.staging.max_upload_bytes = Some(CAP);
+    cfg.staging.s3 = Some(s3_config(&endpoint, prefix));
+    tweak(&mut cfg);
+    let server = block_on(fastvm_server::start(cfg)).expect("start server");
+    let key = std::fs::read_to_string(dir.join("admin-api-key")).expect("admin key").trim().to_owned();
+    Some(Api { server, key, client: Client::new(), endpoint })
+}
+
+static S: LazyLock<Option<Api>> = LazyLock::new(|| start("files-s3", "fastvm", |_| {}));
+
+/// The shared server, or `None` (skip) when moto is missing outside CI.
+fn s() -> Option<&'static Api> {
+    S.as_ref()
+}
+
+fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let s = s().expect("server");
+    block_on(async {
+        let mut req = s.client.request(method, format!("{}{path}", s.server.url())).bearer_auth(&s.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("send");
+        let status = res.status();
+        let bytes = res.bytes().await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    })
+}
+
+fn assert_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(res.0, status, "{:?}", res.1);
+    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
+}
+
+static VM: LazyLock<String> = LazyLock::new(|| {
+    let (status, vm) = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "name": "files-s3"})));
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    vm["id"].as_str().expect("id").to_owned()
+});
+
+fn sh(cmd: &str) -> Value {
+    let (status, out) = call(Method::POST, &format!("/v1/vms/{}/exec", *VM), Some(json!({"command": ["sh", "-c", cmd], "timeoutSec": 300})));
+    assert_eq!(status, StatusCode::OK, "{out}");
+    out
+}
+
+/// (uploadUrl, downloadUrl) of a new staging object of the VM.
+fn presign(path: &str) -> (String, String) {
+    let (status, p) = call(Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": path})));
+    assert_eq!(status, StatusCode::OK, "{p}");
+    assert_eq!(p["maxUploadBytes"], json!(CAP));
+    (p["uploadUrl"].as_str().expect("uploadUrl").to_owned(), p["downloadUrl"].as_str().expect("downloadUrl").to_owned())
+}
+
+fn put(url: &str, body: Vec<u8>) -> StatusCode {
+    let s = s().expect("server");
+    block_on(async { s.client.put(url).header("content-type", "application/octet-stream").body(body).send().await.expect("put").status() })
+}
+
+fn get(url: &str) -> (StatusCode, Vec<u8>) {
+    let s = s().expect("server");
+    block_on(async {
+        let res = s.client.get(url).send().await.expect("get");
+        (res.status(), res.bytes().await.expect("body").to_vec())
+    })
+}
+
+fn fetch(url: &str, path: &str) -> (StatusCode, Value) {
+    call(Method::POST, &format!("/v1/vms/{}/files/fetch", *VM), Some(json!({"url": url, "path": path, "timeoutSec": 300})))
+}
+
+fn export(url: &str, path: &str) -> (StatusCode, Value) {
+    call(Method::POST, &format!("/v1/vms/{}/files/export", *VM), Some(json!({"url": url, "path": path, "timeoutSec": 300})))
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut v[..]);
+    v
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn default_org() -> String {
+    let s = s().expect("server");
+    block_on(async { fastvm_server::default_org(s.server.state().store()).await.expect("org").expect("default org").to_string() })
+}
+
+/// A store with the server's credentials, to mint URLs the server did not.
+fn same_credentials(prefix: &str) -> S3Staging {
+    S3Staging::new(&s3_config(&s().expect("server").endpoint, prefix)).expect("S3 staging")
+}
+
+#[test]
+fn presigned_urls_are_real_s3_urls() {
+    let Some(s) = s() else { return };
+    let (up, down) = presign("/root/p");
+    for u in [&up, &down] {
+        assert!(u.starts_with(&format!("{}/{BUCKET}/fastvm/{}/{}/", s.endpoint, default_org(), *VM)), "{u}");
+        assert!(u.contains("X-Amz-Signature=") && u.contains("X-Amz-Expires=3600"), "{u}");
+    }
+    assert_ne!(up, down);
+}
+
+#[test]
+fn upload_then_fetch_round_trips() {
+    if s().is_none() {
+        return;
+    }
+    let data = random_bytes(3 << 20 | 123);
+    let (up, down) = presign("/root/in/up.bin");
+    assert_eq!(put(&up, data.clone()), StatusCode::OK);
+    let (status, out) = fetch(&down, "/root/in/up.bin");
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["exitCode"], 0, "{out}");
+    let got = sh("sha256sum /root/in/up.bin | cut -d' ' -f1; stat -c %s /root/in/up.bin");
+    assert_eq!(got["stdout"], json!(format!("{}\n{}\n", sha256_hex(&data), data.len())), "{got}");
+}
+
+#[test]
+fn export_then_download_round_trips() {
+    if s().is_none() {
+        return;
+    }
+    // 12 MiB + a tail: more than one multipart part.
+    let out = sh("head -c 12582977 /dev/urandom > /root/out.bin && sha256sum /root/out.bin | cut -d' ' -f1");
+    let want = out["stdout"].as_str().expect("sha").trim().to_owned();
+    let (up, down) = presign("/root/out.bin");
+    let (status, res) = export(&up, "/root/out.bin");
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(res["kind"], json!("file"));
+    assert_eq!(res["sizeBytes"], json!(12_582_977));
+    let (status, body) = get(&down);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 12_582_977);
+    assert_eq!(sha256_hex(&body), want);
+    // An empty file exports as an empty object.
+    sh(": > /root/empty");
+    let (up, down) = presign("/root/empty");
+    let (status, res) = export(&up, "/root/empty");
+    assert_eq!((status, res["sizeBytes"].clone()), (StatusCode::OK, json!(0)), "{res}");
+    assert_eq!(get(&down), (StatusCode::OK, Vec::new()));
+}
+
+#[test]
+fn foreign_tampered_and_expired_urls_are_refused() {
+    let Some(s) = s() else { return };
+    let (up, down) = presign("/root/u");
+    // Wrong direction.
+    assert_error(&fetch(&up, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_error(&export(&down, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    // Nothing uploaded yet.
+    assert_error(&fetch(&down, "/root/u"), StatusCode::NOT_FOUND, "STAGING_OBJECT_NOT_FOUND");
+    // Tampered key (another object of this VM), signature, expiry.
+    let object = down.split('?').next().and_then(|u| u.rsplit('/').next()).expect("object").to_owned();
+    let other_object = uuid::Uuid::new_v4().to_string();
+    assert_error(&fetch(&down.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_error(&export(&up.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    let flipped = if down.ends_with('0') { '1' } else { '0' };
+    let sig_flipped = format!("{}{flipped}", &down[..down.len() - 1]);
+    assert_error(&fetch(&sig_flipped, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_error(&fetch(&down.replace("X-Amz-Expires=3600", "X-Amz-Expires=7200"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    // Another bucket or endpoint, or not S3 at all.
+    assert_error(&fetch(&down.replace(BUCKET, "other-bucket"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_error(&fetch(&down.replace(&s.endpoint, "http://127.0.0.1:1"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_error(&fetch(&format!("{}/v1/staging/abc.def", s.server.url()), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    // Validly signed for another VM (export) or another org (fetch).
+    let mint = same_credentials("fastvm");
+    let org = default_org();
+    let other_vm = ObjectKey { org: org.clone(), vm: uuid::Uuid::new_v4().to_string(), object: uuid::Uuid::new_v4().to_string() };
+    let urls = block_on(mint.presign(&other_vm, CAP, Duration::from_secs(600))).expect("presign");
+    assert_error(&export(&urls.upload_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    let other_org = ObjectKey { org: uuid::Uuid::new_v4().to_string(), vm: VM.clone(), object: uuid::Uuid::new_v4().to_string() };
+    let urls = block_on(mint.presign(&other_org, CAP, Duration::from_secs(600))).expect("presign");
+    let res = fetch(&urls.download_url, "/root/u");
+    assert_error(&res, StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("another org")), "{:?}", res.1);
+    // Outside the configured prefix.
+    let outside = same_credentials("elsewhere");
+    let ours = ObjectKey { org: org.clone(), vm: VM.clone(), object: uuid::Uuid::new_v4().to_string() };
+    let urls = block_on(outside.presign(&ours, CAP, Duration::from_secs(600))).expect("presign");
+    assert_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    // Expired: signed with the right credentials for 1 s.
+    let urls = block_on(mint.presign(&ours, CAP, Duration::from_secs(1))).expect("presign");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
+    assert_error(&export(&urls.upload_url, "/root"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
+}
+
+#[test]
+fn over_cap_objects_are_refused() {
+    if s().is_none() {
+        return;
+    }
+    // A presigned PUT cannot be capped: S3 stores it, fetch refuses it.
+    let (up, down) = presign("/root/big");
+    assert_eq!(put(&up, vec![7u8; (CAP + 1) as usize]), StatusCode::OK);
+    let res = fetch(&down, "/root/big");
+    assert_error(&res, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_eq!(sh("test -e /root/big; echo $?")["stdout"], json!("1\n"));
+    // Export stops at the cap and leaves no object.
+    sh(&format!("head -c {} /dev/zero > /root/big2", CAP + 1));
+    let (up, down) = presign("/root/big2");
+    assert_error(&export(&up, "/root/big2"), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_eq!(get(&down).0, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn staging_gc_deletes_old_objects() {
+    let Some(g) = start("files-s3-gc", "gc-test", |cfg| cfg.staging.max_age = Duration::from_secs(2)) else { return };
+    let mint = S3Staging::new(&s3_config(&g.endpoint, "gc-test")).expect("S3 staging");
+    let key = ObjectKey { org: uuid::Uuid::new_v4().to_string(), vm: uuid::Uuid::new_v4().to_string(), object: uuid::Uuid::new_v4().to_string() };
+    let urls = block_on(mint.presign(&key, 100, Duration::from_secs(600))).expect("presign");
+    let client = Client::new();
+    assert_eq!(block_on(client.put(&urls.upload_url).body("hello").send()).expect("put").status(), StatusCode::OK);
+    let got = block_on(async { client.get(&urls.download_url).send().await.expect("get").bytes().await.expect("body") });
+    assert_eq!(&got[..], b"hello");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let status = block_on(client.get(&urls.download_url).send()).expect("get").status();
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the object outlived max_age by 30 s (GET: {status})");
+    }
+    block_on(g.server.stop()).expect("stop");
+}
