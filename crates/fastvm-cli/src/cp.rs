@@ -2,8 +2,9 @@
 //! directories, streamed both ways with a progress bar.
 //!
 //! ```text
-//!  upload   presign(PATH) -> PUT uploadUrl (file bytes, or a tar of the directory
-//!           written on the fly) -> files/fetch(downloadUrl) [-> tar -x in the VM]
+//!  upload   presign(PATH) -> PUT uploadUrl with a Content-Length (file bytes, or a
+//!           tar of the directory written on the fly, sized beforehand: `sized_tar`)
+//!           -> files/fetch(downloadUrl) [-> tar -x in the VM]
 //!  download presign(PATH) -> files/export(uploadUrl) -> GET downloadUrl -> the
 //!           file, or a checked tar extraction into LOCAL
 //! ```
@@ -91,13 +92,21 @@ fn check_exec(out: &Value, what: &str) -> anyhow::Result<()> {
 async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &str) -> anyhow::Result<()> {
     let meta = std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?;
     let is_dir = meta.is_dir();
+    // Pass 1 of the directory tar (lstat only): its exact size, sent as Content-Length.
+    let plan = if is_dir {
+        let dir = local.to_owned();
+        Some(tokio::task::spawn_blocking(move || crate::sized_tar::plan(&dir)).await?.with_context(|| format!("reading {}", local.display()))?)
+    } else {
+        None
+    };
     let target = if is_dir { format!("/var/tmp/.fastvm-upload-{}.tar", uuid::Uuid::new_v4().simple()) } else { path.to_owned() };
     let (up, down) = presign(client, vm, &target).await?;
     let put = client.http.put(&up).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
     let bar;
-    let put = if is_dir {
-        bar = progress(args.quiet, None, "tar+upload");
-        let (rx, tar_thread) = tar_directory(local.to_owned());
+    let put = if let Some(plan) = plan {
+        let size = plan.size;
+        bar = progress(args.quiet, Some(size), "tar+upload");
+        let (rx, tar_thread) = tar_directory(plan);
         let b = bar.clone();
         let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).map(move |c: std::io::Result<Bytes>| {
             if let Ok(c) = &c {
@@ -105,7 +114,7 @@ async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &s
             }
             c
         });
-        let res = put.body(reqwest::Body::wrap_stream(body)).send().await;
+        let res = put.header(reqwest::header::CONTENT_LENGTH, size).body(reqwest::Body::wrap_stream(body)).send().await;
         tar_thread.join().map_err(|_| anyhow!("the tar thread panicked"))??;
         res
     } else {
@@ -178,21 +187,19 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Tar `dir` (rooted at `./`) in a thread; its chunks come from the receiver.
-fn tar_directory(dir: PathBuf) -> (tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, std::thread::JoinHandle<anyhow::Result<()>>) {
+/// Pass 2 of the directory tar in a thread (`plan.size` bytes, rooted at `./`,
+/// an error if the tree changed since the plan); its chunks come from the receiver.
+fn tar_directory(plan: crate::sized_tar::Plan) -> (tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, std::thread::JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
     let thread = std::thread::spawn(move || {
         let err_tx = tx.clone();
         let result = (|| -> anyhow::Result<()> {
-            let mut builder = tar::Builder::new(ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) });
-            builder.follow_symlinks(false);
-            builder.append_dir_all(".", &dir).with_context(|| format!("reading {}", dir.display()))?;
-            let mut w = builder.into_inner()?;
+            let mut w = crate::sized_tar::write(&plan, ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) })?;
             w.flush()?;
             Ok(())
         })();
         if let Err(e) = &result {
-            // Fail the HTTP body too, so the server discards the partial object.
+            // Fail the HTTP body too, so no complete-looking object is stored.
             let _ = err_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
         result

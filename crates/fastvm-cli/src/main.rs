@@ -16,6 +16,7 @@ mod exec;
 mod images;
 mod orgs;
 mod serve;
+mod sized_tar;
 mod snapshot;
 mod vm;
 

@@ -133,6 +133,7 @@ async def test_async_upload_and_download_dir(aclient, server, tmp_path):
     await aclient.upload("vm-1", str(src), "/root/src")
     put = server.last("PUT")
     assert b"hello" in put.content and "Authorization" not in put.headers
+    assert put.headers["Content-Length"] == str(len(put.content))
 
     server.on("POST", "/v1/vms/vm-1/files/export", {"kind": "directory", "sizeBytes": 1})
     big = b"x" * (3 * 1024 * 1024)  # larger than a pipe buffer

@@ -64,7 +64,8 @@ def test_upload_directory_streams_tar_and_extracts(client, server, tmp_path):
     presign, put, fetch, run = server.requests
     tmp = server.json(presign)["path"]
     assert tmp.startswith("/var/tmp/.fastvm-upload-") and tmp.endswith(".tar")
-    assert "Content-Length" not in put.headers  # streamed from tar's stdout
+    assert put.headers["Content-Length"] == str(len(put.content))  # sized before streaming (S3 needs it)
+    assert "Transfer-Encoding" not in put.headers
     members = tar_members(put.content)
     assert members["./main.py"] == b"print(1)" and members["./pkg/mod.py"] == b"x = 2"
     assert server.json(fetch) == {"url": PRESIGN["downloadUrl"], "path": tmp, "timeoutSec": 30}
@@ -74,6 +75,33 @@ def test_upload_directory_streams_tar_and_extracts(client, server, tmp_path):
     script = body["command"][2]
     assert script.startswith("mkdir -p '/root/my src' && tar -xf " + shlex.quote(tmp) + " -C '/root/my src'")
     assert "rm -f " + tmp in script
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_upload_directory_changed_while_streaming_fails(client, aclient, server, tmp_path, monkeypatch, is_async):
+    import asyncio
+
+    from fastvm import _sized_tar
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    real_plan = _sized_tar.plan
+
+    def plan_then_change(directory):
+        p = real_plan(directory)
+        (src / "a.txt").write_text("longer now")
+        return p
+
+    monkeypatch.setattr(_sized_tar, "plan", plan_then_change)
+    server.on("POST", "/v1/vms/vm-1/files/presign", PRESIGN)
+    server.on("PUT", "/put/obj1", httpx.Response(200))
+    with pytest.raises(FileTransferError, match="a.txt' changed size"):
+        if is_async:
+            asyncio.run(aclient.upload("vm-1", str(src), "/root/src"))
+        else:
+            client.upload("vm-1", str(src), "/root/src")
+    assert ("POST", "/v1/vms/vm-1/files/fetch") not in server.calls()
 
 
 def test_upload_fetch_failure_raises(client, server, tmp_path):

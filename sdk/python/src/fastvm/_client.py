@@ -106,7 +106,15 @@ class FastvmClient(BaseClient):
         fetch_timeout_sec: int = 600,
         exec_timeout_sec: int = 600,
     ) -> None:
-        """Copy a local file or directory (tar-streamed) to ``remote_path`` in the VM."""
+        """Copy a local file or directory (tar-streamed) to ``remote_path`` in the VM.
+
+        A directory is sent as a tar rooted at ``./`` that the SDK makes itself with
+        ``tarfile`` (no ``tar`` binary is needed on the client), streamed without a
+        temporary copy and with an exact Content-Length computed from a first ``lstat``
+        walk (S3 presigned URLs require one). If the directory changes during the upload
+        (an entry appears or disappears, a size or symlink target differs),
+        :class:`FileTransferError` is raised and nothing is extracted in the VM.
+        """
         _transfer.upload(
             self, vm_id, str(local_path), remote_path, fetch_timeout_sec=fetch_timeout_sec, exec_timeout_sec=exec_timeout_sec
         )

@@ -1,8 +1,13 @@
 """client.upload / client.download: file and directory transfer through signed URLs.
 
 Upload, file:      presign(remote) -> PUT file bytes to upload_url -> VM fetches download_url to remote.
-Upload, directory: presign(tmp) -> PUT the stdout of ``tar -C dir -cf - .`` -> VM fetches
-                   to tmp -> exec ``mkdir -p DEST && tar -xf TMP -C DEST``, then ``rm -f TMP``.
+Upload, directory: presign(tmp) -> PUT a tar of the directory (rooted at ./, as
+                   ``tar -C dir -cf - .`` would make it) with its exact Content-Length ->
+                   VM fetches to tmp -> exec ``mkdir -p DEST && tar -xf TMP -C DEST``, then
+                   ``rm -f TMP``. The archive is made in Python (``_sized_tar``: a first pass
+                   sizes it from lstat, the second streams it and fails if the tree changed
+                   in between), so no ``tar`` binary is needed on the client, and S3 presigned
+                   PUTs, which require a Content-Length, work.
 Download:          presign(remote) -> files/export(remote, upload_url): the server classifies
                    the path in the VM (missing: 404 FILE_NOT_FOUND -> FileNotFoundError) and
                    streams the file, or a tar of the directory rooted at ./, over its agent
@@ -19,11 +24,10 @@ import asyncio
 import errno
 import os
 import shlex
-import subprocess
-import tempfile
 import uuid
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
+from . import _sized_tar
 from ._exceptions import FileTransferError, NotFoundError
 from ._tar import IterReader, safe_extract
 from .models import ExecVMResponse
@@ -33,14 +37,6 @@ if TYPE_CHECKING:
 
 CHUNK = 1024 * 1024
 OCTET = "application/octet-stream"
-
-# macOS bsdtar would otherwise add AppleDouble "._*" entries.
-_TAR_ENV = {**os.environ, "COPYFILE_DISABLE": "1"}
-
-
-def _tar_argv(directory: str) -> list[str]:
-    return ["tar", "-C", directory, "-cf", "-", "."]
-
 
 def _vm_tmp_path() -> str:
     # /var/tmp: on the VM disk (the guest /tmp is a RAM tmpfs, too small for big trees).
@@ -98,36 +94,32 @@ def _file_chunks(path: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _tar_chunks(directory: str) -> Iterator[bytes]:
-    """stdout of ``tar -C directory -cf - .``, chunk by chunk; raises on tar failure."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(_tar_argv(directory), stdout=subprocess.PIPE, stderr=err, env=_TAR_ENV)
-        try:
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(CHUNK):
-                yield chunk
-            rc = proc.wait()
-            if rc != 0:
-                err.seek(0)
-                raise FileTransferError(f"local tar of {directory!r} failed (exit {rc})", exit_code=rc, stderr=err.read().decode(errors="replace"))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+def _tar_plan(directory: str) -> _sized_tar.Plan:
+    try:
+        return _sized_tar.plan(directory)
+    except OSError as e:
+        raise FileTransferError(f"cannot read {directory!r} for the upload: {e}") from e
+
+
+def _tar_chunks(p: _sized_tar.Plan) -> Iterator[bytes]:
+    """The sized archive, chunk by chunk; FileTransferError if the tree changed or is unreadable."""
+    try:
+        yield from _sized_tar.stream(p)
+    except OSError as e:
+        raise FileTransferError(f"cannot read {p.directory!r} for the upload: {e}") from e
 
 
 def upload(client: FastvmClient, vm_id: str, local_path: str, remote_path: str, *, fetch_timeout_sec: int, exec_timeout_sec: int) -> None:
     kind = _classify_local(local_path)
     target = remote_path if kind == "file" else _vm_tmp_path()
+    p = _tar_plan(local_path) if kind == "dir" else None
     presign = client.vms.files.presign(vm_id, path=target)
-    if kind == "file":
+    if p is None:
         client._put_signed(presign.upload_url, _file_chunks(local_path), content_type=OCTET, length=os.path.getsize(local_path))
     else:
-        chunks = _tar_chunks(local_path)
+        chunks = _tar_chunks(p)
         try:
-            client._put_signed(presign.upload_url, chunks, content_type=OCTET)
+            client._put_signed(presign.upload_url, chunks, content_type=OCTET, length=p.size)
         finally:
             chunks.close()  # type: ignore[attr-defined]
     fetched = client.vms.files.fetch(vm_id, url=presign.download_url, path=target, timeout_sec=fetch_timeout_sec)
@@ -163,33 +155,28 @@ async def _afile_chunks(path: str) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _atar_chunks(directory: str) -> AsyncIterator[bytes]:
-    with tempfile.TemporaryFile() as err:
-        proc = await asyncio.create_subprocess_exec(*_tar_argv(directory), stdout=subprocess.PIPE, stderr=err, env=_TAR_ENV)
-        try:
-            assert proc.stdout is not None
-            while chunk := await proc.stdout.read(CHUNK):
-                yield chunk
-            rc = await proc.wait()
-            if rc != 0:
-                err.seek(0)
-                raise FileTransferError(f"local tar of {directory!r} failed (exit {rc})", exit_code=rc, stderr=err.read().decode(errors="replace"))
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+async def _atar_chunks(p: _sized_tar.Plan) -> AsyncIterator[bytes]:
+    """``_tar_chunks`` run in a worker thread, chunk by chunk."""
+    chunks = _tar_chunks(p)
+    done = object()
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+            yield chunk  # type: ignore[misc]
+    finally:
+        chunks.close()
 
 
 async def aupload(client: AsyncFastvmClient, vm_id: str, local_path: str, remote_path: str, *, fetch_timeout_sec: int, exec_timeout_sec: int) -> None:
     kind = _classify_local(local_path)
     target = remote_path if kind == "file" else _vm_tmp_path()
+    p = await asyncio.to_thread(_tar_plan, local_path) if kind == "dir" else None
     presign = await client.vms.files.presign(vm_id, path=target)
-    if kind == "file":
+    if p is None:
         await client._put_signed(presign.upload_url, _afile_chunks(local_path), content_type=OCTET, length=os.path.getsize(local_path))
     else:
-        chunks = _atar_chunks(local_path)
+        chunks = _atar_chunks(p)
         try:
-            await client._put_signed(presign.upload_url, chunks, content_type=OCTET)
+            await client._put_signed(presign.upload_url, chunks, content_type=OCTET, length=p.size)
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
     fetched = await client.vms.files.fetch(vm_id, url=presign.download_url, path=target, timeout_sec=fetch_timeout_sec)
