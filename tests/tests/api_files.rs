@@ -391,3 +391,60 @@ fn staging_gc_removes_old_objects() {
     assert!(walk_files(&g.dir.join("staging")).is_empty());
     block_on(g.server.stop()).expect("stop");
 }
+
+/// Issue 6: transfers move over the agent channel, so they work when the
+/// VM's firewall denies all egress (and DNS) — proven first on a real packet.
+#[test]
+fn transfers_work_under_a_deny_all_egress_firewall() {
+    let firewall = json!({"egress": {"defaultAction": "deny", "rules": []}, "dns": {"mode": "allow", "domains": []}});
+    let (status, vm) = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "name": "files-denied", "firewall": firewall})));
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let vm_sh = |cmd: &str| -> Value {
+        let (status, out) = call(Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["sh", "-c", cmd], "timeoutSec": 60})));
+        assert_eq!(status, StatusCode::OK, "{out}");
+        out
+    };
+
+    // A listener on the host, reachable from any VM under the default egress
+    // allow (the host side of the VM's veth is gateway + 4): here refused.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let probe = format!(
+        "gw=$(ip -4 route show default | awk '{{print $3}}'); host=$(python3 -c \"import ipaddress,sys; print(ipaddress.ip_address(sys.argv[1]) + 4)\" $gw); \
+         curl -sS --max-time 5 -o /dev/null http://$host:{port}/ && echo reached || echo blocked"
+    );
+    let out = vm_sh(&probe);
+    assert_eq!(out["stdout"], "blocked\n", "egress deny-all must block the host: {out}");
+    drop(listener);
+
+    // Upload: PUT + fetch into the denied VM.
+    let data = random_bytes(3 << 20);
+    let p = presign("/root/denied/in.bin");
+    assert_eq!(put(p["uploadUrl"].as_str().expect("u"), data.clone()).0, StatusCode::OK);
+    let (status, res) = call(
+        Method::POST,
+        &format!("/v1/vms/{id}/files/fetch"),
+        Some(json!({"url": p["downloadUrl"], "path": "/root/denied/in.bin", "timeoutSec": 120})),
+    );
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(res["exitCode"], 0, "{res}");
+    let sum = vm_sh("sha256sum /root/denied/in.bin");
+    assert!(sum["stdout"].as_str().is_some_and(|s| s.starts_with(&sha256_hex(&data))), "{sum}");
+
+    // Download: export out of the denied VM + GET.
+    let (status, p2) = call(Method::POST, &format!("/v1/vms/{id}/files/presign"), Some(json!({"path": "/root/denied/in.bin"})));
+    assert_eq!(status, StatusCode::OK, "{p2}");
+    let (status, ex) = call(
+        Method::POST,
+        &format!("/v1/vms/{id}/files/export"),
+        Some(json!({"url": p2["uploadUrl"], "path": "/root/denied/in.bin", "timeoutSec": 120})),
+    );
+    assert_eq!(status, StatusCode::OK, "{ex}");
+    let (status, got) = get(p2["downloadUrl"].as_str().expect("d"));
+    assert_eq!(status, StatusCode::OK);
+    assert!(got == data, "downloaded bytes differ");
+
+    let (status, _) = call(Method::DELETE, &format!("/v1/vms/{id}"), None);
+    assert!(status.is_success(), "delete: {status}");
+}

@@ -452,7 +452,10 @@ pub fn find_agent_binary() -> Result<PathBuf> {
             d.join("x86_64-unknown-linux-musl/release/fastvm-agent"),
             d.join("target/x86_64-unknown-linux-musl/release/fastvm-agent"),
         ] {
-            if candidate.is_file() {
+            // A host build of the agent (e.g. `target/debug/fastvm-agent` from
+            // `cargo build --workspace`) needs a dynamic loader the initramfs
+            // does not have: the kernel then fails /init with ENOENT.
+            if candidate.is_file() && is_static_elf(&candidate) {
                 return Ok(candidate);
             }
             looked.push(candidate);
@@ -462,9 +465,41 @@ pub fn find_agent_binary() -> Result<PathBuf> {
     Err(Error::AgentBinaryMissing { looked })
 }
 
+/// Whether `path` is an x86-64 ELF executable without a program interpreter
+/// (`PT_INTERP`), i.e. runnable as PID 1 from the initramfs.
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(data) = std::fs::read(path) else { return false };
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| data.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let u64_at = |o: usize| data.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    // ELF magic, 64-bit, little endian.
+    if data.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
+    let Ok(phoff) = usize::try_from(phoff) else { return false };
+    (0..usize::from(phnum)).all(|i| {
+        let at = phoff.saturating_add(i.saturating_mul(usize::from(phentsize)));
+        u32_at(at).is_some_and(|ty| ty != PT_INTERP)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_static_executables_qualify_as_the_agent() {
+        // The test binary itself is a dynamically linked host executable.
+        let exe = std::env::current_exe().expect("exe");
+        assert!(!is_static_elf(&exe));
+        assert!(!is_static_elf(Path::new("/etc/hostname")));
+        let musl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-musl/release/fastvm-agent");
+        if musl.is_file() {
+            assert!(is_static_elf(&musl), "{}", musl.display());
+        }
+    }
 
     #[test]
     fn cpio_layout() {
