@@ -125,6 +125,7 @@ impl AppState {
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "The path is not absolute", body = ErrorBody),
     )
 )]
@@ -156,6 +157,7 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
         (status = 404, description = "No such VM in the caller's org; `STAGING_OBJECT_NOT_FOUND`: nothing uploaded yet", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The staged object is larger than the VM's upload cap (maxUploadBytes)", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
@@ -201,6 +203,7 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
         (status = 404, description = "No such VM in the caller's org; `FILE_NOT_FOUND`: no such path in the guest", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The file or archive exceeds the upload cap", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 500, description = "`EXPORT_FAILED`: reading the path in the guest failed (message has its stderr)", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),

@@ -75,14 +75,32 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// A JSON request body (`Content-Type: application/json`, at most
-/// [`MAX_JSON_BODY`] bytes) decoded into `T`.
+/// [`MAX_JSON_BODY`] bytes, a JSON object) decoded into `T`.
+///
+/// Every request body of the API is an object. serde would also decode a
+/// struct from a JSON array (`[null, null]` as a firewall policy), so the
+/// body's first token is checked too.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_JSON_BODY).await {
+            Ok(b) => b,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    codes::PAYLOAD_TOO_LARGE,
+                    format!("the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"),
+                ))
+            }
+        };
+        let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
+            Ok(_) if !is_object => Err(ApiError::bad_request(codes::INVALID_REQUEST, "the request body must be a JSON object")),
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
