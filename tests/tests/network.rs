@@ -459,6 +459,9 @@ fn readoption() {
             let gone = a.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await.expect("create");
             let servers = "for p in 8000 9000; do setsid nohup python3 -m http.server $p --bind :: >/dev/null 2>&1 & done";
             a.exec_buffered(&kept.id, &ExecRequest::shell(servers), CAP).await.expect("start servers");
+            // A lookup that puts allowed.test's address into the fqdn rule's set.
+            let out = a.exec_buffered(&kept.id, &ExecRequest::shell("curl -s -m 3 http://allowed.test/"), CAP).await.expect("curl");
+            assert_eq!(out.stdout, b"hello 10.201.1.2:80");
             (kept, gone)
         });
         drop(rt_a);
@@ -483,6 +486,9 @@ fn readoption() {
     assert!(netns_exists(&kept_ns) && link_exists(&kept_veth));
 
     let vm = Vm { rt: b.clone(), id: kept.id.clone() };
+    // The fqdn set survived the restart: the address resolved under runtime A
+    // is reachable with no new lookup.
+    assert_eq!(vm.curl("http://10.201.1.2/").as_deref(), Some("hello 10.201.1.2:80"), "fqdn set carried over");
     // The resolver answers again, through the same gate.
     assert_eq!(vm.resolves("other.test"), None, "still blocked by the dns gate");
     assert_eq!(vm.dns_tcp("other.test").as_deref(), Some("3 0"), "NXDOMAIN over TCP too");

@@ -269,9 +269,16 @@ impl Network {
     }
 
     async fn load_rules(&self, net: &VmNet) -> Result<()> {
+        self.load_rules_with(net, Vec::new()).await
+    }
+
+    /// Load the ruleset with the resolver's remembered answers and `carried`
+    /// elements in the fqdn sets.
+    async fn load_rules_with(&self, net: &VmNet, carried: Vec<nft::SetElement>) -> Result<()> {
         let _g = net.nft_lock.lock().await;
         let policy = net.policy();
-        let known = net.resolver().map(|r| r.known_elements(&policy)).unwrap_or_default();
+        let mut known = net.resolver().map(|r| r.known_elements(&policy)).unwrap_or_default();
+        known.extend(carried);
         netns::nft(Some(&net.addr.netns), &nft::render(&policy, &known, &self.cfg.extra_doh)).await
     }
 
@@ -295,7 +302,16 @@ impl Network {
         let net = Arc::new(VmNet { addr: rec.addressing, policy: Mutex::new(rec.policy), resolver: Mutex::new(None), nft_lock: Default::default() });
         // The VM keeps its network (and is torn down on delete) even when
         // these fail, e.g. while another runtime still serves its resolver.
-        if let Err(e) = self.load_rules(&net).await {
+        // The fqdn sets keep what the previous worker's resolver put there
+        // (with the time left), so the guest needs no new lookup.
+        let carried = match netns::output(Some(&net.addr.netns), "nft", &["-j", "list", "sets", "inet"]).await {
+            Ok(json) => nft::loaded_set_elements(&json),
+            Err(e) => {
+                tracing::debug!(netns = %net.addr.netns, error = %e, "no loaded sets to carry over");
+                Vec::new()
+            }
+        };
+        if let Err(e) = self.load_rules_with(&net, carried).await {
             tracing::warn!(netns = %net.addr.netns, error = %e, "reloading the firewall failed");
         }
         if let Err(e) = self.start_resolver(&net).await {

@@ -112,11 +112,20 @@ pub fn del(name: &str) {
 /// Run `prog args` (in namespace `ns` when given) with `stdin` fed to it;
 /// an error carries its stderr.
 pub async fn run(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str) -> Result<()> {
+    exec(ns, prog, args, stdin, false).await.map(drop)
+}
+
+/// Like [`run`], returning the standard output.
+pub async fn output(ns: Option<&str>, prog: &str, args: &[&str]) -> Result<Vec<u8>> {
+    exec(ns, prog, args, "", true).await
+}
+
+async fn exec(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str, capture: bool) -> Result<Vec<u8>> {
     let fd = ns.map(open).transpose()?;
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(if capture { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     if let Some(fd) = fd.as_ref() {
@@ -143,7 +152,7 @@ pub async fn run(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str) -> Re
         let where_ = ns.map(|n| format!(" in {n}")).unwrap_or_default();
         return Err(Error::Network(format!("{prog} {}{where_} failed: {}", args.join(" "), err.trim())));
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// `ip -batch -` (in `ns` when given) with one command per line.
