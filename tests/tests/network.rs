@@ -4,7 +4,8 @@
 //! `fvt-`, removed by [`World`]'s Drop even when a check fails):
 //!
 //! ```text
-//!  fvt-web   10.201.1.2  HTTP :80 :8080 :853, DNS :53 (the resolvers' upstream)
+//!  fvt-web   10.201.1.2  HTTP :80 :8080 :853, DNS :53 udp+tcp (the resolvers' upstream),
+//!                        UDP echo :7001 :7002
 //!            10.201.1.3  HTTP :80          10.201.1.53  HTTP :443 (a "DoH" endpoint)
 //!  fvt-cli   fd00:fa58:2::2  a client connecting to the guests' publicIpv6
 //!  host      <host address>:<port>  HTTP (default egress allow must reach it)
@@ -62,28 +63,62 @@ fn zone(name: &str) -> Option<Ipv4Addr> {
     }
 }
 
+/// The answer of the test zone to the query `bytes`.
+fn answer(bytes: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(bytes).ok()?;
+    let mut r = Message::new();
+    r.set_id(q.id()).set_message_type(MessageType::Response).set_recursion_available(true);
+    r.add_queries(q.queries().to_vec());
+    if let Some(query) = q.queries().first() {
+        let name = query.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        match zone(&name) {
+            Some(ip) if query.query_type() == RecordType::A => {
+                r.add_answer(Record::from_rdata(query.name().clone(), 5, RData::A(rdata::A(ip))));
+            }
+            Some(_) => {}
+            None => {
+                r.set_response_code(ResponseCode::NXDomain);
+            }
+        }
+    }
+    r.to_vec().ok()
+}
+
 async fn serve_dns(sock: tokio::net::UdpSocket) {
     let mut buf = vec![0u8; 4096];
     while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-        let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-        let mut r = Message::new();
-        r.set_id(q.id()).set_message_type(MessageType::Response).set_recursion_available(true);
-        r.add_queries(q.queries().to_vec());
-        if let Some(query) = q.queries().first() {
-            let name = query.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
-            match zone(&name) {
-                Some(ip) if query.query_type() == RecordType::A => {
-                    r.add_answer(Record::from_rdata(query.name().clone(), 5, RData::A(rdata::A(ip))));
-                }
-                Some(_) => {}
-                None => {
-                    r.set_response_code(ResponseCode::NXDomain);
-                }
-            }
-        }
-        if let Ok(bytes) = r.to_vec() {
+        if let Some(bytes) = answer(&buf[..n]) {
             let _ = sock.send_to(&bytes, peer).await;
         }
+    }
+}
+
+/// DNS over TCP (length-prefixed messages), one query per connection.
+async fn serve_dns_tcp(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut len = [0u8; 2];
+            if s.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if s.read_exact(&mut q).await.is_err() {
+                return;
+            }
+            if let Some(a) = answer(&q) {
+                let mut out = u16::try_from(a.len()).unwrap_or(0).to_be_bytes().to_vec();
+                out.extend_from_slice(&a);
+                let _ = s.write_all(&out).await;
+            }
+        });
+    }
+}
+
+async fn serve_udp_echo(sock: tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; 2048];
+    while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+        let _ = sock.send_to(&buf[..n], peer).await;
     }
 }
 
@@ -151,7 +186,9 @@ fn build_world() -> (World, SocketAddr) {
         .iter()
         .map(|s| s.parse().expect("addr"))
         .collect();
-    let (tcp, udp) = block_on(listeners_in(WEB, tcp, vec!["10.201.1.2:53".parse().expect("addr")]));
+    let udp = ["10.201.1.2:53", "10.201.1.2:7001", "10.201.1.2:7002"].iter().map(|s| s.parse().expect("addr")).collect();
+    let (mut tcp, udp) = block_on(listeners_in(WEB, [tcp, vec!["10.201.1.2:53".parse().expect("addr")]].concat(), udp));
+    let dns_tcp = tcp.pop().expect("dns tcp listener");
     let host_web = std::net::TcpListener::bind((host_address(), 0)).expect("bind host web server");
     host_web.set_nonblocking(true).expect("nonblocking");
     let host_addr = host_web.local_addr().expect("addr");
@@ -159,12 +196,38 @@ fn build_world() -> (World, SocketAddr) {
         for l in tcp.into_iter().chain([host_web]) {
             world.tasks.push(tokio::spawn(serve_http(tokio::net::TcpListener::from_std(l).expect("listener"))));
         }
-        for u in udp {
-            world.tasks.push(tokio::spawn(serve_dns(tokio::net::UdpSocket::from_std(u).expect("udp"))));
+        world.tasks.push(tokio::spawn(serve_dns_tcp(tokio::net::TcpListener::from_std(dns_tcp).expect("listener"))));
+        for (i, u) in udp.into_iter().enumerate() {
+            let u = tokio::net::UdpSocket::from_std(u).expect("udp");
+            world.tasks.push(tokio::spawn(async move {
+                if i == 0 {
+                    serve_dns(u).await
+                } else {
+                    serve_udp_echo(u).await
+                }
+            }));
         }
     });
     (world, host_addr)
 }
+
+/// A DNS query over TCP (argv: name, server), printing the rcode and the
+/// answer count of the response.
+const DNS_TCP_PY: &str = r"import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+q = b'\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00'
+q += b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\x00\x00\x01\x00\x01'
+s = socket.create_connection((server, 53), 3)
+s.sendall(struct.pack('!H', len(q)) + q)
+b = b''
+while len(b) < 2 or len(b) < 2 + struct.unpack('!H', b[:2])[0]:
+    c = s.recv(4096)
+    if not c:
+        break
+    b += c
+r = b[2:]
+print(r[3] & 15, struct.unpack('!H', r[6:8])[0])
+";
 
 struct Vm {
     rt: Arc<Runtime>,
@@ -186,6 +249,23 @@ impl Vm {
     fn resolves(&self, name: &str) -> Option<String> {
         let (code, out) = self.sh(&format!("getent ahostsv4 {name} | head -n1 | cut -d' ' -f1"));
         (code == 0 && !out.is_empty()).then_some(out)
+    }
+
+    /// A UDP datagram to 10.201.1.2:`port` from the guest: the echo, or None.
+    fn udp_echo(&self, port: u16) -> Option<String> {
+        let (code, out) = self.sh(&format!(
+            "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(2);\
+             s.connect(('10.201.1.2',{port}));s.send(b'ping{port}');print(s.recv(64).decode())\""
+        ));
+        (code == 0).then_some(out)
+    }
+
+    /// A DNS query (type A) over TCP to the VM's resolver, by python3 with a
+    /// hand-built message (the guest image has no dig): `<rcode> <answers>`.
+    fn dns_tcp(&self, name: &str) -> Option<String> {
+        let gw = gateway_of(&self.rt.get(&self.id).ok()?.private_ipv4);
+        let (code, out) = self.sh(&format!("cat > /tmp/dnstcp.py <<'EOF'\n{DNS_TCP_PY}EOF\npython3 /tmp/dnstcp.py {name} {gw}"));
+        (code == 0).then_some(out)
     }
 
     fn firewall(&self, policy: serde_json::Value) -> Duration {
@@ -217,12 +297,7 @@ fn link_exists(name: &str) -> bool {
 fn network_and_firewall_on_real_packets() {
     let (world, host_web) = build_world();
     let dir = data_dir("network");
-    let mut cfg = config(&dir);
-    if let Some(net) = cfg.network.as_mut() {
-        net.dns_upstream = "10.201.1.2:53".parse().expect("addr");
-        net.extra_doh = vec!["10.201.1.53/32".parse().expect("net")];
-    }
-    let rt = block_on(Runtime::open(cfg)).expect("open runtime");
+    let rt = block_on(Runtime::open(world_config(&dir))).expect("open runtime");
     let t = Instant::now();
     let info = block_on(rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() })).expect("create VM");
     eprintln!("VM up in {:?}: {info:?}", t.elapsed());
@@ -253,6 +328,11 @@ fn network_and_firewall_on_real_packets() {
     eprintln!("ingress rule applied in {took:?}, first connection {:?} later", t.elapsed());
     assert!(took < Duration::from_secs(1), "rule change took {took:?}");
     assert!(!client_connects(p9000), "port 9000 must stay closed");
+    // A port range.
+    vm.firewall(json!({"ingress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "fd00:fa58:2::/64", "protocol": "tcp", "ports": "8500-9500", "action": "allow"}]}}));
+    assert!(client_connects(p9000), "range 8500-9500 must open port 9000");
+    assert!(!client_connects(p8000), "port 8000 is outside the range");
 
     // Egress deny-all with one fqdn allow: only that domain's IP and port.
     vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
@@ -261,6 +341,14 @@ fn network_and_firewall_on_real_packets() {
     assert_eq!(vm.curl("http://allowed.test:8080/"), None, "port not allowed");
     assert_eq!(vm.curl("http://10.201.1.3/"), None, "other IP not allowed");
     assert_eq!(vm.curl(&format!("http://{host_web}/")), None, "host not allowed");
+
+    // UDP: one port to one address under egress deny.
+    assert_eq!(vm.udp_echo(7002), None, "UDP denied by default");
+    vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "10.201.1.2/32", "protocol": "udp", "ports": "7001", "action": "allow"}]}}));
+    assert_eq!(vm.udp_echo(7001).as_deref(), Some("ping7001"), "allowed UDP port");
+    assert_eq!(vm.udp_echo(7002), None, "other UDP port blocked");
+    assert_eq!(vm.curl("http://10.201.1.2/"), None, "TCP to the same address blocked");
 
     // Wildcard fqdn rule.
     vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
@@ -274,6 +362,9 @@ fn network_and_firewall_on_real_packets() {
     assert_eq!(vm.resolves("b.c.wild.test").as_deref(), Some("10.201.1.3"));
     assert_eq!(vm.resolves("wild.test"), None, "apex not allowed by *.wild.test");
     assert_eq!(vm.resolves("other.test"), None);
+    // The same gate over TCP.
+    assert_eq!(vm.dns_tcp("allowed.test").as_deref(), Some("0 1"), "allowed name over TCP");
+    assert_eq!(vm.dns_tcp("other.test").as_deref(), Some("3 0"), "NXDOMAIN over TCP");
     assert_eq!(vm.curl(&format!("http://{host_web}/")), Some(format!("hello {host_web}")), "egress still default allow");
 
     // DNS deny mode, and the gate before L4: other.test is NXDOMAIN although
@@ -327,8 +418,100 @@ fn network_and_firewall_on_real_packets() {
         assert!(!netns_exists(&ns), "{ns} left behind");
         assert!(!link_exists(&veth), "{veth} left behind");
     }
+
+    readoption();
     drop(world);
     assert!(!netns_exists(WEB) && !netns_exists(CLI));
+}
+
+/// A runtime config whose resolvers forward to the outside world's DNS.
+fn world_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
+    let mut cfg = config(dir);
+    if let Some(net) = cfg.network.as_mut() {
+        net.dns_upstream = "10.201.1.2:53".parse().expect("addr");
+        net.extra_doh = vec!["10.201.1.53/32".parse().expect("net")];
+    }
+    cfg
+}
+
+/// Worker restart: runtime A (on its own tokio runtime, dropped as a
+/// crashed worker would be: resolver sockets and agent connections close,
+/// QEMU keeps running) launches a VM with a firewall and a second VM whose
+/// directory is removed (and QEMU killed) while no runtime runs. Runtime B
+/// on the same data dir removes the second VM's namespace and re-adopts the
+/// first: same namespace and addresses, firewall enforced, resolver serving
+/// the same gate, `set_firewall` applied, and delete removes everything.
+fn readoption() {
+    let dir = data_dir("network-adopt");
+    let policy: FirewallPolicy = serde_json::from_value(json!({
+        "ingress": {"defaultAction": "deny", "rules": [
+            {"kind": "cidr", "value": "fd00:fa58:2::/64", "protocol": "tcp", "ports": "8000", "action": "allow"}]},
+        "egress": {"defaultAction": "deny", "rules": [
+            {"kind": "fqdn", "value": "allowed.test", "protocol": "tcp", "ports": "80", "action": "allow"}]},
+        "dns": {"mode": "deny", "domains": ["other.test"]}}))
+    .expect("policy");
+    let t = Instant::now();
+    let (kept, gone) = {
+        let rt_a = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
+        let infos = rt_a.block_on(async {
+            let a = Runtime::open(world_config(&dir)).await.expect("open A");
+            let kept = a.create(CreateVm { machine: "c1m2".into(), firewall: policy, ..Default::default() }).await.expect("create");
+            let gone = a.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await.expect("create");
+            let servers = "for p in 8000 9000; do setsid nohup python3 -m http.server $p --bind :: >/dev/null 2>&1 & done";
+            a.exec_buffered(&kept.id, &ExecRequest::shell(servers), CAP).await.expect("start servers");
+            // A lookup that puts allowed.test's address into the fqdn rule's set.
+            let out = a.exec_buffered(&kept.id, &ExecRequest::shell("curl -s -m 3 http://allowed.test/"), CAP).await.expect("curl");
+            assert_eq!(out.stdout, b"hello 10.201.1.2:80");
+            (kept, gone)
+        });
+        drop(rt_a);
+        infos
+    };
+    eprintln!("runtime A: two VMs up and dropped in {:?}", t.elapsed());
+    let (kept_ns, kept_veth) = netns_names(&dir, &kept.id);
+    let (gone_ns, gone_veth) = netns_names(&dir, &gone.id);
+    // SAFETY: kill by the pid of a QEMU this test started.
+    unsafe { libc::kill(gone.pid.expect("pid") as i32, libc::SIGKILL) };
+    std::fs::remove_dir_all(dir.join("vms").join(&gone.id)).expect("remove the VM dir");
+    assert!(netns_exists(&gone_ns), "nothing removed the namespace yet");
+
+    let t = Instant::now();
+    let b = block_on(Runtime::open(world_config(&dir))).expect("open B");
+    eprintln!("runtime B opened (re-adoption) in {:?}", t.elapsed());
+    assert!(!netns_exists(&gone_ns) && !link_exists(&gone_veth), "left-over network of a removed VM");
+    let info = b.get(&kept.id).expect("re-adopted VM");
+    assert_eq!(info.state, fastvm_worker::VmState::Running);
+    assert_eq!((&info.mac, &info.private_ipv4, &info.public_ipv6), (&kept.mac, &kept.private_ipv4, &kept.public_ipv6));
+    assert_eq!(netns_names(&dir, &kept.id), (kept_ns.clone(), kept_veth.clone()));
+    assert!(netns_exists(&kept_ns) && link_exists(&kept_veth));
+
+    let vm = Vm { rt: b.clone(), id: kept.id.clone() };
+    // The fqdn set survived the restart: the address resolved under runtime A
+    // is reachable with no new lookup.
+    assert_eq!(vm.curl("http://10.201.1.2/").as_deref(), Some("hello 10.201.1.2:80"), "fqdn set carried over");
+    // The resolver answers again, through the same gate.
+    assert_eq!(vm.resolves("other.test"), None, "still blocked by the dns gate");
+    assert_eq!(vm.dns_tcp("other.test").as_deref(), Some("3 0"), "NXDOMAIN over TCP too");
+    // Egress: the fqdn allow works again (its set refilled by the new resolver), nothing else.
+    assert_eq!(vm.curl("http://allowed.test/").as_deref(), Some("hello 10.201.1.2:80"));
+    assert_eq!(vm.curl("http://allowed.test:8080/"), None, "port not allowed");
+    assert_eq!(vm.curl("http://10.201.1.3/"), None, "other IP not allowed");
+    // Ingress: exactly the allowed port.
+    let v6: IpAddr = vm.public_ipv6().parse().expect("ipv6");
+    let (p8000, p9000) = (SocketAddr::new(v6, 8000), SocketAddr::new(v6, 9000));
+    let ready = (0..60).any(|_| vm.sh("curl -s -o /dev/null -m 2 http://[::1]:8000/ && curl -s -o /dev/null -m 2 http://[::1]:9000/").0 == 0);
+    assert!(ready, "guest HTTP servers did not start");
+    assert!(client_connects(p8000), "ingress allow still applies");
+    assert!(!client_connects(p9000), "ingress deny still applies");
+    // set_firewall still reaches the re-adopted VM.
+    vm.firewall(json!({"ingress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "fd00:fa58:2::/64", "protocol": "tcp", "ports": "9000", "action": "allow"}]}}));
+    assert_eq!(vm.curl("http://10.201.1.3/").as_deref(), Some("hello 10.201.1.3:80"), "egress default allow again");
+    assert_eq!(vm.resolves("other.test").as_deref(), Some("10.201.1.3"), "dns gate replaced");
+    assert!(client_connects(p9000) && !client_connects(p8000), "new ingress rule");
+
+    block_on(b.delete(&kept.id)).expect("delete");
+    assert!(!netns_exists(&kept_ns) && !link_exists(&kept_veth), "network of the deleted VM left behind");
 }
 
 fn gateway_of(v4: &Option<String>) -> String {

@@ -166,7 +166,9 @@ impl Network {
     /// Take a free slot (by creating its namespace), wire it up, load the
     /// firewall and start the resolver. Everything is undone on failure.
     pub async fn create(&self, vm_id: &str, policy: &FirewallPolicy) -> Result<Arc<VmNet>> {
+        let t0 = std::time::Instant::now();
         let slot = self.allocate(vm_id).await?;
+        tracing::debug!(slot, ms = t0.elapsed().as_secs_f64() * 1e3, "net phase: namespace");
         let a = Addressing::new(slot, vm_id, self.cfg.ipv4_pool, self.cfg.ipv6_prefix);
         let net = Arc::new(VmNet { addr: a, policy: Mutex::new(policy.clone()), resolver: Mutex::new(None), nft_lock: Default::default() });
         match self.wire(&net).await {
@@ -189,21 +191,40 @@ impl Network {
                 continue;
             }
             // Fails when another process took the slot meanwhile: try the next.
-            if netns::run(None, "ip", &["netns", "add", &name], "").await.is_ok() {
+            // Forwarding is per namespace; set before the interfaces exist so
+            // they inherit it (direct writes on the thread that created it).
+            let created = netns::add(&name, || {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
+            })
+            .await?;
+            if created {
                 let owner = format!("{}\n{vm_id}\n", self.owner.display());
-                std::fs::write(owner_file(&name), owner).map_err(|e| Error::Network(format!("write owner of {name}: {e}")))?;
+                if let Err(e) = std::fs::write(owner_file(&name), owner) {
+                    netns::del(&name);
+                    return Err(Error::Network(format!("write owner of {name}: {e}")));
+                }
                 return Ok(slot);
             }
         }
         Err(Error::Network(format!("no free network slot in {}", self.cfg.ipv4_pool)))
     }
 
+    /// Two `ip -batch` processes (host side, then namespace side) while the
+    /// ruleset loads (`nft`, in parallel: it names interfaces, it does not
+    /// need them), then the resolver (its address must exist).
     async fn wire(&self, net: &Arc<VmNet>) -> Result<()> {
         let a = &net.addr;
         let ns = a.netns.as_str();
-        netns::run(None, "ip", &["link", "add", &a.host_veth, "type", "veth", "peer", "name", NS_VETH, "netns", ns], "").await?;
+        let t = std::time::Instant::now();
+        let phase = |name: &str| tracing::debug!(netns = ns, ms = t.elapsed().as_secs_f64() * 1e3, "net phase: {name}");
+        // The peer moves into the namespace at creation; the host side is
+        // up before the namespace side, so veth0 has its carrier when the
+        // default routes are added.
         let host = format!(
-            "addr add {}/30 dev {hv}\naddr add {}/126 dev {hv} nodad\nlink set {hv} up\n\
+            "link add {hv} type veth peer name {NS_VETH} netns {ns}\n\
+             addr add {}/30 dev {hv}\naddr add {}/126 dev {hv} nodad\nlink set {hv} up\n\
              route add {} via {} dev {hv}\nroute add {} via {} dev {hv}\n",
             a.host_veth4,
             a.host_veth6,
@@ -213,23 +234,28 @@ impl Network {
             a.ns_veth6,
             hv = a.host_veth
         );
-        netns::ip_batch(None, &host).await?;
         let inside = format!(
             "link set lo up\naddr add {}/30 dev {NS_VETH}\naddr add {}/126 dev {NS_VETH} nodad\nlink set {NS_VETH} up\n\
              tuntap add dev {TAP} mode tap\naddr add {}/30 dev {TAP}\naddr add {}/126 dev {TAP} nodad\nlink set {TAP} up\n\
              route add default via {}\nroute add default via {}\n",
             a.ns_veth4, a.ns_veth6, a.gateway4, a.gateway6, a.host_veth4, a.host_veth6
         );
-        // Forwarding is per namespace; set before the interfaces exist so they inherit it.
-        netns::on_thread_in(ns, || {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
-            std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
-        })
-        .await?;
-        netns::ip_batch(Some(ns), &inside).await?;
-        self.load_rules(net).await?;
-        self.start_resolver(net).await
+        let links = async {
+            netns::ip_batch(None, &host).await?;
+            phase("host batch");
+            netns::ip_batch(Some(ns), &inside).await?;
+            phase("netns batch");
+            Ok::<(), Error>(())
+        };
+        let rules = async {
+            self.load_rules(net).await?;
+            phase("nft");
+            Ok::<(), Error>(())
+        };
+        tokio::try_join!(links, rules)?;
+        self.start_resolver(net).await?;
+        phase("resolver");
+        Ok(())
     }
 
     async fn start_resolver(&self, net: &VmNet) -> Result<()> {
@@ -243,9 +269,16 @@ impl Network {
     }
 
     async fn load_rules(&self, net: &VmNet) -> Result<()> {
+        self.load_rules_with(net, Vec::new()).await
+    }
+
+    /// Load the ruleset with the resolver's remembered answers and `carried`
+    /// elements in the fqdn sets.
+    async fn load_rules_with(&self, net: &VmNet, carried: Vec<nft::SetElement>) -> Result<()> {
         let _g = net.nft_lock.lock().await;
         let policy = net.policy();
-        let known = net.resolver().map(|r| r.known_elements(&policy)).unwrap_or_default();
+        let mut known = net.resolver().map(|r| r.known_elements(&policy)).unwrap_or_default();
+        known.extend(carried);
         netns::nft(Some(&net.addr.netns), &nft::render(&policy, &known, &self.cfg.extra_doh)).await
     }
 
@@ -269,7 +302,16 @@ impl Network {
         let net = Arc::new(VmNet { addr: rec.addressing, policy: Mutex::new(rec.policy), resolver: Mutex::new(None), nft_lock: Default::default() });
         // The VM keeps its network (and is torn down on delete) even when
         // these fail, e.g. while another runtime still serves its resolver.
-        if let Err(e) = self.load_rules(&net).await {
+        // The fqdn sets keep what the previous worker's resolver put there
+        // (with the time left), so the guest needs no new lookup.
+        let carried = match netns::output(Some(&net.addr.netns), "nft", &["-j", "list", "sets", "inet"]).await {
+            Ok(json) => nft::loaded_set_elements(&json),
+            Err(e) => {
+                tracing::debug!(netns = %net.addr.netns, error = %e, "no loaded sets to carry over");
+                Vec::new()
+            }
+        };
+        if let Err(e) = self.load_rules_with(&net, carried).await {
             tracing::warn!(netns = %net.addr.netns, error = %e, "reloading the firewall failed");
         }
         if let Err(e) = self.start_resolver(&net).await {
@@ -307,8 +349,10 @@ impl Network {
 }
 
 async fn remove_slot(netns_name: &str, host_veth: &str) {
+    // Explicitly, although the pair dies with the namespace: that happens
+    // asynchronously in the kernel, and the slot may be taken again at once.
     let _ = netns::run(None, "ip", &["link", "del", host_veth], "").await;
-    let _ = netns::run(None, "ip", &["netns", "del", netns_name], "").await;
+    netns::del(netns_name);
     let _ = std::fs::remove_file(owner_file(netns_name));
 }
 

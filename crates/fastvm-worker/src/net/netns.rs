@@ -31,14 +31,101 @@ pub fn enter(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Make /run/netns a shared mount point, as `ip netns add` does, so the
+/// namespaces bound there are seen by mount namespaces created later.
+fn prepare_run_dir() -> std::io::Result<()> {
+    std::fs::create_dir_all(NETNS_DIR)?;
+    let dir = c"/run/netns";
+    let flags = libc::MS_SHARED | libc::MS_REC;
+    // SAFETY: mount(2) with valid NUL-terminated strings and null data.
+    if unsafe { libc::mount(c"".as_ptr(), dir.as_ptr(), c"none".as_ptr(), flags, std::ptr::null()) } == 0 {
+        return Ok(());
+    }
+    if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Not a mount point yet: bind it onto itself, then make it shared.
+    // SAFETY: as above.
+    unsafe {
+        if libc::mount(dir.as_ptr(), dir.as_ptr(), c"none".as_ptr(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) != 0
+            || libc::mount(c"".as_ptr(), dir.as_ptr(), c"none".as_ptr(), flags, std::ptr::null()) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+static RUN_DIR: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+
+/// Create the named namespace `name` (like `ip netns add`, without a
+/// process): `Ok(false)` when it exists already. `setup` runs inside the new
+/// namespace before it is published (e.g. its sysctls).
+pub async fn add(name: &str, setup: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<bool> {
+    RUN_DIR.get_or_init(|| prepare_run_dir().map_err(|e| e.to_string())).clone().map_err(|e| Error::Network(format!("prepare {NETNS_DIR}: {e}")))?;
+    let path = netns_path(name);
+    // The file is the lock on the name: fails when another process has it.
+    match std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(Error::Network(format!("create {}: {e}", path.display()))),
+    }
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| Error::Network(e.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("fastvm-netns".into()).spawn(move || {
+        let result = (|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread, which ends below.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: mount(2) with valid NUL-terminated strings and null data.
+            let bound = unsafe { libc::mount(c"/proc/thread-self/ns/net".as_ptr(), target.as_ptr(), c"none".as_ptr(), libc::MS_BIND, std::ptr::null()) };
+            if bound != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            setup()
+        })();
+        let _ = tx.send(result);
+    });
+    let result = match spawned {
+        Ok(_) => rx.await.unwrap_or_else(|_| Err(std::io::Error::other("netns thread died"))),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        del(name);
+        return Err(Error::Network(format!("create netns {name}: {e}")));
+    }
+    Ok(true)
+}
+
+/// Remove the named namespace `name` (like `ip netns del`): it goes away
+/// with its last user.
+pub fn del(name: &str) {
+    let path = netns_path(name);
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Run `prog args` (in namespace `ns` when given) with `stdin` fed to it;
 /// an error carries its stderr.
 pub async fn run(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str) -> Result<()> {
+    exec(ns, prog, args, stdin, false).await.map(drop)
+}
+
+/// Like [`run`], returning the standard output.
+pub async fn output(ns: Option<&str>, prog: &str, args: &[&str]) -> Result<Vec<u8>> {
+    exec(ns, prog, args, "", true).await
+}
+
+async fn exec(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str, capture: bool) -> Result<Vec<u8>> {
     let fd = ns.map(open).transpose()?;
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(if capture { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     if let Some(fd) = fd.as_ref() {
@@ -65,7 +152,7 @@ pub async fn run(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str) -> Re
         let where_ = ns.map(|n| format!(" in {n}")).unwrap_or_default();
         return Err(Error::Network(format!("{prog} {}{where_} failed: {}", args.join(" "), err.trim())));
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// `ip -batch -` (in `ns` when given) with one command per line.

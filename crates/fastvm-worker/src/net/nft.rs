@@ -211,6 +211,29 @@ pub fn add_elements(rule: usize, ips: &[IpAddr], ttl_secs: u32) -> String {
     out
 }
 
+/// The elements still held by the fqdn sets of a loaded table, from
+/// `nft -j list sets inet` (each with the time it has left): what a
+/// re-adopting worker carries into the ruleset it reloads.
+pub fn loaded_set_elements(json: &[u8]) -> Vec<SetElement> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(json) else { return Vec::new() };
+    let mut out = Vec::new();
+    for item in doc["nftables"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let set = &item["set"];
+        if set["table"].as_str() != Some(TABLE) {
+            continue;
+        }
+        let Some(rule) = set["name"].as_str().and_then(|n| n.strip_prefix("fq")).and_then(|n| n.split_once('_')).and_then(|(i, _)| i.parse().ok())
+        else {
+            continue;
+        };
+        for e in set["elem"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let (Some(ip), Some(left)) = (e["elem"]["val"].as_str().and_then(|v| v.parse().ok()), e["elem"]["expires"].as_u64()) else { continue };
+            out.push(SetElement { rule, ip, ttl_secs: u32::try_from(left).unwrap_or(u32::MAX) });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +259,10 @@ mod tests {
         assert!(s.contains("tcp dport 853 drop"), "{s}");
         assert!(s.contains("elements = { 1.1.1.1/32"), "{s}");
         let egress_end = s.find("  chain ingress").expect("ingress chain");
+        let listed = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "fq3_4", "table": "fastvm",
+            "type": "ipv4_addr", "flags": ["timeout"], "elem": [{"elem": {"val": "10.1.2.3", "timeout": 60, "expires": 59}}]}},
+            {"set": {"family": "inet", "name": "doh4", "table": "fastvm", "elem": [{"prefix": {"addr": "1.1.1.1", "len": 32}}]}}]}"#;
+        assert_eq!(loaded_set_elements(listed), vec![SetElement { rule: 3, ip: "10.1.2.3".parse().expect("ip"), ttl_secs: 59 }]);
         assert!(s[..egress_end].trim_end().ends_with("goto egress_deny\n  }"), "{s}");
     }
 }
