@@ -355,13 +355,42 @@ impl Runtime {
         write_json_atomic(&vm.paths.dir.join("net.json"), &net.record())
     }
 
-    /// Set up the network of a new VM (when networking is on).
-    async fn create_net(&self, id: &str, policy: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
+    /// The part of a new VM's network QEMU needs to start (namespace and
+    /// tap; when networking is on). The rest follows in [`Self::start_process`].
+    async fn prepare_net(&self, id: &str, policy: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
         policy.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
         match &self.net {
-            Some(network) => Ok(Some(network.create(id, policy).await?)),
+            Some(network) => Ok(Some(network.prepare(id, policy).await?)),
             None => Ok(None),
         }
+    }
+
+    /// Complete the network of a VM: veth, addresses, routes, firewall
+    /// ruleset and resolver. On failure the VM keeps it (marked failed) and
+    /// `delete` tears it down, like the rest of a VM that failed to start.
+    async fn finish_net(&self, vm: &Vm) -> Result<()> {
+        match (&self.net, vm.net()) {
+            (Some(network), Some(net)) => network.finish(&net).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The VM's writable disk layer and the first part of its network, at
+    /// the same time. Either is undone when the other fails.
+    async fn create_disk_and_net(&self, overlay: impl std::future::Future<Output = Result<()>>, disk: &std::path::Path, id: &str, firewall: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
+        let (disk_made, net) = tokio::join!(overlay, self.prepare_net(id, firewall));
+        let err = match (disk_made, net) {
+            (Ok(()), Ok(net)) => return Ok(net),
+            (Ok(()), Err(e)) => e,
+            (Err(e), net) => {
+                if let (Some(network), Ok(Some(n))) = (&self.net, net) {
+                    network.destroy(&n).await;
+                }
+                e
+            }
+        };
+        let _ = std::fs::remove_file(disk);
+        Err(err)
     }
 
     /// Mark the VM stopped when its process exits, whatever the cause.
@@ -432,24 +461,36 @@ impl Runtime {
         }
     }
 
-    /// Register a VM (state dir, spec.json, disk chain) before its process starts.
-    /// The VM's network is set up here (and torn down again on failure).
-    async fn register(&self, id: &str, mut launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, firewall: &FirewallPolicy) -> Result<Arc<Vm>> {
+    /// Register a VM (state dir, spec.json, disk chain) before its process
+    /// starts, with its prepared network ([`Self::create_disk_and_net`]);
+    /// on failure the network and the new disk layer are removed again.
+    async fn register(&self, id: &str, launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, net: Option<Arc<VmNet>>) -> Result<Arc<Vm>> {
+        let result = self.register_with(id, launch, hostname, env, layers.clone(), net.clone()).await;
+        if result.is_err() {
+            if let (Some(network), Some(n)) = (&self.net, &net) {
+                network.destroy(n).await;
+            }
+            if let Some(top) = layers.first() {
+                let _ = std::fs::remove_file(top);
+            }
+        }
+        result
+    }
+
+    async fn register_with(&self, id: &str, mut launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, net: Option<Arc<VmNet>>) -> Result<Arc<Vm>> {
         let paths = VmPaths::new(self.cfg.data_dir.join("vms").join(id));
         if paths.dir.exists() {
             return Err(Error::Qemu(format!("VM {id} already exists")));
         }
         std::fs::create_dir_all(&paths.dir).ctx(|| format!("create {}", paths.dir.display()))?;
-        let net = match self.create_net(id, firewall).await {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&paths.dir);
-                return Err(e);
-            }
-        };
         launch.net = net.as_ref().map(|n| crate::hypervisor::NetLaunch { netns: n.addr.netns.clone(), tap: crate::net::addr::TAP.into(), mac: n.addr.mac.clone() });
-        if let Some(n) = &net {
-            write_json_atomic(&paths.dir.join("net.json"), &n.record())?;
+        let saved = match &net {
+            Some(n) => write_json_atomic(&paths.dir.join("net.json"), &n.record()),
+            None => Ok(()),
+        };
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e);
         }
         let record = VmRecord { launch, hostname, env, layers: layers.clone() };
         let vm = Arc::new(Vm {
@@ -462,7 +503,10 @@ impl Runtime {
             op: Default::default(),
             net: Mutex::new(net),
         });
-        vm.save()?;
+        if let Err(e) = vm.save() {
+            let _ = std::fs::remove_dir_all(&vm.paths.dir);
+            return Err(e);
+        }
         self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id.to_owned(), vm.clone());
         Ok(vm)
     }
@@ -493,10 +537,10 @@ impl Runtime {
         let vm = {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
-            Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)).await?;
+            let net = self.create_disk_and_net(Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)), &disk, &id, &req.firewall).await?;
             let mut launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
             launch.ram = ram;
-            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk], &req.firewall).await?
+            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk], net).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, None).await;
@@ -534,29 +578,44 @@ impl Runtime {
         let vm = {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
-            Self::qemu_img_overlay(top, "qcow2", &disk, None).await?;
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created");
+            let net = self.create_disk_and_net(Self::qemu_img_overlay(top, "qcow2", &disk, None), &disk, &id, &req.firewall).await?;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created, namespace and tap ready");
             let mut launch = snap.launch.clone();
             launch.id = id.clone();
             launch.disk = disk.clone();
             launch.ram = snap.ram.clone().map(|path| crate::hypervisor::RamFile { path, shared: false });
             let mut layers = vec![disk];
             layers.extend(snap.layers.iter().cloned());
-            self.register(&id, launch, hostname, env, layers, &req.firewall).await?
+            self.register(&id, launch, hostname, env, layers, net).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, Some(&snap.memory)).await;
         self.finish_start(&vm, result).await
     }
 
+    /// Start QEMU and complete the VM's network ([`Self::finish_net`]), then
+    /// let the guest run. A fresh boot runs the guest as soon as QEMU starts,
+    /// so its network is completed first. A restore starts QEMU paused
+    /// (`-incoming`): the network is completed while it loads the state, and
+    /// both are joined before `cont`. The guest never runs a single
+    /// instruction before its firewall ruleset and resolver are in place.
     async fn start_process(&self, vm: &Arc<Vm>, incoming: Option<&std::path::Path>) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let process: Arc<dyn VmProcess> = Arc::from(self.hv.start(&vm.record.launch, &vm.paths, incoming).await?);
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: process up (state loaded)");
+        let (started, net) = match incoming {
+            None => {
+                self.finish_net(vm).await?;
+                (self.hv.start(&vm.record.launch, &vm.paths, None).await, Ok(()))
+            }
+            Some(_) => tokio::join!(self.hv.start(&vm.record.launch, &vm.paths, incoming), self.finish_net(vm)),
+        };
+        let process: Arc<dyn VmProcess> = Arc::from(started?);
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: process up (state loaded), network complete");
         if let Ok(mut p) = vm.process.lock() {
             *p = Some(process.clone());
         }
         self.watch(vm.clone(), process.clone());
+        // Still paused: the caller kills the process on this error.
+        net?;
         if incoming.is_some() {
             process.resume().await?;
         }

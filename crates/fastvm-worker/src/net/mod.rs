@@ -166,18 +166,33 @@ impl Network {
     /// Take a free slot (by creating its namespace), wire it up, load the
     /// firewall and start the resolver. Everything is undone on failure.
     pub async fn create(&self, vm_id: &str, policy: &FirewallPolicy) -> Result<Arc<VmNet>> {
-        let t0 = std::time::Instant::now();
-        let slot = self.allocate(vm_id).await?;
-        tracing::debug!(slot, ms = t0.elapsed().as_secs_f64() * 1e3, "net phase: namespace");
-        let a = Addressing::new(slot, vm_id, self.cfg.ipv4_pool, self.cfg.ipv6_prefix);
-        let net = Arc::new(VmNet { addr: a, policy: Mutex::new(policy.clone()), resolver: Mutex::new(None), nft_lock: Default::default() });
-        match self.wire(&net).await {
+        let net = self.prepare(vm_id, policy).await?;
+        match self.finish(&net).await {
             Ok(()) => Ok(net),
             Err(e) => {
                 self.destroy(&net).await;
                 Err(e)
             }
         }
+    }
+
+    /// What QEMU needs before it starts: a slot (its namespace, hence the
+    /// addresses and the MAC) with the tap device in it. Undone on failure.
+    /// The guest must not run before [`Network::finish`] has succeeded.
+    pub async fn prepare(&self, vm_id: &str, policy: &FirewallPolicy) -> Result<Arc<VmNet>> {
+        let t0 = std::time::Instant::now();
+        let slot = self.allocate(vm_id).await?;
+        tracing::debug!(slot, ms = t0.elapsed().as_secs_f64() * 1e3, "net phase: namespace and tap");
+        let a = Addressing::new(slot, vm_id, self.cfg.ipv4_pool, self.cfg.ipv6_prefix);
+        Ok(Arc::new(VmNet { addr: a, policy: Mutex::new(policy.clone()), resolver: Mutex::new(None), nft_lock: Default::default() }))
+    }
+
+    /// The rest of a prepared network: veth pair, addresses, routes, the
+    /// firewall ruleset and the resolver. May run while QEMU (already
+    /// attached to the tap) loads its state, but must succeed before the
+    /// guest runs. On failure the caller undoes it with [`Network::destroy`].
+    pub async fn finish(&self, net: &Arc<VmNet>) -> Result<()> {
+        self.wire(net).await
     }
 
     async fn allocate(&self, vm_id: &str) -> Result<u32> {
@@ -193,10 +208,12 @@ impl Network {
             // Fails when another process took the slot meanwhile: try the next.
             // Forwarding is per namespace; set before the interfaces exist so
             // they inherit it (direct writes on the thread that created it).
+            // The tap QEMU opens is created there too (no `ip` process).
             let created = netns::add(&name, || {
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
                 std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
-                std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
+                std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")?;
+                netns::create_tap(TAP)
             })
             .await?;
             if created {
@@ -211,9 +228,10 @@ impl Network {
         Err(Error::Network(format!("no free network slot in {}", self.cfg.ipv4_pool)))
     }
 
-    /// Two `ip -batch` processes (host side, then namespace side) while the
-    /// ruleset loads (`nft`, in parallel: it names interfaces, it does not
-    /// need them), then the resolver (its address must exist).
+    /// Two `ip -batch` processes (host side, then namespace side; the tap
+    /// exists already, see [`Network::prepare`]) while the ruleset loads
+    /// (`nft`, in parallel: it names interfaces, it does not need them), then
+    /// the resolver (its address must exist).
     async fn wire(&self, net: &Arc<VmNet>) -> Result<()> {
         let a = &net.addr;
         let ns = a.netns.as_str();
@@ -236,7 +254,7 @@ impl Network {
         );
         let inside = format!(
             "link set lo up\naddr add {}/30 dev {NS_VETH}\naddr add {}/126 dev {NS_VETH} nodad\nlink set {NS_VETH} up\n\
-             tuntap add dev {TAP} mode tap\naddr add {}/30 dev {TAP}\naddr add {}/126 dev {TAP} nodad\nlink set {TAP} up\n\
+             addr add {}/30 dev {TAP}\naddr add {}/126 dev {TAP} nodad\nlink set {TAP} up\n\
              route add default via {}\nroute add default via {}\n",
             a.ns_veth4, a.ns_veth6, a.gateway4, a.gateway6, a.host_veth4, a.host_veth6
         );

@@ -98,6 +98,34 @@ pub async fn add(name: &str, setup: impl FnOnce() -> std::io::Result<()> + Send 
     Ok(true)
 }
 
+/// Create the persistent tap `name` (no packet information, like `ip
+/// tuntap add dev <name> mode tap`) in the calling thread's namespace.
+pub fn create_tap(name: &str) -> std::io::Result<()> {
+    /// `struct ifreq` as TUNSETIFF reads it: name, flags, padding to 40 bytes.
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!("interface name {name} is too long")));
+    }
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    // SAFETY: TUNSETIFF reads a `struct ifreq` (40 bytes, `req` lives across
+    // the call); TUNSETPERSIST takes an integer. The fd is valid.
+    unsafe {
+        if libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) != 0 || libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) != 0 {
+            return Err(std::io::Error::other(format!("create tap {name}: {}", std::io::Error::last_os_error())));
+        }
+    }
+    Ok(())
+}
+
 /// Remove the named namespace `name` (like `ip netns del`): it goes away
 /// with its last user.
 pub fn del(name: &str) {
