@@ -71,7 +71,8 @@ fn start_moto() -> Option<Moto> {
         return None;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("fastvm-e2e-{}-moto.log", std::process::id()))).expect("moto log");
+    // In a data dir of the harness: removed at exit with the rest.
+    let log = std::fs::File::create(data_dir("moto").join("moto.log")).expect("moto log");
     let child = Command::new(&bin)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdin(Stdio::null())
