@@ -8,6 +8,8 @@
 //! the test binary.
 
 use fastvm_worker::{Runtime, RuntimeConfig};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, Once};
@@ -104,4 +106,27 @@ pub fn process_gone(pid: u32) -> bool {
         // The state follows the parenthesised command name.
         Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X"),
     }
+}
+
+/// One HTTP exchange with a test server: the status and the JSON body
+/// (`Null` when empty or not JSON).
+pub async fn json_call(client: &Client, url: String, key: Option<&str>, method: Method, body: Option<Value>) -> (StatusCode, Value) {
+    let mut req = client.request(method, url);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let res = req.send().await.expect("send");
+    let status = res.status();
+    let bytes = res.bytes().await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// An API error answer: this status, this machine-readable code, a message.
+pub fn assert_api_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(res.0, status, "{:?}", res.1);
+    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
+    assert!(res.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{:?}", res.1);
 }

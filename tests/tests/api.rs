@@ -7,7 +7,7 @@
 //! on its own tokio runtime, which it drops to simulate a process exit.
 
 use base64::Engine as _;
-use fastvm_e2e::{block_on, config, data_dir, process_gone};
+use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call, process_gone};
 use fastvm_server::{RunningServer, ServerConfig};
 use futures::StreamExt;
 use reqwest::{Client, Method, StatusCode};
@@ -50,30 +50,9 @@ static A: LazyLock<Api> = LazyLock::new(|| {
     Api { server, dir, key, client: Client::new() }
 });
 
-/// One HTTP exchange: status and JSON body (`Null` when empty or not JSON).
-async fn call_with(client: &Client, url: String, key: Option<&str>, method: Method, body: Option<Value>) -> (StatusCode, Value) {
-    let mut req = client.request(method, url);
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let res = req.send().await.expect("send");
-    let status = res.status();
-    let bytes = res.bytes().await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
 fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let a = &*A;
-    block_on(call_with(&a.client, a.url(path), Some(&a.key), method, body))
-}
-
-fn assert_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
-    assert_eq!(res.0, status, "{:?}", res.1);
-    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{:?}", res.1);
+    block_on(json_call(&a.client, a.url(path), Some(&a.key), method, body))
 }
 
 /// Launch a VM on A (201 expected) and return its JSON.
@@ -172,9 +151,9 @@ fn qemu_pid(dir: &Path, vm: &str) -> u32 {
 #[test]
 fn health_and_openapi_need_no_key() {
     let a = &*A;
-    let (status, body) = block_on(call_with(&a.client, a.url("/healthz"), None, Method::GET, None));
+    let (status, body) = block_on(json_call(&a.client, a.url("/healthz"), None, Method::GET, None));
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
-    let (status, doc) = block_on(call_with(&a.client, a.url("/openapi.json"), None, Method::GET, None));
+    let (status, doc) = block_on(json_call(&a.client, a.url("/openapi.json"), None, Method::GET, None));
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")));
     let committed: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/fastvm.json")).expect("committed openapi")).expect("json");
@@ -237,18 +216,18 @@ fn list_filters_by_status() {
 
 #[test]
 fn launch_validation_errors() {
-    assert_error(&call(Method::POST, "/v1/vms", Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
-    assert_error(&call(Method::POST, "/v1/vms", Some(json!({"machineType": "c3m7"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"machineType": "c3m7"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
     let snap = call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"})));
-    assert_error(&snap, StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&snap, StatusCode::NOT_FOUND, "NOT_FOUND");
     let meta = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "metadata": {"k": "v".repeat(5000)}})));
-    assert_error(&meta, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_METADATA");
+    assert_api_error(&meta, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_METADATA");
     let env = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "envVars": {"1BAD": "x"}})));
-    assert_error(&env, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ENV_VARS");
+    assert_api_error(&env, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ENV_VARS");
     let fw = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "firewall": {"ingress": {"defaultAction": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0", "protocol": "tcp", "ports": "22", "action": "allow"}]}}})));
-    assert_error(&fw, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_CIDR");
+    assert_api_error(&fw, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_CIDR");
     let ttl = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "ttl": {"seconds": 0, "action": "delete"}})));
-    assert_error(&ttl, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TTL");
+    assert_api_error(&ttl, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TTL");
     // None of these left a VM behind.
     let (_, list) = call(Method::GET, "/v1/vms?status=provisioning", None);
     assert_eq!(list, json!([]));
@@ -296,11 +275,11 @@ fn exec_timeout() {
 #[test]
 fn exec_validation_errors() {
     let path = format!("/v1/vms/{}/exec", id_of(&VM));
-    assert_error(&call(Method::POST, &path, Some(json!({"command": []}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_COMMAND");
-    assert_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeoutSec": 0}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TIMEOUT");
-    assert_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "cwd": "tmp"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
-    assert_error(&call(Method::POST, &path, Some(json!({"command": "ls"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    assert_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeout_sec": 5}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, &path, Some(json!({"command": []}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_COMMAND");
+    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeoutSec": 0}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TIMEOUT");
+    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "cwd": "tmp"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
+    assert_api_error(&call(Method::POST, &path, Some(json!({"command": "ls"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeout_sec": 5}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
 }
 
 #[test]
@@ -338,7 +317,7 @@ fn exec_ndjson_is_live() {
         let first = lines.next().await.expect("first event");
         assert_eq!((first["t"].as_str(), data(&first)), (Some("o"), b"first\n".to_vec()));
         let a = &*A;
-        let (status, _) = call_with(&a.client, a.url(&format!("/v1/vms/{id}/exec")), Some(&a.key), Method::POST, Some(json!({"command": ["touch", "/tmp/go-live"]}))).await;
+        let (status, _) = json_call(&a.client, a.url(&format!("/v1/vms/{id}/exec")), Some(&a.key), Method::POST, Some(json!({"command": ["touch", "/tmp/go-live"]}))).await;
         assert_eq!(status, StatusCode::OK);
         let second = lines.next().await.expect("second event");
         assert_eq!(data(&second), b"second\n");
@@ -394,8 +373,8 @@ fn exec_ndjson_backpressure_and_disconnect() {
 fn missing_or_bad_key_is_401() {
     let a = &*A;
     for key in [None, Some("fvm_0123"), Some("not-a-key")] {
-        let res = block_on(call_with(&a.client, a.url("/v1/vms"), key, Method::GET, None));
-        assert_error(&res, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+        let res = block_on(json_call(&a.client, a.url("/v1/vms"), key, Method::GET, None));
+        assert_api_error(&res, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
     }
     let res = block_on(a.client.get(a.url("/v1/vms")).header("authorization", "Basic Zm9vOmJhcg==").send()).expect("send");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -414,7 +393,7 @@ fn another_orgs_key_gets_404() {
         let org = store.create_org("other-org").await.expect("org");
         store.create_key(org, "test").await.expect("key").token
     });
-    let other = |method: Method, path: &str, body: Option<Value>| block_on(call_with(&a.client, a.url(path), Some(&other_key), method, body));
+    let other = |method: Method, path: &str, body: Option<Value>| block_on(json_call(&a.client, a.url(path), Some(&other_key), method, body));
     for (method, path, body) in [
         (Method::GET, format!("/v1/vms/{id}"), None),
         (Method::PATCH, format!("/v1/vms/{id}"), Some(json!({"name": "mine"}))),
@@ -424,7 +403,7 @@ fn another_orgs_key_gets_404() {
         (Method::DELETE, format!("/v1/vms/{id}"), None),
     ] {
         let res = other(method.clone(), &path, body);
-        assert_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
         assert!(!res.1.to_string().contains("shared vm"), "{method} {path} leaked data: {}", res.1);
     }
     let (status, list) = other(Method::GET, "/v1/vms", None);
@@ -434,7 +413,7 @@ fn another_orgs_key_gets_404() {
     assert_eq!((status, &vm["status"], &vm["name"]), (StatusCode::OK, &json!("running"), &json!("shared vm")));
     // A revoked key stops working.
     block_on(a.server.state().store().revoke_key(&fastvm_server::auth::token_prefix(&other_key))).expect("revoke");
-    assert_error(&other(Method::GET, "/v1/vms", None), StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    assert_api_error(&other(Method::GET, "/v1/vms", None), StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
 }
 
 // --- malformed requests --------------------------------------------------------------
@@ -455,33 +434,33 @@ fn malformed_requests_are_clear_4xx() {
         res
     };
     let json_ct = Some("application/json");
-    assert_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": ".to_vec()), StatusCode::BAD_REQUEST, "INVALID_JSON");
-    assert_error(&raw(Method::POST, "/v1/vms", json_ct, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_JSON");
-    assert_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": 5}".to_vec()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": ".to_vec()), StatusCode::BAD_REQUEST, "INVALID_JSON");
+    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_JSON");
+    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": 5}".to_vec()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
     let unknown = raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": \"c1m2\", \"gpu\": true}".to_vec());
-    assert_error(&unknown, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&unknown, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
     assert!(unknown.1["error"]["message"].as_str().is_some_and(|m| m.contains("unknown field `gpu`")), "{}", unknown.1);
-    assert_error(&raw(Method::POST, "/v1/vms", Some("text/plain"), b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
-    assert_error(&raw(Method::POST, "/v1/vms", None, b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
+    assert_api_error(&raw(Method::POST, "/v1/vms", Some("text/plain"), b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
+    assert_api_error(&raw(Method::POST, "/v1/vms", None, b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
     // Over 1 MiB: 413, whatever the JSON.
     let mut big = b"{\"machineType\": \"c1m2\", \"name\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'x', 2 << 20));
     big.extend(b"\"}");
-    assert_error(&raw(Method::POST, "/v1/vms", json_ct, big.clone()), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
-    assert_error(&raw(Method::POST, &format!("/v1/vms/{}/exec", id_of(&VM)), json_ct, big), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, big.clone()), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(&raw(Method::POST, &format!("/v1/vms/{}/exec", id_of(&VM)), json_ct, big), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
     // Ids that are not UUIDs, and well-formed ones that do not exist.
     for path in ["/v1/vms/not-a-uuid", "/v1/vms/123", "/v1/vms/%00", "/v1/vms/0b6a7c1e-1111-4222-8333-444455556666"] {
-        assert_error(&raw(Method::GET, path, None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert_api_error(&raw(Method::GET, path, None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
     }
-    assert_error(&raw(Method::POST, "/v1/vms/nope/pause", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&raw(Method::POST, "/v1/vms/nope/exec", json_ct, b"{\"command\": [\"ls\"]}".to_vec()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&raw(Method::POST, "/v1/vms/nope/pause", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&raw(Method::POST, "/v1/vms/nope/exec", json_ct, b"{\"command\": [\"ls\"]}".to_vec()), StatusCode::NOT_FOUND, "NOT_FOUND");
     // Unknown routes and methods answer in the same shape.
-    assert_error(&raw(Method::GET, "/v1/nothing-here", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&raw(Method::GET, &format!("/v1/vms/{}/services", id_of(&VM)), None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&raw(Method::DELETE, "/v1/vms", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
-    assert_error(&raw(Method::PUT, "/healthz", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
+    assert_api_error(&raw(Method::GET, "/v1/nothing-here", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&raw(Method::GET, &format!("/v1/vms/{}/services", id_of(&VM)), None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&raw(Method::DELETE, "/v1/vms", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
+    assert_api_error(&raw(Method::PUT, "/healthz", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
     // A malformed query.
-    assert_error(&raw(Method::GET, "/v1/vms?status=running&status=paused", None, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&raw(Method::GET, "/v1/vms?status=running&status=paused", None, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
 }
 
 // --- lifecycle of dedicated VMs on A ---------------------------------------------------
@@ -498,12 +477,12 @@ fn patch_pause_resume_and_illegal_transitions() {
     assert!(v["expiresAtMs"].is_u64());
     let (_, v) = call(Method::PATCH, &path, Some(json!({"name": ""})));
     assert_eq!(v["name"], format!("vm-{}", &id[..8]));
-    assert_error(&call(Method::PATCH, &path, Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
-    assert_error(&call(Method::PATCH, &path, Some(json!({"status": "paused"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::PATCH, &path, Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
+    assert_api_error(&call(Method::PATCH, &path, Some(json!({"status": "paused"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
 
     // resume while running: 409 naming the status.
     let res = call(Method::POST, &format!("{path}/resume"), None);
-    assert_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
+    assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
     assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("running")), "{}", res.1);
 
     // pause: TTL frozen, pausedAt set; exec and a second pause refused.
@@ -514,9 +493,9 @@ fn patch_pause_resume_and_illegal_transitions() {
     assert_eq!(v["expiresAtMs"], json!(null));
     assert!(v["ttlRemainingMs"].as_u64().is_some_and(|ms| ms <= 600_000 && ms > 500_000), "{v}");
     let res = call(Method::POST, &format!("{path}/pause"), None);
-    assert_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
+    assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
     assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("paused")), "{}", res.1);
-    assert_error(&call(Method::POST, &format!("{path}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
+    assert_api_error(&call(Method::POST, &format!("{path}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
     let (_, listed) = call(Method::GET, "/v1/vms?status=paused", None);
     assert!(listed.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
 
@@ -549,8 +528,8 @@ fn delete_kills_the_vm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!A.dir.join("vms").join(&id).exists());
-    assert_error(&call(Method::GET, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&call(Method::DELETE, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::GET, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::DELETE, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
     let (_, list) = call(Method::GET, "/v1/vms", None);
     assert!(!list.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
 }
@@ -575,9 +554,9 @@ fn a_vm_whose_qemu_dies_is_stopped() {
     let (_, stopped) = call(Method::GET, "/v1/vms?status=stopped", None);
     assert!(stopped.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
     let res = call(Method::POST, &format!("/v1/vms/{id}/pause"), None);
-    assert_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
+    assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
     assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("stopped")), "{}", res.1);
-    assert_error(&call(Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
+    assert_api_error(&call(Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
     let (status, _) = call(Method::DELETE, &format!("/v1/vms/{id}"), None);
     assert_eq!(status, StatusCode::OK);
 }
@@ -599,20 +578,20 @@ fn launch_202_then_restart_readopts() {
         let key = admin_key(&dir);
         let client = client_of();
         let url = |p: &str| format!("{}{p}", server.url());
-        let (status, vm) = call_with(&client, url("/v1/vms"), Some(&key), Method::POST, Some(json!({"machineType": "c1m2", "name": "survivor"}))).await;
+        let (status, vm) = json_call(&client, url("/v1/vms"), Some(&key), Method::POST, Some(json!({"machineType": "c1m2", "name": "survivor"}))).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{vm}");
         assert_eq!(vm["status"], "provisioning");
         let id = id_of(&vm);
-        let (_, listed) = call_with(&client, url("/v1/vms?status=provisioning"), Some(&key), Method::GET, None).await;
+        let (_, listed) = json_call(&client, url("/v1/vms?status=provisioning"), Some(&key), Method::GET, None).await;
         assert!(listed.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))), "{listed}");
         // exec while provisioning: 409.
-        let res = call_with(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["true"]}))).await;
+        let res = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["true"]}))).await;
         if res.0 != StatusCode::OK {
-            assert_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
+            assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
         }
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let (status, v) = call_with(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
+            let (status, v) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
             assert_eq!(status, StatusCode::OK);
             match v["status"].as_str() {
                 Some("running") => break,
@@ -622,7 +601,7 @@ fn launch_202_then_restart_readopts() {
             assert!(Instant::now() < deadline, "still provisioning");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (status, out) = call_with(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["sh", "-c", "echo before > /root/marker; hostname"]}))).await;
+        let (status, out) = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["sh", "-c", "echo before > /root/marker; hostname"]}))).await;
         assert_eq!(status, StatusCode::OK, "{out}");
         assert_eq!(out["stdout"], format!("vm-{}\n", &id[..8]));
         server.stop().await.expect("graceful stop");
@@ -639,11 +618,11 @@ fn launch_202_then_restart_readopts() {
         let key = admin_key(&dir);
         let client = client_of();
         let url = |p: &str| format!("{}{p}", server.url());
-        let (status, vm) = call_with(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
+        let (status, vm) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
         assert_eq!((status, &vm["status"], &vm["name"]), (StatusCode::OK, &json!("running"), &json!("survivor")));
-        let (status, out) = call_with(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["cat", "/root/marker"]}))).await;
+        let (status, out) = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["cat", "/root/marker"]}))).await;
         assert_eq!((status, &out["stdout"]), (StatusCode::OK, &json!("before\n")), "{out}");
-        let (status, _) = call_with(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::DELETE, None).await;
+        let (status, _) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::DELETE, None).await;
         assert_eq!(status, StatusCode::OK);
         server.stop().await.expect("stop");
     });

@@ -5,7 +5,7 @@
 //! Server F caps uploads at 64 MiB (`staging.max_upload_bytes`) so the
 //! over-cap tests stay cheap. Server G (no VM) proves the staging GC.
 
-use fastvm_e2e::{block_on, config, data_dir};
+use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call};
 use fastvm_server::staging::token::{self, Claims, Method as TokenMethod};
 use fastvm_server::{RunningServer, ServerConfig};
 use reqwest::{Client, Method, StatusCode};
@@ -51,21 +51,7 @@ fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) 
 
 fn call_as(key: &str, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let f = &*F;
-    block_on(async {
-        let mut req = f.client.request(method, format!("{}{path}", f.server.url())).bearer_auth(key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.expect("send");
-        let status = res.status();
-        let bytes = res.bytes().await.expect("body");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    })
-}
-
-fn assert_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
-    assert_eq!(res.0, status, "{:?}", res.1);
-    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
+    block_on(json_call(&f.client, format!("{}{path}", f.server.url()), Some(key), method, body))
 }
 
 static VM: LazyLock<String> = LazyLock::new(|| {
@@ -145,7 +131,7 @@ fn presign_answers_spec_shape() {
     let up = p["uploadUrl"].as_str().expect("uploadUrl");
     assert!(up.starts_with(&format!("{}/v1/staging/", F.server.url())), "{up}");
     assert_ne!(p["uploadUrl"], p["downloadUrl"]);
-    assert_error(&call(Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "rel"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
+    assert_api_error(&call(Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "rel"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
 }
 
 #[test]
@@ -199,7 +185,7 @@ fn directory_exports_as_tar_rooted_at_dot() {
 #[test]
 fn missing_path_is_file_not_found() {
     let p = presign("/nope");
-    assert_error(&export(p["uploadUrl"].as_str().expect("u"), "/nope/not/here"), StatusCode::NOT_FOUND, "FILE_NOT_FOUND");
+    assert_api_error(&export(p["uploadUrl"].as_str().expect("u"), "/nope/not/here"), StatusCode::NOT_FOUND, "FILE_NOT_FOUND");
 }
 
 #[test]
@@ -209,22 +195,22 @@ fn urls_are_checked() {
     // Wrong direction.
     assert_eq!(get(up).0, StatusCode::FORBIDDEN);
     let wrong = put(down, b"x".to_vec());
-    assert_error(&wrong, StatusCode::FORBIDDEN, "SIGNED_URL_WRONG_METHOD");
-    assert_error(&fetch(up, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&export(down, "/root"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    assert_api_error(&wrong, StatusCode::FORBIDDEN, "SIGNED_URL_WRONG_METHOD");
+    assert_api_error(&fetch(up, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&export(down, "/root"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
     // Nothing uploaded yet.
-    assert_error(&fetch(down, "/root/u"), StatusCode::NOT_FOUND, "STAGING_OBJECT_NOT_FOUND");
+    assert_api_error(&fetch(down, "/root/u"), StatusCode::NOT_FOUND, "STAGING_OBJECT_NOT_FOUND");
     // Tampered signature and payload.
     let mut bad = down.to_owned();
     let last = bad.pop().expect("char");
     bad.push(if last == 'A' { 'B' } else { 'A' });
     assert_eq!(get(&bad).0, StatusCode::FORBIDDEN);
-    assert_error(&fetch(&bad, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&bad, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     let (_, sig) = down.rsplit_once('/').expect("token").1.split_once('.').expect("dot");
     let forged = format!("{}/v1/staging/eyJrIjoiLi4vLi4veCJ9.{sig}", F.server.url());
-    assert_error(&put(&forged, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_INVALID");
+    assert_api_error(&put(&forged, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_INVALID");
     // Not ours at all.
-    assert_error(&fetch("http://example.invalid/file", "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch("http://example.invalid/file", "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     // Expired (signed with the server's own key, so only the expiry is wrong).
     let key = secret(&F.dir);
     let claims = |method, object: &str, org: &str| Claims {
@@ -238,21 +224,21 @@ fn urls_are_checked() {
     let org = default_org();
     let obj = uuid::Uuid::new_v4().to_string();
     let expired_put = format!("{}/v1/staging/{}", F.server.url(), token::sign(&key, &claims(TokenMethod::Put, &obj, &org)));
-    assert_error(&put(&expired_put, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_EXPIRED");
+    assert_api_error(&put(&expired_put, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_EXPIRED");
     let expired_get = format!("{}/v1/staging/{}", F.server.url(), token::sign(&key, &claims(TokenMethod::Get, &obj, &org)));
-    assert_error(&fetch(&expired_get, "/root/u"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
+    assert_api_error(&fetch(&expired_get, "/root/u"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
     // Traversal in a (validly signed) object name never becomes a path.
     let mut sneaky = claims(TokenMethod::Put, "../../../../tmp/evil", &org);
     sneaky.expires = unix_now() + 60;
     let sneaky_url = format!("{}/v1/staging/{}", F.server.url(), token::sign(&key, &sneaky));
-    assert_error(&put(&sneaky_url, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_INVALID");
+    assert_api_error(&put(&sneaky_url, b"x".to_vec()), StatusCode::FORBIDDEN, "SIGNED_URL_INVALID");
     assert_eq!(call(Method::PUT, "/v1/staging/..%2F..%2Fadmin-api-key", None).0, StatusCode::FORBIDDEN);
     // A URL minted for a VM of another org.
     let mut other = claims(TokenMethod::Get, &obj, &uuid::Uuid::new_v4().to_string());
     other.expires = unix_now() + 60;
     let other_url = format!("{}/v1/staging/{}", F.server.url(), token::sign(&key, &other));
     let res = fetch(&other_url, "/root/u");
-    assert_error(&res, StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&res, StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("another org")), "{:?}", res.1);
 }
 
@@ -268,9 +254,9 @@ fn other_org_cannot_presign_or_fetch_into_our_vm() {
         store.create_key_for(org, None, "k").await.expect("key").token
     });
     let p = presign("/root/o");
-    assert_error(&call_as(&key, Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "/a"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call_as(&key, Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "/a"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
     let body = json!({"url": p["downloadUrl"], "path": "/root/o"});
-    assert_error(&call_as(&key, Method::POST, &format!("/v1/vms/{}/files/fetch", *VM), Some(body)), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call_as(&key, Method::POST, &format!("/v1/vms/{}/files/fetch", *VM), Some(body)), StatusCode::NOT_FOUND, "NOT_FOUND");
 }
 
 #[test]
@@ -300,7 +286,7 @@ fn over_cap_uploads_are_refused_without_storing() {
     // Export of a guest file over the cap: 413, nothing stored.
     sh(&format!("head -c {} /dev/zero > /root/toobig", CAP + 1));
     let p = presign("/root/toobig");
-    assert_error(&export(p["uploadUrl"].as_str().expect("u"), "/root/toobig"), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(&export(p["uploadUrl"].as_str().expect("u"), "/root/toobig"), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
     assert_eq!(get(p["downloadUrl"].as_str().expect("d")).0, StatusCode::NOT_FOUND);
     sh("rm -f /root/toobig");
 }

@@ -9,7 +9,7 @@
 //! Server S caps uploads at 16 MiB; server G (no VM, its own key prefix)
 //! proves the staging GC.
 
-use fastvm_e2e::{block_on, config, data_dir};
+use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call};
 use fastvm_server::staging::s3::{S3Config, S3Staging};
 use fastvm_server::staging::{ObjectKey, StagingStore as _};
 use fastvm_server::{RunningServer, ServerConfig};
@@ -144,21 +144,7 @@ fn s() -> Option<&'static Api> {
 
 fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let s = s().expect("server");
-    block_on(async {
-        let mut req = s.client.request(method, format!("{}{path}", s.server.url())).bearer_auth(&s.key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.expect("send");
-        let status = res.status();
-        let bytes = res.bytes().await.expect("body");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    })
-}
-
-fn assert_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
-    assert_eq!(res.0, status, "{:?}", res.1);
-    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
+    block_on(json_call(&s.client, format!("{}{path}", s.server.url()), Some(&s.key), method, body))
 }
 
 static VM: LazyLock<String> = LazyLock::new(|| {
@@ -278,44 +264,44 @@ fn foreign_tampered_and_expired_urls_are_refused() {
     let Some(s) = s() else { return };
     let (up, down) = presign("/root/u");
     // Wrong direction.
-    assert_error(&fetch(&up, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&export(&down, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    assert_api_error(&fetch(&up, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&export(&down, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
     // Nothing uploaded yet.
-    assert_error(&fetch(&down, "/root/u"), StatusCode::NOT_FOUND, "STAGING_OBJECT_NOT_FOUND");
+    assert_api_error(&fetch(&down, "/root/u"), StatusCode::NOT_FOUND, "STAGING_OBJECT_NOT_FOUND");
     // Tampered key (another object of this VM), signature, expiry.
     let object = down.split('?').next().and_then(|u| u.rsplit('/').next()).expect("object").to_owned();
     let other_object = uuid::Uuid::new_v4().to_string();
-    assert_error(&fetch(&down.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&export(&up.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    assert_api_error(&fetch(&down.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&export(&up.replace(&object, &other_object), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
     let flipped = if down.ends_with('0') { '1' } else { '0' };
     let sig_flipped = format!("{}{flipped}", &down[..down.len() - 1]);
-    assert_error(&fetch(&sig_flipped, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&fetch(&down.replace("X-Amz-Expires=3600", "X-Amz-Expires=7200"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&sig_flipped, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&down.replace("X-Amz-Expires=3600", "X-Amz-Expires=7200"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     // Another bucket or endpoint, or not S3 at all.
-    assert_error(&fetch(&down.replace(BUCKET, "other-bucket"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&fetch(&down.replace(&s.endpoint, "http://127.0.0.1:1"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
-    assert_error(&fetch(&format!("{}/v1/staging/abc.def", s.server.url()), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&down.replace(BUCKET, "other-bucket"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&down.replace(&s.endpoint, "http://127.0.0.1:1"), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&format!("{}/v1/staging/abc.def", s.server.url()), "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     // Validly signed for another VM (export) or another org (fetch).
     let mint = same_credentials("fastvm");
     let org = default_org();
     let other_vm = ObjectKey { org: org.clone(), vm: uuid::Uuid::new_v4().to_string(), object: uuid::Uuid::new_v4().to_string() };
     let urls = block_on(mint.presign(&other_vm, CAP, Duration::from_secs(600))).expect("presign");
-    assert_error(&export(&urls.upload_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
+    assert_api_error(&export(&urls.upload_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_EXPORT_URL");
     let other_org = ObjectKey { org: uuid::Uuid::new_v4().to_string(), vm: VM.clone(), object: uuid::Uuid::new_v4().to_string() };
     let urls = block_on(mint.presign(&other_org, CAP, Duration::from_secs(600))).expect("presign");
     let res = fetch(&urls.download_url, "/root/u");
-    assert_error(&res, StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&res, StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("another org")), "{:?}", res.1);
     // Outside the configured prefix.
     let outside = same_credentials("elsewhere");
     let ours = ObjectKey { org: org.clone(), vm: VM.clone(), object: uuid::Uuid::new_v4().to_string() };
     let urls = block_on(outside.presign(&ours, CAP, Duration::from_secs(600))).expect("presign");
-    assert_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
+    assert_api_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "INVALID_FETCH_URL");
     // Expired: signed with the right credentials for 1 s.
     let urls = block_on(mint.presign(&ours, CAP, Duration::from_secs(1))).expect("presign");
     std::thread::sleep(Duration::from_secs(3));
-    assert_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
-    assert_error(&export(&urls.upload_url, "/root"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
+    assert_api_error(&fetch(&urls.download_url, "/root/u"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
+    assert_api_error(&export(&urls.upload_url, "/root"), StatusCode::BAD_REQUEST, "SIGNED_URL_EXPIRED");
 }
 
 #[test]
@@ -327,12 +313,12 @@ fn over_cap_objects_are_refused() {
     let (up, down) = presign("/root/big");
     assert_eq!(put(&up, vec![7u8; (CAP + 1) as usize]), StatusCode::OK);
     let res = fetch(&down, "/root/big");
-    assert_error(&res, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(&res, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
     assert_eq!(sh("test -e /root/big; echo $?")["stdout"], json!("1\n"));
     // Export stops at the cap and leaves no object.
     sh(&format!("head -c {} /dev/zero > /root/big2", CAP + 1));
     let (up, down) = presign("/root/big2");
-    assert_error(&export(&up, "/root/big2"), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(&export(&up, "/root/big2"), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
     assert_eq!(get(&down).0, StatusCode::NOT_FOUND);
 }
 

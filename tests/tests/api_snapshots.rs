@@ -6,7 +6,7 @@
 //! Tests restore that snapshot, or take their own snapshots of the source
 //! (capturing never disturbs it), and delete the VMs they create.
 
-use fastvm_e2e::{block_on, config, data_dir};
+use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call};
 use fastvm_server::{RunningServer, ServerConfig};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
@@ -37,24 +37,11 @@ static A: LazyLock<Api> = LazyLock::new(|| {
 
 async fn call_with(key: &str, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let a = &*A;
-    let mut req = a.client.request(method, format!("{}{path}", a.server.url())).bearer_auth(key);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let res = req.send().await.expect("send");
-    let status = res.status();
-    let bytes = res.bytes().await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    json_call(&a.client, format!("{}{path}", a.server.url()), Some(key), method, body).await
 }
 
 fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     block_on(call_with(&A.key, method, path, body))
-}
-
-fn assert_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
-    assert_eq!(res.0, status, "{:?}", res.1);
-    assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{:?}", res.1);
 }
 
 fn id_of(v: &Value) -> String {
@@ -160,8 +147,8 @@ fn snapshot_fields_name_rules_and_crud() {
     for s in [&default, &long] {
         let path = format!("/v1/snapshots/{}", id_of(s));
         assert_eq!(call(Method::DELETE, &path, None), (StatusCode::OK, json!({"id": id_of(s), "deleted": true})));
-        assert_error(&call(Method::GET, &path, None), StatusCode::NOT_FOUND, "NOT_FOUND");
-        assert_error(&call(Method::DELETE, &path, None), StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert_api_error(&call(Method::GET, &path, None), StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert_api_error(&call(Method::DELETE, &path, None), StatusCode::NOT_FOUND, "NOT_FOUND");
     }
     let (_, list) = call(Method::GET, "/v1/snapshots", None);
     assert!(!list.as_array().expect("array").iter().any(|s| s["id"] == default["id"] || s["id"] == long["id"]));
@@ -222,7 +209,7 @@ fn deleting_a_snapshot_leaves_restored_vms_working() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(counter(&cid) > c1);
     // Launching from the deleted snapshot is a 404 and leaves nothing behind.
-    assert_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid}))), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid}))), StatusCode::NOT_FOUND, "NOT_FOUND");
     let (status, vm) = call(Method::GET, &format!("/v1/vms/{cid}"), None);
     assert_eq!((status, &vm["status"], &vm["sourceName"]), (StatusCode::OK, &json!("running"), &json!("short-lived")));
     delete_vm(&cid);
@@ -276,7 +263,7 @@ fn another_orgs_key_gets_404() {
         (Method::POST, "/v1/vms".to_owned(), Some(json!({"snapshotId": sid}))),
     ] {
         let res = other(method.clone(), &path, body);
-        assert_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
+        assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
         assert!(!res.1.to_string().contains("shared snap"), "{method} {path} leaked data: {}", res.1);
     }
     assert_eq!(other(Method::GET, "/v1/snapshots", None), (StatusCode::OK, json!([])));
@@ -290,17 +277,17 @@ fn another_orgs_key_gets_404() {
 fn snapshot_errors() {
     let sid = id_of(&SNAP);
     // Unknown, malformed and missing vmId.
-    assert_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": "0b6a7c1e-1111-4222-8333-444455556666"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": "vm-1"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    assert_error(&call(Method::POST, "/v1/snapshots", Some(json!({"name": "x"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    assert_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": sid, "vm_id": sid}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": "0b6a7c1e-1111-4222-8333-444455556666"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": "vm-1"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, "/v1/snapshots", Some(json!({"name": "x"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, "/v1/snapshots", Some(json!({"vmId": sid, "vm_id": sid}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
     // Unknown snapshots and ids that are not UUIDs.
-    assert_error(&call(Method::GET, "/v1/snapshots/0b6a7c1e-1111-4222-8333-444455556666", None), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&call(Method::GET, "/v1/snapshots/snp_123", None), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::GET, "/v1/snapshots/0b6a7c1e-1111-4222-8333-444455556666", None), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::GET, "/v1/snapshots/snp_123", None), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
     // Restoring as another machine type; renaming with nothing to rename.
-    assert_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c2m4"}))), StatusCode::UNPROCESSABLE_ENTITY, "MACHINE_TYPE_MISMATCH");
-    assert_error(&call(Method::PATCH, &format!("/v1/snapshots/{sid}"), Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c2m4"}))), StatusCode::UNPROCESSABLE_ENTITY, "MACHINE_TYPE_MISMATCH");
+    assert_api_error(&call(Method::PATCH, &format!("/v1/snapshots/{sid}"), Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
     // None of these left a VM or a failed snapshot behind (other tests run
     // concurrently and launch VMs of their own, all c1m2).
     let (_, vms) = call(Method::GET, "/v1/vms", None);
