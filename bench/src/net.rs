@@ -16,6 +16,8 @@
 //!
 //! Run: `cargo run --release -p fastvm-bench --bin bench-net`
 
+mod floor;
+
 use fastvm_worker::agent::AgentClient;
 use fastvm_worker::exec;
 use fastvm_worker::hypervisor::{NetLaunch, VmPaths};
@@ -229,17 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let st = Command::new("qemu-system-x86_64").args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory))).status()?;
     anyhow::ensure!(st.success(), "raw qemu failed");
     let qmp = Qmp::connect(&paths.qmp()).await?;
-    qmp.execute("migrate-set-capabilities", Some(serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}))).await?;
-    qmp.execute("migrate-incoming", Some(serde_json::json!({"uri": format!("exec:cat {}", snap.memory.display())}))).await?;
-    loop {
-        let st = qmp.execute("query-status", None).await?;
-        match st.get("status").and_then(|s| s.as_str()) {
-            Some("paused") | Some("postmigrate") => break,
-            Some("inmigrate") | Some("prelaunch") => tokio::time::sleep(Duration::from_millis(1)).await,
-            other => anyhow::bail!("raw restore ended in {other:?}"),
-        }
-    }
-    qmp.execute("cont", None).await?;
+    floor::raw_incoming_and_cont(&qmp, &snap.memory).await?;
     let agent = AgentClient::connect(&paths.agent(), Duration::from_secs(60)).await?;
     let net = NetworkConfig { mac, ipv4: "10.203.0.2/30".into(), gateway4: "10.203.0.1".into(), ipv6: None, gateway6: None, dns: vec![] };
     agent.configure(GuestConfig { network: Some(net), ..Default::default() }).await?;

@@ -15,6 +15,8 @@
 //! Run: `cargo run --release -p fastvm-bench --bin bench-runtime -- [runs]`
 //! (default 20 runs; the guest image cache is built on first use).
 
+mod floor;
+
 use fastvm_worker::agent::AgentClient;
 use fastvm_worker::hypervisor::{LaunchSpec, VmPaths};
 use fastvm_worker::qemu::QemuMicrovm;
@@ -106,18 +108,7 @@ async fn raw_restore(snap: &SnapshotRecord, dir: &Path) -> anyhow::Result<f64> {
     let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory))).status()?;
     anyhow::ensure!(st.success(), "qemu failed");
     let qmp = Qmp::connect(&paths.qmp()).await?;
-    // `-incoming defer`: the same capability and stream QEMU needs whoever drives it.
-    qmp.execute("migrate-set-capabilities", Some(serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}))).await?;
-    qmp.execute("migrate-incoming", Some(serde_json::json!({"uri": format!("exec:cat {}", snap.memory.display())}))).await?;
-    loop {
-        let st = qmp.execute("query-status", None).await?;
-        match st.get("status").and_then(|s| s.as_str()) {
-            Some("paused") | Some("postmigrate") => break,
-            Some("inmigrate") | Some("prelaunch") => tokio::time::sleep(Duration::from_millis(1)).await,
-            other => anyhow::bail!("raw restore ended in {other:?}"),
-        }
-    }
-    qmp.execute("cont", None).await?;
+    floor::raw_incoming_and_cont(&qmp, &snap.memory).await?;
     AgentClient::connect(&paths.agent(), Duration::from_secs(60)).await?;
     let elapsed = start.elapsed();
     kill(&paths.pidfile());
