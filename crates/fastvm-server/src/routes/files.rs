@@ -106,8 +106,14 @@ impl AppState {
         if rec.status != VmStatus::Running {
             return Err(ApiError::invalid_state(format!("VM {id} is {}; {what} needs it running", rec.status.as_str())));
         }
+        Ok(self.upload_cap(&rec))
+    }
+
+    /// The most a staging object of this VM may hold: its disk size, or the
+    /// configured cap when lower.
+    fn upload_cap(&self, rec: &crate::store::VmRecord) -> u64 {
         let disk = rec.disk_gib.saturating_mul(1 << 30);
-        Ok(self.staging_config().max_upload_bytes.map_or(disk, |m| m.min(disk)))
+        self.staging_config().max_upload_bytes.map_or(disk, |m| m.min(disk))
     }
 }
 
@@ -132,9 +138,7 @@ impl AppState {
 pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FilePresignRequest>) -> Result<Json<FilePresignResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
-    let rec = state.find_vm(caller.org_id, id).await?;
-    let disk = rec.disk_gib.saturating_mul(1 << 30);
-    let cap = state.staging_config().max_upload_bytes.map_or(disk, |m| m.min(disk));
+    let cap = state.upload_cap(&state.find_vm(caller.org_id, id).await?);
     let key = ObjectKey { org: caller.org_id.to_string(), vm: id.to_string(), object: uuid::Uuid::new_v4().to_string() };
     let ttl = state.staging_config().url_ttl;
     let urls = staging.presign(&key, cap, ttl).await?;
