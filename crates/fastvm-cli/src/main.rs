@@ -16,6 +16,7 @@ mod exec;
 mod images;
 mod orgs;
 mod serve;
+mod service;
 mod sized_tar;
 mod snapshot;
 mod vm;
@@ -67,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCommand,
+    },
 }
 
 /// The per-user data dir: `FASTVM_DATA_DIR`, else `$XDG_DATA_HOME/fastvm`,
@@ -108,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             Command::Exec(args) => exec::run(args).await,
             Command::Cp(args) => cp::run(args).await.map(|()| 0),
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
+            Command::Service { command } => service::run(command).await.map(|()| 0),
         }
     });
     match code {

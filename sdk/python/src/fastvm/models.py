@@ -464,6 +464,10 @@ class Service(Model):
     name: Optional[str] = None
     port: Optional[int] = None
     h2c: Optional[bool] = None
+    # Extension of this server: the service's URL through the proxy,
+    # ``http://<name>--<vm id hex>.proxy.<domain>:<port>/`` (absent when the
+    # server runs no proxy).
+    url: Optional[str] = None
 
 
 # --- volumes ----------------------------------------------------------------------
