@@ -131,7 +131,7 @@ fn presign_answers_spec_shape() {
     let up = p["uploadUrl"].as_str().expect("uploadUrl");
     assert!(up.starts_with(&format!("{}/v1/staging/", F.server.url())), "{up}");
     assert_ne!(p["uploadUrl"], p["downloadUrl"]);
-    assert_api_error(&call(Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "rel"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
+    assert_api_error(&call(Method::POST, &format!("/v1/vms/{}/files/presign", *VM), Some(json!({"path": "rel"}))), StatusCode::BAD_REQUEST, "INVALID_PATH");
 }
 
 #[test]

@@ -286,8 +286,8 @@ fn snapshot_errors() {
     assert_api_error(&call(Method::GET, "/v1/snapshots/snp_123", None), StatusCode::NOT_FOUND, "NOT_FOUND");
     assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"}))), StatusCode::NOT_FOUND, "NOT_FOUND");
     // Restoring as another machine type; renaming with nothing to rename.
-    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c2m4"}))), StatusCode::UNPROCESSABLE_ENTITY, "MACHINE_TYPE_MISMATCH");
-    assert_api_error(&call(Method::PATCH, &format!("/v1/snapshots/{sid}"), Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
+    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c2m4"}))), StatusCode::BAD_REQUEST, "MACHINE_TYPE_MISMATCH");
+    assert_api_error(&call(Method::PATCH, &format!("/v1/snapshots/{sid}"), Some(json!({}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
     // None of these left a VM or a failed snapshot behind (other tests run
     // concurrently and launch VMs of their own, all c1m2).
     let (_, vms) = call(Method::GET, "/v1/vms", None);

@@ -185,11 +185,11 @@ impl AppState {
     /// snapshot, its env vars too unless the request gives some, its
     /// firewall unless the request gives one; name, metadata and TTL come
     /// from the request. `machineType` may be given but must be the
-    /// snapshot's (422 `MACHINE_TYPE_MISMATCH`).
+    /// snapshot's (400 `MACHINE_TYPE_MISMATCH`).
     pub(crate) async fn launch_vm(&self, caller: Caller, req: LaunchVmRequest) -> Result<VmRecord, ApiError> {
         req.validate()?;
         let requested = match req.machine_type.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
-            Some(name) => Some(MachineType::lookup(name).map_err(|e| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?),
+            Some(name) => Some(MachineType::lookup(name).map_err(|e| ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?),
             None => None,
         };
         let id = VmId::new_v4();
@@ -221,7 +221,7 @@ impl AppState {
         let mut in_use = None;
         let machine = match req.snapshot_id {
             None => {
-                let machine = requested.ok_or_else(|| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, "machineType is required unless snapshotId is set"))?;
+                let machine = requested.ok_or_else(|| ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, "machineType is required unless snapshotId is set"))?;
                 rec.machine_name = machine.name.to_owned();
                 rec.cpu = machine.vcpus;
                 rec.memory_mib = u64::from(machine.memory_mib);
@@ -240,7 +240,7 @@ impl AppState {
                 }
                 let machine = MachineType::lookup(&snap.machine_name).map_err(|e| ApiError::internal(format!("snapshot {sid} has an unknown machine type: {e}")))?;
                 if let Some(m) = requested.filter(|m| m.name != machine.name) {
-                    return Err(ApiError::unprocessable(
+                    return Err(ApiError::invalid(
                         codes::MACHINE_TYPE_MISMATCH,
                         format!("snapshot {sid} was captured on machine type {}; it cannot be restored as {} (omit machineType)", machine.name, m.name),
                     ));
@@ -349,12 +349,12 @@ impl AppState {
 
     /// `PUT /v1/vms/{id}/firewall` (`patch` false: replace) and `PATCH`
     /// (`patch` true: the blocks given replace the stored ones). The result is
-    /// validated (400 with the rule's code), stored, and pushed to the worker
+    /// validated (400 with the rule's code, like every validation), stored, and pushed to the worker
     /// of a running or paused VM, which enforces it at once.
     pub(crate) async fn set_firewall(&self, org: OrgId, id: VmId, policy: FirewallPolicy, patch: bool) -> Result<VmRecord, ApiError> {
         let current = self.find_vm(org, id).await?;
         let new = if patch { current.firewall.merge_patch(policy) } else { policy };
-        new.validate().map_err(|e| ApiError::bad_request(e.code, e.message))?;
+        new.validate()?;
         let rec = self
             .modify(Some(org), id, |r| {
                 if r.status == VmStatus::Deleting {

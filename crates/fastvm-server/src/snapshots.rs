@@ -125,7 +125,7 @@ impl AppState {
     /// `PATCH /v1/snapshots/{id}`: rename (an empty name gives the default name).
     pub(crate) async fn update_snapshot(&self, org: OrgId, id: SnapshotId, req: UpdateSnapshotRequest) -> Result<SnapshotRecord, ApiError> {
         let Some(name) = req.name.as_deref() else {
-            return Err(ApiError::unprocessable(vcodes::INVALID_REQUEST, "nothing to update; give name"));
+            return Err(ApiError::invalid(vcodes::INVALID_REQUEST, "nothing to update; give name"));
         };
         let mut rec = self.find_snapshot(org, id).await?;
         rec.name = normalize_snapshot_name(Some(name), &rec.vm_id);

@@ -468,14 +468,14 @@ async fn snapshot_crud_and_name_rules() -> TestResult {
     assert_eq!(list[0]["id"], snap["id"], "oldest first");
     assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?, (StatusCode::OK, snap.clone()));
 
-    // Rename (normalized; empty gives the default name); nothing to update is 422.
+    // Rename (normalized; empty gives the default name); nothing to update is 400.
     let (status, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": " new   name "}))).await?;
     assert_eq!((status, &r["name"]), (StatusCode::OK, &json!("new name")));
     assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?.1["name"], json!("new name"));
     let (_, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": ""}))).await?;
     assert_eq!(r["name"], d["name"]);
     let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_REQUEST")));
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
     let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"nmae": "x"}))).await?;
     assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
 
@@ -589,10 +589,10 @@ async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult 
     // Another machine type is refused, unknown ones too; nothing is left behind.
     let before = h.call("GET", "/v1/vms", None).await?.1.as_array().map(Vec::len);
     let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c1m2"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("MACHINE_TYPE_MISMATCH")));
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("MACHINE_TYPE_MISMATCH")));
     assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("c2m4") && m.contains("c1m2")), "{err}");
     let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c3m7"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_MACHINE_TYPE")));
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_MACHINE_TYPE")));
     // Unknown snapshot: 404.
     let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": SnapshotId::new_v4()}))).await?;
     assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
@@ -1060,5 +1060,85 @@ async fn firewall_put_and_patch_validate_store_and_push() -> TestResult {
     // Unknown VM: 404.
     let (status, _) = h.call("PUT", &format!("/v1/vms/{}/firewall", VmId::new_v4()), Some(json!({}))).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+/// One error, one status, everywhere: a value that breaks a rule gets the same
+/// 400 and code on every route that takes it (issue 21: an invalid firewall
+/// was 400 on PUT/PATCH /firewall but 422 inside POST /v1/vms).
+#[tokio::test]
+async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let id = id_of(&vm)?;
+    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let sid = id_of(&snap)?;
+
+    let bad_firewall = json!({"ingress": {"defaultAction": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0/33", "protocol": "tcp", "ports": "22", "action": "allow"}]}});
+    let dead_fqdn = json!({"dns": {"mode": "allow", "domains": ["ok.test"]}, "egress": {"rules": [{"kind": "fqdn", "value": "other.test", "action": "allow"}]}});
+    let bad_metadata = json!({"k": "v".repeat(5000)});
+    let bad_ttl = json!({"seconds": 0, "action": "delete"});
+    let vm_path = format!("/v1/vms/{id}");
+    let fw_path = format!("/v1/vms/{id}/firewall");
+    let exec_path = format!("/v1/vms/{id}/exec");
+    let url = "http://127.0.0.1/v1/staging/x";
+    // (code, [(method, path, body)]): every route that takes the value.
+    let cases: Vec<(&str, Vec<(&str, String, Value)>)> = vec![
+        ("INVALID_CIDR", vec![
+            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "firewall": bad_firewall})),
+            ("PUT", fw_path.clone(), bad_firewall.clone()),
+            ("PATCH", fw_path.clone(), bad_firewall.clone()),
+        ]),
+        ("DEAD_FQDN_RULE", vec![
+            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "firewall": dead_fqdn})),
+            ("PUT", fw_path.clone(), dead_fqdn.clone()),
+            ("PATCH", fw_path.clone(), dead_fqdn.clone()),
+        ]),
+        ("INVALID_METADATA", vec![
+            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "metadata": bad_metadata})),
+            ("PATCH", vm_path.clone(), json!({"metadata": bad_metadata})),
+        ]),
+        ("INVALID_TTL", vec![
+            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "ttl": bad_ttl})),
+            ("PATCH", vm_path.clone(), json!({"ttl": bad_ttl})),
+        ]),
+        ("INVALID_TIMEOUT", vec![
+            ("POST", exec_path.clone(), json!({"command": ["true"], "timeoutSec": 0})),
+            ("POST", format!("{vm_path}/files/fetch"), json!({"url": url, "path": "/root/f", "timeoutSec": 0})),
+            ("POST", format!("{vm_path}/files/export"), json!({"url": url, "path": "/root/f", "timeoutSec": 0})),
+        ]),
+        ("INVALID_PATH", vec![
+            ("POST", exec_path.clone(), json!({"command": ["true"], "cwd": "root"})),
+            ("POST", format!("{vm_path}/files/presign"), json!({"path": "root/f"})),
+            ("POST", format!("{vm_path}/files/fetch"), json!({"url": url, "path": "root/f"})),
+            ("POST", format!("{vm_path}/files/export"), json!({"url": url, "path": "root/f"})),
+        ]),
+        ("INVALID_REQUEST", vec![
+            // Nothing to update, and a body of the wrong shape.
+            ("PATCH", vm_path.clone(), json!({})),
+            ("PATCH", format!("/v1/snapshots/{sid}"), json!({})),
+            ("PUT", fw_path.clone(), json!({"bogus": 1})),
+            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "bogus": 1})),
+        ]),
+        ("INVALID_MACHINE_TYPE", vec![
+            ("POST", "/v1/vms".into(), json!({"machineType": "c3m7"})),
+            ("POST", "/v1/vms".into(), json!({})),
+        ]),
+        ("MACHINE_TYPE_MISMATCH", vec![("POST", "/v1/vms".into(), json!({"snapshotId": sid, "machineType": "c2m4"}))]),
+        ("INVALID_COMMAND", vec![("POST", exec_path.clone(), json!({"command": []}))]),
+    ];
+    for (code, routes) in cases {
+        for (method, path, body) in routes {
+            let (status, err) = h.call(method, &path, Some(body.clone())).await?;
+            assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some(code)), "{method} {path} {body}: {err}");
+            assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: no message");
+        }
+    }
+    // Nothing was changed or created by the refused requests.
+    let (_, list) = h.call("GET", "/v1/vms", None).await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert_eq!(h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(usize::MAX), 0);
     Ok(())
 }

@@ -57,7 +57,7 @@ pub mod codes {
 }
 
 /// Timeout of fetch/export when the request gives none.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(fastvm_types::files::FILE_TRANSFER_DEFAULT_TIMEOUT_SEC);
 /// Writes the object to PATH, creating its parent directories.
 const FETCH_SCRIPT: &str = r#"mkdir -p -- "$(dirname -- "$1")" && cat > "$1""#;
 /// Prints what PATH is.
@@ -71,7 +71,7 @@ impl From<StagingError> for ApiError {
         match e {
             StagingError::NotFound => ApiError::new(StatusCode::NOT_FOUND, codes::STAGING_OBJECT_NOT_FOUND, msg),
             StagingError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, crate::error::codes::PAYLOAD_TOO_LARGE, msg),
-            StagingError::Input(_) => ApiError::bad_request(codes::UPLOAD_INCOMPLETE, msg),
+            StagingError::Input(_) => ApiError::invalid(codes::UPLOAD_INCOMPLETE, msg),
             StagingError::Backend(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::STAGING_ERROR, msg),
         }
     }
@@ -90,8 +90,8 @@ fn token_error(e: TokenError) -> ApiError {
 /// A refused URL in a fetch/export body: 400.
 fn body_url_error(e: TokenError, invalid_code: &str, what: &str) -> ApiError {
     match e {
-        TokenError::Expired => ApiError::bad_request(codes::SIGNED_URL_EXPIRED, format!("{what} expired; presign a new one")),
-        other => ApiError::bad_request(invalid_code, format!("{what} must come from POST /v1/vms/{{id}}/files/presign of this server and org: {other}")),
+        TokenError::Expired => ApiError::invalid(codes::SIGNED_URL_EXPIRED, format!("{what} expired; presign a new one")),
+        other => ApiError::invalid(invalid_code, format!("{what} must come from POST /v1/vms/{{id}}/files/presign of this server and org: {other}")),
     }
 }
 
@@ -128,11 +128,10 @@ impl AppState {
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "A PUT and a GET URL of one new staging object", body = FilePresignResponse),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or the path is not absolute (`INVALID_PATH`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path is not absolute", body = ErrorBody),
     )
 )]
 pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FilePresignRequest>) -> Result<Json<FilePresignResponse>, ApiError> {
@@ -156,13 +155,12 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "The result of writing the object to the path (exit 0: done)", body = ExecVmResponse),
-        (status = 400, description = "Malformed body; `INVALID_FETCH_URL`: not a downloadUrl of this org; `SIGNED_URL_EXPIRED`", body = ErrorBody),
+        (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_FETCH_URL`: not a downloadUrl of this org; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `STAGING_OBJECT_NOT_FOUND`: nothing uploaded yet", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The staged object is larger than the VM's upload cap (maxUploadBytes)", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
@@ -172,7 +170,7 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
     let cap = state.running_vm_cap(caller.org_id, id, "fetch").await?;
     let key = staging.resolve(&req.url, Method::Get).map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
     if key.org != caller.org_id.to_string() {
-        return Err(ApiError::bad_request(codes::INVALID_FETCH_URL, "url was presigned for a VM of another org; presign one for a VM of yours"));
+        return Err(ApiError::invalid(codes::INVALID_FETCH_URL, "url was presigned for a VM of another org; presign one for a VM of yours"));
     }
     // A presigned PUT to S3 cannot be capped: refuse an over-cap object
     // here, from its size, before a byte reaches the guest.
@@ -202,13 +200,12 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "What was found and how many bytes were staged", body = FileExportResponse),
-        (status = 400, description = "Malformed body; `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
+        (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `FILE_NOT_FOUND`: no such path in the guest", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The file or archive exceeds the upload cap", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 500, description = "`EXPORT_FAILED`: reading the path in the guest failed (message has its stderr)", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
@@ -219,7 +216,7 @@ pub async fn export(State(state): State<AppState>, caller: Caller, VmPath(id): V
     let cap = state.running_vm_cap(caller.org_id, id, "export").await?;
     let key = staging.resolve(&req.url, Method::Put).map_err(|e| body_url_error(e, codes::INVALID_EXPORT_URL, "url (an uploadUrl)"))?;
     if key.org != caller.org_id.to_string() || key.vm != id.to_string() {
-        return Err(ApiError::bad_request(codes::INVALID_EXPORT_URL, "url was presigned for another VM; presign one for this VM"));
+        return Err(ApiError::invalid(codes::INVALID_EXPORT_URL, "url was presigned for another VM; presign one for this VM"));
     }
     let deadline = Instant::now() + timeout_of(req.timeout_sec);
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
