@@ -5,7 +5,7 @@ A client built with a 2 s default timeout runs ``vms.files.fetch`` (no
 ``snapshots.create`` against the live server, each made to take longer than
 2 s inside the real VM: the guest end of the transfer is a FIFO whose reader (or
 writer) only shows up after a few seconds, and the snapshot is of a VM whose
-memory was filled first. Each call must return its result, not raise
+memory was filled first (with a 1 s client timeout). Each call must return its result, not raise
 ``APITimeoutError`` while the server is still working, and each test checks it
 really took longer than the client's timeout.
 """
@@ -131,12 +131,13 @@ def test_snapshot_create_outlasts_the_client_timeout(client, fresh_vm, fastvm_se
     )
     assert fill.stdout.strip() == "ok", fill.stderr
 
-    with FastvmClient(api_key=fastvm_server.api_key, base_url=fastvm_server.base_url, timeout=SHORT / 4) as short:
+    # ~3.4 s under TCG here for 896 MiB; a 1 s client timeout leaves a wide margin.
+    with FastvmClient(api_key=fastvm_server.api_key, base_url=fastvm_server.base_url, timeout=SHORT / 2) as short:
         started = time.monotonic()
         snap = short.snapshots.create(vm_id=fresh_vm.id, name="slow-capture")
         elapsed = time.monotonic() - started
 
     assert snap.status == "ready" and snap.vm_id == fresh_vm.id
     assert snap.machine_name == "c1m2" and snap.firewall is not None and snap.extra == {}
-    assert elapsed > SHORT / 4 + 0.2, f"the capture took {elapsed:.2f} s: not longer than the client's timeout"
+    assert elapsed > SHORT / 2, f"the capture took {elapsed:.2f} s: not longer than the client's timeout, the test proves nothing"
     client.snapshots.delete(snap.id)
