@@ -1085,7 +1085,8 @@ async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> 
     let exec_path = format!("/v1/vms/{id}/exec");
     let url = "http://127.0.0.1/v1/staging/x";
     // (code, [(method, path, body)]): every route that takes the value.
-    let cases: Vec<(&str, Vec<(&str, String, Value)>)> = vec![
+    type Routes = Vec<(&'static str, String, Value)>;
+    let cases: Vec<(&str, Routes)> = vec![
         ("INVALID_CIDR", vec![
             ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "firewall": bad_firewall})),
             ("PUT", fw_path.clone(), bad_firewall.clone()),

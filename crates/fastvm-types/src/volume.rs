@@ -388,7 +388,11 @@ mod tests {
             .unwrap_or_default();
         assert!(!required.contains(&"usedGiB"), "{schema}");
         assert!(required.contains(&"sizeGiB"), "{schema}");
-        assert_eq!(schema["properties"]["usedGiB"]["type"], json!("integer"), "{schema}");
+        assert_eq!(
+            schema["properties"]["usedGiB"]["type"],
+            json!("integer"),
+            "{schema}"
+        );
         Ok(())
     }
 
