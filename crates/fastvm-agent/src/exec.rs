@@ -25,7 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch, Notify};
 
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// After the process exits, keep reading its pipes until EOF, a pause this
 /// long, or [`EXIT_DRAIN`] in all: a background child may hold them open.
 const EXIT_IDLE: Duration = Duration::from_millis(100);
@@ -40,7 +41,11 @@ pub(crate) struct Credit {
 
 impl Credit {
     fn new() -> Credit {
-        Credit { avail: Mutex::new(STREAM_WINDOW), notify: Notify::new(), detached: AtomicBool::new(false) }
+        Credit {
+            avail: Mutex::new(STREAM_WINDOW),
+            notify: Notify::new(),
+            detached: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn give(&self, n: u32) {
@@ -96,15 +101,33 @@ pub(crate) struct StreamParts {
 impl StreamHandle {
     pub(crate) fn new(with_stdin: bool) -> (StreamHandle, StreamParts) {
         let (stdout, stderr) = (Arc::new(Credit::new()), Arc::new(Credit::new()));
-        let (pid, detached) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicBool::new(false)));
+        let (pid, detached) = (
+            Arc::new(AtomicI32::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (tx, rx) = if with_stdin {
             let (tx, rx) = mpsc::channel(16);
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let handle = StreamHandle { stdout: stdout.clone(), stderr: stderr.clone(), stdin: tx, pid: pid.clone(), detached: detached.clone() };
-        (handle, StreamParts { stdout, stderr, stdin: rx, pid, detached })
+        let handle = StreamHandle {
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            stdin: tx,
+            pid: pid.clone(),
+            detached: detached.clone(),
+        };
+        (
+            handle,
+            StreamParts {
+                stdout,
+                stderr,
+                stdin: rx,
+                pid,
+                detached,
+            },
+        )
     }
 
     pub(crate) fn credit(&self, fd: Fd) -> Option<Arc<Credit>> {
@@ -140,15 +163,30 @@ pub(crate) fn kill_group(pid: i32, signal: i32) {
 fn command(shared: &Shared, spec: &ExecSpec) -> std::process::Command {
     let mut cmd = std::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..]).env_clear();
-    cmd.env("PATH", DEFAULT_PATH).env("HOME", "/root").env("USER", "root").env("LANG", "C.UTF-8").env("TERM", "xterm");
+    cmd.env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LANG", "C.UTF-8")
+        .env("TERM", "xterm");
     if let Ok(env) = shared.env.read() {
         cmd.envs(env.iter());
     }
     cmd.envs(spec.env.iter());
     let cwd = spec.cwd.clone().unwrap_or_else(|| "/root".to_owned());
-    cmd.current_dir(if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() { cwd } else { "/".to_owned() });
-    cmd.stdin(if spec.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() });
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.current_dir(
+        if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() {
+            cwd
+        } else {
+            "/".to_owned()
+        },
+    );
+    cmd.stdin(if spec.stdin {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -172,7 +210,13 @@ fn decode_status(status: libc::c_int) -> (i32, Option<i32>) {
 
 async fn finish(shared: &Shared, stream: u32, detached: &Arc<AtomicBool>, status: ExitStatus) {
     if !detached.load(Ordering::SeqCst) {
-        shared.out.send(Frame::Control { stream, msg: Control::Exit(status) }).await;
+        shared
+            .out
+            .send(Frame::Control {
+                stream,
+                msg: Control::Exit(status),
+            })
+            .await;
     }
     shared.remove_stream(stream, detached);
 }
@@ -180,7 +224,13 @@ async fn finish(shared: &Shared, stream: u32, detached: &Arc<AtomicBool>, status
 pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts: StreamParts) {
     let start = Instant::now();
     if spec.argv.is_empty() || spec.argv[0].is_empty() {
-        let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: 0, error: Some("empty command".into()) };
+        let status = ExitStatus {
+            code: 127,
+            signal: None,
+            timed_out: false,
+            duration_ms: 0,
+            error: Some("empty command".into()),
+        };
         return finish(&shared, stream, &parts.detached, status).await;
     }
     let spawned = shared.reaper.spawn(&mut command(&shared, &spec));
@@ -188,21 +238,52 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
         Ok(c) => c,
         Err(e) => {
             let error = Some(format!("cannot start {:?}: {e}", spec.argv[0]));
-            let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: elapsed_ms(start), error };
+            let status = ExitStatus {
+                code: 127,
+                signal: None,
+                timed_out: false,
+                duration_ms: elapsed_ms(start),
+                error,
+            };
             return finish(&shared, stream, &parts.detached, status).await;
         }
     };
     let pid = child.id() as i32;
     parts.pid.store(pid, Ordering::SeqCst);
-    shared.out.send(Frame::Control { stream, msg: Control::Started { pid: pid as u32 } }).await;
+    shared
+        .out
+        .send(Frame::Control {
+            stream,
+            msg: Control::Started { pid: pid as u32 },
+        })
+        .await;
 
     let (exited_tx, exited_rx) = watch::channel(false);
     let mut pumps = Vec::new();
-    let outputs = [(Fd::Stdout, child.stdout.take().map(OwnedFd::from), parts.stdout.clone()), (Fd::Stderr, child.stderr.take().map(OwnedFd::from), parts.stderr.clone())];
+    let outputs = [
+        (
+            Fd::Stdout,
+            child.stdout.take().map(OwnedFd::from),
+            parts.stdout.clone(),
+        ),
+        (
+            Fd::Stderr,
+            child.stderr.take().map(OwnedFd::from),
+            parts.stderr.clone(),
+        ),
+    ];
     for (fd, pipe_fd, credit) in outputs {
         let Some(pipe_fd) = pipe_fd else { continue };
         match pipe::Receiver::from_owned_fd(pipe_fd) {
-            Ok(rx) => pumps.push(tokio::spawn(pump(shared.clone(), stream, fd, rx, credit, parts.detached.clone(), exited_rx.clone()))),
+            Ok(rx) => pumps.push(tokio::spawn(pump(
+                shared.clone(),
+                stream,
+                fd,
+                rx,
+                credit,
+                parts.detached.clone(),
+                exited_rx.clone(),
+            ))),
             Err(e) => crate::log(&format!("stream {stream}: cannot read {fd:?}: {e}")),
         }
     }
@@ -235,7 +316,13 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
     for p in pumps {
         let _ = p.await;
     }
-    let status = ExitStatus { code, signal, timed_out, duration_ms: elapsed_ms(start), error: None };
+    let status = ExitStatus {
+        code,
+        signal,
+        timed_out,
+        duration_ms: elapsed_ms(start),
+        error: None,
+    };
     finish(&shared, stream, &parts.detached, status).await;
 }
 
@@ -288,13 +375,25 @@ async fn pump(
     }
 }
 
-async fn feed_stdin(shared: Arc<Shared>, stream: u32, mut tx: pipe::Sender, mut rx: mpsc::Receiver<Option<Bytes>>) {
+async fn feed_stdin(
+    shared: Arc<Shared>,
+    stream: u32,
+    mut tx: pipe::Sender,
+    mut rx: mpsc::Receiver<Option<Bytes>>,
+) {
     while let Some(Some(data)) = rx.recv().await {
         let n = data.len() as u32;
         if tx.write_all(&data).await.is_err() {
             break;
         }
-        shared.out.send(Frame::Credit { stream, fd: Fd::Stdin, bytes: n }).await;
+        shared
+            .out
+            .send(Frame::Credit {
+                stream,
+                fd: Fd::Stdin,
+                bytes: n,
+            })
+            .await;
     }
     // Dropping tx closes the child's stdin.
 }

@@ -26,7 +26,10 @@ pub struct ExecRequest {
 impl ExecRequest {
     /// Run `argv` as is.
     pub fn argv<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
-        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
 
     /// Run a shell string as `sh -c <cmd>`.
@@ -48,24 +51,36 @@ impl ExecRequest {
     /// Check what the guest could not run, and build the wire spec.
     pub fn to_spec(&self) -> Result<ExecSpec> {
         if self.argv.first().is_none_or(|a| a.is_empty()) {
-            return Err(Error::InvalidExec("command must be a non-empty argv whose first element names a program".into()));
+            return Err(Error::InvalidExec(
+                "command must be a non-empty argv whose first element names a program".into(),
+            ));
         }
         if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
-            return Err(Error::InvalidExec(format!("command[{i}] contains a NUL byte")));
+            return Err(Error::InvalidExec(format!(
+                "command[{i}] contains a NUL byte"
+            )));
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Error::InvalidExec(format!("env var {k:?} is not a valid NAME=value pair")));
+                return Err(Error::InvalidExec(format!(
+                    "env var {k:?} is not a valid NAME=value pair"
+                )));
             }
         }
-        if self.cwd.as_deref().is_some_and(|c| c.contains('\0') || !c.starts_with('/')) {
+        if self
+            .cwd
+            .as_deref()
+            .is_some_and(|c| c.contains('\0') || !c.starts_with('/'))
+        {
             return Err(Error::InvalidExec("cwd must be an absolute path".into()));
         }
         Ok(ExecSpec {
             argv: self.argv.clone(),
             env: self.env.clone(),
             cwd: self.cwd.clone(),
-            timeout_ms: self.timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
+            timeout_ms: self
+                .timeout
+                .map(|t| t.as_millis().min(u64::MAX as u128) as u64),
             stdin: self.stdin,
         })
     }
@@ -108,8 +123,12 @@ pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
     let mut out = ExecOutput::default();
     while let Some(ev) = stream.next().await {
         match ev? {
-            ExecEvent::Stdout(d) => append_capped(&mut out.stdout, &d, cap, &mut out.stdout_truncated),
-            ExecEvent::Stderr(d) => append_capped(&mut out.stderr, &d, cap, &mut out.stderr_truncated),
+            ExecEvent::Stdout(d) => {
+                append_capped(&mut out.stdout, &d, cap, &mut out.stdout_truncated)
+            }
+            ExecEvent::Stderr(d) => {
+                append_capped(&mut out.stderr, &d, cap, &mut out.stderr_truncated)
+            }
             ExecEvent::Exit(s) => {
                 out.exit_code = s.code;
                 out.timed_out = s.timed_out;
@@ -119,7 +138,9 @@ pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
             }
         }
     }
-    Err(Error::AgentUnavailable("exec stream ended without an exit status".into()))
+    Err(Error::AgentUnavailable(
+        "exec stream ended without an exit status".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -128,7 +149,10 @@ mod tests {
 
     #[test]
     fn shell_wraps() {
-        assert_eq!(ExecRequest::shell("ls -la").argv, vec!["sh", "-c", "ls -la"]);
+        assert_eq!(
+            ExecRequest::shell("ls -la").argv,
+            vec!["sh", "-c", "ls -la"]
+        );
     }
 
     #[test]
@@ -142,7 +166,10 @@ mod tests {
         let mut r = ExecRequest::argv(["true"]);
         r.env.insert("A=B".into(), "x".into());
         assert!(r.to_spec().is_err());
-        assert!(ExecRequest::argv(["true"]).with_timeout(Duration::from_secs(2)).to_spec().is_ok_and(|s| s.timeout_ms == Some(2000)));
+        assert!(ExecRequest::argv(["true"])
+            .with_timeout(Duration::from_secs(2))
+            .to_spec()
+            .is_ok_and(|s| s.timeout_ms == Some(2000)));
     }
 
     #[test]

@@ -10,14 +10,15 @@
 //! `/v1/staging/{token}` (signed URLs of the local staging store) takes no
 //! API key and no body limit: the token is the credential and carries the cap.
 //!
-//! Endpoints of the spec that are not implemented yet (services,
-//! volumes, snapshot imports, ...) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (SSH keys, console,
+//! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod exec;
 pub mod files;
 pub mod health;
 pub mod org;
+pub mod services;
 pub mod snapshots;
 pub mod vms;
 
@@ -44,34 +45,70 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/openapi.json", get(health::openapi_json))
         .route("/v1/vms", get(vms::list).post(vms::launch))
-        .route("/v1/vms/{id}", get(vms::get).patch(vms::update).delete(vms::delete))
+        .route(
+            "/v1/vms/{id}",
+            get(vms::get).patch(vms::update).delete(vms::delete),
+        )
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/exec", post(exec::exec))
         .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
-        .route("/v1/vms/{id}/firewall", put(vms::set_firewall).patch(vms::patch_firewall))
+        .route(
+            "/v1/vms/{id}/firewall",
+            put(vms::set_firewall).patch(vms::patch_firewall),
+        )
+        .route(
+            "/v1/vms/{id}/services",
+            get(services::list).post(services::register),
+        )
+        .route(
+            "/v1/vms/{id}/services/{serviceName}",
+            put(services::update).delete(services::delete),
+        )
         .route("/v1/vms/{id}/files/presign", post(files::presign))
         .route("/v1/vms/{id}/files/fetch", post(files::fetch))
         .route("/v1/vms/{id}/files/export", post(files::export))
         // Staged objects stream: no body limit (the token carries the cap).
-        .route("/v1/staging/{token}", get(files::staging_get).put(files::staging_put).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/v1/staging/{token}",
+            get(files::staging_get)
+                .put(files::staging_put)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/org/quotas", get(org::quotas))
-        .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
-        .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))
+        .route(
+            "/v1/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route(
+            "/v1/snapshots/{id}",
+            get(snapshots::get)
+                .patch(snapshots::update)
+                .delete(snapshots::delete),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(|_| ApiError::internal("the server hit a bug while handling this request").into_response()))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("the server hit a bug while handling this request").into_response()
+        }))
         .with_state(state)
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::not_found(format!("no such endpoint: {method} {}; this server does not serve it", uri.path()))
+    ApiError::not_found(format!(
+        "no such endpoint: {method} {}; this server does not serve it",
+        uri.path()
+    ))
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, format!("{} does not accept {method}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        format!("{} does not accept {method}", uri.path()),
+    )
 }
 
 /// A JSON request body (`Content-Type: application/json`, at most
@@ -93,14 +130,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     codes::PAYLOAD_TOO_LARGE,
-                    format!("the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"),
+                    format!(
+                        "the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"
+                    ),
                 ))
             }
         };
         let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
-            Ok(_) if !is_object => Err(ApiError::invalid(codes::INVALID_REQUEST, "the request body must be a JSON object")),
+            Ok(_) if !is_object => Err(ApiError::invalid(
+                codes::INVALID_REQUEST,
+                "the request body must be a JSON object",
+            )),
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
@@ -109,16 +151,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonSyntaxError(e) => ApiError::invalid(codes::INVALID_JSON, e.body_text()),
-        JsonRejection::JsonDataError(e) => ApiError::invalid(codes::INVALID_REQUEST, e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::invalid(codes::INVALID_JSON, e.body_text())
+        }
+        JsonRejection::JsonDataError(e) => {
+            ApiError::invalid(codes::INVALID_REQUEST, e.body_text())
+        }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             codes::UNSUPPORTED_MEDIA_TYPE,
             "send the request body as JSON with the header `Content-Type: application/json`",
         ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, format!("the request body exceeds {MAX_JSON_BODY} bytes"))
-        }
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds {MAX_JSON_BODY} bytes"),
+        ),
         other => ApiError::new(other.status(), codes::INVALID_REQUEST, other.body_text()),
     }
 }
@@ -132,8 +180,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(QueryParams(v)),
-            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => Err(ApiError::invalid(codes::INVALID_REQUEST, e.body_text())),
-            Err(e) => Err(ApiError::new(e.status(), codes::INVALID_REQUEST, e.body_text())),
+            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::invalid(codes::INVALID_REQUEST, e.body_text()))
+            }
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                codes::INVALID_REQUEST,
+                e.body_text(),
+            )),
         }
     }
 }
@@ -145,7 +199,9 @@ impl<S: Send + Sync> FromRequestParts<S> for VmPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
         raw.parse::<VmId>().map(VmPath).map_err(|_| {
             let shown: String = raw.chars().take(64).collect();
             ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
@@ -160,10 +216,14 @@ impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
         raw.parse::<SnapshotId>().map(SnapshotPath).map_err(|_| {
             let shown: String = raw.chars().take(64).collect();
-            ApiError::not_found(format!("no snapshot with id {shown:?} (snapshot ids are UUIDs)"))
+            ApiError::not_found(format!(
+                "no snapshot with id {shown:?} (snapshot ids are UUIDs)"
+            ))
         })
     }
 }
