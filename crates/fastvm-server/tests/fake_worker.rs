@@ -2200,6 +2200,14 @@ async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> 
         ]),
         ("MACHINE_TYPE_MISMATCH", vec![("POST", "/v1/vms".into(), json!({"snapshotId": sid, "machineType": "c2m4"}))]),
         ("INVALID_COMMAND", vec![("POST", exec_path.clone(), json!({"command": []}))]),
+        ("INVALID_SERVICE_NAME", vec![
+            ("POST", format!("{vm_path}/services"), json!({"name": "Bad_Name", "port": 8080})),
+            ("PUT", format!("{vm_path}/services/Bad_Name"), json!({"port": 8080})),
+        ]),
+        ("INVALID_SERVICE_PORT", vec![
+            ("POST", format!("{vm_path}/services"), json!({"name": "web", "port": 80})),
+            ("PUT", format!("{vm_path}/services/web"), json!({"port": 80})),
+        ]),
     ];
     for (code, routes) in cases {
         for (method, path, body) in routes {

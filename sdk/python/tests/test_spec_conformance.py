@@ -57,8 +57,6 @@ OPERATIONS: dict[str, dict[str, Any]] = EXTRACT["operations"]
 # lands in openapi/fastvm.json (this test says which); from then on the operation
 # is checked against the OpenAPI document as well as the SDK.
 NOT_SERVED: frozenset[str] = frozenset({
-    # services
-    "vms.services.list", "vms.services.register", "vms.services.update", "vms.services.delete",
     # console
     "vms.console_token",
     # volumes

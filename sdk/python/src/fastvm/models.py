@@ -473,6 +473,10 @@ class Service(Model):
     name: Optional[str] = None
     port: Optional[int] = None
     h2c: Optional[bool] = None
+    url: Optional[str] = None
+    """Extension of this server: the service's full URL through the proxy
+    (``http://<name>--<vmIdHex>.proxy.<domain>:<port>/``); ``None`` when the
+    server runs no proxy."""
 
 
 # --- volumes ----------------------------------------------------------------------
