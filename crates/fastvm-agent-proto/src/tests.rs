@@ -21,8 +21,21 @@ fn sample_frames() -> Vec<Frame> {
                 cwd: Some("/tmp".into()),
                 timeout_ms: Some(1000),
                 stdin: false,
+                pty: None,
             }),
         },
+        Frame::Control {
+            stream: 4,
+            msg: Control::Exec(ExecSpec {
+                argv: vec![],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: None,
+                stdin: true,
+                pty: Some(PtySpec { term: "xterm-256color".into(), cols: 120, rows: 40 }),
+            }),
+        },
+        Frame::Control { stream: 4, msg: Control::Resize { cols: 80, rows: 24 } },
         Frame::Data { stream: 3, fd: Fd::Stdout, data: Bytes::from_static(b"hi\n\x00\xff") },
         Frame::Eof { stream: 3, fd: Fd::Stdout },
         Frame::Credit { stream: 3, fd: Fd::Stderr, bytes: 65536 },
@@ -90,8 +103,11 @@ fn bad_control_json_keeps_sync() {
 
 /// Schema snapshot: the JSON of control messages is the cross-version contract.
 /// Changing it requires bumping PROTOCOL_VERSION and updating this test.
+/// v2 added `exec.pty` (absent when unused, so v1 execs are byte-identical)
+/// and `resize`.
 #[test]
 fn control_schema_snapshot() {
+    assert_eq!((PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PTY_PROTOCOL_VERSION), (2, 1, 2));
     let cases: Vec<(Control, &str)> = vec![
         (Control::Hello { version: 1, nonce: 9 }, r#"{"type":"hello","version":1,"nonce":9}"#),
         (
@@ -123,9 +139,21 @@ fn control_schema_snapshot() {
             r#"{"type":"configure","hostname":null,"env":{},"time_unix_ns":null,"entropy":[],"network":{"mac":"02:00:00:00:00:01","ipv4":"10.200.0.2/30","gateway4":"10.200.0.1","ipv6":"fd00::2/126","gateway6":"fd00::1","dns":["10.200.0.1"]}}"#,
         ),
         (
-            Control::Exec(ExecSpec { argv: vec!["true".into()], env: BTreeMap::new(), cwd: None, timeout_ms: None, stdin: false }),
+            Control::Exec(ExecSpec { argv: vec!["true".into()], env: BTreeMap::new(), cwd: None, timeout_ms: None, stdin: false, pty: None }),
             r#"{"type":"exec","argv":["true"],"env":{},"cwd":null,"timeout_ms":null,"stdin":false}"#,
         ),
+        (
+            Control::Exec(ExecSpec {
+                argv: vec![],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: None,
+                stdin: true,
+                pty: Some(PtySpec { term: "xterm-256color".into(), cols: 80, rows: 24 }),
+            }),
+            r#"{"type":"exec","argv":[],"env":{},"cwd":null,"timeout_ms":null,"stdin":true,"pty":{"term":"xterm-256color","cols":80,"rows":24}}"#,
+        ),
+        (Control::Resize { cols: 132, rows: 43 }, r#"{"type":"resize","cols":132,"rows":43}"#),
         (Control::Signal { signal: 9 }, r#"{"type":"signal","signal":9}"#),
         (Control::Cancel, r#"{"type":"cancel"}"#),
         (Control::Ping, r#"{"type":"ping"}"#),
