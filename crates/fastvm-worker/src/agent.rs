@@ -17,6 +17,7 @@
 use crate::error::{Error, Result};
 use crate::exec::ExecEvent;
 use bytes::Bytes;
+pub use fastvm_agent_proto::PtySpec;
 use fastvm_agent_proto::{
     Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
 };
