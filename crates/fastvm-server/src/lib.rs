@@ -7,6 +7,7 @@
 //!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
 //!                  snapshots.rs (capture, restore guard, delete)
 //!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
+//!                  console.rs (console tokens, wake, WebSocket terminal sessions)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -30,6 +31,7 @@
 //! worker finds their QEMU processes again) and reconciles the stored statuses.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 mod lifecycle;
 pub mod openapi;
@@ -82,6 +84,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// URL lifetime, object max age, upload cap of the staging store.
     pub staging: staging::StagingConfig,
+    /// Console token lifetime, idle timeout, ping and send timeouts.
+    pub console: console::ConsoleConfig,
 }
 
 impl ServerConfig {
@@ -97,6 +101,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             public_url: None,
             staging: staging::StagingConfig::default(),
+            console: console::ConsoleConfig::default(),
         }
     }
 
@@ -136,6 +141,8 @@ struct Inner {
     /// The same store when it is the local one (it serves /v1/staging).
     local_staging: Option<Arc<staging::local::LocalStaging>>,
     staging_config: staging::StagingConfig,
+    /// Console configuration and per-VM wake locks (see console.rs).
+    console: console::ConsoleState,
 }
 
 impl AppState {
@@ -150,7 +157,16 @@ impl AppState {
             staging: None,
             local_staging: None,
             staging_config: Default::default(),
+            console: Default::default(),
         }) }
+    }
+
+    /// Give the state its console configuration (call right after [`AppState::new`]).
+    pub fn with_console(mut self, cfg: console::ConsoleConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.console = console::ConsoleState::new(cfg);
+        }
+        self
     }
 
     /// Give the state a staging store that is not the local one (S3).
@@ -281,7 +297,7 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
     let runtime = Runtime::open(cfg.runtime.clone()).await.context("opening the embedded worker")?;
     tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
     let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let state = AppState::new(store, worker, cfg.launch_wait);
+    let state = AppState::new(store, worker, cfg.launch_wait).with_console(cfg.console.clone());
     let state = match &cfg.staging.s3 {
         Some(s3) => {
             let staging = staging::s3::S3Staging::new(s3)?;
