@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, Once};
 
 static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 });
 
 /// Run a future on the shared runtime.
@@ -24,7 +28,9 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 }
 
 pub fn image_cache() -> PathBuf {
-    std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/fastvm-test-images"))
+    std::env::var_os("FASTVM_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/fastvm-test-images"))
 }
 
 static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -41,9 +47,14 @@ extern "C" fn cleanup_at_exit() {
 
 /// Kill (by pid, from their pidfiles) the QEMU processes of VMs under `data_dir`.
 pub fn kill_vms_in(data_dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir.join("vms")) else { return };
+    let Ok(entries) = std::fs::read_dir(data_dir.join("vms")) else {
+        return;
+    };
     for e in entries.flatten() {
-        if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+        if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains("fastvm-") {
                 // SAFETY: kill has no memory preconditions; the pid is a QEMU of ours (checked above).
@@ -56,7 +67,10 @@ pub fn kill_vms_in(data_dir: &std::path::Path) {
 /// A fresh data dir, removed (with its VMs killed) when the process exits.
 pub fn data_dir(name: &str) -> PathBuf {
     CLEANUP.call_once(|| {
-        let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
         // SAFETY: registering a plain extern "C" fn with atexit.
         unsafe { libc::atexit(cleanup_at_exit) };
     });
@@ -104,13 +118,22 @@ pub fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X"),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s == "Z" || s == "X"),
     }
 }
 
 /// One HTTP exchange with a test server: the status and the JSON body
 /// (`Null` when empty or not JSON).
-pub async fn json_call(client: &Client, url: String, key: Option<&str>, method: Method, body: Option<Value>) -> (StatusCode, Value) {
+pub async fn json_call(
+    client: &Client,
+    url: String,
+    key: Option<&str>,
+    method: Method,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = client.request(method, url);
     if let Some(key) = key {
         req = req.bearer_auth(key);
@@ -121,12 +144,21 @@ pub async fn json_call(client: &Client, url: String, key: Option<&str>, method: 
     let res = req.send().await.expect("send");
     let status = res.status();
     let bytes = res.bytes().await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// An API error answer: this status, this machine-readable code, a message.
 pub fn assert_api_error(res: &(StatusCode, Value), status: StatusCode, code: &str) {
     assert_eq!(res.0, status, "{:?}", res.1);
     assert_eq!(res.1["error"]["code"], json!(code), "{:?}", res.1);
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{:?}", res.1);
+    assert!(
+        res.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{:?}",
+        res.1
+    );
 }

@@ -27,7 +27,11 @@ const STORE_VMS: usize = 50;
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |p: f64| v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let at = |p: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     (at(0.5), at(0.99))
 }
 
@@ -52,7 +56,10 @@ impl Drop for Cleanup {
         for dir in &self.0 {
             if let Ok(entries) = std::fs::read_dir(dir.join("vms")) {
                 for e in entries.flatten() {
-                    if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                    if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                    {
                         // SAFETY: kill by the pid of a QEMU this benchmark started.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
@@ -90,9 +97,20 @@ async fn load(client: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<
     Ok((all.len() as f64 / start.elapsed().as_secs_f64(), all))
 }
 
-async fn wait_running(client: &reqwest::Client, base: &str, key: &str, id: &str) -> anyhow::Result<()> {
+async fn wait_running(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+) -> anyhow::Result<()> {
     loop {
-        let vm: Value = client.get(format!("{base}/v1/vms/{id}")).bearer_auth(key).send().await?.json().await?;
+        let vm: Value = client
+            .get(format!("{base}/v1/vms/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .json()
+            .await?;
         match vm["status"].as_str() {
             Some("running") => return Ok(()),
             Some("provisioning") => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -103,9 +121,16 @@ async fn wait_running(client: &reqwest::Client, base: &str, key: &str, id: &str)
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into())).try_init();
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let images: PathBuf = std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+        .try_init();
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let images: PathBuf = std::env::var_os("FASTVM_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into());
     let root = std::env::temp_dir().join(format!("fastvm-bench-api-{}", std::process::id()));
     let (server_dir, lib_dir) = (root.join("server"), root.join("lib"));
     let _cleanup = Cleanup(vec![server_dir.clone(), lib_dir.clone(), root.clone()]);
@@ -115,13 +140,24 @@ async fn main() -> anyhow::Result<()> {
     cfg.runtime.image_dir = Some(images.clone());
     let server = fastvm_server::start(cfg).await?;
     let base = server.url();
-    let key = std::fs::read_to_string(server_dir.join("admin-api-key"))?.trim().to_owned();
+    let key = std::fs::read_to_string(server_dir.join("admin-api-key"))?
+        .trim()
+        .to_owned();
     // 50 c1m2 VMs need more than the default org quota (16 vCPUs).
     let store = server.state().store();
-    let org = fastvm_server::default_org(store).await?.ok_or_else(|| anyhow::anyhow!("no default org"))?;
-    let big = fastvm_server::store::QuotaPatch { vcpu: Some(256), memory_mib: Some(1 << 20), disk_gib: Some(10_000), ..Default::default() };
+    let org = fastvm_server::default_org(store)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no default org"))?;
+    let big = fastvm_server::store::QuotaPatch {
+        vcpu: Some(256),
+        memory_mib: Some(1 << 20),
+        disk_gib: Some(10_000),
+        ..Default::default()
+    };
     store.set_quota(org, big).await?;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()?;
 
     let mut lib_cfg = RuntimeConfig::new(&lib_dir);
     lib_cfg.image_dir = Some(images);
@@ -129,17 +165,32 @@ async fn main() -> anyhow::Result<()> {
     println!("fast vm API bench: accel={} runs={runs} concurrency={CONCURRENCY} load={LOAD_REQUESTS} requests", rt.accel());
 
     // Warm both golden snapshots.
-    let warm = client.post(format!("{base}/v1/vms")).bearer_auth(&key).json(&json!({"machineType": "c1m2"})).send().await?;
+    let warm = client
+        .post(format!("{base}/v1/vms"))
+        .bearer_auth(&key)
+        .json(&json!({"machineType": "c1m2"}))
+        .send()
+        .await?;
     let warm: Value = warm.json().await?;
     let warm_id = warm["id"].as_str().unwrap_or_default().to_owned();
     wait_running(&client, &base, &key, &warm_id).await?;
-    let lib_vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+    let lib_vm = rt
+        .create(CreateVm {
+            machine: "c1m2".into(),
+            ..Default::default()
+        })
+        .await?;
 
     // Launch: HTTP vs library, interleaved.
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
-        let resp = client.post(format!("{base}/v1/vms")).bearer_auth(&key).json(&json!({"machineType": "c1m2"})).send().await?;
+        let resp = client
+            .post(format!("{base}/v1/vms"))
+            .bearer_auth(&key)
+            .json(&json!({"machineType": "c1m2"}))
+            .send()
+            .await?;
         let status = resp.status();
         let vm: Value = resp.json().await?;
         let id = vm["id"].as_str().unwrap_or_default().to_owned();
@@ -147,9 +198,18 @@ async fn main() -> anyhow::Result<()> {
             wait_running(&client, &base, &key, &id).await?;
         }
         ours.push(ms(t.elapsed()));
-        client.delete(format!("{base}/v1/vms/{id}")).bearer_auth(&key).send().await?;
+        client
+            .delete(format!("{base}/v1/vms/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?;
         let t = Instant::now();
-        let vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+        let vm = rt
+            .create(CreateVm {
+                machine: "c1m2".into(),
+                ..Default::default()
+            })
+            .await?;
         floor.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
@@ -179,20 +239,44 @@ async fn main() -> anyhow::Result<()> {
     // GET /v1/vms with STORE_VMS real VMs in the store, under load.
     let mut ids = vec![warm_id];
     while ids.len() < STORE_VMS {
-        let vm: Value = client.post(format!("{base}/v1/vms")).bearer_auth(&key).json(&json!({"machineType": "c1m2"})).send().await?.json().await?;
+        let vm: Value = client
+            .post(format!("{base}/v1/vms"))
+            .bearer_auth(&key)
+            .json(&json!({"machineType": "c1m2"}))
+            .send()
+            .await?
+            .json()
+            .await?;
         let id = vm["id"].as_str().unwrap_or_default().to_owned();
         wait_running(&client, &base, &key, &id).await?;
         ids.push(id);
     }
-    let listed: Value = client.get(format!("{base}/v1/vms")).bearer_auth(&key).send().await?.json().await?;
-    anyhow::ensure!(listed.as_array().map(Vec::len) == Some(STORE_VMS), "expected {STORE_VMS} VMs listed");
+    let listed: Value = client
+        .get(format!("{base}/v1/vms"))
+        .bearer_auth(&key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(
+        listed.as_array().map(Vec::len) == Some(STORE_VMS),
+        "expected {STORE_VMS} VMs listed"
+    );
     let (floor_rps, floor_lat) = load(&client, &format!("{base}/healthz"), &key).await?;
     let (rps, lat) = load(&client, &format!("{base}/v1/vms"), &key).await?;
-    row(&format!("GET /v1/vms ({STORE_VMS} VMs) load"), lat, floor_lat);
+    row(
+        &format!("GET /v1/vms ({STORE_VMS} VMs) load"),
+        lat,
+        floor_lat,
+    );
     println!("GET /v1/vms throughput     {rps:>8.0} req/s | floor (GET /healthz) {floor_rps:>8.0} req/s | ratio {:.2}x", rps / floor_rps);
 
     for id in ids {
-        client.delete(format!("{base}/v1/vms/{id}")).bearer_auth(&key).send().await?;
+        client
+            .delete(format!("{base}/v1/vms/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?;
     }
     rt.delete(&lib_vm.id).await?;
     server.stop().await?;

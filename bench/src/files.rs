@@ -27,7 +27,10 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Ok(entries) = std::fs::read_dir(self.0.join("data/vms")) {
             for e in entries.flatten() {
-                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
                     // SAFETY: kill by the pid of a QEMU this benchmark started.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
@@ -39,7 +42,12 @@ impl Drop for Cleanup {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Samples the RSS of `pids` every 50 ms until stopped; returns the peaks (KiB).
@@ -62,7 +70,11 @@ impl RssSampler {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        RssSampler { stop, peaks, thread: Some(thread) }
+        RssSampler {
+            stop,
+            peaks,
+            thread: Some(thread),
+        }
     }
 
     fn finish(mut self) -> Vec<u64> {
@@ -70,7 +82,10 @@ impl RssSampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.peaks.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+        self.peaks
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -101,7 +116,9 @@ fn file_stream(path: &Path) -> anyhow::Result<ByteStream> {
     Ok(Box::pin(tokio_util_like(file)))
 }
 
-fn tokio_util_like(file: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+fn tokio_util_like(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
     futures::stream::unfold(file, |mut file| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; 256 << 10];
@@ -157,25 +174,57 @@ fn mbps(bytes: u64, secs: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).try_init();
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let mib: u64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mib: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
     let size = mib << 20;
-    let bin = std::env::var_os("FASTVM_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/fastvm"));
-    anyhow::ensure!(bin.is_file(), "{} missing: cargo build --release -p fastvm-cli (or set FASTVM_BIN)", bin.display());
+    let bin = std::env::var_os("FASTVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/fastvm")
+        });
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} missing: cargo build --release -p fastvm-cli (or set FASTVM_BIN)",
+        bin.display()
+    );
     let root = std::env::temp_dir().join(format!("fastvm-bench-files-{}", std::process::id()));
     let _cleanup = Cleanup(root.clone());
     std::fs::create_dir_all(&root)?;
     let data = root.join("data");
     let mut cfg = ServerConfig::new(&data);
-    cfg.runtime.image_dir = Some(std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()));
+    cfg.runtime.image_dir = Some(
+        std::env::var_os("FASTVM_TEST_IMAGES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
+    );
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.launch_wait = Duration::from_secs(600);
     let server = fastvm_server::start(cfg).await?;
-    let key = std::fs::read_to_string(data.join("admin-api-key"))?.trim().to_owned();
+    let key = std::fs::read_to_string(data.join("admin-api-key"))?
+        .trim()
+        .to_owned();
     let http = reqwest::Client::new();
-    let vm: Value = http.post(format!("{}/v1/vms", server.url())).bearer_auth(&key).json(&json!({"machineType": "c1m2"})).send().await?.json().await?;
-    let vm_id: fastvm_types::VmId = vm["id"].as_str().ok_or_else(|| anyhow::anyhow!("launch failed: {vm}"))?.parse()?;
+    let vm: Value = http
+        .post(format!("{}/v1/vms", server.url()))
+        .bearer_auth(&key)
+        .json(&json!({"machineType": "c1m2"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let vm_id: fastvm_types::VmId = vm["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("launch failed: {vm}"))?
+        .parse()?;
     let worker = server.state().worker().clone();
 
     let local = root.join("payload.bin");
@@ -188,25 +237,60 @@ async fn main() -> anyhow::Result<()> {
         // Floor: the same bytes through the same channel, no HTTP, no staging.
         let t = Instant::now();
         let up = ExecRequest::argv(["sh", "-c", "cat > /root/floor.bin"]);
-        drain_exit(worker.exec_with_input(vm_id, up, file_stream(&local)?).await?).await?;
+        drain_exit(
+            worker
+                .exec_with_input(vm_id, up, file_stream(&local)?)
+                .await?,
+        )
+        .await?;
         fu.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let n = drain_exit(worker.exec(vm_id, ExecRequest::argv(["cat", "/root/floor.bin"])).await?).await?;
+        let n = drain_exit(
+            worker
+                .exec(vm_id, ExecRequest::argv(["cat", "/root/floor.bin"]))
+                .await?,
+        )
+        .await?;
         fd.push(t.elapsed().as_secs_f64());
         anyhow::ensure!(n == size, "floor download got {n} bytes");
-        drain_exit(worker.exec(vm_id, ExecRequest::argv(["rm", "-f", "/root/floor.bin"])).await?).await?;
+        drain_exit(
+            worker
+                .exec(vm_id, ExecRequest::argv(["rm", "-f", "/root/floor.bin"]))
+                .await?,
+        )
+        .await?;
 
         // Ours: fastvm cp both ways.
-        let (secs, c, s) = cp(&bin, &server.url(), &key, &local.to_string_lossy(), &format!("{vm_id}:/root/up.bin"))?;
+        let (secs, c, s) = cp(
+            &bin,
+            &server.url(),
+            &key,
+            &local.to_string_lossy(),
+            &format!("{vm_id}:/root/up.bin"),
+        )?;
         ou.push(secs);
         client_peak = client_peak.max(c);
         server_peak = server_peak.max(s);
-        let (secs, c, s) = cp(&bin, &server.url(), &key, &format!("{vm_id}:/root/up.bin"), &back.to_string_lossy())?;
+        let (secs, c, s) = cp(
+            &bin,
+            &server.url(),
+            &key,
+            &format!("{vm_id}:/root/up.bin"),
+            &back.to_string_lossy(),
+        )?;
         od.push(secs);
         client_peak = client_peak.max(c);
         server_peak = server_peak.max(s);
-        anyhow::ensure!(std::fs::metadata(&back)?.len() == size, "download size differs");
-        drain_exit(worker.exec(vm_id, ExecRequest::argv(["rm", "-f", "/root/up.bin"])).await?).await?;
+        anyhow::ensure!(
+            std::fs::metadata(&back)?.len() == size,
+            "download size differs"
+        );
+        drain_exit(
+            worker
+                .exec(vm_id, ExecRequest::argv(["rm", "-f", "/root/up.bin"]))
+                .await?,
+        )
+        .await?;
         std::fs::remove_file(&back)?;
         eprintln!(
             "run {run}: floor up {:.1} MB/s down {:.1} MB/s; cp up {:.1} MB/s down {:.1} MB/s",
@@ -216,12 +300,27 @@ async fn main() -> anyhow::Result<()> {
             mbps(size, od[run])
         );
     }
-    let (fu, fd, ou, od) = (mbps(size, p50(fu)), mbps(size, p50(fd)), mbps(size, p50(ou)), mbps(size, p50(od)));
+    let (fu, fd, ou, od) = (
+        mbps(size, p50(fu)),
+        mbps(size, p50(fd)),
+        mbps(size, p50(ou)),
+        mbps(size, p50(od)),
+    );
     println!("bench-files: {mib} MiB, {runs} run(s), p50");
-    println!("  upload    fastvm cp {ou:8.1} MB/s   floor (exec stdin cat) {fu:8.1} MB/s   ratio {:.2}", ou / fu);
-    println!("  download  fastvm cp {od:8.1} MB/s   floor (exec stdout cat) {fd:8.1} MB/s   ratio {:.2}", od / fd);
+    println!(
+        "  upload    fastvm cp {ou:8.1} MB/s   floor (exec stdin cat) {fu:8.1} MB/s   ratio {:.2}",
+        ou / fu
+    );
+    println!(
+        "  download  fastvm cp {od:8.1} MB/s   floor (exec stdout cat) {fd:8.1} MB/s   ratio {:.2}",
+        od / fd
+    );
     println!("  peak RSS  client (fastvm cp) {:.1} MiB   server (bench process embedding it) {:.1} MiB (before transfers {:.1} MiB)", client_peak as f64 / 1024.0, server_peak as f64 / 1024.0, base_rss as f64 / 1024.0);
-    let _ = http.delete(format!("{}/v1/vms/{vm_id}", server.url())).bearer_auth(&key).send().await;
+    let _ = http
+        .delete(format!("{}/v1/vms/{vm_id}", server.url()))
+        .bearer_auth(&key)
+        .send()
+        .await;
     server.stop().await?;
     Ok(())
 }

@@ -18,6 +18,7 @@
 
 mod floor;
 
+use fastvm_agent_proto::{GuestConfig, NetworkConfig};
 use fastvm_worker::agent::AgentClient;
 use fastvm_worker::exec;
 use fastvm_worker::hypervisor::{NetLaunch, VmPaths};
@@ -26,7 +27,6 @@ use fastvm_worker::qemu::QemuMicrovm;
 use fastvm_worker::qmp::Qmp;
 use fastvm_worker::runtime::CreateVm;
 use fastvm_worker::{ExecRequest, Runtime, RuntimeConfig};
-use fastvm_agent_proto::{GuestConfig, NetworkConfig};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,10 @@ const MIB: usize = 64;
 const CONNECTS: usize = 200;
 
 fn quiet(args: &[&str]) {
-    let _ = Command::new("ip").args(args).stderr(std::process::Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn sh(cmd: &str) -> anyhow::Result<()> {
@@ -55,8 +58,15 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         for sub in ["vms", "raw"] {
             if let Ok(entries) = std::fs::read_dir(self.0.join(sub)) {
-                for e in entries.flatten().map(|e| e.path()).chain([self.0.join(sub)]) {
-                    if let Some(pid) = std::fs::read_to_string(e.join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                for e in entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .chain([self.0.join(sub)])
+                {
+                    if let Some(pid) = std::fs::read_to_string(e.join("qemu.pid"))
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                    {
                         // SAFETY: kill by the pid of a QEMU this benchmark started.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
@@ -96,7 +106,9 @@ fn sink(listener: TcpListener) -> mpsc::Receiver<(usize, f64)> {
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// Runs a shell command in a guest.
@@ -109,16 +121,31 @@ struct RawGuest(AgentClient);
 
 impl Guest for RuntimeGuest<'_> {
     async fn sh(&self, cmd: &str) -> anyhow::Result<String> {
-        let out = self.0.exec_buffered(&self.1, &ExecRequest::shell(cmd), 1 << 20).await?;
-        anyhow::ensure!(out.exit_code == 0, "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .0
+            .exec_buffered(&self.1, &ExecRequest::shell(cmd), 1 << 20)
+            .await?;
+        anyhow::ensure!(
+            out.exit_code == 0,
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
 impl Guest for RawGuest {
     async fn sh(&self, cmd: &str) -> anyhow::Result<String> {
-        let out = exec::collect(self.0.exec(ExecRequest::shell(cmd).to_spec()?).await?, 1 << 20).await?;
-        anyhow::ensure!(out.exit_code == 0, "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = exec::collect(
+            self.0.exec(ExecRequest::shell(cmd).to_spec()?).await?,
+            1 << 20,
+        )
+        .await?;
+        anyhow::ensure!(
+            out.exit_code == 0,
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
@@ -135,10 +162,23 @@ for i in $(seq 100); do python3 -c \"import socket; socket.create_connection(('1
 
 /// Throughput MB/s (median of 3) from the guest to `sink_addr`, and connect
 /// latencies (ms) to `guest:7000` made by `connect_from` (a namespace, or the host).
-async fn measure(guest: &impl Guest, sink_addr: SocketAddr, rx: &mpsc::Receiver<(usize, f64)>, target: SocketAddr, connect_from: Option<&str>) -> anyhow::Result<(f64, Vec<f64>)> {
+async fn measure(
+    guest: &impl Guest,
+    sink_addr: SocketAddr,
+    rx: &mpsc::Receiver<(usize, f64)>,
+    target: SocketAddr,
+    connect_from: Option<&str>,
+) -> anyhow::Result<(f64, Vec<f64>)> {
     let mut rates = Vec::new();
     for _ in 0..3 {
-        guest.sh(&format!("bash -c 'head -c {}M /dev/zero > /dev/tcp/{}/{}'", MIB, sink_addr.ip(), sink_addr.port())).await?;
+        guest
+            .sh(&format!(
+                "bash -c 'head -c {}M /dev/zero > /dev/tcp/{}/{}'",
+                MIB,
+                sink_addr.ip(),
+                sink_addr.port()
+            ))
+            .await?;
         let (bytes, secs) = rx.recv_timeout(Duration::from_secs(30))?;
         anyhow::ensure!(bytes == MIB << 20, "sink got {bytes} bytes");
         rates.push(bytes as f64 / secs / 1e6);
@@ -182,12 +222,18 @@ fn firewall(rules: usize) -> anyhow::Result<fastvm_types::FirewallPolicy> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
     let data = std::env::temp_dir().join(format!("fastvm-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&data)?;
     let _cleanup = Cleanup(data.clone());
     let mut cfg = RuntimeConfig::new(&data);
-    cfg.image_dir = Some(std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()));
+    cfg.image_dir = Some(
+        std::env::var_os("FASTVM_TEST_IMAGES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
+    );
     if let Some(net) = cfg.network.as_mut() {
         // Nothing here resolves names; never the host's resolver.
         net.dns_upstream = SocketAddr::from(([127, 0, 0, 1], 9));
@@ -204,12 +250,36 @@ async fn main() -> anyhow::Result<()> {
     let listener = netns::on_thread_in(OUT_NS, move || TcpListener::bind(out_sink)).await?;
     let out_rx = sink(listener);
 
-    let info = rt.create(CreateVm { machine: "c1m2".into(), firewall: firewall(0)?, ..Default::default() }).await?;
-    let guest4: std::net::IpAddr = info.private_ipv4.clone().ok_or_else(|| anyhow::anyhow!("VM has no network"))?.parse()?;
+    let info = rt
+        .create(CreateVm {
+            machine: "c1m2".into(),
+            firewall: firewall(0)?,
+            ..Default::default()
+        })
+        .await?;
+    let guest4: std::net::IpAddr = info
+        .private_ipv4
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("VM has no network"))?
+        .parse()?;
     let g = RuntimeGuest(&rt, info.id.clone());
-    let (off_rate, mut off_lat) = measure(&g, out_sink, &out_rx, SocketAddr::new(guest4, 7000), Some(OUT_NS)).await?;
+    let (off_rate, mut off_lat) = measure(
+        &g,
+        out_sink,
+        &out_rx,
+        SocketAddr::new(guest4, 7000),
+        Some(OUT_NS),
+    )
+    .await?;
     rt.set_firewall(&info.id, &firewall(100)?).await?;
-    let (on_rate, mut on_lat) = measure(&g, out_sink, &out_rx, SocketAddr::new(guest4, 7000), Some(OUT_NS)).await?;
+    let (on_rate, mut on_lat) = measure(
+        &g,
+        out_sink,
+        &out_rx,
+        SocketAddr::new(guest4, 7000),
+        Some(OUT_NS),
+    )
+    .await?;
     let snap = rt.golden_snapshot("c1m2").await?;
     rt.delete(&info.id).await?;
 
@@ -224,37 +294,84 @@ async fn main() -> anyhow::Result<()> {
     let mut spec = snap.launch.clone();
     spec.id = "bench-net-raw".into();
     spec.disk = dir.join("disk.qcow2");
-    spec.ram = snap.ram.clone().map(|path| fastvm_worker::hypervisor::RamFile { path, shared: false });
+    spec.ram = snap
+        .ram
+        .clone()
+        .map(|path| fastvm_worker::hypervisor::RamFile {
+            path,
+            shared: false,
+        });
     let mac = "02:00:00:00:fb:01".to_owned();
-    spec.net = Some(NetLaunch { netns: String::new(), tap: RAW_TAP.into(), mac: mac.clone() });
+    spec.net = Some(NetLaunch {
+        netns: String::new(),
+        tap: RAW_TAP.into(),
+        mac: mac.clone(),
+    });
     overlay(&snap.layers[0], &spec.disk)?;
-    let st = Command::new("qemu-system-x86_64").args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory))).status()?;
+    let st = Command::new("qemu-system-x86_64")
+        .args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory)))
+        .status()?;
     anyhow::ensure!(st.success(), "raw qemu failed");
     let qmp = Qmp::connect(&paths.qmp()).await?;
     floor::raw_incoming_and_cont(&qmp, &snap.memory).await?;
     let agent = AgentClient::connect(&paths.agent(), Duration::from_secs(60)).await?;
-    let net = NetworkConfig { mac, ipv4: "10.203.0.2/30".into(), gateway4: "10.203.0.1".into(), ipv6: None, gateway6: None, dns: vec![] };
-    agent.configure(GuestConfig { network: Some(net), ..Default::default() }).await?;
+    let net = NetworkConfig {
+        mac,
+        ipv4: "10.203.0.2/30".into(),
+        gateway4: "10.203.0.1".into(),
+        ipv6: None,
+        gateway6: None,
+        dns: vec![],
+    };
+    agent
+        .configure(GuestConfig {
+            network: Some(net),
+            ..Default::default()
+        })
+        .await?;
     let raw = RawGuest(agent);
-    let (raw_rate, mut raw_lat) = measure(&raw, raw_sink, &raw_rx, "10.203.0.2:7000".parse()?, None).await?;
+    let (raw_rate, mut raw_lat) =
+        measure(&raw, raw_sink, &raw_rx, "10.203.0.2:7000".parse()?, None).await?;
 
-    println!("bench-net: c1m2 guest, TCG, {MIB} MiB per transfer (median of 3), {CONNECTS} connects");
-    println!("{:<34} {:>12} {:>12} {:>12} {:>10}", "path", "MB/s", "connect p50", "connect p99", "MB/s ratio");
+    println!(
+        "bench-net: c1m2 guest, TCG, {MIB} MiB per transfer (median of 3), {CONNECTS} connects"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>10}",
+        "path", "MB/s", "connect p50", "connect p99", "MB/s ratio"
+    );
     for (name, rate, lat) in [
         ("raw tap, host netns, no rules", raw_rate, &mut raw_lat),
         ("netns + nft, firewall off", off_rate, &mut off_lat),
         ("netns + nft, 100+100 rules", on_rate, &mut on_lat),
     ] {
         let (p50, p99) = (percentile(lat, 0.5), percentile(lat, 0.99));
-        println!("{name:<34} {rate:>12.1} {:>9.3} ms {:>9.3} ms {:>9.2}x", p50, p99, rate / raw_rate);
+        println!(
+            "{name:<34} {rate:>12.1} {:>9.3} ms {:>9.3} ms {:>9.2}x",
+            p50,
+            p99,
+            rate / raw_rate
+        );
     }
-    let (r50, o50, n50) = (percentile(&mut raw_lat, 0.5), percentile(&mut off_lat, 0.5), percentile(&mut on_lat, 0.5));
-    println!("connect p50 ratios vs raw: firewall off {:.2}x, 100 rules {:.2}x", o50 / r50, n50 / r50);
+    let (r50, o50, n50) = (
+        percentile(&mut raw_lat, 0.5),
+        percentile(&mut off_lat, 0.5),
+        percentile(&mut on_lat, 0.5),
+    );
+    println!(
+        "connect p50 ratios vs raw: firewall off {:.2}x, 100 rules {:.2}x",
+        o50 / r50,
+        n50 / r50
+    );
     Ok(())
 }
 
 fn overlay(backing: &Path, overlay: &Path) -> anyhow::Result<()> {
-    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(backing).arg(overlay).status()?;
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(overlay)
+        .status()?;
     anyhow::ensure!(st.success(), "qemu-img failed");
     Ok(())
 }

@@ -33,8 +33,15 @@ struct Stats {
 
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |p: f64| v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
-    Stats { p50: at(0.5), p99: at(0.99) }
+    let at = |p: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
 }
 
 fn row(name: &str, ours: &Stats, floor: &Stats) {
@@ -54,7 +61,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn kill(pidfile: &Path) {
-    if let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+    if let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
         // SAFETY: kill by the pid of a QEMU this benchmark started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
@@ -62,7 +72,9 @@ fn kill(pidfile: &Path) {
 
 fn overlay(backing: &Path, format: &str, disk: &Path, size_gib: Option<u32>) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(backing).arg(disk);
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(backing)
+        .arg(disk);
     if let Some(g) = size_gib {
         cmd.arg(format!("{g}G"));
     }
@@ -78,14 +90,19 @@ async fn raw_boot(spec: &LaunchSpec, dir: &Path, rootfs: &Path) -> anyhow::Resul
     let paths = VmPaths::new(dir);
     overlay(rootfs, "raw", &spec.disk, Some(spec.disk_gib))?;
     let start = Instant::now();
-    let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(spec, &paths, None)).status()?;
+    let st = std::process::Command::new("qemu-system-x86_64")
+        .args(QemuMicrovm::args(spec, &paths, None))
+        .status()?;
     anyhow::ensure!(st.success(), "qemu failed");
     let elapsed = loop {
         let log = std::fs::read_to_string(paths.console_log()).unwrap_or_default();
         if log.contains("fastvm-agent: serving on") {
             break start.elapsed();
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "raw boot timed out");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "raw boot timed out"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     kill(&paths.pidfile());
@@ -102,10 +119,18 @@ async fn raw_restore(snap: &SnapshotRecord, dir: &Path) -> anyhow::Result<f64> {
     let mut spec = snap.launch.clone();
     spec.id = "bench-raw-restore".into();
     spec.disk = dir.join("disk.qcow2");
-    spec.ram = snap.ram.clone().map(|path| fastvm_worker::hypervisor::RamFile { path, shared: false });
+    spec.ram = snap
+        .ram
+        .clone()
+        .map(|path| fastvm_worker::hypervisor::RamFile {
+            path,
+            shared: false,
+        });
     overlay(&snap.layers[0], "qcow2", &spec.disk, None)?;
     let start = Instant::now();
-    let st = std::process::Command::new("qemu-system-x86_64").args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory))).status()?;
+    let st = std::process::Command::new("qemu-system-x86_64")
+        .args(QemuMicrovm::args(&spec, &paths, Some(&snap.memory)))
+        .status()?;
     anyhow::ensure!(st.success(), "qemu failed");
     let qmp = Qmp::connect(&paths.qmp()).await?;
     floor::raw_incoming_and_cont(&qmp, &snap.memory).await?;
@@ -138,7 +163,9 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for sub in ["vms", "raw"] {
-            let Ok(entries) = std::fs::read_dir(self.0.join(sub)) else { continue };
+            let Ok(entries) = std::fs::read_dir(self.0.join(sub)) else {
+                continue;
+            };
             for e in entries.flatten() {
                 kill(&e.path().join("qemu.pid"));
             }
@@ -150,26 +177,55 @@ impl Drop for Cleanup {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).try_init();
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let data: PathBuf = std::env::temp_dir().join(format!("fastvm-bench-{}", std::process::id()));
     let _cleanup = Cleanup(data.clone());
     let mut cfg = RuntimeConfig::new(&data);
-    cfg.image_dir = Some(std::env::var_os("FASTVM_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()));
+    cfg.image_dir = Some(
+        std::env::var_os("FASTVM_TEST_IMAGES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
+    );
     let rt = Runtime::open(cfg).await?;
     let image = rt.image().await?.clone();
-    println!("fast vm runtime bench: accel={} runs={runs} image={} machine=c1m2", rt.accel(), image.id);
+    println!(
+        "fast vm runtime bench: accel={} runs={runs} image={} machine=c1m2",
+        rt.accel(),
+        image.id
+    );
     let raw_dir = data.join("raw");
 
     // 1. Fresh boot vs raw boot, interleaved so both see the same machine state.
     let machine = MachineType::lookup("c1m2")?;
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
-    let boot_runs = if std::env::var_os("BENCH_SKIP_BOOT").is_some() { 0 } else { runs };
+    let boot_runs = if std::env::var_os("BENCH_SKIP_BOOT").is_some() {
+        0
+    } else {
+        runs
+    };
     for i in 0..boot_runs {
-        let spec = LaunchSpec::new(&format!("bench-raw-{i}"), machine, machine.disk_gib, rt.accel(), &image, raw_dir.join("disk.qcow2"));
+        let spec = LaunchSpec::new(
+            &format!("bench-raw-{i}"),
+            machine,
+            machine.disk_gib,
+            rt.accel(),
+            &image,
+            raw_dir.join("disk.qcow2"),
+        );
         floor.push(raw_boot(&spec, &raw_dir, &image.rootfs).await?);
         let t = Instant::now();
-        let vm = rt.boot_fresh(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+        let vm = rt
+            .boot_fresh(CreateVm {
+                machine: "c1m2".into(),
+                ..Default::default()
+            })
+            .await?;
         ours.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
@@ -183,7 +239,12 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..runs {
         floor.push(raw_restore(&golden, &raw_dir).await?);
         let t = Instant::now();
-        let vm = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
+        let vm = rt
+            .create(CreateVm {
+                machine: "c1m2".into(),
+                ..Default::default()
+            })
+            .await?;
         ours.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
@@ -191,14 +252,29 @@ async fn main() -> anyhow::Result<()> {
     row("launch from machine type", &stats(ours), &stats(floor));
 
     // 3. Launch from a user snapshot (of a VM that did some work).
-    let src = rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await?;
-    rt.exec_buffered(&src.id, &ExecRequest::shell("head -c 64M /dev/urandom > /root/data; sync"), 1024).await?;
+    let src = rt
+        .create(CreateVm {
+            machine: "c1m2".into(),
+            ..Default::default()
+        })
+        .await?;
+    rt.exec_buffered(
+        &src.id,
+        &ExecRequest::shell("head -c 64M /dev/urandom > /root/data; sync"),
+        1024,
+    )
+    .await?;
     let snap = rt.snapshot(&src.id, None).await?;
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         floor.push(raw_restore(&snap, &raw_dir).await?);
         let t = Instant::now();
-        let vm = rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() }).await?;
+        let vm = rt
+            .create(CreateVm {
+                snapshot: Some(snap.id.clone()),
+                ..Default::default()
+            })
+            .await?;
         ours.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
@@ -226,18 +302,27 @@ async fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for i in 0..3 {
         let cmd = format!("rm -f /dev/shm/d*; head -c 256M /dev/urandom > /dev/shm/d{i}");
-        rt.exec_buffered(&src.id, &ExecRequest::shell(&cmd), 1024).await?;
+        rt.exec_buffered(&src.id, &ExecRequest::shell(&cmd), 1024)
+            .await?;
         let t = Instant::now();
         let s = rt.snapshot(&src.id, None).await?;
         times.push(ms(t.elapsed()));
         let size = std::fs::metadata(&s.memory).map(|m| m.len()).unwrap_or(0) >> 20;
-        println!("snapshot create, 256 MiB dirty: {:>8.1} ms (memory file {size} MiB; target < 3000 ms)", times[i]);
+        println!(
+            "snapshot create, 256 MiB dirty: {:>8.1} ms (memory file {size} MiB; target < 3000 ms)",
+            times[i]
+        );
         rt.delete_snapshot(&s.id).await?;
     }
 
     // 6. Ten concurrent launches from the machine type.
     let t = Instant::now();
-    let launches = (0..10).map(|_| rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() }));
+    let launches = (0..10).map(|_| {
+        rt.create(CreateVm {
+            machine: "c1m2".into(),
+            ..Default::default()
+        })
+    });
     let vms = futures_join_all(launches).await?;
     let all = ms(t.elapsed());
     println!("10 concurrent launches:      all running in {all:>8.1} ms | single p50 {single_p50:>8.1} ms | ratio {:.2}x (target <= 3x)", all / single_p50);
@@ -252,7 +337,11 @@ async fn main() -> anyhow::Result<()> {
         pss += p;
     }
     let n = vms.len() as f64;
-    println!("idle restored VM (c1m2, 2 GiB): RSS {:>6.1} MiB  PSS {:>6.1} MiB per VM (mean of {n})", rss / n, pss / n);
+    println!(
+        "idle restored VM (c1m2, 2 GiB): RSS {:>6.1} MiB  PSS {:>6.1} MiB per VM (mean of {n})",
+        rss / n,
+        pss / n
+    );
     for vm in vms {
         rt.delete(&vm.id).await?;
     }
@@ -271,5 +360,8 @@ where
         set.push(f);
     }
     let results = futures::future::join_all(set).await;
-    results.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect()
+    results
+        .into_iter()
+        .map(|r| r.map_err(anyhow::Error::from))
+        .collect()
 }

@@ -38,21 +38,37 @@ fn server_config(dir: &Path, launch_wait: Duration) -> ServerConfig {
 }
 
 fn admin_key(dir: &Path) -> String {
-    let key = std::fs::read_to_string(dir.join("admin-api-key")).expect("admin-api-key written at first start");
+    let key = std::fs::read_to_string(dir.join("admin-api-key"))
+        .expect("admin-api-key written at first start");
     key.trim().to_owned()
 }
 
 /// Server A: a generous launch wait, so launches answer 201.
 static A: LazyLock<Api> = LazyLock::new(|| {
     let dir = data_dir("api");
-    let server = block_on(fastvm_server::start(server_config(&dir, Duration::from_secs(300)))).expect("start server A");
+    let server = block_on(fastvm_server::start(server_config(
+        &dir,
+        Duration::from_secs(300),
+    )))
+    .expect("start server A");
     let key = admin_key(&dir);
-    Api { server, dir, key, client: Client::new() }
+    Api {
+        server,
+        dir,
+        key,
+        client: Client::new(),
+    }
 });
 
 fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let a = &*A;
-    block_on(json_call(&a.client, a.url(path), Some(&a.key), method, body))
+    block_on(json_call(
+        &a.client,
+        a.url(path),
+        Some(&a.key),
+        method,
+        body,
+    ))
 }
 
 /// Launch a VM on A (201 expected) and return its JSON.
@@ -83,7 +99,11 @@ static VM: LazyLock<Value> = LazyLock::new(|| {
 });
 
 fn exec_json(vm: &str, command: &[&str]) -> Value {
-    let (status, out) = call(Method::POST, &format!("/v1/vms/{vm}/exec"), Some(json!({"command": command})));
+    let (status, out) = call(
+        Method::POST,
+        &format!("/v1/vms/{vm}/exec"),
+        Some(json!({"command": command})),
+    );
     assert_eq!(status, StatusCode::OK, "{out}");
     out
 }
@@ -105,7 +125,12 @@ async fn ndjson(vm: &str, body: Value) -> reqwest::Response {
         .await
         .expect("send");
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("application/x-ndjson"));
+    assert_eq!(
+        res.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/x-ndjson")
+    );
     res
 }
 
@@ -117,7 +142,10 @@ struct Lines {
 
 impl Lines {
     fn new(res: reqwest::Response) -> Self {
-        Lines { stream: res.bytes_stream().map(|c| c.map(|b| b.to_vec())).boxed(), buf: Vec::new() }
+        Lines {
+            stream: res.bytes_stream().map(|c| c.map(|b| b.to_vec())).boxed(),
+            buf: Vec::new(),
+        }
     }
 
     async fn next(&mut self) -> Option<Value> {
@@ -138,7 +166,9 @@ impl Lines {
 }
 
 fn data(ev: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(ev["d"].as_str().expect("d")).expect("base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(ev["d"].as_str().expect("d"))
+        .expect("base64")
 }
 
 fn qemu_pid(dir: &Path, vm: &str) -> u32 {
@@ -151,13 +181,37 @@ fn qemu_pid(dir: &Path, vm: &str) -> u32 {
 #[test]
 fn health_and_openapi_need_no_key() {
     let a = &*A;
-    let (status, body) = block_on(json_call(&a.client, a.url("/healthz"), None, Method::GET, None));
+    let (status, body) = block_on(json_call(
+        &a.client,
+        a.url("/healthz"),
+        None,
+        Method::GET,
+        None,
+    ));
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
-    let (status, doc) = block_on(json_call(&a.client, a.url("/openapi.json"), None, Method::GET, None));
+    let (status, doc) = block_on(json_call(
+        &a.client,
+        a.url("/openapi.json"),
+        None,
+        Method::GET,
+        None,
+    ));
     assert_eq!(status, StatusCode::OK);
-    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")));
-    let committed: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/fastvm.json")).expect("committed openapi")).expect("json");
-    assert_eq!(doc, committed, "served /openapi.json differs from openapi/fastvm.json");
+    assert!(doc["openapi"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("3.1")));
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../openapi/fastvm.json"
+        ))
+        .expect("committed openapi"),
+    )
+    .expect("json");
+    assert_eq!(
+        doc, committed,
+        "served /openapi.json differs from openapi/fastvm.json"
+    );
 }
 
 // --- launch and the VM view ------------------------------------------------------
@@ -165,33 +219,90 @@ fn health_and_openapi_need_no_key() {
 #[test]
 fn launch_201_returns_every_vm_field() {
     let vm = &*VM;
-    let mut keys: Vec<&str> = vm.as_object().expect("object").keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = vm
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
         [
-            "bucketMounts", "cpu", "createdAt", "deletedAt", "diskGiB", "effectiveFirewall", "envVars", "expiresAtMs", "firewall", "id", "machineName",
-            "memoryMiB", "metadata", "name", "orgId", "pausedAt", "publicIpv6", "sourceName", "status", "ttl", "ttlRemainingMs", "volumes"
+            "bucketMounts",
+            "cpu",
+            "createdAt",
+            "deletedAt",
+            "diskGiB",
+            "effectiveFirewall",
+            "envVars",
+            "expiresAtMs",
+            "firewall",
+            "id",
+            "machineName",
+            "memoryMiB",
+            "metadata",
+            "name",
+            "orgId",
+            "pausedAt",
+            "publicIpv6",
+            "sourceName",
+            "status",
+            "ttl",
+            "ttlRemainingMs",
+            "volumes"
         ]
     );
     assert_eq!(vm["name"], "shared vm");
-    assert_eq!((&vm["machineName"], &vm["cpu"], &vm["memoryMiB"], &vm["diskGiB"]), (&json!("c1m2"), &json!(1), &json!(2048), &json!(10)));
+    assert_eq!(
+        (
+            &vm["machineName"],
+            &vm["cpu"],
+            &vm["memoryMiB"],
+            &vm["diskGiB"]
+        ),
+        (&json!("c1m2"), &json!(1), &json!(2048), &json!(10))
+    );
     assert_eq!(vm["metadata"], json!({"team": "api"}));
     assert_eq!(vm["envVars"], json!({"GREETING": "hello api"}));
-    assert_eq!((&vm["volumes"], &vm["bucketMounts"], &vm["deletedAt"], &vm["pausedAt"]), (&json!([]), &json!([]), &json!(null), &json!(null)));
+    assert_eq!(
+        (
+            &vm["volumes"],
+            &vm["bucketMounts"],
+            &vm["deletedAt"],
+            &vm["pausedAt"]
+        ),
+        (&json!([]), &json!([]), &json!(null), &json!(null))
+    );
     // Every VM gets an address of the worker's IPv6 prefix (default fd00:fa57::/64).
-    assert!(vm["publicIpv6"].as_str().is_some_and(|a| a.starts_with("fd00:fa57::")), "{}", vm["publicIpv6"]);
+    assert!(
+        vm["publicIpv6"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("fd00:fa57::")),
+        "{}",
+        vm["publicIpv6"]
+    );
     // The stored policy comes back normalized; no services yet, so the effective one equals it.
     assert_eq!(vm["firewall"]["egress"]["defaultAction"], "deny");
     assert_eq!(vm["firewall"]["ingress"]["defaultAction"], "deny");
     assert_eq!(vm["firewall"]["dns"]["mode"], "deny");
     assert_eq!(vm["effectiveFirewall"], vm["firewall"]);
     assert_eq!(vm["ttl"], json!({"seconds": 3600, "action": "pause"}));
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
-    let expires = vm["expiresAtMs"].as_u64().expect("expiresAtMs while running with a TTL");
-    assert!(expires > now_ms && expires <= now_ms + 3_600_000, "{expires} vs {now_ms}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let expires = vm["expiresAtMs"]
+        .as_u64()
+        .expect("expiresAtMs while running with a TTL");
+    assert!(
+        expires > now_ms && expires <= now_ms + 3_600_000,
+        "{expires} vs {now_ms}"
+    );
     assert_eq!(vm["ttlRemainingMs"], json!(null));
-    assert!(vm["createdAt"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')));
+    assert!(vm["createdAt"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z') && t.contains('T')));
     // GET returns the same view.
     let (status, got) = call(Method::GET, &format!("/v1/vms/{}", id_of(vm)), None);
     assert_eq!(status, StatusCode::OK);
@@ -216,17 +327,51 @@ fn list_filters_by_status() {
 
 #[test]
 fn launch_validation_errors() {
-    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
-    assert_api_error(&call(Method::POST, "/v1/vms", Some(json!({"machineType": "c3m7"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_MACHINE_TYPE");
-    let snap = call(Method::POST, "/v1/vms", Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"})));
+    assert_api_error(
+        &call(Method::POST, "/v1/vms", Some(json!({}))),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_MACHINE_TYPE",
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"machineType": "c3m7"})),
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_MACHINE_TYPE",
+    );
+    let snap = call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"snapshotId": "0b6a7c1e-1111-4222-8333-444455556666"})),
+    );
     assert_api_error(&snap, StatusCode::NOT_FOUND, "NOT_FOUND");
-    let meta = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "metadata": {"k": "v".repeat(5000)}})));
+    let meta = call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"machineType": "c1m2", "metadata": {"k": "v".repeat(5000)}})),
+    );
     assert_api_error(&meta, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_METADATA");
-    let env = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "envVars": {"1BAD": "x"}})));
+    let env = call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"machineType": "c1m2", "envVars": {"1BAD": "x"}})),
+    );
     assert_api_error(&env, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ENV_VARS");
-    let fw = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "firewall": {"ingress": {"defaultAction": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0", "protocol": "tcp", "ports": "22", "action": "allow"}]}}})));
+    let fw = call(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            json!({"machineType": "c1m2", "firewall": {"ingress": {"defaultAction": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0", "protocol": "tcp", "ports": "22", "action": "allow"}]}}}),
+        ),
+    );
     assert_api_error(&fw, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_CIDR");
-    let ttl = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2", "ttl": {"seconds": 0, "action": "delete"}})));
+    let ttl = call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"machineType": "c1m2", "ttl": {"seconds": 0, "action": "delete"}})),
+    );
     assert_api_error(&ttl, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TTL");
     // None of these left a VM behind.
     let (_, list) = call(Method::GET, "/v1/vms?status=provisioning", None);
@@ -242,10 +387,23 @@ fn exec_json_collects_output() {
     assert_eq!(out["stdout"], "hello api\n");
     assert_eq!(out["stderr"], "oops\n");
     assert_eq!(out["exitCode"], 3);
-    assert_eq!((&out["timedOut"], &out["stdoutTruncated"], &out["stderrTruncated"]), (&json!(false), &json!(false), &json!(false)));
+    assert_eq!(
+        (
+            &out["timedOut"],
+            &out["stdoutTruncated"],
+            &out["stderrTruncated"]
+        ),
+        (&json!(false), &json!(false), &json!(false))
+    );
     assert!(out["durationMs"].is_u64());
     // argv verbatim, cwd, per-exec env.
-    let (status, out) = call(Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["sh", "-c", "echo \"$X\" $1; pwd", "sh", "$HOME"], "env": {"X": "y"}, "cwd": "/tmp"})));
+    let (status, out) = call(
+        Method::POST,
+        &format!("/v1/vms/{id}/exec"),
+        Some(
+            json!({"command": ["sh", "-c", "echo \"$X\" $1; pwd", "sh", "$HOME"], "env": {"X": "y"}, "cwd": "/tmp"}),
+        ),
+    );
     assert_eq!(status, StatusCode::OK);
     assert_eq!(out["stdout"], "y $HOME\n/tmp\n");
     // Invalid UTF-8 is replaced, not an error.
@@ -253,7 +411,12 @@ fn exec_json_collects_output() {
     // A program that cannot start: 127 and a diagnostic.
     let out = exec_json(&id, &["/no/such/program"]);
     assert_eq!(out["exitCode"], 127);
-    assert!(out["stderr"].as_str().is_some_and(|s| s.contains("No such file")), "{out}");
+    assert!(
+        out["stderr"]
+            .as_str()
+            .is_some_and(|s| s.contains("No such file")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -261,12 +424,19 @@ fn exec_json_caps_at_4_mib() {
     let out = sh(&id_of(&VM), "yes | head -c 5000000; echo err >&2");
     assert_eq!(out["stdout"].as_str().map(str::len), Some(4 << 20));
     assert_eq!(out["stdoutTruncated"], true);
-    assert_eq!((&out["stderr"], &out["stderrTruncated"]), (&json!("err\n"), &json!(false)));
+    assert_eq!(
+        (&out["stderr"], &out["stderrTruncated"]),
+        (&json!("err\n"), &json!(false))
+    );
 }
 
 #[test]
 fn exec_timeout() {
-    let (status, out) = call(Method::POST, &format!("/v1/vms/{}/exec", id_of(&VM)), Some(json!({"command": ["sleep", "60"], "timeoutSec": 1})));
+    let (status, out) = call(
+        Method::POST,
+        &format!("/v1/vms/{}/exec", id_of(&VM)),
+        Some(json!({"command": ["sleep", "60"], "timeoutSec": 1})),
+    );
     assert_eq!(status, StatusCode::OK);
     assert_eq!(out["timedOut"], true);
     assert_ne!(out["exitCode"], 0);
@@ -275,11 +445,43 @@ fn exec_timeout() {
 #[test]
 fn exec_validation_errors() {
     let path = format!("/v1/vms/{}/exec", id_of(&VM));
-    assert_api_error(&call(Method::POST, &path, Some(json!({"command": []}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_COMMAND");
-    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeoutSec": 0}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TIMEOUT");
-    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "cwd": "tmp"}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH");
-    assert_api_error(&call(Method::POST, &path, Some(json!({"command": "ls"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    assert_api_error(&call(Method::POST, &path, Some(json!({"command": ["ls"], "timeout_sec": 5}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(
+        &call(Method::POST, &path, Some(json!({"command": []}))),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_COMMAND",
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            &path,
+            Some(json!({"command": ["ls"], "timeoutSec": 0})),
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_TIMEOUT",
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            &path,
+            Some(json!({"command": ["ls"], "cwd": "tmp"})),
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_PATH",
+    );
+    assert_api_error(
+        &call(Method::POST, &path, Some(json!({"command": "ls"}))),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            &path,
+            Some(json!({"command": ["ls"], "timeout_sec": 5})),
+        ),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
 }
 
 #[test]
@@ -301,7 +503,10 @@ fn exec_ndjson_streams_events() {
         assert_eq!(stdout, b"out\0\xff");
         assert_eq!(stderr, b"err");
         let exit = exit.expect("an exit event");
-        assert_eq!((&exit["c"], &exit["to"], &exit["d"]), (&json!(5), &json!(false), &json!("")));
+        assert_eq!(
+            (&exit["c"], &exit["to"], &exit["d"]),
+            (&json!(5), &json!(false), &json!(""))
+        );
         assert!(exit["ms"].is_u64());
     });
 }
@@ -313,11 +518,22 @@ fn exec_ndjson_is_live() {
     let id = id_of(&VM);
     block_on(async {
         let cmd = "rm -f /tmp/go-live; echo first; while [ ! -e /tmp/go-live ]; do sleep 0.05; done; echo second";
-        let mut lines = Lines::new(ndjson(&id, json!({"command": ["sh", "-c", cmd], "timeoutSec": 60})).await);
+        let mut lines =
+            Lines::new(ndjson(&id, json!({"command": ["sh", "-c", cmd], "timeoutSec": 60})).await);
         let first = lines.next().await.expect("first event");
-        assert_eq!((first["t"].as_str(), data(&first)), (Some("o"), b"first\n".to_vec()));
+        assert_eq!(
+            (first["t"].as_str(), data(&first)),
+            (Some("o"), b"first\n".to_vec())
+        );
         let a = &*A;
-        let (status, _) = json_call(&a.client, a.url(&format!("/v1/vms/{id}/exec")), Some(&a.key), Method::POST, Some(json!({"command": ["touch", "/tmp/go-live"]}))).await;
+        let (status, _) = json_call(
+            &a.client,
+            a.url(&format!("/v1/vms/{id}/exec")),
+            Some(&a.key),
+            Method::POST,
+            Some(json!({"command": ["touch", "/tmp/go-live"]})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let second = lines.next().await.expect("second event");
         assert_eq!(data(&second), b"second\n");
@@ -331,7 +547,12 @@ fn exec_ndjson_is_live() {
 #[test]
 fn exec_ndjson_backpressure_and_disconnect() {
     let id = id_of(&VM);
-    let progress = || -> u64 { sh(&id, "cat /tmp/bp-chunks 2>/dev/null || echo 0")["stdout"].as_str().and_then(|s| s.trim().parse().ok()).unwrap_or(0) };
+    let progress = || -> u64 {
+        sh(&id, "cat /tmp/bp-chunks 2>/dev/null || echo 0")["stdout"]
+            .as_str()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
     let cmd = "echo $$ > /tmp/bp-pid; i=0; while :; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /tmp/bp-chunks; done";
     let lines = block_on(async {
         let mut lines = Lines::new(ndjson(&id, json!({"command": ["sh", "-c", cmd]})).await);
@@ -347,22 +568,38 @@ fn exec_ndjson_backpressure_and_disconnect() {
         if now == last {
             break;
         }
-        assert!(Instant::now() < deadline, "the guest kept writing to a stalled client ({now} chunks)");
+        assert!(
+            Instant::now() < deadline,
+            "the guest kept writing to a stalled client ({now} chunks)"
+        );
         last = now;
     }
     eprintln!("stalled client: the guest stopped after {last} chunks of 64 KiB");
-    assert!(last * 65536 < 64 << 20, "{last} chunks of 64 KiB in flight to a stalled client");
-    let pid = sh(&id, "cat /tmp/bp-pid")["stdout"].as_str().unwrap_or("").trim().to_owned();
+    assert!(
+        last * 65536 < 64 << 20,
+        "{last} chunks of 64 KiB in flight to a stalled client"
+    );
+    let pid = sh(&id, "cat /tmp/bp-pid")["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
     assert!(!pid.is_empty());
     // Dropping the response closes the connection: the process is cancelled.
     drop(lines);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let alive = sh(&id, &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone"));
+        let alive = sh(
+            &id,
+            &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone"),
+        );
         if alive["stdout"] == "gone\n" {
             break;
         }
-        assert!(Instant::now() < deadline, "the exec kept running after its client went away");
+        assert!(
+            Instant::now() < deadline,
+            "the exec kept running after its client went away"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -373,14 +610,38 @@ fn exec_ndjson_backpressure_and_disconnect() {
 fn missing_or_bad_key_is_401() {
     let a = &*A;
     for key in [None, Some("fvm_0123"), Some("not-a-key")] {
-        let res = block_on(json_call(&a.client, a.url("/v1/vms"), key, Method::GET, None));
+        let res = block_on(json_call(
+            &a.client,
+            a.url("/v1/vms"),
+            key,
+            Method::GET,
+            None,
+        ));
         assert_api_error(&res, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
     }
-    let res = block_on(a.client.get(a.url("/v1/vms")).header("authorization", "Basic Zm9vOmJhcg==").send()).expect("send");
+    let res = block_on(
+        a.client
+            .get(a.url("/v1/vms"))
+            .header("authorization", "Basic Zm9vOmJhcg==")
+            .send(),
+    )
+    .expect("send");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(res.headers().get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+    assert_eq!(
+        res.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
     // Auth comes before anything else: a bad body without a key is still 401.
-    let res = block_on(a.client.post(a.url("/v1/vms")).header("content-type", "application/json").body("{").send()).expect("send");
+    let res = block_on(
+        a.client
+            .post(a.url("/v1/vms"))
+            .header("content-type", "application/json")
+            .body("{")
+            .send(),
+    )
+    .expect("send");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -393,27 +654,60 @@ fn another_orgs_key_gets_404() {
         let org = store.create_org("other-org").await.expect("org");
         store.create_key(org, "test").await.expect("key").token
     });
-    let other = |method: Method, path: &str, body: Option<Value>| block_on(json_call(&a.client, a.url(path), Some(&other_key), method, body));
+    let other = |method: Method, path: &str, body: Option<Value>| {
+        block_on(json_call(
+            &a.client,
+            a.url(path),
+            Some(&other_key),
+            method,
+            body,
+        ))
+    };
     for (method, path, body) in [
         (Method::GET, format!("/v1/vms/{id}"), None),
-        (Method::PATCH, format!("/v1/vms/{id}"), Some(json!({"name": "mine"}))),
+        (
+            Method::PATCH,
+            format!("/v1/vms/{id}"),
+            Some(json!({"name": "mine"})),
+        ),
         (Method::POST, format!("/v1/vms/{id}/pause"), None),
         (Method::POST, format!("/v1/vms/{id}/resume"), None),
-        (Method::POST, format!("/v1/vms/{id}/exec"), Some(json!({"command": ["true"]}))),
+        (
+            Method::POST,
+            format!("/v1/vms/{id}/exec"),
+            Some(json!({"command": ["true"]})),
+        ),
         (Method::DELETE, format!("/v1/vms/{id}"), None),
     ] {
         let res = other(method.clone(), &path, body);
         assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
-        assert!(!res.1.to_string().contains("shared vm"), "{method} {path} leaked data: {}", res.1);
+        assert!(
+            !res.1.to_string().contains("shared vm"),
+            "{method} {path} leaked data: {}",
+            res.1
+        );
     }
     let (status, list) = other(Method::GET, "/v1/vms", None);
     assert_eq!((status, list), (StatusCode::OK, json!([])));
     // The VM is untouched.
     let (status, vm) = call(Method::GET, &format!("/v1/vms/{id}"), None);
-    assert_eq!((status, &vm["status"], &vm["name"]), (StatusCode::OK, &json!("running"), &json!("shared vm")));
+    assert_eq!(
+        (status, &vm["status"], &vm["name"]),
+        (StatusCode::OK, &json!("running"), &json!("shared vm"))
+    );
     // A revoked key stops working.
-    block_on(a.server.state().store().revoke_key(&fastvm_server::auth::token_prefix(&other_key))).expect("revoke");
-    assert_api_error(&other(Method::GET, "/v1/vms", None), StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    block_on(
+        a.server
+            .state()
+            .store()
+            .revoke_key(&fastvm_server::auth::token_prefix(&other_key)),
+    )
+    .expect("revoke");
+    assert_api_error(
+        &other(Method::GET, "/v1/vms", None),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHENTICATED",
+    );
 }
 
 // --- malformed requests --------------------------------------------------------------
@@ -422,45 +716,159 @@ fn another_orgs_key_gets_404() {
 fn malformed_requests_are_clear_4xx() {
     let a = &*A;
     let raw = |method: Method, path: &str, content_type: Option<&str>, body: Vec<u8>| {
-        let mut req = a.client.request(method, a.url(path)).bearer_auth(&a.key).body(body);
+        let mut req = a
+            .client
+            .request(method, a.url(path))
+            .bearer_auth(&a.key)
+            .body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
         let res = block_on(async {
             let res = req.send().await.expect("send");
             let status = res.status();
-            (status, serde_json::from_slice::<Value>(&res.bytes().await.expect("body")).unwrap_or(Value::Null))
+            (
+                status,
+                serde_json::from_slice::<Value>(&res.bytes().await.expect("body"))
+                    .unwrap_or(Value::Null),
+            )
         });
         res
     };
     let json_ct = Some("application/json");
-    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": ".to_vec()), StatusCode::BAD_REQUEST, "INVALID_JSON");
-    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_JSON");
-    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": 5}".to_vec()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    let unknown = raw(Method::POST, "/v1/vms", json_ct, b"{\"machineType\": \"c1m2\", \"gpu\": true}".to_vec());
+    assert_api_error(
+        &raw(
+            Method::POST,
+            "/v1/vms",
+            json_ct,
+            b"{\"machineType\": ".to_vec(),
+        ),
+        StatusCode::BAD_REQUEST,
+        "INVALID_JSON",
+    );
+    assert_api_error(
+        &raw(Method::POST, "/v1/vms", json_ct, Vec::new()),
+        StatusCode::BAD_REQUEST,
+        "INVALID_JSON",
+    );
+    assert_api_error(
+        &raw(
+            Method::POST,
+            "/v1/vms",
+            json_ct,
+            b"{\"machineType\": 5}".to_vec(),
+        ),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
+    let unknown = raw(
+        Method::POST,
+        "/v1/vms",
+        json_ct,
+        b"{\"machineType\": \"c1m2\", \"gpu\": true}".to_vec(),
+    );
     assert_api_error(&unknown, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
-    assert!(unknown.1["error"]["message"].as_str().is_some_and(|m| m.contains("unknown field `gpu`")), "{}", unknown.1);
-    assert_api_error(&raw(Method::POST, "/v1/vms", Some("text/plain"), b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
-    assert_api_error(&raw(Method::POST, "/v1/vms", None, b"{}".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
+    assert!(
+        unknown.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown field `gpu`")),
+        "{}",
+        unknown.1
+    );
+    assert_api_error(
+        &raw(Method::POST, "/v1/vms", Some("text/plain"), b"{}".to_vec()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UNSUPPORTED_MEDIA_TYPE",
+    );
+    assert_api_error(
+        &raw(Method::POST, "/v1/vms", None, b"{}".to_vec()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UNSUPPORTED_MEDIA_TYPE",
+    );
     // Over 1 MiB: 413, whatever the JSON.
     let mut big = b"{\"machineType\": \"c1m2\", \"name\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'x', 2 << 20));
     big.extend(b"\"}");
-    assert_api_error(&raw(Method::POST, "/v1/vms", json_ct, big.clone()), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
-    assert_api_error(&raw(Method::POST, &format!("/v1/vms/{}/exec", id_of(&VM)), json_ct, big), StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+    assert_api_error(
+        &raw(Method::POST, "/v1/vms", json_ct, big.clone()),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+    );
+    assert_api_error(
+        &raw(
+            Method::POST,
+            &format!("/v1/vms/{}/exec", id_of(&VM)),
+            json_ct,
+            big,
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+    );
     // Ids that are not UUIDs, and well-formed ones that do not exist.
-    for path in ["/v1/vms/not-a-uuid", "/v1/vms/123", "/v1/vms/%00", "/v1/vms/0b6a7c1e-1111-4222-8333-444455556666"] {
-        assert_api_error(&raw(Method::GET, path, None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    for path in [
+        "/v1/vms/not-a-uuid",
+        "/v1/vms/123",
+        "/v1/vms/%00",
+        "/v1/vms/0b6a7c1e-1111-4222-8333-444455556666",
+    ] {
+        assert_api_error(
+            &raw(Method::GET, path, None, Vec::new()),
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+        );
     }
-    assert_api_error(&raw(Method::POST, "/v1/vms/nope/pause", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_api_error(&raw(Method::POST, "/v1/vms/nope/exec", json_ct, b"{\"command\": [\"ls\"]}".to_vec()), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(
+        &raw(Method::POST, "/v1/vms/nope/pause", None, Vec::new()),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    assert_api_error(
+        &raw(
+            Method::POST,
+            "/v1/vms/nope/exec",
+            json_ct,
+            b"{\"command\": [\"ls\"]}".to_vec(),
+        ),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
     // Unknown routes and methods answer in the same shape.
-    assert_api_error(&raw(Method::GET, "/v1/nothing-here", None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_api_error(&raw(Method::GET, &format!("/v1/vms/{}/services", id_of(&VM)), None, Vec::new()), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_api_error(&raw(Method::DELETE, "/v1/vms", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
-    assert_api_error(&raw(Method::PUT, "/healthz", None, Vec::new()), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
+    assert_api_error(
+        &raw(Method::GET, "/v1/nothing-here", None, Vec::new()),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    assert_api_error(
+        &raw(
+            Method::GET,
+            &format!("/v1/vms/{}/services", id_of(&VM)),
+            None,
+            Vec::new(),
+        ),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    assert_api_error(
+        &raw(Method::DELETE, "/v1/vms", None, Vec::new()),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+    );
+    assert_api_error(
+        &raw(Method::PUT, "/healthz", None, Vec::new()),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+    );
     // A malformed query.
-    assert_api_error(&raw(Method::GET, "/v1/vms?status=running&status=paused", None, Vec::new()), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(
+        &raw(
+            Method::GET,
+            "/v1/vms?status=running&status=paused",
+            None,
+            Vec::new(),
+        ),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
 }
 
 // --- lifecycle of dedicated VMs on A ---------------------------------------------------
@@ -471,19 +879,46 @@ fn patch_pause_resume_and_illegal_transitions() {
     let id = id_of(&vm);
     let path = format!("/v1/vms/{id}");
     // PATCH: name normalized, metadata replaced, TTL set then removed.
-    let (status, v) = call(Method::PATCH, &path, Some(json!({"name": "  new   name ", "metadata": {"a": "1"}, "ttl": {"seconds": 600, "action": "delete"}})));
+    let (status, v) = call(
+        Method::PATCH,
+        &path,
+        Some(
+            json!({"name": "  new   name ", "metadata": {"a": "1"}, "ttl": {"seconds": 600, "action": "delete"}}),
+        ),
+    );
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!((&v["name"], &v["metadata"], &v["ttl"]), (&json!("new name"), &json!({"a": "1"}), &json!({"seconds": 600, "action": "delete"})));
+    assert_eq!(
+        (&v["name"], &v["metadata"], &v["ttl"]),
+        (
+            &json!("new name"),
+            &json!({"a": "1"}),
+            &json!({"seconds": 600, "action": "delete"})
+        )
+    );
     assert!(v["expiresAtMs"].is_u64());
     let (_, v) = call(Method::PATCH, &path, Some(json!({"name": ""})));
     assert_eq!(v["name"], format!("vm-{}", &id[..8]));
-    assert_api_error(&call(Method::PATCH, &path, Some(json!({}))), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST");
-    assert_api_error(&call(Method::PATCH, &path, Some(json!({"status": "paused"}))), StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+    assert_api_error(
+        &call(Method::PATCH, &path, Some(json!({}))),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "INVALID_REQUEST",
+    );
+    assert_api_error(
+        &call(Method::PATCH, &path, Some(json!({"status": "paused"}))),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+    );
 
     // resume while running: 409 naming the status.
     let res = call(Method::POST, &format!("{path}/resume"), None);
     assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("running")), "{}", res.1);
+    assert!(
+        res.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("running")),
+        "{}",
+        res.1
+    );
 
     // pause: TTL frozen, pausedAt set; exec and a second pause refused.
     let (status, v) = call(Method::POST, &format!("{path}/pause"), None);
@@ -491,26 +926,56 @@ fn patch_pause_resume_and_illegal_transitions() {
     assert_eq!(v["status"], "paused");
     assert!(v["pausedAt"].is_string());
     assert_eq!(v["expiresAtMs"], json!(null));
-    assert!(v["ttlRemainingMs"].as_u64().is_some_and(|ms| ms <= 600_000 && ms > 500_000), "{v}");
+    assert!(
+        v["ttlRemainingMs"]
+            .as_u64()
+            .is_some_and(|ms| ms <= 600_000 && ms > 500_000),
+        "{v}"
+    );
     let res = call(Method::POST, &format!("{path}/pause"), None);
     assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("paused")), "{}", res.1);
-    assert_api_error(&call(Method::POST, &format!("{path}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
+    assert!(
+        res.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("paused")),
+        "{}",
+        res.1
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            &format!("{path}/exec"),
+            Some(json!({"command": ["true"]})),
+        ),
+        StatusCode::CONFLICT,
+        "INVALID_STATE",
+    );
     let (_, listed) = call(Method::GET, "/v1/vms?status=paused", None);
-    assert!(listed.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
+    assert!(listed
+        .as_array()
+        .is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
 
     // PATCH ttl null while paused clears the frozen budget.
     let (_, v) = call(Method::PATCH, &path, Some(json!({"ttl": null})));
-    assert_eq!((&v["ttl"], &v["ttlRemainingMs"], &v["status"]), (&json!(null), &json!(null), &json!("paused")));
+    assert_eq!(
+        (&v["ttl"], &v["ttlRemainingMs"], &v["status"]),
+        (&json!(null), &json!(null), &json!("paused"))
+    );
 
     // resume: running again, exec works, the guest kept its memory.
     let (status, v) = call(Method::POST, &format!("{path}/resume"), None);
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!((&v["status"], &v["pausedAt"]), (&json!("running"), &json!(null)));
+    assert_eq!(
+        (&v["status"], &v["pausedAt"]),
+        (&json!("running"), &json!(null))
+    );
     assert_eq!(sh(&id, "echo back")["stdout"], "back\n");
 
     let (status, body) = call(Method::DELETE, &path, None);
-    assert_eq!((status, body), (StatusCode::OK, json!({"id": id, "deleted": true})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"id": id, "deleted": true}))
+    );
 }
 
 #[test]
@@ -521,17 +986,33 @@ fn delete_kills_the_vm() {
     let pid = qemu_pid(&A.dir, &id);
     assert!(!process_gone(pid));
     let (status, body) = call(Method::DELETE, &format!("/v1/vms/{id}"), None);
-    assert_eq!((status, body), (StatusCode::OK, json!({"id": id, "deleted": true})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"id": id, "deleted": true}))
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !process_gone(pid) {
-        assert!(Instant::now() < deadline, "QEMU {pid} still runs after DELETE");
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {pid} still runs after DELETE"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!A.dir.join("vms").join(&id).exists());
-    assert_api_error(&call(Method::GET, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
-    assert_api_error(&call(Method::DELETE, &format!("/v1/vms/{id}"), None), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_api_error(
+        &call(Method::GET, &format!("/v1/vms/{id}"), None),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
+    assert_api_error(
+        &call(Method::DELETE, &format!("/v1/vms/{id}"), None),
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    );
     let (_, list) = call(Method::GET, "/v1/vms", None);
-    assert!(!list.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
+    assert!(!list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
 }
 
 #[test]
@@ -548,15 +1029,35 @@ fn a_vm_whose_qemu_dies_is_stopped() {
         if v["status"] == "stopped" {
             break;
         }
-        assert!(Instant::now() < deadline, "still {} after its QEMU was killed", v["status"]);
+        assert!(
+            Instant::now() < deadline,
+            "still {} after its QEMU was killed",
+            v["status"]
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let (_, stopped) = call(Method::GET, "/v1/vms?status=stopped", None);
-    assert!(stopped.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
+    assert!(stopped
+        .as_array()
+        .is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))));
     let res = call(Method::POST, &format!("/v1/vms/{id}/pause"), None);
     assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("stopped")), "{}", res.1);
-    assert_api_error(&call(Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["true"]}))), StatusCode::CONFLICT, "INVALID_STATE");
+    assert!(
+        res.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped")),
+        "{}",
+        res.1
+    );
+    assert_api_error(
+        &call(
+            Method::POST,
+            &format!("/v1/vms/{id}/exec"),
+            Some(json!({"command": ["true"]})),
+        ),
+        StatusCode::CONFLICT,
+        "INVALID_STATE",
+    );
     let (status, _) = call(Method::DELETE, &format!("/v1/vms/{id}"), None);
     assert_eq!(status, StatusCode::OK);
 }
@@ -572,26 +1073,63 @@ fn launch_202_then_restart_readopts() {
     let cfg = server_config(&dir, Duration::ZERO);
     let client_of = || Client::new();
 
-    let rt_b = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime B");
+    let rt_b = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime B");
     let id = rt_b.block_on(async {
         let server = fastvm_server::start(cfg.clone()).await.expect("start B");
         let key = admin_key(&dir);
         let client = client_of();
         let url = |p: &str| format!("{}{p}", server.url());
-        let (status, vm) = json_call(&client, url("/v1/vms"), Some(&key), Method::POST, Some(json!({"machineType": "c1m2", "name": "survivor"}))).await;
+        let (status, vm) = json_call(
+            &client,
+            url("/v1/vms"),
+            Some(&key),
+            Method::POST,
+            Some(json!({"machineType": "c1m2", "name": "survivor"})),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{vm}");
         assert_eq!(vm["status"], "provisioning");
         let id = id_of(&vm);
-        let (_, listed) = json_call(&client, url("/v1/vms?status=provisioning"), Some(&key), Method::GET, None).await;
-        assert!(listed.as_array().is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))), "{listed}");
+        let (_, listed) = json_call(
+            &client,
+            url("/v1/vms?status=provisioning"),
+            Some(&key),
+            Method::GET,
+            None,
+        )
+        .await;
+        assert!(
+            listed
+                .as_array()
+                .is_some_and(|l| l.iter().any(|v| v["id"] == json!(id))),
+            "{listed}"
+        );
         // exec while provisioning: 409.
-        let res = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["true"]}))).await;
+        let res = json_call(
+            &client,
+            url(&format!("/v1/vms/{id}/exec")),
+            Some(&key),
+            Method::POST,
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
         if res.0 != StatusCode::OK {
             assert_api_error(&res, StatusCode::CONFLICT, "INVALID_STATE");
         }
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let (status, v) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
+            let (status, v) = json_call(
+                &client,
+                url(&format!("/v1/vms/{id}")),
+                Some(&key),
+                Method::GET,
+                None,
+            )
+            .await;
             assert_eq!(status, StatusCode::OK);
             match v["status"].as_str() {
                 Some("running") => break,
@@ -601,7 +1139,14 @@ fn launch_202_then_restart_readopts() {
             assert!(Instant::now() < deadline, "still provisioning");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (status, out) = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["sh", "-c", "echo before > /root/marker; hostname"]}))).await;
+        let (status, out) = json_call(
+            &client,
+            url(&format!("/v1/vms/{id}/exec")),
+            Some(&key),
+            Method::POST,
+            Some(json!({"command": ["sh", "-c", "echo before > /root/marker; hostname"]})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{out}");
         assert_eq!(out["stdout"], format!("vm-{}\n", &id[..8]));
         server.stop().await.expect("graceful stop");
@@ -612,17 +1157,49 @@ fn launch_202_then_restart_readopts() {
     let pid = qemu_pid(&dir, &id);
     assert!(!process_gone(pid), "shutdown must leave VMs running");
 
-    let rt_c = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime C");
+    let rt_c = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime C");
     rt_c.block_on(async {
         let server = fastvm_server::start(cfg).await.expect("restart");
         let key = admin_key(&dir);
         let client = client_of();
         let url = |p: &str| format!("{}{p}", server.url());
-        let (status, vm) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::GET, None).await;
-        assert_eq!((status, &vm["status"], &vm["name"]), (StatusCode::OK, &json!("running"), &json!("survivor")));
-        let (status, out) = json_call(&client, url(&format!("/v1/vms/{id}/exec")), Some(&key), Method::POST, Some(json!({"command": ["cat", "/root/marker"]}))).await;
-        assert_eq!((status, &out["stdout"]), (StatusCode::OK, &json!("before\n")), "{out}");
-        let (status, _) = json_call(&client, url(&format!("/v1/vms/{id}")), Some(&key), Method::DELETE, None).await;
+        let (status, vm) = json_call(
+            &client,
+            url(&format!("/v1/vms/{id}")),
+            Some(&key),
+            Method::GET,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, &vm["status"], &vm["name"]),
+            (StatusCode::OK, &json!("running"), &json!("survivor"))
+        );
+        let (status, out) = json_call(
+            &client,
+            url(&format!("/v1/vms/{id}/exec")),
+            Some(&key),
+            Method::POST,
+            Some(json!({"command": ["cat", "/root/marker"]})),
+        )
+        .await;
+        assert_eq!(
+            (status, &out["stdout"]),
+            (StatusCode::OK, &json!("before\n")),
+            "{out}"
+        );
+        let (status, _) = json_call(
+            &client,
+            url(&format!("/v1/vms/{id}")),
+            Some(&key),
+            Method::DELETE,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         server.stop().await.expect("stop");
     });

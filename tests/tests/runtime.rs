@@ -13,7 +13,12 @@ const CAP: usize = 4 << 20;
 static SHARED: LazyLock<(Arc<Runtime>, String)> = LazyLock::new(|| {
     let rt = runtime("shared");
     let env = BTreeMap::from([("FASTVM_TEST_VAR".to_owned(), "hello world".to_owned())]);
-    let req = CreateVm { machine: "c1m2".into(), hostname: Some("shared-vm".into()), env, ..Default::default() };
+    let req = CreateVm {
+        machine: "c1m2".into(),
+        hostname: Some("shared-vm".into()),
+        env,
+        ..Default::default()
+    };
     let start = Instant::now();
     let info = block_on(rt.create(req)).expect("boot shared VM");
     eprintln!("shared VM {} booted in {:?}", info.id, start.elapsed());
@@ -59,9 +64,14 @@ fn binary_output_is_byte_exact() {
 #[test]
 fn spawn_failure_is_a_result() {
     let (rt, id) = &*SHARED;
-    let out = block_on(rt.exec_buffered(id, &ExecRequest::argv(["/no/such/binary"]), CAP)).expect("exec");
+    let out =
+        block_on(rt.exec_buffered(id, &ExecRequest::argv(["/no/such/binary"]), CAP)).expect("exec");
     assert_eq!(out.exit_code, 127);
-    assert!(out.error.as_deref().unwrap_or("").contains("No such file"), "{:?}", out.error);
+    assert!(
+        out.error.as_deref().unwrap_or("").contains("No such file"),
+        "{:?}",
+        out.error
+    );
 }
 
 #[test]
@@ -85,7 +95,8 @@ fn per_exec_env_and_cwd() {
 #[test]
 fn timeout_kills_the_process_group() {
     let (rt, id) = &*SHARED;
-    let req = ExecRequest::shell("sleep 300 & sleep 301; echo never").with_timeout(Duration::from_secs(2));
+    let req = ExecRequest::shell("sleep 300 & sleep 301; echo never")
+        .with_timeout(Duration::from_secs(2));
     let start = Instant::now();
     let out = block_on(rt.exec_buffered(id, &req, CAP)).expect("exec");
     assert!(out.timed_out);
@@ -113,7 +124,13 @@ fn twenty_mib_streamed_with_flat_memory() {
     let total = 20usize << 20;
     let before = rss_bytes();
     let (got, peak, code) = block_on(async {
-        let mut stream = rt.exec(id, &ExecRequest::shell(&format!("head -c {total} /dev/urandom"))).await.expect("exec");
+        let mut stream = rt
+            .exec(
+                id,
+                &ExecRequest::shell(&format!("head -c {total} /dev/urandom")),
+            )
+            .await
+            .expect("exec");
         let (mut got, mut peak, mut n, mut code) = (0usize, 0u64, 0u32, None);
         while let Some(ev) = stream.next().await {
             match ev.expect("event") {
@@ -133,7 +150,10 @@ fn twenty_mib_streamed_with_flat_memory() {
     assert_eq!(got, total);
     assert_eq!(code, Some(0));
     let growth = peak.saturating_sub(before);
-    assert!(growth < 12 << 20, "RSS grew by {growth} bytes while streaming {total} bytes");
+    assert!(
+        growth < 12 << 20,
+        "RSS grew by {growth} bytes while streaming {total} bytes"
+    );
 }
 
 #[test]
@@ -164,7 +184,10 @@ fn eight_concurrent_execs() {
 fn dropping_a_stream_cancels_the_process() {
     let (rt, id) = &*SHARED;
     block_on(async {
-        let mut s = rt.exec(id, &ExecRequest::shell("echo started; exec sleep 250")).await.expect("exec");
+        let mut s = rt
+            .exec(id, &ExecRequest::shell("echo started; exec sleep 250"))
+            .await
+            .expect("exec");
         assert!(matches!(s.next().await, Some(Ok(ExecEvent::Stdout(_)))));
         drop(s);
     });
@@ -176,7 +199,11 @@ fn dropping_a_stream_cancels_the_process() {
 #[test]
 fn unknown_machine_type_is_a_clear_error() {
     let (rt, _) = &*SHARED;
-    let err = block_on(rt.create(CreateVm { machine: "c3m7".into(), ..Default::default() })).expect_err("unknown type");
+    let err = block_on(rt.create(CreateVm {
+        machine: "c3m7".into(),
+        ..Default::default()
+    }))
+    .expect_err("unknown type");
     assert!(err.to_string().contains("unknown machine type"), "{err}");
 }
 
@@ -189,15 +216,31 @@ fn restart_readopts_and_dead_vms_are_stopped() {
     // Worker A on its own tokio runtime: dropping that runtime closes every
     // connection A had, as a crashed worker process would.
     let (alive, doomed) = {
-        let rt_a = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+        let rt_a = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("rt");
         let ids = rt_a.block_on(async {
             let a = Runtime::open(config(&dir)).await.expect("open A");
             let (v1, v2) = tokio::join!(
-                a.create(CreateVm { machine: "c1m2".into(), ..Default::default() }),
-                a.create(CreateVm { machine: "c1m2".into(), ..Default::default() }),
+                a.create(CreateVm {
+                    machine: "c1m2".into(),
+                    ..Default::default()
+                }),
+                a.create(CreateVm {
+                    machine: "c1m2".into(),
+                    ..Default::default()
+                }),
             );
             let v1 = v1.expect("boot v1");
-            a.exec_buffered(&v1.id, &ExecRequest::shell("echo before > /root/marker"), CAP).await.expect("write marker");
+            a.exec_buffered(
+                &v1.id,
+                &ExecRequest::shell("echo before > /root/marker"),
+                CAP,
+            )
+            .await
+            .expect("write marker");
             (v1.id, v2.expect("boot v2"))
         });
         drop(rt_a);
@@ -212,7 +255,8 @@ fn restart_readopts_and_dead_vms_are_stopped() {
     let b = block_on(Runtime::open(config(&dir))).expect("open B");
     assert_eq!(b.get(&alive).expect("v1").state, VmState::Running);
     assert_eq!(b.get(&doomed.id).expect("v2").state, VmState::Stopped);
-    let out = block_on(b.exec_buffered(&alive, &ExecRequest::shell("cat /root/marker"), CAP)).expect("exec after restart");
+    let out = block_on(b.exec_buffered(&alive, &ExecRequest::shell("cat /root/marker"), CAP))
+        .expect("exec after restart");
     assert_eq!(out.stdout, b"before\n");
 
     // Killed from outside while worker B watches.
@@ -231,35 +275,72 @@ fn restart_readopts_and_dead_vms_are_stopped() {
 #[test]
 fn pause_resume_and_delete() {
     let rt = runtime("lifecycle");
-    let vm = block_on(rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() })).expect("boot");
+    let vm = block_on(rt.create(CreateVm {
+        machine: "c1m2".into(),
+        ..Default::default()
+    }))
+    .expect("boot");
     // A busy guest, then paused: its QEMU must stop burning CPU.
-    block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &"), CAP)).expect("spin");
-    assert_eq!(block_on(rt.pause(&vm.id)).expect("pause").state, VmState::Paused);
+    block_on(rt.exec_buffered(
+        &vm.id,
+        &ExecRequest::shell("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &"),
+        CAP,
+    ))
+    .expect("spin");
+    assert_eq!(
+        block_on(rt.pause(&vm.id)).expect("pause").state,
+        VmState::Paused
+    );
     let pid = vm.pid.expect("pid");
     let cpu_ticks = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-        let fields: Vec<u64> = stat.rsplit_once(')').expect("comm").1.split_whitespace().skip(11).take(2).map(|f| f.parse().expect("tick")).collect();
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().expect("tick"))
+            .collect();
         fields[0] + fields[1]
     };
     let before = cpu_ticks();
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_ticks() - before;
-    assert!(used <= 5, "paused VM used {used} CPU ticks (1/100 s) in 1 s");
+    assert!(
+        used <= 5,
+        "paused VM used {used} CPU ticks (1/100 s) in 1 s"
+    );
     assert!(block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("true"), CAP)).is_err());
-    assert!(block_on(rt.pause(&vm.id)).is_err(), "pausing twice is an error");
-    assert_eq!(block_on(rt.resume(&vm.id)).expect("resume").state, VmState::Running);
-    let out = block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("echo back"), CAP)).expect("exec");
+    assert!(
+        block_on(rt.pause(&vm.id)).is_err(),
+        "pausing twice is an error"
+    );
+    assert_eq!(
+        block_on(rt.resume(&vm.id)).expect("resume").state,
+        VmState::Running
+    );
+    let out =
+        block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell("echo back"), CAP)).expect("exec");
     assert_eq!(out.stdout, b"back\n");
     let pid = vm.pid.expect("pid");
     block_on(rt.delete(&vm.id)).expect("delete");
     assert!(rt.get(&vm.id).is_err());
-    assert!(fastvm_e2e::process_gone(pid), "QEMU {pid} still runs after delete");
+    assert!(
+        fastvm_e2e::process_gone(pid),
+        "QEMU {pid} still runs after delete"
+    );
 }
 
 #[test]
 fn clean_shutdown_stops_the_vm() {
     let rt = runtime("shutdown");
-    let vm = block_on(rt.create(CreateVm { machine: "c1m2".into(), ..Default::default() })).expect("boot");
+    let vm = block_on(rt.create(CreateVm {
+        machine: "c1m2".into(),
+        ..Default::default()
+    }))
+    .expect("boot");
     let info = block_on(rt.stop(&vm.id)).expect("stop");
     assert_eq!(info.state, VmState::Stopped);
     assert_eq!(info.pid, None);

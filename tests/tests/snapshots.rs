@@ -20,7 +20,13 @@ struct Fixture {
 static FIX: LazyLock<Fixture> = LazyLock::new(|| {
     let rt = runtime("snapshots");
     let env = BTreeMap::from([("SNAP_ENV".to_owned(), "from-source".to_owned())]);
-    let vm = block_on(rt.create(CreateVm { machine: "c1m2".into(), hostname: Some("source".into()), env, ..Default::default() })).expect("boot source");
+    let vm = block_on(rt.create(CreateVm {
+        machine: "c1m2".into(),
+        hostname: Some("source".into()),
+        env,
+        ..Default::default()
+    }))
+    .expect("boot source");
     let setup = "echo payload > /root/file; \
                  nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 & \
                  sleep 1; cat /tmp/counter";
@@ -29,7 +35,11 @@ static FIX: LazyLock<Fixture> = LazyLock::new(|| {
     let start = Instant::now();
     let snap = block_on(rt.snapshot(&vm.id, None)).expect("snapshot");
     eprintln!("snapshot {} taken in {:?}", snap.id, start.elapsed());
-    Fixture { rt: rt.clone(), source: vm.id, snap }
+    Fixture {
+        rt: rt.clone(),
+        source: vm.id,
+        snap,
+    }
 });
 
 fn run(rt: &Runtime, id: &str, cmd: &str) -> ExecOutput {
@@ -42,7 +52,11 @@ fn text(o: &ExecOutput) -> String {
 
 fn restore(fix: &Fixture) -> String {
     let t = Instant::now();
-    let vm = block_on(fix.rt.create(CreateVm { snapshot: Some(fix.snap.id.clone()), ..Default::default() })).expect("restore");
+    let vm = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(fix.snap.id.clone()),
+        ..Default::default()
+    }))
+    .expect("restore");
     eprintln!("restored {} in {:?}", vm.id, t.elapsed());
     assert_eq!(vm.state, VmState::Running);
     vm.id
@@ -52,13 +66,20 @@ fn restore(fix: &Fixture) -> String {
 fn restore_keeps_processes_files_env_and_memory() {
     let fix = &*FIX;
     let clone = restore(fix);
-    let c1: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter")).parse().expect("counter");
+    let c1: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter"))
+        .parse()
+        .expect("counter");
     // The counter kept its value across the restore (memory intact), not restarted from 1...
     assert!(c1 >= 5, "counter restarted: {c1}");
     std::thread::sleep(Duration::from_millis(800));
     // ...and the process still runs.
-    let c2: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter")).parse().expect("counter");
-    assert!(c2 > c1, "counter process not running after restore: {c1} -> {c2}");
+    let c2: u64 = text(&run(&fix.rt, &clone, "cat /tmp/counter"))
+        .parse()
+        .expect("counter");
+    assert!(
+        c2 > c1,
+        "counter process not running after restore: {c1} -> {c2}"
+    );
     assert_eq!(text(&run(&fix.rt, &clone, "cat /root/file")), "payload");
     assert_eq!(text(&run(&fix.rt, &clone, "echo $SNAP_ENV")), "from-source");
     block_on(fix.rt.delete(&clone)).expect("delete clone");
@@ -72,9 +93,17 @@ fn clones_are_independent_of_each_other_and_the_source() {
     run(&fix.rt, &b, "echo B > /root/x; sync");
     assert_eq!(text(&run(&fix.rt, &a, "cat /root/x")), "A");
     assert_eq!(text(&run(&fix.rt, &b, "cat /root/x")), "B");
-    assert_eq!(run(&fix.rt, &fix.source, "cat /root/x").exit_code, 1, "clone writes leaked into the source");
+    assert_eq!(
+        run(&fix.rt, &fix.source, "cat /root/x").exit_code,
+        1,
+        "clone writes leaked into the source"
+    );
     run(&fix.rt, &fix.source, "echo S > /root/y; sync");
-    assert_eq!(run(&fix.rt, &a, "cat /root/y").exit_code, 1, "source writes leaked into a clone");
+    assert_eq!(
+        run(&fix.rt, &a, "cat /root/y").exit_code,
+        1,
+        "source writes leaked into a clone"
+    );
     for id in [a, b] {
         block_on(fix.rt.delete(&id)).expect("delete");
     }
@@ -92,9 +121,15 @@ fn clones_get_their_own_identity_clock_and_randomness() {
     let ra = text(&run(&fix.rt, &a, "head -c 16 /dev/urandom | od -An -tx1"));
     let rb = text(&run(&fix.rt, &b, "head -c 16 /dev/urandom | od -An -tx1"));
     assert_ne!(ra, rb, "clones share their random stream");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
     let guest: i64 = text(&run(&fix.rt, &a, "date +%s")).parse().expect("date");
-    assert!((guest - now).abs() <= 5, "guest clock {guest} vs host {now}");
+    assert!(
+        (guest - now).abs() <= 5,
+        "guest clock {guest} vs host {now}"
+    );
     for id in [a, b] {
         block_on(fix.rt.delete(&id)).expect("delete");
     }
@@ -103,10 +138,17 @@ fn clones_get_their_own_identity_clock_and_randomness() {
 #[test]
 fn source_keeps_running_after_snapshot() {
     let fix = &*FIX;
-    assert_eq!(fix.rt.get(&fix.source).expect("source").state, VmState::Running);
-    let c1: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter")).parse().expect("counter");
+    assert_eq!(
+        fix.rt.get(&fix.source).expect("source").state,
+        VmState::Running
+    );
+    let c1: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter"))
+        .parse()
+        .expect("counter");
     std::thread::sleep(Duration::from_millis(500));
-    let c2: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter")).parse().expect("counter");
+    let c2: u64 = text(&run(&fix.rt, &fix.source, "cat /tmp/counter"))
+        .parse()
+        .expect("counter");
     assert!(c2 > c1);
     assert_eq!(text(&run(&fix.rt, &fix.source, "hostname")), "source");
 }
@@ -115,7 +157,12 @@ fn source_keeps_running_after_snapshot() {
 fn layers_of(rt: &Runtime, id: &str) -> Vec<std::path::PathBuf> {
     let spec = std::fs::read(rt.vm_dir(id).expect("vm dir").join("spec.json")).expect("spec.json");
     let v: serde_json::Value = serde_json::from_slice(&spec).expect("json");
-    v["layers"].as_array().expect("layers").iter().map(|l| l.as_str().expect("path").into()).collect()
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l.as_str().expect("path").into())
+        .collect()
 }
 
 #[test]
@@ -125,17 +172,39 @@ fn deleting_a_snapshot_keeps_its_clones_and_reclaims_layers_later() {
     let c = restore(fix);
     run(&fix.rt, &c, "echo from-c > /root/c; sync");
     let s2 = block_on(fix.rt.snapshot(&c, None)).expect("snapshot of a clone");
-    let d = block_on(fix.rt.create(CreateVm { snapshot: Some(s2.id.clone()), ..Default::default() })).expect("restore").id;
+    let d = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(s2.id.clone()),
+        ..Default::default()
+    }))
+    .expect("restore")
+    .id;
     block_on(fix.rt.delete_snapshot(&s2.id)).expect("delete snapshot");
     assert!(fix.rt.snapshot_record(&s2.id).is_err());
-    assert!(block_on(fix.rt.create(CreateVm { snapshot: Some(s2.id.clone()), ..Default::default() })).is_err());
-    let (c_top, frozen, d_top) = (layers_of(&fix.rt, &c)[0].clone(), s2.layers[0].clone(), layers_of(&fix.rt, &d)[0].clone());
+    assert!(block_on(fix.rt.create(CreateVm {
+        snapshot: Some(s2.id.clone()),
+        ..Default::default()
+    }))
+    .is_err());
+    let (c_top, frozen, d_top) = (
+        layers_of(&fix.rt, &c)[0].clone(),
+        s2.layers[0].clone(),
+        layers_of(&fix.rt, &d)[0].clone(),
+    );
     block_on(fix.rt.delete(&c)).expect("delete c");
     assert!(!c_top.exists(), "c's writable layer must go with c");
-    assert!(frozen.exists(), "the frozen layer d stands on must stay after its snapshot and source are gone");
-    assert_eq!(text(&run(&fix.rt, &d, "cat /root/c /root/file")), "from-c\npayload");
+    assert!(
+        frozen.exists(),
+        "the frozen layer d stands on must stay after its snapshot and source are gone"
+    );
+    assert_eq!(
+        text(&run(&fix.rt, &d, "cat /root/c /root/file")),
+        "from-c\npayload"
+    );
     block_on(fix.rt.delete(&d)).expect("delete d");
-    assert!(!d_top.exists() && !frozen.exists(), "d's layer and the orphaned frozen layer must be reclaimed");
+    assert!(
+        !d_top.exists() && !frozen.exists(),
+        "d's layer and the orphaned frozen layer must be reclaimed"
+    );
     // The fixture's own chain is untouched.
     assert!(fix.snap.layers.iter().all(|l| l.exists()));
 }
@@ -149,7 +218,12 @@ fn paused_vm_can_be_snapshotted() {
     assert_eq!(fix.rt.get(&vm).expect("vm").state, VmState::Paused);
     block_on(fix.rt.resume(&vm)).expect("resume");
     assert_eq!(text(&run(&fix.rt, &vm, "cat /root/file")), "payload");
-    let clone = block_on(fix.rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() })).expect("restore").id;
+    let clone = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(snap.id.clone()),
+        ..Default::default()
+    }))
+    .expect("restore")
+    .id;
     assert_eq!(text(&run(&fix.rt, &clone, "cat /root/file")), "payload");
     for id in [vm, clone] {
         block_on(fix.rt.delete(&id)).expect("delete");
@@ -163,8 +237,15 @@ fn corrupt_snapshot_state_is_an_error_not_a_hang() {
     let snap = block_on(fix.rt.snapshot(&fix.source, None)).expect("snapshot");
     std::fs::write(&snap.memory, b"garbage, not a migration stream").expect("corrupt");
     let start = Instant::now();
-    let err = block_on(fix.rt.create(CreateVm { snapshot: Some(snap.id.clone()), ..Default::default() })).expect_err("restore must fail");
+    let err = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(snap.id.clone()),
+        ..Default::default()
+    }))
+    .expect_err("restore must fail");
     assert!(start.elapsed() < Duration::from_secs(60));
-    assert!(err.to_string().contains("restore failed") || err.to_string().contains("exited"), "{err}");
+    assert!(
+        err.to_string().contains("restore failed") || err.to_string().contains("exited"),
+        "{err}"
+    );
     block_on(fix.rt.delete_snapshot(&snap.id)).expect("delete snapshot");
 }

@@ -237,17 +237,36 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Session (re)start marker.
-    Sync { nonce: u64 },
-    Control { stream: u32, msg: Control },
+    Sync {
+        nonce: u64,
+    },
+    Control {
+        stream: u32,
+        msg: Control,
+    },
     /// Raw bytes of one fd of a stream.
-    Data { stream: u32, fd: Fd, data: Bytes },
+    Data {
+        stream: u32,
+        fd: Fd,
+        data: Bytes,
+    },
     /// No more bytes on this fd of this stream.
-    Eof { stream: u32, fd: Fd },
+    Eof {
+        stream: u32,
+        fd: Fd,
+    },
     /// The receiver consumed `bytes` of this fd: the sender may send that many more.
-    Credit { stream: u32, fd: Fd, bytes: u32 },
+    Credit {
+        stream: u32,
+        fd: Fd,
+        bytes: u32,
+    },
     /// Produced by the decoder only: the input was not a valid frame. After a
     /// framing error the decoder is unsynced until the next SYNC marker.
-    Invalid { stream: Option<u32>, reason: String },
+    Invalid {
+        stream: Option<u32>,
+        reason: String,
+    },
 }
 
 const KIND_CONTROL: u8 = 1;
@@ -273,7 +292,10 @@ impl FrameCodec {
 
     fn desync(&mut self, reason: String) -> Option<Frame> {
         self.synced = false;
-        Some(Frame::Invalid { stream: None, reason })
+        Some(Frame::Invalid {
+            stream: None,
+            reason,
+        })
     }
 }
 
@@ -311,7 +333,9 @@ impl Decoder for FrameCodec {
             nonce.copy_from_slice(&src[SYNC_MAGIC.len()..SYNC_LEN]);
             src.advance(SYNC_LEN);
             self.synced = true;
-            return Ok(Some(Frame::Sync { nonce: u64::from_le_bytes(nonce) }));
+            return Ok(Some(Frame::Sync {
+                nonce: u64::from_le_bytes(nonce),
+            }));
         }
         if src.len() < HEADER_LEN {
             // A partial SYNC marker may be arriving; wait for more.
@@ -337,7 +361,10 @@ impl Decoder for FrameCodec {
             KIND_CONTROL => match serde_json::from_slice::<Control>(&payload) {
                 Ok(msg) => Frame::Control { stream, msg },
                 // Frame boundaries are intact: stay synced, report the message.
-                Err(e) => Frame::Invalid { stream: Some(stream), reason: format!("bad control message: {e}") },
+                Err(e) => Frame::Invalid {
+                    stream: Some(stream),
+                    reason: format!("bad control message: {e}"),
+                },
             },
             KIND_DATA | KIND_EOF | KIND_CREDIT => {
                 let Some((&fd_byte, rest)) = payload.split_first() else {
@@ -347,13 +374,21 @@ impl Decoder for FrameCodec {
                     return Ok(self.desync(format!("bad fd {fd_byte}")));
                 };
                 match kind {
-                    KIND_DATA => Frame::Data { stream, fd, data: payload.slice(1..) },
+                    KIND_DATA => Frame::Data {
+                        stream,
+                        fd,
+                        data: payload.slice(1..),
+                    },
                     KIND_EOF => Frame::Eof { stream, fd },
                     _ => {
                         if rest.len() != 4 {
                             return Ok(self.desync("credit frame of wrong length".into()));
                         }
-                        Frame::Credit { stream, fd, bytes: read_u32(rest) }
+                        Frame::Credit {
+                            stream,
+                            fd,
+                            bytes: read_u32(rest),
+                        }
                     }
                 }
             }

@@ -12,7 +12,13 @@ fn decode_all(codec: &mut FrameCodec, buf: &mut BytesMut) -> Vec<Frame> {
 fn sample_frames() -> Vec<Frame> {
     vec![
         Frame::Sync { nonce: 7 },
-        Frame::Control { stream: 0, msg: Control::Hello { version: PROTOCOL_VERSION, nonce: 7 } },
+        Frame::Control {
+            stream: 0,
+            msg: Control::Hello {
+                version: PROTOCOL_VERSION,
+                nonce: 7,
+            },
+        },
         Frame::Control {
             stream: 3,
             msg: Control::Exec(ExecSpec {
@@ -32,16 +38,40 @@ fn sample_frames() -> Vec<Frame> {
                 cwd: None,
                 timeout_ms: None,
                 stdin: true,
-                pty: Some(PtySpec { term: "xterm-256color".into(), cols: 120, rows: 40 }),
+                pty: Some(PtySpec {
+                    term: "xterm-256color".into(),
+                    cols: 120,
+                    rows: 40,
+                }),
             }),
         },
-        Frame::Control { stream: 4, msg: Control::Resize { cols: 80, rows: 24 } },
-        Frame::Data { stream: 3, fd: Fd::Stdout, data: Bytes::from_static(b"hi\n\x00\xff") },
-        Frame::Eof { stream: 3, fd: Fd::Stdout },
-        Frame::Credit { stream: 3, fd: Fd::Stderr, bytes: 65536 },
+        Frame::Control {
+            stream: 4,
+            msg: Control::Resize { cols: 80, rows: 24 },
+        },
+        Frame::Data {
+            stream: 3,
+            fd: Fd::Stdout,
+            data: Bytes::from_static(b"hi\n\x00\xff"),
+        },
+        Frame::Eof {
+            stream: 3,
+            fd: Fd::Stdout,
+        },
+        Frame::Credit {
+            stream: 3,
+            fd: Fd::Stderr,
+            bytes: 65536,
+        },
         Frame::Control {
             stream: 3,
-            msg: Control::Exit(ExitStatus { code: 0, signal: None, timed_out: false, duration_ms: 4, error: None }),
+            msg: Control::Exit(ExitStatus {
+                code: 0,
+                signal: None,
+                timed_out: false,
+                duration_ms: 4,
+                error: None,
+            }),
         },
     ]
 }
@@ -61,14 +91,33 @@ fn round_trip_in_one_buffer() {
 fn garbage_before_sync_is_skipped() {
     let mut buf = BytesMut::from(&b"\x00garbage from an old session FVMSYN"[..]);
     buf.extend_from_slice(&encode(Frame::Sync { nonce: 1 }).expect("encode"));
-    buf.extend_from_slice(&encode(Frame::Eof { stream: 1, fd: Fd::Stderr }).expect("encode"));
+    buf.extend_from_slice(
+        &encode(Frame::Eof {
+            stream: 1,
+            fd: Fd::Stderr,
+        })
+        .expect("encode"),
+    );
     let got = decode_all(&mut FrameCodec::new(), &mut buf);
-    assert_eq!(got, vec![Frame::Sync { nonce: 1 }, Frame::Eof { stream: 1, fd: Fd::Stderr }]);
+    assert_eq!(
+        got,
+        vec![
+            Frame::Sync { nonce: 1 },
+            Frame::Eof {
+                stream: 1,
+                fd: Fd::Stderr
+            }
+        ]
+    );
 }
 
 #[test]
 fn frames_before_first_sync_are_dropped() {
-    let mut buf = encode(Frame::Eof { stream: 1, fd: Fd::Stdout }).expect("encode");
+    let mut buf = encode(Frame::Eof {
+        stream: 1,
+        fd: Fd::Stdout,
+    })
+    .expect("encode");
     let got = decode_all(&mut FrameCodec::new(), &mut buf);
     assert!(got.is_empty());
 }
@@ -82,7 +131,10 @@ fn oversized_length_desyncs_without_allocating() {
     buf.put_u32_le(1);
     buf.put_u32_le(u32::MAX);
     let got = decode_all(&mut codec, &mut buf);
-    assert!(matches!(got.as_slice(), [Frame::Sync { .. }, Frame::Invalid { .. }]));
+    assert!(matches!(
+        got.as_slice(),
+        [Frame::Sync { .. }, Frame::Invalid { .. }]
+    ));
     assert!(!codec.is_synced());
     assert!(buf.capacity() < 1 << 16);
 }
@@ -94,11 +146,23 @@ fn bad_control_json_keeps_sync() {
     let json = br#"{"type":"no_such_message"}"#;
     put_header(&mut buf, KIND_CONTROL, 5, json.len()).expect("header");
     buf.put_slice(json);
-    buf.extend_from_slice(&encode(Frame::Eof { stream: 5, fd: Fd::Stdout }).expect("encode"));
+    buf.extend_from_slice(
+        &encode(Frame::Eof {
+            stream: 5,
+            fd: Fd::Stdout,
+        })
+        .expect("encode"),
+    );
     let got = decode_all(&mut codec, &mut buf);
     assert_eq!(got.len(), 3);
     assert!(matches!(got[1], Frame::Invalid { .. }));
-    assert_eq!(got[2], Frame::Eof { stream: 5, fd: Fd::Stdout });
+    assert_eq!(
+        got[2],
+        Frame::Eof {
+            stream: 5,
+            fd: Fd::Stdout
+        }
+    );
 }
 
 /// Schema snapshot: the JSON of control messages is the cross-version contract.
@@ -107,11 +171,25 @@ fn bad_control_json_keeps_sync() {
 /// and `resize`.
 #[test]
 fn control_schema_snapshot() {
-    assert_eq!((PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PTY_PROTOCOL_VERSION), (2, 1, 2));
+    assert_eq!(
+        (PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PTY_PROTOCOL_VERSION),
+        (2, 1, 2)
+    );
     let cases: Vec<(Control, &str)> = vec![
-        (Control::Hello { version: 1, nonce: 9 }, r#"{"type":"hello","version":1,"nonce":9}"#),
         (
-            Control::HelloAck { version: 1, nonce: 9, agent_version: "0.1.0".into(), boot_id: "b".into() },
+            Control::Hello {
+                version: 1,
+                nonce: 9,
+            },
+            r#"{"type":"hello","version":1,"nonce":9}"#,
+        ),
+        (
+            Control::HelloAck {
+                version: 1,
+                nonce: 9,
+                agent_version: "0.1.0".into(),
+                boot_id: "b".into(),
+            },
             r#"{"type":"hello_ack","version":1,"nonce":9,"agent_version":"0.1.0","boot_id":"b"}"#,
         ),
         (
@@ -139,7 +217,14 @@ fn control_schema_snapshot() {
             r#"{"type":"configure","hostname":null,"env":{},"time_unix_ns":null,"entropy":[],"network":{"mac":"02:00:00:00:00:01","ipv4":"10.200.0.2/30","gateway4":"10.200.0.1","ipv6":"fd00::2/126","gateway6":"fd00::1","dns":["10.200.0.1"]}}"#,
         ),
         (
-            Control::Exec(ExecSpec { argv: vec!["true".into()], env: BTreeMap::new(), cwd: None, timeout_ms: None, stdin: false, pty: None }),
+            Control::Exec(ExecSpec {
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: None,
+                stdin: false,
+                pty: None,
+            }),
             r#"{"type":"exec","argv":["true"],"env":{},"cwd":null,"timeout_ms":null,"stdin":false}"#,
         ),
         (
@@ -149,20 +234,50 @@ fn control_schema_snapshot() {
                 cwd: None,
                 timeout_ms: None,
                 stdin: true,
-                pty: Some(PtySpec { term: "xterm-256color".into(), cols: 80, rows: 24 }),
+                pty: Some(PtySpec {
+                    term: "xterm-256color".into(),
+                    cols: 80,
+                    rows: 24,
+                }),
             }),
             r#"{"type":"exec","argv":[],"env":{},"cwd":null,"timeout_ms":null,"stdin":true,"pty":{"term":"xterm-256color","cols":80,"rows":24}}"#,
         ),
-        (Control::Resize { cols: 132, rows: 43 }, r#"{"type":"resize","cols":132,"rows":43}"#),
-        (Control::Signal { signal: 9 }, r#"{"type":"signal","signal":9}"#),
+        (
+            Control::Resize {
+                cols: 132,
+                rows: 43,
+            },
+            r#"{"type":"resize","cols":132,"rows":43}"#,
+        ),
+        (
+            Control::Signal { signal: 9 },
+            r#"{"type":"signal","signal":9}"#,
+        ),
         (Control::Cancel, r#"{"type":"cancel"}"#),
         (Control::Ping, r#"{"type":"ping"}"#),
-        (Control::Shutdown { reboot: false }, r#"{"type":"shutdown","reboot":false}"#),
-        (Control::Ok, r#"{"type":"ok"}"#),
-        (Control::Error { message: "m".into() }, r#"{"type":"error","message":"m"}"#),
-        (Control::Started { pid: 42 }, r#"{"type":"started","pid":42}"#),
         (
-            Control::Exit(ExitStatus { code: 137, signal: Some(9), timed_out: true, duration_ms: 10, error: None }),
+            Control::Shutdown { reboot: false },
+            r#"{"type":"shutdown","reboot":false}"#,
+        ),
+        (Control::Ok, r#"{"type":"ok"}"#),
+        (
+            Control::Error {
+                message: "m".into(),
+            },
+            r#"{"type":"error","message":"m"}"#,
+        ),
+        (
+            Control::Started { pid: 42 },
+            r#"{"type":"started","pid":42}"#,
+        ),
+        (
+            Control::Exit(ExitStatus {
+                code: 137,
+                signal: Some(9),
+                timed_out: true,
+                duration_ms: 10,
+                error: None,
+            }),
             r#"{"type":"exit","code":137,"signal":9,"timed_out":true,"duration_ms":10,"error":null}"#,
         ),
     ];
@@ -177,9 +292,18 @@ fn control_schema_snapshot() {
 #[test]
 fn configure_with_real_clock_decodes() {
     let now = 1_795_912_296_454_660_339u64;
-    let msg = Control::Configure(GuestConfig { time_unix_ns: Some(now), ..Default::default() });
+    let msg = Control::Configure(GuestConfig {
+        time_unix_ns: Some(now),
+        ..Default::default()
+    });
     let mut buf = encode(Frame::Sync { nonce: 1 }).expect("encode");
-    buf.extend_from_slice(&encode(Frame::Control { stream: 2, msg: msg.clone() }).expect("encode"));
+    buf.extend_from_slice(
+        &encode(Frame::Control {
+            stream: 2,
+            msg: msg.clone(),
+        })
+        .expect("encode"),
+    );
     let got = decode_all(&mut FrameCodec::new(), &mut buf);
     assert_eq!(got[1], Frame::Control { stream: 2, msg });
 }

@@ -22,12 +22,18 @@ fn guest_interface() -> io::Result<String> {
         .filter(|n| n != "lo")
         .collect();
     names.sort();
-    names.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no network interface"))
+    names
+        .into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no network interface"))
 }
 
 /// True for text that is safe on an `ip -batch` line (addresses, MACs).
 fn plain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b".:/".contains(&b))
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() || b".:/".contains(&b))
 }
 
 /// Set the MAC, replace the global addresses and default routes (one
@@ -39,7 +45,10 @@ async fn apply_network(shared: &Shared, net: &NetworkConfig) -> io::Result<()> {
     fields.extend(net.gateway6.as_deref());
     fields.extend(net.dns.iter().map(String::as_str));
     if let Some(bad) = fields.iter().find(|f| !plain(f)) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid network field {bad:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid network field {bad:?}"),
+        ));
     }
     // No SLAAC, router advertisements or DAD: the host assigns everything.
     for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0")] {
@@ -72,11 +81,20 @@ async fn apply_network(shared: &Shared, net: &NetworkConfig) -> io::Result<()> {
         use std::io::Read;
         let _ = (&mut stderr).take(4096).read_to_string(&mut err);
     }
-    let status = status.await.map_err(|_| io::Error::other("ip: exit status lost"))?;
+    let status = status
+        .await
+        .map_err(|_| io::Error::other("ip: exit status lost"))?;
     if status != 0 {
-        return Err(io::Error::other(format!("ip -batch failed ({status}): {}", err.trim())));
+        return Err(io::Error::other(format!(
+            "ip -batch failed ({status}): {}",
+            err.trim()
+        )));
     }
-    let resolv: String = net.dns.iter().map(|s| format!("nameserver {s}\n")).collect();
+    let resolv: String = net
+        .dns
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect();
     let _ = std::fs::remove_file("/etc/resolv.conf");
     std::fs::write("/etc/resolv.conf", resolv)?;
     Ok(())
@@ -102,21 +120,33 @@ fn apply_identity(shared: &Shared, cfg: GuestConfig) -> io::Result<()> {
 /// that clones restored from one snapshot stop sharing random streams.
 fn reseed_rng(entropy: &[u8]) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
     f.write_all(entropy)?;
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
-    // SAFETY: an argument-less ioctl on a valid fd.
+                                                 // SAFETY: an argument-less ioctl on a valid fd.
     let ret = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
     if ret != 0 {
-        crate::log(&format!("RNDRESEEDCRNG failed: {}", io::Error::last_os_error()));
+        crate::log(&format!(
+            "RNDRESEEDCRNG failed: {}",
+            io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 fn set_hostname(name: &str) -> io::Result<()> {
-    let valid = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if !valid {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid hostname {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid hostname {name:?}"),
+        ));
     }
     // SAFETY: the pointer and length describe a valid byte buffer.
     let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
@@ -124,7 +154,9 @@ fn set_hostname(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
-    let hosts = format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    );
     let _ = std::fs::write("/etc/hosts", hosts);
     Ok(())
 }

@@ -32,7 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch, Notify};
 
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// After the process exits, keep reading its pipes until EOF, a pause this
 /// long, or [`EXIT_DRAIN`] in all: a background child may hold them open.
 const EXIT_IDLE: Duration = Duration::from_millis(100);
@@ -47,7 +48,11 @@ pub(crate) struct Credit {
 
 impl Credit {
     fn new() -> Credit {
-        Credit { avail: Mutex::new(STREAM_WINDOW), notify: Notify::new(), detached: AtomicBool::new(false) }
+        Credit {
+            avail: Mutex::new(STREAM_WINDOW),
+            notify: Notify::new(),
+            detached: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn give(&self, n: u32) {
@@ -107,7 +112,10 @@ impl StreamHandle {
     /// A stream; a PTY stream always has stdin (keystrokes).
     pub(crate) fn new(with_stdin: bool, pty: Option<Pty>) -> (StreamHandle, StreamParts) {
         let (stdout, stderr) = (Arc::new(Credit::new()), Arc::new(Credit::new()));
-        let (pid, detached) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicBool::new(false)));
+        let (pid, detached) = (
+            Arc::new(AtomicI32::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (tx, rx) = if with_stdin || pty.is_some() {
             let (tx, rx) = mpsc::channel(16);
             (Some(tx), Some(rx))
@@ -115,8 +123,25 @@ impl StreamHandle {
             (None, None)
         };
         let master = pty.as_ref().map(|p| p.master.clone());
-        let handle = StreamHandle { stdout: stdout.clone(), stderr: stderr.clone(), stdin: tx, pid: pid.clone(), detached: detached.clone(), pty: master };
-        (handle, StreamParts { stdout, stderr, stdin: rx, pid, detached, pty })
+        let handle = StreamHandle {
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            stdin: tx,
+            pid: pid.clone(),
+            detached: detached.clone(),
+            pty: master,
+        };
+        (
+            handle,
+            StreamParts {
+                stdout,
+                stderr,
+                stdin: rx,
+                pid,
+                detached,
+                pty,
+            },
+        )
     }
 
     /// Resize the stream's terminal; false when it has none.
@@ -162,22 +187,41 @@ pub(crate) fn kill_group(pid: i32, signal: i32) {
     unsafe { libc::kill(-pid, signal) };
 }
 
-fn command(shared: &Shared, spec: &ExecSpec, argv: &[String], pty: Option<&Pty>) -> std::io::Result<std::process::Command> {
+fn command(
+    shared: &Shared,
+    spec: &ExecSpec,
+    argv: &[String],
+    pty: Option<&Pty>,
+) -> std::io::Result<std::process::Command> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
-    cmd.env("PATH", DEFAULT_PATH).env("HOME", "/root").env("USER", "root").env("LANG", "C.UTF-8").env("TERM", "xterm");
+    cmd.env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LANG", "C.UTF-8")
+        .env("TERM", "xterm");
     if let Some(p) = &spec.pty {
-        cmd.env("TERM", &p.term).env("LOGNAME", "root").env("SHELL", &argv[0]);
+        cmd.env("TERM", &p.term)
+            .env("LOGNAME", "root")
+            .env("SHELL", &argv[0]);
     }
     if let Ok(env) = shared.env.read() {
         cmd.envs(env.iter());
     }
     cmd.envs(spec.env.iter());
     let cwd = spec.cwd.clone().unwrap_or_else(|| "/root".to_owned());
-    cmd.current_dir(if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() { cwd } else { "/".to_owned() });
+    cmd.current_dir(
+        if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() {
+            cwd
+        } else {
+            "/".to_owned()
+        },
+    );
     match pty {
         Some(pty) => {
-            cmd.stdin(pty.slave.try_clone()?).stdout(pty.slave.try_clone()?).stderr(pty.slave.try_clone()?);
+            cmd.stdin(pty.slave.try_clone()?)
+                .stdout(pty.slave.try_clone()?)
+                .stderr(pty.slave.try_clone()?);
             // SAFETY: runs between fork and exec, after stdio became the slave;
             // it only makes async-signal-safe calls.
             unsafe {
@@ -185,8 +229,13 @@ fn command(shared: &Shared, spec: &ExecSpec, argv: &[String], pty: Option<&Pty>)
             }
         }
         None => {
-            cmd.stdin(if spec.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() });
-            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            cmd.stdin(if spec.stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            });
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
             // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
             unsafe {
                 cmd.pre_exec(|| {
@@ -212,49 +261,110 @@ fn decode_status(status: libc::c_int) -> (i32, Option<i32>) {
 
 async fn finish(shared: &Shared, stream: u32, detached: &Arc<AtomicBool>, status: ExitStatus) {
     if !detached.load(Ordering::SeqCst) {
-        shared.out.send(Frame::Control { stream, msg: Control::Exit(status) }).await;
+        shared
+            .out
+            .send(Frame::Control {
+                stream,
+                msg: Control::Exit(status),
+            })
+            .await;
     }
     shared.remove_stream(stream, detached);
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut parts: StreamParts) {
     let start = Instant::now();
-    let argv = if spec.argv.is_empty() && parts.pty.is_some() { pty::login_shell() } else { spec.argv.clone() };
+    let argv = if spec.argv.is_empty() && parts.pty.is_some() {
+        pty::login_shell()
+    } else {
+        spec.argv.clone()
+    };
     if argv.is_empty() || argv[0].is_empty() {
-        let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: 0, error: Some("empty command".into()) };
+        let status = ExitStatus {
+            code: 127,
+            signal: None,
+            timed_out: false,
+            duration_ms: 0,
+            error: Some("empty command".into()),
+        };
         return finish(&shared, stream, &parts.detached, status).await;
     }
     // The slave is only needed until the child has its copies: dropping ours
     // lets the master see EOF (EIO) once the child and its jobs are gone.
     let pty = parts.pty.take();
-    let spawned = command(&shared, &spec, &argv, pty.as_ref()).and_then(|mut cmd| shared.reaper.spawn(&mut cmd));
+    let spawned = command(&shared, &spec, &argv, pty.as_ref())
+        .and_then(|mut cmd| shared.reaper.spawn(&mut cmd));
     let master = pty.map(|p| p.master);
     let (mut child, exit_rx) = match spawned {
         Ok(c) => c,
         Err(e) => {
             let error = Some(format!("cannot start {:?}: {e}", argv[0]));
-            let status = ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: elapsed_ms(start), error };
+            let status = ExitStatus {
+                code: 127,
+                signal: None,
+                timed_out: false,
+                duration_ms: elapsed_ms(start),
+                error,
+            };
             return finish(&shared, stream, &parts.detached, status).await;
         }
     };
     let pid = child.id() as i32;
     parts.pid.store(pid, Ordering::SeqCst);
-    shared.out.send(Frame::Control { stream, msg: Control::Started { pid: pid as u32 } }).await;
+    shared
+        .out
+        .send(Frame::Control {
+            stream,
+            msg: Control::Started { pid: pid as u32 },
+        })
+        .await;
 
     let (exited_tx, exited_rx) = watch::channel(false);
     let mut pumps = Vec::new();
     if let Some(master) = &master {
         let source = Source::Pty(master.clone());
-        pumps.push(tokio::spawn(pump(shared.clone(), stream, Fd::Stdout, source, parts.stdout.clone(), parts.detached.clone(), exited_rx.clone())));
+        pumps.push(tokio::spawn(pump(
+            shared.clone(),
+            stream,
+            Fd::Stdout,
+            source,
+            parts.stdout.clone(),
+            parts.detached.clone(),
+            exited_rx.clone(),
+        )));
         if let Some(rx) = parts.stdin.take() {
-            tokio::spawn(feed_stdin(shared.clone(), stream, Sink::Pty(master.clone()), rx));
+            tokio::spawn(feed_stdin(
+                shared.clone(),
+                stream,
+                Sink::Pty(master.clone()),
+                rx,
+            ));
         }
     }
-    let outputs = [(Fd::Stdout, child.stdout.take().map(OwnedFd::from), parts.stdout.clone()), (Fd::Stderr, child.stderr.take().map(OwnedFd::from), parts.stderr.clone())];
+    let outputs = [
+        (
+            Fd::Stdout,
+            child.stdout.take().map(OwnedFd::from),
+            parts.stdout.clone(),
+        ),
+        (
+            Fd::Stderr,
+            child.stderr.take().map(OwnedFd::from),
+            parts.stderr.clone(),
+        ),
+    ];
     for (fd, pipe_fd, credit) in outputs {
         let Some(pipe_fd) = pipe_fd else { continue };
         match pipe::Receiver::from_owned_fd(pipe_fd) {
-            Ok(rx) => pumps.push(tokio::spawn(pump(shared.clone(), stream, fd, Source::Pipe(rx), credit, parts.detached.clone(), exited_rx.clone()))),
+            Ok(rx) => pumps.push(tokio::spawn(pump(
+                shared.clone(),
+                stream,
+                fd,
+                Source::Pipe(rx),
+                credit,
+                parts.detached.clone(),
+                exited_rx.clone(),
+            ))),
             Err(e) => crate::log(&format!("stream {stream}: cannot read {fd:?}: {e}")),
         }
     }
@@ -288,7 +398,13 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut pa
     for p in pumps {
         let _ = p.await;
     }
-    let status = ExitStatus { code, signal, timed_out, duration_ms: elapsed_ms(start), error: None };
+    let status = ExitStatus {
+        code,
+        signal,
+        timed_out,
+        duration_ms: elapsed_ms(start),
+        error: None,
+    };
     finish(&shared, stream, &parts.detached, status).await;
 }
 
@@ -371,13 +487,25 @@ async fn pump(
     }
 }
 
-async fn feed_stdin(shared: Arc<Shared>, stream: u32, mut tx: Sink, mut rx: mpsc::Receiver<Option<Bytes>>) {
+async fn feed_stdin(
+    shared: Arc<Shared>,
+    stream: u32,
+    mut tx: Sink,
+    mut rx: mpsc::Receiver<Option<Bytes>>,
+) {
     while let Some(Some(data)) = rx.recv().await {
         let n = data.len() as u32;
         if tx.write_all(&data).await.is_err() {
             break;
         }
-        shared.out.send(Frame::Credit { stream, fd: Fd::Stdin, bytes: n }).await;
+        shared
+            .out
+            .send(Frame::Credit {
+                stream,
+                fd: Fd::Stdin,
+                bytes: n,
+            })
+            .await;
     }
     // Dropping tx closes the child's stdin (for a PTY: our reference to the master).
 }

@@ -23,7 +23,13 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
     }
 }
 
-pub(crate) fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+pub(crate) fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -36,7 +42,8 @@ fn load_module(path: &Path) -> io::Result<()> {
     let params = cstr("")?;
     use std::os::fd::AsRawFd;
     // SAFETY: finit_module reads the module from a valid open fd; params is a valid C string.
-    let ret = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     if ret == 0 {
         return Ok(());
     }
@@ -44,7 +51,10 @@ fn load_module(path: &Path) -> io::Result<()> {
     if e.raw_os_error() == Some(libc::EEXIST) {
         return Ok(());
     }
-    Err(io::Error::new(e.kind(), format!("load {}: {e}", path.display())))
+    Err(io::Error::new(
+        e.kind(),
+        format!("load {}: {e}", path.display()),
+    ))
 }
 
 fn load_modules() -> io::Result<()> {
@@ -62,16 +72,21 @@ fn load_modules() -> io::Result<()> {
 
 fn cmdline_value(key: &str) -> Option<String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')).map(str::to_owned))
+    cmdline.split_whitespace().find_map(|kv| {
+        kv.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+            .map(str::to_owned)
+    })
 }
 
 fn wait_for(path: &str, limit: Duration) -> io::Result<()> {
     let start = Instant::now();
     while !Path::new(path).exists() {
         if start.elapsed() > limit {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{path} did not appear")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{path} did not appear"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -82,15 +97,31 @@ fn wait_for(path: &str, limit: Duration) -> io::Result<()> {
 fn clear_initramfs() {
     for entry in ["/init", "/fastvm"] {
         let p = Path::new(entry);
-        let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
     }
 }
 
 /// Everything PID 1 does before serving.
 pub(crate) fn early() -> io::Result<()> {
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
-    mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
-    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
     load_modules()?;
     let root = cmdline_value("fastvm.root").unwrap_or_else(|| "/dev/vda".to_owned());
     wait_for(&root, Duration::from_secs(10))?;
@@ -108,7 +139,13 @@ pub(crate) fn early() -> io::Result<()> {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777")?;
     mount("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755")?;
-    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    )?;
     mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777")?;
     // Best effort: loopback up and the root filesystem grown to the disk size.
     run_quietly("ip", &["link", "set", "lo", "up"]);

@@ -36,7 +36,10 @@ fn main() {
             init::power_off();
         }
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             log(&format!("cannot start runtime: {e}"));

@@ -36,7 +36,10 @@ pub(crate) struct Port {
 }
 
 pub(crate) fn open(path: &Path) -> std::io::Result<Port> {
-    let mut reader = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     let mut writer = reader.try_clone()?;
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(64);
     std::thread::spawn(move || {
@@ -45,7 +48,10 @@ pub(crate) fn open(path: &Path) -> std::io::Result<Port> {
             match reader.read(&mut buf) {
                 Ok(0) => std::thread::sleep(Duration::from_millis(5)),
                 Ok(n) => {
-                    if in_tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    if in_tx
+                        .blocking_send(Bytes::copy_from_slice(&buf[..n]))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -65,5 +71,8 @@ pub(crate) fn open(path: &Path) -> std::io::Result<Port> {
             let _ = writer.write_all(&chunk);
         }
     });
-    Ok(Port { rx: in_rx, tx: out_tx })
+    Ok(Port {
+        rx: in_rx,
+        tx: out_tx,
+    })
 }

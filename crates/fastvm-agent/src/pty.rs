@@ -42,7 +42,10 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<libc::c_int> {
 /// Open a new terminal of `cols` x `rows`.
 pub(crate) fn open(cols: u16, rows: u16) -> io::Result<Pty> {
     // SAFETY: posix_openpt takes flags only; the result is checked.
-    let m = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) }, "posix_openpt")?;
+    let m = check(
+        unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) },
+        "posix_openpt",
+    )?;
     // SAFETY: `m` is a descriptor we just opened and own.
     let master = unsafe { OwnedFd::from_raw_fd(m) };
     // SAFETY: grantpt/unlockpt act on our open master descriptor.
@@ -53,30 +56,55 @@ pub(crate) fn open(cols: u16, rows: u16) -> io::Result<Pty> {
     // SAFETY: the buffer is valid for `name.len()` bytes; ptsname_r NUL-terminates on success.
     let rc = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
     if rc != 0 {
-        return Err(io::Error::new(io::Error::from_raw_os_error(rc).kind(), format!("ptsname_r: {}", io::Error::from_raw_os_error(rc))));
+        return Err(io::Error::new(
+            io::Error::from_raw_os_error(rc).kind(),
+            format!("ptsname_r: {}", io::Error::from_raw_os_error(rc)),
+        ));
     }
     // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
     let path = unsafe { CStr::from_ptr(name.as_ptr()) };
     // SAFETY: `path` is a valid C string; the result is checked.
-    let s = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) }, "open the terminal's slave")?;
+    let s = check(
+        unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        },
+        "open the terminal's slave",
+    )?;
     // SAFETY: `s` is a descriptor we just opened and own.
     let slave = unsafe { OwnedFd::from_raw_fd(s) };
     set_size(&master, cols, rows)?;
     // SAFETY: fcntl on our own descriptor.
     let flags = check(unsafe { libc::fcntl(m, libc::F_GETFL) }, "fcntl")?;
     // SAFETY: as above.
-    check(unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) }, "fcntl")?;
+    check(
+        unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) },
+        "fcntl",
+    )?;
     // SAFETY: an OwnedFd is open, owned and always returns the same descriptor
     // until it is dropped together with the AsyncFd.
     let master = unsafe { AsyncFd::register(master) }.map_err(io::Error::from)?;
-    Ok(Pty { master: Arc::new(master), slave })
+    Ok(Pty {
+        master: Arc::new(master),
+        slave,
+    })
 }
 
 /// Set the window size of the terminal behind `fd` (master or slave).
 pub(crate) fn set_size(fd: &impl AsRawFd, cols: u16, rows: u16) -> io::Result<()> {
-    let ws = libc::winsize { ws_row: rows.max(1), ws_col: cols.max(1), ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows.max(1),
+        ws_col: cols.max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, "TIOCSWINSZ")?;
+    check(
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        "TIOCSWINSZ",
+    )?;
     Ok(())
 }
 
@@ -140,6 +168,10 @@ pub(crate) async fn write_all(master: &Master, mut data: &[u8]) -> io::Result<()
 
 /// argv of the login shell: `/bin/bash -l`, else `/bin/sh -l`.
 pub(crate) fn login_shell() -> Vec<String> {
-    let shell = if std::path::Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+    let shell = if std::path::Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
     vec![shell.to_owned(), "-l".to_owned()]
 }

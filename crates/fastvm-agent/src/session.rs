@@ -77,7 +77,9 @@ pub(crate) async fn serve(path: &Path, reaper: Reaper) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         env: RwLock::new(BTreeMap::new()),
         reaper,
-        out: Out { tx: port.tx.clone() },
+        out: Out {
+            tx: port.tx.clone(),
+        },
         streams: Mutex::new(HashMap::new()),
         boot_id: format!("{:016x}", rand::random::<u64>()),
     });
@@ -100,27 +102,43 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
     match frame {
         Frame::Sync { .. } => shared.detach_all(),
         Frame::Control { stream, msg } => handle_control(shared, stream, msg).await,
-        Frame::Data { stream, fd: Fd::Stdin, data } => {
+        Frame::Data {
+            stream,
+            fd: Fd::Stdin,
+            data,
+        } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
                 let _ = tx.send(Some(data)).await;
             }
         }
-        Frame::Eof { stream, fd: Fd::Stdin } => {
+        Frame::Eof {
+            stream,
+            fd: Fd::Stdin,
+        } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
                 let _ = tx.send(None).await;
             }
         }
         Frame::Credit { stream, fd, bytes } => {
-            let credit: Option<Arc<Credit>> = shared.with_stream(stream, |s| s.credit(fd)).flatten();
+            let credit: Option<Arc<Credit>> =
+                shared.with_stream(stream, |s| s.credit(fd)).flatten();
             if let Some(c) = credit {
                 c.give(bytes);
             }
         }
-        Frame::Invalid { stream: Some(stream), reason } => reply(shared, stream, Control::Error { message: reason }).await,
-        Frame::Invalid { stream: None, reason } => crate::log(&format!("ignored invalid input: {reason}")),
-        Frame::Data { .. } | Frame::Eof { .. } => crate::log("ignored output-direction frame from host"),
+        Frame::Invalid {
+            stream: Some(stream),
+            reason,
+        } => reply(shared, stream, Control::Error { message: reason }).await,
+        Frame::Invalid {
+            stream: None,
+            reason,
+        } => crate::log(&format!("ignored invalid input: {reason}")),
+        Frame::Data { .. } | Frame::Eof { .. } => {
+            crate::log("ignored output-direction frame from host")
+        }
     }
 }
 
@@ -136,26 +154,43 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
             };
             reply(shared, 0, ack).await;
             if version != PROTOCOL_VERSION {
-                crate::log(&format!("host speaks protocol v{version}, agent v{PROTOCOL_VERSION}"));
+                crate::log(&format!(
+                    "host speaks protocol v{version}, agent v{PROTOCOL_VERSION}"
+                ));
             }
         }
         Control::Configure(cfg) => {
             let answer = match crate::config::apply(shared, cfg).await {
                 Ok(()) => Control::Ok,
-                Err(e) => Control::Error { message: e.to_string() },
+                Err(e) => Control::Error {
+                    message: e.to_string(),
+                },
             };
             reply(shared, stream, answer).await;
         }
         Control::Exec(spec) => {
             if stream == 0 {
-                return reply(shared, stream, Control::Error { message: "stream 0 is reserved".into() }).await;
+                return reply(
+                    shared,
+                    stream,
+                    Control::Error {
+                        message: "stream 0 is reserved".into(),
+                    },
+                )
+                .await;
             }
             let pty = match &spec.pty {
                 Some(p) => match crate::pty::open(p.cols, p.rows) {
                     Ok(pty) => Some(pty),
                     Err(e) => {
                         let error = Some(format!("cannot open a pseudo-terminal: {e}"));
-                        let status = fastvm_agent_proto::ExitStatus { code: 127, signal: None, timed_out: false, duration_ms: 0, error };
+                        let status = fastvm_agent_proto::ExitStatus {
+                            code: 127,
+                            signal: None,
+                            timed_out: false,
+                            duration_ms: 0,
+                            error,
+                        };
                         return reply(shared, stream, Control::Exit(status)).await;
                     }
                 },
@@ -173,7 +208,14 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                 Err(_) => true,
             };
             if duplicate {
-                return reply(shared, stream, Control::Error { message: format!("stream {stream} is busy") }).await;
+                return reply(
+                    shared,
+                    stream,
+                    Control::Error {
+                        message: format!("stream {stream} is busy"),
+                    },
+                )
+                .await;
             }
             tokio::spawn(exec::run(shared.clone(), stream, spec, parts));
         }
@@ -184,17 +226,32 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                     exec::kill_group(pid, signal);
                     reply(shared, stream, Control::Ok).await;
                 }
-                None => reply(shared, stream, Control::Error { message: "no such process".into() }).await,
+                None => {
+                    reply(
+                        shared,
+                        stream,
+                        Control::Error {
+                            message: "no such process".into(),
+                        },
+                    )
+                    .await
+                }
             }
         }
         Control::Resize { cols, rows } => {
             // No answer: a resize is fire-and-forget (an Error would end the host's stream).
             if shared.with_stream(stream, |s| s.resize(cols, rows)) != Some(true) {
-                crate::log(&format!("ignored resize of stream {stream}: no such terminal"));
+                crate::log(&format!(
+                    "ignored resize of stream {stream}: no such terminal"
+                ));
             }
         }
         Control::Cancel => {
-            let handle = shared.streams.lock().ok().and_then(|mut s| s.remove(&stream));
+            let handle = shared
+                .streams
+                .lock()
+                .ok()
+                .and_then(|mut s| s.remove(&stream));
             if let Some(h) = handle {
                 h.detach();
                 if let Some(pid) = h.pid() {

@@ -32,7 +32,11 @@ impl Client {
             Some(k) => Some(k.clone()),
             None => read_local_key(&crate::default_data_dir()),
         };
-        Ok(Client { base: args.base_url.trim_end_matches('/').to_owned(), key, http: reqwest::Client::builder().build()? })
+        Ok(Client {
+            base: args.base_url.trim_end_matches('/').to_owned(),
+            key,
+            http: reqwest::Client::builder().build()?,
+        })
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -45,7 +49,10 @@ impl Client {
 
     /// Send and decode a JSON answer; API errors become `CODE: message`.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = req.send().await.with_context(|| format!("cannot reach the Fast VM API at {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Fast VM API at {}", self.base))?;
         decode(resp).await
     }
 
@@ -54,7 +61,8 @@ impl Client {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.request(reqwest::Method::POST, path).json(body)).await
+        self.send(self.request(reqwest::Method::POST, path).json(body))
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
@@ -68,11 +76,20 @@ pub async fn decode(resp: reqwest::Response) -> anyhow::Result<Value> {
     if status.is_success() {
         return Ok(body);
     }
-    let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("HTTP_ERROR");
-    let msg = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
+    let code = body
+        .pointer("/error/code")
+        .and_then(Value::as_str)
+        .unwrap_or("HTTP_ERROR");
+    let msg = body
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     Err(anyhow!("{code} ({status}): {msg}"))
 }
 
 fn read_local_key(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join("admin-api-key")).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    std::fs::read_to_string(data_dir.join("admin-api-key"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }

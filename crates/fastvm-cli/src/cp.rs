@@ -67,7 +67,11 @@ fn progress(quiet: bool, len: Option<u64>, what: &str) -> ProgressBar {
         Some(n) => ProgressBar::new(n),
         None => ProgressBar::new_spinner(),
     };
-    let template = if len.is_some() { "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}" } else { "{msg} {spinner} {bytes} {bytes_per_sec}" };
+    let template = if len.is_some() {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}"
+    } else {
+        "{msg} {spinner} {bytes} {bytes_per_sec}"
+    };
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -76,8 +80,17 @@ fn progress(quiet: bool, len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 async fn presign(client: &Client, vm: &str, path: &str) -> anyhow::Result<(String, String)> {
-    let p = client.post(&format!("/v1/vms/{vm}/files/presign"), &json!({ "path": path })).await?;
-    let url = |k: &str| p[k].as_str().map(str::to_owned).ok_or_else(|| anyhow!("presign answered without {k}"));
+    let p = client
+        .post(
+            &format!("/v1/vms/{vm}/files/presign"),
+            &json!({ "path": path }),
+        )
+        .await?;
+    let url = |k: &str| {
+        p[k].as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("presign answered without {k}"))
+    };
     Ok((url("uploadUrl")?, url("downloadUrl")?))
 }
 
@@ -85,41 +98,79 @@ fn check_exec(out: &Value, what: &str) -> anyhow::Result<()> {
     if out["exitCode"].as_i64() == Some(0) && out["timedOut"].as_bool() != Some(true) {
         return Ok(());
     }
-    let why = if out["timedOut"].as_bool() == Some(true) { "timed out (raise --timeout)".to_owned() } else { format!("exited {}", out["exitCode"]) };
-    bail!("{what} in the VM {why}: {}", out["stderr"].as_str().unwrap_or("").trim())
+    let why = if out["timedOut"].as_bool() == Some(true) {
+        "timed out (raise --timeout)".to_owned()
+    } else {
+        format!("exited {}", out["exitCode"])
+    };
+    bail!(
+        "{what} in the VM {why}: {}",
+        out["stderr"].as_str().unwrap_or("").trim()
+    )
 }
 
-async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &str) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?;
+async fn upload(
+    client: &Client,
+    args: &CpArgs,
+    local: &Path,
+    vm: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?;
     let is_dir = meta.is_dir();
     // Pass 1 of the directory tar (lstat only): its exact size, sent as Content-Length.
     let plan = if is_dir {
         let dir = local.to_owned();
-        Some(tokio::task::spawn_blocking(move || crate::sized_tar::plan(&dir)).await?.with_context(|| format!("reading {}", local.display()))?)
+        Some(
+            tokio::task::spawn_blocking(move || crate::sized_tar::plan(&dir))
+                .await?
+                .with_context(|| format!("reading {}", local.display()))?,
+        )
     } else {
         None
     };
-    let target = if is_dir { format!("/var/tmp/.fastvm-upload-{}.tar", uuid::Uuid::new_v4().simple()) } else { path.to_owned() };
+    let target = if is_dir {
+        format!(
+            "/var/tmp/.fastvm-upload-{}.tar",
+            uuid::Uuid::new_v4().simple()
+        )
+    } else {
+        path.to_owned()
+    };
     let (up, down) = presign(client, vm, &target).await?;
-    let put = client.http.put(&up).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
+    let put = client
+        .http
+        .put(&up)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
     let bar;
     let put = if let Some(plan) = plan {
         let size = plan.size;
         bar = progress(args.quiet, Some(size), "tar+upload");
         let (rx, tar_thread) = tar_directory(plan);
         let b = bar.clone();
-        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).map(move |c: std::io::Result<Bytes>| {
-            if let Ok(c) = &c {
-                b.inc(c.len() as u64);
-            }
-            c
-        });
-        let res = put.header(reqwest::header::CONTENT_LENGTH, size).body(reqwest::Body::wrap_stream(body)).send().await;
-        tar_thread.join().map_err(|_| anyhow!("the tar thread panicked"))??;
+        let body =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .map(move |c: std::io::Result<Bytes>| {
+                    if let Ok(c) = &c {
+                        b.inc(c.len() as u64);
+                    }
+                    c
+                });
+        let res = put
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await;
+        tar_thread
+            .join()
+            .map_err(|_| anyhow!("the tar thread panicked"))??;
         res
     } else {
         bar = progress(args.quiet, Some(meta.len()), "upload");
-        let file = tokio::fs::File::open(local).await.with_context(|| format!("cannot open {}", local.display()))?;
+        let file = tokio::fs::File::open(local)
+            .await
+            .with_context(|| format!("cannot open {}", local.display()))?;
         let b = bar.clone();
         let body = tokio_util_reader(file).map(move |c| {
             if let Ok(c) = &c {
@@ -127,17 +178,30 @@ async fn upload(client: &Client, args: &CpArgs, local: &Path, vm: &str, path: &s
             }
             c
         });
-        put.header(reqwest::header::CONTENT_LENGTH, meta.len()).body(reqwest::Body::wrap_stream(body)).send().await
+        put.header(reqwest::header::CONTENT_LENGTH, meta.len())
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
     };
     let res = put.with_context(|| format!("uploading to {}", client.base))?;
     decode(res).await?;
     bar.finish_and_clear();
-    let out = client.post(&format!("/v1/vms/{vm}/files/fetch"), &json!({ "url": down, "path": target, "timeoutSec": args.timeout })).await?;
+    let out = client
+        .post(
+            &format!("/v1/vms/{vm}/files/fetch"),
+            &json!({ "url": down, "path": target, "timeoutSec": args.timeout }),
+        )
+        .await?;
     check_exec(&out, "writing the file")?;
     if is_dir {
         let (t, d) = (shell_quote(&target), shell_quote(path));
         let cmd = format!("mkdir -p {d} && tar -xf {t} -C {d}; rc=$?; rm -f {t}; exit $rc");
-        let out = client.post(&format!("/v1/vms/{vm}/exec"), &json!({ "command": ["sh", "-c", cmd], "timeoutSec": args.timeout })).await?;
+        let out = client
+            .post(
+                &format!("/v1/vms/{vm}/exec"),
+                &json!({ "command": ["sh", "-c", cmd], "timeoutSec": args.timeout }),
+            )
+            .await?;
         check_exec(&out, "extracting the archive")?;
     }
     Ok(())
@@ -183,18 +247,31 @@ impl Write for ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 }
 
 /// Pass 2 of the directory tar in a thread (`plan.size` bytes, rooted at `./`,
 /// an error if the tree changed since the plan); its chunks come from the receiver.
-fn tar_directory(plan: crate::sized_tar::Plan) -> (tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, std::thread::JoinHandle<anyhow::Result<()>>) {
+fn tar_directory(
+    plan: crate::sized_tar::Plan,
+) -> (
+    tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(DEPTH);
     let thread = std::thread::spawn(move || {
         let err_tx = tx.clone();
         let result = (|| -> anyhow::Result<()> {
-            let mut w = crate::sized_tar::write(&plan, ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) })?;
+            let mut w = crate::sized_tar::write(
+                &plan,
+                ChannelWriter {
+                    tx,
+                    buf: Vec::with_capacity(CHUNK),
+                },
+            )?;
             w.flush()?;
             Ok(())
         })();
@@ -207,7 +284,13 @@ fn tar_directory(plan: crate::sized_tar::Plan) -> (tokio::sync::mpsc::Receiver<s
     (rx, thread)
 }
 
-async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &Path) -> anyhow::Result<()> {
+async fn download(
+    client: &Client,
+    args: &CpArgs,
+    vm: &str,
+    path: &str,
+    local: &Path,
+) -> anyhow::Result<()> {
     let (up, down) = presign(client, vm, path).await?;
     let res = client
         .request(reqwest::Method::POST, &format!("/v1/vms/{vm}/files/export"))
@@ -215,9 +298,20 @@ async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &
         .send()
         .await
         .with_context(|| format!("cannot reach the Fast VM API at {}", client.base))?;
-    let exported = decode(res).await.map_err(|e| if e.to_string().starts_with("FILE_NOT_FOUND") { anyhow!("{vm}:{path}: no such file or directory in the VM") } else { e })?;
+    let exported = decode(res).await.map_err(|e| {
+        if e.to_string().starts_with("FILE_NOT_FOUND") {
+            anyhow!("{vm}:{path}: no such file or directory in the VM")
+        } else {
+            e
+        }
+    })?;
     let size = exported["sizeBytes"].as_u64();
-    let res = client.http.get(&down).send().await.with_context(|| format!("downloading from {}", client.base))?;
+    let res = client
+        .http
+        .get(&down)
+        .send()
+        .await
+        .with_context(|| format!("downloading from {}", client.base))?;
     if !res.status().is_success() {
         decode(res).await?;
         bail!("download failed");
@@ -226,14 +320,23 @@ async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &
     let mut body = res.bytes_stream();
     match exported["kind"].as_str() {
         Some("file") => {
-            let dest = if local.is_dir() { local.join(Path::new(path).file_name().unwrap_or_default()) } else { local.to_owned() };
+            let dest = if local.is_dir() {
+                local.join(Path::new(path).file_name().unwrap_or_default())
+            } else {
+                local.to_owned()
+            };
             if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
             }
-            let mut file = tokio::fs::File::create(&dest).await.with_context(|| format!("creating {}", dest.display()))?;
+            let mut file = tokio::fs::File::create(&dest)
+                .await
+                .with_context(|| format!("creating {}", dest.display()))?;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.context("download interrupted")?;
-                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.with_context(|| format!("writing {}", dest.display()))?;
+                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                    .await
+                    .with_context(|| format!("writing {}", dest.display()))?;
                 bar.inc(chunk.len() as u64);
             }
             tokio::io::AsyncWriteExt::flush(&mut file).await?;
@@ -241,7 +344,15 @@ async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &
         Some("directory") => {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(DEPTH);
             let dest = local.to_owned();
-            let extract = tokio::task::spawn_blocking(move || safe_unpack(ChannelReader { rx, cur: Bytes::new() }, &dest));
+            let extract = tokio::task::spawn_blocking(move || {
+                safe_unpack(
+                    ChannelReader {
+                        rx,
+                        cur: Bytes::new(),
+                    },
+                    &dest,
+                )
+            });
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.context("download interrupted")?;
                 bar.inc(chunk.len() as u64);
@@ -250,7 +361,9 @@ async fn download(client: &Client, args: &CpArgs, vm: &str, path: &str, local: &
                 }
             }
             drop(tx);
-            extract.await.map_err(|e| anyhow!("extraction thread: {e}"))??;
+            extract
+                .await
+                .map_err(|e| anyhow!("extraction thread: {e}"))??;
         }
         other => bail!("export answered an unknown kind {other:?}"),
     }
@@ -311,14 +424,19 @@ fn join_within(base: &Path, rel: &Path) -> Option<PathBuf> {
 /// dropped.
 pub fn safe_unpack<R: Read>(reader: R, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let root = dest.canonicalize().with_context(|| format!("resolving {}", dest.display()))?;
+    let root = dest
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dest.display()))?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_mask(0o7000);
     archive.set_overwrite(true);
     for entry in archive.entries().context("reading the archive")? {
         let mut entry = entry.context("reading the archive")?;
-        let name = entry.path().context("a member name is not valid")?.into_owned();
+        let name = entry
+            .path()
+            .context("a member name is not valid")?
+            .into_owned();
         let shown = name.display().to_string();
         if let Some(why) = unsafe_name(&name) {
             bail!("refusing tar member {shown:?}: it {why}");
@@ -359,7 +477,10 @@ pub fn safe_unpack<R: Read>(reader: R, dest: &Path) -> anyhow::Result<()> {
                 }
             }
         }
-        if !entry.unpack_in(&root).with_context(|| format!("extracting {shown:?}"))? {
+        if !entry
+            .unpack_in(&root)
+            .with_context(|| format!("extracting {shown:?}"))?
+        {
             bail!("refusing tar member {shown:?}: it would land outside the destination");
         }
     }
@@ -388,7 +509,11 @@ mod tests {
             let raw = &mut h.as_old_mut().name;
             raw[..name.len()].copy_from_slice(name.as_bytes());
             h.set_cksum();
-            let body: &[u8] = if matches!(kind, tar::EntryType::Regular) { data.as_bytes() } else { &[] };
+            let body: &[u8] = if matches!(kind, tar::EntryType::Regular) {
+                data.as_bytes()
+            } else {
+                &[]
+            };
             b.append(&h, body).expect("append");
         }
         b.into_inner().expect("tar")
@@ -398,7 +523,11 @@ mod tests {
     fn extracts_a_normal_tree() {
         let dir = tempfile::tempdir().expect("tmp");
         let dest = dir.path().join("out");
-        let t = tar_of(&[("./a/", tar::EntryType::Directory, ""), ("./a/f", tar::EntryType::Regular, "hi"), ("./l", tar::EntryType::Symlink, "a/f")]);
+        let t = tar_of(&[
+            ("./a/", tar::EntryType::Directory, ""),
+            ("./a/f", tar::EntryType::Regular, "hi"),
+            ("./l", tar::EntryType::Symlink, "a/f"),
+        ]);
         safe_unpack(&t[..], &dest).expect("unpack");
         assert_eq!(std::fs::read_to_string(dest.join("l")).expect("read"), "hi");
     }
@@ -433,7 +562,14 @@ mod tests {
         use tar::EntryType as T;
         let dir = tempfile::tempdir().expect("tmp");
         let dest = dir.path().join("out");
-        let r = safe_unpack(&tar_of(&[("a", T::Symlink, "."), ("a/b", T::Symlink, ".."), ("a/b/evil", T::Regular, "x")])[..], &dest);
+        let r = safe_unpack(
+            &tar_of(&[
+                ("a", T::Symlink, "."),
+                ("a/b", T::Symlink, ".."),
+                ("a/b/evil", T::Regular, "x"),
+            ])[..],
+            &dest,
+        );
         assert!(r.is_err());
         assert!(!dir.path().join("evil").exists());
     }

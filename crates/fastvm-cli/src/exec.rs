@@ -34,7 +34,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
         .request(reqwest::Method::POST, &format!("/v1/vms/{}/exec", args.vm))
         .header(reqwest::header::ACCEPT, "application/x-ndjson")
         .json(&body);
-    let resp = req.send().await.with_context(|| format!("cannot reach the Fast VM API at {}", client.base))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the Fast VM API at {}", client.base))?;
     if !resp.status().is_success() {
         decode(resp).await?;
         bail!("exec failed");
@@ -52,12 +55,17 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
                 return Ok(130);
             }
         };
-        let Some(chunk) = chunk else { bail!("the exec stream ended without an exit event") };
+        let Some(chunk) = chunk else {
+            bail!("the exec stream ended without an exit event")
+        };
         buf.extend_from_slice(&chunk.context("reading the exec stream")?);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let ev: Value = serde_json::from_slice(&line).context("bad exec event")?;
-            let data = || b64.decode(ev.get("d").and_then(Value::as_str).unwrap_or("")).unwrap_or_default();
+            let data = || {
+                b64.decode(ev.get("d").and_then(Value::as_str).unwrap_or(""))
+                    .unwrap_or_default()
+            };
             match ev.get("t").and_then(Value::as_str) {
                 Some("o") => {
                     let mut out = std::io::stdout().lock();

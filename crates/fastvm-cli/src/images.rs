@@ -26,11 +26,15 @@ pub async fn run(cmd: ImagesCommand) -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(crate::default_data_dir);
             let store = ImageStore::new(&dir.join("images"), &mirror, find_agent_binary()?)?;
             let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")?);
+            bar.set_style(ProgressStyle::with_template(
+                "{spinner} {elapsed:>4} {wide_msg}",
+            )?);
             bar.enable_steady_tick(Duration::from_millis(120));
             let b = bar.clone();
             let progress = Arc::new(move |line: &str| b.set_message(line.to_owned()));
-            let image = store.ensure_default(&(progress as fastvm_worker::images::Progress)).await;
+            let image = store
+                .ensure_default(&(progress as fastvm_worker::images::Progress))
+                .await;
             bar.finish_and_clear();
             let image = image?;
             println!("image {}", image.id);

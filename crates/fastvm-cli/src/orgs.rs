@@ -56,16 +56,23 @@ pub struct OrgArg {
 
 async fn resolve(st: &Store, org: &OrgArg) -> anyhow::Result<OrgId> {
     match org.org.as_deref() {
-        None => fastvm_server::default_org(st).await?.context("no default org in this store"),
+        None => fastvm_server::default_org(st)
+            .await?
+            .context("no default org in this store"),
         Some(s) => match st.org_by_name(s).await? {
             Some(id) => Ok(id),
-            None => s.parse::<OrgId>().with_context(|| format!("no org named {s:?}")),
+            None => s
+                .parse::<OrgId>()
+                .with_context(|| format!("no org named {s:?}")),
         },
     }
 }
 
 async fn open(store: &StoreArgs) -> anyhow::Result<Store> {
-    let dir = store.data_dir.clone().unwrap_or_else(crate::default_data_dir);
+    let dir = store
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::default_data_dir);
     fastvm_server::open_store(&dir, store.database_url.as_deref()).await
 }
 
@@ -95,8 +102,24 @@ pub async fn run(cmd: OrgsCommand) -> anyhow::Result<()> {
             let id = resolve(&st, &org).await?;
             print(&st, id).await
         }
-        QuotaCommand::Set { org, vcpu, memory_mib, disk_gib, snapshot_count, volume_count, volume_gib, store } => {
-            let patch = QuotaPatch { vcpu, memory_mib, disk_gib, snapshot_count, volume_count, volume_gib };
+        QuotaCommand::Set {
+            org,
+            vcpu,
+            memory_mib,
+            disk_gib,
+            snapshot_count,
+            volume_count,
+            volume_gib,
+            store,
+        } => {
+            let patch = QuotaPatch {
+                vcpu,
+                memory_mib,
+                disk_gib,
+                snapshot_count,
+                volume_count,
+                volume_gib,
+            };
             anyhow::ensure!(!patch.is_empty(), "nothing to set; give at least one of --vcpu, --memory-mib, --disk-gib, --snapshot-count, --volume-count, --volume-gib");
             let st = open(&store).await?;
             let id = resolve(&st, &org).await?;

@@ -35,6 +35,15 @@ pub struct ServeArgs {
     /// No VM networking at all (hosts without nftables or network namespaces).
     #[arg(long, env = "FASTVM_NO_NETWORK")]
     pub no_network: bool,
+    /// Address of the services proxy (HTTP, routes by Host to the VMs' services).
+    #[arg(long, env = "FASTVM_PROXY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub proxy_listen: SocketAddr,
+    /// Service hosts are <name>--<vm id hex>.proxy.<DOMAIN> (`localhost`: no DNS set-up in a browser).
+    #[arg(long, env = "FASTVM_PROXY_DOMAIN", default_value = "localhost")]
+    pub proxy_domain: String,
+    /// Run no services proxy.
+    #[arg(long, env = "FASTVM_NO_PROXY")]
+    pub no_proxy: bool,
     #[command(flatten)]
     pub s3: S3Args,
 }
@@ -66,8 +75,12 @@ impl S3Args {
         let Some(bucket) = self.s3_bucket else {
             return Ok(None);
         };
-        let access_key_id = self.s3_access_key_id.context("--s3-bucket needs --s3-access-key-id (or FASTVM_S3_ACCESS_KEY_ID)")?;
-        let secret_access_key = self.s3_secret_access_key.context("--s3-bucket needs FASTVM_S3_SECRET_ACCESS_KEY (or --s3-secret-access-key)")?;
+        let access_key_id = self
+            .s3_access_key_id
+            .context("--s3-bucket needs --s3-access-key-id (or FASTVM_S3_ACCESS_KEY_ID)")?;
+        let secret_access_key = self
+            .s3_secret_access_key
+            .context("--s3-bucket needs FASTVM_S3_SECRET_ACCESS_KEY (or --s3-secret-access-key)")?;
         Ok(Some(fastvm_server::staging::s3::S3Config {
             endpoint: self.s3_endpoint,
             region: self.s3_region,
@@ -96,11 +109,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     cfg.staging.s3 = args.s3.config()?;
+    if !args.no_proxy {
+        let mut proxy = fastvm_server::proxy::ProxyConfig::new(args.proxy_listen);
+        proxy.domain = args.proxy_domain.trim_matches('.').to_ascii_lowercase();
+        anyhow::ensure!(!proxy.domain.is_empty(), "--proxy-domain must not be empty");
+        cfg.proxy = Some(proxy);
+    }
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
@@ -141,22 +161,42 @@ pub struct StoreArgs {
 }
 
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
-    let open = |s: &StoreArgs| (s.data_dir.clone().unwrap_or_else(crate::default_data_dir), s.database_url.clone());
+    let open = |s: &StoreArgs| {
+        (
+            s.data_dir.clone().unwrap_or_else(crate::default_data_dir),
+            s.database_url.clone(),
+        )
+    };
     match cmd {
         KeysCommand::Create { name, store } => {
             let (dir, url) = open(&store);
             let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
-            let org = fastvm_server::default_org(&st).await?.context("no default org in this store")?;
+            let org = fastvm_server::default_org(&st)
+                .await?
+                .context("no default org in this store")?;
             let key = st.create_key(org, &name).await?;
             println!("{}", key.token);
-            eprintln!("key {} created for org {org}; it is shown only now", key.info.id);
+            eprintln!(
+                "key {} created for org {org}; it is shown only now",
+                key.info.id
+            );
         }
         KeysCommand::List { store } => {
             let (dir, url) = open(&store);
             let st = fastvm_server::open_store(&dir, url.as_deref()).await?;
             println!("{:<36}  {:<16}  {:<12}  REVOKED", "ID", "NAME", "PREFIX");
             for k in st.list_keys(None).await? {
-                println!("{:<36}  {:<16}  {:<12}  {}", k.id, k.name, k.prefix, if k.revoked_at_ms.is_some() { "yes" } else { "no" });
+                println!(
+                    "{:<36}  {:<16}  {:<12}  {}",
+                    k.id,
+                    k.name,
+                    k.prefix,
+                    if k.revoked_at_ms.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                );
             }
         }
         KeysCommand::Revoke { key, store } => {

@@ -118,7 +118,10 @@ struct Walk {
 
 impl Walk {
     fn new(root: &Path) -> Self {
-        Walk { root: root.to_owned(), stack: vec![PathBuf::new()] }
+        Walk {
+            root: root.to_owned(),
+            stack: vec![PathBuf::new()],
+        }
     }
 }
 
@@ -130,26 +133,51 @@ impl Iterator for Walk {
         let path = self.root.join(&rel);
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
-            Err(e) => return Some(Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())))),
+            Err(e) => {
+                return Some(Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                )))
+            }
         };
         if meta.is_dir() {
-            let names = fs::read_dir(&path).and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<io::Result<Vec<_>>>());
+            let names = fs::read_dir(&path).and_then(|it| {
+                it.map(|e| e.map(|e| e.file_name()))
+                    .collect::<io::Result<Vec<_>>>()
+            });
             let mut names = match names {
                 Ok(n) => n,
-                Err(e) => return Some(Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())))),
+                Err(e) => {
+                    return Some(Err(io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", path.display()),
+                    )))
+                }
             };
             names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            self.stack.extend(names.into_iter().rev().map(|n| rel.join(n)));
+            self.stack
+                .extend(names.into_iter().rev().map(|n| rel.join(n)));
         }
         Some(Ok((rel, meta)))
     }
 }
 
 fn entry(root: &Path, rel: PathBuf, meta: &Metadata) -> io::Result<Option<Entry>> {
-    let Some(kind) = Kind::of(meta) else { return Ok(None) };
-    let link = if kind == Kind::Symlink { Some(fs::read_link(root.join(&rel))?.into_os_string()) } else { None };
+    let Some(kind) = Kind::of(meta) else {
+        return Ok(None);
+    };
+    let link = if kind == Kind::Symlink {
+        Some(fs::read_link(root.join(&rel))?.into_os_string())
+    } else {
+        None
+    };
     let size = if kind == Kind::File { meta.len() } else { 0 };
-    Ok(Some(Entry { rel, kind, size, link }))
+    Ok(Some(Entry {
+        rel,
+        kind,
+        size,
+        link,
+    }))
 }
 
 /// Pass 1: lstat every entry and compute the archive size. Reads no file data.
@@ -163,7 +191,11 @@ pub fn plan(dir: &Path) -> io::Result<Plan> {
             entries.push(e);
         }
     }
-    Ok(Plan { dir: dir.to_owned(), entries, size })
+    Ok(Plan {
+        dir: dir.to_owned(),
+        entries,
+        size,
+    })
 }
 
 fn changed(dir: &Path, rel: &Path, why: &str) -> io::Error {
@@ -209,13 +241,23 @@ impl Read for Exact<'_> {
             let mut one = [0u8; 1];
             return match self.file.read(&mut one)? {
                 0 => Ok(0),
-                _ => Err(changed(self.dir, self.rel, &format!("grew (was {} bytes)", self.size))),
+                _ => Err(changed(
+                    self.dir,
+                    self.rel,
+                    &format!("grew (was {} bytes)", self.size),
+                )),
             };
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.file.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(changed(self.dir, self.rel, &format!("shrank (was {} bytes)", self.size)));
+            return Err(changed(
+                self.dir,
+                self.rel,
+                &format!("shrank (was {} bytes)", self.size),
+            ));
         }
         self.left -= n as u64;
         Ok(n)
@@ -234,8 +276,19 @@ pub fn write<W: Write>(plan: &Plan, out: W) -> io::Result<W> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(io::Error::other(format!("{} changed during the upload (an entry disappeared: {e}); upload again once the directory is stable", dir.display()))),
             Err(e) => return Err(e),
         };
-        let Some(now) = entry(dir, rel, &meta).map_err(|e| if e.kind() == io::ErrorKind::NotFound { changed(dir, Path::new(""), "changed (a symlink disappeared)") } else { e })? else { continue };
-        let Some(want) = planned.next() else { return Err(changed(dir, &now.rel, "appeared")) };
+        let Some(now) = entry(dir, rel, &meta).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                changed(dir, Path::new(""), "changed (a symlink disappeared)")
+            } else {
+                e
+            }
+        })?
+        else {
+            continue;
+        };
+        let Some(want) = planned.next() else {
+            return Err(changed(dir, &now.rel, "appeared"));
+        };
         if want.rel != now.rel {
             return Err(io::Error::other(format!(
                 "{} changed during the upload: found {} where {} was expected (an entry appeared or disappeared; the archive size is computed before streaming); upload again once the directory is stable",
@@ -248,7 +301,11 @@ pub fn write<W: Write>(plan: &Plan, out: W) -> io::Result<W> {
             return Err(changed(dir, &now.rel, "changed type"));
         }
         if want.size != now.size {
-            return Err(changed(dir, &now.rel, &format!("changed size ({} -> {} bytes)", want.size, now.size)));
+            return Err(changed(
+                dir,
+                &now.rel,
+                &format!("changed size ({} -> {} bytes)", want.size, now.size),
+            ));
         }
         if want.link != now.link {
             return Err(changed(dir, &now.rel, "changed its symlink target"));
@@ -277,8 +334,18 @@ pub fn write<W: Write>(plan: &Plan, out: W) -> io::Result<W> {
         h.set_cksum();
         if now.kind == Kind::File && now.size > 0 {
             let path = dir.join(&now.rel);
-            let file = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            b.append(&h, Exact { file, left: now.size, size: now.size, dir, rel: &now.rel })?;
+            let file = fs::File::open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            b.append(
+                &h,
+                Exact {
+                    file,
+                    left: now.size,
+                    size: now.size,
+                    dir,
+                    rel: &now.rel,
+                },
+            )?;
         } else {
             b.append(&h, io::empty())?;
         }
@@ -289,7 +356,11 @@ pub fn write<W: Write>(plan: &Plan, out: W) -> io::Result<W> {
     }
     if written != plan.size {
         // Not with an unchanged tree: a bug, caught before the end of the body.
-        return Err(io::Error::other(format!("sized tar of {}: {written} bytes made, {} planned", dir.display(), plan.size)));
+        return Err(io::Error::other(format!(
+            "sized tar of {}: {written} bytes made, {} planned",
+            dir.display(),
+            plan.size
+        )));
     }
     b.into_inner()
 }
@@ -317,7 +388,11 @@ mod tests {
         fs::write(root.join("y".repeat(99)), b"99 + ./ = 101").expect("99");
         fs::create_dir(root.join("empty dir")).expect("empty dir");
         fs::write(root.join("naïve – 日本語.txt"), "non-ascii").expect("utf8");
-        fs::write(root.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9")), "not utf-8").expect("latin1");
+        fs::write(
+            root.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9")),
+            "not utf-8",
+        )
+        .expect("latin1");
         let exe = root.join("run.sh");
         fs::write(&exe, "#!/bin/sh\n").expect("exe");
         fs::set_permissions(&exe, fs::Permissions::from_mode(0o750)).expect("chmod");
@@ -360,15 +435,33 @@ mod tests {
         assert_eq!(names[0], "./");
         assert!(names.iter().all(|n| n.starts_with("./")), "{names:?}");
         assert!(names.contains(&"./empty dir/".to_owned()) && names.contains(&"./fifo".to_owned()));
-        assert!(!names.iter().any(|n| n.contains("sock")), "sockets are skipped");
-        assert!(names.contains(&format!("./{}/{}/{}", "d".repeat(90), "e".repeat(60), "f".repeat(200))));
+        assert!(
+            !names.iter().any(|n| n.contains("sock")),
+            "sockets are skipped"
+        );
+        assert!(names.contains(&format!(
+            "./{}/{}/{}",
+            "d".repeat(90),
+            "e".repeat(60),
+            "f".repeat(200)
+        )));
         // GNU tar, when present, reads it too.
-        if let Ok(out) = std::process::Command::new("tar").arg("-tf").arg("-").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-            c.stdin.take().expect("stdin").write_all(&bytes)?;
-            c.wait_with_output()
-        }) {
+        if let Ok(out) = std::process::Command::new("tar")
+            .arg("-tf")
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().expect("stdin").write_all(&bytes)?;
+                c.wait_with_output()
+            })
+        {
             assert!(out.status.success());
-            assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), names.len());
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).lines().count(),
+                names.len()
+            );
         }
     }
 
@@ -387,18 +480,36 @@ mod tests {
     #[test]
     fn a_changed_tree_is_an_error() {
         let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-            ("changed size", Box::new(|d| fs::write(d.join("a"), b"longer than before").expect("grow"))),
-            ("appeared", Box::new(|d| fs::write(d.join("z-new"), b"").expect("new"))),
-            ("found", Box::new(|d| fs::write(d.join("b-new"), b"").expect("new"))),
-            ("disappeared", Box::new(|d| fs::remove_file(d.join("c")).expect("rm"))),
-            ("symlink target", Box::new(|d| {
-                fs::remove_file(d.join("l")).expect("rm");
-                symlink("c", d.join("l")).expect("ln");
-            })),
-            ("changed type", Box::new(|d| {
-                fs::remove_file(d.join("c")).expect("rm");
-                fs::create_dir(d.join("c")).expect("mkdir");
-            })),
+            (
+                "changed size",
+                Box::new(|d| fs::write(d.join("a"), b"longer than before").expect("grow")),
+            ),
+            (
+                "appeared",
+                Box::new(|d| fs::write(d.join("z-new"), b"").expect("new")),
+            ),
+            (
+                "found",
+                Box::new(|d| fs::write(d.join("b-new"), b"").expect("new")),
+            ),
+            (
+                "disappeared",
+                Box::new(|d| fs::remove_file(d.join("c")).expect("rm")),
+            ),
+            (
+                "symlink target",
+                Box::new(|d| {
+                    fs::remove_file(d.join("l")).expect("rm");
+                    symlink("c", d.join("l")).expect("ln");
+                }),
+            ),
+            (
+                "changed type",
+                Box::new(|d| {
+                    fs::remove_file(d.join("c")).expect("rm");
+                    fs::create_dir(d.join("c")).expect("mkdir");
+                }),
+            ),
         ];
         for (why, change) in cases {
             let tmp = tempfile::tempdir().expect("tmp");
@@ -408,7 +519,10 @@ mod tests {
             let p = plan(tmp.path()).expect("plan");
             change(tmp.path());
             let err = write(&p, Vec::new()).expect_err(why).to_string();
-            assert!(err.contains(why) && err.contains("during the upload"), "{why}: {err}");
+            assert!(
+                err.contains(why) && err.contains("during the upload"),
+                "{why}: {err}"
+            );
         }
     }
 
@@ -420,10 +534,24 @@ mod tests {
         let file = fs::File::open(&f).expect("open");
         let rel = Path::new("f");
         let mut out = Vec::new();
-        let r = Exact { file, left: 12, size: 12, dir: tmp.path(), rel }.read_to_end(&mut out);
+        let r = Exact {
+            file,
+            left: 12,
+            size: 12,
+            dir: tmp.path(),
+            rel,
+        }
+        .read_to_end(&mut out);
         assert!(r.expect_err("short").to_string().contains("shrank"));
         let file = fs::File::open(&f).expect("open");
-        let r = Exact { file, left: 8, size: 8, dir: tmp.path(), rel }.read_to_end(&mut out);
+        let r = Exact {
+            file,
+            left: 8,
+            size: 8,
+            dir: tmp.path(),
+            rel,
+        }
+        .read_to_end(&mut out);
         assert!(r.expect_err("long").to_string().contains("grew"));
     }
 }

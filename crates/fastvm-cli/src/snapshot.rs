@@ -43,9 +43,19 @@ fn print(snaps: &[Value], as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(snaps)?);
         return Ok(());
     }
-    println!("{:<36}  {:<24}  {:<8}  {:<36}  CREATED", "ID", "NAME", "STATUS", "SOURCE VM");
+    println!(
+        "{:<36}  {:<24}  {:<8}  {:<36}  CREATED",
+        "ID", "NAME", "STATUS", "SOURCE VM"
+    );
     for sn in snaps {
-        println!("{:<36}  {:<24}  {:<8}  {:<36}  {}", s(sn, "id"), s(sn, "name"), s(sn, "status"), s(sn, "vmId"), s(sn, "createdAt"));
+        println!(
+            "{:<36}  {:<24}  {:<8}  {:<36}  {}",
+            s(sn, "id"),
+            s(sn, "name"),
+            s(sn, "status"),
+            s(sn, "vmId"),
+            s(sn, "createdAt")
+        );
     }
     Ok(())
 }
@@ -65,11 +75,15 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             print(all.as_array().map(Vec::as_slice).unwrap_or(&[]), conn.json)
         }
         SnapshotCommand::Get { id, conn } => {
-            let snap = Client::new(&conn)?.get(&format!("/v1/snapshots/{id}")).await?;
+            let snap = Client::new(&conn)?
+                .get(&format!("/v1/snapshots/{id}"))
+                .await?;
             print(std::slice::from_ref(&snap), conn.json)
         }
         SnapshotCommand::Rm { id, conn } => {
-            Client::new(&conn)?.delete(&format!("/v1/snapshots/{id}")).await?;
+            Client::new(&conn)?
+                .delete(&format!("/v1/snapshots/{id}"))
+                .await?;
             println!("deleted {id}");
             Ok(())
         }

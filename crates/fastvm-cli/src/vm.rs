@@ -67,7 +67,9 @@ pub enum VmCommand {
 fn pairs(items: &[String], what: &str) -> anyhow::Result<Map<String, Value>> {
     let mut m = Map::new();
     for item in items {
-        let Some((k, v)) = item.split_once('=') else { bail!("{what} {item:?} is not KEY=VALUE") };
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("{what} {item:?} is not KEY=VALUE")
+        };
         m.insert(k.to_owned(), Value::String(v.to_owned()));
     }
     Ok(m)
@@ -78,9 +80,19 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn print_table(vms: &[Value]) {
-    println!("{:<36}  {:<20}  {:<12}  {:<7}  CREATED", "ID", "NAME", "STATUS", "MACHINE");
+    println!(
+        "{:<36}  {:<20}  {:<12}  {:<7}  CREATED",
+        "ID", "NAME", "STATUS", "MACHINE"
+    );
     for vm in vms {
-        println!("{:<36}  {:<20}  {:<12}  {:<7}  {}", s(vm, "id"), s(vm, "name"), s(vm, "status"), s(vm, "machineName"), s(vm, "createdAt"));
+        println!(
+            "{:<36}  {:<20}  {:<12}  {:<7}  {}",
+            s(vm, "id"),
+            s(vm, "name"),
+            s(vm, "status"),
+            s(vm, "machineName"),
+            s(vm, "createdAt")
+        );
     }
 }
 
@@ -96,7 +108,9 @@ fn print_vm(vm: &Value, as_json: bool) -> anyhow::Result<()> {
 /// Poll until the VM runs or fails, with a spinner.
 pub async fn wait_running(client: &Client, id: &str, timeout: Duration) -> anyhow::Result<Value> {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} {elapsed:>3} {msg}",
+    )?);
     bar.enable_steady_tick(Duration::from_millis(100));
     let start = Instant::now();
     let result = loop {
@@ -105,8 +119,14 @@ pub async fn wait_running(client: &Client, id: &str, timeout: Duration) -> anyho
         bar.set_message(format!("VM {id} is {status}"));
         match status.as_str() {
             "running" => break Ok(vm),
-            "error" | "stopped" | "deleting" => break Err(anyhow::anyhow!("VM {id} ended in status {status}")),
-            _ if start.elapsed() > timeout => break Err(anyhow::anyhow!("VM {id} not running after {timeout:?} (status {status})")),
+            "error" | "stopped" | "deleting" => {
+                break Err(anyhow::anyhow!("VM {id} ended in status {status}"))
+            }
+            _ if start.elapsed() > timeout => {
+                break Err(anyhow::anyhow!(
+                    "VM {id} not running after {timeout:?} (status {status})"
+                ))
+            }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     };
@@ -116,7 +136,15 @@ pub async fn wait_running(client: &Client, id: &str, timeout: Duration) -> anyho
 
 pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
-        VmCommand::Launch { machine, snapshot, name, env, labels, no_wait, conn } => {
+        VmCommand::Launch {
+            machine,
+            snapshot,
+            name,
+            env,
+            labels,
+            no_wait,
+            conn,
+        } => {
             if machine.is_none() && snapshot.is_none() {
                 bail!("give --machine (e.g. c1m2) or --snapshot");
             }
@@ -142,7 +170,9 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 vm
             } else {
                 let id = s(&vm, "id").to_owned();
-                wait_running(&client, &id, Duration::from_secs(300)).await.context("waiting for the VM")?
+                wait_running(&client, &id, Duration::from_secs(300))
+                    .await
+                    .context("waiting for the VM")?
             };
             print_vm(&vm, conn.json)
         }
@@ -160,7 +190,10 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        VmCommand::Get { id, conn } => print_vm(&Client::new(&conn)?.get(&format!("/v1/vms/{id}")).await?, conn.json),
+        VmCommand::Get { id, conn } => print_vm(
+            &Client::new(&conn)?.get(&format!("/v1/vms/{id}")).await?,
+            conn.json,
+        ),
         VmCommand::Rm { id, conn } => {
             let out = Client::new(&conn)?.delete(&format!("/v1/vms/{id}")).await?;
             if conn.json {
@@ -170,7 +203,17 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        VmCommand::Pause { id, conn } => print_vm(&Client::new(&conn)?.post(&format!("/v1/vms/{id}/pause"), &json!({})).await?, conn.json),
-        VmCommand::Resume { id, conn } => print_vm(&Client::new(&conn)?.post(&format!("/v1/vms/{id}/resume"), &json!({})).await?, conn.json),
+        VmCommand::Pause { id, conn } => print_vm(
+            &Client::new(&conn)?
+                .post(&format!("/v1/vms/{id}/pause"), &json!({}))
+                .await?,
+            conn.json,
+        ),
+        VmCommand::Resume { id, conn } => print_vm(
+            &Client::new(&conn)?
+                .post(&format!("/v1/vms/{id}/resume"), &json!({}))
+                .await?,
+            conn.json,
+        ),
     }
 }

@@ -8,9 +8,14 @@ use std::path::PathBuf;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
     let mut args = std::env::args().skip(1);
-    let data_dir = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!("usage: serve DATA_DIR [ADDR]"))?);
+    let data_dir = PathBuf::from(
+        args.next()
+            .ok_or_else(|| anyhow::anyhow!("usage: serve DATA_DIR [ADDR]"))?,
+    );
     let mut cfg = ServerConfig::new(&data_dir);
     if let Some(addr) = args.next() {
         cfg.listen = addr.parse()?;
@@ -20,7 +25,8 @@ async fn main() -> anyhow::Result<()> {
         cfg.runtime.image_dir = Some(PathBuf::from(images));
     }
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

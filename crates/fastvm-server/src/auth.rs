@@ -44,14 +44,21 @@ pub struct Caller {
 
 /// The token of an `Authorization: Bearer <token>` header.
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthenticated("missing API key: send the header `Authorization: Bearer <api key>`"))?;
-    let value = value.to_str().map_err(|_| ApiError::unauthenticated("the Authorization header is not valid ASCII"))?;
-    let (scheme, token) = value.trim().split_once(' ').ok_or_else(|| ApiError::unauthenticated("the Authorization header must be `Bearer <api key>`"))?;
+    let value = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthenticated(
+            "missing API key: send the header `Authorization: Bearer <api key>`",
+        )
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthenticated("the Authorization header is not valid ASCII"))?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or_else(|| {
+        ApiError::unauthenticated("the Authorization header must be `Bearer <api key>`")
+    })?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(ApiError::unauthenticated("the Authorization header must be `Bearer <api key>`"));
+        return Err(ApiError::unauthenticated(
+            "the Authorization header must be `Bearer <api key>`",
+        ));
     }
     Ok(token.trim())
 }
@@ -59,14 +66,20 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts)?;
         // Cheap rejection of obviously foreign tokens, without a query.
         if !token.starts_with(TOKEN_PREFIX) || token.len() > 256 {
             return Err(ApiError::unauthenticated("invalid API key"));
         }
         match state.store().authenticate(token).await? {
-            Some(key) => Ok(Caller { org_id: key.org_id, key_id: key.id }),
+            Some(key) => Ok(Caller {
+                org_id: key.org_id,
+                key_id: key.id,
+            }),
             None => Err(ApiError::unauthenticated("invalid or revoked API key")),
         }
     }
@@ -85,6 +98,9 @@ mod tests {
         assert_eq!(token_prefix(&a).len(), 12);
         assert_eq!(hash_token(&a), hash_token(&a));
         assert_ne!(hash_token(&a), hash_token(&b));
-        assert_eq!(hash_token("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

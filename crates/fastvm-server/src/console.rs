@@ -11,7 +11,7 @@
 //!     redeem T (compare-and-set): unknown 401 CONSOLE_TOKEN_INVALID, used 401 CONSOLE_TOKEN_USED,
 //!       expired 401 CONSOLE_TOKEN_EXPIRED, minting key revoked 401 UNAUTHENTICATED,
 //!       path names another VM 403 CONSOLE_TOKEN_WRONG_VM, VM deleted 404
-//!     paused VM -> resumed (single flight per VM: concurrent consoles wait for one resume)
+//!     paused VM -> resumed (single flight per VM, shared with the services proxy's wake-ups)
 //!     pty: VM must be running (409), open_pty on the worker (503 when the agent is away)
 //!     serial: any state; open_serial (tail 64 KiB, then follow)
 //!     -> 101, then the session below
@@ -60,8 +60,6 @@ use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -131,16 +129,15 @@ impl Default for ConsoleConfig {
     }
 }
 
-/// Console state of the server: its configuration and one wake lock per VM.
+/// Console state of the server: its configuration.
 #[derive(Debug, Default)]
 pub struct ConsoleState {
     pub(crate) config: ConsoleConfig,
-    wake_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ConsoleState {
     pub fn new(config: ConsoleConfig) -> Self {
-        ConsoleState { config, wake_locks: Default::default() }
+        ConsoleState { config }
     }
 }
 
@@ -171,9 +168,19 @@ pub(crate) struct Grant {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ServerMessage<'a> {
-    Ready { source: &'a str, #[serde(rename = "vmId")] vm_id: String },
-    Exit { code: i32, signal: Option<i32> },
-    Error { code: &'a str, message: &'a str },
+    Ready {
+        source: &'a str,
+        #[serde(rename = "vmId")]
+        vm_id: String,
+    },
+    Exit {
+        code: i32,
+        signal: Option<i32>,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
 }
 
 /// Messages of the client to the server (text frames).
@@ -193,7 +200,11 @@ pub(crate) fn check_size(cols: u16, rows: u16) -> Result<(), String> {
 
 impl AppState {
     /// `POST /v1/vms/{id}/console-token`: a one-shot token for the caller's VM.
-    pub(crate) async fn mint_console_token(&self, caller: Caller, id: VmId) -> Result<ConsoleTokenResponse, ApiError> {
+    pub(crate) async fn mint_console_token(
+        &self,
+        caller: Caller,
+        id: VmId,
+    ) -> Result<ConsoleTokenResponse, ApiError> {
         let vm = self.find_vm(caller.org_id, id).await?;
         if vm.status == VmStatus::Deleting {
             return Err(ApiError::invalid_state(format!("VM {id} is being deleted")));
@@ -201,76 +212,110 @@ impl AppState {
         let ttl = self.console().config.token_ttl;
         let token = new_token();
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        self.store().insert_console_token(&token, id, caller.org_id, caller.key_id, now_ms().saturating_add(ttl_ms)).await?;
+        self.store()
+            .insert_console_token(
+                &token,
+                id,
+                caller.org_id,
+                caller.key_id,
+                now_ms().saturating_add(ttl_ms),
+            )
+            .await?;
         tracing::info!(vm = %id, org = %caller.org_id, "console token minted");
-        Ok(ConsoleTokenResponse { token, expires_in_sec: ttl.as_secs(), websocket_path: format!("/v1/vms/{id}/console") })
+        Ok(ConsoleTokenResponse {
+            token,
+            expires_in_sec: ttl.as_secs(),
+            websocket_path: format!("/v1/vms/{id}/console"),
+        })
     }
 
     /// Spend `token` for a console of `path_vm` (when the path names one).
-    pub(crate) async fn redeem_console_token(&self, token: &str, path_vm: Option<VmId>) -> Result<Grant, ApiError> {
+    pub(crate) async fn redeem_console_token(
+        &self,
+        token: &str,
+        path_vm: Option<VmId>,
+    ) -> Result<Grant, ApiError> {
         use error_codes::*;
-        let unauthorized = |code: &str, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
+        let unauthorized =
+            |code: &str, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
         let mint_hint = "mint a new one with POST /v1/vms/{id}/console-token (`fastvm console VM`)";
         if !token.starts_with(TOKEN_PREFIX) || token.len() > 256 {
-            return Err(unauthorized(CONSOLE_TOKEN_INVALID, &format!("the session is not a console token; {mint_hint}")));
+            return Err(unauthorized(
+                CONSOLE_TOKEN_INVALID,
+                &format!("the session is not a console token; {mint_hint}"),
+            ));
         }
-        let rec = match self.store().redeem_console_token(token).await? {
-            Redeemed::Fresh(rec) => rec,
-            Redeemed::AlreadyUsed(_) => return Err(unauthorized(CONSOLE_TOKEN_USED, &format!("this console token was already used (tokens are single use); {mint_hint}"))),
-            Redeemed::Unknown => return Err(unauthorized(CONSOLE_TOKEN_INVALID, &format!("unknown console token; {mint_hint}"))),
-        };
+        let rec =
+            match self.store().redeem_console_token(token).await? {
+                Redeemed::Fresh(rec) => rec,
+                Redeemed::AlreadyUsed(_) => return Err(unauthorized(
+                    CONSOLE_TOKEN_USED,
+                    &format!(
+                        "this console token was already used (tokens are single use); {mint_hint}"
+                    ),
+                )),
+                Redeemed::Unknown => {
+                    return Err(unauthorized(
+                        CONSOLE_TOKEN_INVALID,
+                        &format!("unknown console token; {mint_hint}"),
+                    ))
+                }
+            };
         if rec.expires_at_ms <= now_ms() {
             let secs = self.console().config.token_ttl.as_secs();
-            return Err(unauthorized(CONSOLE_TOKEN_EXPIRED, &format!("this console token expired (tokens must be used within {secs} s); {mint_hint}")));
+            return Err(unauthorized(
+                CONSOLE_TOKEN_EXPIRED,
+                &format!(
+                    "this console token expired (tokens must be used within {secs} s); {mint_hint}"
+                ),
+            ));
         }
         if let Some(vm) = path_vm.filter(|vm| *vm != rec.vm_id) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, CONSOLE_TOKEN_WRONG_VM, format!("this console token is for another VM than {vm}; mint one for {vm}")));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                CONSOLE_TOKEN_WRONG_VM,
+                format!("this console token is for another VM than {vm}; mint one for {vm}"),
+            ));
         }
         if !self.store().key_is_active(rec.key_id).await? {
-            return Err(ApiError::unauthenticated("the API key that minted this console token was revoked"));
+            return Err(ApiError::unauthenticated(
+                "the API key that minted this console token was revoked",
+            ));
         }
         let vm = self.find_vm(rec.org_id, rec.vm_id).await?;
         Ok(Grant { vm })
     }
 
     /// Make sure the VM runs: a paused VM is resumed through the normal
-    /// lifecycle path, once, however many consoles connect at the same time.
-    pub(crate) async fn wake_for_console(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        let lock = {
-            let mut locks = self.console().wake_locks.lock().map_err(|_| ApiError::internal("console wake locks poisoned"))?;
-            locks.entry(id).or_default().clone()
-        };
-        let result = async {
-            let _held = lock.lock().await;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let rec = self.find_vm(org, id).await?;
-                match rec.status {
-                    VmStatus::Paused => {
-                        tracing::info!(vm = %id, "resuming a paused VM for a console");
-                        self.resume_vm(org, id).await?;
-                    }
-                    // Someone else is moving it: wait for where it settles.
-                    VmStatus::Pausing | VmStatus::Resuming | VmStatus::Provisioning if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    _ => return Ok(rec),
-                }
-            }
+    /// lifecycle path, once, however many consoles (and proxied requests)
+    /// ask at the same time (the wake-up table of `crate::proxy`).
+    pub(crate) async fn wake_for_console(
+        &self,
+        org: OrgId,
+        id: VmId,
+    ) -> Result<VmRecord, ApiError> {
+        let rec = self.find_vm(org, id).await?;
+        if !matches!(
+            rec.status,
+            VmStatus::Paused | VmStatus::Pausing | VmStatus::Resuming
+        ) {
+            return Ok(rec);
         }
-        .await;
-        drop(lock);
-        if let Ok(mut locks) = self.console().wake_locks.lock() {
-            // Forget the lock when no other console holds or waits for it.
-            if locks.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
-                locks.remove(&id);
-            }
-        }
-        result
+        tracing::info!(vm = %id, "waking a paused VM for a console");
+        crate::proxy::wake(self, org, id).await.map_err(|e| {
+            ApiError::invalid_state(format!("the console could not resume the VM: {e}"))
+        })?;
+        self.find_vm(org, id).await
     }
 
     /// Open the console a granted connection asked for.
-    pub(crate) async fn open_console(&self, grant: &Grant, source: Source, cols: u16, rows: u16) -> Result<Console, ApiError> {
+    pub(crate) async fn open_console(
+        &self,
+        grant: &Grant,
+        source: Source,
+        cols: u16,
+        rows: u16,
+    ) -> Result<Console, ApiError> {
         let (org, id) = (grant.vm.org_id, grant.vm.id);
         let vm = self.wake_for_console(org, id).await?;
         match source {
@@ -281,15 +326,27 @@ impl AppState {
                         vm.status.as_str()
                     )));
                 }
-                let spec = PtySpec { argv: Vec::new(), env: Default::default(), term: CONSOLE_TERM.to_owned(), cols, rows };
+                let spec = PtySpec {
+                    argv: Vec::new(),
+                    env: Default::default(),
+                    term: CONSOLE_TERM.to_owned(),
+                    cols,
+                    rows,
+                };
                 let session = self.worker().open_pty(id, spec).await?;
                 tracing::info!(vm = %id, cols, rows, "console opened");
-                Ok(Console { vm: id, body: ConsoleBody::Pty(session) })
+                Ok(Console {
+                    vm: id,
+                    body: ConsoleBody::Pty(session),
+                })
             }
             Source::Serial => {
                 let stream = self.worker().open_serial(id, SERIAL_TAIL_BYTES).await?;
                 tracing::info!(vm = %id, "serial console opened");
-                Ok(Console { vm: id, body: ConsoleBody::Serial(stream) })
+                Ok(Console {
+                    vm: id,
+                    body: ConsoleBody::Serial(stream),
+                })
             }
         }
     }
@@ -325,16 +382,25 @@ fn close_frame(code: u16, reason: &str) -> Message {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
 }
 
 fn text(msg: &ServerMessage<'_>) -> Message {
     // Serializing these plain enums cannot fail.
-    Message::Text(Utf8Bytes::from(serde_json::to_string(msg).unwrap_or_default()))
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(msg).unwrap_or_default(),
+    ))
 }
 
 /// Send one message within the send timeout; false when the client did not take it.
-async fn send(ws: &mut futures::stream::SplitSink<WebSocket, Message>, msg: Message, within: Duration) -> bool {
+async fn send(
+    ws: &mut futures::stream::SplitSink<WebSocket, Message>,
+    msg: Message,
+    within: Duration,
+) -> bool {
     matches!(tokio::time::timeout(within, ws.send(msg)).await, Ok(Ok(())))
 }
 
@@ -347,7 +413,16 @@ pub(crate) async fn run(socket: WebSocket, console: Console, cfg: ConsoleConfig)
         ConsoleBody::Pty(s) => ("pty", Some(s.input), Some(s.events), None),
         ConsoleBody::Serial(s) => ("serial", None, None, Some(s)),
     };
-    if !send(&mut tx, text(&ServerMessage::Ready { source, vm_id: vm.to_string() }), cfg.send_timeout).await {
+    if !send(
+        &mut tx,
+        text(&ServerMessage::Ready {
+            source,
+            vm_id: vm.to_string(),
+        }),
+        cfg.send_timeout,
+    )
+    .await
+    {
         return;
     }
     let mut last_activity = Instant::now();
@@ -459,7 +534,12 @@ pub(crate) async fn run(socket: WebSocket, console: Console, cfg: ConsoleConfig)
         Step::Close(code, reason, message) => {
             tracing::info!(%vm, source, code, %reason, "console closed");
             if let Some((code, message)) = &message {
-                let _ = send(&mut tx, text(&ServerMessage::Error { code, message }), cfg.send_timeout).await;
+                let _ = send(
+                    &mut tx,
+                    text(&ServerMessage::Error { code, message }),
+                    cfg.send_timeout,
+                )
+                .await;
             }
             let _ = send(&mut tx, close_frame(code, &reason), cfg.send_timeout).await;
         }
@@ -481,8 +561,17 @@ mod tests {
 
     #[test]
     fn client_messages() {
-        assert!(matches!(serde_json::from_str::<ClientMessage>(r#"{"type":"resize","cols":80,"rows":24}"#), Ok(ClientMessage::Resize { cols: 80, rows: 24 })));
-        for bad in [r#"{"type":"resize","cols":-1,"rows":24}"#, r#"{"type":"resize","cols":80}"#, r#"{"type":"nope"}"#, "garbage", r#"{"type":"resize","cols":1,"rows":1,"x":1}"#] {
+        assert!(matches!(
+            serde_json::from_str::<ClientMessage>(r#"{"type":"resize","cols":80,"rows":24}"#),
+            Ok(ClientMessage::Resize { cols: 80, rows: 24 })
+        ));
+        for bad in [
+            r#"{"type":"resize","cols":-1,"rows":24}"#,
+            r#"{"type":"resize","cols":80}"#,
+            r#"{"type":"nope"}"#,
+            "garbage",
+            r#"{"type":"resize","cols":1,"rows":1,"x":1}"#,
+        ] {
             assert!(serde_json::from_str::<ClientMessage>(bad).is_err(), "{bad}");
         }
         assert!(check_size(80, 24).is_ok());
@@ -491,13 +580,23 @@ mod tests {
 
     #[test]
     fn server_messages_and_close_reasons() {
-        let ready = serde_json::to_string(&ServerMessage::Ready { source: "pty", vm_id: "v".into() }).unwrap_or_default();
+        let ready = serde_json::to_string(&ServerMessage::Ready {
+            source: "pty",
+            vm_id: "v".into(),
+        })
+        .unwrap_or_default();
         assert_eq!(ready, r#"{"type":"ready","source":"pty","vmId":"v"}"#);
-        let exit = serde_json::to_string(&ServerMessage::Exit { code: 130, signal: None }).unwrap_or_default();
+        let exit = serde_json::to_string(&ServerMessage::Exit {
+            code: 130,
+            signal: None,
+        })
+        .unwrap_or_default();
         assert_eq!(exit, r#"{"type":"exit","code":130,"signal":null}"#);
         let long = "é".repeat(100);
         match close_frame(1000, &long) {
-            Message::Close(Some(f)) => assert!(f.reason.len() <= 123 && long.starts_with(f.reason.as_str())),
+            Message::Close(Some(f)) => {
+                assert!(f.reason.len() <= 123 && long.starts_with(f.reason.as_str()))
+            }
             other => panic!("not a close frame: {other:?}"),
         }
     }

@@ -7,14 +7,16 @@
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL) |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 422    | the [`fastvm_types::codes`] of validation, `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
-//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`                                 |
+//! | 502    | `UPSTREAM_REFUSED` (nothing listens on the port in the guest)      |
+//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`           |
+//! | 504    | `UPSTREAM_TIMEOUT`                                                 |
 
 use crate::store::StoreError;
 use crate::worker::WorkerError;
@@ -41,6 +43,11 @@ pub mod codes {
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
     pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
     pub const TTL_NOT_SET: &str = "TTL_NOT_SET";
+    pub const UPSTREAM_REFUSED: &str = "UPSTREAM_REFUSED";
+    pub const UPSTREAM_TIMEOUT: &str = "UPSTREAM_TIMEOUT";
+    pub const WORKER_UNREACHABLE: &str = "WORKER_UNREACHABLE";
+    pub const SERVICE_EXISTS: &str = "SERVICE_EXISTS";
+    pub const TOO_MANY_SERVICES: &str = "TOO_MANY_SERVICES";
     pub const QUOTA_EXCEEDED_VCPU: &str = "QUOTA_EXCEEDED_VCPU";
     pub const QUOTA_EXCEEDED_MEMORY_MIB: &str = "QUOTA_EXCEEDED_MEMORY_MIB";
     pub const QUOTA_EXCEEDED_DISK_GIB: &str = "QUOTA_EXCEEDED_DISK_GIB";
@@ -60,7 +67,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError { status, code: code.into(), message: message.into() }
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
@@ -101,7 +112,8 @@ impl IntoResponse for ApiError {
         }
         let mut res = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         res
     }
@@ -118,8 +130,16 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(m) => ApiError::not_found(m),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            StoreError::Db(sqlx::Error::PoolTimedOut) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, "the database is busy; retry"),
-            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::DATABASE_ERROR, other.to_string()),
+            StoreError::Db(sqlx::Error::PoolTimedOut) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+                "the database is busy; retry",
+            ),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::DATABASE_ERROR,
+                other.to_string(),
+            ),
         }
     }
 }
@@ -128,13 +148,38 @@ impl From<WorkerError> for ApiError {
     fn from(e: WorkerError) -> Self {
         let msg = e.to_string();
         match e {
-            WorkerError::NotFound(_) => ApiError::invalid_state(format!("the VM is gone from its worker: {msg}")),
-            WorkerError::NoSuchSnapshot(_) => ApiError::invalid_state(format!("the snapshot is gone from its worker: {msg}")),
+            WorkerError::NotFound(_) => {
+                ApiError::invalid_state(format!("the VM is gone from its worker: {msg}"))
+            }
+            WorkerError::NoSuchSnapshot(_) => {
+                ApiError::invalid_state(format!("the snapshot is gone from its worker: {msg}"))
+            }
             WorkerError::WrongState(_) => ApiError::invalid_state(msg),
-            WorkerError::UnknownMachineType(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, msg),
-            WorkerError::InvalidExec(_) => ApiError::unprocessable(fastvm_types::codes::INVALID_COMMAND, msg),
-            WorkerError::AgentUnavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::AGENT_UNAVAILABLE, msg),
-            WorkerError::Failed(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::WORKER_ERROR, msg),
+            WorkerError::UnknownMachineType(_) => {
+                ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, msg)
+            }
+            WorkerError::InvalidExec(_) => {
+                ApiError::unprocessable(fastvm_types::codes::INVALID_COMMAND, msg)
+            }
+            WorkerError::AgentUnavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::AGENT_UNAVAILABLE,
+                msg,
+            ),
+            WorkerError::ConnectRefused(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, codes::UPSTREAM_REFUSED, msg)
+            }
+            WorkerError::Timeout(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, codes::UPSTREAM_TIMEOUT, msg)
+            }
+            WorkerError::Unreachable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::WORKER_UNREACHABLE,
+                msg,
+            ),
+            WorkerError::Failed(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::WORKER_ERROR, msg)
+            }
         }
     }
 }

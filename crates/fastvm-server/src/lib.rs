@@ -35,8 +35,10 @@ pub mod console;
 pub mod error;
 mod lifecycle;
 pub mod openapi;
+pub mod proxy;
 mod quotas;
 pub mod routes;
+pub mod services;
 mod snapshots;
 pub mod staging;
 pub mod store;
@@ -86,6 +88,8 @@ pub struct ServerConfig {
     pub staging: staging::StagingConfig,
     /// Console token lifetime, idle timeout, ping and send timeouts.
     pub console: console::ConsoleConfig,
+    /// The services proxy (`fastvm serve --proxy-listen`); none: no proxy.
+    pub proxy: Option<proxy::ProxyConfig>,
 }
 
 impl ServerConfig {
@@ -102,6 +106,7 @@ impl ServerConfig {
             public_url: None,
             staging: staging::StagingConfig::default(),
             console: console::ConsoleConfig::default(),
+            proxy: None,
         }
     }
 
@@ -141,24 +146,50 @@ struct Inner {
     /// The same store when it is the local one (it serves /v1/staging).
     local_staging: Option<Arc<staging::local::LocalStaging>>,
     staging_config: staging::StagingConfig,
-    /// Console configuration and per-VM wake locks (see console.rs).
+    /// How clients reach the services proxy (for the services' `url`).
+    proxy_public: Option<services::ProxyPublic>,
+    /// One wake-up (resume) in flight per paused VM, shared by every proxy
+    /// request that needs it (see proxy::wake).
+    wakes: proxy::Wakes,
+    /// Console configuration (see console.rs).
     console: console::ConsoleState,
 }
 
 impl AppState {
     pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
-        AppState { inner: Arc::new(Inner {
-            store,
-            worker,
-            launch_wait,
-            snapshot_use: Default::default(),
-            quota_locks: Default::default(),
-            ttl_wake: Default::default(),
-            staging: None,
-            local_staging: None,
-            staging_config: Default::default(),
-            console: Default::default(),
-        }) }
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                worker,
+                launch_wait,
+                snapshot_use: Default::default(),
+                quota_locks: Default::default(),
+                ttl_wake: Default::default(),
+                staging: None,
+                local_staging: None,
+                staging_config: Default::default(),
+                proxy_public: None,
+                wakes: Default::default(),
+                console: Default::default(),
+            }),
+        }
+    }
+
+    /// Tell the state where the services proxy is reached (call right after
+    /// [`AppState::new`]).
+    pub fn with_proxy_public(mut self, public: services::ProxyPublic) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.proxy_public = Some(public);
+        }
+        self
+    }
+
+    pub(crate) fn proxy_public(&self) -> Option<&services::ProxyPublic> {
+        self.inner.proxy_public.as_ref()
+    }
+
+    pub(crate) fn wakes(&self) -> &proxy::Wakes {
+        &self.inner.wakes
     }
 
     /// Give the state its console configuration (call right after [`AppState::new`]).
@@ -170,7 +201,11 @@ impl AppState {
     }
 
     /// Give the state a staging store that is not the local one (S3).
-    pub fn with_staging(mut self, store: Arc<dyn staging::StagingStore>, cfg: staging::StagingConfig) -> Self {
+    pub fn with_staging(
+        mut self,
+        store: Arc<dyn staging::StagingStore>,
+        cfg: staging::StagingConfig,
+    ) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.staging = Some(store);
             inner.local_staging = None;
@@ -180,7 +215,11 @@ impl AppState {
     }
 
     /// Give the state a local staging store (call right after [`AppState::new`]).
-    pub fn with_local_staging(mut self, store: Arc<staging::local::LocalStaging>, cfg: staging::StagingConfig) -> Self {
+    pub fn with_local_staging(
+        mut self,
+        store: Arc<staging::local::LocalStaging>,
+        cfg: staging::StagingConfig,
+    ) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.staging = Some(store.clone());
             inner.local_staging = Some(store);
@@ -193,7 +232,9 @@ impl AppState {
         self.inner.staging.as_ref().ok_or_else(no_staging)
     }
 
-    pub(crate) fn local_staging(&self) -> Result<&Arc<staging::local::LocalStaging>, error::ApiError> {
+    pub(crate) fn local_staging(
+        &self,
+    ) -> Result<&Arc<staging::local::LocalStaging>, error::ApiError> {
         match (&self.inner.local_staging, &self.inner.staging) {
             (Some(local), _) => Ok(local),
             (None, Some(_)) => Err(error::ApiError::new(
@@ -234,23 +275,32 @@ impl AppState {
     /// Align stored statuses with what the worker re-adopted (done by
     /// [`build_app`]; public for servers assembled by hand).
     pub async fn reconcile_on_start(&self) -> anyhow::Result<()> {
-        self.reconcile_all().await.map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))
+        self.reconcile_all()
+            .await
+            .map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))
     }
 }
 
 fn no_staging() -> error::ApiError {
-    error::ApiError::new(axum::http::StatusCode::NOT_IMPLEMENTED, error::codes::NOT_IMPLEMENTED, "file transfer needs a staging store; this server was built without one")
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_IMPLEMENTED,
+        error::codes::NOT_IMPLEMENTED,
+        "file transfer needs a staging store; this server was built without one",
+    )
 }
 
 /// Open the store of a data dir, creating, migrating and (on first use, see
 /// [`bootstrap`]) populating it: what `fastvm serve` and `fastvm keys` use.
 /// It may run beside a serving server (SQLite WAL allows it).
 pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating the data dir {}", data_dir.display()))?;
-    let store = Store::open(data_dir, database_url).await.with_context(|| match database_url {
-        Some(_) => "opening the PostgreSQL store".to_owned(),
-        None => format!("opening the store in {}", data_dir.display()),
-    })?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let store = Store::open(data_dir, database_url)
+        .await
+        .with_context(|| match database_url {
+            Some(_) => "opening the PostgreSQL store".to_owned(),
+            None => format!("opening the store in {}", data_dir.display()),
+        })?;
     bootstrap(&store, data_dir).await?;
     Ok(store)
 }
@@ -271,7 +321,8 @@ pub async fn bootstrap(store: &Store, data_dir: &Path) -> anyhow::Result<Option<
     let user = store.create_user(org, "admin").await?;
     let key = store.create_key_for(org, Some(user), "admin").await?;
     let path = data_dir.join(ADMIN_KEY_FILE);
-    write_secret(&path, &format!("{}\n", key.token)).with_context(|| format!("writing the admin API key to {}", path.display()))?;
+    write_secret(&path, &format!("{}\n", key.token))
+        .with_context(|| format!("writing the admin API key to {}", path.display()))?;
     tracing::info!(path = %path.display(), org = %org, "first start: created org {DEFAULT_ORG:?}, user \"admin\" and an admin API key");
     Ok(Some(path))
 }
@@ -281,7 +332,11 @@ pub(crate) fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
 }
@@ -294,10 +349,20 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
     if key_file.exists() {
         tracing::info!(path = %key_file.display(), "admin API key");
     }
-    let runtime = Runtime::open(cfg.runtime.clone()).await.context("opening the embedded worker")?;
+    let runtime = Runtime::open(cfg.runtime.clone())
+        .await
+        .context("opening the embedded worker")?;
     tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
     let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let state = AppState::new(store, worker, cfg.launch_wait).with_console(cfg.console.clone());
+    let mut state = AppState::new(store, worker, cfg.launch_wait).with_console(cfg.console.clone());
+    if let Some(proxy) = &cfg.proxy {
+        let public = services::ProxyPublic {
+            scheme: "http".into(),
+            domain: proxy.domain.clone(),
+            port: proxy.listen.port(),
+        };
+        state = state.with_proxy_public(public);
+    }
     let state = match &cfg.staging.s3 {
         Some(s3) => {
             let staging = staging::s3::S3Staging::new(s3)?;
@@ -305,7 +370,8 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
             state.with_staging(Arc::new(staging), cfg.staging.clone())
         }
         None => {
-            let staging = staging::local::LocalStaging::open(&cfg.data_dir, &cfg.public_base_url()).context("opening the staging store")?;
+            let staging = staging::local::LocalStaging::open(&cfg.data_dir, &cfg.public_base_url())
+                .context("opening the staging store")?;
             state.with_local_staging(Arc::new(staging), cfg.staging.clone())
         }
     };
@@ -315,12 +381,42 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
 
 /// Serve the API on `cfg.listen` until `shutdown` completes. VMs keep
 /// running after it returns.
-pub async fn serve(mut cfg: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+pub async fn serve(
+    mut cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
     cfg.listen = listener.local_addr()?;
+    let proxy_listener = bind_proxy(&mut cfg).await?;
     let (router, state) = build_app(&cfg).await?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
-    serve_on(listener, router, state, shutdown, cfg.shutdown_grace).await
+    let proxy = start_proxy(proxy_listener, &state, &cfg)?;
+    serve_on(listener, router, state, shutdown, cfg.shutdown_grace, proxy).await
+}
+
+/// Bind the proxy's listener (when configured) and record its real address.
+async fn bind_proxy(cfg: &mut ServerConfig) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(proxy) = cfg.proxy.as_mut() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(proxy.listen)
+        .await
+        .with_context(|| format!("listening on {} (the services proxy)", proxy.listen))?;
+    proxy.listen = listener.local_addr()?;
+    Ok(Some(listener))
+}
+
+fn start_proxy(
+    listener: Option<tokio::net::TcpListener>,
+    state: &AppState,
+    cfg: &ServerConfig,
+) -> anyhow::Result<Option<proxy::ProxyTask>> {
+    match (listener, &cfg.proxy) {
+        (Some(listener), Some(p)) => Ok(Some(proxy::spawn(listener, state.clone(), p)?)),
+        _ => Ok(None),
+    }
 }
 
 async fn serve_on(
@@ -329,6 +425,7 @@ async fn serve_on(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    proxy: Option<proxy::ProxyTask>,
 ) -> anyhow::Result<()> {
     let reaper = spawn_ttl_reaper(&state);
     let _staging_gc = state.staging_gc();
@@ -346,6 +443,9 @@ async fn serve_on(
             Ok(())
         }
     };
+    if let Some(p) = &proxy {
+        p.stop();
+    }
     reaper.stop().await;
     state.worker().detach();
     state.store().close().await;
@@ -355,6 +455,7 @@ async fn serve_on(
 /// A server serving in the background (see [`start`]).
 pub struct RunningServer {
     addr: SocketAddr,
+    proxy_addr: Option<SocketAddr>,
     state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -364,6 +465,11 @@ impl RunningServer {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The services proxy's address, when it runs.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy_addr
     }
 
     /// `http://ADDR`.
@@ -387,11 +493,16 @@ impl RunningServer {
 /// Build the app and serve it in the background on `cfg.listen` (which may
 /// have port 0).
 pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     cfg.listen = addr;
+    let proxy_listener = bind_proxy(&mut cfg).await?;
     let (router, state) = build_app(&cfg).await?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
+    let proxy = start_proxy(proxy_listener, &state, &cfg)?;
+    let proxy_addr = proxy.as_ref().map(|p| p.addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(
         listener,
@@ -401,6 +512,13 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             let _ = stopped.await;
         },
         cfg.shutdown_grace,
+        proxy,
     ));
-    Ok(RunningServer { addr, state, stop: Some(stop), task })
+    Ok(RunningServer {
+        addr,
+        proxy_addr,
+        state,
+        stop: Some(stop),
+        task,
+    })
 }

@@ -22,9 +22,12 @@ use crate::worker::{ExecEvents, VmSpec, WorkerError};
 use crate::AppState;
 use axum::http::StatusCode;
 use fastvm_types::exec::ExecVmRequest;
-use fastvm_types::vm::normalize_vm_name;
+use fastvm_types::service::Service;
 use fastvm_types::snapshot::SnapshotStatus;
-use fastvm_types::{FirewallPolicy, LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus};
+use fastvm_types::vm::normalize_vm_name;
+use fastvm_types::{
+    FirewallPolicy, LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus,
+};
 use fastvm_worker::{ExecRequest, MachineType, VmState};
 use std::time::Duration;
 
@@ -43,7 +46,10 @@ fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
         Some(VmState::Paused) => (VmStatus::Paused, None),
         Some(VmState::Stopped) => (VmStatus::Stopped, Some("the VM process exited".into())),
         Some(VmState::Error(m)) => (VmStatus::Error, Some(m)),
-        None => (VmStatus::Stopped, Some("the worker no longer knows this VM".into())),
+        None => (
+            VmStatus::Stopped,
+            Some("the worker no longer knows this VM".into()),
+        ),
     }
 }
 
@@ -66,7 +72,11 @@ fn set_status(r: &mut VmRecord, to: VmStatus, now: i64) {
         VmStatus::Paused => {
             r.paused_at_ms = Some(now);
             if let Some(cycle) = cycle {
-                let remaining = r.expires_at_ms.map(|e| e.saturating_sub(now).max(0)).or(r.ttl_remaining_ms).unwrap_or(cycle);
+                let remaining = r
+                    .expires_at_ms
+                    .map(|e| e.saturating_sub(now).max(0))
+                    .or(r.ttl_remaining_ms)
+                    .unwrap_or(cycle);
                 r.ttl_remaining_ms = Some(remaining);
                 r.expires_at_ms = None;
             }
@@ -80,7 +90,9 @@ fn set_status(r: &mut VmRecord, to: VmStatus, now: i64) {
 fn restart_ttl(r: &mut VmRecord, now: i64) {
     r.expires_at_ms = None;
     r.ttl_remaining_ms = None;
-    let Some(cycle) = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX)) else { return };
+    let Some(cycle) = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX)) else {
+        return;
+    };
     match r.status {
         VmStatus::Running | VmStatus::Pausing => r.expires_at_ms = Some(now.saturating_add(cycle)),
         VmStatus::Paused | VmStatus::Resuming => r.ttl_remaining_ms = Some(cycle),
@@ -90,11 +102,16 @@ fn restart_ttl(r: &mut VmRecord, now: i64) {
 
 /// Ok when `r` is running with a TTL of `action` whose deadline is at or before `now`.
 fn ttl_due(r: &VmRecord, action: TtlAction, now: i64) -> Result<(), ApiError> {
-    let due = r.status == VmStatus::Running && r.ttl.is_some_and(|t| t.action == action) && r.expires_at_ms.is_some_and(|e| e <= now);
+    let due = r.status == VmStatus::Running
+        && r.ttl.is_some_and(|t| t.action == action)
+        && r.expires_at_ms.is_some_and(|e| e <= now);
     if due {
         Ok(())
     } else {
-        Err(ApiError::invalid_state(format!("VM {} is no longer due for its TTL {action:?}", r.id)))
+        Err(ApiError::invalid_state(format!(
+            "VM {} is no longer due for its TTL {action:?}",
+            r.id
+        )))
     }
 }
 
@@ -107,20 +124,39 @@ struct Transition {
     to: VmStatus,
 }
 
-const PAUSE: Transition = Transition { action: "pause", from: VmStatus::Running, via: VmStatus::Pausing, to: VmStatus::Paused };
-const RESUME: Transition = Transition { action: "resume", from: VmStatus::Paused, via: VmStatus::Resuming, to: VmStatus::Running };
+const PAUSE: Transition = Transition {
+    action: "pause",
+    from: VmStatus::Running,
+    via: VmStatus::Pausing,
+    to: VmStatus::Paused,
+};
+const RESUME: Transition = Transition {
+    action: "resume",
+    from: VmStatus::Paused,
+    via: VmStatus::Resuming,
+    to: VmStatus::Running,
+};
 
 impl AppState {
     /// Read-modify-write the live VM `id` (of `org` when given) until the
     /// write lands on an unchanged row. `f` may refuse with an error.
-    async fn modify<F>(&self, org: Option<OrgId>, id: VmId, mut f: F) -> Result<VmRecord, ApiError>
+    pub(crate) async fn modify<F>(
+        &self,
+        org: Option<OrgId>,
+        id: VmId,
+        mut f: F,
+    ) -> Result<VmRecord, ApiError>
     where
         F: FnMut(&mut VmRecord) -> Result<(), ApiError>,
     {
         for _ in 0..MAX_ATTEMPTS {
             let found = match org {
                 Some(org) => self.store().get_vm(org, id).await?,
-                None => self.store().get_vm_unscoped(id).await?.filter(|r| r.deleted_at_ms.is_none()),
+                None => self
+                    .store()
+                    .get_vm_unscoped(id)
+                    .await?
+                    .filter(|r| r.deleted_at_ms.is_none()),
             };
             let mut rec = found.ok_or_else(|| no_such_vm(id))?;
             f(&mut rec)?;
@@ -131,7 +167,11 @@ impl AppState {
                 return Ok(rec);
             }
         }
-        Err(ApiError::new(StatusCode::CONFLICT, codes::INVALID_STATE, format!("VM {id} is changing too often; retry")))
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            codes::INVALID_STATE,
+            format!("VM {id} is changing too often; retry"),
+        ))
     }
 
     /// `rec` with its status brought in line with the worker (running and paused rows only).
@@ -139,7 +179,15 @@ impl AppState {
         if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
             return Ok(rec);
         }
-        let (status, message) = observed(self.worker().state(rec.id));
+        let state = match self.worker().state(rec.id).await {
+            Ok(state) => state,
+            Err(e) => {
+                // The worker cannot say: keep what the store knows.
+                tracing::warn!(vm = %rec.id, error = %e, "the VM's worker did not report its state");
+                return Ok(rec);
+            }
+        };
+        let (status, message) = observed(state);
         if status == rec.status {
             return Ok(rec);
         }
@@ -154,17 +202,28 @@ impl AppState {
             return Ok(new);
         }
         // Someone else changed it meanwhile: theirs is newer.
-        self.store().get_vm(rec.org_id, rec.id).await?.ok_or_else(|| no_such_vm(rec.id))
+        self.store()
+            .get_vm(rec.org_id, rec.id)
+            .await?
+            .ok_or_else(|| no_such_vm(rec.id))
     }
 
     /// The live VM `id` of `org`, reconciled.
     pub(crate) async fn find_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        let rec = self.store().get_vm(org, id).await?.ok_or_else(|| no_such_vm(id))?;
+        let rec = self
+            .store()
+            .get_vm(org, id)
+            .await?
+            .ok_or_else(|| no_such_vm(id))?;
         self.reconciled(rec).await
     }
 
     /// The live VMs of `org` (only those in `status` when given), reconciled.
-    pub(crate) async fn list_vms(&self, org: OrgId, status: Option<VmStatus>) -> Result<Vec<VmRecord>, ApiError> {
+    pub(crate) async fn list_vms(
+        &self,
+        org: OrgId,
+        status: Option<VmStatus>,
+    ) -> Result<Vec<VmRecord>, ApiError> {
         let mut out = Vec::new();
         for rec in self.store().list_vms(org, status).await? {
             let rec = self.reconciled(rec).await?;
@@ -186,10 +245,21 @@ impl AppState {
     /// firewall unless the request gives one; name, metadata and TTL come
     /// from the request. `machineType` may be given but must be the
     /// snapshot's (422 `MACHINE_TYPE_MISMATCH`).
-    pub(crate) async fn launch_vm(&self, caller: Caller, req: LaunchVmRequest) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn launch_vm(
+        &self,
+        caller: Caller,
+        req: LaunchVmRequest,
+    ) -> Result<VmRecord, ApiError> {
         req.validate()?;
-        let requested = match req.machine_type.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
-            Some(name) => Some(MachineType::lookup(name).map_err(|e| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string()))?),
+        let requested = match req
+            .machine_type
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+        {
+            Some(name) => Some(MachineType::lookup(name).map_err(|e| {
+                ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string())
+            })?),
             None => None,
         };
         let id = VmId::new_v4();
@@ -216,12 +286,18 @@ impl AppState {
             deleted_at_ms: None,
             version: 0,
             public_ipv6: None,
+            services: vec![],
         };
         // A restore keeps the snapshot in use until its VM runs (see crate::snapshots).
         let mut in_use = None;
         let machine = match req.snapshot_id {
             None => {
-                let machine = requested.ok_or_else(|| ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, "machineType is required unless snapshotId is set"))?;
+                let machine = requested.ok_or_else(|| {
+                    ApiError::unprocessable(
+                        fastvm_types::codes::INVALID_MACHINE_TYPE,
+                        "machineType is required unless snapshotId is set",
+                    )
+                })?;
                 rec.machine_name = machine.name.to_owned();
                 rec.cpu = machine.vcpus;
                 rec.memory_mib = u64::from(machine.memory_mib);
@@ -233,12 +309,19 @@ impl AppState {
                 let snap = self.find_snapshot(caller.org_id, sid).await?;
                 if snap.status != SnapshotStatus::Ready {
                     let status = crate::store::snapshot_status_str(snap.status);
-                    return Err(ApiError::invalid_state(format!("snapshot {sid} is {status}; only a ready snapshot can be restored")));
+                    return Err(ApiError::invalid_state(format!(
+                        "snapshot {sid} is {status}; only a ready snapshot can be restored"
+                    )));
                 }
                 if snap.worker_id != self.worker().id() {
-                    return Err(ApiError::invalid_state(format!("snapshot {sid} lives on worker {:?}, which this server does not drive", snap.worker_id)));
+                    return Err(ApiError::invalid_state(format!(
+                        "snapshot {sid} lives on worker {:?}, which this server does not drive",
+                        snap.worker_id
+                    )));
                 }
-                let machine = MachineType::lookup(&snap.machine_name).map_err(|e| ApiError::internal(format!("snapshot {sid} has an unknown machine type: {e}")))?;
+                let machine = MachineType::lookup(&snap.machine_name).map_err(|e| {
+                    ApiError::internal(format!("snapshot {sid} has an unknown machine type: {e}"))
+                })?;
                 if let Some(m) = requested.filter(|m| m.name != machine.name) {
                     return Err(ApiError::unprocessable(
                         codes::MACHINE_TYPE_MISMATCH,
@@ -253,6 +336,17 @@ impl AppState {
                 if req.firewall.is_none() {
                     rec.firewall = snap.firewall.clone();
                 }
+                // The restored VM serves what the source VM served.
+                rec.services = snap
+                    .services
+                    .iter()
+                    .map(|s| Service {
+                        name: s.name.clone(),
+                        port: s.port,
+                        h2c: s.h2c,
+                        url: None,
+                    })
+                    .collect();
                 // No env vars (or an empty map) keep the snapshot's: the
                 // worker restores those when given none.
                 if rec.env_vars.is_empty() {
@@ -265,13 +359,22 @@ impl AppState {
             // Check and reserve (the provisioning row) atomically per org.
             let lock = self.quota_lock(caller.org_id);
             let _held = lock.lock().await;
-            let shape = VmShape { cpu: u64::from(rec.cpu), memory_mib: rec.memory_mib, disk_gib: rec.disk_gib };
-            self.check_vm_quota(caller.org_id, "launching this VM", shape).await?;
+            let shape = VmShape {
+                cpu: u64::from(rec.cpu),
+                memory_mib: rec.memory_mib,
+                disk_gib: rec.disk_gib,
+            };
+            self.check_vm_quota(caller.org_id, "launching this VM", shape)
+                .await?;
             self.store().insert_vm(&rec).await?;
         }
         match req.snapshot_id {
-            Some(sid) => tracing::info!(vm = %id, org = %caller.org_id, snapshot = %sid, machine = machine.name, "restoring VM from snapshot"),
-            None => tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM"),
+            Some(sid) => {
+                tracing::info!(vm = %id, org = %caller.org_id, snapshot = %sid, machine = machine.name, "restoring VM from snapshot")
+            }
+            None => {
+                tracing::info!(vm = %id, org = %caller.org_id, machine = machine.name, "launching VM")
+            }
         }
         let spec = VmSpec {
             id,
@@ -279,7 +382,7 @@ impl AppState {
             hostname: format!("vm-{}", id.short()),
             env: rec.env_vars.clone(),
             snapshot: req.snapshot_id,
-            firewall: rec.firewall.clone(),
+            firewall: rec.effective_firewall(),
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let state = self.clone();
@@ -300,7 +403,11 @@ impl AppState {
         let launched_with = spec.firewall.clone();
         let result = self.worker().create(spec).await;
         if result.is_ok() {
-            if let Err(e) = self.store().set_vm_public_ipv6(id, self.worker().public_ipv6(id).as_deref()).await {
+            let ipv6 = self.worker().public_ipv6(id).await.unwrap_or_else(|e| {
+                tracing::warn!(vm = %id, error = %e, "the worker did not report the VM's public IPv6");
+                None
+            });
+            if let Err(e) = self.store().set_vm_public_ipv6(id, ipv6.as_deref()).await {
                 tracing::warn!(vm = %id, error = %e, "recording the VM's public IPv6 failed");
             }
         }
@@ -309,7 +416,10 @@ impl AppState {
                 tracing::info!(vm = %id, elapsed_ms = started.elapsed().as_millis() as u64, "VM running");
                 self.modify(None, id, |r| {
                     if r.status != VmStatus::Provisioning {
-                        return Err(ApiError::invalid_state(format!("VM {id} is {}", r.status.as_str())));
+                        return Err(ApiError::invalid_state(format!(
+                            "VM {id} is {}",
+                            r.status.as_str()
+                        )));
                     }
                     set_status(r, VmStatus::Running, now_ms());
                     Ok(())
@@ -321,7 +431,10 @@ impl AppState {
                 let message = format!("the VM failed to start: {e}");
                 self.modify(None, id, |r| {
                     if r.status != VmStatus::Provisioning {
-                        return Err(ApiError::invalid_state(format!("VM {id} is {}", r.status.as_str())));
+                        return Err(ApiError::invalid_state(format!(
+                            "VM {id} is {}",
+                            r.status.as_str()
+                        )));
                     }
                     r.status = VmStatus::Error;
                     r.status_message = Some(message.clone());
@@ -332,8 +445,12 @@ impl AppState {
         };
         // A firewall set while the VM booted is pushed now.
         if let Ok(rec) = &settle {
-            if rec.firewall != launched_with {
-                if let Err(e) = self.worker().set_firewall(id, &rec.firewall).await {
+            if rec.effective_firewall() != launched_with {
+                if let Err(e) = self
+                    .worker()
+                    .set_firewall(id, &rec.effective_firewall())
+                    .await
+                {
                     tracing::warn!(vm = %id, error = %e, "applying the firewall set during boot failed");
                 }
             }
@@ -351,10 +468,21 @@ impl AppState {
     /// (`patch` true: the blocks given replace the stored ones). The result is
     /// validated (400 with the rule's code), stored, and pushed to the worker
     /// of a running or paused VM, which enforces it at once.
-    pub(crate) async fn set_firewall(&self, org: OrgId, id: VmId, policy: FirewallPolicy, patch: bool) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn set_firewall(
+        &self,
+        org: OrgId,
+        id: VmId,
+        policy: FirewallPolicy,
+        patch: bool,
+    ) -> Result<VmRecord, ApiError> {
         let current = self.find_vm(org, id).await?;
-        let new = if patch { current.firewall.merge_patch(policy) } else { policy };
-        new.validate().map_err(|e| ApiError::bad_request(e.code, e.message))?;
+        let new = if patch {
+            current.firewall.merge_patch(policy)
+        } else {
+            policy
+        };
+        new.validate()
+            .map_err(|e| ApiError::bad_request(e.code, e.message))?;
         let rec = self
             .modify(Some(org), id, |r| {
                 if r.status == VmStatus::Deleting {
@@ -364,14 +492,31 @@ impl AppState {
                 Ok(())
             })
             .await?;
-        if matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
-            self.worker().set_firewall(id, &new).await.map_err(|e| ApiError::internal(format!("the worker could not apply the firewall: {e}")))?;
-        }
+        self.push_firewall(&rec).await?;
         Ok(rec)
     }
 
+    /// Make the worker of a running or paused VM enforce what `rec` says
+    /// (its effective firewall: user policy plus service rules).
+    pub(crate) async fn push_firewall(&self, rec: &VmRecord) -> Result<(), ApiError> {
+        if matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+            self.worker()
+                .set_firewall(rec.id, &rec.effective_firewall())
+                .await
+                .map_err(|e| {
+                    ApiError::internal(format!("the worker could not apply the firewall: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
     /// `PATCH /v1/vms/{id}`.
-    pub(crate) async fn update_vm(&self, org: OrgId, id: VmId, req: UpdateVmRequest) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn update_vm(
+        &self,
+        org: OrgId,
+        id: VmId,
+        req: UpdateVmRequest,
+    ) -> Result<VmRecord, ApiError> {
         req.validate()?;
         let rec = self
             .modify(Some(org), id, |r| {
@@ -401,7 +546,13 @@ impl AppState {
 
     /// Move a VM from `t.from` to the transitional `t.via`, run `op` on the
     /// worker, then settle in `t.to` (or in what the worker reports, on failure).
-    async fn transition<Fut>(&self, org: OrgId, id: VmId, t: Transition, op: Fut) -> Result<VmRecord, ApiError>
+    async fn transition<Fut>(
+        &self,
+        org: OrgId,
+        id: VmId,
+        t: Transition,
+        op: Fut,
+    ) -> Result<VmRecord, ApiError>
     where
         Fut: std::future::Future<Output = Result<(), WorkerError>>,
     {
@@ -411,16 +562,32 @@ impl AppState {
     /// [`Self::transition`], entered only when `guard` accepts the row
     /// (checked, and allowed to adjust it, in the same compare-and-set that
     /// moves it to `t.via`).
-    async fn transition_if<Fut, G>(&self, org: OrgId, id: VmId, t: Transition, op: Fut, mut guard: G) -> Result<VmRecord, ApiError>
+    async fn transition_if<Fut, G>(
+        &self,
+        org: OrgId,
+        id: VmId,
+        t: Transition,
+        op: Fut,
+        mut guard: G,
+    ) -> Result<VmRecord, ApiError>
     where
         Fut: std::future::Future<Output = Result<(), WorkerError>>,
         G: FnMut(&mut VmRecord) -> Result<(), ApiError>,
     {
-        let Transition { action, from, via, to } = t;
+        let Transition {
+            action,
+            from,
+            via,
+            to,
+        } = t;
         self.find_vm(org, id).await?;
         self.modify(Some(org), id, |r| {
             if r.status != from {
-                return Err(ApiError::invalid_state(format!("VM {id} is {}; {action} needs it {}", r.status.as_str(), from.as_str())));
+                return Err(ApiError::invalid_state(format!(
+                    "VM {id} is {}; {action} needs it {}",
+                    r.status.as_str(),
+                    from.as_str()
+                )));
             }
             guard(r)?;
             r.status = via;
@@ -432,7 +599,16 @@ impl AppState {
             Ok(()) => (to, None),
             Err(e) => {
                 tracing::warn!(vm = %id, action, error = %e, "VM transition failed");
-                observed(self.worker().state(id))
+                match self.worker().state(id).await {
+                    Ok(state) => observed(state),
+                    // Unknown: back where it was, with the reason.
+                    Err(report) => (
+                        from,
+                        Some(format!(
+                            "{action} failed ({e}); the worker's state is unknown: {report}"
+                        )),
+                    ),
+                }
             }
         };
         let rec = self
@@ -452,7 +628,8 @@ impl AppState {
 
     /// `POST /v1/vms/{id}/pause`: running -> pausing -> paused.
     pub(crate) async fn pause_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        self.transition(org, id, PAUSE, self.worker().pause(id)).await
+        self.transition(org, id, PAUSE, self.worker().pause(id))
+            .await
     }
 
     /// `POST /v1/vms/{id}/resume`: paused -> resuming -> running; 429 when
@@ -463,9 +640,18 @@ impl AppState {
         let _held = lock.lock().await;
         let rec = self.find_vm(org, id).await?;
         if rec.status == VmStatus::Paused {
-            self.check_resume_quota(org, VmShape { cpu: u64::from(rec.cpu), memory_mib: rec.memory_mib, disk_gib: rec.disk_gib }).await?;
+            self.check_resume_quota(
+                org,
+                VmShape {
+                    cpu: u64::from(rec.cpu),
+                    memory_mib: rec.memory_mib,
+                    disk_gib: rec.disk_gib,
+                },
+            )
+            .await?;
         }
-        self.transition(org, id, RESUME, self.worker().resume(id)).await
+        self.transition(org, id, RESUME, self.worker().resume(id))
+            .await
     }
 
     /// The TTL reaper's pause: like [`Self::pause_vm`], only if the VM is
@@ -488,7 +674,8 @@ impl AppState {
     /// The TTL reaper's delete: the DELETE path, only if the VM is still
     /// running, still due and its action still `delete`.
     pub(crate) async fn ttl_delete(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
-        self.delete_vm_if(org, id, |r| ttl_due(r, TtlAction::Delete, now_ms())).await
+        self.delete_vm_if(org, id, |r| ttl_due(r, TtlAction::Delete, now_ms()))
+            .await
     }
 
     /// `POST /v1/vms/{id}/ttl/refresh`: start a new full cycle (running:
@@ -499,10 +686,17 @@ impl AppState {
         let rec = self
             .modify(Some(org), id, |r| {
                 if r.ttl.is_none() {
-                    return Err(ApiError::new(StatusCode::CONFLICT, codes::TTL_NOT_SET, format!("VM {id} has no TTL to refresh; set one with PATCH /v1/vms/{id}")));
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        codes::TTL_NOT_SET,
+                        format!("VM {id} has no TTL to refresh; set one with PATCH /v1/vms/{id}"),
+                    ));
                 }
                 if !matches!(r.status, VmStatus::Running | VmStatus::Paused) {
-                    return Err(ApiError::invalid_state(format!("VM {id} is {}; a TTL refresh needs it running or paused", r.status.as_str())));
+                    return Err(ApiError::invalid_state(format!(
+                        "VM {id} is {}; a TTL refresh needs it running or paused",
+                        r.status.as_str()
+                    )));
                 }
                 restart_ttl(r, now_ms());
                 Ok(())
@@ -525,7 +719,9 @@ impl AppState {
     {
         self.modify(Some(org), id, |r| {
             if r.status == VmStatus::Deleting {
-                return Err(ApiError::invalid_state(format!("VM {id} is already being deleted")));
+                return Err(ApiError::invalid_state(format!(
+                    "VM {id} is already being deleted"
+                )));
             }
             guard(r)?;
             r.status = VmStatus::Deleting;
@@ -556,11 +752,19 @@ impl AppState {
     }
 
     /// `POST /v1/vms/{id}/exec`: start `req` in the running VM.
-    pub(crate) async fn start_exec(&self, org: OrgId, id: VmId, req: &ExecVmRequest) -> Result<ExecEvents, ApiError> {
+    pub(crate) async fn start_exec(
+        &self,
+        org: OrgId,
+        id: VmId,
+        req: &ExecVmRequest,
+    ) -> Result<ExecEvents, ApiError> {
         req.validate()?;
         let rec = self.find_vm(org, id).await?;
         if rec.status != VmStatus::Running {
-            return Err(ApiError::invalid_state(format!("VM {id} is {}; exec needs it running", rec.status.as_str())));
+            return Err(ApiError::invalid_state(format!(
+                "VM {id} is {}; exec needs it running",
+                rec.status.as_str()
+            )));
         }
         let wreq = ExecRequest {
             argv: req.command.clone(),
@@ -597,7 +801,13 @@ impl AppState {
                 }
                 VmStatus::Stopped | VmStatus::Error => {}
                 from => {
-                    let (mut status, mut message) = observed(worker.state(id));
+                    let (mut status, mut message) = match worker.state(id).await {
+                        Ok(state) => observed(state),
+                        Err(e) => {
+                            tracing::warn!(vm = %id, error = %e, "the VM's worker did not report its state; left as stored");
+                            continue;
+                        }
+                    };
                     if from == VmStatus::Provisioning && status != VmStatus::Running {
                         status = VmStatus::Error;
                         message = Some("the server stopped while the VM was provisioning".into());
@@ -619,8 +829,8 @@ impl AppState {
             }
         }
         // VMs the worker still runs although their row is deleted.
-        for (id, _) in worker.list() {
-            let Ok(vm_id) = id.parse::<VmId>() else { continue };
+        for (vm_id, _) in worker.list().await? {
+            let id = vm_id;
             match self.store().get_vm_unscoped(vm_id).await? {
                 Some(r) if r.deleted_at_ms.is_some() => {
                     tracing::info!(vm = %id, "removing a VM whose row is deleted");
@@ -629,7 +839,9 @@ impl AppState {
                     }
                 }
                 Some(_) => {}
-                None => tracing::warn!(vm = %id, "the worker runs a VM the store does not know; leaving it alone"),
+                None => {
+                    tracing::warn!(vm = %id, "the worker runs a VM the store does not know; leaving it alone")
+                }
             }
         }
         self.reconcile_snapshots().await
@@ -667,7 +879,10 @@ mod tests {
             firewall: Default::default(),
             metadata: Default::default(),
             env_vars: Default::default(),
-            ttl: ttl.map(|seconds| Ttl { seconds, action: TtlAction::Pause }),
+            ttl: ttl.map(|seconds| Ttl {
+                seconds,
+                action: TtlAction::Pause,
+            }),
             expires_at_ms: None,
             ttl_remaining_ms: None,
             created_at_ms: 0,
@@ -675,6 +890,7 @@ mod tests {
             deleted_at_ms: None,
             version: 0,
             public_ipv6: None,
+            services: vec![],
         }
     }
 
@@ -684,9 +900,15 @@ mod tests {
         set_status(&mut r, VmStatus::Running, 1_000);
         assert_eq!(r.expires_at_ms, Some(61_000));
         set_status(&mut r, VmStatus::Paused, 11_000);
-        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (None, Some(50_000), Some(11_000)));
+        assert_eq!(
+            (r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms),
+            (None, Some(50_000), Some(11_000))
+        );
         set_status(&mut r, VmStatus::Running, 100_000);
-        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (Some(150_000), None, None));
+        assert_eq!(
+            (r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms),
+            (Some(150_000), None, None)
+        );
     }
 
     #[test]
@@ -694,7 +916,10 @@ mod tests {
         let mut r = rec(VmStatus::Provisioning, None);
         set_status(&mut r, VmStatus::Running, 1_000);
         set_status(&mut r, VmStatus::Paused, 2_000);
-        assert_eq!((r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms), (None, None, Some(2_000)));
+        assert_eq!(
+            (r.expires_at_ms, r.ttl_remaining_ms, r.paused_at_ms),
+            (None, None, Some(2_000))
+        );
     }
 
     #[test]
@@ -712,7 +937,10 @@ mod tests {
         assert_eq!(observed(Some(VmState::Running)).0, VmStatus::Running);
         assert_eq!(observed(Some(VmState::Paused)).0, VmStatus::Paused);
         assert_eq!(observed(Some(VmState::Stopped)).0, VmStatus::Stopped);
-        assert_eq!(observed(Some(VmState::Error("x".into()))), (VmStatus::Error, Some("x".into())));
+        assert_eq!(
+            observed(Some(VmState::Error("x".into()))),
+            (VmStatus::Error, Some("x".into()))
+        );
         assert_eq!(observed(None).0, VmStatus::Stopped);
     }
 }

@@ -4,7 +4,7 @@
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
 
-use crate::routes::{console, exec, files, health, org, snapshots, vms};
+use crate::routes::{console, exec, files, health, org, services, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -32,6 +32,10 @@ use utoipa::{Modify, OpenApi};
         files::presign,
         files::fetch,
         files::export,
+        services::list,
+        services::register,
+        services::update,
+        services::delete,
         snapshots::list,
         snapshots::create,
         snapshots::get,
@@ -45,6 +49,7 @@ use utoipa::{Modify, OpenApi};
     tags(
         (name = "health", description = "Liveness"),
         (name = "vms", description = "VM lifecycle and exec"),
+        (name = "services", description = "HTTP services of a VM, exposed by the proxy (`fastvm serve --proxy-listen`) at `<name>--<vmIdHex>.proxy.<domain>`: HTTP/1.1, WebSocket, Server-Sent Events and h2c (gRPC) pass through; a request for a paused VM resumes it"),
         (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
         (name = "files", description = "File transfer through the staging store. `/files/export` is an extension of this server (the spec's download flow needs guest network; export does not)"),
         (name = "org", description = "The caller's org: quotas and usage"),
@@ -58,7 +63,9 @@ impl Modify for BearerAuth {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
         let mut scheme = Http::new(HttpAuthScheme::Bearer);
-        scheme.description = Some("An API key (`fvm_...`), created at first start or with `fastvm keys create`.".into());
+        scheme.description = Some(
+            "An API key (`fvm_...`), created at first start or with `fastvm keys create`.".into(),
+        );
         components.add_security_scheme("bearerAuth", SecurityScheme::Http(scheme));
     }
 }
@@ -72,7 +79,9 @@ pub fn document() -> utoipa::openapi::OpenApi {
 pub fn document_json() -> &'static str {
     static JSON: OnceLock<String> = OnceLock::new();
     JSON.get_or_init(|| {
-        let mut s = serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\": \"cannot render the OpenAPI document: {e}\"}}"));
+        let mut s = serde_json::to_string_pretty(&document()).unwrap_or_else(|e| {
+            format!("{{\"error\": \"cannot render the OpenAPI document: {e}\"}}")
+        });
         s.push('\n');
         s
     })
@@ -124,18 +133,40 @@ mod tests {
     #[test]
     fn openapi_is_3_1_and_every_ref_resolves() -> Result<(), Box<dyn std::error::Error>> {
         let doc: Value = serde_json::from_str(document_json())?;
-        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")));
+        assert!(doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")));
         let mut refs = Vec::new();
         collect_refs(&doc, &mut refs);
         assert!(!refs.is_empty());
         for r in refs {
             let name = r.trim_start_matches("#/components/schemas/");
-            assert!(doc["components"]["schemas"].get(name).is_some(), "dangling {r}");
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "dangling {r}"
+            );
         }
-        for (path, method) in [("/healthz", "get"), ("/v1/vms", "get"), ("/v1/vms", "post"), ("/v1/vms/{id}", "patch"), ("/v1/vms/{id}/exec", "post"), ("/v1/snapshots", "post"), ("/v1/snapshots/{id}", "delete"), ("/v1/vms/{id}/ttl/refresh", "post"), ("/v1/org/quotas", "get")] {
-            assert!(doc["paths"][path][method].is_object(), "missing {method} {path}");
+        for (path, method) in [
+            ("/healthz", "get"),
+            ("/v1/vms", "get"),
+            ("/v1/vms", "post"),
+            ("/v1/vms/{id}", "patch"),
+            ("/v1/vms/{id}/exec", "post"),
+            ("/v1/snapshots", "post"),
+            ("/v1/snapshots/{id}", "delete"),
+            ("/v1/vms/{id}/ttl/refresh", "post"),
+            ("/v1/org/quotas", "get"),
+        ] {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "missing {method} {path}"
+            );
         }
-        assert_eq!(doc["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/LaunchVmRequest");
+        assert_eq!(
+            doc["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                ["$ref"],
+            "#/components/schemas/LaunchVmRequest"
+        );
         Ok(())
     }
 }

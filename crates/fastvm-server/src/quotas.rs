@@ -65,7 +65,14 @@ pub(crate) struct VmShape {
 
 fn vm_needs(limits: &OrgQuotaValues, usage: &OrgQuotaValues, shape: VmShape) -> [Need; 3] {
     [
-        Need { code: codes::QUOTA_EXCEEDED_VCPU, what: "vcpu", unit: " vCPU", limit: limits.vcpu, usage: usage.vcpu, requested: shape.cpu },
+        Need {
+            code: codes::QUOTA_EXCEEDED_VCPU,
+            what: "vcpu",
+            unit: " vCPU",
+            limit: limits.vcpu,
+            usage: usage.vcpu,
+            requested: shape.cpu,
+        },
         Need {
             code: codes::QUOTA_EXCEEDED_MEMORY_MIB,
             what: "memoryMiB",
@@ -88,7 +95,11 @@ fn vm_needs(limits: &OrgQuotaValues, usage: &OrgQuotaValues, shape: VmShape) -> 
 impl AppState {
     /// The mutex serialising quota checks and reservations of `org`.
     pub(crate) fn quota_lock(&self, org: OrgId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.inner.quota_locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .inner
+            .quota_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.entry(org).or_default().clone()
     }
 
@@ -96,11 +107,20 @@ impl AppState {
     pub(crate) async fn org_quotas(&self, org: OrgId) -> Result<OrgQuotaUsage, ApiError> {
         let limits = self.store().quota_limits(org).await?;
         let usage = self.store().quota_usage(org).await?;
-        Ok(OrgQuotaUsage { org_id: org, limits, usage })
+        Ok(OrgQuotaUsage {
+            org_id: org,
+            limits,
+            usage,
+        })
     }
 
     /// 429 unless `org` can take one more VM of `shape` (call with the org's quota lock held).
-    pub(crate) async fn check_vm_quota(&self, org: OrgId, action: &str, shape: VmShape) -> Result<(), ApiError> {
+    pub(crate) async fn check_vm_quota(
+        &self,
+        org: OrgId,
+        action: &str,
+        shape: VmShape,
+    ) -> Result<(), ApiError> {
         let limits = self.store().quota_limits(org).await?;
         let usage = self.store().quota_usage(org).await?;
         check(org, action, &vm_needs(&limits, &usage, shape))
@@ -109,7 +129,11 @@ impl AppState {
     /// 429 unless `org`, which already counts the paused VM of `shape`, is
     /// within its limits (resuming does not add usage: paused VMs count; it
     /// fails only when the limits were lowered below the usage meanwhile).
-    pub(crate) async fn check_resume_quota(&self, org: OrgId, shape: VmShape) -> Result<(), ApiError> {
+    pub(crate) async fn check_resume_quota(
+        &self,
+        org: OrgId,
+        shape: VmShape,
+    ) -> Result<(), ApiError> {
         let limits = self.store().quota_limits(org).await?;
         let mut usage = self.store().quota_usage(org).await?;
         usage.vcpu = usage.vcpu.saturating_sub(shape.cpu);
@@ -143,16 +167,50 @@ mod tests {
 
     #[test]
     fn first_exceeded_resource_names_limit_usage_and_request() {
-        let limits = OrgQuotaValues { vcpu: 4, memory_mib: 8192, disk_gib: 20, ..Default::default() };
-        let usage = OrgQuotaValues { vcpu: 3, memory_mib: 2048, disk_gib: 10, ..Default::default() };
+        let limits = OrgQuotaValues {
+            vcpu: 4,
+            memory_mib: 8192,
+            disk_gib: 20,
+            ..Default::default()
+        };
+        let usage = OrgQuotaValues {
+            vcpu: 3,
+            memory_mib: 2048,
+            disk_gib: 10,
+            ..Default::default()
+        };
         let org = OrgId::new_v4();
-        let ok = VmShape { cpu: 1, memory_mib: 2048, disk_gib: 10 };
+        let ok = VmShape {
+            cpu: 1,
+            memory_mib: 2048,
+            disk_gib: 10,
+        };
         assert!(check(org, "launching", &vm_needs(&limits, &usage, ok)).is_ok());
-        let e = check(org, "launching", &vm_needs(&limits, &usage, VmShape { cpu: 2, ..ok })).err().map(|e| (e.status, e.code, e.message));
+        let e = check(
+            org,
+            "launching",
+            &vm_needs(&limits, &usage, VmShape { cpu: 2, ..ok }),
+        )
+        .err()
+        .map(|e| (e.status, e.code, e.message));
         let (status, code, message) = e.unwrap_or_default();
-        assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, codes::QUOTA_EXCEEDED_VCPU));
-        assert!(message.contains("needs 2 vCPU") && message.contains("uses 3 vCPU") && message.contains("limit of 4 vCPU"), "{message}");
-        let e = check(org, "launching", &vm_needs(&limits, &usage, VmShape { disk_gib: 11, ..ok })).err().map(|e| e.code);
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, codes::QUOTA_EXCEEDED_VCPU)
+        );
+        assert!(
+            message.contains("needs 2 vCPU")
+                && message.contains("uses 3 vCPU")
+                && message.contains("limit of 4 vCPU"),
+            "{message}"
+        );
+        let e = check(
+            org,
+            "launching",
+            &vm_needs(&limits, &usage, VmShape { disk_gib: 11, ..ok }),
+        )
+        .err()
+        .map(|e| e.code);
         assert_eq!(e.as_deref(), Some(codes::QUOTA_EXCEEDED_DISK_GIB));
     }
 }

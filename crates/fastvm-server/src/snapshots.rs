@@ -29,7 +29,10 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::store::{now_ms, SnapshotRecord};
 use crate::AppState;
-use fastvm_types::snapshot::{normalize_snapshot_name, CreateSnapshotRequest, SnapshotStatus, UpdateSnapshotRequest};
+use fastvm_types::snapshot::{
+    normalize_snapshot_name, CreateSnapshotRequest, SnapshotService, SnapshotStatus,
+    UpdateSnapshotRequest,
+};
 use fastvm_types::{codes as vcodes, OrgId, SnapshotId, VmStatus};
 
 pub(crate) fn no_such_snapshot(id: SnapshotId) -> ApiError {
@@ -38,8 +41,15 @@ pub(crate) fn no_such_snapshot(id: SnapshotId) -> ApiError {
 
 impl AppState {
     /// The live snapshot `id` of `org`.
-    pub(crate) async fn find_snapshot(&self, org: OrgId, id: SnapshotId) -> Result<SnapshotRecord, ApiError> {
-        self.store().get_snapshot(org, id).await?.ok_or_else(|| no_such_snapshot(id))
+    pub(crate) async fn find_snapshot(
+        &self,
+        org: OrgId,
+        id: SnapshotId,
+    ) -> Result<SnapshotRecord, ApiError> {
+        self.store()
+            .get_snapshot(org, id)
+            .await?
+            .ok_or_else(|| no_such_snapshot(id))
     }
 
     /// The live snapshots of `org`, oldest first.
@@ -50,10 +60,18 @@ impl AppState {
     /// `POST /v1/snapshots`: capture the caller's running or paused VM.
     /// Returns the snapshot `ready`; when the worker fails, the row is kept
     /// in `error` with the worker's message and the error is returned.
-    pub(crate) async fn create_snapshot(&self, caller: Caller, req: CreateSnapshotRequest) -> Result<SnapshotRecord, ApiError> {
+    pub(crate) async fn create_snapshot(
+        &self,
+        caller: Caller,
+        req: CreateSnapshotRequest,
+    ) -> Result<SnapshotRecord, ApiError> {
         let vm = self.find_vm(caller.org_id, req.vm_id).await?;
         if !matches!(vm.status, VmStatus::Running | VmStatus::Paused) {
-            return Err(ApiError::invalid_state(format!("VM {} is {}; a snapshot needs it running or paused", vm.id, vm.status.as_str())));
+            return Err(ApiError::invalid_state(format!(
+                "VM {} is {}; a snapshot needs it running or paused",
+                vm.id,
+                vm.status.as_str()
+            )));
         }
         let mut rec = SnapshotRecord {
             id: SnapshotId::new_v4(),
@@ -70,15 +88,26 @@ impl AppState {
             metadata: vm.metadata.clone(),
             env_vars: vm.env_vars.clone(),
             firewall: vm.firewall.clone(),
-            // Services, volumes and bucket mounts do not exist yet: a VM has none to capture.
-            services: vec![],
+            services: vm
+                .services
+                .iter()
+                .map(|s| SnapshotService {
+                    name: s.name.clone(),
+                    port: s.port,
+                    h2c: s.h2c,
+                })
+                .collect(),
+            // Volumes and bucket mounts do not exist yet: a VM has none to capture.
             volumes: vec![],
             bucket_mounts: vec![],
             created_at_ms: now_ms(),
             deleted_at_ms: None,
         };
         if rec.worker_id != self.worker().id() {
-            return Err(ApiError::invalid_state(format!("VM {} runs on worker {:?}, which this server does not drive", vm.id, rec.worker_id)));
+            return Err(ApiError::invalid_state(format!(
+                "VM {} runs on worker {:?}, which this server does not drive",
+                vm.id, rec.worker_id
+            )));
         }
         {
             // Check and reserve (the creating row) atomically per org.
@@ -97,17 +126,35 @@ impl AppState {
             let settled = match &result {
                 Ok(()) => {
                     tracing::info!(snapshot = %id, vm = %vm_id, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot ready");
-                    state.store().set_snapshot_status(id, SnapshotStatus::Creating, SnapshotStatus::Ready, None).await
+                    state
+                        .store()
+                        .set_snapshot_status(
+                            id,
+                            SnapshotStatus::Creating,
+                            SnapshotStatus::Ready,
+                            None,
+                        )
+                        .await
                 }
                 Err(e) => {
                     tracing::warn!(snapshot = %id, vm = %vm_id, error = %e, "snapshot capture failed");
                     let message = format!("the capture failed: {e}");
-                    state.store().set_snapshot_status(id, SnapshotStatus::Creating, SnapshotStatus::Error, Some(&message)).await
+                    state
+                        .store()
+                        .set_snapshot_status(
+                            id,
+                            SnapshotStatus::Creating,
+                            SnapshotStatus::Error,
+                            Some(&message),
+                        )
+                        .await
                 }
             };
             (result, settled)
         });
-        let (result, settled) = capture.await.map_err(|e| ApiError::internal(format!("the capture of snapshot {id} was interrupted: {e}")))?;
+        let (result, settled) = capture.await.map_err(|e| {
+            ApiError::internal(format!("the capture of snapshot {id} was interrupted: {e}"))
+        })?;
         settled?;
         match result {
             Ok(()) => {
@@ -123,9 +170,17 @@ impl AppState {
     }
 
     /// `PATCH /v1/snapshots/{id}`: rename (an empty name gives the default name).
-    pub(crate) async fn update_snapshot(&self, org: OrgId, id: SnapshotId, req: UpdateSnapshotRequest) -> Result<SnapshotRecord, ApiError> {
+    pub(crate) async fn update_snapshot(
+        &self,
+        org: OrgId,
+        id: SnapshotId,
+        req: UpdateSnapshotRequest,
+    ) -> Result<SnapshotRecord, ApiError> {
         let Some(name) = req.name.as_deref() else {
-            return Err(ApiError::unprocessable(vcodes::INVALID_REQUEST, "nothing to update; give name"));
+            return Err(ApiError::unprocessable(
+                vcodes::INVALID_REQUEST,
+                "nothing to update; give name",
+            ));
         };
         let mut rec = self.find_snapshot(org, id).await?;
         rec.name = normalize_snapshot_name(Some(name), &rec.vm_id);
@@ -140,12 +195,18 @@ impl AppState {
     pub(crate) async fn delete_snapshot(&self, org: OrgId, id: SnapshotId) -> Result<(), ApiError> {
         let rec = self.find_snapshot(org, id).await?;
         if rec.status == SnapshotStatus::Creating {
-            return Err(ApiError::invalid_state(format!("snapshot {id} is still being captured; delete it when it is ready")));
+            return Err(ApiError::invalid_state(format!(
+                "snapshot {id} is still being captured; delete it when it is ready"
+            )));
         }
         // Waits for restores in flight (they hold it shared).
         let _exclusive = self.snapshot_use().write().await;
         self.worker().delete_snapshot(id).await?;
-        if !self.store().mark_snapshot_deleted(org, id, now_ms()).await? {
+        if !self
+            .store()
+            .mark_snapshot_deleted(org, id, now_ms())
+            .await?
+        {
             return Err(no_such_snapshot(id));
         }
         tracing::info!(snapshot = %id, org = %org, "snapshot deleted");
@@ -155,7 +216,11 @@ impl AppState {
     /// At startup: a capture interrupted by the last shutdown is an error
     /// (its partial files are removed).
     pub(crate) async fn reconcile_snapshots(&self) -> Result<(), ApiError> {
-        for rec in self.store().list_snapshots_in(SnapshotStatus::Creating).await? {
+        for rec in self
+            .store()
+            .list_snapshots_in(SnapshotStatus::Creating)
+            .await?
+        {
             if rec.worker_id != self.worker().id() {
                 continue;
             }
@@ -164,7 +229,14 @@ impl AppState {
                 tracing::warn!(snapshot = %rec.id, error = %e, "could not remove the interrupted capture's files");
             }
             let message = "the server stopped while the snapshot was being captured";
-            self.store().set_snapshot_status(rec.id, SnapshotStatus::Creating, SnapshotStatus::Error, Some(message)).await?;
+            self.store()
+                .set_snapshot_status(
+                    rec.id,
+                    SnapshotStatus::Creating,
+                    SnapshotStatus::Error,
+                    Some(message),
+                )
+                .await?;
         }
         Ok(())
     }

@@ -48,7 +48,10 @@ pub fn spawn_ttl_reaper(state: &AppState) -> TtlReaper {
         tracing::debug!("TTL reaper started");
         loop {
             let nap = match state.reap_due().await {
-                Ok(Some(next)) => Duration::from_millis(u64::try_from(next.saturating_sub(now_ms())).unwrap_or(0)).min(MAX_NAP),
+                Ok(Some(next)) => {
+                    Duration::from_millis(u64::try_from(next.saturating_sub(now_ms())).unwrap_or(0))
+                        .min(MAX_NAP)
+                }
                 Ok(None) => MAX_NAP,
                 Err(e) => {
                     tracing::warn!(error = %e.message, "TTL reaper round failed; retrying");
@@ -63,7 +66,10 @@ pub fn spawn_ttl_reaper(state: &AppState) -> TtlReaper {
         }
         tracing::debug!("TTL reaper stopped");
     });
-    TtlReaper { stop: Some(stop), task }
+    TtlReaper {
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl AppState {

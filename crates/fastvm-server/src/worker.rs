@@ -38,6 +38,16 @@ pub enum WorkerError {
     /// The guest agent cannot be reached.
     #[error("{0}")]
     AgentUnavailable(String),
+    /// Nothing accepted the connection to a port in the guest (nothing
+    /// listens there, or the VM has no network).
+    #[error("{0}")]
+    ConnectRefused(String),
+    /// The worker or the guest did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The worker itself cannot be reached (a remote worker that is down).
+    #[error("{0}")]
+    Unreachable(String),
     /// Anything else (QEMU, disks, images).
     #[error("{0}")]
     Failed(String),
@@ -84,6 +94,15 @@ pub type ExecEvents = BoxStream<'static, Result<ExecEvent, WorkerError>>;
 /// Bytes fed to a process's stdin (or read from a staging object).
 pub type ByteStream = BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
 
+/// A byte stream both ways, e.g. a TCP connection to a port in a guest.
+pub trait GuestIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> GuestIo for T {}
+
+/// A connection into a guest, opened by [`Worker::connect`]. Whatever the
+/// transport (a socket in the VM's network namespace for the embedded
+/// worker, a tunnel for a remote one), callers see bytes both ways.
+pub type GuestStream = Box<dyn GuestIo>;
+
 /// A host that runs VMs.
 #[async_trait]
 pub trait Worker: Send + Sync + 'static {
@@ -92,9 +111,10 @@ pub trait Worker: Send + Sync + 'static {
     /// Boot a VM and wait until its guest agent answers.
     async fn create(&self, spec: VmSpec) -> Result<(), WorkerError>;
     /// The process state of `id`; `None` when the worker does not know it.
-    fn state(&self, id: VmId) -> Option<VmState>;
+    /// An error means the worker could not say (callers keep what they knew).
+    async fn state(&self, id: VmId) -> Result<Option<VmState>, WorkerError>;
     /// Every VM the worker knows, with its state.
-    fn list(&self) -> Vec<(String, VmState)>;
+    async fn list(&self) -> Result<Vec<(VmId, VmState)>, WorkerError>;
     /// Stop the vCPUs, keeping memory.
     async fn pause(&self, id: VmId) -> Result<(), WorkerError>;
     async fn resume(&self, id: VmId) -> Result<(), WorkerError>;
@@ -107,9 +127,16 @@ pub trait Worker: Send + Sync + 'static {
     /// guest consumes it. When `input` fails, the process is killed and the
     /// events end with that error (a partial input never looks complete).
     /// The default refuses (a worker without stdin support).
-    async fn exec_with_input(&self, id: VmId, req: ExecRequest, input: ByteStream) -> Result<ExecEvents, WorkerError> {
+    async fn exec_with_input(
+        &self,
+        id: VmId,
+        req: ExecRequest,
+        input: ByteStream,
+    ) -> Result<ExecEvents, WorkerError> {
         let _ = (id, req, input);
-        Err(WorkerError::Failed("this worker cannot feed a process's stdin".into()))
+        Err(WorkerError::Failed(
+            "this worker cannot feed a process's stdin".into(),
+        ))
     }
     /// Capture the running or paused VM `vm` as snapshot `snapshot`: memory,
     /// device state and disk. The VM keeps running (a paused VM stays
@@ -123,8 +150,18 @@ pub trait Worker: Send + Sync + 'static {
     /// second, without a restart.
     async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError>;
     /// The VM's public IPv6 address, when it has a network.
-    fn public_ipv6(&self, _id: VmId) -> Option<String> {
-        None
+    async fn public_ipv6(&self, _id: VmId) -> Result<Option<String>, WorkerError> {
+        Ok(None)
+    }
+    /// Open a TCP connection to `port` inside the running VM `id` (the
+    /// services proxy, port forwards). The connection reaches the guest the
+    /// way outside traffic does, so the VM's enforced firewall (user policy
+    /// plus the services' auto rules) applies to it.
+    async fn connect(&self, id: VmId, port: u16) -> Result<GuestStream, WorkerError> {
+        let _ = (id, port);
+        Err(WorkerError::Failed(
+            "this worker cannot open connections into its VMs".into(),
+        ))
     }
     /// Let go of every VM without stopping them (server shutdown).
     fn detach(&self) {}
@@ -134,7 +171,9 @@ pub trait Worker: Send + Sync + 'static {
     /// The default refuses (a worker without terminals).
     async fn open_pty(&self, id: VmId, spec: PtySpec) -> Result<PtySession, WorkerError> {
         let _ = (id, spec);
-        Err(WorkerError::Failed("this worker cannot open terminals".into()))
+        Err(WorkerError::Failed(
+            "this worker cannot open terminals".into(),
+        ))
     }
     /// Follow the VM's serial console (read-only): the last `tail_bytes` of
     /// what the guest wrote to it, then new output as it comes. Works in
@@ -142,9 +181,14 @@ pub trait Worker: Send + Sync + 'static {
     /// when the VM is deleted. The default refuses.
     async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
         let _ = (id, tail_bytes);
-        Err(WorkerError::Failed("this worker cannot show serial consoles".into()))
+        Err(WorkerError::Failed(
+            "this worker cannot show serial consoles".into(),
+        ))
     }
 }
+
+/// How long [`LocalWorker::connect`] waits for the guest to accept.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The worker of this process, over [`fastvm_worker::Runtime`].
 pub struct LocalWorker {
@@ -154,7 +198,10 @@ pub struct LocalWorker {
 
 impl LocalWorker {
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        LocalWorker { id: "local".into(), runtime }
+        LocalWorker {
+            id: "local".into(),
+            runtime,
+        }
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -182,12 +229,18 @@ impl Worker for LocalWorker {
         Ok(())
     }
 
-    fn state(&self, id: VmId) -> Option<VmState> {
-        self.runtime.get(&id.to_string()).ok().map(|i| i.state)
+    async fn state(&self, id: VmId) -> Result<Option<VmState>, WorkerError> {
+        Ok(self.runtime.get(&id.to_string()).ok().map(|i| i.state))
     }
 
-    fn list(&self) -> Vec<(String, VmState)> {
-        self.runtime.list().into_iter().map(|i| (i.id, i.state)).collect()
+    async fn list(&self) -> Result<Vec<(VmId, VmState)>, WorkerError> {
+        // Directories that are not VM ids are not VMs of this control plane.
+        Ok(self
+            .runtime
+            .list()
+            .into_iter()
+            .filter_map(|i| Some((i.id.parse().ok()?, i.state)))
+            .collect())
     }
 
     async fn pause(&self, id: VmId) -> Result<(), WorkerError> {
@@ -217,9 +270,19 @@ impl Worker for LocalWorker {
         Ok(Box::pin(events))
     }
 
-    async fn exec_with_input(&self, id: VmId, req: ExecRequest, input: ByteStream) -> Result<ExecEvents, WorkerError> {
-        let mut stream = self.runtime.exec(&id.to_string(), &req.with_stdin()).await?;
-        let writer = stream.take_stdin().ok_or_else(|| WorkerError::Failed("the exec has no stdin".into()))?;
+    async fn exec_with_input(
+        &self,
+        id: VmId,
+        req: ExecRequest,
+        input: ByteStream,
+    ) -> Result<ExecEvents, WorkerError> {
+        let mut stream = self
+            .runtime
+            .exec(&id.to_string(), &req.with_stdin())
+            .await?;
+        let writer = stream
+            .take_stdin()
+            .ok_or_else(|| WorkerError::Failed("the exec has no stdin".into()))?;
         let (fail_tx, fail_rx) = tokio::sync::mpsc::channel::<String>(1);
         let pump = AbortOnDrop(tokio::spawn(pump_stdin(writer, input, fail_tx)));
         let events = futures::stream::unfold(Some((stream, fail_rx, pump)), |state| async move {
@@ -238,7 +301,9 @@ impl Worker for LocalWorker {
     }
 
     async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
-        self.runtime.snapshot(&vm.to_string(), Some(snapshot.to_string())).await?;
+        self.runtime
+            .snapshot(&vm.to_string(), Some(snapshot.to_string()))
+            .await?;
         Ok(())
     }
 
@@ -254,8 +319,48 @@ impl Worker for LocalWorker {
         Ok(())
     }
 
-    fn public_ipv6(&self, id: VmId) -> Option<String> {
-        self.runtime.get(&id.to_string()).ok().and_then(|i| i.public_ipv6)
+    async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {
+        Ok(self
+            .runtime
+            .get(&id.to_string())
+            .ok()
+            .and_then(|i| i.public_ipv6))
+    }
+
+    /// From the host to the guest's IPv6 address: through the host route
+    /// into the VM's namespace and its firewall's ingress chain, like any
+    /// outside client.
+    async fn connect(&self, id: VmId, port: u16) -> Result<GuestStream, WorkerError> {
+        let info = self.runtime.get(&id.to_string())?;
+        if info.state != VmState::Running {
+            return Err(WorkerError::WrongState(format!("VM {id} is not running")));
+        }
+        let Some(addr) = info
+            .public_ipv6
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+        else {
+            return Err(WorkerError::ConnectRefused(format!(
+                "VM {id} has no network (the worker runs with --no-network)"
+            )));
+        };
+        let target = std::net::SocketAddr::from((addr, port));
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(Box::new(stream))
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(
+                WorkerError::ConnectRefused(format!("nothing listens on port {port} in VM {id}")),
+            ),
+            Ok(Err(e)) => Err(WorkerError::ConnectRefused(format!(
+                "connecting to port {port} in VM {id} failed: {e}"
+            ))),
+            Err(_) => Err(WorkerError::Timeout(format!(
+                "port {port} of VM {id} did not accept within {} s (a firewall rule may drop it)",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     fn detach(&self) {
@@ -267,26 +372,51 @@ impl Worker for LocalWorker {
             argv: spec.argv,
             env: spec.env,
             stdin: true,
-            pty: Some(fastvm_worker::agent::PtySpec { term: spec.term, cols: spec.cols, rows: spec.rows }),
+            pty: Some(fastvm_worker::agent::PtySpec {
+                term: spec.term,
+                cols: spec.cols,
+                rows: spec.rows,
+            }),
             ..Default::default()
         };
         let mut stream = self.runtime.exec(&id.to_string(), &req).await?;
-        let writer = stream.take_stdin().ok_or_else(|| WorkerError::Failed("the terminal has no input".into()))?;
+        let writer = stream
+            .take_stdin()
+            .ok_or_else(|| WorkerError::Failed("the terminal has no input".into()))?;
         let (input, inputs) = tokio::sync::mpsc::channel(PTY_INPUT_QUEUE);
-        let pump = AbortOnDrop(tokio::spawn(pump_pty_input(writer, stream.control(), inputs)));
+        let pump = AbortOnDrop(tokio::spawn(pump_pty_input(
+            writer,
+            stream.control(),
+            inputs,
+        )));
         let events = futures::stream::unfold(Some((stream, pump)), |state| async move {
             let (mut s, pump) = state?;
             match s.next().await? {
-                Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => Some((Ok(PtyEvent::Output(d)), Some((s, pump)))),
-                Ok(ExecEvent::Exit(st)) => Some((Ok(PtyEvent::Exit(PtyExit { code: st.code, signal: st.signal, error: st.error })), None)),
+                Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => {
+                    Some((Ok(PtyEvent::Output(d)), Some((s, pump))))
+                }
+                Ok(ExecEvent::Exit(st)) => Some((
+                    Ok(PtyEvent::Exit(PtyExit {
+                        code: st.code,
+                        signal: st.signal,
+                        error: st.error,
+                    })),
+                    None,
+                )),
                 Err(e) => Some((Err(WorkerError::from(e)), None)),
             }
         });
-        Ok(PtySession { input, events: Box::pin(events) })
+        Ok(PtySession {
+            input,
+            events: Box::pin(events),
+        })
     }
 
     async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
-        let follower = self.runtime.follow_console(&id.to_string(), tail_bytes).await?;
+        let follower = self
+            .runtime
+            .follow_console(&id.to_string(), tail_bytes)
+            .await?;
         let stream = futures::stream::unfold(follower, |mut f| async move {
             let item = f.next().await?;
             Some((item, f))
@@ -307,7 +437,11 @@ impl Drop for AbortOnDrop {
 /// Feed `input` to the process, then EOF. A failing input kills the process
 /// and is reported through `fail`; a process that stops reading ends the
 /// pump quietly (its exit status says why).
-async fn pump_stdin(mut writer: fastvm_worker::agent::StdinWriter, mut input: ByteStream, fail: tokio::sync::mpsc::Sender<String>) {
+async fn pump_stdin(
+    mut writer: fastvm_worker::agent::StdinWriter,
+    mut input: ByteStream,
+    fail: tokio::sync::mpsc::Sender<String>,
+) {
     use futures::StreamExt as _;
     while let Some(chunk) = input.next().await {
         match chunk {
@@ -318,7 +452,9 @@ async fn pump_stdin(mut writer: fastvm_worker::agent::StdinWriter, mut input: By
             }
             Err(e) => {
                 let _ = writer.abort().await;
-                let _ = fail.send(format!("reading the input for the guest failed: {e}")).await;
+                let _ = fail
+                    .send(format!("reading the input for the guest failed: {e}"))
+                    .await;
                 return;
             }
         }
@@ -407,7 +543,9 @@ async fn pump_pty_input(
         match sent {
             Ok(()) => {}
             // A size out of range changes nothing; the terminal goes on.
-            Err(fastvm_worker::Error::InvalidExec(e)) => tracing::debug!(error = %e, "terminal request refused"),
+            Err(fastvm_worker::Error::InvalidExec(e)) => {
+                tracing::debug!(error = %e, "terminal request refused")
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "terminal input stopped");
                 return;

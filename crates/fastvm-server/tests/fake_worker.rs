@@ -8,17 +8,17 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use fastvm_agent_proto::ExitStatus;
+use fastvm_server::store::SnapshotRecord;
 use fastvm_server::store::{Store, VmRecord};
 use fastvm_server::worker::{ExecEvents, VmSpec, Worker, WorkerError};
 use fastvm_server::AppState;
-use fastvm_server::store::SnapshotRecord;
 use fastvm_types::snapshot::SnapshotStatus;
 use fastvm_types::{FirewallPolicy, OrgId, SnapshotId, VmId, VmStatus};
 use fastvm_worker::{ExecEvent, ExecRequest, VmState};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::ServiceExt;
@@ -40,6 +40,8 @@ struct FakeWorker {
     created: Mutex<Vec<VmSpec>>,
     /// Every firewall pushed by set_firewall, in order.
     firewalls: Mutex<Vec<(VmId, FirewallPolicy)>>,
+    /// How many times `resume` ran.
+    resumes: AtomicUsize,
 }
 
 impl FakeWorker {
@@ -48,11 +50,20 @@ impl FakeWorker {
             m.insert(id, state);
         }
     }
+    fn get(&self, id: VmId) -> Option<VmState> {
+        self.vms.lock().ok().and_then(|m| m.get(&id).cloned())
+    }
     fn has(&self, id: VmId) -> bool {
-        self.vms.lock().map(|m| m.contains_key(&id)).unwrap_or(false)
+        self.vms
+            .lock()
+            .map(|m| m.contains_key(&id))
+            .unwrap_or(false)
     }
     fn has_snapshot(&self, id: SnapshotId) -> bool {
-        self.snapshots.lock().map(|m| m.contains(&id)).unwrap_or(false)
+        self.snapshots
+            .lock()
+            .map(|m| m.contains(&id))
+            .unwrap_or(false)
     }
     fn last_created(&self) -> Option<VmSpec> {
         self.created.lock().ok().and_then(|c| c.last().cloned())
@@ -60,7 +71,13 @@ impl FakeWorker {
 }
 
 fn exit(code: i32) -> ExecEvent {
-    ExecEvent::Exit(ExitStatus { code, signal: None, timed_out: false, duration_ms: 7, error: None })
+    ExecEvent::Exit(ExitStatus {
+        code,
+        signal: None,
+        timed_out: false,
+        duration_ms: 7,
+        error: None,
+    })
 }
 
 #[async_trait]
@@ -74,25 +91,34 @@ impl Worker for FakeWorker {
             c.push(spec.clone());
         }
         if let Some(gate) = &self.gate {
-            gate.acquire().await.map_err(|e| WorkerError::Failed(e.to_string()))?.forget();
+            gate.acquire()
+                .await
+                .map_err(|e| WorkerError::Failed(e.to_string()))?
+                .forget();
         }
         if self.fail_create.load(Ordering::SeqCst) {
             self.set(spec.id, VmState::Error("boom".into()));
             return Err(WorkerError::Failed("QEMU failed: boom".into()));
         }
         if let Some(snap) = spec.snapshot.filter(|s| !self.has_snapshot(*s)) {
-            return Err(WorkerError::NoSuchSnapshot(format!("no snapshot with id {snap}")));
+            return Err(WorkerError::NoSuchSnapshot(format!(
+                "no snapshot with id {snap}"
+            )));
         }
         self.set(spec.id, VmState::Running);
         Ok(())
     }
 
-    fn state(&self, id: VmId) -> Option<VmState> {
-        self.vms.lock().ok().and_then(|m| m.get(&id).cloned())
+    async fn state(&self, id: VmId) -> Result<Option<VmState>, WorkerError> {
+        Ok(self.get(id))
     }
 
-    fn list(&self) -> Vec<(String, VmState)> {
-        self.vms.lock().map(|m| m.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()).unwrap_or_default()
+    async fn list(&self) -> Result<Vec<(VmId, VmState)>, WorkerError> {
+        Ok(self
+            .vms
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default())
     }
 
     async fn pause(&self, id: VmId) -> Result<(), WorkerError> {
@@ -104,8 +130,26 @@ impl Worker for FakeWorker {
     }
 
     async fn resume(&self, id: VmId) -> Result<(), WorkerError> {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+        // Long enough for concurrent requests to pile up behind it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.set(id, VmState::Running);
         Ok(())
+    }
+
+    /// The "guest" is this host: port `port` on 127.0.0.1.
+    async fn connect(
+        &self,
+        id: VmId,
+        port: u16,
+    ) -> Result<fastvm_server::worker::GuestStream, WorkerError> {
+        if self.get(id) != Some(VmState::Running) {
+            return Err(WorkerError::WrongState(format!("VM {id} is not running")));
+        }
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| WorkerError::ConnectRefused(e.to_string()))?;
+        Ok(Box::new(stream))
     }
 
     async fn delete(&self, id: VmId) -> Result<(), WorkerError> {
@@ -119,28 +163,44 @@ impl Worker for FakeWorker {
     }
 
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError> {
-        if self.state(id) != Some(VmState::Running) {
+        if self.get(id) != Some(VmState::Running) {
             return Err(WorkerError::WrongState(format!("VM {id} is not running")));
         }
-        let events: Vec<Result<ExecEvent, WorkerError>> = match req.argv.first().map(String::as_str) {
-            Some("die-midway") => vec![Ok(ExecEvent::Stdout("partial".into())), Err(WorkerError::AgentUnavailable("agent connection closed".into()))],
+        let events: Vec<Result<ExecEvent, WorkerError>> = match req.argv.first().map(String::as_str)
+        {
+            Some("die-midway") => vec![
+                Ok(ExecEvent::Stdout("partial".into())),
+                Err(WorkerError::AgentUnavailable(
+                    "agent connection closed".into(),
+                )),
+            ],
             Some("flood") => {
                 let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
-                let mut v: Vec<_> = (0..5).map(|_| Ok(ExecEvent::Stdout(chunk.clone()))).collect();
+                let mut v: Vec<_> = (0..5)
+                    .map(|_| Ok(ExecEvent::Stdout(chunk.clone())))
+                    .collect();
                 v.push(Ok(exit(0)));
                 v
             }
-            _ => vec![Ok(ExecEvent::Stdout("out\n".into())), Ok(ExecEvent::Stderr("err\n".into())), Ok(exit(3))],
+            _ => vec![
+                Ok(ExecEvent::Stdout("out\n".into())),
+                Ok(ExecEvent::Stderr("err\n".into())),
+                Ok(exit(3)),
+            ],
         };
         Ok(futures::stream::iter(events).boxed())
     }
 
     async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
-        if !matches!(self.state(vm), Some(VmState::Running | VmState::Paused)) {
-            return Err(WorkerError::WrongState(format!("VM {vm} is not running or paused")));
+        if !matches!(self.get(vm), Some(VmState::Running | VmState::Paused)) {
+            return Err(WorkerError::WrongState(format!(
+                "VM {vm} is not running or paused"
+            )));
         }
         if self.fail_snapshot.load(Ordering::SeqCst) {
-            return Err(WorkerError::Failed("writing the memory state failed: No space left on device".into()));
+            return Err(WorkerError::Failed(
+                "writing the memory state failed: No space left on device".into(),
+            ));
         }
         if let Ok(mut s) = self.snapshots.lock() {
             s.insert(snapshot);
@@ -165,8 +225,8 @@ impl Worker for FakeWorker {
         Ok(())
     }
 
-    fn public_ipv6(&self, id: VmId) -> Option<String> {
-        self.has(id).then(|| "fd00:fa57::1:2".to_owned())
+    async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {
+        Ok(self.has(id).then(|| "fd00:fa57::1:2".to_owned()))
     }
 }
 
@@ -178,25 +238,47 @@ struct Harness {
     _dir: Arc<tempfile::TempDir>,
 }
 
-async fn harness(worker: FakeWorker, launch_wait: Duration) -> Result<Harness, Box<dyn std::error::Error>> {
+async fn harness(
+    worker: FakeWorker,
+    launch_wait: Duration,
+) -> Result<Harness, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path(), None).await?;
     fastvm_server::bootstrap(&store, dir.path()).await?;
-    let key = std::fs::read_to_string(dir.path().join("admin-api-key"))?.trim().to_owned();
+    let key = std::fs::read_to_string(dir.path().join("admin-api-key"))?
+        .trim()
+        .to_owned();
     let worker = Arc::new(worker);
     let state = AppState::new(store, worker.clone(), launch_wait);
     let router = fastvm_server::routes::router(state.clone());
-    Ok(Harness { state, router, worker, key, _dir: Arc::new(dir) })
+    Ok(Harness {
+        state,
+        router,
+        worker,
+        key,
+        _dir: Arc::new(dir),
+    })
 }
 
 impl Harness {
-    async fn send(&self, method: &str, path: &str, body: Option<Value>, accept: Option<&str>) -> Result<(StatusCode, Vec<u8>), Box<dyn std::error::Error>> {
-        let mut req = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", self.key));
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        accept: Option<&str>,
+    ) -> Result<(StatusCode, Vec<u8>), Box<dyn std::error::Error>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.key));
         if let Some(a) = accept {
             req = req.header("accept", a);
         }
         let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(serde_json::to_vec(&b)?))?,
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&b)?))?,
             None => req.body(Body::empty())?,
         };
         let res = self.router.clone().oneshot(req).await?;
@@ -205,9 +287,17 @@ impl Harness {
         Ok((status, bytes.to_vec()))
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
         let (status, bytes) = self.send(method, path, body, None).await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     async fn status_of(&self, id: &str) -> Result<String, Box<dyn std::error::Error>> {
@@ -223,12 +313,19 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(format!("VM {id} never became {status} (is {})", self.status_of(id).await?).into())
+        Err(format!(
+            "VM {id} never became {status} (is {})",
+            self.status_of(id).await?
+        )
+        .into())
     }
 }
 
 fn gated() -> FakeWorker {
-    FakeWorker { gate: Some(tokio::sync::Semaphore::new(0)), ..Default::default() }
+    FakeWorker {
+        gate: Some(tokio::sync::Semaphore::new(0)),
+        ..Default::default()
+    }
 }
 
 fn id_of(v: &Value) -> Result<String, Box<dyn std::error::Error>> {
@@ -238,14 +335,38 @@ fn id_of(v: &Value) -> Result<String, Box<dyn std::error::Error>> {
 #[tokio::test]
 async fn slow_boot_answers_202_then_runs() -> TestResult {
     let h = harness(gated(), Duration::from_millis(50)).await?;
-    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c2m4", "ttl": {"seconds": 30, "action": "pause"}}))).await?;
+    let (status, vm) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"machineType": "c2m4", "ttl": {"seconds": 30, "action": "pause"}})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!((&vm["status"], &vm["cpu"], &vm["memoryMiB"], &vm["expiresAtMs"]), (&json!("provisioning"), &json!(2), &json!(4096), &json!(null)));
+    assert_eq!(
+        (
+            &vm["status"],
+            &vm["cpu"],
+            &vm["memoryMiB"],
+            &vm["expiresAtMs"]
+        ),
+        (
+            &json!("provisioning"),
+            &json!(2),
+            &json!(4096),
+            &json!(null)
+        )
+    );
     let id = id_of(&vm)?;
     // Provisioning VMs refuse transitions.
     let (status, err) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
-    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("provisioning")));
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("INVALID_STATE"))
+    );
+    assert!(err["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("provisioning")));
     if let Some(gate) = &h.worker.gate {
         gate.add_permits(1);
     }
@@ -259,8 +380,13 @@ async fn slow_boot_answers_202_then_runs() -> TestResult {
 #[tokio::test]
 async fn fast_boot_answers_201() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
-    assert_eq!((status, &vm["status"]), (StatusCode::CREATED, &json!("running")));
+    let (status, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    assert_eq!(
+        (status, &vm["status"]),
+        (StatusCode::CREATED, &json!("running"))
+    );
     Ok(())
 }
 
@@ -269,13 +395,26 @@ async fn failed_boot_is_error() -> TestResult {
     let worker = FakeWorker::default();
     worker.fail_create.store(true, Ordering::SeqCst);
     let h = harness(worker, Duration::from_secs(5)).await?;
-    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
-    assert_eq!((status, &vm["status"]), (StatusCode::ACCEPTED, &json!("error")));
+    let (status, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    assert_eq!(
+        (status, &vm["status"]),
+        (StatusCode::ACCEPTED, &json!("error"))
+    );
     let id = id_of(&vm)?;
     // error is terminal: not reconciled away, refuses pause, can be deleted.
     assert_eq!(h.status_of(&id).await?, "error");
-    assert_eq!(h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?.0, StatusCode::CONFLICT);
-    assert_eq!(h.call("DELETE", &format!("/v1/vms/{id}"), None).await?.0, StatusCode::OK);
+    assert_eq!(
+        h.call("POST", &format!("/v1/vms/{id}/pause"), None)
+            .await?
+            .0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        h.call("DELETE", &format!("/v1/vms/{id}"), None).await?.0,
+        StatusCode::OK
+    );
     assert!(!h.worker.has(id.parse()?));
     Ok(())
 }
@@ -283,12 +422,20 @@ async fn failed_boot_is_error() -> TestResult {
 #[tokio::test]
 async fn delete_during_boot_leaves_nothing_behind() -> TestResult {
     let h = harness(gated(), Duration::ZERO).await?;
-    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (status, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     assert_eq!(status, StatusCode::ACCEPTED);
     let id = id_of(&vm)?;
     let (status, body) = h.call("DELETE", &format!("/v1/vms/{id}"), None).await?;
-    assert_eq!((status, body), (StatusCode::OK, json!({"id": id, "deleted": true})));
-    assert_eq!(h.call("GET", &format!("/v1/vms/{id}"), None).await?.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"id": id, "deleted": true}))
+    );
+    assert_eq!(
+        h.call("GET", &format!("/v1/vms/{id}"), None).await?.0,
+        StatusCode::NOT_FOUND
+    );
     // The boot completes after the delete: the provisioner removes the VM.
     if let Some(gate) = &h.worker.gate {
         gate.add_permits(1);
@@ -306,11 +453,16 @@ async fn delete_during_boot_leaves_nothing_behind() -> TestResult {
 #[tokio::test]
 async fn failed_pause_settles_on_the_workers_view() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let id = id_of(&vm)?;
     h.worker.fail_pause.store(true, Ordering::SeqCst);
     let (status, err) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::INTERNAL_SERVER_ERROR, &json!("WORKER_ERROR")));
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &json!("WORKER_ERROR"))
+    );
     assert_eq!(h.status_of(&id).await?, "running");
     h.worker.fail_pause.store(false, Ordering::SeqCst);
     let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
@@ -321,7 +473,9 @@ async fn failed_pause_settles_on_the_workers_view() -> TestResult {
 #[tokio::test]
 async fn worker_states_are_reconciled_on_read() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let id = id_of(&vm)?;
     let vm_id: VmId = id.parse()?;
     h.worker.set(vm_id, VmState::Stopped);
@@ -329,43 +483,107 @@ async fn worker_states_are_reconciled_on_read() -> TestResult {
     assert_eq!(list, json!([]), "a dead VM is no longer listed as running");
     assert_eq!(h.status_of(&id).await?, "stopped");
     // A VM that vanished from its worker is stopped too, and exec says why.
-    let (_, vm2) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm2) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let id2 = id_of(&vm2)?;
     if let Ok(mut m) = h.worker.vms.lock() {
         m.remove(&id2.parse()?);
     }
-    let (status, err) = h.call("POST", &format!("/v1/vms/{id2}/exec"), Some(json!({"command": ["true"]}))).await?;
+    let (status, err) = h
+        .call(
+            "POST",
+            &format!("/v1/vms/{id2}/exec"),
+            Some(json!({"command": ["true"]})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::CONFLICT, "{err}");
-    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("stopped")), "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped")),
+        "{err}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn exec_buffered_and_streamed() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let path = format!("/v1/vms/{}/exec", id_of(&vm)?);
-    let (status, out) = h.call("POST", &path, Some(json!({"command": ["anything"]}))).await?;
+    let (status, out) = h
+        .call("POST", &path, Some(json!({"command": ["anything"]})))
+        .await?;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(out, json!({"exitCode": 3, "stdout": "out\n", "stderr": "err\n", "timedOut": false, "stdoutTruncated": false, "stderrTruncated": false, "durationMs": 7}));
+    assert_eq!(
+        out,
+        json!({"exitCode": 3, "stdout": "out\n", "stderr": "err\n", "timedOut": false, "stdoutTruncated": false, "stderrTruncated": false, "durationMs": 7})
+    );
 
-    let (_, flood) = h.call("POST", &path, Some(json!({"command": ["flood"]}))).await?;
-    assert_eq!((flood["stdout"].as_str().map(str::len), &flood["stdoutTruncated"]), (Some(4 << 20), &json!(true)));
+    let (_, flood) = h
+        .call("POST", &path, Some(json!({"command": ["flood"]})))
+        .await?;
+    assert_eq!(
+        (
+            flood["stdout"].as_str().map(str::len),
+            &flood["stdoutTruncated"]
+        ),
+        (Some(4 << 20), &json!(true))
+    );
 
-    let (status, body) = h.send("POST", &path, Some(json!({"command": ["anything"]})), Some("application/x-ndjson")).await?;
+    let (status, body) = h
+        .send(
+            "POST",
+            &path,
+            Some(json!({"command": ["anything"]})),
+            Some("application/x-ndjson"),
+        )
+        .await?;
     assert_eq!(status, StatusCode::OK);
-    let lines: Vec<Value> = body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect::<Result<_, _>>()?;
-    assert_eq!(lines, [json!({"t": "o", "d": "b3V0Cg=="}), json!({"t": "e", "d": "ZXJyCg=="}), json!({"t": "x", "d": "", "c": 3, "to": false, "ms": 7})]);
+    let lines: Vec<Value> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        lines,
+        [
+            json!({"t": "o", "d": "b3V0Cg=="}),
+            json!({"t": "e", "d": "ZXJyCg=="}),
+            json!({"t": "x", "d": "", "c": 3, "to": false, "ms": 7})
+        ]
+    );
 
     // A guest that dies mid-stream still ends the stream with one exit event.
-    let (_, body) = h.send("POST", &path, Some(json!({"command": ["die-midway"]})), Some("application/x-ndjson")).await?;
-    let lines: Vec<Value> = body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect::<Result<_, _>>()?;
+    let (_, body) = h
+        .send(
+            "POST",
+            &path,
+            Some(json!({"command": ["die-midway"]})),
+            Some("application/x-ndjson"),
+        )
+        .await?;
+    let lines: Vec<Value> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 2);
     assert_eq!((&lines[1]["t"], &lines[1]["c"]), (&json!("x"), &json!(-1)));
-    assert!(lines[1]["d"].as_str().is_some_and(|d| d.contains("agent connection closed")));
+    assert!(lines[1]["d"]
+        .as_str()
+        .is_some_and(|d| d.contains("agent connection closed")));
     // ... and the buffered mode answers 503.
-    let (status, err) = h.call("POST", &path, Some(json!({"command": ["die-midway"]}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("AGENT_UNAVAILABLE")));
+    let (status, err) = h
+        .call("POST", &path, Some(json!({"command": ["die-midway"]})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("AGENT_UNAVAILABLE"))
+    );
     Ok(())
 }
 
@@ -393,6 +611,7 @@ fn row(org: OrgId, status: VmStatus) -> VmRecord {
         deleted_at_ms: None,
         version: 0,
         public_ipv6: None,
+        services: vec![],
     }
 }
 
@@ -401,7 +620,9 @@ fn row(org: OrgId, status: VmStatus) -> VmRecord {
 async fn startup_settles_interrupted_transitions() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let store = h.state.store();
-    let org = fastvm_server::default_org(store).await?.ok_or("default org")?;
+    let org = fastvm_server::default_org(store)
+        .await?
+        .ok_or("default org")?;
     let booted = row(org, VmStatus::Provisioning);
     let never_booted = row(org, VmStatus::Provisioning);
     let pausing = row(org, VmStatus::Pausing);
@@ -425,10 +646,17 @@ async fn startup_settles_interrupted_transitions() -> TestResult {
     assert_eq!(status(&booted).await?, Some(VmStatus::Running));
     assert_eq!(status(&never_booted).await?, Some(VmStatus::Error));
     assert_eq!(status(&pausing).await?, Some(VmStatus::Paused));
-    assert_eq!(status(&deleting).await?, None, "an interrupted delete is finished");
+    assert_eq!(
+        status(&deleting).await?,
+        None,
+        "an interrupted delete is finished"
+    );
     assert!(!h.worker.has(deleting.id));
     assert_eq!(status(&died).await?, Some(VmStatus::Stopped));
-    assert!(h.worker.has(orphan), "VMs the store does not know are left alone");
+    assert!(
+        h.worker.has(orphan),
+        "VMs the store does not know are left alone"
+    );
     Ok(())
 }
 
@@ -437,17 +665,70 @@ async fn startup_settles_interrupted_transitions() -> TestResult {
 #[tokio::test]
 async fn snapshot_crud_and_name_rules() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c2m4", "metadata": {"team": "a"}, "envVars": {"K": "v"}}))).await?;
+    let (_, vm) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"machineType": "c2m4", "metadata": {"team": "a"}, "envVars": {"K": "v"}})),
+        )
+        .await?;
     let vm_id = id_of(&vm)?;
 
-    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "  base \t  image  "}))).await?;
+    let (status, snap) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": vm_id, "name": "  base \t  image  "})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::CREATED, "{snap}");
-    let mut keys: Vec<&str> = snap.as_object().ok_or("object")?.keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = snap
+        .as_object()
+        .ok_or("object")?
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["bucketMounts", "createdAt", "envVars", "firewall", "id", "machineName", "metadata", "name", "orgId", "services", "status", "vmId", "volumes"]);
-    assert_eq!((&snap["name"], &snap["status"], &snap["vmId"], &snap["orgId"]), (&json!("base image"), &json!("ready"), &vm["id"], &vm["orgId"]));
-    assert_eq!((&snap["machineName"], &snap["metadata"], &snap["envVars"]), (&json!("c2m4"), &json!({"team": "a"}), &json!({"K": "v"})));
-    assert_eq!((&snap["services"], &snap["volumes"], &snap["bucketMounts"]), (&json!([]), &json!([]), &json!([])));
+    assert_eq!(
+        keys,
+        [
+            "bucketMounts",
+            "createdAt",
+            "envVars",
+            "firewall",
+            "id",
+            "machineName",
+            "metadata",
+            "name",
+            "orgId",
+            "services",
+            "status",
+            "vmId",
+            "volumes"
+        ]
+    );
+    assert_eq!(
+        (
+            &snap["name"],
+            &snap["status"],
+            &snap["vmId"],
+            &snap["orgId"]
+        ),
+        (
+            &json!("base image"),
+            &json!("ready"),
+            &vm["id"],
+            &vm["orgId"]
+        )
+    );
+    assert_eq!(
+        (&snap["machineName"], &snap["metadata"], &snap["envVars"]),
+        (&json!("c2m4"), &json!({"team": "a"}), &json!({"K": "v"}))
+    );
+    assert_eq!(
+        (&snap["services"], &snap["volumes"], &snap["bucketMounts"]),
+        (&json!([]), &json!([]), &json!([]))
+    );
     assert_eq!(snap["firewall"], vm["firewall"]);
     let sid = id_of(&snap)?;
     assert!(h.worker.has_snapshot(sid.parse()?));
@@ -455,41 +736,112 @@ async fn snapshot_crud_and_name_rules() -> TestResult {
     assert_eq!(h.status_of(&vm_id).await?, "running");
 
     // Default name, truncation to 64 runes.
-    let (_, d) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id}))).await?;
+    let (_, d) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id})))
+        .await?;
     assert_eq!(d["name"], json!(format!("snapshot-{}", &vm_id[..8])));
-    let (_, e) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "   "}))).await?;
+    let (_, e) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": vm_id, "name": "   "})),
+        )
+        .await?;
     assert_eq!(e["name"], d["name"]);
-    let (_, t) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm_id, "name": "é".repeat(70)}))).await?;
+    let (_, t) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": vm_id, "name": "é".repeat(70)})),
+        )
+        .await?;
     assert_eq!(t["name"], json!("é".repeat(64)));
 
     let (status, list) = h.call("GET", "/v1/snapshots", None).await?;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list.as_array().map(Vec::len), Some(4));
     assert_eq!(list[0]["id"], snap["id"], "oldest first");
-    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?, (StatusCode::OK, snap.clone()));
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?,
+        (StatusCode::OK, snap.clone())
+    );
 
     // Rename (normalized; empty gives the default name); nothing to update is 422.
-    let (status, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": " new   name "}))).await?;
+    let (status, r) = h
+        .call(
+            "PATCH",
+            &format!("/v1/snapshots/{sid}"),
+            Some(json!({"name": " new   name "})),
+        )
+        .await?;
     assert_eq!((status, &r["name"]), (StatusCode::OK, &json!("new name")));
-    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?.1["name"], json!("new name"));
-    let (_, r) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"name": ""}))).await?;
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshots/{sid}"), None)
+            .await?
+            .1["name"],
+        json!("new name")
+    );
+    let (_, r) = h
+        .call(
+            "PATCH",
+            &format!("/v1/snapshots/{sid}"),
+            Some(json!({"name": ""})),
+        )
+        .await?;
     assert_eq!(r["name"], d["name"]);
-    let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_REQUEST")));
-    let (status, err) = h.call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({"nmae": "x"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
+    let (status, err) = h
+        .call("PATCH", &format!("/v1/snapshots/{sid}"), Some(json!({})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_REQUEST"))
+    );
+    let (status, err) = h
+        .call(
+            "PATCH",
+            &format!("/v1/snapshots/{sid}"),
+            Some(json!({"nmae": "x"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST"))
+    );
 
     // Delete: gone from the worker, 404 afterwards, not listed.
-    let (status, body) = h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?;
-    assert_eq!((status, body), (StatusCode::OK, json!({"id": sid, "deleted": true})));
+    let (status, body) = h
+        .call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+        .await?;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"id": sid, "deleted": true}))
+    );
     assert!(!h.worker.has_snapshot(sid.parse()?));
-    for (m, b) in [("GET", None), ("PATCH", Some(json!({"name": "x"}))), ("DELETE", None)] {
+    for (m, b) in [
+        ("GET", None),
+        ("PATCH", Some(json!({"name": "x"}))),
+        ("DELETE", None),
+    ] {
         let (status, err) = h.call(m, &format!("/v1/snapshots/{sid}"), b).await?;
-        assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")), "{m}");
+        assert_eq!(
+            (status, &err["error"]["code"]),
+            (StatusCode::NOT_FOUND, &json!("NOT_FOUND")),
+            "{m}"
+        );
     }
-    assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1.as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        h.call("GET", "/v1/snapshots", None)
+            .await?
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
     // Ids that are not UUIDs are 404s too.
-    assert_eq!(h.call("GET", "/v1/snapshots/snp_123", None).await?.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.call("GET", "/v1/snapshots/snp_123", None).await?.0,
+        StatusCode::NOT_FOUND
+    );
     Ok(())
 }
 
@@ -497,67 +849,170 @@ async fn snapshot_crud_and_name_rules() -> TestResult {
 async fn snapshot_needs_a_running_or_paused_vm_of_the_org() -> TestResult {
     let h = harness(gated(), Duration::ZERO).await?;
     // Unknown VM, malformed body.
-    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": VmId::new_v4()}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
-    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": "nope"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")));
-    let (status, _) = h.call("POST", "/v1/snapshots", Some(json!({"name": "x"}))).await?;
+    let (status, err) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": VmId::new_v4()})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("NOT_FOUND"))
+    );
+    let (status, err) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": "nope"})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST"))
+    );
+    let (status, _) = h
+        .call("POST", "/v1/snapshots", Some(json!({"name": "x"})))
+        .await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // A provisioning VM: 409, and no row is left.
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let id = id_of(&vm)?;
-    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
-    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("provisioning")), "{err}");
+    let (status, err) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": id})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("INVALID_STATE"))
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("provisioning")),
+        "{err}"
+    );
     assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
     // Paused works, and the VM stays paused.
     if let Some(gate) = &h.worker.gate {
         gate.add_permits(1);
     }
     h.wait_status(&id, "running").await?;
-    assert_eq!(h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?.0, StatusCode::OK);
-    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
-    assert_eq!((status, &snap["status"]), (StatusCode::CREATED, &json!("ready")));
+    assert_eq!(
+        h.call("POST", &format!("/v1/vms/{id}/pause"), None)
+            .await?
+            .0,
+        StatusCode::OK
+    );
+    let (status, snap) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": id})))
+        .await?;
+    assert_eq!(
+        (status, &snap["status"]),
+        (StatusCode::CREATED, &json!("ready"))
+    );
     assert_eq!(h.status_of(&id).await?, "paused");
     // Another org sees nothing and can touch nothing.
     let store = h.state.store();
     let other = store.create_org("other").await?;
     let other_key = store.create_key(other, "k").await?.token;
-    let other_h = Harness { state: h.state.clone(), router: h.router.clone(), worker: h.worker.clone(), key: other_key, _dir: Arc::new(tempfile::tempdir()?) };
+    let other_h = Harness {
+        state: h.state.clone(),
+        router: h.router.clone(),
+        worker: h.worker.clone(),
+        key: other_key,
+        _dir: Arc::new(tempfile::tempdir()?),
+    };
     let sid = id_of(&snap)?;
     for (m, path, b) in [
         ("GET", format!("/v1/snapshots/{sid}"), None),
-        ("PATCH", format!("/v1/snapshots/{sid}"), Some(json!({"name": "mine"}))),
+        (
+            "PATCH",
+            format!("/v1/snapshots/{sid}"),
+            Some(json!({"name": "mine"})),
+        ),
         ("DELETE", format!("/v1/snapshots/{sid}"), None),
-        ("POST", "/v1/snapshots".to_owned(), Some(json!({"vmId": id}))),
-        ("POST", "/v1/vms".to_owned(), Some(json!({"snapshotId": sid}))),
+        (
+            "POST",
+            "/v1/snapshots".to_owned(),
+            Some(json!({"vmId": id})),
+        ),
+        (
+            "POST",
+            "/v1/vms".to_owned(),
+            Some(json!({"snapshotId": sid})),
+        ),
     ] {
         let (status, err) = other_h.call(m, &path, b).await?;
-        assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")), "{m} {path}");
+        assert_eq!(
+            (status, &err["error"]["code"]),
+            (StatusCode::NOT_FOUND, &json!("NOT_FOUND")),
+            "{m} {path}"
+        );
     }
-    assert_eq!(other_h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
-    assert_eq!(h.call("GET", &format!("/v1/snapshots/{sid}"), None).await?.1["name"], snap["name"]);
+    assert_eq!(
+        other_h.call("GET", "/v1/snapshots", None).await?.1,
+        json!([])
+    );
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshots/{sid}"), None)
+            .await?
+            .1["name"],
+        snap["name"]
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn failed_capture_keeps_an_error_snapshot() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     h.worker.fail_snapshot.store(true, Ordering::SeqCst);
-    let (status, err) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"], "name": "doomed"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::INTERNAL_SERVER_ERROR, &json!("WORKER_ERROR")));
+    let (status, err) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": vm["id"], "name": "doomed"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &json!("WORKER_ERROR"))
+    );
     let message = err["error"]["message"].as_str().unwrap_or("");
-    assert!(message.contains("No space left") && message.contains("status error"), "{err}");
+    assert!(
+        message.contains("No space left") && message.contains("status error"),
+        "{err}"
+    );
     let (_, list) = h.call("GET", "/v1/snapshots", None).await?;
-    assert_eq!((&list[0]["name"], &list[0]["status"]), (&json!("doomed"), &json!("error")));
-    assert!(message.contains(list[0]["id"].as_str().unwrap_or("?")), "the error names the snapshot: {err}");
+    assert_eq!(
+        (&list[0]["name"], &list[0]["status"]),
+        (&json!("doomed"), &json!("error"))
+    );
+    assert!(
+        message.contains(list[0]["id"].as_str().unwrap_or("?")),
+        "the error names the snapshot: {err}"
+    );
     // It cannot be restored, and can be deleted.
     let sid = id_of(&list[0])?;
-    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
-    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("error")), "{err}");
-    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?.0, StatusCode::OK);
+    let (status, err) = h
+        .call("POST", "/v1/vms", Some(json!({"snapshotId": sid})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("INVALID_STATE"))
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("error")),
+        "{err}"
+    );
+    assert_eq!(
+        h.call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+            .await?
+            .0,
+        StatusCode::OK
+    );
     assert_eq!(h.call("GET", "/v1/snapshots", None).await?.1, json!([]));
     assert_eq!(h.status_of(&id_of(&vm)?).await?, "running");
     Ok(())
@@ -568,40 +1023,161 @@ async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult 
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let firewall = json!({"egress": {"defaultAction": "deny", "rules": []}});
     let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c2m4", "envVars": {"FROM": "source"}, "metadata": {"m": "source"}, "firewall": firewall}))).await?;
-    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"], "name": "golden one"}))).await?;
+    let (_, snap) = h
+        .call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"vmId": vm["id"], "name": "golden one"})),
+        )
+        .await?;
     let sid = id_of(&snap)?;
 
-    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "name": "clone", "metadata": {"m": "clone"}}))).await?;
-    assert_eq!((status, &r["status"]), (StatusCode::CREATED, &json!("running")), "{r}");
-    assert_eq!((&r["name"], &r["sourceName"], &r["machineName"], &r["cpu"], &r["memoryMiB"], &r["diskGiB"]), (&json!("clone"), &json!("golden one"), &json!("c2m4"), &json!(2), &json!(4096), &json!(10)));
-    assert_eq!((&r["envVars"], &r["metadata"], &r["firewall"]), (&json!({"FROM": "source"}), &json!({"m": "clone"}), &vm["firewall"]));
+    let (status, r) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"snapshotId": sid, "name": "clone", "metadata": {"m": "clone"}})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &r["status"]),
+        (StatusCode::CREATED, &json!("running")),
+        "{r}"
+    );
+    assert_eq!(
+        (
+            &r["name"],
+            &r["sourceName"],
+            &r["machineName"],
+            &r["cpu"],
+            &r["memoryMiB"],
+            &r["diskGiB"]
+        ),
+        (
+            &json!("clone"),
+            &json!("golden one"),
+            &json!("c2m4"),
+            &json!(2),
+            &json!(4096),
+            &json!(10)
+        )
+    );
+    assert_eq!(
+        (&r["envVars"], &r["metadata"], &r["firewall"]),
+        (
+            &json!({"FROM": "source"}),
+            &json!({"m": "clone"}),
+            &vm["firewall"]
+        )
+    );
     assert_ne!(r["id"], vm["id"]);
     let spec = h.worker.last_created().ok_or("no create")?;
-    assert_eq!((spec.snapshot.map(|s| s.to_string()), spec.machine.name), (Some(sid.clone()), "c2m4"));
+    assert_eq!(
+        (spec.snapshot.map(|s| s.to_string()), spec.machine.name),
+        (Some(sid.clone()), "c2m4")
+    );
     assert_eq!(spec.env.get("FROM").map(String::as_str), Some("source"));
 
     // The request's env vars replace the snapshot's; the same machine type is accepted.
-    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": " c2m4 ", "envVars": {"NEW": "1"}}))).await?;
+    let (status, r) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"snapshotId": sid, "machineType": " c2m4 ", "envVars": {"NEW": "1"}})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::CREATED, "{r}");
-    assert_eq!((&r["envVars"], &r["metadata"], &r["name"]), (&json!({"NEW": "1"}), &json!({}), &json!(format!("vm-{}", &id_of(&r)?[..8]))));
-    assert_eq!(h.worker.last_created().map(|s| s.env.into_iter().collect::<Vec<_>>()), Some(vec![("NEW".to_owned(), "1".to_owned())]));
+    assert_eq!(
+        (&r["envVars"], &r["metadata"], &r["name"]),
+        (
+            &json!({"NEW": "1"}),
+            &json!({}),
+            &json!(format!("vm-{}", &id_of(&r)?[..8]))
+        )
+    );
+    assert_eq!(
+        h.worker
+            .last_created()
+            .map(|s| s.env.into_iter().collect::<Vec<_>>()),
+        Some(vec![("NEW".to_owned(), "1".to_owned())])
+    );
 
     // Another machine type is refused, unknown ones too; nothing is left behind.
-    let before = h.call("GET", "/v1/vms", None).await?.1.as_array().map(Vec::len);
-    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c1m2"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("MACHINE_TYPE_MISMATCH")));
-    assert!(err["error"]["message"].as_str().is_some_and(|m| m.contains("c2m4") && m.contains("c1m2")), "{err}");
-    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid, "machineType": "c3m7"}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("INVALID_MACHINE_TYPE")));
+    let before = h
+        .call("GET", "/v1/vms", None)
+        .await?
+        .1
+        .as_array()
+        .map(Vec::len);
+    let (status, err) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"snapshotId": sid, "machineType": "c1m2"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!("MACHINE_TYPE_MISMATCH")
+        )
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("c2m4") && m.contains("c1m2")),
+        "{err}"
+    );
+    let (status, err) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"snapshotId": sid, "machineType": "c3m7"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!("INVALID_MACHINE_TYPE")
+        )
+    );
     // Unknown snapshot: 404.
-    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": SnapshotId::new_v4()}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
-    assert_eq!(h.call("GET", "/v1/vms", None).await?.1.as_array().map(Vec::len), before);
+    let (status, err) = h
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"snapshotId": SnapshotId::new_v4()})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("NOT_FOUND"))
+    );
+    assert_eq!(
+        h.call("GET", "/v1/vms", None)
+            .await?
+            .1
+            .as_array()
+            .map(Vec::len),
+        before
+    );
 
     // A deleted snapshot: 404 on launch; its clones keep running.
-    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{sid}"), None).await?.0, StatusCode::OK);
-    let (status, err) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("NOT_FOUND")));
+    assert_eq!(
+        h.call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+            .await?
+            .0,
+        StatusCode::OK
+    );
+    let (status, err) = h
+        .call("POST", "/v1/vms", Some(json!({"snapshotId": sid})))
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("NOT_FOUND"))
+    );
     assert_eq!(h.status_of(&id_of(&r)?).await?, "running");
     Ok(())
 }
@@ -609,22 +1185,39 @@ async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult 
 #[tokio::test]
 async fn snapshot_delete_waits_for_restores_in_flight() -> TestResult {
     let h = harness(gated(), Duration::ZERO).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     let gate = h.worker.gate.as_ref().ok_or("gate")?;
     gate.add_permits(1);
     h.wait_status(&id_of(&vm)?, "running").await?;
-    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]}))).await?;
+    let (_, snap) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]})))
+        .await?;
     let sid = id_of(&snap)?;
     // A restore held at the gate...
-    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": sid}))).await?;
-    assert_eq!((status, &r["status"], &r["sourceName"]), (StatusCode::ACCEPTED, &json!("provisioning"), &snap["name"]));
+    let (status, r) = h
+        .call("POST", "/v1/vms", Some(json!({"snapshotId": sid})))
+        .await?;
+    assert_eq!(
+        (status, &r["status"], &r["sourceName"]),
+        (StatusCode::ACCEPTED, &json!("provisioning"), &snap["name"])
+    );
     // ...holds the delete back until it has its VM.
     let h = Arc::new(h);
     let h2 = h.clone();
     let path = format!("/v1/snapshots/{sid}");
-    let delete = tokio::spawn(async move { h2.call("DELETE", &path, None).await.map(|(s, _)| s).map_err(|e| e.to_string()) });
+    let delete = tokio::spawn(async move {
+        h2.call("DELETE", &path, None)
+            .await
+            .map(|(s, _)| s)
+            .map_err(|e| e.to_string())
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!delete.is_finished(), "the delete did not wait for the restore");
+    assert!(
+        !delete.is_finished(),
+        "the delete did not wait for the restore"
+    );
     assert!(h.worker.has_snapshot(sid.parse()?));
     if let Some(gate) = &h.worker.gate {
         gate.add_permits(1);
@@ -638,14 +1231,23 @@ async fn snapshot_delete_waits_for_restores_in_flight() -> TestResult {
 #[tokio::test]
 async fn restore_failure_is_an_error_vm() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
-    let (_, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]}))).await?;
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    let (_, snap) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": vm["id"]})))
+        .await?;
     // The worker lost the files (e.g. removed by hand).
     if let Ok(mut s) = h.worker.snapshots.lock() {
         s.clear();
     }
-    let (status, r) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": snap["id"]}))).await?;
-    assert_eq!((status, &r["status"]), (StatusCode::ACCEPTED, &json!("error")));
+    let (status, r) = h
+        .call("POST", "/v1/vms", Some(json!({"snapshotId": snap["id"]})))
+        .await?;
+    assert_eq!(
+        (status, &r["status"]),
+        (StatusCode::ACCEPTED, &json!("error"))
+    );
     Ok(())
 }
 
@@ -653,7 +1255,9 @@ async fn restore_failure_is_an_error_vm() -> TestResult {
 async fn startup_marks_interrupted_captures_error() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let store = h.state.store();
-    let org = fastvm_server::default_org(store).await?.ok_or("default org")?;
+    let org = fastvm_server::default_org(store)
+        .await?
+        .ok_or("default org")?;
     let rec = SnapshotRecord {
         id: SnapshotId::new_v4(),
         org_id: org,
@@ -677,15 +1281,34 @@ async fn startup_marks_interrupted_captures_error() -> TestResult {
     };
     store.insert_snapshot(&rec).await?;
     // Creating: neither restorable nor deletable.
-    let (status, _) = h.call("POST", "/v1/vms", Some(json!({"snapshotId": rec.id}))).await?;
+    let (status, _) = h
+        .call("POST", "/v1/vms", Some(json!({"snapshotId": rec.id})))
+        .await?;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None).await?.0, StatusCode::CONFLICT);
-    assert_eq!(h.call("GET", &format!("/v1/snapshots/{}", rec.id), None).await?.1["status"], json!("creating"));
+    assert_eq!(
+        h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None)
+            .await?
+            .0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshots/{}", rec.id), None)
+            .await?
+            .1["status"],
+        json!("creating")
+    );
     h.state.reconcile_on_start().await?;
     let got = store.get_snapshot(org, rec.id).await?.ok_or("snapshot")?;
     assert_eq!(got.status, SnapshotStatus::Error);
-    assert!(got.status_message.is_some_and(|m| m.contains("server stopped")));
-    assert_eq!(h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None).await?.0, StatusCode::OK);
+    assert!(got
+        .status_message
+        .is_some_and(|m| m.contains("server stopped")));
+    assert_eq!(
+        h.call("DELETE", &format!("/v1/snapshots/{}", rec.id), None)
+            .await?
+            .0,
+        StatusCode::OK
+    );
     Ok(())
 }
 
@@ -694,13 +1317,24 @@ async fn startup_marks_interrupted_captures_error() -> TestResult {
 impl Harness {
     /// A new server (state, router, TTL reaper) over the same store and
     /// worker, as after a restart.
-    async fn restarted(&self) -> Result<(Harness, fastvm_server::TtlReaper), Box<dyn std::error::Error>> {
+    async fn restarted(
+        &self,
+    ) -> Result<(Harness, fastvm_server::TtlReaper), Box<dyn std::error::Error>> {
         let store = Store::open(self._dir.path(), None).await?;
         let state = AppState::new(store, self.worker.clone(), self.state.launch_wait());
         state.reconcile_on_start().await?;
         let reaper = fastvm_server::spawn_ttl_reaper(&state);
         let router = fastvm_server::routes::router(state.clone());
-        Ok((Harness { state, router, worker: self.worker.clone(), key: self.key.clone(), _dir: self._dir.clone() }, reaper))
+        Ok((
+            Harness {
+                state,
+                router,
+                worker: self.worker.clone(),
+                key: self.key.clone(),
+                _dir: self._dir.clone(),
+            },
+            reaper,
+        ))
     }
 
     async fn vm(&self, id: &str) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
@@ -708,7 +1342,12 @@ impl Harness {
     }
 
     /// Poll (every 20 ms, up to `within`) until the VM has `status`; returns when (ms).
-    async fn wait_status_within(&self, id: &str, status: &str, within: Duration) -> Result<i64, Box<dyn std::error::Error>> {
+    async fn wait_status_within(
+        &self,
+        id: &str,
+        status: &str,
+        within: Duration,
+    ) -> Result<i64, Box<dyn std::error::Error>> {
         let start = std::time::Instant::now();
         loop {
             let (code, v) = self.vm(id).await?;
@@ -717,7 +1356,11 @@ impl Harness {
                 return Ok(now);
             }
             if start.elapsed() > within {
-                return Err(format!("VM {id} did not become {status} within {within:?} (is {})", v["status"]).into());
+                return Err(format!(
+                    "VM {id} did not become {status} within {within:?} (is {})",
+                    v["status"]
+                )
+                .into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -729,31 +1372,54 @@ impl Harness {
 }
 
 fn ms(v: &Value, field: &str) -> Result<i64, Box<dyn std::error::Error>> {
-    Ok(v[field].as_i64().ok_or_else(|| format!("{field} is {} in {v}", v[field]))?)
+    Ok(v[field]
+        .as_i64()
+        .ok_or_else(|| format!("{field} is {} in {v}", v[field]))?)
 }
 
 #[tokio::test]
 async fn ttl_pause_fires_within_a_second() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
-    let (status, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
+    let (status, vm) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}}))
+        .await?;
     assert_eq!(status, StatusCode::CREATED);
     let id = id_of(&vm)?;
     let deadline = ms(&vm, "expiresAtMs")?;
     assert_eq!(vm["ttlRemainingMs"], json!(null));
-    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
-    assert!(fired_at >= deadline && fired_at <= deadline + 1000, "fired at {fired_at}, deadline {deadline}");
-    assert_eq!(h.worker.state(id.parse()?), Some(VmState::Paused), "the worker really paused it");
+    let fired_at = h
+        .wait_status_within(&id, "paused", Duration::from_secs(3))
+        .await?;
+    assert!(
+        fired_at >= deadline && fired_at <= deadline + 1000,
+        "fired at {fired_at}, deadline {deadline}"
+    );
+    assert_eq!(
+        h.worker.get(id.parse()?),
+        Some(VmState::Paused),
+        "the worker really paused it"
+    );
     let (_, vm) = h.vm(&id).await?;
     // The TTL pause ends the cycle: the next resume starts a full one.
-    assert_eq!((&vm["expiresAtMs"], &vm["ttlRemainingMs"]), (&json!(null), &json!(1000)));
+    assert_eq!(
+        (&vm["expiresAtMs"], &vm["ttlRemainingMs"]),
+        (&json!(null), &json!(1000))
+    );
     // Resumed, it runs a full second again, then pauses again.
-    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/resume"), None).await?;
+    let (status, vm) = h
+        .call("POST", &format!("/v1/vms/{id}/resume"), None)
+        .await?;
     assert_eq!(status, StatusCode::OK);
     let deadline = ms(&vm, "expiresAtMs")?;
     assert!(deadline - fastvm_server::store::now_ms() > 800);
-    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
-    assert!(fired_at >= deadline && fired_at <= deadline + 1000, "fired at {fired_at}, deadline {deadline}");
+    let fired_at = h
+        .wait_status_within(&id, "paused", Duration::from_secs(3))
+        .await?;
+    assert!(
+        fired_at >= deadline && fired_at <= deadline + 1000,
+        "fired at {fired_at}, deadline {deadline}"
+    );
     reaper.stop().await;
     Ok(())
 }
@@ -762,15 +1428,27 @@ async fn ttl_pause_fires_within_a_second() -> TestResult {
 async fn ttl_delete_fires() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
-    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}})).await?;
+    let (_, vm) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}}))
+        .await?;
     let id = id_of(&vm)?;
     let deadline = ms(&vm, "expiresAtMs")?;
     // A VM without TTL is left alone.
     let (_, other) = h.launch(json!({"machineType": "c1m2"})).await?;
-    let fired_at = h.wait_status_within(&id, "gone", Duration::from_secs(3)).await?;
-    assert!(fired_at <= deadline + 1000, "gone at {fired_at}, deadline {deadline}");
+    let fired_at = h
+        .wait_status_within(&id, "gone", Duration::from_secs(3))
+        .await?;
+    assert!(
+        fired_at <= deadline + 1000,
+        "gone at {fired_at}, deadline {deadline}"
+    );
     assert!(!h.worker.has(id.parse()?));
-    assert!(h.worker.deleted.lock().map_err(|e| e.to_string())?.contains(&id.parse()?));
+    assert!(h
+        .worker
+        .deleted
+        .lock()
+        .map_err(|e| e.to_string())?
+        .contains(&id.parse()?));
     assert_eq!(h.status_of(&id_of(&other)?).await?, "running");
     let (_, list) = h.call("GET", "/v1/vms", None).await?;
     assert_eq!(list.as_array().map(Vec::len), Some(1));
@@ -782,7 +1460,9 @@ async fn ttl_delete_fires() -> TestResult {
 async fn ttl_freezes_while_paused_and_resumes_the_rest() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
-    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "delete"}})).await?;
+    let (_, vm) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "delete"}}))
+        .await?;
     let id = id_of(&vm)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, vm) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
@@ -792,14 +1472,27 @@ async fn ttl_freezes_while_paused_and_resumes_the_rest() -> TestResult {
     // Paused past the original deadline: nothing fires, the budget stays frozen.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let (_, vm) = h.vm(&id).await?;
-    assert_eq!((&vm["status"], ms(&vm, "ttlRemainingMs")?), (&json!("paused"), remaining));
+    assert_eq!(
+        (&vm["status"], ms(&vm, "ttlRemainingMs")?),
+        (&json!("paused"), remaining)
+    );
     let before = fastvm_server::store::now_ms();
-    let (_, vm) = h.call("POST", &format!("/v1/vms/{id}/resume"), None).await?;
+    let (_, vm) = h
+        .call("POST", &format!("/v1/vms/{id}/resume"), None)
+        .await?;
     let deadline = ms(&vm, "expiresAtMs")?;
-    assert!(deadline >= before + remaining && deadline <= fastvm_server::store::now_ms() + remaining, "deadline {deadline}");
+    assert!(
+        deadline >= before + remaining && deadline <= fastvm_server::store::now_ms() + remaining,
+        "deadline {deadline}"
+    );
     assert_eq!(vm["ttlRemainingMs"], json!(null));
-    let gone_at = h.wait_status_within(&id, "gone", Duration::from_secs(3)).await?;
-    assert!(gone_at >= deadline && gone_at <= deadline + 1000, "gone at {gone_at}, deadline {deadline}");
+    let gone_at = h
+        .wait_status_within(&id, "gone", Duration::from_secs(3))
+        .await?;
+    assert!(
+        gone_at >= deadline && gone_at <= deadline + 1000,
+        "gone at {gone_at}, deadline {deadline}"
+    );
     reaper.stop().await;
     Ok(())
 }
@@ -808,39 +1501,92 @@ async fn ttl_freezes_while_paused_and_resumes_the_rest() -> TestResult {
 async fn ttl_refresh_and_clear() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
-    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}})).await?;
+    let (_, vm) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}}))
+        .await?;
     let id = id_of(&vm)?;
     let first = ms(&vm, "expiresAtMs")?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
+    let (status, vm) = h
+        .call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None)
+        .await?;
     assert_eq!(status, StatusCode::OK);
     let second = ms(&vm, "expiresAtMs")?;
-    assert!(second >= first + 1100, "refresh starts a new full cycle: {first} -> {second}");
+    assert!(
+        second >= first + 1100,
+        "refresh starts a new full cycle: {first} -> {second}"
+    );
     // Past the first deadline it still runs; it pauses at the new one.
-    tokio::time::sleep(Duration::from_millis(u64::try_from(first + 300 - fastvm_server::store::now_ms()).unwrap_or(0))).await;
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(first + 300 - fastvm_server::store::now_ms()).unwrap_or(0),
+    ))
+    .await;
     assert_eq!(h.status_of(&id).await?, "running");
-    let fired_at = h.wait_status_within(&id, "paused", Duration::from_secs(3)).await?;
+    let fired_at = h
+        .wait_status_within(&id, "paused", Duration::from_secs(3))
+        .await?;
     assert!(fired_at >= second && fired_at <= second + 1000);
 
     // Paused: the refresh gives a full frozen budget.
-    h.call("PATCH", &format!("/v1/vms/{id}"), Some(json!({"ttl": {"seconds": 5, "action": "pause"}}))).await?;
-    let (status, vm) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
-    assert_eq!((status, &vm["ttlRemainingMs"], &vm["expiresAtMs"]), (StatusCode::OK, &json!(5000), &json!(null)));
+    h.call(
+        "PATCH",
+        &format!("/v1/vms/{id}"),
+        Some(json!({"ttl": {"seconds": 5, "action": "pause"}})),
+    )
+    .await?;
+    let (status, vm) = h
+        .call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None)
+        .await?;
+    assert_eq!(
+        (status, &vm["ttlRemainingMs"], &vm["expiresAtMs"]),
+        (StatusCode::OK, &json!(5000), &json!(null))
+    );
 
     // PATCH ttl null clears it; then a refresh is 409 TTL_NOT_SET.
-    let (status, vm) = h.call("PATCH", &format!("/v1/vms/{id}"), Some(json!({"ttl": null}))).await?;
-    assert_eq!((status, &vm["ttl"], &vm["ttlRemainingMs"]), (StatusCode::OK, &json!(null), &json!(null)));
-    let (status, err) = h.call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("TTL_NOT_SET")));
-    let (status, _) = h.call("POST", &format!("/v1/vms/{}/ttl/refresh", VmId::new_v4()), None).await?;
+    let (status, vm) = h
+        .call(
+            "PATCH",
+            &format!("/v1/vms/{id}"),
+            Some(json!({"ttl": null})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &vm["ttl"], &vm["ttlRemainingMs"]),
+        (StatusCode::OK, &json!(null), &json!(null))
+    );
+    let (status, err) = h
+        .call("POST", &format!("/v1/vms/{id}/ttl/refresh"), None)
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("TTL_NOT_SET"))
+    );
+    let (status, _) = h
+        .call(
+            "POST",
+            &format!("/v1/vms/{}/ttl/refresh", VmId::new_v4()),
+            None,
+        )
+        .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A VM that is neither running nor paused: 409 INVALID_STATE.
     h.worker.fail_create.store(true, Ordering::SeqCst);
-    let (_, bad) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 5, "action": "pause"}})).await?;
+    let (_, bad) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 5, "action": "pause"}}))
+        .await?;
     assert_eq!(bad["status"], json!("error"));
-    let (status, err) = h.call("POST", &format!("/v1/vms/{}/ttl/refresh", id_of(&bad)?), None).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::CONFLICT, &json!("INVALID_STATE")));
+    let (status, err) = h
+        .call(
+            "POST",
+            &format!("/v1/vms/{}/ttl/refresh", id_of(&bad)?),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::CONFLICT, &json!("INVALID_STATE"))
+    );
     reaper.stop().await;
     Ok(())
 }
@@ -849,17 +1595,32 @@ async fn ttl_refresh_and_clear() -> TestResult {
 async fn ttl_timers_survive_a_restart() -> TestResult {
     // No reaper: the server is "down" while the deadlines pass.
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (_, p) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
-    let (_, d) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}})).await?;
-    let (_, later) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}})).await?;
-    let (p, d, later_deadline, later) = (id_of(&p)?, id_of(&d)?, ms(&later, "expiresAtMs")?, id_of(&later)?);
+    let (_, p) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}}))
+        .await?;
+    let (_, d) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}}))
+        .await?;
+    let (_, later) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 2, "action": "pause"}}))
+        .await?;
+    let (p, d, later_deadline, later) = (
+        id_of(&p)?,
+        id_of(&d)?,
+        ms(&later, "expiresAtMs")?,
+        id_of(&later)?,
+    );
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(h.status_of(&p).await?, "running");
     let (h2, reaper) = h.restarted().await?;
-    h2.wait_status_within(&p, "paused", Duration::from_millis(1000)).await?;
-    h2.wait_status_within(&d, "gone", Duration::from_millis(1000)).await?;
+    h2.wait_status_within(&p, "paused", Duration::from_millis(1000))
+        .await?;
+    h2.wait_status_within(&d, "gone", Duration::from_millis(1000))
+        .await?;
     // A deadline still ahead at the restart fires on time too.
-    let fired_at = h2.wait_status_within(&later, "paused", Duration::from_secs(3)).await?;
+    let fired_at = h2
+        .wait_status_within(&later, "paused", Duration::from_secs(3))
+        .await?;
     assert!(fired_at >= later_deadline && fired_at <= later_deadline + 1000);
     reaper.stop().await;
     Ok(())
@@ -871,13 +1632,18 @@ async fn failed_ttl_pause_rearms_a_full_cycle() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
     h.worker.fail_pause.store(true, Ordering::SeqCst);
     let reaper = fastvm_server::spawn_ttl_reaper(&h.state);
-    let (_, vm) = h.launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}})).await?;
+    let (_, vm) = h
+        .launch(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "pause"}}))
+        .await?;
     let id = id_of(&vm)?;
     let first = ms(&vm, "expiresAtMs")?;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let (_, vm) = h.vm(&id).await?;
     assert_eq!(vm["status"], json!("running"));
-    assert!(ms(&vm, "expiresAtMs")? >= first + 900, "a new cycle after the failed attempt");
+    assert!(
+        ms(&vm, "expiresAtMs")? >= first + 900,
+        "a new cycle after the failed attempt"
+    );
     reaper.stop().await;
     Ok(())
 }
@@ -885,7 +1651,9 @@ async fn failed_ttl_pause_rearms_a_full_cycle() -> TestResult {
 // --- quotas --------------------------------------------------------------------------
 
 async fn org_of(h: &Harness) -> Result<OrgId, Box<dyn std::error::Error>> {
-    Ok(fastvm_server::default_org(h.state.store()).await?.ok_or("default org")?)
+    Ok(fastvm_server::default_org(h.state.store())
+        .await?
+        .ok_or("default org")?)
 }
 
 #[tokio::test]
@@ -898,34 +1666,68 @@ async fn quotas_defaults_and_live_usage() -> TestResult {
         q["limits"],
         json!({"vcpu": 16, "memoryMiB": 32768, "diskGiB": 200, "snapshotCount": 50, "volumeCount": 20, "volumeGiB": 500})
     );
-    assert_eq!(q["usage"], json!({"vcpu": 0, "memoryMiB": 0, "diskGiB": 0, "snapshotCount": 0, "volumeCount": 0, "volumeGiB": 0}));
+    assert_eq!(
+        q["usage"],
+        json!({"vcpu": 0, "memoryMiB": 0, "diskGiB": 0, "snapshotCount": 0, "volumeCount": 0, "volumeGiB": 0})
+    );
     let (_, a) = h.launch(json!({"machineType": "c2m4"})).await?;
     let (_, b) = h.launch(json!({"machineType": "c1m2"})).await?;
     let (a, b) = (id_of(&a)?, id_of(&b)?);
     h.call("POST", &format!("/v1/vms/{a}/pause"), None).await?;
-    let (status, _) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": b}))).await?;
+    let (status, _) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": b})))
+        .await?;
     assert_eq!(status, StatusCode::CREATED);
     let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
     // Paused VMs count.
-    assert_eq!(q["usage"], json!({"vcpu": 3, "memoryMiB": 6144, "diskGiB": 20, "snapshotCount": 1, "volumeCount": 0, "volumeGiB": 0}));
+    assert_eq!(
+        q["usage"],
+        json!({"vcpu": 3, "memoryMiB": 6144, "diskGiB": 20, "snapshotCount": 1, "volumeCount": 0, "volumeGiB": 0})
+    );
     // Stopped VMs and deleted ones do not.
     h.worker.set(b.parse()?, VmState::Stopped);
     assert_eq!(h.status_of(&b).await?, "stopped");
     h.call("DELETE", &format!("/v1/vms/{a}"), None).await?;
     let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
-    assert_eq!((&q["usage"]["vcpu"], &q["usage"]["memoryMiB"], &q["usage"]["snapshotCount"]), (&json!(0), &json!(0), &json!(1)));
+    assert_eq!(
+        (
+            &q["usage"]["vcpu"],
+            &q["usage"]["memoryMiB"],
+            &q["usage"]["snapshotCount"]
+        ),
+        (&json!(0), &json!(0), &json!(1))
+    );
     // Limits changed by the admin function show up.
-    h.state.store().set_quota(org_of(&h).await?, fastvm_server::store::QuotaPatch { vcpu: Some(4), ..Default::default() }).await?;
+    h.state
+        .store()
+        .set_quota(
+            org_of(&h).await?,
+            fastvm_server::store::QuotaPatch {
+                vcpu: Some(4),
+                ..Default::default()
+            },
+        )
+        .await?;
     let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
-    assert_eq!((&q["limits"]["vcpu"], &q["limits"]["memoryMiB"]), (&json!(4), &json!(32768)));
+    assert_eq!(
+        (&q["limits"]["vcpu"], &q["limits"]["memoryMiB"]),
+        (&json!(4), &json!(32768))
+    );
     Ok(())
 }
 
 async fn expect_429(h: &Harness, res: (StatusCode, Value), code: &str) -> TestResult {
     let (status, err) = res;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::TOO_MANY_REQUESTS, &json!(code)), "{err}");
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::TOO_MANY_REQUESTS, &json!(code)),
+        "{err}"
+    );
     let msg = err["error"]["message"].as_str().unwrap_or("");
-    assert!(msg.contains("limit of") && msg.contains("uses") && msg.contains("needs"), "{msg}");
+    assert!(
+        msg.contains("limit of") && msg.contains("uses") && msg.contains("needs"),
+        "{msg}"
+    );
     let _ = h;
     Ok(())
 }
@@ -941,41 +1743,144 @@ async fn each_quota_answers_429_with_its_code_and_changes_nothing() -> TestResul
     let vms_before = h.call("GET", "/v1/vms", None).await?.1;
     let created_before = h.worker.created.lock().map_err(|e| e.to_string())?.len();
 
-    store.set_quota(org, QuotaPatch { vcpu: Some(2), ..Default::default() }).await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                vcpu: Some(2),
+                ..Default::default()
+            },
+        )
+        .await?;
     let res = h.launch(json!({"machineType": "c2m4"})).await?;
-    assert!(res.1["error"]["message"].as_str().is_some_and(|m| m.contains("needs 2 vCPU") && m.contains("uses 1 vCPU") && m.contains("limit of 2 vCPU")), "{}", res.1);
+    assert!(
+        res.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("needs 2 vCPU")
+                && m.contains("uses 1 vCPU")
+                && m.contains("limit of 2 vCPU")),
+        "{}",
+        res.1
+    );
     expect_429(&h, res, "QUOTA_EXCEEDED_VCPU").await?;
 
-    store.set_quota(org, QuotaPatch { vcpu: Some(16), memory_mib: Some(4096), ..Default::default() }).await?;
-    expect_429(&h, h.launch(json!({"machineType": "c2m4"})).await?, "QUOTA_EXCEEDED_MEMORY_MIB").await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                vcpu: Some(16),
+                memory_mib: Some(4096),
+                ..Default::default()
+            },
+        )
+        .await?;
+    expect_429(
+        &h,
+        h.launch(json!({"machineType": "c2m4"})).await?,
+        "QUOTA_EXCEEDED_MEMORY_MIB",
+    )
+    .await?;
 
-    store.set_quota(org, QuotaPatch { memory_mib: Some(32768), disk_gib: Some(15), ..Default::default() }).await?;
-    expect_429(&h, h.launch(json!({"machineType": "c1m2"})).await?, "QUOTA_EXCEEDED_DISK_GIB").await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                memory_mib: Some(32768),
+                disk_gib: Some(15),
+                ..Default::default()
+            },
+        )
+        .await?;
+    expect_429(
+        &h,
+        h.launch(json!({"machineType": "c1m2"})).await?,
+        "QUOTA_EXCEEDED_DISK_GIB",
+    )
+    .await?;
 
     // Nothing was created: no row, no worker call.
     assert_eq!(h.call("GET", "/v1/vms", None).await?.1, vms_before);
-    assert_eq!(h.worker.created.lock().map_err(|e| e.to_string())?.len(), created_before);
+    assert_eq!(
+        h.worker.created.lock().map_err(|e| e.to_string())?.len(),
+        created_before
+    );
 
     // Restores are launches: the same check.
-    store.set_quota(org, QuotaPatch { disk_gib: Some(200), snapshot_count: Some(1), ..Default::default() }).await?;
-    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": base}))).await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                disk_gib: Some(200),
+                snapshot_count: Some(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let (status, snap) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": base})))
+        .await?;
     assert_eq!(status, StatusCode::CREATED);
-    expect_429(&h, h.call("POST", "/v1/snapshots", Some(json!({"vmId": base}))).await?, "QUOTA_EXCEEDED_SNAPSHOT_COUNT").await?;
+    expect_429(
+        &h,
+        h.call("POST", "/v1/snapshots", Some(json!({"vmId": base})))
+            .await?,
+        "QUOTA_EXCEEDED_SNAPSHOT_COUNT",
+    )
+    .await?;
     let (_, snaps) = h.call("GET", "/v1/snapshots", None).await?;
     assert_eq!(snaps.as_array().map(Vec::len), Some(1));
-    store.set_quota(org, QuotaPatch { vcpu: Some(1), ..Default::default() }).await?;
-    expect_429(&h, h.launch(json!({"snapshotId": snap["id"]})).await?, "QUOTA_EXCEEDED_VCPU").await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                vcpu: Some(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+    expect_429(
+        &h,
+        h.launch(json!({"snapshotId": snap["id"]})).await?,
+        "QUOTA_EXCEEDED_VCPU",
+    )
+    .await?;
 
     // Resume: paused VMs count, so it fails only when the limits were lowered below the usage.
-    store.set_quota(org, QuotaPatch { vcpu: Some(16), ..Default::default() }).await?;
-    h.call("POST", &format!("/v1/vms/{base}/pause"), None).await?;
-    let (status, _) = h.call("POST", &format!("/v1/vms/{base}/resume"), None).await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                vcpu: Some(16),
+                ..Default::default()
+            },
+        )
+        .await?;
+    h.call("POST", &format!("/v1/vms/{base}/pause"), None)
+        .await?;
+    let (status, _) = h
+        .call("POST", &format!("/v1/vms/{base}/resume"), None)
+        .await?;
     assert_eq!(status, StatusCode::OK, "at the limit is fine");
-    h.call("POST", &format!("/v1/vms/{base}/pause"), None).await?;
-    store.set_quota(org, QuotaPatch { memory_mib: Some(1024), ..Default::default() }).await?;
-    expect_429(&h, h.call("POST", &format!("/v1/vms/{base}/resume"), None).await?, "QUOTA_EXCEEDED_MEMORY_MIB").await?;
+    h.call("POST", &format!("/v1/vms/{base}/pause"), None)
+        .await?;
+    store
+        .set_quota(
+            org,
+            QuotaPatch {
+                memory_mib: Some(1024),
+                ..Default::default()
+            },
+        )
+        .await?;
+    expect_429(
+        &h,
+        h.call("POST", &format!("/v1/vms/{base}/resume"), None)
+            .await?,
+        "QUOTA_EXCEEDED_MEMORY_MIB",
+    )
+    .await?;
     assert_eq!(h.status_of(&base).await?, "paused");
-    assert_eq!(h.worker.state(base.parse()?), Some(VmState::Paused));
+    assert_eq!(h.worker.get(base.parse()?), Some(VmState::Paused));
     Ok(())
 }
 
@@ -983,18 +1888,34 @@ async fn each_quota_answers_429_with_its_code_and_changes_nothing() -> TestResul
 async fn parallel_launches_cannot_race_past_a_limit() -> TestResult {
     let h = Arc::new(harness(FakeWorker::default(), Duration::from_secs(5)).await?);
     let org = org_of(&h).await?;
-    h.state.store().set_quota(org, fastvm_server::store::QuotaPatch { vcpu: Some(3), ..Default::default() }).await?;
+    h.state
+        .store()
+        .set_quota(
+            org,
+            fastvm_server::store::QuotaPatch {
+                vcpu: Some(3),
+                ..Default::default()
+            },
+        )
+        .await?;
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let h = h.clone();
-        tasks.push(tokio::spawn(async move { h.launch(json!({"machineType": "c1m2"})).await.map(|(s, v)| (s, v["error"]["code"].clone())).map_err(|e| e.to_string()) }));
+        tasks.push(tokio::spawn(async move {
+            h.launch(json!({"machineType": "c1m2"}))
+                .await
+                .map(|(s, v)| (s, v["error"]["code"].clone()))
+                .map_err(|e| e.to_string())
+        }));
     }
     let mut ok = 0;
     let mut refused = 0;
     for t in tasks {
         match t.await?? {
             (StatusCode::CREATED, _) => ok += 1,
-            (StatusCode::TOO_MANY_REQUESTS, code) if code == json!("QUOTA_EXCEEDED_VCPU") => refused += 1,
+            (StatusCode::TOO_MANY_REQUESTS, code) if code == json!("QUOTA_EXCEEDED_VCPU") => {
+                refused += 1
+            }
             other => return Err(format!("unexpected answer {other:?}").into()),
         }
     }
@@ -1013,7 +1934,12 @@ async fn firewall_put_and_patch_validate_store_and_push() -> TestResult {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(vm["publicIpv6"], json!("fd00:fa57::1:2"));
     let id = id_of(&vm)?;
-    assert_eq!(h.worker.last_created().map(|s| s.firewall.dns.map(|d| d.domains)), Some(Some(vec!["*.example.com".to_owned()])));
+    assert_eq!(
+        h.worker
+            .last_created()
+            .map(|s| s.firewall.dns.map(|d| d.domains)),
+        Some(Some(vec!["*.example.com".to_owned()]))
+    );
     let path = format!("/v1/vms/{id}/firewall");
 
     // PUT replaces: missing blocks become the defaults.
@@ -1023,42 +1949,187 @@ async fn firewall_put_and_patch_validate_store_and_push() -> TestResult {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["firewall"]["dns"]["mode"], json!("deny"));
     assert_eq!(v["firewall"]["ingress"]["rules"][0]["ports"], json!("8080"));
-    assert_eq!(v["effectiveFirewall"]["egress"]["defaultAction"], json!("allow"));
+    assert_eq!(
+        v["effectiveFirewall"]["egress"]["defaultAction"],
+        json!("allow")
+    );
     let pushed = h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0);
     assert_eq!(pushed, 1);
 
     // PATCH keeps the blocks it does not carry.
-    let (status, v) = h.call("PATCH", &path, Some(json!({"egress": {"defaultAction": "deny", "rules": []}}))).await?;
+    let (status, v) = h
+        .call(
+            "PATCH",
+            &path,
+            Some(json!({"egress": {"defaultAction": "deny", "rules": []}})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!((&v["firewall"]["egress"]["defaultAction"], &v["firewall"]["ingress"]["rules"][0]["ports"]), (&json!("deny"), &json!("8080")));
-    assert_eq!(h.call("GET", &format!("/v1/vms/{id}"), None).await?.1["firewall"], v["firewall"]);
+    assert_eq!(
+        (
+            &v["firewall"]["egress"]["defaultAction"],
+            &v["firewall"]["ingress"]["rules"][0]["ports"]
+        ),
+        (&json!("deny"), &json!("8080"))
+    );
+    assert_eq!(
+        h.call("GET", &format!("/v1/vms/{id}"), None).await?.1["firewall"],
+        v["firewall"]
+    );
 
     // Validation: 400 with the rule's code; nothing stored or pushed.
     let bad = [
-        (json!({"ingress": {"rules": [{"kind": "cidr", "value": "10.0.0.0/33", "action": "allow"}]}}), "INVALID_CIDR"),
-        (json!({"ingress": {"rules": [{"kind": "cidr", "value": "::/0", "protocol": "any", "ports": "80", "action": "allow"}]}}), "INVALID_PORTS"),
-        (json!({"egress": {"rules": [{"kind": "fqdn", "value": "a.*.com", "action": "allow"}]}}), "INVALID_FIREWALL"),
-        (json!({"dns": {"mode": "allow", "domains": ["ok.test"]}, "egress": {"rules": [{"kind": "fqdn", "value": "other.test", "action": "allow"}]}}), "DEAD_FQDN_RULE"),
+        (
+            json!({"ingress": {"rules": [{"kind": "cidr", "value": "10.0.0.0/33", "action": "allow"}]}}),
+            "INVALID_CIDR",
+        ),
+        (
+            json!({"ingress": {"rules": [{"kind": "cidr", "value": "::/0", "protocol": "any", "ports": "80", "action": "allow"}]}}),
+            "INVALID_PORTS",
+        ),
+        (
+            json!({"egress": {"rules": [{"kind": "fqdn", "value": "a.*.com", "action": "allow"}]}}),
+            "INVALID_FIREWALL",
+        ),
+        (
+            json!({"dns": {"mode": "allow", "domains": ["ok.test"]}, "egress": {"rules": [{"kind": "fqdn", "value": "other.test", "action": "allow"}]}}),
+            "DEAD_FQDN_RULE",
+        ),
     ];
     for (body, code) in bad {
         let (status, err) = h.call("PUT", &path, Some(body.clone())).await?;
-        assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!(code)), "{body}: {err}");
+        assert_eq!(
+            (status, &err["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!(code)),
+            "{body}: {err}"
+        );
     }
     // A PATCH whose merge makes a rule dead is refused too.
     let (_, _) = h.call("PATCH", &path, Some(json!({"egress": {"rules": [{"kind": "fqdn", "value": "api.test", "protocol": "tcp", "ports": "443", "action": "allow"}]}}))).await?;
-    let (status, err) = h.call("PATCH", &path, Some(json!({"dns": {"mode": "deny", "domains": ["api.test"]}}))).await?;
-    assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("DEAD_FQDN_RULE")), "{err}");
+    let (status, err) = h
+        .call(
+            "PATCH",
+            &path,
+            Some(json!({"dns": {"mode": "deny", "domains": ["api.test"]}})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (StatusCode::BAD_REQUEST, &json!("DEAD_FQDN_RULE")),
+        "{err}"
+    );
     let (status, _) = h.call("PUT", &path, Some(json!({"bogus": 1}))).await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // serde decodes a struct from an array too; the API wants an object (found by schemathesis).
     for method in ["PUT", "PATCH"] {
         let (status, err) = h.call(method, &path, Some(json!([null, null]))).await?;
-        assert_eq!((status, &err["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")), "{method}: {err}");
+        assert_eq!(
+            (status, &err["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!("INVALID_REQUEST")),
+            "{method}: {err}"
+        );
     }
     assert_eq!(h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0), 3);
 
     // Unknown VM: 404.
-    let (status, _) = h.call("PUT", &format!("/v1/vms/{}/firewall", VmId::new_v4()), Some(json!({}))).await?;
+    let (status, _) = h
+        .call(
+            "PUT",
+            &format!("/v1/vms/{}/firewall", VmId::new_v4()),
+            Some(json!({})),
+        )
+        .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; the status code and body.
+async fn raw_get(
+    proxy: std::net::SocketAddr,
+    host: &str,
+) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(proxy).await?;
+    conn.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out).await?;
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_wakes_a_paused_vm_with_one_resume() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    // The "guest" service: a local HTTP server.
+    let guest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = guest.local_addr()?.port();
+    tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+        guest,
+        axum::Router::new().route("/", axum::routing::get(|| async { "hi from the guest" })),
+    )));
+    let (_, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    let id = vm["id"].as_str().ok_or("id")?.to_owned();
+    let (status, svc) = h
+        .call(
+            "POST",
+            &format!("/v1/vms/{id}/services"),
+            Some(json!({"name": "web", "port": port})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{svc}");
+    // The auto rule reached the worker.
+    let pushed = h
+        .worker
+        .firewalls
+        .lock()
+        .map_err(|_| "poisoned")?
+        .last()
+        .cloned()
+        .ok_or("no firewall pushed")?;
+    assert_eq!(pushed.1.ingress.as_ref().map(|i| i.rules.len()), Some(1));
+    assert_eq!(
+        h.call("POST", &format!("/v1/vms/{id}/pause"), None)
+            .await?
+            .0,
+        StatusCode::OK
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cfg = fastvm_server::proxy::ProxyConfig::new(listener.local_addr()?);
+    let proxy = fastvm_server::proxy::spawn(listener, h.state.clone(), &cfg)?;
+    let host = format!("web--{}.proxy.localhost", id.replace('-', ""));
+    let answers = futures::future::join_all((0..50).map(|_| raw_get(proxy.addr(), &host))).await;
+    for a in answers {
+        let (status, body) = a.map_err(|e| e.to_string())?;
+        assert_eq!((status, body.as_str()), (200, "hi from the guest"));
+    }
+    assert_eq!(
+        h.worker.resumes.load(Ordering::SeqCst),
+        1,
+        "50 requests to a paused VM resume it once"
+    );
+    let (_, vm) = h.call("GET", &format!("/v1/vms/{id}"), None).await?;
+    assert_eq!(vm["status"], "running");
+
+    // A stopped VM (as the control plane learns it): 502 with the reason.
+    h.worker.set(id.parse()?, VmState::Stopped);
+    assert_eq!(
+        h.call("GET", &format!("/v1/vms/{id}"), None).await?.1["status"],
+        "stopped"
+    );
+    let (status, body) = raw_get(proxy.addr(), &host)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("stopped"), "{body}");
     Ok(())
 }

@@ -131,9 +131,13 @@ mod tests {
 
     #[test]
     fn export_wire_forms() -> Result<(), serde_json::Error> {
-        let r: FileExportRequest = serde_json::from_value(json!({"path": "/a", "url": "http://x/u", "timeoutSec": 5}))?;
+        let r: FileExportRequest =
+            serde_json::from_value(json!({"path": "/a", "url": "http://x/u", "timeoutSec": 5}))?;
         assert_eq!(r.validate(), Ok(()));
-        let v = serde_json::to_value(FileExportResponse { kind: FileKind::Directory, size_bytes: 3 })?;
+        let v = serde_json::to_value(FileExportResponse {
+            kind: FileKind::Directory,
+            size_bytes: 3,
+        })?;
         assert_eq!(v, json!({"kind": "directory", "sizeBytes": 3}));
         Ok(())
     }

@@ -25,6 +25,11 @@ pub struct Service {
     /// When true the proxy speaks HTTP/2 cleartext to the backend (gRPC);
     /// otherwise HTTP/1.1.
     pub h2c: bool,
+    /// Extension of this server: the service's full URL through the proxy,
+    /// `http://<name>--<vmIdHex>.proxy.<domain>:<port>/`. Absent when the
+    /// server runs no proxy (and never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// Body of `POST /v1/vms/{id}/services`.
@@ -48,6 +53,7 @@ impl RegisterServiceRequest {
             name: self.name.clone(),
             port: validate_service_port(self.port)?,
             h2c: self.h2c,
+            url: None,
         })
     }
 }
@@ -71,6 +77,7 @@ impl UpdateServiceRequest {
             name: name.to_string(),
             port: validate_service_port(self.port)?,
             h2c: self.h2c,
+            url: None,
         })
     }
 }
@@ -181,7 +188,8 @@ mod tests {
             Service {
                 name: "web".into(),
                 port: 8080,
-                h2c: false
+                h2c: false,
+                url: None
             }
         );
         let u: UpdateServiceRequest = serde_json::from_value(json!({"port": 9090, "h2c": true}))?;
@@ -190,7 +198,8 @@ mod tests {
             Service {
                 name: "grpc".into(),
                 port: 9090,
-                h2c: true
+                h2c: true,
+                url: None
             }
         );
         assert!(u.validate("Bad").is_err());
@@ -199,7 +208,8 @@ mod tests {
             serde_json::to_value(Service {
                 name: "web".into(),
                 port: 8080,
-                h2c: false
+                h2c: false,
+                url: None
             })?,
             json!({"name": "web", "port": 8080, "h2c": false})
         );

@@ -30,7 +30,9 @@ impl FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Force(Accel::Kvm)),
             "tcg" => Ok(AccelChoice::Force(Accel::Tcg)),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -60,8 +62,16 @@ pub fn choose(choice: AccelChoice) -> Accel {
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo_has_hw_virt(&cpuinfo);
-    let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    let accel = if hw && kvm_opens { Accel::Kvm } else { Accel::Tcg };
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let accel = if hw && kvm_opens {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     tracing::info!(%accel, cpu_has_vmx_or_svm = hw, dev_kvm_opens = kvm_opens, "accelerator chosen");
     accel
 }
@@ -72,14 +82,21 @@ mod tests {
 
     #[test]
     fn detects_flags() {
-        assert!(cpuinfo_has_hw_virt("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
+        assert!(cpuinfo_has_hw_virt(
+            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
         assert!(cpuinfo_has_hw_virt("flags : svm lm\n"));
-        assert!(!cpuinfo_has_hw_virt("flags : fpu hypervisor\nmodel name: vmx-like\n"));
+        assert!(!cpuinfo_has_hw_virt(
+            "flags : fpu hypervisor\nmodel name: vmx-like\n"
+        ));
     }
 
     #[test]
     fn parses_choice() {
-        assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Force(Accel::Tcg)));
+        assert_eq!(
+            "tcg".parse::<AccelChoice>(),
+            Ok(AccelChoice::Force(Accel::Tcg))
+        );
         assert_eq!("auto".parse::<AccelChoice>(), Ok(AccelChoice::Auto));
         assert!("xen".parse::<AccelChoice>().is_err());
     }

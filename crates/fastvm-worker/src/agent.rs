@@ -19,7 +19,8 @@ use crate::exec::ExecEvent;
 use bytes::Bytes;
 pub use fastvm_agent_proto::PtySpec;
 use fastvm_agent_proto::{
-    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
+    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -73,7 +74,11 @@ struct StdinCredit {
 
 impl StdinCredit {
     fn new() -> Self {
-        StdinCredit { avail: Mutex::new(STREAM_WINDOW), notify: Notify::new(), closed: Default::default() }
+        StdinCredit {
+            avail: Mutex::new(STREAM_WINDOW),
+            notify: Notify::new(),
+            closed: Default::default(),
+        }
     }
 
     fn give(&self, n: u32) {
@@ -140,7 +145,12 @@ impl AgentClient {
                     tracing::trace!(error = %e, "agent socket not ready");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(e) => return Err(Error::AgentUnavailable(format!("connect {}: {e}", path.display()))),
+                Err(e) => {
+                    return Err(Error::AgentUnavailable(format!(
+                        "connect {}: {e}",
+                        path.display()
+                    )))
+                }
             }
         };
         let (read, write) = stream.into_split();
@@ -148,23 +158,43 @@ impl AgentClient {
         let mut writer = FramedWrite::new(write, FrameCodec::new());
         let nonce: u64 = rand::random();
         let info = loop {
-            let hello = [Frame::Sync { nonce }, Frame::Control { stream: 0, msg: Control::Hello { version: PROTOCOL_VERSION, nonce } }];
+            let hello = [
+                Frame::Sync { nonce },
+                Frame::Control {
+                    stream: 0,
+                    msg: Control::Hello {
+                        version: PROTOCOL_VERSION,
+                        nonce,
+                    },
+                },
+            ];
             for f in hello {
-                writer.feed(f).await.map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
+                writer
+                    .feed(f)
+                    .await
+                    .map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
             }
-            writer.flush().await.map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
+            writer
+                .flush()
+                .await
+                .map_err(|e| Error::AgentUnavailable(format!("send hello: {e}")))?;
             let attempt_end = (Instant::now() + Duration::from_millis(250)).min(deadline);
             if let Some(info) = wait_hello_ack(&mut reader, nonce, attempt_end).await? {
                 break info;
             }
             if Instant::now() >= deadline {
-                return Err(Error::AgentUnavailable(format!("no answer from the agent within {timeout:?}")));
+                return Err(Error::AgentUnavailable(format!(
+                    "no answer from the agent within {timeout:?}"
+                )));
             }
         };
         // An older agent (e.g. in a VM restored from an old snapshot) is still
         // driven for what its version knows; see `exec` for PTYs.
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&info.version) {
-            return Err(Error::Protocol(format!("agent speaks protocol v{}, host v{MIN_PROTOCOL_VERSION}..v{PROTOCOL_VERSION}", info.version)));
+            return Err(Error::Protocol(format!(
+                "agent speaks protocol v{}, host v{MIN_PROTOCOL_VERSION}..v{PROTOCOL_VERSION}",
+                info.version
+            )));
         }
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(256);
         tokio::spawn(async move {
@@ -195,13 +225,27 @@ impl AgentClient {
         self.inner.closed.borrow().clone()
     }
 
-    fn open_stream(&self, stdin: Option<Arc<StdinCredit>>) -> Result<(u32, mpsc::UnboundedReceiver<Incoming>)> {
+    fn open_stream(
+        &self,
+        stdin: Option<Arc<StdinCredit>>,
+    ) -> Result<(u32, mpsc::UnboundedReceiver<Incoming>)> {
         if let Some(reason) = self.closed_reason() {
             return Err(Error::AgentUnavailable(reason));
         }
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.inner.routes.lock().map_err(|_| Error::Protocol("poisoned".into()))?.insert(id, Route { tx, unacked: [0, 0], stdin });
+        self.inner
+            .routes
+            .lock()
+            .map_err(|_| Error::Protocol("poisoned".into()))?
+            .insert(
+                id,
+                Route {
+                    tx,
+                    unacked: [0, 0],
+                    stdin,
+                },
+            );
         Ok((id, rx))
     }
 
@@ -212,7 +256,11 @@ impl AgentClient {
     }
 
     async fn send(&self, frame: Frame) -> Result<()> {
-        self.inner.out.send(frame).await.map_err(|_| Error::AgentUnavailable("connection closed".into()))
+        self.inner
+            .out
+            .send(frame)
+            .await
+            .map_err(|_| Error::AgentUnavailable("connection closed".into()))
     }
 
     /// Send a one-shot request and wait for its Ok/Error answer.
@@ -221,10 +269,14 @@ impl AgentClient {
         let result = async {
             self.send(Frame::Control { stream: id, msg }).await?;
             match tokio::time::timeout(timeout, rx.recv()).await {
-                Err(_) => Err(Error::AgentUnavailable(format!("no answer within {timeout:?}"))),
+                Err(_) => Err(Error::AgentUnavailable(format!(
+                    "no answer within {timeout:?}"
+                ))),
                 Ok(None) => Err(Error::AgentUnavailable("connection closed".into())),
                 Ok(Some(Incoming::Control(Control::Ok))) => Ok(()),
-                Ok(Some(Incoming::Control(Control::Error { message }))) => Err(Error::Protocol(format!("agent refused: {message}"))),
+                Ok(Some(Incoming::Control(Control::Error { message }))) => {
+                    Err(Error::Protocol(format!("agent refused: {message}")))
+                }
                 Ok(Some(Incoming::Closed(reason))) => Err(Error::AgentUnavailable(reason)),
                 Ok(Some(_)) => Err(Error::Protocol("unexpected answer".into())),
             }
@@ -239,7 +291,8 @@ impl AgentClient {
     }
 
     pub async fn configure(&self, cfg: GuestConfig) -> Result<()> {
-        self.request(Control::Configure(cfg), Duration::from_secs(30)).await
+        self.request(Control::Configure(cfg), Duration::from_secs(30))
+            .await
     }
 
     /// Send a configuration without waiting for the guest to apply it. The
@@ -251,7 +304,9 @@ impl AgentClient {
             match client.configure(cfg).await {
                 Ok(()) => {}
                 // The VM went away (deleted right after launch): nothing to configure.
-                Err(Error::AgentUnavailable(e)) => tracing::debug!(%vm, error = %e, "guest configuration not delivered"),
+                Err(Error::AgentUnavailable(e)) => {
+                    tracing::debug!(%vm, error = %e, "guest configuration not delivered")
+                }
                 Err(e) => tracing::warn!(%vm, error = %e, "guest configuration failed"),
             }
         });
@@ -259,7 +314,10 @@ impl AgentClient {
 
     /// Ask the guest to power off; its answer may be lost as it goes down.
     pub async fn shutdown(&self) -> Result<()> {
-        match self.request(Control::Shutdown { reboot: false }, Duration::from_secs(5)).await {
+        match self
+            .request(Control::Shutdown { reboot: false }, Duration::from_secs(5))
+            .await
+        {
             Ok(()) | Err(Error::AgentUnavailable(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -279,13 +337,21 @@ impl AgentClient {
         let stream = ExecStream {
             id,
             rx,
-            stdin: credit.map(|credit| StdinWriter { id, client: self.clone(), credit }),
+            stdin: credit.map(|credit| StdinWriter {
+                id,
+                client: self.clone(),
+                credit,
+            }),
             client: self.clone(),
             finished: false,
             // The agent enforces the timeout; this guard only covers a guest that stops answering.
             deadline: timeout.map(|t| Instant::now() + t + Duration::from_secs(30)),
         };
-        self.send(Frame::Control { stream: id, msg: Control::Exec(spec) }).await?;
+        self.send(Frame::Control {
+            stream: id,
+            msg: Control::Exec(spec),
+        })
+        .await?;
         Ok(stream)
     }
 }
@@ -299,10 +365,27 @@ async fn wait_hello_ack(
         let left = until.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, reader.next()).await {
             Err(_) => return Ok(None),
-            Ok(None) => return Err(Error::AgentUnavailable("agent socket closed during handshake".into())),
+            Ok(None) => {
+                return Err(Error::AgentUnavailable(
+                    "agent socket closed during handshake".into(),
+                ))
+            }
             Ok(Some(Err(e))) => return Err(Error::AgentUnavailable(format!("read: {e}"))),
-            Ok(Some(Ok(Frame::Control { stream: 0, msg: Control::HelloAck { version, nonce: n, agent_version, boot_id } }))) if n == nonce => {
-                return Ok(Some(AgentInfo { version, agent_version, boot_id }));
+            Ok(Some(Ok(Frame::Control {
+                stream: 0,
+                msg:
+                    Control::HelloAck {
+                        version,
+                        nonce: n,
+                        agent_version,
+                        boot_id,
+                    },
+            }))) if n == nonce => {
+                return Ok(Some(AgentInfo {
+                    version,
+                    agent_version,
+                    boot_id,
+                }));
             }
             Ok(Some(Ok(_))) => {} // stale frames of an earlier session
         }
@@ -325,18 +408,37 @@ async fn read_loop(
             Frame::Control { stream, msg } => (stream, Incoming::Control(msg)),
             Frame::Data { stream, fd, data } => (stream, Incoming::Data(fd, data)),
             Frame::Eof { stream, .. } => (stream, Incoming::Eof),
-            Frame::Credit { stream, fd: Fd::Stdin, bytes } => {
-                let credit = inner.routes.lock().ok().and_then(|r| r.get(&stream).and_then(|r| r.stdin.clone()));
+            Frame::Credit {
+                stream,
+                fd: Fd::Stdin,
+                bytes,
+            } => {
+                let credit = inner
+                    .routes
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(&stream).and_then(|r| r.stdin.clone()));
                 if let Some(c) = credit {
                     c.give(bytes);
                 }
                 continue;
             }
             Frame::Credit { .. } | Frame::Sync { .. } => continue,
-            Frame::Invalid { stream: Some(stream), reason } => (stream, Incoming::Control(Control::Error { message: reason })),
-            Frame::Invalid { stream: None, reason } => break format!("agent sent invalid data: {reason}"),
+            Frame::Invalid {
+                stream: Some(stream),
+                reason,
+            } => (
+                stream,
+                Incoming::Control(Control::Error { message: reason }),
+            ),
+            Frame::Invalid {
+                stream: None,
+                reason,
+            } => break format!("agent sent invalid data: {reason}"),
         };
-        let Ok(mut routes) = inner.routes.lock() else { break "poisoned".to_owned() };
+        let Ok(mut routes) = inner.routes.lock() else {
+            break "poisoned".to_owned();
+        };
         let mut overrun = false;
         if let Some(route) = routes.get_mut(&stream) {
             if let Incoming::Data(fd, data) = &item {
@@ -347,7 +449,9 @@ async fn read_loop(
             }
             let last = matches!(item, Incoming::Control(Control::Exit(_)));
             if overrun {
-                let _ = route.tx.send(Incoming::Closed("guest exceeded its flow-control window".into()));
+                let _ = route.tx.send(Incoming::Closed(
+                    "guest exceeded its flow-control window".into(),
+                ));
                 routes.remove(&stream);
             } else if route.tx.send(item).is_err() || last {
                 routes.remove(&stream);
@@ -355,7 +459,10 @@ async fn read_loop(
         }
         drop(routes);
         if overrun {
-            let _ = inner.out.try_send(Frame::Control { stream, msg: Control::Cancel });
+            let _ = inner.out.try_send(Frame::Control {
+                stream,
+                msg: Control::Cancel,
+            });
         }
     };
     if let Some(inner) = inner.upgrade() {
@@ -389,7 +496,10 @@ impl ExecStream {
     /// A handle that resizes the process's terminal or signals it while
     /// another task reads the events.
     pub fn control(&self) -> StreamControl {
-        StreamControl { id: self.id, client: self.client.clone() }
+        StreamControl {
+            id: self.id,
+            client: self.client.clone(),
+        }
     }
 
     /// The next event; `None` after the exit event.
@@ -404,14 +514,18 @@ impl ExecStream {
                     Err(_) => {
                         self.finished = true;
                         self.cancel();
-                        return Some(Err(Error::AgentUnavailable("the guest stopped answering for this exec".into())));
+                        return Some(Err(Error::AgentUnavailable(
+                            "the guest stopped answering for this exec".into(),
+                        )));
                     }
                 },
                 None => self.rx.recv().await,
             };
             let Some(item) = item else {
                 self.finished = true;
-                return Some(Err(Error::AgentUnavailable("agent connection closed".into())));
+                return Some(Err(Error::AgentUnavailable(
+                    "agent connection closed".into(),
+                )));
             };
             match item {
                 Incoming::Data(fd, data) => {
@@ -452,12 +566,22 @@ impl ExecStream {
                 }
             }
         }
-        let _ = self.client.send(Frame::Credit { stream: self.id, fd, bytes: n }).await;
+        let _ = self
+            .client
+            .send(Frame::Credit {
+                stream: self.id,
+                fd,
+                bytes: n,
+            })
+            .await;
     }
 
     fn cancel(&self) {
         self.client.close_stream(self.id);
-        let _ = self.client.inner.out.try_send(Frame::Control { stream: self.id, msg: Control::Cancel });
+        let _ = self.client.inner.out.try_send(Frame::Control {
+            stream: self.id,
+            msg: Control::Cancel,
+        });
     }
 }
 
@@ -480,15 +604,32 @@ impl StreamControl {
     /// New window size of the stream's terminal (no answer; a stream without
     /// a terminal ignores it).
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<()> {
-        if cols == 0 || rows == 0 || cols > crate::exec::MAX_PTY_DIMENSION || rows > crate::exec::MAX_PTY_DIMENSION {
-            return Err(Error::InvalidExec(format!("terminal size {cols}x{rows} is out of range 1..={}", crate::exec::MAX_PTY_DIMENSION)));
+        if cols == 0
+            || rows == 0
+            || cols > crate::exec::MAX_PTY_DIMENSION
+            || rows > crate::exec::MAX_PTY_DIMENSION
+        {
+            return Err(Error::InvalidExec(format!(
+                "terminal size {cols}x{rows} is out of range 1..={}",
+                crate::exec::MAX_PTY_DIMENSION
+            )));
         }
-        self.client.send(Frame::Control { stream: self.id, msg: Control::Resize { cols, rows } }).await
+        self.client
+            .send(Frame::Control {
+                stream: self.id,
+                msg: Control::Resize { cols, rows },
+            })
+            .await
     }
 
     /// Send `signal` to the process group of the stream.
     pub async fn signal(&self, signal: i32) -> Result<()> {
-        self.client.send(Frame::Control { stream: self.id, msg: Control::Signal { signal } }).await
+        self.client
+            .send(Frame::Control {
+                stream: self.id,
+                msg: Control::Signal { signal },
+            })
+            .await
     }
 }
 
@@ -508,22 +649,40 @@ impl StdinWriter {
     pub async fn write(&mut self, mut data: Bytes) -> Result<()> {
         while !data.is_empty() {
             let Some(n) = self.credit.take(data.len().min(DATA_CHUNK)).await else {
-                return Err(Error::AgentUnavailable("the process no longer reads its stdin (it exited or was cancelled)".into()));
+                return Err(Error::AgentUnavailable(
+                    "the process no longer reads its stdin (it exited or was cancelled)".into(),
+                ));
             };
             let chunk = data.split_to(n);
-            self.client.send(Frame::Data { stream: self.id, fd: Fd::Stdin, data: chunk }).await?;
+            self.client
+                .send(Frame::Data {
+                    stream: self.id,
+                    fd: Fd::Stdin,
+                    data: chunk,
+                })
+                .await?;
         }
         Ok(())
     }
 
     /// Close the process's stdin (it reads EOF after the bytes sent so far).
     pub async fn finish(self) -> Result<()> {
-        self.client.send(Frame::Eof { stream: self.id, fd: Fd::Stdin }).await
+        self.client
+            .send(Frame::Eof {
+                stream: self.id,
+                fd: Fd::Stdin,
+            })
+            .await
     }
 
     /// Kill the process (e.g. its input failed midway: a truncated file must
     /// not look like a complete one). Its exit still comes from the stream.
     pub async fn abort(self) -> Result<()> {
-        self.client.send(Frame::Control { stream: self.id, msg: Control::Cancel }).await
+        self.client
+            .send(Frame::Control {
+                stream: self.id,
+                msg: Control::Cancel,
+            })
+            .await
     }
 }

@@ -15,15 +15,39 @@ pub struct MachineType {
 }
 
 pub const CATALOG: [MachineType; 4] = [
-    MachineType { name: "c1m2", vcpus: 1, memory_mib: 2048, disk_gib: DEFAULT_DISK_GIB },
-    MachineType { name: "c2m4", vcpus: 2, memory_mib: 4096, disk_gib: DEFAULT_DISK_GIB },
-    MachineType { name: "c4m8", vcpus: 4, memory_mib: 8192, disk_gib: DEFAULT_DISK_GIB },
-    MachineType { name: "c8m16", vcpus: 8, memory_mib: 16384, disk_gib: DEFAULT_DISK_GIB },
+    MachineType {
+        name: "c1m2",
+        vcpus: 1,
+        memory_mib: 2048,
+        disk_gib: DEFAULT_DISK_GIB,
+    },
+    MachineType {
+        name: "c2m4",
+        vcpus: 2,
+        memory_mib: 4096,
+        disk_gib: DEFAULT_DISK_GIB,
+    },
+    MachineType {
+        name: "c4m8",
+        vcpus: 4,
+        memory_mib: 8192,
+        disk_gib: DEFAULT_DISK_GIB,
+    },
+    MachineType {
+        name: "c8m16",
+        vcpus: 8,
+        memory_mib: 16384,
+        disk_gib: DEFAULT_DISK_GIB,
+    },
 ];
 
 impl MachineType {
     pub fn lookup(name: &str) -> Result<MachineType> {
-        CATALOG.iter().find(|m| m.name == name).copied().ok_or_else(|| Error::UnknownMachineType(name.to_owned()))
+        CATALOG
+            .iter()
+            .find(|m| m.name == name)
+            .copied()
+            .ok_or_else(|| Error::UnknownMachineType(name.to_owned()))
     }
 }
 

@@ -38,11 +38,24 @@ pub struct ConsoleFollower {
 impl ConsoleFollower {
     /// Follow `path`, starting `tail` bytes before its current end.
     pub async fn open(path: &Path, tail: u64) -> Result<ConsoleFollower> {
-        let mut file = tokio::fs::File::open(path).await.ctx(|| format!("open the console log {}", path.display()))?;
-        let meta = file.metadata().await.ctx(|| format!("stat {}", path.display()))?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .ctx(|| format!("open the console log {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .await
+            .ctx(|| format!("stat {}", path.display()))?;
         let pos = meta.len().saturating_sub(tail);
-        file.seek(std::io::SeekFrom::Start(pos)).await.ctx(|| format!("seek in {}", path.display()))?;
-        Ok(ConsoleFollower { path: path.to_owned(), file, inode: meta.ino(), pos, buf: vec![0; FOLLOW_CHUNK] })
+        file.seek(std::io::SeekFrom::Start(pos))
+            .await
+            .ctx(|| format!("seek in {}", path.display()))?;
+        Ok(ConsoleFollower {
+            path: path.to_owned(),
+            file,
+            inode: meta.ino(),
+            pos,
+            buf: vec![0; FOLLOW_CHUNK],
+        })
     }
 
     /// The next bytes the guest wrote, waiting for them; `None` once the log
@@ -85,13 +98,20 @@ mod tests {
     use std::io::Write;
 
     #[tokio::test]
-    async fn tails_follows_and_ends_with_the_file() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    async fn tails_follows_and_ends_with_the_file(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("console.log");
         std::fs::write(&path, b"old line\nnew line\n")?;
         let mut f = ConsoleFollower::open(&path, 9).await?;
-        assert_eq!(f.next().await.transpose()?.as_deref(), Some(&b"new line\n"[..]));
-        std::fs::OpenOptions::new().append(true).open(&path)?.write_all(b"more")?;
+        assert_eq!(
+            f.next().await.transpose()?.as_deref(),
+            Some(&b"new line\n"[..])
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)?
+            .write_all(b"more")?;
         assert_eq!(f.next().await.transpose()?.as_deref(), Some(&b"more"[..]));
         // Truncated (a new QEMU process): from the start again.
         std::fs::write(&path, b"re")?;

@@ -11,7 +11,12 @@ pub enum Error {
     #[error("no snapshot with id {0}")]
     NoSuchSnapshot(String),
     #[error("VM {id} is {state}, {action} needs it {need}")]
-    WrongState { id: String, state: String, action: &'static str, need: &'static str },
+    WrongState {
+        id: String,
+        state: String,
+        action: &'static str,
+        need: &'static str,
+    },
     #[error("the VM's agent is not reachable: {0}")]
     AgentUnavailable(String),
     #[error("guest agent protocol violation: {0}")]
@@ -27,7 +32,10 @@ pub enum Error {
     #[error("the agent binary was not found (looked in {looked:?}); build it with `cargo build --release -p fastvm-agent --target x86_64-unknown-linux-musl` or set FASTVM_AGENT_BIN")]
     AgentBinaryMissing { looked: Vec<PathBuf> },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("VM networking failed: {0}")]
     Network(String),
     #[error("invalid firewall policy: {0}")]
@@ -45,6 +53,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io { context: context(), source })
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
     }
 }

@@ -33,7 +33,10 @@ pub struct ExecRequest {
 impl ExecRequest {
     /// Run `argv` as is.
     pub fn argv<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
-        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
 
     /// Run a shell string as `sh -c <cmd>`.
@@ -54,7 +57,15 @@ impl ExecRequest {
 
     /// The guest's login shell on a terminal of `term` and `cols` x `rows`.
     pub fn login_shell(term: &str, cols: u16, rows: u16) -> Self {
-        ExecRequest { stdin: true, pty: Some(PtySpec { term: term.to_owned(), cols, rows }), ..Default::default() }
+        ExecRequest {
+            stdin: true,
+            pty: Some(PtySpec {
+                term: term.to_owned(),
+                cols,
+                rows,
+            }),
+            ..Default::default()
+        }
     }
 
     /// Check what the guest could not run, and build the wire spec.
@@ -64,24 +75,36 @@ impl ExecRequest {
         }
         let login_shell = self.pty.is_some() && self.argv.is_empty();
         if !login_shell && self.argv.first().is_none_or(|a| a.is_empty()) {
-            return Err(Error::InvalidExec("command must be a non-empty argv whose first element names a program".into()));
+            return Err(Error::InvalidExec(
+                "command must be a non-empty argv whose first element names a program".into(),
+            ));
         }
         if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
-            return Err(Error::InvalidExec(format!("command[{i}] contains a NUL byte")));
+            return Err(Error::InvalidExec(format!(
+                "command[{i}] contains a NUL byte"
+            )));
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Error::InvalidExec(format!("env var {k:?} is not a valid NAME=value pair")));
+                return Err(Error::InvalidExec(format!(
+                    "env var {k:?} is not a valid NAME=value pair"
+                )));
             }
         }
-        if self.cwd.as_deref().is_some_and(|c| c.contains('\0') || !c.starts_with('/')) {
+        if self
+            .cwd
+            .as_deref()
+            .is_some_and(|c| c.contains('\0') || !c.starts_with('/'))
+        {
             return Err(Error::InvalidExec("cwd must be an absolute path".into()));
         }
         Ok(ExecSpec {
             argv: self.argv.clone(),
             env: self.env.clone(),
             cwd: self.cwd.clone(),
-            timeout_ms: self.timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
+            timeout_ms: self
+                .timeout
+                .map(|t| t.as_millis().min(u64::MAX as u128) as u64),
             stdin: self.stdin || self.pty.is_some(),
             pty: self.pty.clone(),
         })
@@ -92,12 +115,20 @@ impl ExecRequest {
 pub fn check_pty(p: &PtySpec) -> Result<()> {
     for (what, v) in [("cols", p.cols), ("rows", p.rows)] {
         if v == 0 || v > MAX_PTY_DIMENSION {
-            return Err(Error::InvalidExec(format!("terminal {what} must be between 1 and {MAX_PTY_DIMENSION}, got {v}")));
+            return Err(Error::InvalidExec(format!(
+                "terminal {what} must be between 1 and {MAX_PTY_DIMENSION}, got {v}"
+            )));
         }
     }
-    let term_ok = !p.term.is_empty() && p.term.len() <= MAX_TERM_LEN && p.term.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    let term_ok = !p.term.is_empty()
+        && p.term.len() <= MAX_TERM_LEN
+        && p.term
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
     if !term_ok {
-        return Err(Error::InvalidExec(format!("TERM must be 1 to {MAX_TERM_LEN} characters of [A-Za-z0-9._+-], e.g. xterm-256color")));
+        return Err(Error::InvalidExec(format!(
+            "TERM must be 1 to {MAX_TERM_LEN} characters of [A-Za-z0-9._+-], e.g. xterm-256color"
+        )));
     }
     Ok(())
 }
@@ -139,8 +170,12 @@ pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
     let mut out = ExecOutput::default();
     while let Some(ev) = stream.next().await {
         match ev? {
-            ExecEvent::Stdout(d) => append_capped(&mut out.stdout, &d, cap, &mut out.stdout_truncated),
-            ExecEvent::Stderr(d) => append_capped(&mut out.stderr, &d, cap, &mut out.stderr_truncated),
+            ExecEvent::Stdout(d) => {
+                append_capped(&mut out.stdout, &d, cap, &mut out.stdout_truncated)
+            }
+            ExecEvent::Stderr(d) => {
+                append_capped(&mut out.stderr, &d, cap, &mut out.stderr_truncated)
+            }
             ExecEvent::Exit(s) => {
                 out.exit_code = s.code;
                 out.timed_out = s.timed_out;
@@ -150,7 +185,9 @@ pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
             }
         }
     }
-    Err(Error::AgentUnavailable("exec stream ended without an exit status".into()))
+    Err(Error::AgentUnavailable(
+        "exec stream ended without an exit status".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -159,7 +196,10 @@ mod tests {
 
     #[test]
     fn shell_wraps() {
-        assert_eq!(ExecRequest::shell("ls -la").argv, vec!["sh", "-c", "ls -la"]);
+        assert_eq!(
+            ExecRequest::shell("ls -la").argv,
+            vec!["sh", "-c", "ls -la"]
+        );
     }
 
     #[test]
@@ -173,18 +213,34 @@ mod tests {
         let mut r = ExecRequest::argv(["true"]);
         r.env.insert("A=B".into(), "x".into());
         assert!(r.to_spec().is_err());
-        assert!(ExecRequest::argv(["true"]).with_timeout(Duration::from_secs(2)).to_spec().is_ok_and(|s| s.timeout_ms == Some(2000)));
+        assert!(ExecRequest::argv(["true"])
+            .with_timeout(Duration::from_secs(2))
+            .to_spec()
+            .is_ok_and(|s| s.timeout_ms == Some(2000)));
     }
 
     #[test]
     fn pty_requests() {
         let shell = ExecRequest::login_shell("xterm-256color", 80, 24).to_spec();
-        assert!(shell.as_ref().is_ok_and(|s| s.argv.is_empty() && s.stdin && s.pty.as_ref().is_some_and(|p| (p.cols, p.rows) == (80, 24))), "{shell:?}");
+        assert!(
+            shell.as_ref().is_ok_and(|s| s.argv.is_empty()
+                && s.stdin
+                && s.pty.as_ref().is_some_and(|p| (p.cols, p.rows) == (80, 24))),
+            "{shell:?}"
+        );
         assert!(ExecRequest::login_shell("xterm", 0, 24).to_spec().is_err());
-        assert!(ExecRequest::login_shell("xterm", 80, MAX_PTY_DIMENSION + 1).to_spec().is_err());
+        assert!(ExecRequest::login_shell("xterm", 80, MAX_PTY_DIMENSION + 1)
+            .to_spec()
+            .is_err());
         assert!(ExecRequest::login_shell("", 80, 24).to_spec().is_err());
-        assert!(ExecRequest::login_shell("xterm\n", 80, 24).to_spec().is_err());
-        assert!(ExecRequest::login_shell(&"x".repeat(MAX_TERM_LEN + 1), 80, 24).to_spec().is_err());
+        assert!(ExecRequest::login_shell("xterm\n", 80, 24)
+            .to_spec()
+            .is_err());
+        assert!(
+            ExecRequest::login_shell(&"x".repeat(MAX_TERM_LEN + 1), 80, 24)
+                .to_spec()
+                .is_err()
+        );
         let mut top = ExecRequest::login_shell("screen.xterm-256color", 80, 24);
         top.argv = vec!["top".into()];
         assert!(top.to_spec().is_ok());

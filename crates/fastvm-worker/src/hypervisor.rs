@@ -57,7 +57,14 @@ pub struct RamFile {
 }
 
 impl LaunchSpec {
-    pub fn new(id: &str, machine: MachineType, disk_gib: u32, accel: Accel, image: &crate::images::GuestImage, disk: PathBuf) -> Self {
+    pub fn new(
+        id: &str,
+        machine: MachineType,
+        disk_gib: u32,
+        accel: Accel,
+        image: &crate::images::GuestImage,
+        disk: PathBuf,
+    ) -> Self {
         LaunchSpec {
             id: id.to_owned(),
             machine: machine.name.to_owned(),
@@ -83,7 +90,9 @@ pub struct VmPaths {
 
 impl VmPaths {
     pub fn new(dir: impl AsRef<Path>) -> Self {
-        VmPaths { dir: dir.as_ref().to_path_buf() }
+        VmPaths {
+            dir: dir.as_ref().to_path_buf(),
+        }
     }
     pub fn spec(&self) -> PathBuf {
         self.dir.join("spec.json")
@@ -113,9 +122,15 @@ pub trait Hypervisor: Send + Sync {
     /// outlive the caller. With `incoming`, the VM's state is loaded from
     /// that memory file (written by [`VmProcess::snapshot`] of a VM with the
     /// same machine shape) and the VM is left paused.
-    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Result<Box<dyn VmProcess>>;
+    async fn start(
+        &self,
+        spec: &LaunchSpec,
+        paths: &VmPaths,
+        incoming: Option<&Path>,
+    ) -> Result<Box<dyn VmProcess>>;
     /// Find the process of a VM started earlier; `None` when it is gone.
-    async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Option<Box<dyn VmProcess>>>;
+    async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths)
+        -> Result<Option<Box<dyn VmProcess>>>;
 }
 
 /// A running VM process.

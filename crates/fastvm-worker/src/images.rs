@@ -33,12 +33,28 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const ROOTFS_RECIPE_VERSION: u32 = 1;
 pub const DEBIAN_SUITE: &str = "bookworm";
 pub const ROOTFS_PACKAGES: &[&str] = &[
-    "bash", "coreutils", "tar", "gzip", "curl", "ca-certificates", "python3", "iproute2", "procps", "e2fsprogs",
-    "iputils-ping", "netbase",
+    "bash",
+    "coreutils",
+    "tar",
+    "gzip",
+    "curl",
+    "ca-certificates",
+    "python3",
+    "iproute2",
+    "procps",
+    "e2fsprogs",
+    "iputils-ping",
+    "netbase",
 ];
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// Modules the agent loads; their dependencies are added automatically.
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio-rng"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "virtio-rng",
+];
 
 /// One progress line of a build ("[rootfs] ...").
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
@@ -78,7 +94,9 @@ fn sha256_file(path: &Path) -> Result<String> {
 async fn run(progress: &Progress, tag: &str, cmd: &mut tokio::process::Command) -> Result<String> {
     let shown = format!("{:?}", cmd.as_std());
     progress(&format!("[{tag}] running {shown}"));
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().ctx(|| format!("start {shown}"))?;
     let stderr = child.stderr.take();
     let tag2 = tag.to_owned();
@@ -97,10 +115,16 @@ async fn run(progress: &Progress, tag: &str, cmd: &mut tokio::process::Command) 
         }
         tail.join("\n")
     });
-    let out = child.wait_with_output().await.ctx(|| format!("wait {shown}"))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .ctx(|| format!("wait {shown}"))?;
     let tail = err_task.await.unwrap_or_default();
     if !out.status.success() {
-        return Err(Error::ImageBuild(format!("{shown} failed ({}): {tail}", out.status)));
+        return Err(Error::ImageBuild(format!(
+            "{shown} failed ({}): {tail}",
+            out.status
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -108,13 +132,22 @@ async fn run(progress: &Progress, tag: &str, cmd: &mut tokio::process::Command) 
 /// `depends=` of a kernel module, from its `.modinfo` ELF section.
 pub fn module_depends(ko: &[u8]) -> Result<Vec<String>> {
     use object::{Object, ObjectSection};
-    let file = object::File::parse(ko).map_err(|e| Error::ImageBuild(format!("bad module ELF: {e}")))?;
-    let section = file.section_by_name(".modinfo").ok_or_else(|| Error::ImageBuild("module without .modinfo".into()))?;
-    let data = section.data().map_err(|e| Error::ImageBuild(format!("bad .modinfo: {e}")))?;
+    let file =
+        object::File::parse(ko).map_err(|e| Error::ImageBuild(format!("bad module ELF: {e}")))?;
+    let section = file
+        .section_by_name(".modinfo")
+        .ok_or_else(|| Error::ImageBuild("module without .modinfo".into()))?;
+    let data = section
+        .data()
+        .map_err(|e| Error::ImageBuild(format!("bad .modinfo: {e}")))?;
     for entry in data.split(|b| *b == 0) {
         if let Some(deps) = entry.strip_prefix(b"depends=") {
             let deps = String::from_utf8_lossy(deps);
-            return Ok(deps.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect());
+            return Ok(deps
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned)
+                .collect());
         }
     }
     Ok(Vec::new())
@@ -128,14 +161,24 @@ fn module_key(name: &str) -> String {
 /// Order `wanted` and their dependencies so that every module comes after
 /// what it depends on. `index` maps module key -> path of its `.ko`.
 pub fn resolve_modules(index: &BTreeMap<String, PathBuf>, wanted: &[&str]) -> Result<Vec<PathBuf>> {
-    fn visit(key: &str, index: &BTreeMap<String, PathBuf>, seen: &mut BTreeSet<String>, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+    fn visit(
+        key: &str,
+        index: &BTreeMap<String, PathBuf>,
+        seen: &mut BTreeSet<String>,
+        out: &mut Vec<PathBuf>,
+        depth: usize,
+    ) -> Result<()> {
         if depth > 32 {
-            return Err(Error::ImageBuild(format!("module dependency loop at {key}")));
+            return Err(Error::ImageBuild(format!(
+                "module dependency loop at {key}"
+            )));
         }
         if seen.contains(key) {
             return Ok(());
         }
-        let path = index.get(key).ok_or_else(|| Error::ImageBuild(format!("kernel module {key} not found")))?;
+        let path = index
+            .get(key)
+            .ok_or_else(|| Error::ImageBuild(format!("kernel module {key} not found")))?;
         let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
         for dep in module_depends(&data)? {
             visit(&module_key(&dep), index, seen, out, depth + 1)?;
@@ -160,13 +203,30 @@ pub struct Cpio {
 
 impl Default for Cpio {
     fn default() -> Self {
-        Cpio { buf: Vec::new(), ino: 1 }
+        Cpio {
+            buf: Vec::new(),
+            ino: 1,
+        }
     }
 }
 
 impl Cpio {
     fn header(&mut self, name: &str, mode: u32, size: usize, rdev: (u32, u32)) {
-        let fields = [self.ino, mode, 0, 0, 1, 0, size as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            size as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
         self.ino += 1;
         self.buf.extend_from_slice(b"070701");
         for f in fields {
@@ -206,9 +266,15 @@ impl ImageStore {
     pub fn new(root: &Path, mirror: &str, agent_binary: PathBuf) -> Result<ImageStore> {
         let root = root.to_path_buf();
         for d in ["blobs", "refs", "work"] {
-            std::fs::create_dir_all(root.join(d)).ctx(|| format!("create {}", root.join(d).display()))?;
+            std::fs::create_dir_all(root.join(d))
+                .ctx(|| format!("create {}", root.join(d).display()))?;
         }
-        Ok(ImageStore { root, mirror: mirror.to_owned(), agent_binary, building: tokio::sync::Mutex::new(()) })
+        Ok(ImageStore {
+            root,
+            mirror: mirror.to_owned(),
+            agent_binary,
+            building: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn blob(&self, hash: &str) -> PathBuf {
@@ -237,7 +303,10 @@ impl ImageStore {
     }
 
     fn work_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.root.join("work").join(format!("{name}-{}", std::process::id()));
+        let dir = self
+            .root
+            .join("work")
+            .join(format!("{name}-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).ctx(|| format!("clean {}", dir.display()))?;
         }
@@ -253,7 +322,6 @@ impl ImageStore {
             .map_err(|e| Error::ImageBuild(format!("lock task failed: {e}")))?
     }
 
-
     /// The default guest image, built on first use.
     pub async fn ensure_default(&self, progress: &Progress) -> Result<GuestImage> {
         let _guard = self.building.lock().await;
@@ -261,18 +329,43 @@ impl ImageStore {
         let (kernel, modules) = self.ensure_kernel(progress).await?;
         let rootfs = self.ensure_rootfs(progress).await?;
         let initrd = self.ensure_initrd(&modules, progress)?;
-        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let id = sha256_hex(format!("{}:{}:{}", name(&kernel), name(&initrd), name(&rootfs)).as_bytes())[..16].to_owned();
-        Ok(GuestImage { kernel, initrd, rootfs, id })
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let id =
+            sha256_hex(format!("{}:{}:{}", name(&kernel), name(&initrd), name(&rootfs)).as_bytes())
+                [..16]
+                .to_owned();
+        Ok(GuestImage {
+            kernel,
+            initrd,
+            rootfs,
+            id,
+        })
     }
 
     /// (vmlinuz, directory of the selected modules with `modules.order`).
     async fn ensure_kernel(&self, progress: &Progress) -> Result<(PathBuf, PathBuf)> {
-        let deps = run(progress, "kernel", tokio::process::Command::new("apt-cache").args(["depends", KERNEL_METAPACKAGE])).await?;
+        let deps = run(
+            progress,
+            "kernel",
+            tokio::process::Command::new("apt-cache").args(["depends", KERNEL_METAPACKAGE]),
+        )
+        .await?;
         let package = deps
             .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")))
-            .ok_or_else(|| Error::ImageBuild(format!("cannot resolve {KERNEL_METAPACKAGE}; run `apt-get update`")))?
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Depends: ")
+                    .filter(|p| p.starts_with("linux-image-"))
+            })
+            .ok_or_else(|| {
+                Error::ImageBuild(format!(
+                    "cannot resolve {KERNEL_METAPACKAGE}; run `apt-get update`"
+                ))
+            })?
             .to_owned();
         let key = format!("kernel-{package}-v1");
         let mods_key = format!("{key}-modules");
@@ -284,7 +377,15 @@ impl ImageStore {
         }
         progress(&format!("[kernel] fetching {package}"));
         let work = self.work_dir("kernel")?;
-        run(progress, "kernel", tokio::process::Command::new("apt-get").arg("download").arg(&package).current_dir(&work)).await?;
+        run(
+            progress,
+            "kernel",
+            tokio::process::Command::new("apt-get")
+                .arg("download")
+                .arg(&package)
+                .current_dir(&work),
+        )
+        .await?;
         let deb = std::fs::read_dir(&work)
             .ctx(|| "list kernel download".into())?
             .flatten()
@@ -292,13 +393,24 @@ impl ImageStore {
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
             .ok_or_else(|| Error::ImageBuild("apt-get download produced no .deb".into()))?;
         let tree = work.join("x");
-        run(progress, "kernel", tokio::process::Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).await?;
+        run(
+            progress,
+            "kernel",
+            tokio::process::Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&tree),
+        )
+        .await?;
         let boot = tree.join("boot");
         let vmlinuz = std::fs::read_dir(&boot)
             .ctx(|| "list /boot of the kernel package".into())?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .ok_or_else(|| Error::ImageBuild("no vmlinuz in the kernel package".into()))?;
         let mut index = BTreeMap::new();
         index_modules(&tree.join("lib/modules"), &mut index)?;
@@ -309,7 +421,10 @@ impl ImageStore {
         let staged = work.join("modules");
         std::fs::create_dir_all(&staged).ctx(|| "stage modules".into())?;
         for m in &selected {
-            let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = m
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let data = std::fs::read(m).ctx(|| format!("read {}", m.display()))?;
             digest.update(name.as_bytes());
             digest.update(&data);
@@ -317,9 +432,14 @@ impl ImageStore {
             order.push_str(&name);
             order.push('\n');
         }
-        std::fs::write(staged.join("modules.order"), &order).ctx(|| "write modules.order".into())?;
+        std::fs::write(staged.join("modules.order"), &order)
+            .ctx(|| "write modules.order".into())?;
         let marker = work.join("modules.marker");
-        std::fs::write(&marker, format!("{}\n{order}", hex::encode(digest.finalize()))).ctx(|| "write marker".into())?;
+        std::fs::write(
+            &marker,
+            format!("{}\n{order}", hex::encode(digest.finalize())),
+        )
+        .ctx(|| "write marker".into())?;
         let kernel = self.commit(&key, &vmlinuz)?;
         let marker_blob = self.commit(&mods_key, &marker)?;
         let dir = marker_blob.with_extension("d");
@@ -327,13 +447,19 @@ impl ImageStore {
             std::fs::rename(&staged, &dir).ctx(|| "store modules".into())?;
         }
         let _ = std::fs::remove_dir_all(&work);
-        progress(&format!("[kernel] ready: {} + {} modules", kernel.display(), selected.len()));
+        progress(&format!(
+            "[kernel] ready: {} + {} modules",
+            kernel.display(),
+            selected.len()
+        ));
         Ok((kernel, dir))
     }
 
     fn ensure_initrd(&self, modules: &Path, progress: &Progress) -> Result<PathBuf> {
-        let agent = std::fs::read(&self.agent_binary).ctx(|| format!("read agent {}", self.agent_binary.display()))?;
-        let order = std::fs::read_to_string(modules.join("modules.order")).ctx(|| "read modules.order".into())?;
+        let agent = std::fs::read(&self.agent_binary)
+            .ctx(|| format!("read agent {}", self.agent_binary.display()))?;
+        let order = std::fs::read_to_string(modules.join("modules.order"))
+            .ctx(|| "read modules.order".into())?;
         let mut cpio = Cpio::default();
         cpio.dir("dev");
         cpio.char_dev("dev/console", 5, 1);
@@ -350,19 +476,31 @@ impl ImageStore {
             return Ok(p);
         }
         let tmp = self.work_dir("initrd")?.join("initrd.cpio");
-        std::fs::File::create(&tmp).and_then(|mut f| f.write_all(&bytes)).ctx(|| "write initrd".into())?;
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes))
+            .ctx(|| "write initrd".into())?;
         let path = self.commit(&key, &tmp)?;
-        progress(&format!("[initrd] ready: {} ({} KiB)", path.display(), bytes.len() / 1024));
+        progress(&format!(
+            "[initrd] ready: {} ({} KiB)",
+            path.display(),
+            bytes.len() / 1024
+        ));
         Ok(path)
     }
 
     async fn ensure_rootfs(&self, progress: &Progress) -> Result<PathBuf> {
-        let recipe = format!("{ROOTFS_RECIPE_VERSION}:{DEBIAN_SUITE}:{}:{}", self.mirror, ROOTFS_PACKAGES.join(","));
+        let recipe = format!(
+            "{ROOTFS_RECIPE_VERSION}:{DEBIAN_SUITE}:{}:{}",
+            self.mirror,
+            ROOTFS_PACKAGES.join(",")
+        );
         let key = format!("rootfs-{}", &sha256_hex(recipe.as_bytes())[..32]);
         if let Some(p) = self.lookup(&key) {
             return Ok(p);
         }
-        progress(&format!("[rootfs] building Debian {DEBIAN_SUITE} (first use; takes a minute)"));
+        progress(&format!(
+            "[rootfs] building Debian {DEBIAN_SUITE} (first use; takes a minute)"
+        ));
         let work = self.work_dir("rootfs")?;
         let tree = work.join("tree");
         run(
@@ -378,8 +516,17 @@ impl ImageStore {
         )
         .await?;
         customize_rootfs(&tree)?;
-        let used = run(progress, "rootfs", tokio::process::Command::new("du").args(["-sb"]).arg(&tree)).await?;
-        let used: u64 = used.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(1 << 30);
+        let used = run(
+            progress,
+            "rootfs",
+            tokio::process::Command::new("du").args(["-sb"]).arg(&tree),
+        )
+        .await?;
+        let used: u64 = used
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1 << 30);
         let size_mib = ((used * 5 / 4) >> 20) + 256;
         let image = work.join("rootfs.ext4");
         run(
@@ -394,7 +541,10 @@ impl ImageStore {
         .await?;
         let path = self.commit(&key, &image)?;
         let _ = std::fs::remove_dir_all(&work);
-        progress(&format!("[rootfs] ready: {} ({size_mib} MiB)", path.display()));
+        progress(&format!(
+            "[rootfs] ready: {} ({size_mib} MiB)",
+            path.display()
+        ));
         Ok(path)
     }
 }
@@ -405,17 +555,27 @@ fn flock(path: &Path) -> Result<std::fs::File> {
     // SAFETY: flock on a valid fd we own.
     let ret = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
     if ret != 0 {
-        return Err(Error::Io { context: format!("lock {}", path.display()), source: std::io::Error::last_os_error() });
+        return Err(Error::Io {
+            context: format!("lock {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(f)
 }
 
 fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
+    for entry in std::fs::read_dir(dir)
+        .ctx(|| format!("list {}", dir.display()))?
+        .flatten()
+    {
         let path = entry.path();
         if path.is_dir() {
             index_modules(&path, index)?;
-        } else if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+        } else if let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
             index.insert(module_key(stem), path);
         }
     }
@@ -424,9 +584,14 @@ fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()
 
 /// Small edits of the rootfs before it is frozen into ext4.
 fn customize_rootfs(tree: &Path) -> Result<()> {
-    let w = |rel: &str, content: &str| std::fs::write(tree.join(rel), content).ctx(|| format!("write /{rel}"));
+    let w = |rel: &str, content: &str| {
+        std::fs::write(tree.join(rel), content).ctx(|| format!("write /{rel}"))
+    };
     w("etc/hostname", "fastvm\n")?;
-    w("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")?;
+    w(
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )?;
     // Each VM gets its own identity; an empty machine-id is regenerated by tools that need one.
     w("etc/machine-id", "")?;
     std::fs::create_dir_all(tree.join("root")).ctx(|| "create /root".into())?;
@@ -469,16 +634,31 @@ pub fn find_agent_binary() -> Result<PathBuf> {
 /// (`PT_INTERP`), i.e. runnable as PID 1 from the initramfs.
 fn is_static_elf(path: &Path) -> bool {
     const PT_INTERP: u32 = 3;
-    let Ok(data) = std::fs::read(path) else { return false };
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
     let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| data.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let u64_at = |o: usize| data.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     // ELF magic, 64-bit, little endian.
     if data.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
-    let Ok(phoff) = usize::try_from(phoff) else { return false };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
     (0..usize::from(phnum)).all(|i| {
         let at = phoff.saturating_add(i.saturating_mul(usize::from(phentsize)));
         u32_at(at).is_some_and(|ty| ty != PT_INTERP)
@@ -495,7 +675,8 @@ mod tests {
         let exe = std::env::current_exe().expect("exe");
         assert!(!is_static_elf(&exe));
         assert!(!is_static_elf(Path::new("/etc/hostname")));
-        let musl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-musl/release/fastvm-agent");
+        let musl = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/x86_64-unknown-linux-musl/release/fastvm-agent");
         if musl.is_file() {
             assert!(is_static_elf(&musl), "{}", musl.display());
         }

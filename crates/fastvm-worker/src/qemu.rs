@@ -41,7 +41,10 @@ pub fn host_tsc_khz() -> Option<u64> {
 #[cfg(target_arch = "x86_64")]
 fn measure_tsc_khz() -> Option<u64> {
     let now = || {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: clock_gettime writes into a valid timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
         ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
@@ -68,7 +71,9 @@ pub struct QemuMicrovm {
 
 impl Default for QemuMicrovm {
     fn default() -> Self {
-        QemuMicrovm { binary: PathBuf::from("qemu-system-x86_64") }
+        QemuMicrovm {
+            binary: PathBuf::from("qemu-system-x86_64"),
+        }
     }
 }
 
@@ -114,13 +119,19 @@ impl QemuMicrovm {
             "-serial".into(),
             "chardev:con".into(),
             "-drive".into(),
-            format!("id=root,file={},format=qcow2,if=none,discard=unmap", p(spec.disk.clone())),
+            format!(
+                "id=root,file={},format=qcow2,if=none,discard=unmap",
+                p(spec.disk.clone())
+            ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", p(paths.agent())),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                p(paths.agent())
+            ),
             "-device".into(),
             "virtserialport,chardev=agent,name=fastvm.agent".into(),
             "-object".into(),
@@ -146,11 +157,20 @@ impl QemuMicrovm {
         let backend = match &spec.ram {
             Some(ram) => {
                 let share = if ram.shared { "on" } else { "off" };
-                format!("memory-backend-file,id=ram,size={}M,mem-path={},share={share}", spec.memory_mib, p(ram.path.clone()))
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
+                    spec.memory_mib,
+                    p(ram.path.clone())
+                )
             }
             None => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
         };
-        a.extend(["-object".into(), backend, "-machine".into(), "memory-backend=ram".into()]);
+        a.extend([
+            "-object".into(),
+            backend,
+            "-machine".into(),
+            "memory-backend=ram".into(),
+        ]);
         if incoming.is_some() {
             // The stream is fed after the capabilities are set over QMP.
             a.push("-incoming".into());
@@ -173,11 +193,27 @@ fn reset_signals() -> std::io::Result<()> {
             continue;
         }
         // SAFETY: raw rt_sigaction with a valid, zeroed kernel sigaction; async-signal-safe.
-        unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, default_action.as_ptr(), std::ptr::null_mut::<u64>(), 8usize) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default_action.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            )
+        };
     }
     let empty = 0u64;
     // SAFETY: raw rt_sigprocmask with a valid empty set; async-signal-safe.
-    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, std::ptr::null_mut::<u64>(), 8usize) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
     Ok(())
 }
 
@@ -186,12 +222,18 @@ fn shell_quote(s: &str) -> String {
 }
 
 fn read_pid(paths: &VmPaths) -> Option<u32> {
-    std::fs::read_to_string(paths.pidfile()).ok()?.trim().parse().ok()
+    std::fs::read_to_string(paths.pidfile())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// True when `pid` is alive and is the QEMU of VM `id` (not a recycled pid).
 fn is_our_process(pid: u32, id: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let want = process_name(id);
     cmdline.split(|b| *b == 0).any(|arg| arg == want.as_bytes())
 }
@@ -200,7 +242,10 @@ fn is_our_process(pid: u32, id: &str) -> bool {
 fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X"),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X"),
     }
 }
 
@@ -216,15 +261,27 @@ impl Hypervisor for QemuMicrovm {
         "qemu-microvm"
     }
 
-    async fn start(&self, spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Result<Box<dyn VmProcess>> {
+    async fn start(
+        &self,
+        spec: &LaunchSpec,
+        paths: &VmPaths,
+        incoming: Option<&Path>,
+    ) -> Result<Box<dyn VmProcess>> {
         for stale in [paths.qmp(), paths.agent(), paths.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
         let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(Self::args(spec, paths, incoming)).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+        cmd.args(Self::args(spec, paths, incoming))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
         // QEMU runs in the VM's network namespace, where it opens its tap.
-        let netns = spec.net.as_ref().map(|n| crate::net::netns::open(&n.netns)).transpose()?;
+        let netns = spec
+            .net
+            .as_ref()
+            .map(|n| crate::net::netns::open(&n.netns))
+            .transpose()?;
         let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         // SAFETY: the closure only makes async-signal-safe syscalls (sigaction,
         // sigprocmask, setns); `netns` stays open until the spawn is done.
@@ -239,17 +296,30 @@ impl Hypervisor for QemuMicrovm {
                 Ok(())
             })
         };
-        let status = cmd.status().await.ctx(|| format!("run {}", self.binary.display()))?;
+        let status = cmd
+            .status()
+            .await
+            .ctx(|| format!("run {}", self.binary.display()))?;
         drop(netns);
         if !status.success() {
-            return Err(Error::Qemu(format!("exited with {status}: {}", tail(&paths.hypervisor_log(), 2000))));
+            return Err(Error::Qemu(format!(
+                "exited with {status}: {}",
+                tail(&paths.hypervisor_log(), 2000)
+            )));
         }
         let pid = read_pid(paths).ok_or_else(|| Error::Qemu("no pidfile after start".into()))?;
         let qmp = match Qmp::connect(&paths.qmp()).await {
             Ok(q) => q,
             Err(e) => {
-                let what = if incoming.is_some() { "restore failed" } else { "QEMU failed to start" };
-                return Err(Error::Qemu(format!("{what}: {e}: {}", tail(&paths.hypervisor_log(), 500))));
+                let what = if incoming.is_some() {
+                    "restore failed"
+                } else {
+                    "QEMU failed to start"
+                };
+                return Err(Error::Qemu(format!(
+                    "{what}: {e}: {}",
+                    tail(&paths.hypervisor_log(), 500)
+                )));
             }
         };
         let process = QemuProcess { pid, qmp };
@@ -257,21 +327,34 @@ impl Hypervisor for QemuMicrovm {
             let uri = format!("exec:cat {}", shell_quote(&mem.to_string_lossy()));
             let started = async {
                 process.set_capabilities().await?;
-                process.qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+                process
+                    .qmp
+                    .execute("migrate-incoming", Some(json!({ "uri": uri })))
+                    .await?;
                 process.wait_incoming().await
             };
             if let Err(e) = started.await {
                 let _ = process.kill().await;
                 let log = tail(&paths.hypervisor_log(), 500);
-                return Err(if log.is_empty() { e } else { Error::Qemu(format!("{e}: {log}")) });
+                return Err(if log.is_empty() {
+                    e
+                } else {
+                    Error::Qemu(format!("{e}: {log}"))
+                });
             }
         }
         tracing::info!(vm = %spec.id, pid, accel = %spec.accel, restored = incoming.is_some(), "QEMU started");
         Ok(Box::new(process))
     }
 
-    async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths) -> Result<Option<Box<dyn VmProcess>>> {
-        let Some(pid) = read_pid(paths) else { return Ok(None) };
+    async fn adopt(
+        &self,
+        spec: &LaunchSpec,
+        paths: &VmPaths,
+    ) -> Result<Option<Box<dyn VmProcess>>> {
+        let Some(pid) = read_pid(paths) else {
+            return Ok(None);
+        };
         if !is_our_process(pid, &spec.id) {
             return Ok(None);
         }
@@ -298,27 +381,50 @@ const CAPABILITIES: &[&str] = &["x-ignore-shared"];
 
 impl QemuProcess {
     async fn set_capabilities(&self) -> Result<()> {
-        let caps: Vec<serde_json::Value> = CAPABILITIES.iter().map(|c| json!({ "capability": c, "state": true })).collect();
-        self.qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": caps }))).await.map(|_| ())
+        let caps: Vec<serde_json::Value> = CAPABILITIES
+            .iter()
+            .map(|c| json!({ "capability": c, "state": true }))
+            .collect();
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": caps })),
+            )
+            .await
+            .map(|_| ())
     }
 
     async fn status(&self) -> Result<String> {
         let st = self.qmp.execute("query-status", None).await?;
-        Ok(st.get("status").and_then(serde_json::Value::as_str).unwrap_or("unknown").to_owned())
+        Ok(st
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned())
     }
 
     /// Wait until an incoming migration has been loaded (the VM is then paused).
     async fn wait_incoming(&self) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let status = self.status().await.map_err(|e| Error::Qemu(format!("restore failed: QEMU exited while loading the state ({e})")))?;
+            let status = self.status().await.map_err(|e| {
+                Error::Qemu(format!(
+                    "restore failed: QEMU exited while loading the state ({e})"
+                ))
+            })?;
             match status.as_str() {
                 "inmigrate" | "prelaunch" => {}
                 "paused" | "postmigrate" => return Ok(()),
                 "running" => return Ok(()),
                 other => {
-                    let info = self.qmp.execute("query-migrate", None).await.unwrap_or_default();
-                    return Err(Error::Qemu(format!("restore failed (status {other}): {info}")));
+                    let info = self
+                        .qmp
+                        .execute("query-migrate", None)
+                        .await
+                        .unwrap_or_default();
+                    return Err(Error::Qemu(format!(
+                        "restore failed (status {other}): {info}"
+                    )));
                 }
             }
             if std::time::Instant::now() > deadline {
@@ -391,7 +497,10 @@ impl VmProcess for QemuProcess {
             return Ok(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(3), self.qmp.wait_closed()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(3), self.qmp.wait_closed())
+            .await
+            .is_err()
+        {
             // SAFETY: kill has no memory preconditions; the pid is the QEMU we started
             // (its QMP socket is still open, so the pid cannot have been recycled).
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };

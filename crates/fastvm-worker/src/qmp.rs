@@ -32,7 +32,9 @@ pub struct Qmp {
 impl Qmp {
     /// Connect, read the greeting and negotiate capabilities.
     pub async fn connect(path: &Path) -> Result<Qmp> {
-        let stream = UnixStream::connect(path).await.ctx(|| format!("connect QMP {}", path.display()))?;
+        let stream = UnixStream::connect(path)
+            .await
+            .ctx(|| format!("connect QMP {}", path.display()))?;
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut greeting = String::new();
@@ -43,14 +45,27 @@ impl Qmp {
         if !greeting.contains("\"QMP\"") {
             return Err(Error::Qmp(format!("unexpected greeting {greeting:?}")));
         }
-        write.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n").await.ctx(|| "QMP write".into())?;
+        write
+            .write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n")
+            .await
+            .ctx(|| "QMP write".into())?;
         let pending: Pending = Arc::default();
         let (closed_tx, closed) = watch::channel(false);
         let (cap_tx, cap_rx) = oneshot::channel();
-        pending.lock().map_err(|_| Error::Qmp("poisoned".into()))?.insert(0, cap_tx);
+        pending
+            .lock()
+            .map_err(|_| Error::Qmp("poisoned".into()))?
+            .insert(0, cap_tx);
         tokio::spawn(read_loop(reader, pending.clone(), closed_tx));
-        let qmp = Qmp { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), closed };
-        cap_rx.await.map_err(|_| Error::Qmp("QMP closed during negotiation".into()))??;
+        let qmp = Qmp {
+            writer: AsyncMutex::new(write),
+            pending,
+            next_id: AtomicU64::new(1),
+            closed,
+        };
+        cap_rx
+            .await
+            .map_err(|_| Error::Qmp("QMP closed during negotiation".into()))??;
         Ok(qmp)
     }
 
@@ -62,14 +77,20 @@ impl Qmp {
             msg["arguments"] = args;
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().map_err(|_| Error::Qmp("poisoned".into()))?.insert(id, tx);
+        self.pending
+            .lock()
+            .map_err(|_| Error::Qmp("poisoned".into()))?
+            .insert(id, tx);
         let mut line = msg.to_string();
         line.push('\n');
         {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await.ctx(|| format!("QMP {command}"))?;
+            w.write_all(line.as_bytes())
+                .await
+                .ctx(|| format!("QMP {command}"))?;
         }
-        rx.await.map_err(|_| Error::Qmp(format!("QEMU exited during {command}")))?
+        rx.await
+            .map_err(|_| Error::Qmp(format!("QEMU exited during {command}")))?
     }
 
     /// Resolves when the QMP connection ends, i.e. QEMU exited.
@@ -83,11 +104,19 @@ impl Qmp {
     }
 }
 
-async fn read_loop(mut reader: BufReader<tokio::net::unix::OwnedReadHalf>, pending: Pending, closed: watch::Sender<bool>) {
+async fn read_loop(
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    pending: Pending,
+    closed: watch::Sender<bool>,
+) {
     let mut line = String::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LINE as u64).read_line(&mut line).await {
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut line)
+            .await
+        {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -99,11 +128,16 @@ async fn read_loop(mut reader: BufReader<tokio::net::unix::OwnedReadHalf>, pendi
             tracing::debug!(event, "QMP event");
             continue;
         }
-        let Some(id) = v.get("id").and_then(Value::as_u64) else { continue };
+        let Some(id) = v.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
         let result = if let Some(ret) = v.get("return") {
             Ok(ret.clone())
         } else {
-            let desc = v.pointer("/error/desc").and_then(Value::as_str).unwrap_or("unknown error");
+            let desc = v
+                .pointer("/error/desc")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
             Err(Error::Qmp(desc.to_owned()))
         };
         if let Some(tx) = pending.lock().ok().and_then(|mut p| p.remove(&id)) {

@@ -23,8 +23,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::exec::{self, ExecOutput, ExecRequest};
 use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
 use crate::images::{self, GuestImage, ImageStore, Progress};
-use crate::qemu::QemuMicrovm;
 use crate::net::{NetConfig, NetRecord, Network, VmNet};
+use crate::qemu::QemuMicrovm;
 use fastvm_agent_proto::GuestConfig;
 use fastvm_types::FirewallPolicy;
 use serde::{Deserialize, Serialize};
@@ -171,7 +171,10 @@ struct Vm {
 
 impl Vm {
     fn state(&self) -> VmState {
-        self.state.lock().map(|s| s.clone()).unwrap_or(VmState::Error("poisoned".into()))
+        self.state
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or(VmState::Error("poisoned".into()))
     }
     fn set_state(&self, s: VmState) {
         if let Ok(mut g) = self.state.lock() {
@@ -214,7 +217,10 @@ impl Vm {
         write_json_atomic(&self.paths.spec(), &record)
     }
     fn guest_config(&self) -> GuestConfig {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_nanos()).ok());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
         GuestConfig {
             hostname: self.record.hostname.clone(),
             env: self.record.env.clone(),
@@ -231,7 +237,8 @@ fn read_net_record(paths: &VmPaths) -> Option<NetRecord> {
 
 /// Write `value` as JSON to `path` via a temporary file and a rename.
 fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Qemu(format!("serialize {}: {e}", path.display())))?;
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Qemu(format!("serialize {}: {e}", path.display())))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).ctx(|| format!("commit {}", path.display()))
@@ -257,7 +264,9 @@ impl Runtime {
         let vms_dir = cfg.data_dir.join("vms");
         std::fs::create_dir_all(&vms_dir).ctx(|| format!("create {}", vms_dir.display()))?;
         let accel = accel::choose(cfg.accel);
-        let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm { binary: cfg.qemu_binary.clone() });
+        let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm {
+            binary: cfg.qemu_binary.clone(),
+        });
         for d in ["layers", "snapshots", "golden"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
         }
@@ -288,12 +297,17 @@ impl Runtime {
         self.accel
     }
 
-
     async fn adopt_all(self: &Arc<Self>) -> Result<()> {
         let dir = self.cfg.data_dir.join("vms");
-        for entry in std::fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?.flatten() {
+        for entry in std::fs::read_dir(&dir)
+            .ctx(|| format!("list {}", dir.display()))?
+            .flatten()
+        {
             let paths = VmPaths::new(entry.path());
-            let record: VmRecord = match std::fs::read(paths.spec()).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            let record: VmRecord = match std::fs::read(paths.spec())
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(dir = %paths.dir.display(), error = %e, "skipping VM directory with unreadable spec.json");
@@ -304,14 +318,22 @@ impl Runtime {
             let (state, process) = match self.hv.adopt(&record.launch, &paths).await {
                 Ok(Some(p)) => {
                     let p: Arc<dyn VmProcess> = Arc::from(p);
-                    let state = if p.is_paused().await.unwrap_or(false) { VmState::Paused } else { VmState::Running };
+                    let state = if p.is_paused().await.unwrap_or(false) {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
                     (state, Some(p))
                 }
                 Ok(None) => (VmState::Stopped, None),
                 Err(e) => (VmState::Error(e.to_string()), None),
             };
             tracing::info!(vm = %id, %state, "adopted VM");
-            let layers = if record.layers.is_empty() { vec![record.launch.disk.clone()] } else { record.layers.clone() };
+            let layers = if record.layers.is_empty() {
+                vec![record.launch.disk.clone()]
+            } else {
+                record.layers.clone()
+            };
             let net = match (&self.net, read_net_record(&paths)) {
                 (Some(network), Some(rec)) => match network.adopt(rec).await {
                     Ok(n) => Some(n),
@@ -335,11 +357,22 @@ impl Runtime {
             if let Some(p) = process {
                 self.watch(vm.clone(), p);
             }
-            self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id, vm);
+            self.vms
+                .lock()
+                .map_err(|_| Error::Qemu("poisoned".into()))?
+                .insert(id, vm);
         }
         if let Some(network) = &self.net {
-            let keep: std::collections::HashSet<String> =
-                self.vms.lock().map(|m| m.values().filter_map(|vm| vm.net()).map(|n| n.addr.netns.clone()).collect()).unwrap_or_default();
+            let keep: std::collections::HashSet<String> = self
+                .vms
+                .lock()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|vm| vm.net())
+                        .map(|n| n.addr.netns.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
             network.cleanup_orphans(&keep).await;
         }
         Ok(())
@@ -348,9 +381,13 @@ impl Runtime {
     /// Replace the firewall of a VM; a running VM enforces it at once (the
     /// ruleset is reloaded atomically and the resolver switches its gate).
     pub async fn set_firewall(&self, id: &str, policy: &FirewallPolicy) -> Result<()> {
-        policy.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
+        policy
+            .validate()
+            .map_err(|e| Error::InvalidFirewall(e.message))?;
         let vm = self.vm(id)?;
-        let (Some(network), Some(net)) = (&self.net, vm.net()) else { return Ok(()) };
+        let (Some(network), Some(net)) = (&self.net, vm.net()) else {
+            return Ok(());
+        };
         network.set_policy(&net, policy).await?;
         write_json_atomic(&vm.paths.dir.join("net.json"), &net.record())
     }
@@ -358,7 +395,9 @@ impl Runtime {
     /// The part of a new VM's network QEMU needs to start (namespace and
     /// tap; when networking is on). The rest follows in [`Self::start_process`].
     async fn prepare_net(&self, id: &str, policy: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
-        policy.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
+        policy
+            .validate()
+            .map_err(|e| Error::InvalidFirewall(e.message))?;
         match &self.net {
             Some(network) => Ok(Some(network.prepare(id, policy).await?)),
             None => Ok(None),
@@ -377,7 +416,13 @@ impl Runtime {
 
     /// The VM's writable disk layer and the first part of its network, at
     /// the same time. Either is undone when the other fails.
-    async fn create_disk_and_net(&self, overlay: impl std::future::Future<Output = Result<()>>, disk: &std::path::Path, id: &str, firewall: &FirewallPolicy) -> Result<Option<Arc<VmNet>>> {
+    async fn create_disk_and_net(
+        &self,
+        overlay: impl std::future::Future<Output = Result<()>>,
+        disk: &std::path::Path,
+        id: &str,
+        firewall: &FirewallPolicy,
+    ) -> Result<Option<Arc<VmNet>>> {
         let (disk_made, net) = tokio::join!(overlay, self.prepare_net(id, firewall));
         let err = match (disk_made, net) {
             (Ok(()), Ok(net)) => return Ok(net),
@@ -406,7 +451,11 @@ impl Runtime {
     }
 
     fn vm(&self, id: &str) -> Result<Arc<Vm>> {
-        self.vms.lock().ok().and_then(|m| m.get(id).cloned()).ok_or_else(|| Error::NoSuchVm(id.to_owned()))
+        self.vms
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .ok_or_else(|| Error::NoSuchVm(id.to_owned()))
     }
 
     pub fn get(&self, id: &str) -> Result<VmInfo> {
@@ -414,7 +463,11 @@ impl Runtime {
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
-        let mut v: Vec<VmInfo> = self.vms.lock().map(|m| m.values().map(|vm| vm.info()).collect()).unwrap_or_default();
+        let mut v: Vec<VmInfo> = self
+            .vms
+            .lock()
+            .map(|m| m.values().map(|vm| vm.info()).collect())
+            .unwrap_or_default();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
@@ -428,7 +481,11 @@ impl Runtime {
                     Some(p) => p.clone(),
                     None => images::find_agent_binary()?,
                 };
-                let dir = self.cfg.image_dir.clone().unwrap_or_else(|| self.cfg.data_dir.join("images"));
+                let dir = self
+                    .cfg
+                    .image_dir
+                    .clone()
+                    .unwrap_or_else(|| self.cfg.data_dir.join("images"));
                 let store = ImageStore::new(&dir, &self.cfg.debian_mirror, agent)?;
                 let image = store.ensure_default(&self.progress).await?;
                 Ok::<_, Error>((store, image))
@@ -438,7 +495,10 @@ impl Runtime {
     }
 
     fn layer_path(&self) -> PathBuf {
-        self.cfg.data_dir.join("layers").join(format!("{}.qcow2", uuid::Uuid::new_v4()))
+        self.cfg
+            .data_dir
+            .join("layers")
+            .join(format!("{}.qcow2", uuid::Uuid::new_v4()))
     }
 
     /// Create a VM and wait until its agent answers. Every launch is a
@@ -446,12 +506,17 @@ impl Runtime {
     /// type (built once per image, machine type and disk size by a fresh boot),
     /// unless golden snapshots are disabled.
     pub async fn create(&self, req: CreateVm) -> Result<VmInfo> {
-        req.firewall.validate().map_err(|e| Error::InvalidFirewall(e.message))?;
+        req.firewall
+            .validate()
+            .map_err(|e| Error::InvalidFirewall(e.message))?;
         let source = match &req.snapshot {
             Some(id) => Some(self.snapshot_record(id)?),
             None if self.cfg.golden => {
                 let machine = MachineType::lookup(&req.machine)?;
-                Some(self.golden(machine, req.disk_gib.unwrap_or(machine.disk_gib)).await?)
+                Some(
+                    self.golden(machine, req.disk_gib.unwrap_or(machine.disk_gib))
+                        .await?,
+                )
             }
             None => None,
         };
@@ -464,8 +529,18 @@ impl Runtime {
     /// Register a VM (state dir, spec.json, disk chain) before its process
     /// starts, with its prepared network ([`Self::create_disk_and_net`]);
     /// on failure the network and the new disk layer are removed again.
-    async fn register(&self, id: &str, launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, net: Option<Arc<VmNet>>) -> Result<Arc<Vm>> {
-        let result = self.register_with(id, launch, hostname, env, layers.clone(), net.clone()).await;
+    async fn register(
+        &self,
+        id: &str,
+        launch: LaunchSpec,
+        hostname: Option<String>,
+        env: BTreeMap<String, String>,
+        layers: Vec<PathBuf>,
+        net: Option<Arc<VmNet>>,
+    ) -> Result<Arc<Vm>> {
+        let result = self
+            .register_with(id, launch, hostname, env, layers.clone(), net.clone())
+            .await;
         if result.is_err() {
             if let (Some(network), Some(n)) = (&self.net, &net) {
                 network.destroy(n).await;
@@ -477,13 +552,25 @@ impl Runtime {
         result
     }
 
-    async fn register_with(&self, id: &str, mut launch: LaunchSpec, hostname: Option<String>, env: BTreeMap<String, String>, layers: Vec<PathBuf>, net: Option<Arc<VmNet>>) -> Result<Arc<Vm>> {
+    async fn register_with(
+        &self,
+        id: &str,
+        mut launch: LaunchSpec,
+        hostname: Option<String>,
+        env: BTreeMap<String, String>,
+        layers: Vec<PathBuf>,
+        net: Option<Arc<VmNet>>,
+    ) -> Result<Arc<Vm>> {
         let paths = VmPaths::new(self.cfg.data_dir.join("vms").join(id));
         if paths.dir.exists() {
             return Err(Error::Qemu(format!("VM {id} already exists")));
         }
         std::fs::create_dir_all(&paths.dir).ctx(|| format!("create {}", paths.dir.display()))?;
-        launch.net = net.as_ref().map(|n| crate::hypervisor::NetLaunch { netns: n.addr.netns.clone(), tap: crate::net::addr::TAP.into(), mac: n.addr.mac.clone() });
+        launch.net = net.as_ref().map(|n| crate::hypervisor::NetLaunch {
+            netns: n.addr.netns.clone(),
+            tap: crate::net::addr::TAP.into(),
+            mac: n.addr.mac.clone(),
+        });
         let saved = match &net {
             Some(n) => write_json_atomic(&paths.dir.join("net.json"), &n.record()),
             None => Ok(()),
@@ -492,7 +579,12 @@ impl Runtime {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(e);
         }
-        let record = VmRecord { launch, hostname, env, layers: layers.clone() };
+        let record = VmRecord {
+            launch,
+            hostname,
+            env,
+            layers: layers.clone(),
+        };
         let vm = Arc::new(Vm {
             record,
             layers: Mutex::new(layers),
@@ -507,19 +599,32 @@ impl Runtime {
             let _ = std::fs::remove_dir_all(&vm.paths.dir);
             return Err(e);
         }
-        self.vms.lock().map_err(|_| Error::Qemu("poisoned".into()))?.insert(id.to_owned(), vm.clone());
+        self.vms
+            .lock()
+            .map_err(|_| Error::Qemu("poisoned".into()))?
+            .insert(id.to_owned(), vm.clone());
         Ok(vm)
     }
 
-    async fn qemu_img_overlay(backing: &std::path::Path, backing_format: &str, overlay: &std::path::Path, size_gib: Option<u32>) -> Result<()> {
+    async fn qemu_img_overlay(
+        backing: &std::path::Path,
+        backing_format: &str,
+        overlay: &std::path::Path,
+        size_gib: Option<u32>,
+    ) -> Result<()> {
         let mut cmd = tokio::process::Command::new("qemu-img");
-        cmd.args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"]).arg(backing).arg(overlay);
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
+            .arg(backing)
+            .arg(overlay);
         if let Some(g) = size_gib {
             cmd.arg(format!("{g}G"));
         }
         let out = cmd.output().await.ctx(|| "run qemu-img".into())?;
         if !out.status.success() {
-            return Err(Error::Qemu(format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            return Err(Error::Qemu(format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
         Ok(())
     }
@@ -529,18 +634,41 @@ impl Runtime {
         self.boot_fresh_with(req, None).await
     }
 
-    async fn boot_fresh_with(&self, req: CreateVm, ram: Option<crate::hypervisor::RamFile>) -> Result<VmInfo> {
+    async fn boot_fresh_with(
+        &self,
+        req: CreateVm,
+        ram: Option<crate::hypervisor::RamFile>,
+    ) -> Result<VmInfo> {
         let machine = MachineType::lookup(&req.machine)?;
         let image = self.image().await?.clone();
-        let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let id = req
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
         let vm = {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
-            let net = self.create_disk_and_net(Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)), &disk, &id, &req.firewall).await?;
-            let mut launch = LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
+            let net = self
+                .create_disk_and_net(
+                    Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)),
+                    &disk,
+                    &id,
+                    &req.firewall,
+                )
+                .await?;
+            let mut launch =
+                LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
             launch.ram = ram;
-            self.register(&id, launch, req.hostname.clone(), req.env.clone(), vec![disk], net).await?
+            self.register(
+                &id,
+                launch,
+                req.hostname.clone(),
+                req.env.clone(),
+                vec![disk],
+                net,
+            )
+            .await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, None).await;
@@ -567,26 +695,56 @@ impl Runtime {
     /// Restore a VM from a snapshot: a new writable layer over the snapshot's
     /// frozen disk, memory loaded from its state file, then a new identity.
     async fn restore(&self, req: CreateVm, snap: &SnapshotRecord) -> Result<VmInfo> {
-        let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let top = snap.layers.first().ok_or_else(|| Error::CorruptState { path: snap.memory.clone(), message: "snapshot without disk layers".into() })?;
+        let id = req
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let top = snap.layers.first().ok_or_else(|| Error::CorruptState {
+            path: snap.memory.clone(),
+            message: "snapshot without disk layers".into(),
+        })?;
         if !snap.memory.is_file() {
-            return Err(Error::CorruptState { path: snap.memory.clone(), message: "memory state file is missing".into() });
+            return Err(Error::CorruptState {
+                path: snap.memory.clone(),
+                message: "memory state file is missing".into(),
+            });
         }
-        let hostname = req.hostname.clone().or_else(|| Some(format!("vm-{}", id.split('-').next().unwrap_or(&id))));
-        let env = if req.env.is_empty() { snap.env.clone() } else { req.env.clone() };
+        let hostname = req
+            .hostname
+            .clone()
+            .or_else(|| Some(format!("vm-{}", id.split('-').next().unwrap_or(&id))));
+        let env = if req.env.is_empty() {
+            snap.env.clone()
+        } else {
+            req.env.clone()
+        };
         let t0 = std::time::Instant::now();
         let vm = {
             let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
-            let net = self.create_disk_and_net(Self::qemu_img_overlay(top, "qcow2", &disk, None), &disk, &id, &req.firewall).await?;
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created, namespace and tap ready");
+            let net = self
+                .create_disk_and_net(
+                    Self::qemu_img_overlay(top, "qcow2", &disk, None),
+                    &disk,
+                    &id,
+                    &req.firewall,
+                )
+                .await?;
+            tracing::debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "restore: overlay created, namespace and tap ready"
+            );
             let mut launch = snap.launch.clone();
             launch.id = id.clone();
             launch.disk = disk.clone();
-            launch.ram = snap.ram.clone().map(|path| crate::hypervisor::RamFile { path, shared: false });
+            launch.ram = snap.ram.clone().map(|path| crate::hypervisor::RamFile {
+                path,
+                shared: false,
+            });
             let mut layers = vec![disk];
             layers.extend(snap.layers.iter().cloned());
-            self.register(&id, launch, hostname, env, layers, net).await?
+            self.register(&id, launch, hostname, env, layers, net)
+                .await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, Some(&snap.memory)).await;
@@ -604,12 +762,21 @@ impl Runtime {
         let (started, net) = match incoming {
             None => {
                 self.finish_net(vm).await?;
-                (self.hv.start(&vm.record.launch, &vm.paths, None).await, Ok(()))
+                (
+                    self.hv.start(&vm.record.launch, &vm.paths, None).await,
+                    Ok(()),
+                )
             }
-            Some(_) => tokio::join!(self.hv.start(&vm.record.launch, &vm.paths, incoming), self.finish_net(vm)),
+            Some(_) => tokio::join!(
+                self.hv.start(&vm.record.launch, &vm.paths, incoming),
+                self.finish_net(vm)
+            ),
         };
         let process: Arc<dyn VmProcess> = Arc::from(started?);
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: process up (state loaded), network complete");
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "start: process up (state loaded), network complete"
+        );
         if let Ok(mut p) = vm.process.lock() {
             *p = Some(process.clone());
         }
@@ -628,7 +795,10 @@ impl Runtime {
                 return Err(Error::Qemu(format!("VM exited during start; console: {tail}")));
             }
         };
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: agent connected");
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "start: agent connected"
+        );
         if incoming.is_some() {
             // A restore is on the latency path; the configuration is ordered
             // before anything else sent on this connection, so don't wait.
@@ -657,7 +827,16 @@ impl Runtime {
     fn require(vm: &Vm, want: VmState, action: &'static str) -> Result<()> {
         let state = vm.state();
         if state != want {
-            return Err(Error::WrongState { id: vm.record.launch.id.clone(), state: state.to_string(), action, need: if want == VmState::Running { "running" } else { "paused" } });
+            return Err(Error::WrongState {
+                id: vm.record.launch.id.clone(),
+                state: state.to_string(),
+                action,
+                need: if want == VmState::Running {
+                    "running"
+                } else {
+                    "paused"
+                },
+            });
         }
         Ok(())
     }
@@ -671,7 +850,12 @@ impl Runtime {
     }
 
     /// Run a process to completion, buffering at most `cap` bytes per stream.
-    pub async fn exec_buffered(&self, id: &str, req: &ExecRequest, cap: usize) -> Result<ExecOutput> {
+    pub async fn exec_buffered(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        cap: usize,
+    ) -> Result<ExecOutput> {
         exec::collect(self.exec(id, req).await?, cap).await
     }
 
@@ -684,7 +868,11 @@ impl Runtime {
 
     /// Follow the VM's serial console (`console.log`), starting `tail` bytes
     /// before its end. Works in any state, also when the agent does not answer.
-    pub async fn follow_console(&self, id: &str, tail: u64) -> Result<crate::console::ConsoleFollower> {
+    pub async fn follow_console(
+        &self,
+        id: &str,
+        tail: u64,
+    ) -> Result<crate::console::ConsoleFollower> {
         let path = self.vm(id)?.paths.console_log();
         crate::console::ConsoleFollower::open(&path, tail).await
     }
@@ -698,7 +886,9 @@ impl Runtime {
         let vm = self.vm(id)?;
         let _op = vm.op.lock().await;
         Self::require(&vm, VmState::Running, "pause")?;
-        let p = vm.process().ok_or_else(|| Error::Qemu("no process".into()))?;
+        let p = vm
+            .process()
+            .ok_or_else(|| Error::Qemu("no process".into()))?;
         p.pause().await?;
         vm.set_state(VmState::Paused);
         Ok(vm.info())
@@ -708,7 +898,9 @@ impl Runtime {
         let vm = self.vm(id)?;
         let _op = vm.op.lock().await;
         Self::require(&vm, VmState::Paused, "resume")?;
-        let p = vm.process().ok_or_else(|| Error::Qemu("no process".into()))?;
+        let p = vm
+            .process()
+            .ok_or_else(|| Error::Qemu("no process".into()))?;
         p.resume().await?;
         vm.set_state(VmState::Running);
         Ok(vm.info())
@@ -726,7 +918,10 @@ impl Runtime {
                 if let Ok(agent) = self.agent(&vm).await {
                     let _ = agent.shutdown().await;
                 }
-                if tokio::time::timeout(Duration::from_secs(10), p.wait_exit()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(10), p.wait_exit())
+                    .await
+                    .is_err()
+                {
                     p.kill().await?;
                 }
             }
@@ -744,11 +939,14 @@ impl Runtime {
             p.kill().await?;
         }
         *vm.agent.lock().await = None;
-        if let (Some(network), Some(net)) = (&self.net, vm.net.lock().ok().and_then(|mut n| n.take())) {
+        if let (Some(network), Some(net)) =
+            (&self.net, vm.net.lock().ok().and_then(|mut n| n.take()))
+        {
             network.destroy(&net).await;
         }
         if vm.paths.dir.exists() {
-            std::fs::remove_dir_all(&vm.paths.dir).ctx(|| format!("remove {}", vm.paths.dir.display()))?;
+            std::fs::remove_dir_all(&vm.paths.dir)
+                .ctx(|| format!("remove {}", vm.paths.dir.display()))?;
         }
         if let Ok(mut m) = self.vms.lock() {
             m.remove(id);
@@ -764,19 +962,36 @@ impl Runtime {
     /// VM keeps running (or stays paused) afterwards. The disk costs nothing
     /// to capture: the VM's writable layer is frozen and the VM continues on
     /// a new empty overlay.
-    pub async fn snapshot(&self, vm_id: &str, snapshot_id: Option<String>) -> Result<SnapshotRecord> {
+    pub async fn snapshot(
+        &self,
+        vm_id: &str,
+        snapshot_id: Option<String>,
+    ) -> Result<SnapshotRecord> {
         let id = snapshot_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let dir = self.snapshot_dir(&id);
         self.capture(vm_id, id, dir, false).await
     }
 
-    async fn capture(&self, vm_id: &str, id: String, dir: PathBuf, leave_paused: bool) -> Result<SnapshotRecord> {
+    async fn capture(
+        &self,
+        vm_id: &str,
+        id: String,
+        dir: PathBuf,
+        leave_paused: bool,
+    ) -> Result<SnapshotRecord> {
         let vm = self.vm(vm_id)?;
         let _op = vm.op.lock().await;
         if !matches!(vm.state(), VmState::Running | VmState::Paused) {
-            return Err(Error::WrongState { id: vm_id.to_owned(), state: vm.state().to_string(), action: "snapshot", need: "running or paused" });
+            return Err(Error::WrongState {
+                id: vm_id.to_owned(),
+                state: vm.state().to_string(),
+                action: "snapshot",
+                need: "running or paused",
+            });
         }
-        let process = vm.process().ok_or_else(|| Error::Qemu("no process".into()))?;
+        let process = vm
+            .process()
+            .ok_or_else(|| Error::Qemu("no process".into()))?;
         if dir.exists() {
             return Err(Error::Qemu(format!("snapshot {id} already exists")));
         }
@@ -809,10 +1024,19 @@ impl Runtime {
             launch,
             layers: frozen,
             memory,
-            ram: vm.record.launch.ram.as_ref().filter(|r| r.shared).map(|r| r.path.clone()),
+            ram: vm
+                .record
+                .launch
+                .ram
+                .as_ref()
+                .filter(|r| r.shared)
+                .map(|r| r.path.clone()),
             hostname: vm.record.hostname.clone(),
             env: vm.record.env.clone(),
-            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         };
         write_json_atomic(&dir.join("snapshot.json"), &record)?;
         Ok(record)
@@ -821,7 +1045,10 @@ impl Runtime {
     fn read_snapshot(dir: &std::path::Path) -> Result<SnapshotRecord> {
         let path = dir.join("snapshot.json");
         let bytes = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptState { path, message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptState {
+            path,
+            message: e.to_string(),
+        })
     }
 
     /// A user snapshot by id.
@@ -859,12 +1086,21 @@ impl Runtime {
         // The device set is part of the key: a golden VM without a network
         // device cannot be restored into one with it (and vice versa).
         let net = if self.net.is_some() { "-net1" } else { "" };
-        let key = format!("{}-{}-{}-{}g{net}", image.id, self.accel, machine.name, disk_gib);
+        let key = format!(
+            "{}-{}-{}-{}g{net}",
+            image.id, self.accel, machine.name, disk_gib
+        );
         let dir = self.cfg.data_dir.join("golden").join(&key);
         let _g = self.golden_lock.lock().await;
         if dir.join("snapshot.json").exists() {
             match Self::read_snapshot(&dir) {
-                Ok(r) if r.memory.is_file() && r.layers.iter().all(|l| l.is_file()) && r.ram.as_ref().is_none_or(|p| p.is_file()) => return Ok(r),
+                Ok(r)
+                    if r.memory.is_file()
+                        && r.layers.iter().all(|l| l.is_file())
+                        && r.ram.as_ref().is_none_or(|p| p.is_file()) =>
+                {
+                    return Ok(r)
+                }
                 Ok(_) | Err(_) => {
                     tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
                     let _ = std::fs::remove_dir_all(&dir);
@@ -873,22 +1109,34 @@ impl Runtime {
         }
         tracing::info!(%key, "building golden snapshot (one fresh boot)");
         let vm_id = format!("golden-{}", uuid::Uuid::new_v4());
-        let req = CreateVm { id: Some(vm_id.clone()), machine: machine.name.into(), disk_gib: Some(disk_gib), ..Default::default() };
+        let req = CreateVm {
+            id: Some(vm_id.clone()),
+            machine: machine.name.into(),
+            disk_gib: Some(disk_gib),
+            ..Default::default()
+        };
         // The golden VM's RAM lives in a file that becomes the snapshot's RAM image.
         let tmp = dir.with_extension("building");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
-        let ram = crate::hypervisor::RamFile { path: tmp.join("ram"), shared: true };
+        let ram = crate::hypervisor::RamFile {
+            path: tmp.join("ram"),
+            shared: true,
+        };
         let booted = self.boot_fresh_with(req, Some(ram)).await;
         let captured = match booted {
             // Left paused: with shared RAM, anything it ran afterwards would change the image.
-            Ok(_) => self.capture(&vm_id, key.clone(), tmp.join("state"), true).await,
+            Ok(_) => {
+                self.capture(&vm_id, key.clone(), tmp.join("state"), true)
+                    .await
+            }
             Err(e) => Err(e),
         };
         // Commit the record before the golden VM goes: deleting it collects
         // every layer no record references.
         let committed = captured.and_then(|mut record| {
-            std::fs::rename(tmp.join("state").join("memory"), tmp.join("memory")).ctx(|| "move golden state".into())?;
+            std::fs::rename(tmp.join("state").join("memory"), tmp.join("memory"))
+                .ctx(|| "move golden state".into())?;
             let _ = std::fs::remove_dir_all(tmp.join("state"));
             std::fs::rename(&tmp, &dir).ctx(|| format!("commit {}", dir.display()))?;
             record.memory = dir.join("memory");
@@ -916,7 +1164,10 @@ impl Runtime {
         for dir in ["vms"] {
             if let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join(dir)) {
                 for e in entries.flatten() {
-                    if let Ok(r) = std::fs::read(e.path().join("spec.json")).map_err(|_| ()).and_then(|b| serde_json::from_slice::<VmRecord>(&b).map_err(|_| ())) {
+                    if let Ok(r) = std::fs::read(e.path().join("spec.json"))
+                        .map_err(|_| ())
+                        .and_then(|b| serde_json::from_slice::<VmRecord>(&b).map_err(|_| ()))
+                    {
                         used.extend(r.layers);
                         used.insert(r.launch.disk);
                     }
@@ -936,7 +1187,10 @@ impl Runtime {
             }
         }
         let layers_dir = self.cfg.data_dir.join("layers");
-        for e in std::fs::read_dir(&layers_dir).ctx(|| "list layers".into())?.flatten() {
+        for e in std::fs::read_dir(&layers_dir)
+            .ctx(|| "list layers".into())?
+            .flatten()
+        {
             if !used.contains(&e.path()) {
                 tracing::debug!(layer = %e.path().display(), "removing unreferenced disk layer");
                 let _ = std::fs::remove_file(e.path());

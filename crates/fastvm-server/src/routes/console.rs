@@ -12,7 +12,9 @@
 //! that allows nothing else.
 
 use crate::auth::Caller;
-use crate::console::{self, check_size, error_codes, Source, DEFAULT_COLS, DEFAULT_ROWS, MAX_WS_MESSAGE};
+use crate::console::{
+    self, check_size, error_codes, Source, DEFAULT_COLS, DEFAULT_ROWS, MAX_WS_MESSAGE,
+};
 use crate::error::{codes, ApiError};
 use crate::routes::{QueryParams, VmPath};
 use crate::AppState;
@@ -22,8 +24,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use fastvm_types::ApiError as ErrorBody;
 use fastvm_types::console::ConsoleTokenResponse;
+use fastvm_types::ApiError as ErrorBody;
 use fastvm_types::VmId;
 use serde::Deserialize;
 
@@ -60,7 +62,11 @@ It is bound to the VM and to the API key that minted it, and works once.",
         (status = 409, description = "The VM is being deleted", body = ErrorBody),
     )
 )]
-pub async fn console_token(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<ConsoleTokenResponse>, ApiError> {
+pub async fn console_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<ConsoleTokenResponse>, ApiError> {
     Ok(Json(state.mint_console_token(caller, id).await?))
 }
 
@@ -107,11 +113,20 @@ pub async fn open_vm_console(
 }
 
 /// `GET /v1/console?session=...`: the console of the token's VM.
-pub async fn open_console(State(state): State<AppState>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, QueryParams(q): QueryParams<ConsoleQuery>) -> Result<Response, ApiError> {
+pub async fn open_console(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    QueryParams(q): QueryParams<ConsoleQuery>,
+) -> Result<Response, ApiError> {
     upgrade(state, None, ws, q).await
 }
 
-async fn upgrade(state: AppState, path_vm: Option<VmId>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, q: ConsoleQuery) -> Result<Response, ApiError> {
+async fn upgrade(
+    state: AppState,
+    path_vm: Option<VmId>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    q: ConsoleQuery,
+) -> Result<Response, ApiError> {
     // Checked before the token is spent: a plain GET must not burn it.
     let ws = ws.map_err(|r| {
         ApiError::bad_request(
@@ -119,15 +134,25 @@ async fn upgrade(state: AppState, path_vm: Option<VmId>, ws: Result<WebSocketUpg
             format!("this is a WebSocket endpoint: connect with ws(s)://HOST/v1/vms/ID/console?session=TOKEN ({})", r.body_text()),
         )
     })?;
-    let (cols, rows) = (q.cols.unwrap_or(DEFAULT_COLS), q.rows.unwrap_or(DEFAULT_ROWS));
+    let (cols, rows) = (
+        q.cols.unwrap_or(DEFAULT_COLS),
+        q.rows.unwrap_or(DEFAULT_ROWS),
+    );
     check_size(cols, rows).map_err(|e| ApiError::bad_request(codes::INVALID_REQUEST, e))?;
     let token = q.session.filter(|s| !s.is_empty()).ok_or_else(|| {
-        ApiError::new(StatusCode::UNAUTHORIZED, error_codes::CONSOLE_TOKEN_INVALID, "missing ?session=<token>; mint one with POST /v1/vms/{id}/console-token")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            error_codes::CONSOLE_TOKEN_INVALID,
+            "missing ?session=<token>; mint one with POST /v1/vms/{id}/console-token",
+        )
     })?;
     let grant = state.redeem_console_token(&token, path_vm).await?;
     let console = state.open_console(&grant, q.source, cols, rows).await?;
     let cfg = state.console().config.clone();
-    Ok(ws.max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE).on_upgrade(move |socket| console::run(socket, console, cfg)))
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| console::run(socket, console, cfg)))
 }
 
 const PAGE_HTML: &[u8] = include_bytes!("../../assets/console/index.html");
@@ -145,16 +170,26 @@ fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     res
 }
 
 /// `GET /console`: the web terminal (the token comes in the URL fragment).
 pub async fn page() -> Response {
     let mut res = asset(PAGE_HTML, "text/html; charset=utf-8", "no-store");
-    res.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    res.headers_mut().insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    res.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    res.headers_mut()
+        .insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     res
 }
 

@@ -37,12 +37,17 @@ pub const NDJSON: &str = "application/x-ndjson";
 
 /// True when the client asked for the NDJSON stream.
 fn wants_ndjson(headers: &HeaderMap) -> bool {
-    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|range| {
-        let mut parts = range.split(';');
-        let media = parts.next().unwrap_or("").trim();
-        let refused = parts.any(|p| p.trim().replace(' ', "").eq_ignore_ascii_case("q=0"));
-        media.eq_ignore_ascii_case(NDJSON) && !refused
-    })
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| p.trim().replace(' ', "").eq_ignore_ascii_case("q=0"));
+            media.eq_ignore_ascii_case(NDJSON) && !refused
+        })
 }
 
 /// Run a command
@@ -72,7 +77,13 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
-pub async fn exec(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, headers: HeaderMap, JsonBody(req): JsonBody<ExecVmRequest>) -> Result<Response, ApiError> {
+pub async fn exec(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<ExecVmRequest>,
+) -> Result<Response, ApiError> {
     let events = state.start_exec(caller.org_id, id, &req).await?;
     if wants_ndjson(&headers) {
         Ok(ndjson(events))
@@ -100,7 +111,11 @@ pub(crate) async fn collect(mut events: ExecEvents) -> Result<ExecVmResponse, Ap
             WorkerEvent::Exit(status) => {
                 // A diagnostic (e.g. the program could not start) goes to stderr.
                 if let Some(diag) = status.error.as_deref().filter(|d| !d.is_empty()) {
-                    append_capped(&mut stderr, format!("{diag}\n").as_bytes(), &mut stderr_truncated);
+                    append_capped(
+                        &mut stderr,
+                        format!("{diag}\n").as_bytes(),
+                        &mut stderr_truncated,
+                    );
                 }
                 return Ok(ExecVmResponse {
                     exit_code: status.code,
@@ -114,7 +129,11 @@ pub(crate) async fn collect(mut events: ExecEvents) -> Result<ExecVmResponse, Ap
             }
         }
     }
-    Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::AGENT_UNAVAILABLE, "the exec stream ended without an exit status"))
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        codes::AGENT_UNAVAILABLE,
+        "the exec stream ended without an exit status",
+    ))
 }
 
 fn line(event: &ExecEvent) -> Bytes {
@@ -131,16 +150,32 @@ fn ndjson(events: ExecEvents) -> Response {
         let (event, more) = match events.next().await {
             Some(Ok(WorkerEvent::Stdout(d))) => (ExecEvent::stdout(&d), true),
             Some(Ok(WorkerEvent::Stderr(d))) => (ExecEvent::stderr(&d), true),
-            Some(Ok(WorkerEvent::Exit(s))) => (ExecEvent::exit(s.code, s.timed_out, s.duration_ms, s.error.unwrap_or_default()), false),
+            Some(Ok(WorkerEvent::Exit(s))) => (
+                ExecEvent::exit(
+                    s.code,
+                    s.timed_out,
+                    s.duration_ms,
+                    s.error.unwrap_or_default(),
+                ),
+                false,
+            ),
             // The stream always ends with exactly one `x` event, even when the guest fails us.
-            Some(Err(e)) => (ExecEvent::exit(-1, false, 0, format!("exec failed: {e}")), false),
-            None => (ExecEvent::exit(-1, false, 0, "the exec stream ended without an exit status"), false),
+            Some(Err(e)) => (
+                ExecEvent::exit(-1, false, 0, format!("exec failed: {e}")),
+                false,
+            ),
+            None => (
+                ExecEvent::exit(-1, false, 0, "the exec stream ended without an exit status"),
+                false,
+            ),
         };
         Some((Ok::<_, Infallible>(line(&event)), more.then_some(events)))
     });
     let mut res = Response::new(Body::from_stream(body));
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
@@ -159,7 +194,9 @@ mod tests {
     #[test]
     fn accept_header_picks_the_mode() {
         assert!(wants_ndjson(&accept("application/x-ndjson")));
-        assert!(wants_ndjson(&accept("application/json;q=0.5, application/x-ndjson")));
+        assert!(wants_ndjson(&accept(
+            "application/json;q=0.5, application/x-ndjson"
+        )));
         assert!(!wants_ndjson(&accept("application/json")));
         assert!(!wants_ndjson(&accept("*/*")));
         assert!(!wants_ndjson(&accept("application/x-ndjson;q=0")));

@@ -18,7 +18,9 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::routes::{exec::collect, JsonBody, VmPath};
-use crate::staging::{local::key_of, Method, ObjectKey, StagingError, StagingStore as _, TokenError};
+use crate::staging::{
+    local::key_of, Method, ObjectKey, StagingError, StagingStore as _, TokenError,
+};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -26,7 +28,10 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fastvm_types::exec::ExecVmResponse;
-use fastvm_types::files::{FileExportRequest, FileExportResponse, FileFetchRequest, FileKind, FilePresignRequest, FilePresignResponse};
+use fastvm_types::files::{
+    FileExportRequest, FileExportResponse, FileFetchRequest, FileKind, FilePresignRequest,
+    FilePresignResponse,
+};
 use fastvm_types::ApiError as ErrorBody;
 use fastvm_types::{OrgId, VmId, VmStatus};
 use fastvm_worker::{ExecEvent, ExecRequest};
@@ -69,10 +74,18 @@ impl From<StagingError> for ApiError {
     fn from(e: StagingError) -> Self {
         let msg = e.to_string();
         match e {
-            StagingError::NotFound => ApiError::new(StatusCode::NOT_FOUND, codes::STAGING_OBJECT_NOT_FOUND, msg),
-            StagingError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, crate::error::codes::PAYLOAD_TOO_LARGE, msg),
+            StagingError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, codes::STAGING_OBJECT_NOT_FOUND, msg)
+            }
+            StagingError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                crate::error::codes::PAYLOAD_TOO_LARGE,
+                msg,
+            ),
             StagingError::Input(_) => ApiError::bad_request(codes::UPLOAD_INCOMPLETE, msg),
-            StagingError::Backend(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::STAGING_ERROR, msg),
+            StagingError::Backend(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::STAGING_ERROR, msg)
+            }
         }
     }
 }
@@ -104,7 +117,10 @@ impl AppState {
     async fn running_vm_cap(&self, org: OrgId, id: VmId, what: &str) -> Result<u64, ApiError> {
         let rec = self.find_vm(org, id).await?;
         if rec.status != VmStatus::Running {
-            return Err(ApiError::invalid_state(format!("VM {id} is {}; {what} needs it running", rec.status.as_str())));
+            return Err(ApiError::invalid_state(format!(
+                "VM {id} is {}; {what} needs it running",
+                rec.status.as_str()
+            )));
         }
         Ok(self.upload_cap(&rec))
     }
@@ -113,7 +129,9 @@ impl AppState {
     /// configured cap when lower.
     fn upload_cap(&self, rec: &crate::store::VmRecord) -> u64 {
         let disk = rec.disk_gib.saturating_mul(1 << 30);
-        self.staging_config().max_upload_bytes.map_or(disk, |m| m.min(disk))
+        self.staging_config()
+            .max_upload_bytes
+            .map_or(disk, |m| m.min(disk))
     }
 }
 
@@ -135,14 +153,28 @@ impl AppState {
         (status = 422, description = "The path is not absolute", body = ErrorBody),
     )
 )]
-pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FilePresignRequest>) -> Result<Json<FilePresignResponse>, ApiError> {
+pub async fn presign(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(req): JsonBody<FilePresignRequest>,
+) -> Result<Json<FilePresignResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
     let cap = state.upload_cap(&state.find_vm(caller.org_id, id).await?);
-    let key = ObjectKey { org: caller.org_id.to_string(), vm: id.to_string(), object: uuid::Uuid::new_v4().to_string() };
+    let key = ObjectKey {
+        org: caller.org_id.to_string(),
+        vm: id.to_string(),
+        object: uuid::Uuid::new_v4().to_string(),
+    };
     let ttl = state.staging_config().url_ttl;
     let urls = staging.presign(&key, cap, ttl).await?;
-    Ok(Json(FilePresignResponse { upload_url: urls.upload_url, download_url: urls.download_url, expires_in_sec: ttl.as_secs(), max_upload_bytes: cap }))
+    Ok(Json(FilePresignResponse {
+        upload_url: urls.upload_url,
+        download_url: urls.download_url,
+        expires_in_sec: ttl.as_secs(),
+        max_upload_bytes: cap,
+    }))
 }
 
 /// Fetch a file into a VM from a presigned URL
@@ -166,13 +198,23 @@ pub async fn presign(State(state): State<AppState>, caller: Caller, VmPath(id): 
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
-pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FileFetchRequest>) -> Result<Json<ExecVmResponse>, ApiError> {
+pub async fn fetch(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(req): JsonBody<FileFetchRequest>,
+) -> Result<Json<ExecVmResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
     let cap = state.running_vm_cap(caller.org_id, id, "fetch").await?;
-    let key = staging.resolve(&req.url, Method::Get).map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
+    let key = staging
+        .resolve(&req.url, Method::Get)
+        .map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
     if key.org != caller.org_id.to_string() {
-        return Err(ApiError::bad_request(codes::INVALID_FETCH_URL, "url was presigned for a VM of another org; presign one for a VM of yours"));
+        return Err(ApiError::bad_request(
+            codes::INVALID_FETCH_URL,
+            "url was presigned for a VM of another org; presign one for a VM of yours",
+        ));
     }
     // A presigned PUT to S3 cannot be capped: refuse an over-cap object
     // here, from its size, before a byte reaches the guest.
@@ -184,7 +226,8 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
             format!("the staged object is {size} bytes, over this VM's limit of {cap} bytes (maxUploadBytes of presign); upload less"),
         ));
     }
-    let mut wreq = ExecRequest::argv(["sh", "-c", FETCH_SCRIPT, "sh", req.path.as_str()]).with_timeout(timeout_of(req.timeout_sec));
+    let mut wreq = ExecRequest::argv(["sh", "-c", FETCH_SCRIPT, "sh", req.path.as_str()])
+        .with_timeout(timeout_of(req.timeout_sec));
     wreq.stdin = true;
     let events = state.worker().exec_with_input(id, wreq, body).await?;
     Ok(Json(collect(events).await?))
@@ -213,48 +256,104 @@ pub async fn fetch(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
-pub async fn export(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<FileExportRequest>) -> Result<Json<FileExportResponse>, ApiError> {
+pub async fn export(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(req): JsonBody<FileExportRequest>,
+) -> Result<Json<FileExportResponse>, ApiError> {
     req.validate()?;
     let staging = state.staging()?;
     let cap = state.running_vm_cap(caller.org_id, id, "export").await?;
-    let key = staging.resolve(&req.url, Method::Put).map_err(|e| body_url_error(e, codes::INVALID_EXPORT_URL, "url (an uploadUrl)"))?;
+    let key = staging
+        .resolve(&req.url, Method::Put)
+        .map_err(|e| body_url_error(e, codes::INVALID_EXPORT_URL, "url (an uploadUrl)"))?;
     if key.org != caller.org_id.to_string() || key.vm != id.to_string() {
-        return Err(ApiError::bad_request(codes::INVALID_EXPORT_URL, "url was presigned for another VM; presign one for this VM"));
+        return Err(ApiError::bad_request(
+            codes::INVALID_EXPORT_URL,
+            "url was presigned for another VM; presign one for this VM",
+        ));
     }
     let deadline = Instant::now() + timeout_of(req.timeout_sec);
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
 
-    let classify = ExecRequest::argv(["sh", "-c", CLASSIFY_SCRIPT, "sh", req.path.as_str()]).with_timeout(left());
+    let classify = ExecRequest::argv(["sh", "-c", CLASSIFY_SCRIPT, "sh", req.path.as_str()])
+        .with_timeout(left());
     let out = collect(state.worker().exec(id, classify).await?).await?;
     let kind = match out.stdout.trim() {
         "directory" => FileKind::Directory,
         "file" => FileKind::File,
-        "missing" => return Err(ApiError::new(StatusCode::NOT_FOUND, codes::FILE_NOT_FOUND, format!("no file or directory {:?} in the VM", req.path))),
-        _ => return Err(export_failed("classifying the path", out.exit_code, out.timed_out, &out.stderr)),
+        "missing" => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                codes::FILE_NOT_FOUND,
+                format!("no file or directory {:?} in the VM", req.path),
+            ))
+        }
+        _ => {
+            return Err(export_failed(
+                "classifying the path",
+                out.exit_code,
+                out.timed_out,
+                &out.stderr,
+            ))
+        }
     };
     let argv: Vec<&str> = match kind {
         FileKind::File => vec!["cat", "--", req.path.as_str()],
         FileKind::Directory => vec!["tar", "-C", req.path.as_str(), "-cf", "-", "."],
     };
-    let events = state.worker().exec(id, ExecRequest::argv(argv).with_timeout(left())).await?;
+    let events = state
+        .worker()
+        .exec(id, ExecRequest::argv(argv).with_timeout(left()))
+        .await?;
     let outcome = Arc::new(Mutex::new(Outcome::default()));
-    let stored = staging.put(&key, stdout_of(events, outcome.clone()), cap).await;
+    let stored = staging
+        .put(&key, stdout_of(events, outcome.clone()), cap)
+        .await;
     let outcome = outcome.lock().map(|o| o.clone()).unwrap_or_default();
     let size = match stored {
         Ok(size) => size,
-        Err(StagingError::Input(_)) => return Err(export_failed("reading the path", outcome.code, outcome.timed_out, &outcome.stderr)),
+        Err(StagingError::Input(_)) => {
+            return Err(export_failed(
+                "reading the path",
+                outcome.code,
+                outcome.timed_out,
+                &outcome.stderr,
+            ))
+        }
         Err(e) => return Err(e.into()),
     };
     if outcome.code != 0 || outcome.timed_out {
         let _ = staging.delete(&key).await;
-        return Err(export_failed("reading the path", outcome.code, outcome.timed_out, &outcome.stderr));
+        return Err(export_failed(
+            "reading the path",
+            outcome.code,
+            outcome.timed_out,
+            &outcome.stderr,
+        ));
     }
-    Ok(Json(FileExportResponse { kind, size_bytes: size }))
+    Ok(Json(FileExportResponse {
+        kind,
+        size_bytes: size,
+    }))
 }
 
 fn export_failed(step: &str, code: i32, timed_out: bool, stderr: &str) -> ApiError {
-    let why = if timed_out { "timed out (raise timeoutSec)".to_owned() } else { format!("exited {code}") };
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::EXPORT_FAILED, format!("{step} in the VM {why}: {}", stderr.trim()))
+    let why = if timed_out {
+        "timed out (raise timeoutSec)".to_owned()
+    } else {
+        format!("exited {code}")
+    };
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        codes::EXPORT_FAILED,
+        format!("{step} in the VM {why}: {}", stderr.trim()),
+    )
 }
 
 /// How the exporting process ended.
@@ -266,7 +365,10 @@ struct Outcome {
 }
 
 /// The stdout of an exec as a byte stream; stderr and the exit land in `outcome`.
-fn stdout_of(events: crate::worker::ExecEvents, outcome: Arc<Mutex<Outcome>>) -> crate::worker::ByteStream {
+fn stdout_of(
+    events: crate::worker::ExecEvents,
+    outcome: Arc<Mutex<Outcome>>,
+) -> crate::worker::ByteStream {
     let stream = futures::stream::unfold(Some((events, outcome)), |state| async move {
         let (mut events, outcome) = state?;
         loop {
@@ -290,7 +392,14 @@ fn stdout_of(events: crate::worker::ExecEvents, outcome: Arc<Mutex<Outcome>>) ->
                     return None;
                 }
                 Some(Err(e)) => return Some((Err(std::io::Error::other(e.to_string())), None)),
-                None => return Some((Err(std::io::Error::other("the exec ended without an exit status")), None)),
+                None => {
+                    return Some((
+                        Err(std::io::Error::other(
+                            "the exec ended without an exit status",
+                        )),
+                        None,
+                    ))
+                }
             }
         }
     });
@@ -300,26 +409,48 @@ fn stdout_of(events: crate::worker::ExecEvents, outcome: Arc<Mutex<Outcome>>) ->
 /// `PUT /v1/staging/{token}`: store the body (an uploadUrl). No API key:
 /// the token is the credential. A Content-Length over the cap is refused
 /// before any byte is read; a body crossing it is cut off and discarded.
-pub async fn staging_put(State(state): State<AppState>, Path(token): Path<String>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn staging_put(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let local = state.local_staging()?;
-    let claims = local.verify_token(&token, Method::Put).map_err(token_error)?;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let claims = local
+        .verify_token(&token, Method::Put)
+        .map_err(token_error)?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > claims.cap) {
         return Err(StagingError::TooLarge { cap: claims.cap }.into());
     }
-    let stream = body.into_data_stream().map(|r| r.map_err(std::io::Error::other));
-    let size = local.put(&key_of(&claims), Box::pin(stream), claims.cap).await?;
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    let size = local
+        .put(&key_of(&claims), Box::pin(stream), claims.cap)
+        .await?;
     Ok(Json(serde_json::json!({ "sizeBytes": size })).into_response())
 }
 
 /// `GET /v1/staging/{token}`: stream the object (a downloadUrl).
-pub async fn staging_get(State(state): State<AppState>, Path(token): Path<String>) -> Result<Response, ApiError> {
+pub async fn staging_get(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
     let local = state.local_staging()?;
-    let claims = local.verify_token(&token, Method::Get).map_err(token_error)?;
+    let claims = local
+        .verify_token(&token, Method::Get)
+        .map_err(token_error)?;
     let (size, stream) = local.get(&key_of(&claims)).await?;
     let mut res = Response::new(Body::from_stream(stream));
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)

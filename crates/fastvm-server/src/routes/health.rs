@@ -22,11 +22,21 @@ use fastvm_types::ApiError as ErrorBody;
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
-    state.store().ping().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, e.to_string()))?;
+    state.store().ping().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::UNAVAILABLE,
+            e.to_string(),
+        )
+    })?;
     Ok(Json(HealthResponse::ok()))
 }
 
 /// The OpenAPI document of this server.
 pub async fn openapi_json() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document_json()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
 }

@@ -13,8 +13,8 @@
 //! one-shot console token instead of an API key; the page `/console` and its
 //! assets are public (see `console.rs`). Request spans never carry query strings.
 //!
-//! Endpoints of the spec that are not implemented yet (services,
-//! volumes, snapshot imports, ...) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (SSH keys,
+//! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod console;
@@ -22,6 +22,7 @@ pub mod exec;
 pub mod files;
 pub mod health;
 pub mod org;
+pub mod services;
 pub mod snapshots;
 pub mod vms;
 
@@ -48,20 +49,47 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/openapi.json", get(health::openapi_json))
         .route("/v1/vms", get(vms::list).post(vms::launch))
-        .route("/v1/vms/{id}", get(vms::get).patch(vms::update).delete(vms::delete))
+        .route(
+            "/v1/vms/{id}",
+            get(vms::get).patch(vms::update).delete(vms::delete),
+        )
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/exec", post(exec::exec))
         .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
-        .route("/v1/vms/{id}/firewall", put(vms::set_firewall).patch(vms::patch_firewall))
+        .route(
+            "/v1/vms/{id}/firewall",
+            put(vms::set_firewall).patch(vms::patch_firewall),
+        )
+        .route(
+            "/v1/vms/{id}/services",
+            get(services::list).post(services::register),
+        )
+        .route(
+            "/v1/vms/{id}/services/{serviceName}",
+            put(services::update).delete(services::delete),
+        )
         .route("/v1/vms/{id}/files/presign", post(files::presign))
         .route("/v1/vms/{id}/files/fetch", post(files::fetch))
         .route("/v1/vms/{id}/files/export", post(files::export))
         // Staged objects stream: no body limit (the token carries the cap).
-        .route("/v1/staging/{token}", get(files::staging_get).put(files::staging_put).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/v1/staging/{token}",
+            get(files::staging_get)
+                .put(files::staging_put)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/org/quotas", get(org::quotas))
-        .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
-        .route("/v1/snapshots/{id}", get(snapshots::get).patch(snapshots::update).delete(snapshots::delete))
+        .route(
+            "/v1/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route(
+            "/v1/snapshots/{id}",
+            get(snapshots::get)
+                .patch(snapshots::update)
+                .delete(snapshots::delete),
+        )
         .route("/v1/vms/{id}/console-token", post(console::console_token))
         .route("/v1/vms/{id}/console", get(console::open_vm_console))
         .route("/v1/console", get(console::open_console))
@@ -75,17 +103,28 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         // Spans name the path only: query strings carry credentials (console tokens).
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())))
-        .layer(CatchPanicLayer::custom(|_| ApiError::internal("the server hit a bug while handling this request").into_response()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+        }))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("the server hit a bug while handling this request").into_response()
+        }))
         .with_state(state)
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::not_found(format!("no such endpoint: {method} {}; this server does not serve it", uri.path()))
+    ApiError::not_found(format!(
+        "no such endpoint: {method} {}; this server does not serve it",
+        uri.path()
+    ))
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, format!("{} does not accept {method}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        format!("{} does not accept {method}", uri.path()),
+    )
 }
 
 /// A JSON request body (`Content-Type: application/json`, at most
@@ -107,14 +146,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     codes::PAYLOAD_TOO_LARGE,
-                    format!("the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"),
+                    format!(
+                        "the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"
+                    ),
                 ))
             }
         };
         let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
-            Ok(_) if !is_object => Err(ApiError::bad_request(codes::INVALID_REQUEST, "the request body must be a JSON object")),
+            Ok(_) if !is_object => Err(ApiError::bad_request(
+                codes::INVALID_REQUEST,
+                "the request body must be a JSON object",
+            )),
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
@@ -123,16 +167,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(codes::INVALID_JSON, e.body_text()),
-        JsonRejection::JsonDataError(e) => ApiError::bad_request(codes::INVALID_REQUEST, e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::bad_request(codes::INVALID_JSON, e.body_text())
+        }
+        JsonRejection::JsonDataError(e) => {
+            ApiError::bad_request(codes::INVALID_REQUEST, e.body_text())
+        }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             codes::UNSUPPORTED_MEDIA_TYPE,
             "send the request body as JSON with the header `Content-Type: application/json`",
         ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, format!("the request body exceeds {MAX_JSON_BODY} bytes"))
-        }
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds {MAX_JSON_BODY} bytes"),
+        ),
         other => ApiError::new(other.status(), codes::INVALID_REQUEST, other.body_text()),
     }
 }
@@ -146,8 +196,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(QueryParams(v)),
-            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => Err(ApiError::bad_request(codes::INVALID_REQUEST, e.body_text())),
-            Err(e) => Err(ApiError::new(e.status(), codes::INVALID_REQUEST, e.body_text())),
+            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::bad_request(codes::INVALID_REQUEST, e.body_text()))
+            }
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                codes::INVALID_REQUEST,
+                e.body_text(),
+            )),
         }
     }
 }
@@ -159,7 +215,9 @@ impl<S: Send + Sync> FromRequestParts<S> for VmPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
         raw.parse::<VmId>().map(VmPath).map_err(|_| {
             let shown: String = raw.chars().take(64).collect();
             ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
@@ -174,10 +232,14 @@ impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| ApiError::not_found(e.body_text()))?;
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
         raw.parse::<SnapshotId>().map(SnapshotPath).map_err(|_| {
             let shown: String = raw.chars().take(64).collect();
-            ApiError::not_found(format!("no snapshot with id {shown:?} (snapshot ids are UUIDs)"))
+            ApiError::not_found(format!(
+                "no snapshot with id {shown:?} (snapshot ids are UUIDs)"
+            ))
         })
     }
 }

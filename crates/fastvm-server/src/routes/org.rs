@@ -26,6 +26,9 @@ use fastvm_types::ApiError as ErrorBody;
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]
-pub async fn quotas(State(state): State<AppState>, caller: Caller) -> Result<Json<OrgQuotaUsage>, ApiError> {
+pub async fn quotas(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<OrgQuotaUsage>, ApiError> {
     Ok(Json(state.org_quotas(caller.org_id).await?))
 }

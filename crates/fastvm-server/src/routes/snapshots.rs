@@ -52,8 +52,18 @@ pub(crate) fn view(r: &SnapshotRecord) -> Snapshot {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Snapshot>>, ApiError> {
-    Ok(Json(state.list_snapshots(caller.org_id).await?.iter().map(view).collect()))
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Snapshot>>, ApiError> {
+    Ok(Json(
+        state
+            .list_snapshots(caller.org_id)
+            .await?
+            .iter()
+            .map(view)
+            .collect(),
+    ))
 }
 
 /// Create a snapshot from a VM
@@ -80,7 +90,11 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
         (status = 500, description = "The capture failed; the snapshot is kept with status error", body = ErrorBody),
     )
 )]
-pub async fn create(State(state): State<AppState>, caller: Caller, JsonBody(req): JsonBody<CreateSnapshotRequest>) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateSnapshotRequest>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
     let rec = state.create_snapshot(caller, req).await?;
     Ok((StatusCode::CREATED, Json(view(&rec))))
 }
@@ -100,7 +114,11 @@ pub async fn create(State(state): State<AppState>, caller: Caller, JsonBody(req)
         (status = 404, description = "No such snapshot in the caller's org", body = ErrorBody),
     )
 )]
-pub async fn get(State(state): State<AppState>, caller: Caller, SnapshotPath(id): SnapshotPath) -> Result<Json<Snapshot>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    SnapshotPath(id): SnapshotPath,
+) -> Result<Json<Snapshot>, ApiError> {
     Ok(Json(view(&state.find_snapshot(caller.org_id, id).await?)))
 }
 
@@ -131,7 +149,9 @@ pub async fn update(
     SnapshotPath(id): SnapshotPath,
     JsonBody(req): JsonBody<UpdateSnapshotRequest>,
 ) -> Result<Json<Snapshot>, ApiError> {
-    Ok(Json(view(&state.update_snapshot(caller.org_id, id, req).await?)))
+    Ok(Json(view(
+        &state.update_snapshot(caller.org_id, id, req).await?,
+    )))
 }
 
 /// Delete a snapshot
@@ -151,7 +171,11 @@ pub async fn update(
         (status = 409, description = "The snapshot is still being captured", body = ErrorBody),
     )
 )]
-pub async fn delete(State(state): State<AppState>, caller: Caller, SnapshotPath(id): SnapshotPath) -> Result<Json<DeleteResponse>, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    SnapshotPath(id): SnapshotPath,
+) -> Result<Json<DeleteResponse>, ApiError> {
     state.delete_snapshot(caller.org_id, id).await?;
     Ok(Json(DeleteResponse::new(id)))
 }

@@ -37,7 +37,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use fastvm_types::vm::ListVmsQuery;
-use fastvm_types::{ApiError as ErrorBody, DeleteResponse, FirewallPolicy, LaunchVmRequest, UpdateVmRequest, Vm, VmStatus};
+use fastvm_types::{
+    ApiError as ErrorBody, DeleteResponse, FirewallPolicy, LaunchVmRequest, UpdateVmRequest, Vm,
+    VmStatus,
+};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// RFC 3339 (UTC, milliseconds) of a Unix-ms time.
@@ -47,11 +50,10 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 }
 
 /// The API view of a stored VM. Features that land later are present with
-/// honest values: no services (so `effectiveFirewall` is the normalized
-/// policy), no volumes, no bucket mounts.
+/// honest values: no volumes, no bucket mounts.
 pub(crate) fn view(r: &VmRecord) -> Vm {
     let firewall = r.firewall.normalized();
-    let effective_firewall = r.firewall.with_service_rules(std::iter::empty());
+    let effective_firewall = r.effective_firewall();
     let non_negative = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
     Vm {
         id: r.id,
@@ -71,8 +73,16 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
         created_at: rfc3339(r.created_at_ms),
         deleted_at: r.deleted_at_ms.map(rfc3339),
         ttl: r.ttl,
-        expires_at_ms: if r.status == VmStatus::Running { non_negative(r.expires_at_ms) } else { None },
-        ttl_remaining_ms: if r.status == VmStatus::Paused { non_negative(r.ttl_remaining_ms) } else { None },
+        expires_at_ms: if r.status == VmStatus::Running {
+            non_negative(r.expires_at_ms)
+        } else {
+            None
+        },
+        ttl_remaining_ms: if r.status == VmStatus::Paused {
+            non_negative(r.ttl_remaining_ms)
+        } else {
+            None
+        },
         paused_at: r.paused_at_ms.map(rfc3339),
         volumes: vec![],
         bucket_mounts: vec![],
@@ -94,7 +104,11 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]
-pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q): QueryParams<ListVmsQuery>) -> Result<Json<Vec<Vm>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<ListVmsQuery>,
+) -> Result<Json<Vec<Vm>>, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => match VmStatus::parse(s) {
@@ -131,9 +145,17 @@ pub async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q):
         (status = 429, description = "An org quota would be exceeded (`QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`); nothing was created", body = ErrorBody),
     )
 )]
-pub async fn launch(State(state): State<AppState>, caller: Caller, JsonBody(req): JsonBody<LaunchVmRequest>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+pub async fn launch(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<LaunchVmRequest>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
     let rec = state.launch_vm(caller, req).await?;
-    let status = if rec.status == VmStatus::Running { StatusCode::CREATED } else { StatusCode::ACCEPTED };
+    let status = if rec.status == VmStatus::Running {
+        StatusCode::CREATED
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(view(&rec))))
 }
 
@@ -152,7 +174,11 @@ pub async fn launch(State(state): State<AppState>, caller: Caller, JsonBody(req)
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
     )
 )]
-pub async fn get(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.find_vm(caller.org_id, id).await?)))
 }
 
@@ -176,7 +202,12 @@ pub async fn get(State(state): State<AppState>, caller: Caller, VmPath(id): VmPa
         (status = 422, description = "The body breaks a rule (nothing to update, metadata, ttl)", body = ErrorBody),
     )
 )]
-pub async fn update(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(req): JsonBody<UpdateVmRequest>) -> Result<Json<Vm>, ApiError> {
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(req): JsonBody<UpdateVmRequest>,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.update_vm(caller.org_id, id, req).await?)))
 }
 
@@ -196,7 +227,11 @@ pub async fn update(State(state): State<AppState>, caller: Caller, VmPath(id): V
         (status = 409, description = "The VM is already being deleted", body = ErrorBody),
     )
 )]
-pub async fn delete(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<DeleteResponse>, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<DeleteResponse>, ApiError> {
     state.delete_vm(caller.org_id, id).await?;
     Ok(Json(DeleteResponse::new(id)))
 }
@@ -217,7 +252,11 @@ pub async fn delete(State(state): State<AppState>, caller: Caller, VmPath(id): V
         (status = 409, description = "The VM is not running", body = ErrorBody),
     )
 )]
-pub async fn pause(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+pub async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.pause_vm(caller.org_id, id).await?)))
 }
 
@@ -238,7 +277,11 @@ pub async fn pause(State(state): State<AppState>, caller: Caller, VmPath(id): Vm
         (status = 429, description = "The org is over a VM quota (its limits were lowered below its usage); the VM stays paused", body = ErrorBody),
     )
 )]
-pub async fn resume(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+pub async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.resume_vm(caller.org_id, id).await?)))
 }
 
@@ -262,7 +305,11 @@ pub async fn resume(State(state): State<AppState>, caller: Caller, VmPath(id): V
         (status = 409, description = "The VM has no TTL (`TTL_NOT_SET`), or is neither running nor paused (`INVALID_STATE`)", body = ErrorBody),
     )
 )]
-pub async fn refresh_ttl(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath) -> Result<Json<Vm>, ApiError> {
+pub async fn refresh_ttl(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(view(&state.refresh_ttl(caller.org_id, id).await?)))
 }
 
@@ -288,8 +335,15 @@ pub async fn refresh_ttl(State(state): State<AppState>, caller: Caller, VmPath(i
         (status = 415, description = "Body is not JSON", body = ErrorBody),
     )
 )]
-pub async fn set_firewall(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(policy): JsonBody<FirewallPolicy>) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.set_firewall(caller.org_id, id, policy, false).await?)))
+pub async fn set_firewall(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(policy): JsonBody<FirewallPolicy>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(
+        &state.set_firewall(caller.org_id, id, policy, false).await?,
+    )))
 }
 
 /// Patch firewall policy
@@ -314,6 +368,13 @@ pub async fn set_firewall(State(state): State<AppState>, caller: Caller, VmPath(
         (status = 415, description = "Body is not JSON", body = ErrorBody),
     )
 )]
-pub async fn patch_firewall(State(state): State<AppState>, caller: Caller, VmPath(id): VmPath, JsonBody(policy): JsonBody<FirewallPolicy>) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.set_firewall(caller.org_id, id, policy, true).await?)))
+pub async fn patch_firewall(
+    State(state): State<AppState>,
+    caller: Caller,
+    VmPath(id): VmPath,
+    JsonBody(policy): JsonBody<FirewallPolicy>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(view(
+        &state.set_firewall(caller.org_id, id, policy, true).await?,
+    )))
 }

@@ -35,15 +35,25 @@ impl LocalStaging {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let key_path = data_dir.join(SECRET_FILE);
         let secret = match std::fs::read_to_string(&key_path) {
-            Ok(s) => hex::decode(s.trim()).with_context(|| format!("{} is not hex; delete it to make a new one (outstanding URLs become invalid)", key_path.display()))?,
+            Ok(s) => hex::decode(s.trim()).with_context(|| {
+                format!(
+                    "{} is not hex; delete it to make a new one (outstanding URLs become invalid)",
+                    key_path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret: [u8; 32] = rand::random();
-                crate::write_secret(&key_path, &format!("{}\n", hex::encode(secret))).with_context(|| format!("writing {}", key_path.display()))?;
+                crate::write_secret(&key_path, &format!("{}\n", hex::encode(secret)))
+                    .with_context(|| format!("writing {}", key_path.display()))?;
                 secret.to_vec()
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
         };
-        Ok(LocalStaging { root, secret, base_url: base_url.trim_end_matches('/').to_owned() })
+        Ok(LocalStaging {
+            root,
+            secret,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        })
     }
 
     /// Check a token of `/v1/staging/{token}` for `method`.
@@ -63,14 +73,29 @@ impl LocalStaging {
     }
 
     fn url(&self, key: &ObjectKey, method: Method, cap: u64, expires: u64) -> String {
-        let claims = Claims { object: key.object.clone(), org: key.org.clone(), vm: key.vm.clone(), method, expires, cap };
-        format!("{}{URL_PREFIX}{}", self.base_url, token::sign(&self.secret, &claims))
+        let claims = Claims {
+            object: key.object.clone(),
+            org: key.org.clone(),
+            vm: key.vm.clone(),
+            method,
+            expires,
+            cap,
+        };
+        format!(
+            "{}{URL_PREFIX}{}",
+            self.base_url,
+            token::sign(&self.secret, &claims)
+        )
     }
 }
 
 /// The key of verified claims.
 pub fn key_of(claims: &Claims) -> ObjectKey {
-    ObjectKey { org: claims.org.clone(), vm: claims.vm.clone(), object: claims.object.clone() }
+    ObjectKey {
+        org: claims.org.clone(),
+        vm: claims.vm.clone(),
+        object: claims.object.clone(),
+    }
 }
 
 /// The token of a URL `.../v1/staging/<token>[?...]`.
@@ -80,7 +105,11 @@ fn token_of(url: &str) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-async fn write_capped(file: &mut tokio::fs::File, mut body: ByteStream, cap: u64) -> Result<u64, StagingError> {
+async fn write_capped(
+    file: &mut tokio::fs::File,
+    mut body: ByteStream,
+    cap: u64,
+) -> Result<u64, StagingError> {
     let mut size: u64 = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| StagingError::Input(e.to_string()))?;
@@ -88,17 +117,29 @@ async fn write_capped(file: &mut tokio::fs::File, mut body: ByteStream, cap: u64
         if size > cap {
             return Err(StagingError::TooLarge { cap });
         }
-        file.write_all(&chunk).await.map_err(|e| StagingError::Backend(format!("writing the object: {e}")))?;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| StagingError::Backend(format!("writing the object: {e}")))?;
     }
-    file.flush().await.map_err(|e| StagingError::Backend(format!("writing the object: {e}")))?;
+    file.flush()
+        .await
+        .map_err(|e| StagingError::Backend(format!("writing the object: {e}")))?;
     Ok(size)
 }
 
 #[async_trait]
 impl StagingStore for LocalStaging {
-    async fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError> {
+    async fn presign(
+        &self,
+        key: &ObjectKey,
+        cap: u64,
+        ttl: Duration,
+    ) -> Result<Presigned, StagingError> {
         let expires = unix_now().saturating_add(ttl.as_secs().max(1));
-        Ok(Presigned { upload_url: self.url(key, Method::Put, cap, expires), download_url: self.url(key, Method::Get, cap, expires) })
+        Ok(Presigned {
+            upload_url: self.url(key, Method::Put, cap, expires),
+            download_url: self.url(key, Method::Get, cap, expires),
+        })
     }
 
     fn resolve(&self, url: &str, method: Method) -> Result<ObjectKey, TokenError> {
@@ -108,14 +149,24 @@ impl StagingStore for LocalStaging {
 
     async fn put(&self, key: &ObjectKey, body: ByteStream, cap: u64) -> Result<u64, StagingError> {
         let path = self.path(key);
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| StagingError::Backend(format!("creating {}: {e}", dir.display())))?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| StagingError::Backend(format!("creating {}: {e}", dir.display())))?;
         let part = dir.join(format!("{}.part-{}", key.object, uuid::Uuid::new_v4()));
-        let mut file = tokio::fs::File::create(&part).await.map_err(|e| StagingError::Backend(format!("creating {}: {e}", part.display())))?;
+        let mut file = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| StagingError::Backend(format!("creating {}: {e}", part.display())))?;
         let written = write_capped(&mut file, body, cap).await;
         drop(file);
         let result = match written {
-            Ok(size) => tokio::fs::rename(&part, &path).await.map(|()| size).map_err(|e| StagingError::Backend(format!("renaming {}: {e}", part.display()))),
+            Ok(size) => tokio::fs::rename(&part, &path)
+                .await
+                .map(|()| size)
+                .map_err(|e| StagingError::Backend(format!("renaming {}: {e}", part.display()))),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -128,10 +179,21 @@ impl StagingStore for LocalStaging {
         let path = self.path(key);
         let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StagingError::NotFound),
-            Err(e) => return Err(StagingError::Backend(format!("opening {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StagingError::NotFound)
+            }
+            Err(e) => {
+                return Err(StagingError::Backend(format!(
+                    "opening {}: {e}",
+                    path.display()
+                )))
+            }
         };
-        let size = file.metadata().await.map_err(|e| StagingError::Backend(e.to_string()))?.len();
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| StagingError::Backend(e.to_string()))?
+            .len();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK);
         Ok((size, Box::pin(stream)))
     }
@@ -146,7 +208,9 @@ impl StagingStore for LocalStaging {
 
     async fn gc(&self, max_age: Duration) -> Result<usize, StagingError> {
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || gc_dir(&root, max_age, 0)).await.map_err(|e| StagingError::Backend(e.to_string()))?
+        tokio::task::spawn_blocking(move || gc_dir(&root, max_age, 0))
+            .await
+            .map_err(|e| StagingError::Backend(e.to_string()))?
     }
 }
 
@@ -157,7 +221,12 @@ fn gc_dir(dir: &Path, max_age: Duration, depth: u32) -> Result<usize, StagingErr
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(StagingError::Backend(format!("reading {}: {e}", dir.display()))),
+        Err(e) => {
+            return Err(StagingError::Backend(format!(
+                "reading {}: {e}",
+                dir.display()
+            )))
+        }
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -166,7 +235,11 @@ fn gc_dir(dir: &Path, max_age: Duration, depth: u32) -> Result<usize, StagingErr
             removed += gc_dir(&path, max_age, depth + 1)?;
             let _ = std::fs::remove_dir(&path); // only succeeds when empty
         } else if meta.is_file() {
-            let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= max_age);
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= max_age);
             if old && std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
@@ -181,11 +254,17 @@ mod tests {
     use bytes::Bytes;
 
     fn key() -> ObjectKey {
-        ObjectKey { org: uuid::Uuid::new_v4().to_string(), vm: uuid::Uuid::new_v4().to_string(), object: uuid::Uuid::new_v4().to_string() }
+        ObjectKey {
+            org: uuid::Uuid::new_v4().to_string(),
+            vm: uuid::Uuid::new_v4().to_string(),
+            object: uuid::Uuid::new_v4().to_string(),
+        }
     }
 
     fn body(chunks: Vec<&'static [u8]>) -> ByteStream {
-        Box::pin(futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from_static(c)))))
+        Box::pin(futures::stream::iter(
+            chunks.into_iter().map(|c| Ok(Bytes::from_static(c))),
+        ))
     }
 
     #[tokio::test]
@@ -194,11 +273,19 @@ mod tests {
         let s = LocalStaging::open(dir.path(), "http://127.0.0.1:1/")?;
         let k = key();
         let urls = s.presign(&k, 5, Duration::from_secs(60)).await?;
-        assert!(urls.upload_url.starts_with("http://127.0.0.1:1/v1/staging/"));
+        assert!(urls
+            .upload_url
+            .starts_with("http://127.0.0.1:1/v1/staging/"));
         assert_eq!(s.resolve(&urls.download_url, Method::Get)?, k);
         assert_eq!(s.resolve(&urls.upload_url, Method::Put)?, k);
-        assert_eq!(s.resolve(&urls.upload_url, Method::Get), Err(TokenError::WrongMethod(Method::Put)));
-        assert_eq!(s.resolve("http://elsewhere/x", Method::Get), Err(TokenError::Invalid));
+        assert_eq!(
+            s.resolve(&urls.upload_url, Method::Get),
+            Err(TokenError::WrongMethod(Method::Put))
+        );
+        assert_eq!(
+            s.resolve("http://elsewhere/x", Method::Get),
+            Err(TokenError::Invalid)
+        );
         assert!(matches!(s.get(&k).await, Err(StagingError::NotFound)));
         assert_eq!(s.put(&k, body(vec![b"ab", b"cde"]), 5).await?, 5);
         let (size, mut stream) = s.get(&k).await?;
@@ -209,7 +296,10 @@ mod tests {
         }
         assert_eq!(got, b"abcde");
         // Crossing the cap: refused, the old object stays, no part file is left.
-        assert!(matches!(s.put(&k, body(vec![b"abc", b"def"]), 5).await, Err(StagingError::TooLarge { cap: 5 })));
+        assert!(matches!(
+            s.put(&k, body(vec![b"abc", b"def"]), 5).await,
+            Err(StagingError::TooLarge { cap: 5 })
+        ));
         assert_eq!(s.get(&k).await?.0, 5);
         let dir_entries = std::fs::read_dir(s.path(&k).parent().unwrap_or(dir.path()))?.count();
         assert_eq!(dir_entries, 1);

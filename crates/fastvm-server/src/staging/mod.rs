@@ -44,7 +44,12 @@ pub struct StagingConfig {
 
 impl Default for StagingConfig {
     fn default() -> Self {
-        StagingConfig { url_ttl: Duration::from_secs(3600), max_age: Duration::from_secs(24 * 3600), max_upload_bytes: None, s3: None }
+        StagingConfig {
+            url_ttl: Duration::from_secs(3600),
+            max_age: Duration::from_secs(24 * 3600),
+            max_upload_bytes: None,
+            s3: None,
+        }
     }
 }
 
@@ -71,7 +76,9 @@ pub enum StagingError {
     #[error("nothing was uploaded to this staging object (PUT the bytes to its uploadUrl first; objects are deleted after about a day)")]
     NotFound,
     /// The upload passed the cap; nothing was kept.
-    #[error("the upload exceeds the limit of {cap} bytes (the VM's disk size); nothing was stored")]
+    #[error(
+        "the upload exceeds the limit of {cap} bytes (the VM's disk size); nothing was stored"
+    )]
     TooLarge { cap: u64 },
     /// The bytes being stored failed to arrive (client gone, guest command failed).
     #[error("the upload was cut short: {0}")]
@@ -85,7 +92,12 @@ pub enum StagingError {
 #[async_trait]
 pub trait StagingStore: Send + Sync + 'static {
     /// URLs for `key`, valid for `ttl`, uploads capped at `cap` bytes.
-    async fn presign(&self, key: &ObjectKey, cap: u64, ttl: Duration) -> Result<Presigned, StagingError>;
+    async fn presign(
+        &self,
+        key: &ObjectKey,
+        cap: u64,
+        ttl: Duration,
+    ) -> Result<Presigned, StagingError>;
     /// The object a URL minted by [`StagingStore::presign`] opens with
     /// `method`, after checking signature and expiry.
     fn resolve(&self, url: &str, method: Method) -> Result<ObjectKey, TokenError>;
@@ -102,7 +114,10 @@ pub trait StagingStore: Send + Sync + 'static {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The staging GC task: every `max_age / 4` (between 1 s and 10 min) it

@@ -46,7 +46,11 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// S3 refuses presigned URLs valid for longer than 7 days.
 const MAX_URL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Characters kept as-is in SigV4 canonical query strings.
-const STRICT_ENCODE_SET: AsciiSet = NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const STRICT_ENCODE_SET: AsciiSet = NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Where the S3-compatible store is and how to sign for it.
 #[derive(Clone)]
@@ -81,7 +85,9 @@ impl std::fmt::Debug for S3Config {
 pub enum S3ConfigError {
     #[error("S3 staging: the endpoint {0:?} is not an http(s)://host[:port] URL")]
     Endpoint(String),
-    #[error("S3 staging: the bucket name {0:?} is not valid (3-63 characters of a-z, 0-9, '.', '-')")]
+    #[error(
+        "S3 staging: the bucket name {0:?} is not valid (3-63 characters of a-z, 0-9, '.', '-')"
+    )]
     Bucket(String),
     #[error("S3 staging: the key prefix {0:?} is not valid (segments of A-Z, a-z, 0-9, '.', '_', '-' separated by '/')")]
     Prefix(String),
@@ -107,14 +113,26 @@ impl S3Staging {
     /// A store for `cfg` (no request is made: a wrong endpoint or
     /// credentials show at the first transfer).
     pub fn new(cfg: &S3Config) -> Result<S3Staging, S3ConfigError> {
-        for (name, v) in [("region", &cfg.region), ("access key id", &cfg.access_key_id), ("secret access key", &cfg.secret_access_key)] {
+        for (name, v) in [
+            ("region", &cfg.region),
+            ("access key id", &cfg.access_key_id),
+            ("secret access key", &cfg.secret_access_key),
+        ] {
             if v.trim().is_empty() {
                 return Err(S3ConfigError::Missing(name));
             }
         }
-        let endpoint = cfg.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
-        let origin = parse_origin(&endpoint).ok_or_else(|| S3ConfigError::Endpoint(endpoint.clone()))?;
-        let bucket_ok = (3..=63).contains(&cfg.bucket.len()) && cfg.bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+        let origin =
+            parse_origin(&endpoint).ok_or_else(|| S3ConfigError::Endpoint(endpoint.clone()))?;
+        let bucket_ok = (3..=63).contains(&cfg.bucket.len())
+            && cfg
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
         if !bucket_ok {
             return Err(S3ConfigError::Bucket(cfg.bucket.clone()));
         }
@@ -159,17 +177,36 @@ impl S3Staging {
     /// The object a URL names, if the URL points into our bucket and prefix
     /// and its key has the shape `org/vm/uuid` (all UUIDs).
     fn key_of_url(&self, url: &Url) -> Option<ObjectKey> {
-        if url.scheme() != self.origin.scheme() || host_port(url) != host_port(&self.origin) || url.fragment().is_some() {
+        if url.scheme() != self.origin.scheme()
+            || host_port(url) != host_port(&self.origin)
+            || url.fragment().is_some()
+        {
             return None;
         }
-        let rest = url.path().strip_prefix('/')?.strip_prefix(self.bucket.as_str())?.strip_prefix('/')?;
-        let rest = if self.prefix.is_empty() { rest } else { rest.strip_prefix(self.prefix.as_str())?.strip_prefix('/')? };
+        let rest = url
+            .path()
+            .strip_prefix('/')?
+            .strip_prefix(self.bucket.as_str())?
+            .strip_prefix('/')?;
+        let rest = if self.prefix.is_empty() {
+            rest
+        } else {
+            rest.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?
+        };
         let mut parts = rest.split('/');
         let (org, vm, object) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || [org, vm, object].iter().any(|p| uuid::Uuid::parse_str(p).is_err()) {
+        if parts.next().is_some()
+            || [org, vm, object]
+                .iter()
+                .any(|p| uuid::Uuid::parse_str(p).is_err())
+        {
             return None;
         }
-        Some(ObjectKey { org: org.to_owned(), vm: vm.to_owned(), object: object.to_owned() })
+        Some(ObjectKey {
+            org: org.to_owned(),
+            vm: vm.to_owned(),
+            object: object.to_owned(),
+        })
     }
 
     /// Check a presigned URL at time `now` (Unix seconds): ours, signed by
@@ -178,15 +215,32 @@ impl S3Staging {
         let url = Url::parse(url).map_err(|_| TokenError::Invalid)?;
         let key = self.key_of_url(&url).ok_or(TokenError::Invalid)?;
         let q = SignedQuery::parse(&url).ok_or(TokenError::Invalid)?;
-        if q.signed_headers != "host" || q.credential != format!("{}/{}", self.access_key_id, self.scope(&q.date)) {
+        if q.signed_headers != "host"
+            || q.credential != format!("{}/{}", self.access_key_id, self.scope(&q.date))
+        {
             return Err(TokenError::Invalid);
         }
-        let signed_by = |m: Method| constant_time_eq(self.signature(&url, m, &q.date).as_bytes(), q.signature.as_bytes());
+        let signed_by = |m: Method| {
+            constant_time_eq(
+                self.signature(&url, m, &q.date).as_bytes(),
+                q.signature.as_bytes(),
+            )
+        };
         if !signed_by(method) {
-            let other = if method == Method::Put { Method::Get } else { Method::Put };
-            return Err(if signed_by(other) { TokenError::WrongMethod(other) } else { TokenError::Invalid });
+            let other = if method == Method::Put {
+                Method::Get
+            } else {
+                Method::Put
+            };
+            return Err(if signed_by(other) {
+                TokenError::WrongMethod(other)
+            } else {
+                TokenError::Invalid
+            });
         }
-        let expires = amz_date_to_unix(&q.date).ok_or(TokenError::Invalid)?.saturating_add(q.expires_in);
+        let expires = amz_date_to_unix(&q.date)
+            .ok_or(TokenError::Invalid)?
+            .saturating_add(q.expires_in);
         if now >= expires {
             return Err(TokenError::Expired);
         }
@@ -194,26 +248,51 @@ impl S3Staging {
     }
 
     fn scope(&self, amz_date: &str) -> String {
-        format!("{}/{}/s3/aws4_request", amz_date.get(..8).unwrap_or_default(), self.region)
+        format!(
+            "{}/{}/s3/aws4_request",
+            amz_date.get(..8).unwrap_or_default(),
+            self.region
+        )
     }
 
     /// The SigV4 query signature of `url` (its X-Amz-Signature left out),
     /// as `object_store` computes it: UNSIGNED-PAYLOAD, header `host` only.
     fn signature(&self, url: &Url, method: Method, amz_date: &str) -> String {
-        let mut pairs: Vec<(String, String)> = url.query_pairs().filter(|(k, _)| k != "X-Amz-Signature").map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        let mut pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "X-Amz-Signature")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
         pairs.sort();
         let query = pairs
             .iter()
-            .map(|(k, v)| format!("{}={}", utf8_percent_encode(k, &STRICT_ENCODE_SET), utf8_percent_encode(v, &STRICT_ENCODE_SET)))
+            .map(|(k, v)| {
+                format!(
+                    "{}={}",
+                    utf8_percent_encode(k, &STRICT_ENCODE_SET),
+                    utf8_percent_encode(v, &STRICT_ENCODE_SET)
+                )
+            })
             .collect::<Vec<_>>()
             .join("&");
         let method = match method {
             Method::Put => "PUT",
             Method::Get => "GET",
         };
-        let canonical = format!("{method}\n{}\n{query}\nhost:{}\n\nhost\nUNSIGNED-PAYLOAD", url.path(), host_port(url));
-        let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{}\n{}", self.scope(amz_date), hex::encode(Sha256::digest(canonical.as_bytes())));
-        let k_date = hmac_sha256(format!("AWS4{}", self.secret_access_key).as_bytes(), amz_date.get(..8).unwrap_or_default().as_bytes());
+        let canonical = format!(
+            "{method}\n{}\n{query}\nhost:{}\n\nhost\nUNSIGNED-PAYLOAD",
+            url.path(),
+            host_port(url)
+        );
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{}\n{}",
+            self.scope(amz_date),
+            hex::encode(Sha256::digest(canonical.as_bytes()))
+        );
+        let k_date = hmac_sha256(
+            format!("AWS4{}", self.secret_access_key).as_bytes(),
+            amz_date.get(..8).unwrap_or_default().as_bytes(),
+        );
         let k_region = hmac_sha256(&k_date, self.region.as_bytes());
         let k_service = hmac_sha256(&k_region, b"s3");
         let k_signing = hmac_sha256(&k_service, b"aws4_request");
@@ -230,12 +309,28 @@ fn backend(e: object_store::Error) -> StagingError {
 
 #[async_trait]
 impl StagingStore for S3Staging {
-    async fn presign(&self, key: &ObjectKey, _cap: u64, ttl: Duration) -> Result<Presigned, StagingError> {
+    async fn presign(
+        &self,
+        key: &ObjectKey,
+        _cap: u64,
+        ttl: Duration,
+    ) -> Result<Presigned, StagingError> {
         let ttl = ttl.clamp(Duration::from_secs(1), MAX_URL_TTL);
         let path = self.path(key);
-        let up = self.store.signed_url(axum::http::Method::PUT, &path, ttl).await.map_err(backend)?;
-        let down = self.store.signed_url(axum::http::Method::GET, &path, ttl).await.map_err(backend)?;
-        Ok(Presigned { upload_url: up.to_string(), download_url: down.to_string() })
+        let up = self
+            .store
+            .signed_url(axum::http::Method::PUT, &path, ttl)
+            .await
+            .map_err(backend)?;
+        let down = self
+            .store
+            .signed_url(axum::http::Method::GET, &path, ttl)
+            .await
+            .map_err(backend)?;
+        Ok(Presigned {
+            upload_url: up.to_string(),
+            download_url: down.to_string(),
+        })
     }
 
     fn resolve(&self, url: &str, method: Method) -> Result<ObjectKey, TokenError> {
@@ -243,7 +338,11 @@ impl StagingStore for S3Staging {
     }
 
     async fn put(&self, key: &ObjectKey, body: ByteStream, cap: u64) -> Result<u64, StagingError> {
-        let upload = self.store.put_multipart(&self.path(key)).await.map_err(backend)?;
+        let upload = self
+            .store
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(backend)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         match write_capped(&mut writer, body, cap).await {
             Ok(size) => {
@@ -278,12 +377,18 @@ impl StagingStore for S3Staging {
         let mut listing = self.store.list(prefix.as_ref());
         let mut removed = 0;
         while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| StagingError::Backend(format!("listing the bucket: {e}")))?;
+            let meta =
+                meta.map_err(|e| StagingError::Backend(format!("listing the bucket: {e}")))?;
             if meta.last_modified.timestamp() <= cutoff {
                 match self.store.delete(&meta.location).await {
                     Ok(()) => removed += 1,
                     Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(StagingError::Backend(format!("deleting {}: {e}", meta.location))),
+                    Err(e) => {
+                        return Err(StagingError::Backend(format!(
+                            "deleting {}: {e}",
+                            meta.location
+                        )))
+                    }
                 }
             }
         }
@@ -293,11 +398,17 @@ impl StagingStore for S3Staging {
 
 /// Unix second at or before which an object is older than `max_age`.
 fn chrono_cutoff(max_age: Duration) -> i64 {
-    i64::try_from(unix_now()).unwrap_or(i64::MAX).saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(unix_now())
+        .unwrap_or(i64::MAX)
+        .saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Feed `body` to `writer`, stopping at `cap` bytes; returns the size.
-async fn write_capped(writer: &mut WriteMultipart, mut body: ByteStream, cap: u64) -> Result<u64, StagingError> {
+async fn write_capped(
+    writer: &mut WriteMultipart,
+    mut body: ByteStream,
+    cap: u64,
+) -> Result<u64, StagingError> {
     let mut size: u64 = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| StagingError::Input(e.to_string()))?;
@@ -305,7 +416,10 @@ async fn write_capped(writer: &mut WriteMultipart, mut body: ByteStream, cap: u6
         if size > cap {
             return Err(StagingError::TooLarge { cap });
         }
-        writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(backend)?;
+        writer
+            .wait_for_capacity(PARTS_IN_FLIGHT)
+            .await
+            .map_err(backend)?;
         writer.put(chunk);
     }
     Ok(size)
@@ -344,13 +458,23 @@ impl SignedQuery {
 /// `YYYYMMDDTHHMMSSZ` (UTC) as Unix seconds.
 fn amz_date_to_unix(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit) {
+    if b.len() != 16
+        || b[8] != b'T'
+        || b[15] != b'Z'
+        || !b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r).and_then(|d| d.parse::<u64>().ok());
     let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
     let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm), for years >= 1970.
@@ -366,7 +490,11 @@ fn amz_date_to_unix(s: &str) -> Option<u64> {
 /// `scheme://host[:port]/` of an endpoint, refusing paths, queries, users.
 fn parse_origin(endpoint: &str) -> Option<Url> {
     let url = Url::parse(endpoint.trim_end_matches('/')).ok()?;
-    let ok = matches!(url.scheme(), "http" | "https") && url.host().is_some() && url.path() == "/" && url.query().is_none() && url.username().is_empty();
+    let ok = matches!(url.scheme(), "http" | "https")
+        && url.host().is_some()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.username().is_empty();
     ok.then_some(url)
 }
 
@@ -376,12 +504,17 @@ fn host_port(url: &Url) -> &str {
 }
 
 fn valid_segment(s: &str) -> bool {
-    !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     // HMAC accepts keys of any length.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     m.update(data);
     m.finalize().into_bytes().to_vec()
 }
@@ -406,14 +539,25 @@ mod tests {
     }
 
     fn key() -> ObjectKey {
-        ObjectKey { org: uuid::Uuid::new_v4().to_string(), vm: uuid::Uuid::new_v4().to_string(), object: uuid::Uuid::new_v4().to_string() }
+        ObjectKey {
+            org: uuid::Uuid::new_v4().to_string(),
+            vm: uuid::Uuid::new_v4().to_string(),
+            object: uuid::Uuid::new_v4().to_string(),
+        }
     }
 
     /// Replace (or add) query parameter `name` of `url`.
     fn with_param(url: &str, name: &str, value: &str) -> String {
         let mut u = Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
-        let pairs: Vec<(String, String)> = u.query_pairs().filter(|(k, _)| k != name).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs).append_pair(name, value);
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .filter(|(k, _)| k != name)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        u.query_pairs_mut()
+            .clear()
+            .extend_pairs(pairs)
+            .append_pair(name, value);
         u.to_string()
     }
 
@@ -422,7 +566,14 @@ mod tests {
         assert_eq!(amz_date_to_unix("19700101T000000Z"), Some(0));
         assert_eq!(amz_date_to_unix("20130524T000000Z"), Some(1_369_353_600));
         assert_eq!(amz_date_to_unix("20240229T235959Z"), Some(1_709_251_199));
-        for bad in ["", "20130524T000000", "20130524X000000Z", "20131324T000000Z", "20130524T250000Z", "2013-05-24T00:00Z"] {
+        for bad in [
+            "",
+            "20130524T000000",
+            "20130524X000000Z",
+            "20131324T000000Z",
+            "20130524T250000Z",
+            "2013-05-24T00:00Z",
+        ] {
             assert_eq!(amz_date_to_unix(bad), None, "{bad:?}");
         }
     }
@@ -434,12 +585,27 @@ mod tests {
             let k = key();
             let p = s.presign(&k, 10, Duration::from_secs(60)).await?;
             let want_path = format!("/staging/{}", s.object_key(&k));
-            assert!(p.upload_url.starts_with(&format!("http://127.0.0.1:9{want_path}?")), "{}", p.upload_url);
-            assert!(p.upload_url.contains("X-Amz-Expires=60"), "{}", p.upload_url);
+            assert!(
+                p.upload_url
+                    .starts_with(&format!("http://127.0.0.1:9{want_path}?")),
+                "{}",
+                p.upload_url
+            );
+            assert!(
+                p.upload_url.contains("X-Amz-Expires=60"),
+                "{}",
+                p.upload_url
+            );
             assert_eq!(s.resolve(&p.upload_url, Method::Put)?, k);
             assert_eq!(s.resolve(&p.download_url, Method::Get)?, k);
-            assert_eq!(s.resolve(&p.upload_url, Method::Get), Err(TokenError::WrongMethod(Method::Put)));
-            assert_eq!(s.resolve(&p.download_url, Method::Put), Err(TokenError::WrongMethod(Method::Get)));
+            assert_eq!(
+                s.resolve(&p.upload_url, Method::Get),
+                Err(TokenError::WrongMethod(Method::Put))
+            );
+            assert_eq!(
+                s.resolve(&p.download_url, Method::Put),
+                Err(TokenError::WrongMethod(Method::Get))
+            );
         }
         Ok(())
     }
@@ -448,21 +614,24 @@ mod tests {
     async fn foreign_and_tampered_urls_are_invalid() -> anyhow::Result<()> {
         let s = S3Staging::new(&cfg("pre"))?;
         let k = key();
-        let url = s.presign(&k, 10, Duration::from_secs(60)).await?.download_url;
+        let url = s
+            .presign(&k, 10, Duration::from_secs(60))
+            .await?
+            .download_url;
         let other_key = key();
         let tampered = [
-            url.replace(&k.object, &other_key.object),              // another object
-            url.replace(&k.vm, &other_key.vm),                      // another VM
-            url.replace("127.0.0.1:9", "127.0.0.1:10"),             // another endpoint
-            url.replace("/staging/", "/other-bucket/"),             // another bucket
-            url.replace("/pre/", "/"),                              // outside the prefix
-            url.replace("http://", "https://"),                     // another scheme
-            with_param(&url, "X-Amz-Expires", "604800"),            // longer life
-            with_param(&url, "X-Amz-Date", "20990101T000000Z"),     // later start
-            with_param(&url, "extra", "1"),                         // added parameter
-            with_param(&url, "X-Amz-Signature", &"0".repeat(64)),   // forged signature
+            url.replace(&k.object, &other_key.object), // another object
+            url.replace(&k.vm, &other_key.vm),         // another VM
+            url.replace("127.0.0.1:9", "127.0.0.1:10"), // another endpoint
+            url.replace("/staging/", "/other-bucket/"), // another bucket
+            url.replace("/pre/", "/"),                 // outside the prefix
+            url.replace("http://", "https://"),        // another scheme
+            with_param(&url, "X-Amz-Expires", "604800"), // longer life
+            with_param(&url, "X-Amz-Date", "20990101T000000Z"), // later start
+            with_param(&url, "extra", "1"),            // added parameter
+            with_param(&url, "X-Amz-Signature", &"0".repeat(64)), // forged signature
             format!("{url}#frag"),
-            url.split('?').next().unwrap_or_default().to_owned(),   // unsigned
+            url.split('?').next().unwrap_or_default().to_owned(), // unsigned
             "http://127.0.0.1:9/staging/pre/a/b/c?X-Amz-Algorithm=AWS4-HMAC-SHA256".to_owned(),
             "not a url".to_owned(),
             String::new(),
@@ -473,7 +642,10 @@ mod tests {
         // Same bucket and endpoint, other credentials: not ours.
         let mut other = cfg("pre");
         other.secret_access_key = "other".into();
-        let foreign = S3Staging::new(&other)?.presign(&k, 10, Duration::from_secs(60)).await?.download_url;
+        let foreign = S3Staging::new(&other)?
+            .presign(&k, 10, Duration::from_secs(60))
+            .await?
+            .download_url;
         assert_eq!(s.resolve(&foreign, Method::Get), Err(TokenError::Invalid));
         Ok(())
     }
@@ -481,11 +653,17 @@ mod tests {
     #[tokio::test]
     async fn expiry_comes_from_date_plus_expires() -> anyhow::Result<()> {
         let s = S3Staging::new(&cfg(""))?;
-        let url = s.presign(&key(), 10, Duration::from_secs(60)).await?.upload_url;
+        let url = s
+            .presign(&key(), 10, Duration::from_secs(60))
+            .await?
+            .upload_url;
         let now = unix_now();
         assert!(s.check_url(&url, Method::Put, now).is_ok());
         assert!(s.check_url(&url, Method::Put, now + 55).is_ok());
-        assert_eq!(s.check_url(&url, Method::Put, now + 62), Err(TokenError::Expired));
+        assert_eq!(
+            s.check_url(&url, Method::Put, now + 62),
+            Err(TokenError::Expired)
+        );
         Ok(())
     }
 

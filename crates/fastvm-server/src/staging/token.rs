@@ -63,7 +63,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 fn mac(secret: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length; this never fails.
-    <HmacSha256 as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+    <HmacSha256 as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
 }
 
 /// Sign `claims` into a token.
@@ -80,11 +81,15 @@ pub fn sign(secret: &[u8], claims: &Claims) -> String {
 /// and method.
 pub fn verify(secret: &[u8], token: &str, method: Method, now: u64) -> Result<Claims, TokenError> {
     let (payload, sig) = token.split_once('.').ok_or(TokenError::Invalid)?;
-    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Invalid)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| TokenError::Invalid)?;
     let mut m = mac(secret);
     m.update(payload.as_bytes());
     m.verify_slice(&sig).map_err(|_| TokenError::Invalid)?;
-    let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Invalid)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Invalid)?;
     let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Invalid)?;
     if now >= claims.expires {
         return Err(TokenError::Expired);
@@ -100,21 +105,40 @@ mod tests {
     use super::*;
 
     fn claims(method: Method) -> Claims {
-        Claims { object: "o1".into(), org: "g".into(), vm: "v".into(), method, expires: 1000, cap: 10 }
+        Claims {
+            object: "o1".into(),
+            org: "g".into(),
+            vm: "v".into(),
+            method,
+            expires: 1000,
+            cap: 10,
+        }
     }
 
     #[test]
     fn round_trip() {
         let t = sign(b"secret", &claims(Method::Put));
-        assert_eq!(verify(b"secret", &t, Method::Put, 999), Ok(claims(Method::Put)));
+        assert_eq!(
+            verify(b"secret", &t, Method::Put, 999),
+            Ok(claims(Method::Put))
+        );
     }
 
     #[test]
     fn expired_wrong_method_and_other_key() {
         let t = sign(b"secret", &claims(Method::Get));
-        assert_eq!(verify(b"secret", &t, Method::Get, 1000), Err(TokenError::Expired));
-        assert_eq!(verify(b"secret", &t, Method::Put, 1), Err(TokenError::WrongMethod(Method::Get)));
-        assert_eq!(verify(b"other", &t, Method::Get, 1), Err(TokenError::Invalid));
+        assert_eq!(
+            verify(b"secret", &t, Method::Get, 1000),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            verify(b"secret", &t, Method::Put, 1),
+            Err(TokenError::WrongMethod(Method::Get))
+        );
+        assert_eq!(
+            verify(b"other", &t, Method::Get, 1),
+            Err(TokenError::Invalid)
+        );
     }
 
     #[test]
@@ -124,14 +148,32 @@ mod tests {
         let mut later = claims(Method::Get);
         later.expires = u64::MAX;
         later.cap = u64::MAX;
-        let forged = format!("{}.{sig}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&later).unwrap_or_default()));
-        assert_eq!(verify(b"secret", &forged, Method::Get, 2000), Err(TokenError::Invalid));
+        let forged = format!(
+            "{}.{sig}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&later).unwrap_or_default())
+        );
+        assert_eq!(
+            verify(b"secret", &forged, Method::Get, 2000),
+            Err(TokenError::Invalid)
+        );
         let mut flipped = t.clone().into_bytes();
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
-        assert_eq!(verify(b"secret", &String::from_utf8_lossy(&flipped), Method::Get, 1), Err(TokenError::Invalid));
+        assert_eq!(
+            verify(
+                b"secret",
+                &String::from_utf8_lossy(&flipped),
+                Method::Get,
+                1
+            ),
+            Err(TokenError::Invalid)
+        );
         for junk in ["", ".", "abc", "a.b", "a.b.c", "\u{0}.\u{0}"] {
-            assert_eq!(verify(b"secret", junk, Method::Get, 1), Err(TokenError::Invalid), "{junk:?}");
+            assert_eq!(
+                verify(b"secret", junk, Method::Get, 1),
+                Err(TokenError::Invalid),
+                "{junk:?}"
+            );
         }
     }
 }

@@ -35,9 +35,19 @@ pub enum Redeemed {
 impl Store {
     /// Store a new console token for `vm` of `org`, minted by API key `key`,
     /// valid until `expires_at_ms`. Also forgets tokens expired long ago.
-    pub async fn insert_console_token(&self, token: &str, vm: VmId, org: OrgId, key: uuid::Uuid, expires_at_ms: i64) -> Result<()> {
+    pub async fn insert_console_token(
+        &self,
+        token: &str,
+        vm: VmId,
+        org: OrgId,
+        key: uuid::Uuid,
+        expires_at_ms: i64,
+    ) -> Result<()> {
         let now = now_ms();
-        sqlx::query("DELETE FROM console_tokens WHERE expires_at_ms < $1").bind(now.saturating_sub(KEEP_AFTER_EXPIRY_MS)).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM console_tokens WHERE expires_at_ms < $1")
+            .bind(now.saturating_sub(KEEP_AFTER_EXPIRY_MS))
+            .execute(&self.pool)
+            .await?;
         sqlx::query("INSERT INTO console_tokens (token_hash, vm_id, org_id, key_id, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(auth::hash_token(token))
             .bind(vm.to_string())
@@ -64,7 +74,9 @@ impl Store {
             .bind(&hash)
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row else { return Ok(Redeemed::Unknown) };
+        let Some(row) = row else {
+            return Ok(Redeemed::Unknown);
+        };
         let rec = ConsoleTokenRecord {
             vm_id: parse_id(&row, "vm_id", "console_tokens")?,
             org_id: parse_id(&row, "org_id", "console_tokens")?,
@@ -72,12 +84,20 @@ impl Store {
             expires_at_ms: row.try_get("expires_at_ms")?,
             used_at_ms: row.try_get("used_at_ms")?,
         };
-        Ok(if claimed { Redeemed::Fresh(rec) } else { Redeemed::AlreadyUsed(rec) })
+        Ok(if claimed {
+            Redeemed::Fresh(rec)
+        } else {
+            Redeemed::AlreadyUsed(rec)
+        })
     }
 
     /// True when the API key `key` exists and is not revoked.
     pub async fn key_is_active(&self, key: uuid::Uuid) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 AS one FROM api_keys WHERE id = $1 AND revoked_at_ms IS NULL").bind(key.to_string()).fetch_optional(&self.pool).await?;
+        let row =
+            sqlx::query("SELECT 1 AS one FROM api_keys WHERE id = $1 AND revoked_at_ms IS NULL")
+                .bind(key.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.is_some())
     }
 }

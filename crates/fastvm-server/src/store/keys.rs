@@ -40,8 +40,16 @@ const KEY_COLUMNS: &str = "id, org_id, name, prefix, created_at_ms, revoked_at_m
 
 impl Store {
     /// Create an API key of `org` (optionally owned by a user) named `name`.
-    pub async fn create_key_for(&self, org: OrgId, user: Option<uuid::Uuid>, name: &str) -> Result<NewApiKey> {
-        let exists = sqlx::query("SELECT 1 AS one FROM orgs WHERE id = $1").bind(org.to_string()).fetch_optional(&self.pool).await?;
+    pub async fn create_key_for(
+        &self,
+        org: OrgId,
+        user: Option<uuid::Uuid>,
+        name: &str,
+    ) -> Result<NewApiKey> {
+        let exists = sqlx::query("SELECT 1 AS one FROM orgs WHERE id = $1")
+            .bind(org.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound(format!("no org with id {org}")));
         }
@@ -75,13 +83,19 @@ impl Store {
     /// Keys of `org` (every org's when `None`), revoked ones included, oldest first.
     pub async fn list_keys(&self, org: Option<OrgId>) -> Result<Vec<ApiKeyInfo>> {
         let rows = match org {
-            Some(org) => {
-                sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY created_at_ms, id"))
-                    .bind(org.to_string())
-                    .fetch_all(&self.pool)
-                    .await?
+            Some(org) => sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY created_at_ms, id"
+            ))
+            .bind(org.to_string())
+            .fetch_all(&self.pool)
+            .await?,
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, id"
+                ))
+                .fetch_all(&self.pool)
+                .await?
             }
-            None => sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, id")).fetch_all(&self.pool).await?,
         };
         rows.iter().map(key_from_row).collect()
     }
@@ -89,27 +103,47 @@ impl Store {
     /// Revoke the key whose id (a UUID) or prefix (`fvm_1a2b3c4d`) is `key`.
     /// Returns the key, or `NotFound`; revoking twice keeps the first time.
     pub async fn revoke_key(&self, key: &str) -> Result<ApiKeyInfo> {
-        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 OR prefix = $1")).bind(key).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 OR prefix = $1"
+        ))
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
         let found = match rows.as_slice() {
-            [] => return Err(StoreError::NotFound(format!("no API key with id or prefix {key:?}"))),
+            [] => {
+                return Err(StoreError::NotFound(format!(
+                    "no API key with id or prefix {key:?}"
+                )))
+            }
             [one] => key_from_row(one)?,
-            _ => return Err(StoreError::Conflict(format!("several keys start with {key:?}; give the key id"))),
+            _ => {
+                return Err(StoreError::Conflict(format!(
+                    "several keys start with {key:?}; give the key id"
+                )))
+            }
         };
-        sqlx::query("UPDATE api_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
-            .bind(now_ms())
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL",
+        )
+        .bind(now_ms())
+        .bind(found.id.to_string())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
             .bind(found.id.to_string())
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1")).bind(found.id.to_string()).fetch_one(&self.pool).await?;
         key_from_row(&row)
     }
 
     /// The key (not revoked) whose token is `token`.
     pub async fn authenticate(&self, token: &str) -> Result<Option<ApiKeyInfo>> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = $1 AND revoked_at_ms IS NULL"))
-            .bind(auth::hash_token(token))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = $1 AND revoked_at_ms IS NULL"
+        ))
+        .bind(auth::hash_token(token))
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 }

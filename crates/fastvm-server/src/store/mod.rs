@@ -51,7 +51,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A stored value cannot be decoded (a bug or a hand-edited database).
     #[error("corrupt row in {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
     /// A referenced row does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -78,7 +81,9 @@ pub struct Store {
 
 /// Current time in Unix milliseconds.
 pub fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -89,16 +94,20 @@ impl Store {
     /// `database_url` is given, else SQLite at `DATA_DIR/fastvm.db`.
     pub async fn open(data_dir: &Path, database_url: Option<&str>) -> Result<Store> {
         match database_url {
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Store::open_postgres(url).await,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Store::open_postgres(url).await
+            }
             Some(url) if url.starts_with("sqlite:") => {
                 let opts = SqliteConnectOptions::from_str(url)?;
                 Store::open_sqlite(opts.get_filename()).await
             }
             Some(url) => Err(StoreError::Db(sqlx::Error::Configuration(
-                format!("unsupported database URL {url:?}; use postgres://... or sqlite:PATH").into(),
+                format!("unsupported database URL {url:?}; use postgres://... or sqlite:PATH")
+                    .into(),
             ))),
             None => {
-                std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+                std::fs::create_dir_all(data_dir)
+                    .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
                 Store::open_sqlite(&data_dir.join("fastvm.db")).await
             }
         }
@@ -106,7 +115,10 @@ impl Store {
 
     /// Open the SQLite database at `path`, creating it in WAL mode.
     pub async fn open_sqlite(path: &Path) -> Result<Store> {
-        let opts = SqliteConnectOptions::new().filename(path).create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
         // WAL is a persistent property of the file: set it once with a native
         // connection, then share the file through the Any pool.
         opts.connect().await?.close().await?;
@@ -116,24 +128,40 @@ impl Store {
             .max_connections(8)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             })
             .connect(url.as_str())
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Store { pool, backend: Backend::Sqlite })
+        Ok(Store {
+            pool,
+            backend: Backend::Sqlite,
+        })
     }
 
     /// Open the PostgreSQL database at `url` and migrate it.
     pub async fn open_postgres(url: &str) -> Result<Store> {
         DRIVERS.call_once(sqlx::any::install_default_drivers);
-        let pool = AnyPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Store { pool, backend: Backend::Postgres })
+        Ok(Store {
+            pool,
+            backend: Backend::Postgres,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -164,20 +192,28 @@ impl Store {
             .await;
         match res {
             Ok(_) => Ok(id),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(format!("an org named {name:?} already exists"))),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                format!("an org named {name:?} already exists"),
+            )),
             Err(e) => Err(e.into()),
         }
     }
 
     /// The id of the org named `name`.
     pub async fn org_by_name(&self, name: &str) -> Result<Option<OrgId>> {
-        let row = sqlx::query("SELECT id FROM orgs WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT id FROM orgs WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| parse_id(&r, "id", "orgs")).transpose()
     }
 
     /// Number of orgs (zero before the first start).
     pub async fn org_count(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM orgs").fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM orgs")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
     /// Create a user of `org`.
@@ -197,5 +233,8 @@ impl Store {
 /// Read a UUID column.
 fn parse_id<T: FromStr>(row: &AnyRow, col: &str, table: &'static str) -> Result<T> {
     let s: String = row.try_get(col)?;
-    s.parse().map_err(|_| StoreError::Corrupt { table, message: format!("{col} {s:?} is not a UUID") })
+    s.parse().map_err(|_| StoreError::Corrupt {
+        table,
+        message: format!("{col} {s:?} is not a UUID"),
+    })
 }

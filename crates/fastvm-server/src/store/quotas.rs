@@ -18,8 +18,14 @@ use fastvm_types::OrgId;
 use sqlx::Row;
 
 /// Limits of an org that never changed them.
-pub const DEFAULT_QUOTA: OrgQuotaValues =
-    OrgQuotaValues { vcpu: 16, memory_mib: 32768, disk_gib: 200, snapshot_count: 50, volume_count: 20, volume_gib: 500 };
+pub const DEFAULT_QUOTA: OrgQuotaValues = OrgQuotaValues {
+    vcpu: 16,
+    memory_mib: 32768,
+    disk_gib: 200,
+    snapshot_count: 50,
+    volume_count: 20,
+    volume_gib: 500,
+};
 
 /// A partial change of an org's limits: `None` keeps the current value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,7 +64,10 @@ fn col_or(row: &sqlx::any::AnyRow, col: &str, default: u64) -> Result<u64> {
     let v: Option<i64> = row.try_get(col)?;
     match v {
         None => Ok(default),
-        Some(v) => u64::try_from(v).map_err(|_| StoreError::Corrupt { table: "org_quotas", message: format!("{col} = {v}") }),
+        Some(v) => u64::try_from(v).map_err(|_| StoreError::Corrupt {
+            table: "org_quotas",
+            message: format!("{col} = {v}"),
+        }),
     }
 }
 
@@ -74,7 +83,9 @@ impl Store {
             .bind(org.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row else { return Ok(DEFAULT_QUOTA) };
+        let Some(row) = row else {
+            return Ok(DEFAULT_QUOTA);
+        };
         let d = DEFAULT_QUOTA;
         Ok(OrgQuotaValues {
             vcpu: col_or(&row, "vcpu", d.vcpu)?,
@@ -89,7 +100,10 @@ impl Store {
     /// Change some limits of `org` (the others keep their value); returns
     /// the limits now in force. `NotFound` when there is no such org.
     pub async fn set_quota(&self, org: OrgId, patch: QuotaPatch) -> Result<OrgQuotaValues> {
-        let exists = sqlx::query("SELECT id FROM orgs WHERE id = $1").bind(org.to_string()).fetch_optional(&self.pool).await?;
+        let exists = sqlx::query("SELECT id FROM orgs WHERE id = $1")
+            .bind(org.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound(format!("no org with id {org}")));
         }
@@ -128,10 +142,12 @@ impl Store {
         .bind(org.to_string())
         .fetch_one(&self.pool)
         .await?;
-        let snaps = sqlx::query("SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL")
-            .bind(org.to_string())
-            .fetch_one(&self.pool)
-            .await?;
+        let snaps = sqlx::query(
+            "SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL",
+        )
+        .bind(org.to_string())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(OrgQuotaValues {
             vcpu: count(&vms, "vcpu")?,
             memory_mib: count(&vms, "memory_mib")?,

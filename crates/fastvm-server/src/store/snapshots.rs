@@ -6,7 +6,9 @@
 //! worker that holds the memory and disk layers.
 
 use super::{parse_id, Result, Store, StoreError};
-use fastvm_types::snapshot::{SnapshotBucketMountAttachment, SnapshotService, SnapshotStatus, SnapshotVolumeAttachment};
+use fastvm_types::snapshot::{
+    SnapshotBucketMountAttachment, SnapshotService, SnapshotStatus, SnapshotVolumeAttachment,
+};
 use fastvm_types::{EnvVars, FirewallPolicy, Metadata, OrgId, SnapshotId, VmId};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -42,7 +44,10 @@ const SNAPSHOT_COLUMNS: &str = "id, org_id, vm_id, worker_id, name, status, stat
      metadata, env_vars, firewall, services, volumes, bucket_mounts, created_at_ms, deleted_at_ms";
 
 fn corrupt(message: String) -> StoreError {
-    StoreError::Corrupt { table: "snapshots", message }
+    StoreError::Corrupt {
+        table: "snapshots",
+        message,
+    }
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
@@ -144,7 +149,12 @@ impl Store {
 
     /// The snapshot `id` of any org, deleted or not (for background work, never for callers).
     pub async fn get_snapshot_unscoped(&self, id: SnapshotId) -> Result<Option<SnapshotRecord>> {
-        let row = sqlx::query(&format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = $1")).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(snapshot_from_row).transpose()
     }
 
@@ -168,7 +178,13 @@ impl Store {
 
     /// Move the live snapshot `id` from `from` to `to` (with `message`).
     /// False when it is deleted or no longer in `from`.
-    pub async fn set_snapshot_status(&self, id: SnapshotId, from: SnapshotStatus, to: SnapshotStatus, message: Option<&str>) -> Result<bool> {
+    pub async fn set_snapshot_status(
+        &self,
+        id: SnapshotId,
+        from: SnapshotStatus,
+        to: SnapshotStatus,
+        message: Option<&str>,
+    ) -> Result<bool> {
         let res = sqlx::query("UPDATE snapshots SET status = $1, status_message = $2 WHERE id = $3 AND status = $4 AND deleted_at_ms IS NULL")
             .bind(status_str(to))
             .bind(message.map(str::to_owned))
@@ -192,7 +208,12 @@ impl Store {
 
     /// Mark the live snapshot `id` of `org` deleted at `at_ms`; false when
     /// there is none (already deleted, or another org's).
-    pub async fn mark_snapshot_deleted(&self, org: OrgId, id: SnapshotId, at_ms: i64) -> Result<bool> {
+    pub async fn mark_snapshot_deleted(
+        &self,
+        org: OrgId,
+        id: SnapshotId,
+        at_ms: i64,
+    ) -> Result<bool> {
         let res = sqlx::query("UPDATE snapshots SET deleted_at_ms = $1 WHERE id = $2 AND org_id = $3 AND deleted_at_ms IS NULL")
             .bind(at_ms)
             .bind(id.to_string())

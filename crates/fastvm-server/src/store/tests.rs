@@ -26,9 +26,13 @@ fn sample_vm(org: OrgId) -> VmRecord {
         status_message: None,
         firewall: FirewallPolicy::default(),
         public_ipv6: None,
+        services: vec![],
         metadata: [("team".to_owned(), "infra".to_owned())].into(),
         env_vars: [("A".to_owned(), "1".to_owned())].into(),
-        ttl: Some(Ttl { seconds: 60, action: TtlAction::Delete }),
+        ttl: Some(Ttl {
+            seconds: 60,
+            action: TtlAction::Delete,
+        }),
         expires_at_ms: None,
         ttl_remaining_ms: None,
         created_at_ms: now_ms(),
@@ -56,16 +60,25 @@ async fn orgs_and_keys(store: &Store) -> TestResult {
     let org = store.create_org("acme").await?;
     assert_eq!(store.org_by_name("acme").await?, Some(org));
     assert_eq!(store.org_by_name("nope").await?, None);
-    assert!(matches!(store.create_org("acme").await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.create_org("acme").await,
+        Err(StoreError::Conflict(_))
+    ));
     let user = store.create_user(org, "alice").await?;
 
     let k1 = store.create_key_for(org, Some(user), "ci").await?;
     let k2 = store.create_key(org, "laptop").await?;
     assert!(k1.token.starts_with("fvm_") && k1.token != k2.token);
     assert_eq!(k1.info.prefix, crate::auth::token_prefix(&k1.token));
-    assert!(matches!(store.create_key(OrgId::new_v4(), "x").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.create_key(OrgId::new_v4(), "x").await,
+        Err(StoreError::NotFound(_))
+    ));
 
-    assert_eq!(store.authenticate(&k1.token).await?.map(|k| k.org_id), Some(org));
+    assert_eq!(
+        store.authenticate(&k1.token).await?.map(|k| k.org_id),
+        Some(org)
+    );
     assert_eq!(store.authenticate("fvm_0000").await?, None);
 
     let keys = store.list_keys(Some(org)).await?;
@@ -80,9 +93,16 @@ async fn orgs_and_keys(store: &Store) -> TestResult {
     let revoked = store.revoke_key(&k1.info.id.to_string()).await?;
     assert!(revoked.revoked_at_ms.is_some());
     assert_eq!(store.authenticate(&k1.token).await?, None);
-    assert!(store.revoke_key(&k2.info.prefix).await?.revoked_at_ms.is_some());
+    assert!(store
+        .revoke_key(&k2.info.prefix)
+        .await?
+        .revoked_at_ms
+        .is_some());
     assert_eq!(store.authenticate(&k2.token).await?, None);
-    assert!(matches!(store.revoke_key("fvm_nothing").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.revoke_key("fvm_nothing").await,
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(store.list_keys(Some(org)).await?.len(), 2);
     Ok(())
 }
@@ -101,14 +121,22 @@ async fn vms_roundtrip_and_scoping(store: &Store) -> TestResult {
     second.created_at_ms = vm.created_at_ms + 1;
     second.status = VmStatus::Running;
     second.ttl = None;
-    second.firewall = serde_json::from_value(serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}))?;
+    second.firewall = serde_json::from_value(
+        serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}),
+    )?;
     store.insert_vm(&second).await?;
     assert_eq!(store.get_vm(org, second.id).await?, Some(second.clone()));
 
     let all = store.list_vms(org, None).await?;
-    assert_eq!(all.iter().map(|v| v.id).collect::<Vec<_>>(), [vm.id, second.id]);
+    assert_eq!(
+        all.iter().map(|v| v.id).collect::<Vec<_>>(),
+        [vm.id, second.id]
+    );
     assert_eq!(store.list_vms(org, Some(VmStatus::Running)).await?.len(), 1);
-    assert!(store.list_vms(org, Some(VmStatus::Paused)).await?.is_empty());
+    assert!(store
+        .list_vms(org, Some(VmStatus::Paused))
+        .await?
+        .is_empty());
     assert_eq!(store.list_live_vms_on("local").await?.len(), 2);
     assert!(store.list_live_vms_on("elsewhere").await?.is_empty());
 
@@ -119,7 +147,13 @@ async fn vms_roundtrip_and_scoping(store: &Store) -> TestResult {
     assert!(store.update_vm(&mut gone).await?);
     assert_eq!(store.get_vm(org, second.id).await?, None);
     assert_eq!(store.list_vms(org, None).await?.len(), 1);
-    assert_eq!(store.get_vm_unscoped(second.id).await?.and_then(|v| v.deleted_at_ms), gone.deleted_at_ms);
+    assert_eq!(
+        store
+            .get_vm_unscoped(second.id)
+            .await?
+            .and_then(|v| v.deleted_at_ms),
+        gone.deleted_at_ms
+    );
     Ok(())
 }
 
@@ -137,7 +171,15 @@ async fn optimistic_concurrency(store: &Store) -> TestResult {
     b.name = "late".into();
     assert!(!store.update_vm(&mut b).await?);
     let now = store.get_vm(org, vm.id).await?.ok_or("vm")?;
-    assert_eq!((now.status, now.name.as_str(), now.expires_at_ms, now.version), (VmStatus::Running, "dev box", Some(123), 1));
+    assert_eq!(
+        (
+            now.status,
+            now.name.as_str(),
+            now.expires_at_ms,
+            now.version
+        ),
+        (VmStatus::Running, "dev box", Some(123), 1)
+    );
     // A write through another org's id is refused too.
     let mut foreign = now.clone();
     foreign.org_id = OrgId::new_v4();
@@ -175,8 +217,14 @@ async fn snapshots_roundtrip_and_scoping(store: &Store) -> TestResult {
     let other = store.create_org("snap-other").await?;
     let vm = VmId::new_v4();
     let mut s = sample_snapshot(org, vm);
-    s.firewall = serde_json::from_value(serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}))?;
-    s.services = vec![SnapshotService { name: "web".into(), port: 8080, h2c: true }];
+    s.firewall = serde_json::from_value(
+        serde_json::json!({"egress": {"defaultAction": "deny", "rules": []}}),
+    )?;
+    s.services = vec![SnapshotService {
+        name: "web".into(),
+        port: 8080,
+        h2c: true,
+    }];
     store.insert_snapshot(&s).await?;
     assert_eq!(store.get_snapshot(org, s.id).await?, Some(s.clone()));
     // Another org never sees or changes it.
@@ -186,32 +234,97 @@ async fn snapshots_roundtrip_and_scoping(store: &Store) -> TestResult {
     assert!(!store.mark_snapshot_deleted(other, s.id, now_ms()).await?);
 
     // Status moves only from the expected status.
-    assert_eq!(store.list_snapshots_in(SnapshotStatus::Creating).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [s.id]);
-    assert!(!store.set_snapshot_status(s.id, SnapshotStatus::Ready, SnapshotStatus::Error, Some("x")).await?);
-    assert!(store.set_snapshot_status(s.id, SnapshotStatus::Creating, SnapshotStatus::Ready, None).await?);
-    assert!(store.list_snapshots_in(SnapshotStatus::Creating).await?.is_empty());
+    assert_eq!(
+        store
+            .list_snapshots_in(SnapshotStatus::Creating)
+            .await?
+            .iter()
+            .map(|x| x.id)
+            .collect::<Vec<_>>(),
+        [s.id]
+    );
+    assert!(
+        !store
+            .set_snapshot_status(
+                s.id,
+                SnapshotStatus::Ready,
+                SnapshotStatus::Error,
+                Some("x")
+            )
+            .await?
+    );
+    assert!(
+        store
+            .set_snapshot_status(s.id, SnapshotStatus::Creating, SnapshotStatus::Ready, None)
+            .await?
+    );
+    assert!(store
+        .list_snapshots_in(SnapshotStatus::Creating)
+        .await?
+        .is_empty());
     let mut second = sample_snapshot(org, vm);
     second.created_at_ms = s.created_at_ms + 1;
     second.status = SnapshotStatus::Error;
     second.status_message = Some("disk full".into());
     store.insert_snapshot(&second).await?;
-    assert_eq!(store.get_snapshot(org, second.id).await?.and_then(|x| x.status_message), Some("disk full".into()));
+    assert_eq!(
+        store
+            .get_snapshot(org, second.id)
+            .await?
+            .and_then(|x| x.status_message),
+        Some("disk full".into())
+    );
 
     assert!(store.rename_snapshot(org, s.id, "renamed").await?);
     let got = store.get_snapshot(org, s.id).await?.ok_or("snapshot")?;
-    assert_eq!((got.name.as_str(), got.status, got.services.len()), ("renamed", SnapshotStatus::Ready, 1));
-    assert_eq!(store.list_snapshots(org).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [s.id, second.id]);
+    assert_eq!(
+        (got.name.as_str(), got.status, got.services.len()),
+        ("renamed", SnapshotStatus::Ready, 1)
+    );
+    assert_eq!(
+        store
+            .list_snapshots(org)
+            .await?
+            .iter()
+            .map(|x| x.id)
+            .collect::<Vec<_>>(),
+        [s.id, second.id]
+    );
 
     // Deleted rows disappear from org-scoped reads but stay for background work.
     let at = now_ms();
     assert!(store.mark_snapshot_deleted(org, s.id, at).await?);
-    assert!(!store.mark_snapshot_deleted(org, s.id, at).await?, "deleting twice");
+    assert!(
+        !store.mark_snapshot_deleted(org, s.id, at).await?,
+        "deleting twice"
+    );
     assert_eq!(store.get_snapshot(org, s.id).await?, None);
     assert!(!store.rename_snapshot(org, s.id, "late").await?);
-    assert!(!store.set_snapshot_status(s.id, SnapshotStatus::Ready, SnapshotStatus::Error, None).await?);
-    assert_eq!(store.list_snapshots(org).await?.iter().map(|x| x.id).collect::<Vec<_>>(), [second.id]);
-    assert_eq!(store.get_snapshot_unscoped(s.id).await?.and_then(|x| x.deleted_at_ms), Some(at));
-    assert_eq!(store.get_snapshot_unscoped(SnapshotId::new_v4()).await?, None);
+    assert!(
+        !store
+            .set_snapshot_status(s.id, SnapshotStatus::Ready, SnapshotStatus::Error, None)
+            .await?
+    );
+    assert_eq!(
+        store
+            .list_snapshots(org)
+            .await?
+            .iter()
+            .map(|x| x.id)
+            .collect::<Vec<_>>(),
+        [second.id]
+    );
+    assert_eq!(
+        store
+            .get_snapshot_unscoped(s.id)
+            .await?
+            .and_then(|x| x.deleted_at_ms),
+        Some(at)
+    );
+    assert_eq!(
+        store.get_snapshot_unscoped(SnapshotId::new_v4()).await?,
+        None
+    );
     Ok(())
 }
 
@@ -221,14 +334,59 @@ async fn quotas_limits_and_usage(store: &Store) -> TestResult {
     assert_eq!(store.quota_limits(org).await?, DEFAULT_QUOTA);
     assert_eq!(store.quota_usage(org).await?, OrgQuotaValues::default());
     // Partial changes keep the other limits.
-    let l = store.set_quota(org, QuotaPatch { vcpu: Some(4), snapshot_count: Some(2), ..Default::default() }).await?;
-    assert_eq!(l, OrgQuotaValues { vcpu: 4, snapshot_count: 2, ..DEFAULT_QUOTA });
-    let l = store.set_quota(org, QuotaPatch { memory_mib: Some(1024), vcpu: Some(5), ..Default::default() }).await?;
-    assert_eq!(l, OrgQuotaValues { vcpu: 5, memory_mib: 1024, snapshot_count: 2, ..DEFAULT_QUOTA });
+    let l = store
+        .set_quota(
+            org,
+            QuotaPatch {
+                vcpu: Some(4),
+                snapshot_count: Some(2),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(
+        l,
+        OrgQuotaValues {
+            vcpu: 4,
+            snapshot_count: 2,
+            ..DEFAULT_QUOTA
+        }
+    );
+    let l = store
+        .set_quota(
+            org,
+            QuotaPatch {
+                memory_mib: Some(1024),
+                vcpu: Some(5),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(
+        l,
+        OrgQuotaValues {
+            vcpu: 5,
+            memory_mib: 1024,
+            snapshot_count: 2,
+            ..DEFAULT_QUOTA
+        }
+    );
     assert_eq!(store.quota_limits(org).await?, l);
-    let all = OrgQuotaValues { vcpu: 1, memory_mib: 2, disk_gib: 3, snapshot_count: 4, volume_count: 5, volume_gib: 6 };
+    let all = OrgQuotaValues {
+        vcpu: 1,
+        memory_mib: 2,
+        disk_gib: 3,
+        snapshot_count: 4,
+        volume_count: 5,
+        volume_gib: 6,
+    };
     assert_eq!(store.set_quota(org, QuotaPatch::all(all)).await?, all);
-    assert!(matches!(store.set_quota(OrgId::new_v4(), QuotaPatch::default()).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store
+            .set_quota(OrgId::new_v4(), QuotaPatch::default())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
 
     // Usage: live VMs except stopped/error; paused ones count; other orgs do not.
     let mut counted = 0u64;
@@ -252,7 +410,17 @@ async fn quotas_limits_and_usage(store: &Store) -> TestResult {
     store.insert_snapshot(&gone).await?;
     assert!(store.mark_snapshot_deleted(org, gone.id, now_ms()).await?);
     let u = store.quota_usage(org).await?;
-    assert_eq!(u, OrgQuotaValues { vcpu: counted, memory_mib: counted * 2048, disk_gib: counted * 10, snapshot_count: 1, volume_count: 0, volume_gib: 0 });
+    assert_eq!(
+        u,
+        OrgQuotaValues {
+            vcpu: counted,
+            memory_mib: counted * 2048,
+            disk_gib: counted * 10,
+            snapshot_count: 1,
+            volume_count: 0,
+            volume_gib: 0
+        }
+    );
     assert!(counted >= 5);
     assert_eq!(store.quota_usage(other).await?.vcpu, 1);
     // The other org keeps the defaults.
@@ -280,7 +448,15 @@ async fn ttl_queries(store: &Store) -> TestResult {
         store.insert_vm(v).await?;
     }
     assert_eq!(store.next_ttl_deadline(worker).await?, Some(1_000));
-    assert_eq!(store.list_ttl_due(worker, 2_000).await?.iter().map(|v| v.id).collect::<Vec<_>>(), [due.id]);
+    assert_eq!(
+        store
+            .list_ttl_due(worker, 2_000)
+            .await?
+            .iter()
+            .map(|v| v.id)
+            .collect::<Vec<_>>(),
+        [due.id]
+    );
     assert_eq!(store.list_ttl_due(worker, 5_000).await?.len(), 2);
     assert!(store.list_ttl_due("elsewhere", i64::MAX).await?.is_empty());
     Ok(())
@@ -296,7 +472,10 @@ async fn store_suite_sqlite() -> TestResult {
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
     assert_eq!(store.org_count().await?, 9);
-    let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&store.pool).await?.try_get(0)?;
+    let mode: String = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(&store.pool)
+        .await?
+        .try_get(0)?;
     assert_eq!(mode.to_lowercase(), "wal");
     Ok(())
 }
@@ -310,7 +489,9 @@ async fn store_suite_postgres() -> TestResult {
     let admin_opts: PgConnectOptions = url.parse()?;
     let db = format!("fastvm_t_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect_with(&admin_opts).await?;
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await?;
     let result = async {
         let test_url = admin_opts.clone().database(&db).to_url_lossy().to_string();
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
@@ -324,7 +505,9 @@ async fn store_suite_postgres() -> TestResult {
         Ok::<_, Box<dyn std::error::Error>>(())
     }
     .await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
     result
 }
 
@@ -334,24 +517,53 @@ async fn console_tokens_single_use(store: &Store) -> TestResult {
     let key = store.create_key(org, "console").await?;
     let vm = VmId::new_v4();
     let token = crate::auth::new_token();
-    store.insert_console_token(&token, vm, org, key.info.id, now_ms() + 60_000).await?;
+    store
+        .insert_console_token(&token, vm, org, key.info.id, now_ms() + 60_000)
+        .await?;
     // Only the hash is stored.
-    let raw: Option<String> = sqlx::query_scalar("SELECT token_hash FROM console_tokens WHERE token_hash = $1").bind(&token).fetch_optional(&store.pool).await?;
+    let raw: Option<String> =
+        sqlx::query_scalar("SELECT token_hash FROM console_tokens WHERE token_hash = $1")
+            .bind(&token)
+            .fetch_optional(&store.pool)
+            .await?;
     assert!(raw.is_none());
     let first = store.redeem_console_token(&token).await?;
-    assert!(matches!(&first, Redeemed::Fresh(r) if r.vm_id == vm && r.org_id == org && r.key_id == key.info.id && r.used_at_ms.is_some()), "{first:?}");
-    assert!(matches!(store.redeem_console_token(&token).await?, Redeemed::AlreadyUsed(r) if r.vm_id == vm));
-    assert_eq!(store.redeem_console_token("fvm_nope").await?, Redeemed::Unknown);
+    assert!(
+        matches!(&first, Redeemed::Fresh(r) if r.vm_id == vm && r.org_id == org && r.key_id == key.info.id && r.used_at_ms.is_some()),
+        "{first:?}"
+    );
+    assert!(
+        matches!(store.redeem_console_token(&token).await?, Redeemed::AlreadyUsed(r) if r.vm_id == vm)
+    );
+    assert_eq!(
+        store.redeem_console_token("fvm_nope").await?,
+        Redeemed::Unknown
+    );
     // Concurrent redeems of one token: exactly one wins.
     let t2 = crate::auth::new_token();
-    store.insert_console_token(&t2, vm, org, key.info.id, now_ms() + 60_000).await?;
+    store
+        .insert_console_token(&t2, vm, org, key.info.id, now_ms() + 60_000)
+        .await?;
     let results = futures::future::join_all((0..8).map(|_| store.redeem_console_token(&t2))).await;
-    let fresh = results.iter().filter(|r| matches!(r, Ok(Redeemed::Fresh(_)))).count();
+    let fresh = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Redeemed::Fresh(_))))
+        .count();
     assert_eq!(fresh, 1, "{results:?}");
     // Tokens expired over an hour ago are forgotten at the next mint.
     let old = crate::auth::new_token();
-    store.insert_console_token(&old, vm, org, key.info.id, now_ms() - 2 * 3600 * 1000).await?;
-    store.insert_console_token(&crate::auth::new_token(), vm, org, key.info.id, now_ms() + 60_000).await?;
+    store
+        .insert_console_token(&old, vm, org, key.info.id, now_ms() - 2 * 3600 * 1000)
+        .await?;
+    store
+        .insert_console_token(
+            &crate::auth::new_token(),
+            vm,
+            org,
+            key.info.id,
+            now_ms() + 60_000,
+        )
+        .await?;
     assert_eq!(store.redeem_console_token(&old).await?, Redeemed::Unknown);
     assert!(store.key_is_active(key.info.id).await?);
     store.revoke_key(&key.info.id.to_string()).await?;

@@ -2,6 +2,7 @@
 //! invisible to every org-scoped read.
 
 use super::{parse_id, Result, Store, StoreError};
+use fastvm_types::service::Service;
 use fastvm_types::{EnvVars, FirewallPolicy, Metadata, OrgId, Ttl, TtlAction, VmId, VmStatus};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -36,14 +37,28 @@ pub struct VmRecord {
     pub version: i64,
     /// The guest's public IPv6 address, once its worker reported it.
     pub public_ipv6: Option<String>,
+    /// Registered services (`/v1/vms/{id}/services`), in registration order.
+    pub services: Vec<Service>,
+}
+
+impl VmRecord {
+    /// What the worker enforces: the user's policy plus one ingress rule per
+    /// service (the spec's `effectiveFirewall`).
+    pub fn effective_firewall(&self) -> FirewallPolicy {
+        self.firewall
+            .with_service_rules(self.services.iter().map(|s| (s.name.as_str(), s.port)))
+    }
 }
 
 const VM_COLUMNS: &str = "id, org_id, worker_id, name, machine_name, source_name, cpu, memory_mib, disk_gib, status, status_message, \
      firewall, metadata, env_vars, ttl_seconds, ttl_action, expires_at_ms, ttl_remaining_ms, created_at_ms, paused_at_ms, \
-     deleted_at_ms, version, public_ipv6";
+     deleted_at_ms, version, public_ipv6, services";
 
 fn corrupt(message: String) -> StoreError {
-    StoreError::Corrupt { table: "vms", message }
+    StoreError::Corrupt {
+        table: "vms",
+        message,
+    }
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
@@ -105,6 +120,7 @@ fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
         deleted_at_ms: row.try_get("deleted_at_ms")?,
         version: row.try_get("version")?,
         public_ipv6: row.try_get("public_ipv6")?,
+        services: json_col(row, "services")?,
     })
 }
 
@@ -112,7 +128,7 @@ impl Store {
     /// Insert a new VM row.
     pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
         sqlx::query(&format!(
-            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
         ))
         .bind(vm.id.to_string())
         .bind(vm.org_id.to_string())
@@ -137,6 +153,7 @@ impl Store {
         .bind(vm.deleted_at_ms)
         .bind(vm.version)
         .bind(vm.public_ipv6.clone())
+        .bind(to_json(&vm.services)?)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -144,17 +161,22 @@ impl Store {
 
     /// The live (not deleted) VM `id` of `org`.
     pub async fn get_vm(&self, org: OrgId, id: VmId) -> Result<Option<VmRecord>> {
-        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND org_id = $2 AND deleted_at_ms IS NULL"))
-            .bind(id.to_string())
-            .bind(org.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND org_id = $2 AND deleted_at_ms IS NULL"
+        ))
+        .bind(id.to_string())
+        .bind(org.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(vm_from_row).transpose()
     }
 
     /// The VM `id` of any org, deleted or not (for background work, never for callers).
     pub async fn get_vm_unscoped(&self, id: VmId) -> Result<Option<VmRecord>> {
-        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1")).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(vm_from_row).transpose()
     }
 
@@ -216,7 +238,11 @@ impl Store {
 
     /// Record the public IPv6 address the worker gave the VM.
     pub async fn set_vm_public_ipv6(&self, id: VmId, ipv6: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE vms SET public_ipv6 = $1 WHERE id = $2").bind(ipv6.map(str::to_owned)).bind(id.to_string()).execute(&self.pool).await?;
+        sqlx::query("UPDATE vms SET public_ipv6 = $1 WHERE id = $2")
+            .bind(ipv6.map(str::to_owned))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -227,7 +253,7 @@ impl Store {
         let res = sqlx::query(
             "UPDATE vms SET name = $1, status = $2, status_message = $3, firewall = $4, metadata = $5, env_vars = $6, \
              ttl_seconds = $7, ttl_action = $8, expires_at_ms = $9, ttl_remaining_ms = $10, paused_at_ms = $11, \
-             deleted_at_ms = $12, version = $13 WHERE id = $14 AND org_id = $15 AND version = $16",
+             deleted_at_ms = $12, version = $13, services = $14 WHERE id = $15 AND org_id = $16 AND version = $17",
         )
         .bind(&vm.name)
         .bind(vm.status.as_str())
@@ -242,6 +268,7 @@ impl Store {
         .bind(vm.paused_at_ms)
         .bind(vm.deleted_at_ms)
         .bind(vm.version + 1)
+        .bind(to_json(&vm.services)?)
         .bind(vm.id.to_string())
         .bind(vm.org_id.to_string())
         .bind(vm.version)

@@ -56,7 +56,9 @@ pub fn netns_name(slot: u32) -> String {
 
 /// The slot of a namespace or host veth name of ours.
 pub fn parse_slot(name: &str) -> Option<u32> {
-    let hex = name.strip_prefix(NETNS_PREFIX).or_else(|| name.strip_prefix(HOST_VETH_PREFIX))?;
+    let hex = name
+        .strip_prefix(NETNS_PREFIX)
+        .or_else(|| name.strip_prefix(HOST_VETH_PREFIX))?;
     if hex.len() != 4 {
         return None;
     }
@@ -67,7 +69,10 @@ pub fn parse_slot(name: &str) -> Option<u32> {
 pub fn mac_for(vm_id: &str) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(vm_id.as_bytes());
-    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3], h[4])
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[0], h[1], h[2], h[3], h[4]
+    )
 }
 
 impl Addressing {
@@ -94,12 +99,16 @@ impl Addressing {
 
     /// The guest's IPv4 subnet on the tap (a /30).
     pub fn guest_net4(&self) -> Ipv4Net {
-        Ipv4Net::new(self.gateway4, 30).map(|n| n.trunc()).unwrap_or_default()
+        Ipv4Net::new(self.gateway4, 30)
+            .map(|n| n.trunc())
+            .unwrap_or_default()
     }
 
     /// The guest's IPv6 subnet on the tap (a /126).
     pub fn guest_net6(&self) -> Ipv6Net {
-        Ipv6Net::new(self.gateway6, 126).map(|n| n.trunc()).unwrap_or_default()
+        Ipv6Net::new(self.gateway6, 126)
+            .map(|n| n.trunc())
+            .unwrap_or_default()
     }
 }
 

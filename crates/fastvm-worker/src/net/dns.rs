@@ -61,7 +61,11 @@ impl Gate {
             .filter(|(_, r)| r.kind == EgressRuleKind::Fqdn)
             .map(|(i, r)| (i, r.value.clone()))
             .collect();
-        Gate { mode: dns.mode, domains: dns.domains, fqdn }
+        Gate {
+            mode: dns.mode,
+            domains: dns.domains,
+            fqdn,
+        }
     }
 
     /// The dns gate: may `name` resolve?
@@ -90,7 +94,12 @@ pub struct Resolver {
 
 impl Resolver {
     /// Listen on `bind`:53 (UDP and TCP) inside `netns`.
-    pub async fn start(netns: &str, bind: Ipv4Addr, upstream: SocketAddr, policy: &FirewallPolicy) -> Result<Arc<Resolver>> {
+    pub async fn start(
+        netns: &str,
+        bind: Ipv4Addr,
+        upstream: SocketAddr,
+        policy: &FirewallPolicy,
+    ) -> Result<Arc<Resolver>> {
         let addr = SocketAddr::new(IpAddr::V4(bind), 53);
         let (udp, tcp) = netns::on_thread_in(netns, move || {
             let udp = std::net::UdpSocket::bind(addr)?;
@@ -140,7 +149,9 @@ impl Resolver {
     pub fn known_elements(&self, policy: &FirewallPolicy) -> Vec<SetElement> {
         let gate = Gate::of(policy);
         let now = Instant::now();
-        let Ok(cache) = self.cache.lock() else { return vec![] };
+        let Ok(cache) = self.cache.lock() else {
+            return vec![];
+        };
         let mut out = Vec::new();
         for (name, c) in cache.iter() {
             let left = c.expires.saturating_duration_since(now).as_secs() as u32;
@@ -149,7 +160,11 @@ impl Resolver {
             }
             for (rule, pattern) in &gate.fqdn {
                 if domain_matches(pattern, name) {
-                    out.extend(c.ips.iter().map(|ip| SetElement { rule: *rule, ip: *ip, ttl_secs: left }));
+                    out.extend(c.ips.iter().map(|ip| SetElement {
+                        rule: *rule,
+                        ip: *ip,
+                        ttl_secs: left,
+                    }));
                 }
             }
         }
@@ -171,7 +186,11 @@ impl Resolver {
         if !allowed {
             return reply(&msg, ResponseCode::NXDomain);
         }
-        let upstream = if tcp { forward_tcp(self.upstream, query).await } else { forward_udp(self.upstream, query, msg.id()).await };
+        let upstream = if tcp {
+            forward_tcp(self.upstream, query).await
+        } else {
+            forward_udp(self.upstream, query, msg.id()).await
+        };
         let answer = match upstream {
             Ok(a) => a,
             Err(e) => {
@@ -179,7 +198,9 @@ impl Resolver {
                 return reply(&msg, ResponseCode::ServFail);
             }
         };
-        let Ok(parsed) = Message::from_vec(&answer) else { return reply(&msg, ResponseCode::ServFail) };
+        let Ok(parsed) = Message::from_vec(&answer) else {
+            return reply(&msg, ResponseCode::ServFail);
+        };
         if parsed.id() != msg.id() {
             return reply(&msg, ResponseCode::ServFail);
         }
@@ -200,7 +221,12 @@ impl Resolver {
     /// Put the addresses of `name` into the sets of every fqdn rule matching
     /// it (awaited: the guest may connect as soon as it has the answer).
     async fn feed(&self, name: &str, ips: &[(IpAddr, u32)]) {
-        let ttl = ips.iter().map(|(_, t)| *t).min().unwrap_or(0).clamp(TTL_FLOOR_SECS, TTL_CAP_SECS);
+        let ttl = ips
+            .iter()
+            .map(|(_, t)| *t)
+            .min()
+            .unwrap_or(0)
+            .clamp(TTL_FLOOR_SECS, TTL_CAP_SECS);
         let addrs: Vec<IpAddr> = ips.iter().map(|(ip, _)| *ip).collect();
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_NAMES {
@@ -210,16 +236,30 @@ impl Resolver {
                     cache.clear();
                 }
             }
-            cache.insert(name.to_owned(), Cached { ips: addrs.clone(), expires: Instant::now() + Duration::from_secs(u64::from(ttl)) });
+            cache.insert(
+                name.to_owned(),
+                Cached {
+                    ips: addrs.clone(),
+                    expires: Instant::now() + Duration::from_secs(u64::from(ttl)),
+                },
+            );
         }
         let rules: Vec<usize> = match self.gate.read() {
-            Ok(g) => g.fqdn.iter().filter(|(_, p)| domain_matches(p, name)).map(|(i, _)| *i).collect(),
+            Ok(g) => g
+                .fqdn
+                .iter()
+                .filter(|(_, p)| domain_matches(p, name))
+                .map(|(i, _)| *i)
+                .collect(),
             Err(_) => vec![],
         };
         if rules.is_empty() {
             return;
         }
-        let script: String = rules.iter().map(|r| nft::add_elements(*r, &addrs, ttl)).collect();
+        let script: String = rules
+            .iter()
+            .map(|r| nft::add_elements(*r, &addrs, ttl))
+            .collect();
         if let Err(e) = netns::nft(Some(&self.netns), &script).await {
             tracing::warn!(netns = %self.netns, %name, error = %e, "adding resolved addresses to fqdn sets failed");
         }
@@ -240,14 +280,22 @@ fn reply(msg: &Message, code: ResponseCode) -> Option<Vec<u8>> {
 }
 
 async fn forward_udp(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
-    let local: SocketAddr = if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let local: SocketAddr = if upstream.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     let sock = UdpSocket::bind(local).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
     let mut buf = vec![0u8; 65_535];
     let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
     loop {
-        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream timed out"))??;
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream timed out")
+            })??;
         // Stray datagrams (wrong id) are ignored until the deadline.
         if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
             buf.truncate(n);
@@ -259,12 +307,15 @@ async fn forward_udp(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Re
 async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     let exchange = async {
         let mut s = TcpStream::connect(upstream).await?;
-        let len = u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
+        let len =
+            u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
         s.write_all(&len.to_be_bytes()).await?;
         s.write_all(query).await?;
         read_framed(&mut s).await
     };
-    tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream timed out"))?
+    tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream timed out"))?
 }
 
 /// One length-prefixed DNS message of a TCP stream.
@@ -286,7 +337,9 @@ async fn serve_udp(r: Arc<Resolver>, sock: Arc<UdpSocket>) {
                 continue;
             }
         };
-        let Ok(permit) = r.in_flight.clone().try_acquire_owned() else { continue };
+        let Ok(permit) = r.in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
         let query = buf[..n].to_vec();
         let (r, sock) = (r.clone(), sock.clone());
         tokio::spawn(async move {
@@ -304,14 +357,24 @@ async fn serve_tcp(r: Arc<Resolver>, listener: TcpListener) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let Ok(permit) = r.in_flight.clone().try_acquire_owned() else { continue };
+        let Ok(permit) = r.in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
         let r = r.clone();
         tokio::spawn(async move {
             // A connection may carry several queries; idle ones are closed after 10 s.
-            while let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut s)).await {
-                let Some(answer) = r.answer(&query, true).await else { break };
-                let Ok(len) = u16::try_from(answer.len()) else { break };
-                if s.write_all(&len.to_be_bytes()).await.is_err() || s.write_all(&answer).await.is_err() {
+            while let Ok(Ok(query)) =
+                tokio::time::timeout(Duration::from_secs(10), read_framed(&mut s)).await
+            {
+                let Some(answer) = r.answer(&query, true).await else {
+                    break;
+                };
+                let Ok(len) = u16::try_from(answer.len()) else {
+                    break;
+                };
+                if s.write_all(&len.to_be_bytes()).await.is_err()
+                    || s.write_all(&answer).await.is_err()
+                {
                     break;
                 }
             }
@@ -329,8 +392,13 @@ mod tests {
 
     fn query(name: &str) -> Vec<u8> {
         let mut m = Message::new();
-        m.set_id(7).set_message_type(MessageType::Query).set_recursion_desired(true);
-        m.add_query(Query::query(Name::from_ascii(name).expect("name"), RecordType::A));
+        m.set_id(7)
+            .set_message_type(MessageType::Query)
+            .set_recursion_desired(true);
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
         m.to_vec().expect("encode")
     }
 
@@ -348,23 +416,44 @@ mod tests {
     }
 
     fn code(answer: Option<Vec<u8>>) -> ResponseCode {
-        Message::from_vec(&answer.expect("an answer")).expect("parse").response_code()
+        Message::from_vec(&answer.expect("an answer"))
+            .expect("parse")
+            .response_code()
     }
 
     #[tokio::test]
     async fn gate_allow_mode_and_wildcards() {
         let r = resolver(json!({"dns": {"mode": "allow", "domains": ["*.ok.test", "exact.test"]}}));
-        assert_eq!(code(r.answer(&query("blocked.test."), false).await), ResponseCode::NXDomain);
-        assert_eq!(code(r.answer(&query("ok.test."), false).await), ResponseCode::NXDomain, "apex is not matched by *.");
-        assert_ne!(code(r.answer(&query("a.b.ok.test."), false).await), ResponseCode::NXDomain);
-        assert_ne!(code(r.answer(&query("EXACT.test."), false).await), ResponseCode::NXDomain);
+        assert_eq!(
+            code(r.answer(&query("blocked.test."), false).await),
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            code(r.answer(&query("ok.test."), false).await),
+            ResponseCode::NXDomain,
+            "apex is not matched by *."
+        );
+        assert_ne!(
+            code(r.answer(&query("a.b.ok.test."), false).await),
+            ResponseCode::NXDomain
+        );
+        assert_ne!(
+            code(r.answer(&query("EXACT.test."), false).await),
+            ResponseCode::NXDomain
+        );
     }
 
     #[tokio::test]
     async fn gate_deny_mode() {
         let r = resolver(json!({"dns": {"mode": "deny", "domains": ["bad.test"]}}));
-        assert_eq!(code(r.answer(&query("bad.test."), false).await), ResponseCode::NXDomain);
-        assert_eq!(code(r.answer(&query("good.test."), false).await), ResponseCode::ServFail);
+        assert_eq!(
+            code(r.answer(&query("bad.test."), false).await),
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            code(r.answer(&query("good.test."), false).await),
+            ResponseCode::ServFail
+        );
     }
 
     #[tokio::test]

@@ -62,7 +62,11 @@ impl Default for NetConfig {
     fn default() -> Self {
         NetConfig {
             ipv4_pool: Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, 0, 0), 16).unwrap_or_default(),
-            ipv6_prefix: Ipv6Net::new(std::net::Ipv6Addr::new(0xfd00, 0xfa57, 0, 0, 0, 0, 0, 0), 64).unwrap_or_default(),
+            ipv6_prefix: Ipv6Net::new(
+                std::net::Ipv6Addr::new(0xfd00, 0xfa57, 0, 0, 0, 0, 0, 0),
+                64,
+            )
+            .unwrap_or_default(),
             dns_upstream: host_nameserver().unwrap_or_else(|| SocketAddr::from(([1, 1, 1, 1], 53))),
             extra_doh: Vec::new(),
         }
@@ -113,7 +117,10 @@ impl VmNet {
     }
 
     pub fn record(&self) -> NetRecord {
-        NetRecord { addressing: self.addr.clone(), policy: self.policy() }
+        NetRecord {
+            addressing: self.addr.clone(),
+            policy: self.policy(),
+        }
     }
 
     fn resolver(&self) -> Option<Arc<dns::Resolver>> {
@@ -138,13 +145,23 @@ impl Network {
     /// Prepare the host: forwarding on, NAT for the pool.
     pub async fn open(cfg: NetConfig, data_dir: &Path) -> Result<Network> {
         if addr::slots(cfg.ipv4_pool) == 0 {
-            return Err(Error::Network(format!("IPv4 pool {} is too small (need at least a /29)", cfg.ipv4_pool)));
+            return Err(Error::Network(format!(
+                "IPv4 pool {} is too small (need at least a /29)",
+                cfg.ipv4_pool
+            )));
         }
         if cfg.ipv6_prefix.prefix_len() > 96 {
-            return Err(Error::Network(format!("IPv6 prefix {} is too small (need at least a /96)", cfg.ipv6_prefix)));
+            return Err(Error::Network(format!(
+                "IPv6 prefix {} is too small (need at least a /96)",
+                cfg.ipv6_prefix
+            )));
         }
-        for (path, value) in [("/proc/sys/net/ipv4/ip_forward", "1"), ("/proc/sys/net/ipv6/conf/all/forwarding", "1")] {
-            std::fs::write(path, value).map_err(|e| Error::Network(format!("enable forwarding ({path}): {e}")))?;
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+        ] {
+            std::fs::write(path, value)
+                .map_err(|e| Error::Network(format!("enable forwarding ({path}): {e}")))?;
         }
         let pool = cfg.ipv4_pool.trunc();
         let table = format!("fastvm_nat_{}", pool.to_string().replace(['.', '/'], "_"));
@@ -154,7 +171,8 @@ impl Network {
             addr::HOST_VETH_PREFIX
         );
         netns::nft(None, &script).await?;
-        std::fs::create_dir_all(OWNER_DIR).map_err(|e| Error::Network(format!("create {OWNER_DIR}: {e}")))?;
+        std::fs::create_dir_all(OWNER_DIR)
+            .map_err(|e| Error::Network(format!("create {OWNER_DIR}: {e}")))?;
         let owner = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
         Ok(Network { cfg, owner })
     }
@@ -182,9 +200,18 @@ impl Network {
     pub async fn prepare(&self, vm_id: &str, policy: &FirewallPolicy) -> Result<Arc<VmNet>> {
         let t0 = std::time::Instant::now();
         let slot = self.allocate(vm_id).await?;
-        tracing::debug!(slot, ms = t0.elapsed().as_secs_f64() * 1e3, "net phase: namespace and tap");
+        tracing::debug!(
+            slot,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "net phase: namespace and tap"
+        );
         let a = Addressing::new(slot, vm_id, self.cfg.ipv4_pool, self.cfg.ipv6_prefix);
-        Ok(Arc::new(VmNet { addr: a, policy: Mutex::new(policy.clone()), resolver: Mutex::new(None), nft_lock: Default::default() }))
+        Ok(Arc::new(VmNet {
+            addr: a,
+            policy: Mutex::new(policy.clone()),
+            resolver: Mutex::new(None),
+            nft_lock: Default::default(),
+        }))
     }
 
     /// The rest of a prepared network: veth pair, addresses, routes, the
@@ -198,7 +225,11 @@ impl Network {
     async fn allocate(&self, vm_id: &str) -> Result<u32> {
         let _g = ALLOC.lock().await;
         let taken: HashSet<String> = std::fs::read_dir(netns::NETNS_DIR)
-            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         for slot in 0..addr::slots(self.cfg.ipv4_pool) {
             let name = addr::netns_name(slot);
@@ -225,7 +256,10 @@ impl Network {
                 return Ok(slot);
             }
         }
-        Err(Error::Network(format!("no free network slot in {}", self.cfg.ipv4_pool)))
+        Err(Error::Network(format!(
+            "no free network slot in {}",
+            self.cfg.ipv4_pool
+        )))
     }
 
     /// Two `ip -batch` processes (host side, then namespace side; the tap
@@ -236,7 +270,13 @@ impl Network {
         let a = &net.addr;
         let ns = a.netns.as_str();
         let t = std::time::Instant::now();
-        let phase = |name: &str| tracing::debug!(netns = ns, ms = t.elapsed().as_secs_f64() * 1e3, "net phase: {name}");
+        let phase = |name: &str| {
+            tracing::debug!(
+                netns = ns,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "net phase: {name}"
+            )
+        };
         // The peer moves into the namespace at creation; the host side is
         // up before the namespace side, so veth0 has its carrier when the
         // default routes are added.
@@ -277,7 +317,13 @@ impl Network {
     }
 
     async fn start_resolver(&self, net: &VmNet) -> Result<()> {
-        let r = dns::Resolver::start(&net.addr.netns, net.addr.gateway4, self.cfg.dns_upstream, &net.policy()).await?;
+        let r = dns::Resolver::start(
+            &net.addr.netns,
+            net.addr.gateway4,
+            self.cfg.dns_upstream,
+            &net.policy(),
+        )
+        .await?;
         if let Ok(mut slot) = net.resolver.lock() {
             if let Some(old) = slot.replace(r) {
                 old.stop();
@@ -295,9 +341,16 @@ impl Network {
     async fn load_rules_with(&self, net: &VmNet, carried: Vec<nft::SetElement>) -> Result<()> {
         let _g = net.nft_lock.lock().await;
         let policy = net.policy();
-        let mut known = net.resolver().map(|r| r.known_elements(&policy)).unwrap_or_default();
+        let mut known = net
+            .resolver()
+            .map(|r| r.known_elements(&policy))
+            .unwrap_or_default();
         known.extend(carried);
-        netns::nft(Some(&net.addr.netns), &nft::render(&policy, &known, &self.cfg.extra_doh)).await
+        netns::nft(
+            Some(&net.addr.netns),
+            &nft::render(&policy, &known, &self.cfg.extra_doh),
+        )
+        .await
     }
 
     /// Apply a new (validated) policy to a live VM: ruleset and dns gate.
@@ -315,14 +368,28 @@ impl Network {
     /// exist; the ruleset is reloaded and a new resolver started.
     pub async fn adopt(&self, rec: NetRecord) -> Result<Arc<VmNet>> {
         if !netns::netns_path(&rec.addressing.netns).exists() {
-            return Err(Error::Network(format!("namespace {} is gone", rec.addressing.netns)));
+            return Err(Error::Network(format!(
+                "namespace {} is gone",
+                rec.addressing.netns
+            )));
         }
-        let net = Arc::new(VmNet { addr: rec.addressing, policy: Mutex::new(rec.policy), resolver: Mutex::new(None), nft_lock: Default::default() });
+        let net = Arc::new(VmNet {
+            addr: rec.addressing,
+            policy: Mutex::new(rec.policy),
+            resolver: Mutex::new(None),
+            nft_lock: Default::default(),
+        });
         // The VM keeps its network (and is torn down on delete) even when
         // these fail, e.g. while another runtime still serves its resolver.
         // The fqdn sets keep what the previous worker's resolver put there
         // (with the time left), so the guest needs no new lookup.
-        let carried = match netns::output(Some(&net.addr.netns), "nft", &["-j", "list", "sets", "inet"]).await {
+        let carried = match netns::output(
+            Some(&net.addr.netns),
+            "nft",
+            &["-j", "list", "sets", "inet"],
+        )
+        .await
+        {
             Ok(json) => nft::loaded_set_elements(&json),
             Err(e) => {
                 tracing::debug!(netns = %net.addr.netns, error = %e, "no loaded sets to carry over");
@@ -350,14 +417,21 @@ impl Network {
     /// Remove the namespaces this data dir owns that no VM in `keep` uses,
     /// and those of data dirs that no longer exist.
     pub async fn cleanup_orphans(&self, keep: &HashSet<String>) {
-        let Ok(entries) = std::fs::read_dir(OWNER_DIR) else { return };
+        let Ok(entries) = std::fs::read_dir(OWNER_DIR) else {
+            return;
+        };
         for e in entries.flatten() {
-            let Ok(name) = e.file_name().into_string() else { continue };
-            let Some(slot) = addr::parse_slot(&name) else { continue };
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            let Some(slot) = addr::parse_slot(&name) else {
+                continue;
+            };
             let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
             let dir = owner.lines().next().unwrap_or("");
             let ours = Path::new(dir) == self.owner;
-            let orphan = (ours && !keep.contains(&name)) || (!dir.is_empty() && !Path::new(dir).exists());
+            let orphan =
+                (ours && !keep.contains(&name)) || (!dir.is_empty() && !Path::new(dir).exists());
             if orphan {
                 tracing::info!(netns = %name, owner = dir, "removing left-over VM network");
                 remove_slot(&name, &format!("{}{slot:04x}", addr::HOST_VETH_PREFIX)).await;
@@ -378,18 +452,31 @@ async fn remove_slot(netns_name: &str, host_veth: &str) {
 /// harnesses at exit, when no runtime is left to do it.
 pub fn remove_owned_by(data_dir: &Path) {
     let owner = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let Ok(entries) = std::fs::read_dir(OWNER_DIR) else { return };
+    let Ok(entries) = std::fs::read_dir(OWNER_DIR) else {
+        return;
+    };
     for e in entries.flatten() {
-        let Ok(name) = e.file_name().into_string() else { continue };
-        let Some(slot) = addr::parse_slot(&name) else { continue };
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        let Some(slot) = addr::parse_slot(&name) else {
+            continue;
+        };
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
         if Path::new(text.lines().next().unwrap_or("")) != owner {
             continue;
         }
         let quiet = |args: &[&str]| {
-            let _ = std::process::Command::new("ip").args(args).stderr(std::process::Stdio::null()).status();
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
         };
-        quiet(&["link", "del", &format!("{}{slot:04x}", addr::HOST_VETH_PREFIX)]);
+        quiet(&[
+            "link",
+            "del",
+            &format!("{}{slot:04x}", addr::HOST_VETH_PREFIX),
+        ]);
         quiet(&["netns", "del", &name]);
         let _ = std::fs::remove_file(e.path());
     }

@@ -17,7 +17,8 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 /// An open handle on the namespace `name`.
 pub fn open(name: &str) -> Result<OwnedFd> {
-    let f = std::fs::File::open(netns_path(name)).map_err(|e| Error::Network(format!("open netns {name}: {e}")))?;
+    let f = std::fs::File::open(netns_path(name))
+        .map_err(|e| Error::Network(format!("open netns {name}: {e}")))?;
     Ok(f.into())
 }
 
@@ -38,7 +39,16 @@ fn prepare_run_dir() -> std::io::Result<()> {
     let dir = c"/run/netns";
     let flags = libc::MS_SHARED | libc::MS_REC;
     // SAFETY: mount(2) with valid NUL-terminated strings and null data.
-    if unsafe { libc::mount(c"".as_ptr(), dir.as_ptr(), c"none".as_ptr(), flags, std::ptr::null()) } == 0 {
+    if unsafe {
+        libc::mount(
+            c"".as_ptr(),
+            dir.as_ptr(),
+            c"none".as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    } == 0
+    {
         return Ok(());
     }
     if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
@@ -47,8 +57,20 @@ fn prepare_run_dir() -> std::io::Result<()> {
     // Not a mount point yet: bind it onto itself, then make it shared.
     // SAFETY: as above.
     unsafe {
-        if libc::mount(dir.as_ptr(), dir.as_ptr(), c"none".as_ptr(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) != 0
-            || libc::mount(c"".as_ptr(), dir.as_ptr(), c"none".as_ptr(), flags, std::ptr::null()) != 0
+        if libc::mount(
+            dir.as_ptr(),
+            dir.as_ptr(),
+            c"none".as_ptr(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+            || libc::mount(
+                c"".as_ptr(),
+                dir.as_ptr(),
+                c"none".as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) != 0
         {
             return Err(std::io::Error::last_os_error());
         }
@@ -61,34 +83,58 @@ static RUN_DIR: std::sync::OnceLock<std::result::Result<(), String>> = std::sync
 /// Create the named namespace `name` (like `ip netns add`, without a
 /// process): `Ok(false)` when it exists already. `setup` runs inside the new
 /// namespace before it is published (e.g. its sysctls).
-pub async fn add(name: &str, setup: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<bool> {
-    RUN_DIR.get_or_init(|| prepare_run_dir().map_err(|e| e.to_string())).clone().map_err(|e| Error::Network(format!("prepare {NETNS_DIR}: {e}")))?;
+pub async fn add(
+    name: &str,
+    setup: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<bool> {
+    RUN_DIR
+        .get_or_init(|| prepare_run_dir().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| Error::Network(format!("prepare {NETNS_DIR}: {e}")))?;
     let path = netns_path(name);
     // The file is the lock on the name: fails when another process has it.
-    match std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::Network(format!("create {}: {e}", path.display()))),
     }
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| Error::Network(e.to_string()))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| Error::Network(e.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name("fastvm-netns".into()).spawn(move || {
-        let result = (|| {
-            // SAFETY: unshare(CLONE_NEWNET) moves only this thread, which ends below.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: mount(2) with valid NUL-terminated strings and null data.
-            let bound = unsafe { libc::mount(c"/proc/thread-self/ns/net".as_ptr(), target.as_ptr(), c"none".as_ptr(), libc::MS_BIND, std::ptr::null()) };
-            if bound != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            setup()
-        })();
-        let _ = tx.send(result);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("fastvm-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                // SAFETY: unshare(CLONE_NEWNET) moves only this thread, which ends below.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: mount(2) with valid NUL-terminated strings and null data.
+                let bound = unsafe {
+                    libc::mount(
+                        c"/proc/thread-self/ns/net".as_ptr(),
+                        target.as_ptr(),
+                        c"none".as_ptr(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                };
+                if bound != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                setup()
+            })();
+            let _ = tx.send(result);
+        });
     let result = match spawned {
-        Ok(_) => rx.await.unwrap_or_else(|_| Err(std::io::Error::other("netns thread died"))),
+        Ok(_) => rx
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread died"))),
         Err(e) => Err(e),
     };
     if let Err(e) = result {
@@ -108,19 +154,33 @@ pub fn create_tap(name: &str) -> std::io::Result<()> {
         flags: libc::c_short,
         _pad: [u8; 22],
     }
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
     if name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::other(format!("interface name {name} is too long")));
+        return Err(std::io::Error::other(format!(
+            "interface name {name} is too long"
+        )));
     }
     for (d, s) in req.name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
     // SAFETY: TUNSETIFF reads a `struct ifreq` (40 bytes, `req` lives across
     // the call); TUNSETPERSIST takes an integer. The fd is valid.
     unsafe {
-        if libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) != 0 || libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) != 0 {
-            return Err(std::io::Error::other(format!("create tap {name}: {}", std::io::Error::last_os_error())));
+        if libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) != 0
+            || libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) != 0
+        {
+            return Err(std::io::Error::other(format!(
+                "create tap {name}: {}",
+                std::io::Error::last_os_error()
+            )));
         }
     }
     Ok(())
@@ -148,12 +208,22 @@ pub async fn output(ns: Option<&str>, prog: &str, args: &[&str]) -> Result<Vec<u
     exec(ns, prog, args, "", true).await
 }
 
-async fn exec(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str, capture: bool) -> Result<Vec<u8>> {
+async fn exec(
+    ns: Option<&str>,
+    prog: &str,
+    args: &[&str],
+    stdin: &str,
+    capture: bool,
+) -> Result<Vec<u8>> {
     let fd = ns.map(open).transpose()?;
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
         .stdin(std::process::Stdio::piped())
-        .stdout(if capture { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(if capture {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     if let Some(fd) = fd.as_ref() {
@@ -169,16 +239,28 @@ async fn exec(ns: Option<&str>, prog: &str, args: &[&str], stdin: &str, capture:
             })
         };
     }
-    let mut child = cmd.spawn().map_err(|e| Error::Network(format!("run {prog}: {e}")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Network(format!("run {prog}: {e}")))?;
     drop(fd);
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).await.map_err(|e| Error::Network(format!("{prog}: write stdin: {e}")))?;
+        input
+            .write_all(stdin.as_bytes())
+            .await
+            .map_err(|e| Error::Network(format!("{prog}: write stdin: {e}")))?;
     }
-    let out = child.wait_with_output().await.map_err(|e| Error::Network(format!("{prog}: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| Error::Network(format!("{prog}: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let where_ = ns.map(|n| format!(" in {n}")).unwrap_or_default();
-        return Err(Error::Network(format!("{prog} {}{where_} failed: {}", args.join(" "), err.trim())));
+        return Err(Error::Network(format!(
+            "{prog} {}{where_} failed: {}",
+            args.join(" "),
+            err.trim()
+        )));
     }
     Ok(out.stdout)
 }
@@ -195,7 +277,10 @@ pub async fn nft(ns: Option<&str>, script: &str) -> Result<()> {
 
 /// Run `f` on a new thread that has entered namespace `name`: sockets it
 /// creates belong to that namespace for their whole life.
-pub async fn on_thread_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+pub async fn on_thread_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
     let fd = open(name)?;
     let name = name.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -206,5 +291,7 @@ pub async fn on_thread_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> std
             let _ = tx.send(result);
         })
         .map_err(|e| Error::Network(format!("spawn netns thread: {e}")))?;
-    rx.await.map_err(|_| Error::Network("netns thread died".into()))?.map_err(|e| Error::Network(format!("in netns {name}: {e}")))
+    rx.await
+        .map_err(|_| Error::Network("netns thread died".into()))?
+        .map_err(|e| Error::Network(format!("in netns {name}: {e}")))
 }

@@ -108,12 +108,27 @@ pub fn render(policy: &FirewallPolicy, known: &[SetElement], extra_doh: &[IpNet]
     let egress = p.egress.unwrap_or_default();
     let dns = p.dns.unwrap_or_default();
     let mut out = String::new();
-    let _ = writeln!(out, "table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{");
+    let _ = writeln!(
+        out,
+        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{"
+    );
 
     if dns.block_bypass {
-        let all: Vec<IpNet> = KNOWN_DOH.iter().filter_map(|s| s.parse().ok()).chain(extra_doh.iter().copied()).collect();
-        let v4: Vec<String> = all.iter().filter(|n| matches!(n, IpNet::V4(_))).map(|n| n.trunc().to_string()).collect();
-        let v6: Vec<String> = all.iter().filter(|n| matches!(n, IpNet::V6(_))).map(|n| n.trunc().to_string()).collect();
+        let all: Vec<IpNet> = KNOWN_DOH
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .chain(extra_doh.iter().copied())
+            .collect();
+        let v4: Vec<String> = all
+            .iter()
+            .filter(|n| matches!(n, IpNet::V4(_)))
+            .map(|n| n.trunc().to_string())
+            .collect();
+        let v6: Vec<String> = all
+            .iter()
+            .filter(|n| matches!(n, IpNet::V6(_)))
+            .map(|n| n.trunc().to_string())
+            .collect();
         set_decl(&mut out, "doh4", false, "interval", &v4);
         set_decl(&mut out, "doh6", true, "interval", &v6);
     }
@@ -126,7 +141,9 @@ pub fn render(policy: &FirewallPolicy, known: &[SetElement], extra_doh: &[IpNet]
             let mut seen = std::collections::BTreeSet::new();
             known
                 .iter()
-                .filter(|e| e.rule == i && e.ip.is_ipv6() == v6 && e.ttl_secs > 0 && seen.insert(e.ip))
+                .filter(|e| {
+                    e.rule == i && e.ip.is_ipv6() == v6 && e.ttl_secs > 0 && seen.insert(e.ip)
+                })
                 .map(|e| format!("{} timeout {}s", e.ip, e.ttl_secs))
                 .collect()
         };
@@ -159,7 +176,9 @@ pub fn render(policy: &FirewallPolicy, known: &[SetElement], extra_doh: &[IpNet]
         PolicyAction::Deny => "goto egress_deny",
     };
     for (i, rule) in egress.rules.iter().enumerate() {
-        let Ok(ports) = rule.parsed_ports() else { continue };
+        let Ok(ports) = rule.parsed_ports() else {
+            continue;
+        };
         let l4 = l4(rule.protocol, ports, "dport");
         let verdict = egress_verdict(rule.action);
         match rule.kind {
@@ -184,9 +203,16 @@ pub fn render(policy: &FirewallPolicy, known: &[SetElement], extra_doh: &[IpNet]
         PolicyAction::Deny => "drop",
     };
     for rule in &ingress.rules {
-        let Ok(ports) = rule.parsed_ports() else { continue };
+        let Ok(ports) = rule.parsed_ports() else {
+            continue;
+        };
         if let Some(m) = cidr_match(&rule.value, "saddr") {
-            let _ = writeln!(out, "    {m}{} {}", l4(rule.protocol, ports, "dport"), ingress_verdict(rule.action));
+            let _ = writeln!(
+                out,
+                "    {m}{} {}",
+                l4(rule.protocol, ports, "dport"),
+                ingress_verdict(rule.action)
+            );
         }
     }
     let _ = writeln!(out, "    {}\n  }}", ingress_verdict(ingress.default_action));
@@ -215,20 +241,43 @@ pub fn add_elements(rule: usize, ips: &[IpAddr], ttl_secs: u32) -> String {
 /// `nft -j list sets inet` (each with the time it has left): what a
 /// re-adopting worker carries into the ruleset it reloads.
 pub fn loaded_set_elements(json: &[u8]) -> Vec<SetElement> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(json) else { return Vec::new() };
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    for item in doc["nftables"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for item in doc["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let set = &item["set"];
         if set["table"].as_str() != Some(TABLE) {
             continue;
         }
-        let Some(rule) = set["name"].as_str().and_then(|n| n.strip_prefix("fq")).and_then(|n| n.split_once('_')).and_then(|(i, _)| i.parse().ok())
+        let Some(rule) = set["name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("fq"))
+            .and_then(|n| n.split_once('_'))
+            .and_then(|(i, _)| i.parse().ok())
         else {
             continue;
         };
-        for e in set["elem"].as_array().map(Vec::as_slice).unwrap_or_default() {
-            let (Some(ip), Some(left)) = (e["elem"]["val"].as_str().and_then(|v| v.parse().ok()), e["elem"]["expires"].as_u64()) else { continue };
-            out.push(SetElement { rule, ip, ttl_secs: u32::try_from(left).unwrap_or(u32::MAX) });
+        for e in set["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let (Some(ip), Some(left)) = (
+                e["elem"]["val"].as_str().and_then(|v| v.parse().ok()),
+                e["elem"]["expires"].as_u64(),
+            ) else {
+                continue;
+            };
+            out.push(SetElement {
+                rule,
+                ip,
+                ttl_secs: u32::try_from(left).unwrap_or(u32::MAX),
+            });
         }
     }
     out
@@ -250,10 +299,20 @@ mod tests {
             "dns": {"blockBypass": true}
         }))
         .expect("policy");
-        let known = [SetElement { rule: 1, ip: "192.0.2.7".parse().expect("ip"), ttl_secs: 60 }];
+        let known = [SetElement {
+            rule: 1,
+            ip: "192.0.2.7".parse().expect("ip"),
+            ttl_secs: 60,
+        }];
         let s = render(&policy, &known, &[]);
-        assert!(s.contains("ip6 saddr 2001:db8::/64 tcp dport 8080 accept"), "{s}");
-        assert!(s.contains("ip daddr 10.0.0.0/8 udp dport 1000-2000 goto egress_deny"), "{s}");
+        assert!(
+            s.contains("ip6 saddr 2001:db8::/64 tcp dport 8080 accept"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip daddr 10.0.0.0/8 udp dport 1000-2000 goto egress_deny"),
+            "{s}"
+        );
         assert!(s.contains("set fq1_4 { type ipv4_addr; flags timeout; elements = { 192.0.2.7 timeout 60s }; }"), "{s}");
         assert!(s.contains("ip daddr @fq1_4 tcp dport 443 accept"), "{s}");
         assert!(s.contains("tcp dport 853 drop"), "{s}");
@@ -262,7 +321,19 @@ mod tests {
         let listed = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "fq3_4", "table": "fastvm",
             "type": "ipv4_addr", "flags": ["timeout"], "elem": [{"elem": {"val": "10.1.2.3", "timeout": 60, "expires": 59}}]}},
             {"set": {"family": "inet", "name": "doh4", "table": "fastvm", "elem": [{"prefix": {"addr": "1.1.1.1", "len": 32}}]}}]}"#;
-        assert_eq!(loaded_set_elements(listed), vec![SetElement { rule: 3, ip: "10.1.2.3".parse().expect("ip"), ttl_secs: 59 }]);
-        assert!(s[..egress_end].trim_end().ends_with("goto egress_deny\n  }"), "{s}");
+        assert_eq!(
+            loaded_set_elements(listed),
+            vec![SetElement {
+                rule: 3,
+                ip: "10.1.2.3".parse().expect("ip"),
+                ttl_secs: 59
+            }]
+        );
+        assert!(
+            s[..egress_end]
+                .trim_end()
+                .ends_with("goto egress_deny\n  }"),
+            "{s}"
+        );
     }
 }
