@@ -26,6 +26,28 @@
 //! and the host hands back [`Frame::Credit`] as its consumer drains them, so a
 //! guest printing faster than the host reads blocks in the guest, exhausting
 //! neither side's memory.
+//!
+//! Terminals (protocol v2): an [`ExecSpec`] with a [`PtySpec`] runs its
+//! process on a pseudo-terminal in the guest (own session, the PTY as its
+//! controlling terminal, so job control and Ctrl-C work). Its stdin is always
+//! open: `Data{Stdin}` frames are keystrokes written to the PTY; everything
+//! the terminal prints comes back as `Data{Stdout}` (a PTY has no separate
+//! stderr), then `Eof{Stdout}` and the usual [`Control::Exit`].
+//! [`Control::Resize`] changes the window size (the foreground process
+//! group gets SIGWINCH). An empty argv with a PTY means the login shell
+//! (`/bin/bash -l`, else `/bin/sh -l`).
+//!
+//! ```text
+//!  host: Exec{argv: [], pty: {term, cols, rows}} on s  -> agent: Started{pid}
+//!  host: Data(s, stdin, keys)   -> written to the PTY master; Credit(s, stdin, n) back
+//!  agent: Data(s, stdout, out)  <- read from the PTY master under the stdout window
+//!  host: Resize{cols, rows} on s -> TIOCSWINSZ (no answer)
+//!  agent: Eof(s, stdout), Exit{code, signal}
+//! ```
+//!
+//! Versions: v1 had no terminals. A v2 host still drives a v1 agent (e.g. in
+//! a VM restored from an old snapshot) for everything else
+//! ([`MIN_PROTOCOL_VERSION`]); it refuses PTY requests to it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -33,7 +55,11 @@ use std::collections::BTreeMap;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version of this protocol; exchanged in [`Control::Hello`] / [`Control::HelloAck`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest agent protocol a host still talks to (v1: no PTYs).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// First protocol version with [`PtySpec`] and [`Control::Resize`].
+pub const PTY_PROTOCOL_VERSION: u32 = 2;
 /// Resynchronisation marker; followed by an 8-byte nonce.
 pub const SYNC_MAGIC: [u8; 8] = *b"FVMSYNC1";
 const SYNC_LEN: usize = SYNC_MAGIC.len() + 8;
@@ -92,6 +118,21 @@ pub struct ExecSpec {
     /// Keep stdin open for [`Frame::Data`] with [`Fd::Stdin`]; otherwise stdin is /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run the process on a pseudo-terminal of this size (protocol v2); stdin is
+    /// then always open. Absent on the wire when `None` (v1-compatible).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySpec>,
+}
+
+/// A pseudo-terminal for an exec: terminal type and window size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySpec {
+    /// `TERM` of the process, e.g. `xterm-256color`.
+    pub term: String,
+    /// Columns of the window (at least 1).
+    pub cols: u16,
+    /// Rows of the window (at least 1).
+    pub rows: u16,
 }
 
 /// How a process ended.
@@ -132,6 +173,9 @@ pub enum Control {
     Exec(ExecSpec),
     /// Host -> guest: send a signal to the process group of this stream.
     Signal { signal: i32 },
+    /// Host -> guest (v2): new window size of this stream's PTY. No answer;
+    /// ignored for a stream without a PTY.
+    Resize { cols: u16, rows: u16 },
     /// Host -> guest: the host gave up on this stream (client went away):
     /// kill its process group and drop its remaining output. No Exit follows.
     Cancel,

@@ -27,7 +27,27 @@ fn sample_frames() -> Vec<Frame> {
                 cwd: Some("/tmp".into()),
                 timeout_ms: Some(1000),
                 stdin: false,
+                pty: None,
             }),
+        },
+        Frame::Control {
+            stream: 4,
+            msg: Control::Exec(ExecSpec {
+                argv: vec![],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: None,
+                stdin: true,
+                pty: Some(PtySpec {
+                    term: "xterm-256color".into(),
+                    cols: 120,
+                    rows: 40,
+                }),
+            }),
+        },
+        Frame::Control {
+            stream: 4,
+            msg: Control::Resize { cols: 80, rows: 24 },
         },
         Frame::Data {
             stream: 3,
@@ -147,8 +167,14 @@ fn bad_control_json_keeps_sync() {
 
 /// Schema snapshot: the JSON of control messages is the cross-version contract.
 /// Changing it requires bumping PROTOCOL_VERSION and updating this test.
+/// v2 added `exec.pty` (absent when unused, so v1 execs are byte-identical)
+/// and `resize`.
 #[test]
 fn control_schema_snapshot() {
+    assert_eq!(
+        (PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PTY_PROTOCOL_VERSION),
+        (2, 1, 2)
+    );
     let cases: Vec<(Control, &str)> = vec![
         (
             Control::Hello {
@@ -197,8 +223,31 @@ fn control_schema_snapshot() {
                 cwd: None,
                 timeout_ms: None,
                 stdin: false,
+                pty: None,
             }),
             r#"{"type":"exec","argv":["true"],"env":{},"cwd":null,"timeout_ms":null,"stdin":false}"#,
+        ),
+        (
+            Control::Exec(ExecSpec {
+                argv: vec![],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: None,
+                stdin: true,
+                pty: Some(PtySpec {
+                    term: "xterm-256color".into(),
+                    cols: 80,
+                    rows: 24,
+                }),
+            }),
+            r#"{"type":"exec","argv":[],"env":{},"cwd":null,"timeout_ms":null,"stdin":true,"pty":{"term":"xterm-256color","cols":80,"rows":24}}"#,
+        ),
+        (
+            Control::Resize {
+                cols: 132,
+                rows: 43,
+            },
+            r#"{"type":"resize","cols":132,"rows":43}"#,
         ),
         (
             Control::Signal { signal: 9 },

@@ -12,7 +12,14 @@
 //!                EXIT_DRAIN when a background child keeps them open)
 //!          -> Exit{code, signal, timed_out, duration_ms}
 //! ```
+//!
+//! With a PTY (see [`crate::pty`]) the process's stdio is the terminal's
+//! slave, opened by the session before the task starts (so a Resize that
+//! follows the Exec never finds the stream without its terminal); the one
+//! output pump reads the master as `Fd::Stdout`, stdin frames are written to
+//! the master, and an empty argv runs the login shell.
 
+use crate::pty::{self, Master, Pty};
 use crate::session::Shared;
 use bytes::Bytes;
 use fastvm_agent_proto::{Control, ExecSpec, ExitStatus, Fd, Frame, DATA_CHUNK, STREAM_WINDOW};
@@ -87,6 +94,8 @@ pub(crate) struct StreamHandle {
     pub(crate) stdin: Option<mpsc::Sender<Option<Bytes>>>,
     pid: Arc<AtomicI32>,
     detached: Arc<AtomicBool>,
+    /// The terminal's master, for resize requests.
+    pty: Option<Master>,
 }
 
 /// The exec task's side of the same stream.
@@ -96,27 +105,31 @@ pub(crate) struct StreamParts {
     stdin: Option<mpsc::Receiver<Option<Bytes>>>,
     pid: Arc<AtomicI32>,
     detached: Arc<AtomicBool>,
+    pty: Option<Pty>,
 }
 
 impl StreamHandle {
-    pub(crate) fn new(with_stdin: bool) -> (StreamHandle, StreamParts) {
+    /// A stream; a PTY stream always has stdin (keystrokes).
+    pub(crate) fn new(with_stdin: bool, pty: Option<Pty>) -> (StreamHandle, StreamParts) {
         let (stdout, stderr) = (Arc::new(Credit::new()), Arc::new(Credit::new()));
         let (pid, detached) = (
             Arc::new(AtomicI32::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (tx, rx) = if with_stdin {
+        let (tx, rx) = if with_stdin || pty.is_some() {
             let (tx, rx) = mpsc::channel(16);
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
+        let master = pty.as_ref().map(|p| p.master.clone());
         let handle = StreamHandle {
             stdout: stdout.clone(),
             stderr: stderr.clone(),
             stdin: tx,
             pid: pid.clone(),
             detached: detached.clone(),
+            pty: master,
         };
         (
             handle,
@@ -126,8 +139,22 @@ impl StreamHandle {
                 stdin: rx,
                 pid,
                 detached,
+                pty,
             },
         )
+    }
+
+    /// Resize the stream's terminal; false when it has none.
+    pub(crate) fn resize(&self, cols: u16, rows: u16) -> bool {
+        match &self.pty {
+            Some(master) => {
+                if let Err(e) = pty::set_size(master.get_ref(), cols, rows) {
+                    crate::log(&format!("resize failed: {e}"));
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     pub(crate) fn credit(&self, fd: Fd) -> Option<Arc<Credit>> {
@@ -160,14 +187,24 @@ pub(crate) fn kill_group(pid: i32, signal: i32) {
     unsafe { libc::kill(-pid, signal) };
 }
 
-fn command(shared: &Shared, spec: &ExecSpec) -> std::process::Command {
-    let mut cmd = std::process::Command::new(&spec.argv[0]);
-    cmd.args(&spec.argv[1..]).env_clear();
+fn command(
+    shared: &Shared,
+    spec: &ExecSpec,
+    argv: &[String],
+    pty: Option<&Pty>,
+) -> std::io::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
     cmd.env("PATH", DEFAULT_PATH)
         .env("HOME", "/root")
         .env("USER", "root")
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm");
+    if let Some(p) = &spec.pty {
+        cmd.env("TERM", &p.term)
+            .env("LOGNAME", "root")
+            .env("SHELL", &argv[0]);
+    }
     if let Ok(env) = shared.env.read() {
         cmd.envs(env.iter());
     }
@@ -180,21 +217,35 @@ fn command(shared: &Shared, spec: &ExecSpec) -> std::process::Command {
             "/".to_owned()
         },
     );
-    cmd.stdin(if spec.stdin {
-        std::process::Stdio::piped()
-    } else {
-        std::process::Stdio::null()
-    });
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
+    match pty {
+        Some(pty) => {
+            cmd.stdin(pty.slave.try_clone()?)
+                .stdout(pty.slave.try_clone()?)
+                .stderr(pty.slave.try_clone()?);
+            // SAFETY: runs between fork and exec, after stdio became the slave;
+            // it only makes async-signal-safe calls.
+            unsafe {
+                cmd.pre_exec(pty::make_controlling_terminal);
+            }
+        }
+        None => {
+            cmd.stdin(if spec.stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            });
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+        }
     }
-    cmd
+    Ok(cmd)
 }
 
 fn decode_status(status: libc::c_int) -> (i32, Option<i32>) {
@@ -221,9 +272,14 @@ async fn finish(shared: &Shared, stream: u32, detached: &Arc<AtomicBool>, status
     shared.remove_stream(stream, detached);
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts: StreamParts) {
+pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut parts: StreamParts) {
     let start = Instant::now();
-    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+    let argv = if spec.argv.is_empty() && parts.pty.is_some() {
+        pty::login_shell()
+    } else {
+        spec.argv.clone()
+    };
+    if argv.is_empty() || argv[0].is_empty() {
         let status = ExitStatus {
             code: 127,
             signal: None,
@@ -233,11 +289,16 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
         };
         return finish(&shared, stream, &parts.detached, status).await;
     }
-    let spawned = shared.reaper.spawn(&mut command(&shared, &spec));
+    // The slave is only needed until the child has its copies: dropping ours
+    // lets the master see EOF (EIO) once the child and its jobs are gone.
+    let pty = parts.pty.take();
+    let spawned = command(&shared, &spec, &argv, pty.as_ref())
+        .and_then(|mut cmd| shared.reaper.spawn(&mut cmd));
+    let master = pty.map(|p| p.master);
     let (mut child, exit_rx) = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let error = Some(format!("cannot start {:?}: {e}", spec.argv[0]));
+            let error = Some(format!("cannot start {:?}: {e}", argv[0]));
             let status = ExitStatus {
                 code: 127,
                 signal: None,
@@ -260,6 +321,26 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
 
     let (exited_tx, exited_rx) = watch::channel(false);
     let mut pumps = Vec::new();
+    if let Some(master) = &master {
+        let source = Source::Pty(master.clone());
+        pumps.push(tokio::spawn(pump(
+            shared.clone(),
+            stream,
+            Fd::Stdout,
+            source,
+            parts.stdout.clone(),
+            parts.detached.clone(),
+            exited_rx.clone(),
+        )));
+        if let Some(rx) = parts.stdin.take() {
+            tokio::spawn(feed_stdin(
+                shared.clone(),
+                stream,
+                Sink::Pty(master.clone()),
+                rx,
+            ));
+        }
+    }
     let outputs = [
         (
             Fd::Stdout,
@@ -279,7 +360,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
                 shared.clone(),
                 stream,
                 fd,
-                rx,
+                Source::Pipe(rx),
                 credit,
                 parts.detached.clone(),
                 exited_rx.clone(),
@@ -290,11 +371,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, parts:
     if let (Some(stdin), Some(rx)) = (child.stdin.take(), parts.stdin) {
         match pipe::Sender::from_owned_fd(OwnedFd::from(stdin)) {
             Ok(tx) => {
-                tokio::spawn(feed_stdin(shared.clone(), stream, tx, rx));
+                tokio::spawn(feed_stdin(shared.clone(), stream, Sink::Pipe(tx), rx));
             }
             Err(e) => crate::log(&format!("stream {stream}: cannot write stdin: {e}")),
         }
     }
+    drop(master);
 
     let mut timed_out = false;
     let raw = match spec.timeout_ms {
@@ -330,11 +412,41 @@ fn elapsed_ms(start: Instant) -> u64 {
     start.elapsed().as_millis().min(u64::MAX as u128) as u64
 }
 
+/// Where a stream's output comes from.
+enum Source {
+    Pipe(pipe::Receiver),
+    Pty(Master),
+}
+
+impl Source {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Pipe(rx) => rx.read(buf).await,
+            Source::Pty(master) => pty::read(master, buf).await,
+        }
+    }
+}
+
+/// Where a stream's stdin goes.
+enum Sink {
+    Pipe(pipe::Sender),
+    Pty(Master),
+}
+
+impl Sink {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Pipe(tx) => tx.write_all(data).await,
+            Sink::Pty(master) => pty::write_all(master, data).await,
+        }
+    }
+}
+
 async fn pump(
     shared: Arc<Shared>,
     stream: u32,
     fd: Fd,
-    mut rx: pipe::Receiver,
+    mut rx: Source,
     credit: Arc<Credit>,
     detached: Arc<AtomicBool>,
     mut exited: watch::Receiver<bool>,
@@ -378,7 +490,7 @@ async fn pump(
 async fn feed_stdin(
     shared: Arc<Shared>,
     stream: u32,
-    mut tx: pipe::Sender,
+    mut tx: Sink,
     mut rx: mpsc::Receiver<Option<Bytes>>,
 ) {
     while let Some(Some(data)) = rx.recv().await {
@@ -395,5 +507,5 @@ async fn feed_stdin(
             })
             .await;
     }
-    // Dropping tx closes the child's stdin.
+    // Dropping tx closes the child's stdin (for a PTY: our reference to the master).
 }

@@ -20,6 +20,7 @@ mod config;
 mod exec;
 mod init;
 mod port;
+mod pty;
 mod reaper;
 mod session;
 

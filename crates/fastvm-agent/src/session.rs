@@ -3,7 +3,7 @@
 //! ```text
 //!  host: SYNC(n) Hello{n}         -> agent: detaches old streams,
 //!                                    answers SYNC(n) HelloAck{n}
-//!  host: Configure / Exec / Ping / Shutdown on stream s
+//!  host: Configure / Exec / Ping / Shutdown on stream s (Resize: no answer)
 //!                                 -> agent: Ok | Error | Started, Data*, Eof, Exit on s
 //!  host: Credit(s, fd, n)         -> the stream's pump may send n more bytes
 //! ```
@@ -179,7 +179,24 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                 )
                 .await;
             }
-            let (handle, parts) = StreamHandle::new(spec.stdin);
+            let pty = match &spec.pty {
+                Some(p) => match crate::pty::open(p.cols, p.rows) {
+                    Ok(pty) => Some(pty),
+                    Err(e) => {
+                        let error = Some(format!("cannot open a pseudo-terminal: {e}"));
+                        let status = fastvm_agent_proto::ExitStatus {
+                            code: 127,
+                            signal: None,
+                            timed_out: false,
+                            duration_ms: 0,
+                            error,
+                        };
+                        return reply(shared, stream, Control::Exit(status)).await;
+                    }
+                },
+                None => None,
+            };
+            let (handle, parts) = StreamHandle::new(spec.stdin, pty);
             let duplicate = match shared.streams.lock() {
                 Ok(mut streams) => match streams.entry(stream) {
                     std::collections::hash_map::Entry::Occupied(_) => true,
@@ -219,6 +236,14 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                     )
                     .await
                 }
+            }
+        }
+        Control::Resize { cols, rows } => {
+            // No answer: a resize is fire-and-forget (an Error would end the host's stream).
+            if shared.with_stream(stream, |s| s.resize(cols, rows)) != Some(true) {
+                crate::log(&format!(
+                    "ignored resize of stream {stream}: no such terminal"
+                ));
             }
         }
         Control::Cancel => {

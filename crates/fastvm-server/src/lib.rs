@@ -7,6 +7,7 @@
 //!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
 //!                  snapshots.rs (capture, restore guard, delete)
 //!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
+//!                  console.rs (console tokens, wake, WebSocket terminal sessions)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -30,6 +31,7 @@
 //! worker finds their QEMU processes again) and reconciles the stored statuses.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 mod lifecycle;
 pub mod openapi;
@@ -84,6 +86,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// URL lifetime, object max age, upload cap of the staging store.
     pub staging: staging::StagingConfig,
+    /// Console token lifetime, idle timeout, ping and send timeouts.
+    pub console: console::ConsoleConfig,
     /// The services proxy (`fastvm serve --proxy-listen`); none: no proxy.
     pub proxy: Option<proxy::ProxyConfig>,
 }
@@ -101,6 +105,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             public_url: None,
             staging: staging::StagingConfig::default(),
+            console: console::ConsoleConfig::default(),
             proxy: None,
         }
     }
@@ -146,6 +151,8 @@ struct Inner {
     /// One wake-up (resume) in flight per paused VM, shared by every proxy
     /// request that needs it (see proxy::wake).
     wakes: proxy::Wakes,
+    /// Console configuration (see console.rs).
+    console: console::ConsoleState,
 }
 
 impl AppState {
@@ -163,6 +170,7 @@ impl AppState {
                 staging_config: Default::default(),
                 proxy_public: None,
                 wakes: Default::default(),
+                console: Default::default(),
             }),
         }
     }
@@ -182,6 +190,14 @@ impl AppState {
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
         &self.inner.wakes
+    }
+
+    /// Give the state its console configuration (call right after [`AppState::new`]).
+    pub fn with_console(mut self, cfg: console::ConsoleConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.console = console::ConsoleState::new(cfg);
+        }
+        self
     }
 
     /// Give the state a staging store that is not the local one (S3).
@@ -338,7 +354,7 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
         .context("opening the embedded worker")?;
     tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
     let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let mut state = AppState::new(store, worker, cfg.launch_wait);
+    let mut state = AppState::new(store, worker, cfg.launch_wait).with_console(cfg.console.clone());
     if let Some(proxy) = &cfg.proxy {
         let public = services::ProxyPublic {
             scheme: "http".into(),

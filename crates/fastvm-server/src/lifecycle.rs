@@ -772,6 +772,7 @@ impl AppState {
             cwd: req.cwd.clone(),
             timeout: req.timeout_sec.map(Duration::from_secs),
             stdin: false,
+            pty: None,
         };
         match self.worker().exec(id, wreq).await {
             Ok(events) => Ok(events),

@@ -4,7 +4,7 @@
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
 
-use crate::routes::{exec, files, health, org, services, snapshots, vms};
+use crate::routes::{console, exec, files, health, org, services, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -41,7 +41,9 @@ use utoipa::{Modify, OpenApi};
         snapshots::get,
         snapshots::update,
         snapshots::delete,
-        org::quotas
+        org::quotas,
+        console::console_token,
+        console::open_vm_console
     ),
     modifiers(&BearerAuth),
     tags(

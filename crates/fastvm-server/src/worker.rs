@@ -165,6 +165,26 @@ pub trait Worker: Send + Sync + 'static {
     }
     /// Let go of every VM without stopping them (server shutdown).
     fn detach(&self) {}
+    /// Open an interactive terminal in the running VM: `spec.argv` (the
+    /// guest's login shell when empty) on a pseudo-terminal of the given
+    /// size, in its own session (job control, Ctrl-C). See [`PtySession`].
+    /// The default refuses (a worker without terminals).
+    async fn open_pty(&self, id: VmId, spec: PtySpec) -> Result<PtySession, WorkerError> {
+        let _ = (id, spec);
+        Err(WorkerError::Failed(
+            "this worker cannot open terminals".into(),
+        ))
+    }
+    /// Follow the VM's serial console (read-only): the last `tail_bytes` of
+    /// what the guest wrote to it, then new output as it comes. Works in
+    /// any state, also when the guest agent does not answer; the stream ends
+    /// when the VM is deleted. The default refuses.
+    async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
+        let _ = (id, tail_bytes);
+        Err(WorkerError::Failed(
+            "this worker cannot show serial consoles".into(),
+        ))
+    }
 }
 
 /// How long [`LocalWorker::connect`] waits for the guest to accept.
@@ -346,6 +366,63 @@ impl Worker for LocalWorker {
     fn detach(&self) {
         self.runtime.detach_all();
     }
+
+    async fn open_pty(&self, id: VmId, spec: PtySpec) -> Result<PtySession, WorkerError> {
+        let req = ExecRequest {
+            argv: spec.argv,
+            env: spec.env,
+            stdin: true,
+            pty: Some(fastvm_worker::agent::PtySpec {
+                term: spec.term,
+                cols: spec.cols,
+                rows: spec.rows,
+            }),
+            ..Default::default()
+        };
+        let mut stream = self.runtime.exec(&id.to_string(), &req).await?;
+        let writer = stream
+            .take_stdin()
+            .ok_or_else(|| WorkerError::Failed("the terminal has no input".into()))?;
+        let (input, inputs) = tokio::sync::mpsc::channel(PTY_INPUT_QUEUE);
+        let pump = AbortOnDrop(tokio::spawn(pump_pty_input(
+            writer,
+            stream.control(),
+            inputs,
+        )));
+        let events = futures::stream::unfold(Some((stream, pump)), |state| async move {
+            let (mut s, pump) = state?;
+            match s.next().await? {
+                Ok(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => {
+                    Some((Ok(PtyEvent::Output(d)), Some((s, pump))))
+                }
+                Ok(ExecEvent::Exit(st)) => Some((
+                    Ok(PtyEvent::Exit(PtyExit {
+                        code: st.code,
+                        signal: st.signal,
+                        error: st.error,
+                    })),
+                    None,
+                )),
+                Err(e) => Some((Err(WorkerError::from(e)), None)),
+            }
+        });
+        Ok(PtySession {
+            input,
+            events: Box::pin(events),
+        })
+    }
+
+    async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
+        let follower = self
+            .runtime
+            .follow_console(&id.to_string(), tail_bytes)
+            .await?;
+        let stream = futures::stream::unfold(follower, |mut f| async move {
+            let item = f.next().await?;
+            Some((item, f))
+        });
+        Ok(Box::pin(stream))
+    }
 }
 
 /// Aborts its task when dropped (the exec's consumer went away).
@@ -383,4 +460,96 @@ async fn pump_stdin(
         }
     }
     let _ = writer.finish().await;
+}
+
+// --- terminals (Worker::open_pty, Worker::open_serial) ------------------------
+
+/// Keystrokes and control requests queued for one terminal before `send` waits.
+pub const PTY_INPUT_QUEUE: usize = 16;
+
+/// What terminal to open (see [`Worker::open_pty`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtySpec {
+    /// Program and arguments; empty: the guest's login shell
+    /// (`/bin/bash -l`, else `/bin/sh -l`).
+    pub argv: Vec<String>,
+    /// Extra environment, on top of the VM's.
+    pub env: BTreeMap<String, String>,
+    /// `TERM`, e.g. `xterm-256color`.
+    pub term: String,
+    /// Window size (1..=4096 each).
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Input to a terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyInput {
+    /// Bytes typed (written to the terminal as is: `\x03` is Ctrl-C).
+    Data(bytes::Bytes),
+    /// New window size (the foreground process gets SIGWINCH).
+    Resize { cols: u16, rows: u16 },
+    /// A signal to the terminal's process group.
+    Signal(i32),
+}
+
+/// How a terminal's process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyExit {
+    /// Exit code; `128 + signal` when killed by a signal; 127 when it could not start.
+    pub code: i32,
+    pub signal: Option<i32>,
+    /// Diagnostic, e.g. why it could not start.
+    pub error: Option<String>,
+}
+
+/// Output of a terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    /// What the terminal printed (raw bytes, possibly cut mid UTF-8 sequence).
+    Output(bytes::Bytes),
+    /// The process ended; always the last event.
+    Exit(PtyExit),
+}
+
+/// A running terminal, independent of how the worker is reached (in
+/// process today; a remote worker carries the same over its connection).
+///
+/// Both halves are flow-controlled end to end: `input.send` waits while the
+/// guest does not take keystrokes, and output is read from the guest only as
+/// `events` is polled, so a consumer that stops reading stops the guest's
+/// process (its terminal blocks) and no buffer grows. Dropping `events`
+/// hangs up: the process group in the guest is killed.
+pub struct PtySession {
+    /// Keystrokes, resizes and signals, in order.
+    pub input: tokio::sync::mpsc::Sender<PtyInput>,
+    /// What the terminal prints, then exactly one [`PtyEvent::Exit`] (or an error).
+    pub events: BoxStream<'static, Result<PtyEvent, WorkerError>>,
+}
+
+/// Move a terminal's input into the guest, in order; ends when the session
+/// is dropped or the guest stops taking input (the process exited).
+async fn pump_pty_input(
+    mut writer: fastvm_worker::agent::StdinWriter,
+    control: fastvm_worker::agent::StreamControl,
+    mut inputs: tokio::sync::mpsc::Receiver<PtyInput>,
+) {
+    while let Some(input) = inputs.recv().await {
+        let sent = match input {
+            PtyInput::Data(data) => writer.write(data).await,
+            PtyInput::Resize { cols, rows } => control.resize(cols, rows).await,
+            PtyInput::Signal(signal) => control.signal(signal).await,
+        };
+        match sent {
+            Ok(()) => {}
+            // A size out of range changes nothing; the terminal goes on.
+            Err(fastvm_worker::Error::InvalidExec(e)) => {
+                tracing::debug!(error = %e, "terminal request refused")
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "terminal input stopped");
+                return;
+            }
+        }
+    }
 }

@@ -17,9 +17,10 @@
 use crate::error::{Error, Result};
 use crate::exec::ExecEvent;
 use bytes::Bytes;
+pub use fastvm_agent_proto::PtySpec;
 use fastvm_agent_proto::{
-    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, PROTOCOL_VERSION,
-    STREAM_WINDOW,
+    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -187,9 +188,11 @@ impl AgentClient {
                 )));
             }
         };
-        if info.version != PROTOCOL_VERSION {
+        // An older agent (e.g. in a VM restored from an old snapshot) is still
+        // driven for what its version knows; see `exec` for PTYs.
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&info.version) {
             return Err(Error::Protocol(format!(
-                "agent speaks protocol v{}, host v{PROTOCOL_VERSION}",
+                "agent speaks protocol v{}, host v{MIN_PROTOCOL_VERSION}..v{PROTOCOL_VERSION}",
                 info.version
             )));
         }
@@ -322,6 +325,12 @@ impl AgentClient {
 
     /// Start a process; its output and exit come from the returned stream.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecStream> {
+        if spec.pty.is_some() && self.inner.info.version < PTY_PROTOCOL_VERSION {
+            return Err(Error::InvalidExec(format!(
+                "the agent in this VM speaks protocol v{} and has no terminals (v{PTY_PROTOCOL_VERSION} has); a VM launched from a current image has",
+                self.inner.info.version
+            )));
+        }
         let timeout = spec.timeout_ms.map(Duration::from_millis);
         let credit = spec.stdin.then(|| Arc::new(StdinCredit::new()));
         let (id, rx) = self.open_stream(credit.clone())?;
@@ -484,6 +493,15 @@ impl ExecStream {
         self.stdin.take()
     }
 
+    /// A handle that resizes the process's terminal or signals it while
+    /// another task reads the events.
+    pub fn control(&self) -> StreamControl {
+        StreamControl {
+            id: self.id,
+            client: self.client.clone(),
+        }
+    }
+
     /// The next event; `None` after the exit event.
     pub async fn next(&mut self) -> Option<Result<ExecEvent>> {
         if self.finished {
@@ -572,6 +590,46 @@ impl Drop for ExecStream {
         if !self.finished {
             self.cancel();
         }
+    }
+}
+
+/// Out-of-band requests for a running exec (see [`ExecStream::control`]).
+#[derive(Clone)]
+pub struct StreamControl {
+    id: u32,
+    client: AgentClient,
+}
+
+impl StreamControl {
+    /// New window size of the stream's terminal (no answer; a stream without
+    /// a terminal ignores it).
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        if cols == 0
+            || rows == 0
+            || cols > crate::exec::MAX_PTY_DIMENSION
+            || rows > crate::exec::MAX_PTY_DIMENSION
+        {
+            return Err(Error::InvalidExec(format!(
+                "terminal size {cols}x{rows} is out of range 1..={}",
+                crate::exec::MAX_PTY_DIMENSION
+            )));
+        }
+        self.client
+            .send(Frame::Control {
+                stream: self.id,
+                msg: Control::Resize { cols, rows },
+            })
+            .await
+    }
+
+    /// Send `signal` to the process group of the stream.
+    pub async fn signal(&self, signal: i32) -> Result<()> {
+        self.client
+            .send(Frame::Control {
+                stream: self.id,
+                msg: Control::Signal { signal },
+            })
+            .await
     }
 }
 

@@ -4,12 +4,16 @@
 use crate::agent::ExecStream;
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use fastvm_agent_proto::{ExecSpec, ExitStatus};
+use fastvm_agent_proto::{ExecSpec, ExitStatus, PtySpec};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Per-stream cap of buffered exec output (the spec's 4 MiB).
 pub const BUFFERED_CAP: usize = 4 << 20;
+/// Largest terminal window accepted, in columns and in rows.
+pub const MAX_PTY_DIMENSION: u16 = 4096;
+/// Longest `TERM` value accepted.
+pub const MAX_TERM_LEN: usize = 64;
 
 /// What to run in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +25,9 @@ pub struct ExecRequest {
     /// Keep the process's stdin open for [`crate::agent::StdinWriter`]
     /// (taken with [`crate::agent::ExecStream::take_stdin`]); otherwise stdin is /dev/null.
     pub stdin: bool,
+    /// Run on a pseudo-terminal (stdin then always open, output on stdout);
+    /// an empty argv then means the guest's login shell. Needs a v2 agent.
+    pub pty: Option<PtySpec>,
 }
 
 impl ExecRequest {
@@ -48,9 +55,26 @@ impl ExecRequest {
         self
     }
 
+    /// The guest's login shell on a terminal of `term` and `cols` x `rows`.
+    pub fn login_shell(term: &str, cols: u16, rows: u16) -> Self {
+        ExecRequest {
+            stdin: true,
+            pty: Some(PtySpec {
+                term: term.to_owned(),
+                cols,
+                rows,
+            }),
+            ..Default::default()
+        }
+    }
+
     /// Check what the guest could not run, and build the wire spec.
     pub fn to_spec(&self) -> Result<ExecSpec> {
-        if self.argv.first().is_none_or(|a| a.is_empty()) {
+        if let Some(p) = &self.pty {
+            check_pty(p)?;
+        }
+        let login_shell = self.pty.is_some() && self.argv.is_empty();
+        if !login_shell && self.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(Error::InvalidExec(
                 "command must be a non-empty argv whose first element names a program".into(),
             ));
@@ -81,9 +105,32 @@ impl ExecRequest {
             timeout_ms: self
                 .timeout
                 .map(|t| t.as_millis().min(u64::MAX as u128) as u64),
-            stdin: self.stdin,
+            stdin: self.stdin || self.pty.is_some(),
+            pty: self.pty.clone(),
         })
     }
+}
+
+/// A window size the terminal can have and a `TERM` a shell can use.
+pub fn check_pty(p: &PtySpec) -> Result<()> {
+    for (what, v) in [("cols", p.cols), ("rows", p.rows)] {
+        if v == 0 || v > MAX_PTY_DIMENSION {
+            return Err(Error::InvalidExec(format!(
+                "terminal {what} must be between 1 and {MAX_PTY_DIMENSION}, got {v}"
+            )));
+        }
+    }
+    let term_ok = !p.term.is_empty()
+        && p.term.len() <= MAX_TERM_LEN
+        && p.term
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    if !term_ok {
+        return Err(Error::InvalidExec(format!(
+            "TERM must be 1 to {MAX_TERM_LEN} characters of [A-Za-z0-9._+-], e.g. xterm-256color"
+        )));
+    }
+    Ok(())
 }
 
 /// One event of a streaming exec.
@@ -170,6 +217,33 @@ mod tests {
             .with_timeout(Duration::from_secs(2))
             .to_spec()
             .is_ok_and(|s| s.timeout_ms == Some(2000)));
+    }
+
+    #[test]
+    fn pty_requests() {
+        let shell = ExecRequest::login_shell("xterm-256color", 80, 24).to_spec();
+        assert!(
+            shell.as_ref().is_ok_and(|s| s.argv.is_empty()
+                && s.stdin
+                && s.pty.as_ref().is_some_and(|p| (p.cols, p.rows) == (80, 24))),
+            "{shell:?}"
+        );
+        assert!(ExecRequest::login_shell("xterm", 0, 24).to_spec().is_err());
+        assert!(ExecRequest::login_shell("xterm", 80, MAX_PTY_DIMENSION + 1)
+            .to_spec()
+            .is_err());
+        assert!(ExecRequest::login_shell("", 80, 24).to_spec().is_err());
+        assert!(ExecRequest::login_shell("xterm\n", 80, 24)
+            .to_spec()
+            .is_err());
+        assert!(
+            ExecRequest::login_shell(&"x".repeat(MAX_TERM_LEN + 1), 80, 24)
+                .to_spec()
+                .is_err()
+        );
+        let mut top = ExecRequest::login_shell("screen.xterm-256color", 80, 24);
+        top.argv = vec!["top".into()];
+        assert!(top.to_spec().is_ok());
     }
 
     #[test]

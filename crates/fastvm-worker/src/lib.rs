@@ -5,7 +5,8 @@
 //!    |-- Hypervisor (hypervisor.rs)   trait; QemuMicrovm (qemu.rs) over QMP (qmp.rs)
 //!    |-- ImageStore (images.rs)       kernel + initramfs + rootfs, built from Debian
 //!    |-- catalog.rs                   machine types (c1m2 ...)
-//!    '-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs
+//!    |-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs (PTYs too)
+//!    '-- ConsoleFollower (console.rs) the read-only serial console (console.log)
 //! ```
 //!
 //! Each VM is one QEMU process that outlives the worker: its state directory
@@ -15,6 +16,7 @@
 pub mod accel;
 pub mod agent;
 pub mod catalog;
+pub mod console;
 pub mod error;
 pub mod exec;
 pub mod hypervisor;

@@ -866,6 +866,17 @@ impl Runtime {
         self.agent(&vm).await?.ping().await
     }
 
+    /// Follow the VM's serial console (`console.log`), starting `tail` bytes
+    /// before its end. Works in any state, also when the agent does not answer.
+    pub async fn follow_console(
+        &self,
+        id: &str,
+        tail: u64,
+    ) -> Result<crate::console::ConsoleFollower> {
+        let path = self.vm(id)?.paths.console_log();
+        crate::console::ConsoleFollower::open(&path, tail).await
+    }
+
     /// Where the VM's files live (console log, sockets, disk).
     pub fn vm_dir(&self, id: &str) -> Result<PathBuf> {
         Ok(self.vm(id)?.paths.dir.clone())

@@ -401,7 +401,7 @@ async fn ready_target(
 /// Resume the paused VM `vm` once, however many requests ask at the same
 /// time: the first starts the resume in its own task (so it completes even
 /// if every waiting client hangs up) and the others wait for the same result.
-async fn wake(state: &AppState, org: OrgId, vm: VmId) -> Result<(), String> {
+pub(crate) async fn wake(state: &AppState, org: OrgId, vm: VmId) -> Result<(), String> {
     let shared = {
         let mut wakes = state
             .wakes()

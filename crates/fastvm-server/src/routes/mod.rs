@@ -9,11 +9,15 @@
 //!
 //! `/v1/staging/{token}` (signed URLs of the local staging store) takes no
 //! API key and no body limit: the token is the credential and carries the cap.
+//! The console WebSocket (`/v1/vms/{id}/console`, `/v1/console`) takes a
+//! one-shot console token instead of an API key; the page `/console` and its
+//! assets are public (see `console.rs`). Request spans never carry query strings.
 //!
-//! Endpoints of the spec that are not implemented yet (SSH keys, console,
+//! Endpoints of the spec that are not implemented yet (SSH keys,
 //! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
+pub mod console;
 pub mod exec;
 pub mod files;
 pub mod health;
@@ -86,10 +90,22 @@ pub fn router(state: AppState) -> Router {
                 .patch(snapshots::update)
                 .delete(snapshots::delete),
         )
+        .route("/v1/vms/{id}/console-token", post(console::console_token))
+        .route("/v1/vms/{id}/console", get(console::open_vm_console))
+        .route("/v1/console", get(console::open_console))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::page_js))
+        .route("/console/console.css", get(console::page_css))
+        .route("/console/xterm.js", get(console::xterm_js))
+        .route("/console/xterm.css", get(console::xterm_css))
+        .route("/console/addon-fit.js", get(console::fit_js))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path only: query strings carry credentials (console tokens).
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+        }))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()
         }))

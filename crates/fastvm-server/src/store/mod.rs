@@ -13,8 +13,10 @@
 //! on one VM never lose each other's changes. Snapshot rows change little
 //! (status once, name, deletion): each change is one guarded `UPDATE`.
 //! Quota limits (`org_quotas`) and usage (computed from the rows on every
-//! read) are in `quotas.rs`.
+//! read) are in `quotas.rs`. One-shot console tokens (hashed) are in
+//! `console_tokens.rs`.
 
+mod console_tokens;
 mod keys;
 mod quotas;
 mod snapshots;
@@ -23,6 +25,7 @@ mod vms;
 #[cfg(test)]
 mod tests;
 
+pub use console_tokens::{ConsoleTokenRecord, Redeemed};
 pub use keys::{ApiKeyInfo, NewApiKey};
 pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};

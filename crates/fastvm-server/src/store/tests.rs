@@ -51,6 +51,7 @@ async fn suite(store: &Store) -> TestResult {
     snapshots_roundtrip_and_scoping(store).await?;
     quotas_limits_and_usage(store).await?;
     ttl_queries(store).await?;
+    console_tokens_single_use(store).await?;
     Ok(())
 }
 
@@ -508,4 +509,64 @@ async fn store_suite_postgres() -> TestResult {
         .execute(&mut admin)
         .await?;
     result
+}
+
+async fn console_tokens_single_use(store: &Store) -> TestResult {
+    // An existing org (the suite counts orgs at the end).
+    let org = store.org_by_name("acme").await?.ok_or("no org acme")?;
+    let key = store.create_key(org, "console").await?;
+    let vm = VmId::new_v4();
+    let token = crate::auth::new_token();
+    store
+        .insert_console_token(&token, vm, org, key.info.id, now_ms() + 60_000)
+        .await?;
+    // Only the hash is stored.
+    let raw: Option<String> =
+        sqlx::query_scalar("SELECT token_hash FROM console_tokens WHERE token_hash = $1")
+            .bind(&token)
+            .fetch_optional(&store.pool)
+            .await?;
+    assert!(raw.is_none());
+    let first = store.redeem_console_token(&token).await?;
+    assert!(
+        matches!(&first, Redeemed::Fresh(r) if r.vm_id == vm && r.org_id == org && r.key_id == key.info.id && r.used_at_ms.is_some()),
+        "{first:?}"
+    );
+    assert!(
+        matches!(store.redeem_console_token(&token).await?, Redeemed::AlreadyUsed(r) if r.vm_id == vm)
+    );
+    assert_eq!(
+        store.redeem_console_token("fvm_nope").await?,
+        Redeemed::Unknown
+    );
+    // Concurrent redeems of one token: exactly one wins.
+    let t2 = crate::auth::new_token();
+    store
+        .insert_console_token(&t2, vm, org, key.info.id, now_ms() + 60_000)
+        .await?;
+    let results = futures::future::join_all((0..8).map(|_| store.redeem_console_token(&t2))).await;
+    let fresh = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Redeemed::Fresh(_))))
+        .count();
+    assert_eq!(fresh, 1, "{results:?}");
+    // Tokens expired over an hour ago are forgotten at the next mint.
+    let old = crate::auth::new_token();
+    store
+        .insert_console_token(&old, vm, org, key.info.id, now_ms() - 2 * 3600 * 1000)
+        .await?;
+    store
+        .insert_console_token(
+            &crate::auth::new_token(),
+            vm,
+            org,
+            key.info.id,
+            now_ms() + 60_000,
+        )
+        .await?;
+    assert_eq!(store.redeem_console_token(&old).await?, Redeemed::Unknown);
+    assert!(store.key_is_active(key.info.id).await?);
+    store.revoke_key(&key.info.id.to_string()).await?;
+    assert!(!store.key_is_active(key.info.id).await?);
+    Ok(())
 }
