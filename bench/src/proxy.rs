@@ -330,7 +330,15 @@ async fn main() -> anyhow::Result<()> {
     // (new connection) to the running VM, and vs POST /resume.
     let (mut wake, mut resume, mut cold) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..5 {
-        cold.push(latencies(&reqwest::Client::new(), &format!("{proxied}/hello"), Some(&host), 1).await?[0]);
+        cold.push(
+            latencies(
+                &reqwest::Client::new(),
+                &format!("{proxied}/hello"),
+                Some(&host),
+                1,
+            )
+            .await?[0],
+        );
         api.call(reqwest::Method::POST, &format!("/v1/vms/{id}/pause"), None)
             .await?;
         let t = Instant::now();
@@ -349,7 +357,11 @@ async fn main() -> anyhow::Result<()> {
             .await?[0],
         );
     }
-    let (w50, r50, c50) = (percentile(&mut wake, 0.5), percentile(&mut resume, 0.5), percentile(&mut cold, 0.5));
+    let (w50, r50, c50) = (
+        percentile(&mut wake, 0.5),
+        percentile(&mut resume, 0.5),
+        percentile(&mut cold, 0.5),
+    );
     println!(
         "request to a paused VM     p50 {w50:>7.2} ms | same request, VM running (new connection) p50 {c50:>7.2} ms; POST /resume p50 {r50:>7.2} ms | added by waking {:.2} ms",
         w50 - c50

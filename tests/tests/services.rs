@@ -35,6 +35,7 @@ static S: LazyLock<Env> = LazyLock::new(|| {
     let mut proxy = ProxyConfig::new("127.0.0.1:0".parse().expect("addr"));
     proxy.response_timeout = Duration::from_secs(3);
     cfg.proxy = Some(proxy);
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
     let server = block_on(fastvm_server::start(cfg)).expect("start server");
     let key = std::fs::read_to_string(dir.join("admin-api-key"))
         .expect("key")
@@ -801,4 +802,51 @@ fn snapshots_carry_services() {
         .0,
         StatusCode::OK
     );
+}
+
+#[test]
+fn metrics_are_scraped_after_a_launch() {
+    let id = &*VM;
+    let res = block_on(via_proxy(Method::GET, &host(id, "web"), "/hello").send()).expect("send");
+    assert_eq!(res.status(), StatusCode::OK);
+    let addr = S.server.metrics_addr().expect("metrics listener");
+    let res = block_on(S.client.get(format!("http://{addr}/metrics")).send()).expect("scrape");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("application/openmetrics-text"));
+    let text = block_on(res.text()).expect("text");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    };
+    assert!(value("fastvm_vms{status=\"running\"}") >= 1.0);
+    assert!(
+        value("fastvm_vm_launch_duration_seconds_count{source=\"machine\",outcome=\"ok\"}") >= 1.0
+    );
+    assert!(
+        value("fastvm_http_requests_total{method=\"POST\",route=\"/v1/vms\",status=\"201\"}")
+            >= 1.0
+    );
+    assert!(value("fastvm_http_requests_total{method=\"POST\",route=\"/v1/vms/{id}/services\",status=\"201\"}") >= 1.0);
+    assert!(value("fastvm_proxy_connections_total") >= 1.0);
+    assert_eq!(value("fastvm_workers{status=\"ready\"}"), 1.0);
+    assert!(
+        text.contains("fastvm_agent_reconnects{worker=\"local\"}"),
+        "{text}"
+    );
+    // Ids never become label values.
+    assert!(
+        !text.contains(&id.to_string()),
+        "a VM id leaked into the metrics"
+    );
+    // Every API answer carries a request id.
+    let res =
+        block_on(S.client.get(format!("{}/healthz", S.server.url())).send()).expect("healthz");
+    assert_eq!(res.headers().get("x-request-id").map(|v| v.len()), Some(36));
 }

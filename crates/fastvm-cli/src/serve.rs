@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Run no services proxy.
     #[arg(long, env = "FASTVM_NO_PROXY")]
     pub no_proxy: bool,
+    /// Address of the Prometheus metrics (`GET /metrics`), apart from the API.
+    #[arg(long, env = "FASTVM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Serve no metrics.
+    #[arg(long, env = "FASTVM_NO_METRICS")]
+    pub no_metrics: bool,
     #[command(flatten)]
     pub s3: S3Args,
 }
@@ -109,6 +115,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     cfg.staging.s3 = args.s3.config()?;
+    if !args.no_metrics {
+        cfg.metrics_listen = Some(args.metrics_listen);
+    }
     if !args.no_proxy {
         let mut proxy = fastvm_server::proxy::ProxyConfig::new(args.proxy_listen);
         proxy.domain = args.proxy_domain.trim_matches('.').to_ascii_lowercase();

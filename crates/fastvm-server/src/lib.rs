@@ -34,6 +34,7 @@ pub mod auth;
 pub mod console;
 pub mod error;
 mod lifecycle;
+pub mod metrics;
 pub mod openapi;
 pub mod proxy;
 mod quotas;
@@ -90,6 +91,8 @@ pub struct ServerConfig {
     pub console: console::ConsoleConfig,
     /// The services proxy (`fastvm serve --proxy-listen`); none: no proxy.
     pub proxy: Option<proxy::ProxyConfig>,
+    /// Where `GET /metrics` is served (`--metrics-listen`); none: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -107,6 +110,7 @@ impl ServerConfig {
             staging: staging::StagingConfig::default(),
             console: console::ConsoleConfig::default(),
             proxy: None,
+            metrics_listen: None,
         }
     }
 
@@ -153,6 +157,8 @@ struct Inner {
     wakes: proxy::Wakes,
     /// Console configuration (see console.rs).
     console: console::ConsoleState,
+    /// Prometheus metrics (see metrics.rs).
+    metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -171,6 +177,7 @@ impl AppState {
                 proxy_public: None,
                 wakes: Default::default(),
                 console: Default::default(),
+                metrics: Default::default(),
             }),
         }
     }
@@ -190,6 +197,10 @@ impl AppState {
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
         &self.inner.wakes
+    }
+
+    pub(crate) fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// Give the state its console configuration (call right after [`AppState::new`]).
@@ -389,34 +400,83 @@ pub async fn serve(
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     cfg.listen = listener.local_addr()?;
-    let proxy_listener = bind_proxy(&mut cfg).await?;
+    let side = bind_side(&mut cfg).await?;
     let (router, state) = build_app(&cfg).await?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
-    let proxy = start_proxy(proxy_listener, &state, &cfg)?;
-    serve_on(listener, router, state, shutdown, cfg.shutdown_grace, proxy).await
+    let side = start_side(side, &state, &cfg)?;
+    serve_on(listener, router, state, shutdown, cfg.shutdown_grace, side).await
 }
 
-/// Bind the proxy's listener (when configured) and record its real address.
-async fn bind_proxy(cfg: &mut ServerConfig) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    let Some(proxy) = cfg.proxy.as_mut() else {
-        return Ok(None);
+/// The listeners beside the API's: the services proxy and the metrics.
+struct SideListeners {
+    proxy: Option<tokio::net::TcpListener>,
+    metrics: Option<tokio::net::TcpListener>,
+}
+
+/// What serves on them; dropping it stops both.
+struct SideTasks {
+    proxy: Option<proxy::ProxyTask>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SideTasks {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
+    }
+}
+
+/// Bind the proxy's and the metrics' listeners (when configured) and record
+/// their real addresses (a port 0 becomes the one the kernel chose).
+async fn bind_side(cfg: &mut ServerConfig) -> anyhow::Result<SideListeners> {
+    let mut side = SideListeners {
+        proxy: None,
+        metrics: None,
     };
-    let listener = tokio::net::TcpListener::bind(proxy.listen)
-        .await
-        .with_context(|| format!("listening on {} (the services proxy)", proxy.listen))?;
-    proxy.listen = listener.local_addr()?;
-    Ok(Some(listener))
+    if let Some(proxy) = cfg.proxy.as_mut() {
+        let listener = tokio::net::TcpListener::bind(proxy.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on {} (the services proxy, --proxy-listen)",
+                    proxy.listen
+                )
+            })?;
+        proxy.listen = listener.local_addr()?;
+        side.proxy = Some(listener);
+    }
+    if let Some(addr) = cfg.metrics_listen.as_mut() {
+        let listener = tokio::net::TcpListener::bind(*addr)
+            .await
+            .with_context(|| format!("listening on {addr} (metrics, --metrics-listen)"))?;
+        *addr = listener.local_addr()?;
+        side.metrics = Some(listener);
+    }
+    Ok(side)
 }
 
-fn start_proxy(
-    listener: Option<tokio::net::TcpListener>,
+fn start_side(
+    listeners: SideListeners,
     state: &AppState,
     cfg: &ServerConfig,
-) -> anyhow::Result<Option<proxy::ProxyTask>> {
-    match (listener, &cfg.proxy) {
-        (Some(listener), Some(p)) => Ok(Some(proxy::spawn(listener, state.clone(), p)?)),
-        _ => Ok(None),
-    }
+) -> anyhow::Result<SideTasks> {
+    let proxy = match (listeners.proxy, &cfg.proxy) {
+        (Some(listener), Some(p)) => Some(proxy::spawn(listener, state.clone(), p)?),
+        _ => None,
+    };
+    let metrics = listeners.metrics.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics at /metrics");
+        }
+        let router = metrics::router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::warn!(error = %e, "the metrics listener stopped");
+            }
+        })
+    });
+    Ok(SideTasks { proxy, metrics })
 }
 
 async fn serve_on(
@@ -425,7 +485,7 @@ async fn serve_on(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-    proxy: Option<proxy::ProxyTask>,
+    side: SideTasks,
 ) -> anyhow::Result<()> {
     let reaper = spawn_ttl_reaper(&state);
     let _staging_gc = state.staging_gc();
@@ -443,9 +503,7 @@ async fn serve_on(
             Ok(())
         }
     };
-    if let Some(p) = &proxy {
-        p.stop();
-    }
+    drop(side);
     reaper.stop().await;
     state.worker().detach();
     state.store().close().await;
@@ -456,6 +514,7 @@ async fn serve_on(
 pub struct RunningServer {
     addr: SocketAddr,
     proxy_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -470,6 +529,11 @@ impl RunningServer {
     /// The services proxy's address, when it runs.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy_addr
+    }
+
+    /// The metrics listener's address, when it runs.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR`.
@@ -498,11 +562,16 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     cfg.listen = addr;
-    let proxy_listener = bind_proxy(&mut cfg).await?;
+    let side = bind_side(&mut cfg).await?;
     let (router, state) = build_app(&cfg).await?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
-    let proxy = start_proxy(proxy_listener, &state, &cfg)?;
-    let proxy_addr = proxy.as_ref().map(|p| p.addr());
+    let side = start_side(side, &state, &cfg)?;
+    let proxy_addr = side.proxy.as_ref().map(|p| p.addr());
+    let metrics_addr = side
+        .metrics
+        .is_some()
+        .then_some(cfg.metrics_listen)
+        .flatten();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(
         listener,
@@ -512,11 +581,12 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             let _ = stopped.await;
         },
         cfg.shutdown_grace,
-        proxy,
+        side,
     ));
     Ok(RunningServer {
         addr,
         proxy_addr,
+        metrics_addr,
         state,
         stop: Some(stop),
         task,

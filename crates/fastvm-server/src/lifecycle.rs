@@ -401,7 +401,13 @@ impl AppState {
         let id = spec.id;
         let started = std::time::Instant::now();
         let launched_with = spec.firewall.clone();
+        let from_snapshot = spec.snapshot.is_some();
         let result = self.worker().create(spec).await;
+        self.metrics().launch_finished(
+            from_snapshot,
+            result.is_ok(),
+            started.elapsed().as_secs_f64(),
+        );
         if result.is_ok() {
             let ipv6 = self.worker().public_ipv6(id).await.unwrap_or_else(|e| {
                 tracing::warn!(vm = %id, error = %e, "the worker did not report the VM's public IPv6");

@@ -123,6 +123,9 @@ impl AppState {
         let capture = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = state.worker().snapshot(vm_id, id).await;
+            state
+                .metrics()
+                .snapshot_finished(result.is_ok(), started.elapsed().as_secs_f64());
             let settled = match &result {
                 Ok(()) => {
                     tracing::info!(snapshot = %id, vm = %vm_id, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot ready");

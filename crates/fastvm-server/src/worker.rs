@@ -94,6 +94,13 @@ pub type ExecEvents = BoxStream<'static, Result<ExecEvent, WorkerError>>;
 /// Bytes fed to a process's stdin (or read from a staging object).
 pub type ByteStream = BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
 
+/// Counters a worker reports (metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Guest agent connections re-established since the worker started.
+    pub agent_reconnects: u64,
+}
+
 /// A byte stream both ways, e.g. a TCP connection to a port in a guest.
 pub trait GuestIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> GuestIo for T {}
@@ -152,6 +159,10 @@ pub trait Worker: Send + Sync + 'static {
     /// The VM's public IPv6 address, when it has a network.
     async fn public_ipv6(&self, _id: VmId) -> Result<Option<String>, WorkerError> {
         Ok(None)
+    }
+    /// The worker's counters; an error means it cannot be reached.
+    async fn stats(&self) -> Result<WorkerStats, WorkerError> {
+        Ok(WorkerStats::default())
     }
     /// Open a TCP connection to `port` inside the running VM `id` (the
     /// services proxy, port forwards). The connection reaches the guest the

@@ -256,6 +256,8 @@ pub struct Runtime {
     images: tokio::sync::OnceCell<(ImageStore, GuestImage)>,
     progress: Progress,
     net: Option<Network>,
+    /// See [`Runtime::agent_reconnects`].
+    agent_reconnects: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -284,6 +286,7 @@ impl Runtime {
             vms: Mutex::new(HashMap::new()),
             images: Default::default(),
             progress: images::log_progress(),
+            agent_reconnects: Default::default(),
         });
         rt.adopt_all().await?;
         Ok(rt)
@@ -818,10 +821,21 @@ impl Runtime {
                 return Ok(a.clone());
             }
         }
+        if slot.is_some() {
+            self.agent_reconnects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let agent = AgentClient::connect(&vm.paths.agent(), Duration::from_secs(30)).await?;
         agent.configure(vm.guest_config()).await?;
         *slot = Some(agent.clone());
         Ok(agent)
+    }
+
+    /// Agent connections re-established (after the guest's agent or its
+    /// channel went away) since this runtime opened.
+    pub fn agent_reconnects(&self) -> u64 {
+        self.agent_reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn require(vm: &Vm, want: VmState, action: &'static str) -> Result<()> {

@@ -180,6 +180,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
 
 async fn serve_connection(ctx: Arc<Ctx>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let state = ctx.state.clone();
+    let _open = state.metrics().proxy_connection();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -438,6 +440,7 @@ async fn resume_until_running(state: &AppState, org: OrgId, vm: VmId) -> Result<
             VmStatus::Running => return Ok(()),
             VmStatus::Paused => match state.resume_vm(org, vm).await {
                 Ok(_) => {
+                    state.metrics().proxy_wakeup();
                     tracing::info!(%vm, ms = started.elapsed().as_secs_f64() * 1e3, "VM woken by proxy traffic");
                     return Ok(());
                 }

@@ -102,10 +102,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        // Spans name the path only: query strings carry credentials (console tokens).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        // Spans name the path only: query strings carry credentials (console
+        // tokens). Every request gets an `x-request-id` (the client's, or a
+        // new UUID), in its span (so in every log line) and in the response.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
         }))
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(tower_http::request_id::MakeRequestUuid))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()
         }))

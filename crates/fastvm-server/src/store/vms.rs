@@ -159,6 +159,25 @@ impl Store {
         Ok(())
     }
 
+    /// How many live VMs there are in each status, across every org (metrics).
+    pub async fn count_vms_by_status(&self) -> Result<Vec<(VmStatus, i64)>> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM vms WHERE deleted_at_ms IS NULL GROUP BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            let n: i64 = row.try_get("n")?;
+            out.push((
+                VmStatus::parse(&status).ok_or_else(|| corrupt(format!("status = {status:?}")))?,
+                n,
+            ));
+        }
+        Ok(out)
+    }
+
     /// The live (not deleted) VM `id` of `org`.
     pub async fn get_vm(&self, org: OrgId, id: VmId) -> Result<Option<VmRecord>> {
         let row = sqlx::query(&format!(

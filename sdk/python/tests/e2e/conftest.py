@@ -140,6 +140,7 @@ class LiveServer:
                     "--data-dir", str(self.data_dir),
                     "--listen", f"127.0.0.1:{self.port}",
                     "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
+                    "--metrics-listen", "127.0.0.1:0",
                     "--image-dir", str(self.image_dir),
                     # Guests' allowed DNS queries go nowhere: never the host's resolver.
                     "--dns-upstream", "127.0.0.1:9",
