@@ -329,7 +329,7 @@ fn list_filters_by_status() {
 fn launch_validation_errors() {
     assert_api_error(
         &call(Method::POST, "/v1/vms", Some(json!({}))),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_MACHINE_TYPE",
     );
     assert_api_error(
@@ -338,7 +338,7 @@ fn launch_validation_errors() {
             "/v1/vms",
             Some(json!({"machineType": "c3m7"})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_MACHINE_TYPE",
     );
     let snap = call(
@@ -352,13 +352,13 @@ fn launch_validation_errors() {
         "/v1/vms",
         Some(json!({"machineType": "c1m2", "metadata": {"k": "v".repeat(5000)}})),
     );
-    assert_api_error(&meta, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_METADATA");
+    assert_api_error(&meta, StatusCode::BAD_REQUEST, "INVALID_METADATA");
     let env = call(
         Method::POST,
         "/v1/vms",
         Some(json!({"machineType": "c1m2", "envVars": {"1BAD": "x"}})),
     );
-    assert_api_error(&env, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ENV_VARS");
+    assert_api_error(&env, StatusCode::BAD_REQUEST, "INVALID_ENV_VARS");
     let fw = call(
         Method::POST,
         "/v1/vms",
@@ -366,13 +366,13 @@ fn launch_validation_errors() {
             json!({"machineType": "c1m2", "firewall": {"ingress": {"defaultAction": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0", "protocol": "tcp", "ports": "22", "action": "allow"}]}}}),
         ),
     );
-    assert_api_error(&fw, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_CIDR");
+    assert_api_error(&fw, StatusCode::BAD_REQUEST, "INVALID_CIDR");
     let ttl = call(
         Method::POST,
         "/v1/vms",
         Some(json!({"machineType": "c1m2", "ttl": {"seconds": 0, "action": "delete"}})),
     );
-    assert_api_error(&ttl, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TTL");
+    assert_api_error(&ttl, StatusCode::BAD_REQUEST, "INVALID_TTL");
     // None of these left a VM behind.
     let (_, list) = call(Method::GET, "/v1/vms?status=provisioning", None);
     assert_eq!(list, json!([]));
@@ -447,7 +447,7 @@ fn exec_validation_errors() {
     let path = format!("/v1/vms/{}/exec", id_of(&VM));
     assert_api_error(
         &call(Method::POST, &path, Some(json!({"command": []}))),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_COMMAND",
     );
     assert_api_error(
@@ -456,7 +456,7 @@ fn exec_validation_errors() {
             &path,
             Some(json!({"command": ["ls"], "timeoutSec": 0})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_TIMEOUT",
     );
     assert_api_error(
@@ -465,7 +465,7 @@ fn exec_validation_errors() {
             &path,
             Some(json!({"command": ["ls"], "cwd": "tmp"})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_PATH",
     );
     assert_api_error(
@@ -900,7 +900,7 @@ fn patch_pause_resume_and_illegal_transitions() {
     assert_eq!(v["name"], format!("vm-{}", &id[..8]));
     assert_api_error(
         &call(Method::PATCH, &path, Some(json!({}))),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_REQUEST",
     );
     assert_api_error(

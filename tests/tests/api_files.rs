@@ -192,7 +192,7 @@ fn presign_answers_spec_shape() {
             &format!("/v1/vms/{}/files/presign", *VM),
             Some(json!({"path": "rel"})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_PATH",
     );
 }

@@ -552,7 +552,7 @@ fn snapshot_errors() {
             "/v1/vms",
             Some(json!({"snapshotId": sid, "machineType": "c2m4"})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "MACHINE_TYPE_MISMATCH",
     );
     assert_api_error(
@@ -561,7 +561,7 @@ fn snapshot_errors() {
             &format!("/v1/snapshots/{sid}"),
             Some(json!({})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_REQUEST",
     );
     // None of these left a VM or a failed snapshot behind (other tests run

@@ -169,7 +169,7 @@ fn registrations_follow_the_spec() {
                 &base,
                 Some(json!({"name": bad, "port": 8080})),
             ),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::BAD_REQUEST,
             "INVALID_SERVICE_NAME",
         );
     }
@@ -180,7 +180,7 @@ fn registrations_follow_the_spec() {
                 &base,
                 Some(json!({"name": "p", "port": port})),
             ),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::BAD_REQUEST,
             "INVALID_SERVICE_PORT",
         );
     }
@@ -190,7 +190,7 @@ fn registrations_follow_the_spec() {
             &format!("{base}/Bad"),
             Some(json!({"port": 8080})),
         ),
-        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::BAD_REQUEST,
         "INVALID_SERVICE_NAME",
     );
     // effectiveFirewall: the user policy plus one auto rule per service.

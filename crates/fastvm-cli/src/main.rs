@@ -18,6 +18,7 @@ mod exec;
 mod images;
 mod orgs;
 mod serve;
+mod service;
 mod sized_tar;
 mod snapshot;
 mod vm;
@@ -71,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCommand,
+    },
 }
 
 /// The per-user data dir: `FASTVM_DATA_DIR`, else `$XDG_DATA_HOME/fastvm`,
@@ -113,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cp(args) => cp::run(args).await.map(|()| 0),
             Command::Console(args) => console::run(args).await,
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
+            Command::Service { command } => service::run(command).await.map(|()| 0),
         }
     });
     // Do not wait for tasks still blocked in a read (the console's stdin

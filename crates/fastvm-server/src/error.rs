@@ -3,20 +3,27 @@
 //!
 //! | status | codes                                                              |
 //! |--------|--------------------------------------------------------------------|
-//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields) |
+//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
 //! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
-//! | 422    | the [`fastvm_types::codes`] of validation, `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 502    | `UPSTREAM_REFUSED` (nothing listens on the port in the guest)      |
 //! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`           |
 //! | 504    | `UPSTREAM_TIMEOUT`                                                 |
+//!
+//! One error, one status, everywhere: a request the server refuses because of
+//! what it says (its syntax, its shape, or a rule one of its values breaks) is
+//! a 400, on every route that takes the value, with the rule's own code. The
+//! spec has no error table, but where it names the status of a broken rule it
+//! is 400 (a snapshot-import source mixing both variants, a context presign
+//! over the size cap), so 400 it is; this server never answers 422. Build such
+//! errors with [`ApiError::invalid`] or `?` on a [`ValidationError`].
 
 use crate::store::StoreError;
 use crate::worker::WorkerError;
@@ -74,7 +81,9 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+    /// 400: the request is malformed or one of its values breaks a rule;
+    /// `code` says which.
+    pub fn invalid(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
@@ -89,10 +98,6 @@ impl ApiError {
     /// 409: the resource's current status forbids the operation.
     pub fn invalid_state(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, codes::INVALID_STATE, message)
-    }
-
-    pub fn unprocessable(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -121,7 +126,7 @@ impl IntoResponse for ApiError {
 
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
-        ApiError::unprocessable(e.code, e.message)
+        ApiError::invalid(e.code, e.message)
     }
 }
 
@@ -156,10 +161,10 @@ impl From<WorkerError> for ApiError {
             }
             WorkerError::WrongState(_) => ApiError::invalid_state(msg),
             WorkerError::UnknownMachineType(_) => {
-                ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, msg)
+                ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, msg)
             }
             WorkerError::InvalidExec(_) => {
-                ApiError::unprocessable(fastvm_types::codes::INVALID_COMMAND, msg)
+                ApiError::invalid(fastvm_types::codes::INVALID_COMMAND, msg)
             }
             WorkerError::AgentUnavailable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -244,7 +244,7 @@ impl AppState {
     /// snapshot, its env vars too unless the request gives some, its
     /// firewall unless the request gives one; name, metadata and TTL come
     /// from the request. `machineType` may be given but must be the
-    /// snapshot's (422 `MACHINE_TYPE_MISMATCH`).
+    /// snapshot's (400 `MACHINE_TYPE_MISMATCH`).
     pub(crate) async fn launch_vm(
         &self,
         caller: Caller,
@@ -258,7 +258,7 @@ impl AppState {
             .filter(|m| !m.is_empty())
         {
             Some(name) => Some(MachineType::lookup(name).map_err(|e| {
-                ApiError::unprocessable(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string())
+                ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string())
             })?),
             None => None,
         };
@@ -293,7 +293,7 @@ impl AppState {
         let machine = match req.snapshot_id {
             None => {
                 let machine = requested.ok_or_else(|| {
-                    ApiError::unprocessable(
+                    ApiError::invalid(
                         fastvm_types::codes::INVALID_MACHINE_TYPE,
                         "machineType is required unless snapshotId is set",
                     )
@@ -323,7 +323,7 @@ impl AppState {
                     ApiError::internal(format!("snapshot {sid} has an unknown machine type: {e}"))
                 })?;
                 if let Some(m) = requested.filter(|m| m.name != machine.name) {
-                    return Err(ApiError::unprocessable(
+                    return Err(ApiError::invalid(
                         codes::MACHINE_TYPE_MISMATCH,
                         format!("snapshot {sid} was captured on machine type {}; it cannot be restored as {} (omit machineType)", machine.name, m.name),
                     ));
@@ -482,7 +482,7 @@ impl AppState {
             policy
         };
         new.validate()
-            .map_err(|e| ApiError::bad_request(e.code, e.message))?;
+            .map_err(|e| ApiError::invalid(e.code, e.message))?;
         let rec = self
             .modify(Some(org), id, |r| {
                 if r.status == VmStatus::Deleting {

@@ -169,4 +169,24 @@ mod tests {
         );
         Ok(())
     }
+
+    /// Validation failures are 400 on every route (see [`crate::error`]): no
+    /// operation documents a 422, and every operation that takes a body or a
+    /// query documents the 400 it answers when they break a rule.
+    #[test]
+    fn validation_is_400_on_every_operation() -> Result<(), Box<dyn std::error::Error>> {
+        let doc: Value = serde_json::from_str(document_json())?;
+        let paths = doc["paths"].as_object().ok_or("no paths")?;
+        for (path, item) in paths {
+            for (method, op) in item.as_object().ok_or("path item")? {
+                let responses = &op["responses"];
+                assert!(responses.get("422").is_none(), "{method} {path} documents a 422; validation answers 400");
+                let takes_input = op.get("requestBody").is_some() || op["parameters"].as_array().is_some_and(|p| p.iter().any(|p| p["in"] == "query"));
+                if takes_input {
+                    assert!(responses.get("400").is_some(), "{method} {path} takes input but documents no 400");
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -9,7 +9,7 @@
 //! running or paused VM before the API answers.
 //!
 //! Rules: at most [`MAX_SERVICES_PER_VM`] per VM (409 `TOO_MANY_SERVICES`),
-//! names and ports as the spec says (422 `INVALID_SERVICE_NAME` /
+//! names and ports as the spec says (400 `INVALID_SERVICE_NAME` /
 //! `INVALID_SERVICE_PORT`), `POST` of a name the VM has is 409
 //! `SERVICE_EXISTS`, `PUT` is an upsert and the same values are a no-op
 //! (nothing written, nothing pushed). Snapshots carry the registrations; a

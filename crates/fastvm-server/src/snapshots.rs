@@ -177,7 +177,7 @@ impl AppState {
         req: UpdateSnapshotRequest,
     ) -> Result<SnapshotRecord, ApiError> {
         let Some(name) = req.name.as_deref() else {
-            return Err(ApiError::unprocessable(
+            return Err(ApiError::invalid(
                 vcodes::INVALID_REQUEST,
                 "nothing to update; give name",
             ));

@@ -6,6 +6,15 @@ use utoipa::ToSchema;
 
 use crate::common::{validate_guest_path, validate_timeout, ValidationError};
 
+/// Timeout, in seconds, of `/files/fetch` and `/files/export` when the
+/// request gives none. Published as the `default` of their `timeoutSec` in
+/// the OpenAPI document; the SDK derives its HTTP read timeout from it.
+pub const FILE_TRANSFER_DEFAULT_TIMEOUT_SEC: u64 = 600;
+
+fn default_transfer_timeout() -> u64 {
+    FILE_TRANSFER_DEFAULT_TIMEOUT_SEC
+}
+
 /// Body of `POST /v1/vms/{id}/files/presign`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -38,6 +47,7 @@ pub struct FileFetchRequest {
     pub path: String,
     /// Per-fetch timeout in seconds (positive); omit for the server default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(default = default_transfer_timeout)]
     pub timeout_sec: Option<u64>,
 }
 
@@ -53,6 +63,7 @@ pub struct FileExportRequest {
     pub url: String,
     /// Timeout in seconds for classifying and streaming (positive); omit for the server default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(default = default_transfer_timeout)]
     pub timeout_sec: Option<u64>,
 }
 

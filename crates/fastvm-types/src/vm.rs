@@ -169,7 +169,12 @@ pub struct Vm {
     /// Environment injected at boot.
     #[schema(value_type = schema::EnvVars)]
     pub env_vars: EnvVars,
-    /// Public IPv6 address, null when the host has no IPv6 prefix configured.
+    /// Public IPv6 address (from the server's `--ipv6-prefix`). Always present
+    /// in the JSON, `null` while no address is assigned: the VM is still
+    /// `provisioning` (its network comes up with its first boot), its boot
+    /// failed (`error`), or the server runs without VM networking
+    /// (`fastvm serve --no-network`). A running VM of a networked server always
+    /// has one.
     #[serde(rename = "publicIpv6")]
     pub public_ipv6: Option<String>,
     /// vCPUs.

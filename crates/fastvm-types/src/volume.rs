@@ -94,8 +94,9 @@ pub struct Volume {
     pub pending_size_gib: u64,
     /// Running VMs with this volume attached (paused VMs not counted).
     pub mounted_count: u64,
-    /// Space used, GiB rounded down; null when it cannot be measured.
-    #[serde(rename = "usedGiB")]
+    /// Space used, GiB rounded down; omitted (never null) when it cannot be measured.
+    #[serde(rename = "usedGiB", default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub used_gib: Option<u64>,
     /// Creation time (RFC 3339).
     pub created_at: String,
@@ -366,11 +367,32 @@ mod tests {
                 "pendingSizeGiB",
                 "sizeGiB",
                 "status",
-                "usedGiB"
             ]
         );
         assert_eq!(v["accessMode"], json!("rw"));
         assert_eq!(v["status"], json!("ready"));
+        // usedGiB: omitted when unknown (above), a number when measured.
+        let mut measured: Volume = serde_json::from_value(v)?;
+        assert_eq!(measured.used_gib, None);
+        measured.used_gib = Some(3);
+        assert_eq!(serde_json::to_value(&measured)?["usedGiB"], json!(3));
+        Ok(())
+    }
+
+    #[test]
+    fn used_gib_is_optional_but_never_null_in_the_schema() -> Result<(), serde_json::Error> {
+        let schema = serde_json::to_value(<Volume as utoipa::PartialSchema>::schema())?;
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert!(!required.contains(&"usedGiB"), "{schema}");
+        assert!(required.contains(&"sizeGiB"), "{schema}");
+        assert_eq!(
+            schema["properties"]["usedGiB"]["type"],
+            json!("integer"),
+            "{schema}"
+        );
         Ok(())
     }
 

@@ -13,6 +13,7 @@ from fastvm import (
     FirewallPolicy,
     IngressRule,
     OrgQuotaUsage,
+    Snapshot,
     SnapshotImportResponse,
     Volume,
 )
@@ -152,3 +153,24 @@ def test_every_spec_schema_is_exported():
         "BucketMountCredentials", "VMStatus", "SnapshotStatus", "MachineType", "Metadata", "EnvVars",
     ]:
         assert hasattr(fastvm, name), name
+
+
+def test_snapshot_carries_machine_name_and_firewall_typed():
+    # The fields the server sends (GET /v1/snapshots/{id}) land in attributes, not in .extra.
+    wire = {
+        "id": "s-1", "name": "snap", "orgId": "o", "vmId": "v", "status": "ready", "machineName": "c2m4",
+        "firewall": {"ingress": {"defaultAction": "deny", "rules": []}, "egress": {"defaultAction": "allow", "rules": []},
+                     "dns": {"mode": "deny", "domains": [], "blockBypass": False}},
+        "metadata": {}, "envVars": {}, "services": [], "volumes": [], "bucketMounts": [], "createdAt": "2025-01-01T00:00:00Z",
+    }
+    snap = Snapshot.from_dict(wire)
+    assert snap.extra == {}
+    assert snap.machine_name == "c2m4"
+    assert isinstance(snap.firewall, FirewallPolicy) and snap.firewall.ingress.default_action == "deny"
+    assert snap.to_dict() == wire
+
+
+def test_volume_used_gib_omitted_when_unknown():
+    vol = Volume.from_dict({"id": "vol_1", "sizeGiB": 10})
+    assert vol.used_gi_b is None and "usedGiB" not in vol.to_dict()
+    assert Volume.from_dict({"id": "vol_1", "usedGiB": 3}).used_gi_b == 3

@@ -67,13 +67,12 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
                 (ExecEvent = "application/x-ndjson"),
             )
         ),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or the command, timeout, env or cwd breaks a rule (`INVALID_COMMAND`, `INVALID_TIMEOUT`, `INVALID_ENV_VARS`, `INVALID_PATH`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The command, timeout, env or cwd breaks a rule", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]

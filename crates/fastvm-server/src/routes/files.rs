@@ -62,7 +62,7 @@ pub mod codes {
 }
 
 /// Timeout of fetch/export when the request gives none.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(fastvm_types::files::FILE_TRANSFER_DEFAULT_TIMEOUT_SEC);
 /// Writes the object to PATH, creating its parent directories.
 const FETCH_SCRIPT: &str = r#"mkdir -p -- "$(dirname -- "$1")" && cat > "$1""#;
 /// Prints what PATH is.
@@ -82,7 +82,7 @@ impl From<StagingError> for ApiError {
                 crate::error::codes::PAYLOAD_TOO_LARGE,
                 msg,
             ),
-            StagingError::Input(_) => ApiError::bad_request(codes::UPLOAD_INCOMPLETE, msg),
+            StagingError::Input(_) => ApiError::invalid(codes::UPLOAD_INCOMPLETE, msg),
             StagingError::Backend(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::STAGING_ERROR, msg)
             }
@@ -103,8 +103,8 @@ fn token_error(e: TokenError) -> ApiError {
 /// A refused URL in a fetch/export body: 400.
 fn body_url_error(e: TokenError, invalid_code: &str, what: &str) -> ApiError {
     match e {
-        TokenError::Expired => ApiError::bad_request(codes::SIGNED_URL_EXPIRED, format!("{what} expired; presign a new one")),
-        other => ApiError::bad_request(invalid_code, format!("{what} must come from POST /v1/vms/{{id}}/files/presign of this server and org: {other}")),
+        TokenError::Expired => ApiError::invalid(codes::SIGNED_URL_EXPIRED, format!("{what} expired; presign a new one")),
+        other => ApiError::invalid(invalid_code, format!("{what} must come from POST /v1/vms/{{id}}/files/presign of this server and org: {other}")),
     }
 }
 
@@ -146,11 +146,10 @@ impl AppState {
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "A PUT and a GET URL of one new staging object", body = FilePresignResponse),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or the path is not absolute (`INVALID_PATH`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path is not absolute", body = ErrorBody),
     )
 )]
 pub async fn presign(
@@ -188,13 +187,12 @@ pub async fn presign(
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "The result of writing the object to the path (exit 0: done)", body = ExecVmResponse),
-        (status = 400, description = "Malformed body; `INVALID_FETCH_URL`: not a downloadUrl of this org; `SIGNED_URL_EXPIRED`", body = ErrorBody),
+        (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_FETCH_URL`: not a downloadUrl of this org; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `STAGING_OBJECT_NOT_FOUND`: nothing uploaded yet", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The staged object is larger than the VM's upload cap (maxUploadBytes)", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
@@ -211,7 +209,7 @@ pub async fn fetch(
         .resolve(&req.url, Method::Get)
         .map_err(|e| body_url_error(e, codes::INVALID_FETCH_URL, "url (a downloadUrl)"))?;
     if key.org != caller.org_id.to_string() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             codes::INVALID_FETCH_URL,
             "url was presigned for a VM of another org; presign one for a VM of yours",
         ));
@@ -245,13 +243,12 @@ pub async fn fetch(
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "What was found and how many bytes were staged", body = FileExportResponse),
-        (status = 400, description = "Malformed body; `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
+        (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `FILE_NOT_FOUND`: no such path in the guest", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The file or archive exceeds the upload cap", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The path or timeout breaks a rule", body = ErrorBody),
         (status = 500, description = "`EXPORT_FAILED`: reading the path in the guest failed (message has its stderr)", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
@@ -269,7 +266,7 @@ pub async fn export(
         .resolve(&req.url, Method::Put)
         .map_err(|e| body_url_error(e, codes::INVALID_EXPORT_URL, "url (an uploadUrl)"))?;
     if key.org != caller.org_id.to_string() || key.vm != id.to_string() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
             codes::INVALID_EXPORT_URL,
             "url was presigned for another VM; presign one for this VM",
         ));

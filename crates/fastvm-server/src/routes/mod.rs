@@ -155,7 +155,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
-            Ok(_) if !is_object => Err(ApiError::bad_request(
+            Ok(_) if !is_object => Err(ApiError::invalid(
                 codes::INVALID_REQUEST,
                 "the request body must be a JSON object",
             )),
@@ -168,10 +168,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonSyntaxError(e) => {
-            ApiError::bad_request(codes::INVALID_JSON, e.body_text())
+            ApiError::invalid(codes::INVALID_JSON, e.body_text())
         }
         JsonRejection::JsonDataError(e) => {
-            ApiError::bad_request(codes::INVALID_REQUEST, e.body_text())
+            ApiError::invalid(codes::INVALID_REQUEST, e.body_text())
         }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -197,7 +197,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(QueryParams(v)),
             Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => {
-                Err(ApiError::bad_request(codes::INVALID_REQUEST, e.body_text()))
+                Err(ApiError::invalid(codes::INVALID_REQUEST, e.body_text()))
             }
             Err(e) => Err(ApiError::new(
                 e.status(),

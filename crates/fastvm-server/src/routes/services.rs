@@ -73,13 +73,12 @@ pub async fn list(
     security(("bearerAuth" = [])),
     responses(
         (status = 201, description = "The new service", body = Service),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or a bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`: privileged or out of range)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM has a service of that name (`SERVICE_EXISTS`), has 16 services (`TOO_MANY_SERVICES`), or is being deleted", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`: privileged or out of range)", body = ErrorBody),
     )
 )]
 pub async fn register(
@@ -115,13 +114,12 @@ pub async fn register(
     responses(
         (status = 200, description = "The updated (or unchanged) service", body = Service),
         (status = 201, description = "The new service", body = Service),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or a bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM has 16 services (`TOO_MANY_SERVICES`) or is being deleted", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`)", body = ErrorBody),
     )
 )]
 pub async fn update(

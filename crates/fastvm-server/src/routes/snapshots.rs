@@ -135,12 +135,11 @@ pub async fn get(
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "The renamed snapshot", body = Snapshot),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or nothing to update (`INVALID_REQUEST`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot in the caller's org", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Nothing to update", body = ErrorBody),
     )
 )]
 pub async fn update(

@@ -135,13 +135,12 @@ pub async fn list(
     responses(
         (status = 201, description = "The VM is running", body = Vm),
         (status = 202, description = "The VM is still provisioning (poll GET /v1/vms/{id}), or failed to start (status error)", body = Vm),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or it breaks a rule: `INVALID_MACHINE_TYPE`, `MACHINE_TYPE_MISMATCH` (not the snapshot's), `INVALID_METADATA`, `INVALID_ENV_VARS`, `INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`, `INVALID_TTL` (the same codes as the routes that change these values later)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot (snapshotId) in the caller's org", body = ErrorBody),
         (status = 409, description = "The snapshot is not ready", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The body breaks a rule (machine type, or one other than the snapshot's; metadata, envVars, firewall, ttl)", body = ErrorBody),
         (status = 429, description = "An org quota would be exceeded (`QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`); nothing was created", body = ErrorBody),
     )
 )]
@@ -194,12 +193,11 @@ pub async fn get(
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "The updated VM", body = Vm),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or it breaks a rule: nothing to update (`INVALID_REQUEST`), `INVALID_METADATA`, `INVALID_TTL`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "The body breaks a rule (nothing to update, metadata, ttl)", body = ErrorBody),
     )
 )]
 pub async fn update(

@@ -83,12 +83,14 @@ impl Store {
     /// Keys of `org` (every org's when `None`), revoked ones included, oldest first.
     pub async fn list_keys(&self, org: Option<OrgId>) -> Result<Vec<ApiKeyInfo>> {
         let rows = match org {
-            Some(org) => sqlx::query(&format!(
+            Some(org) => {
+                sqlx::query(&format!(
                 "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY created_at_ms, id"
             ))
-            .bind(org.to_string())
-            .fetch_all(&self.pool)
-            .await?,
+                .bind(org.to_string())
+                .fetch_all(&self.pool)
+                .await?
+            }
             None => {
                 sqlx::query(&format!(
                     "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, id"

@@ -121,7 +121,16 @@ class FastvmClient(BaseClient):
 
     def download(self, vm_id: str, remote_path: str, local_path: str, *, exec_timeout_sec: int = 600) -> None:
         """Copy a file or directory of the VM to ``local_path``. A missing
-        ``remote_path`` raises ``FileNotFoundError``."""
+        ``remote_path`` raises ``FileNotFoundError``.
+
+        Uses ``vms.files.presign`` and then ``vms.files.export``
+        (``POST /v1/vms/{id}/files/export``), **an extension of this server that is
+        not in the API spec**: the server streams the file, or a tar of the
+        directory rooted at ``./``, out of the VM over its agent channel into the
+        staging object, which is then streamed to ``local_path`` (a directory is
+        extracted safely on the client). It works without guest network. Against a
+        server without the extension this raises ``NotFoundError``.
+        ``exec_timeout_sec`` bounds the VM-side work (classify + stream)."""
         _transfer.download(self, vm_id, remote_path, str(local_path), exec_timeout_sec=exec_timeout_sec)
 
     def build(
@@ -296,7 +305,8 @@ class AsyncFastvmClient(BaseClient):
         )
 
     async def download(self, vm_id: str, remote_path: str, local_path: str, *, exec_timeout_sec: int = 600) -> None:
-        """Async :meth:`FastvmClient.download`."""
+        """Async :meth:`FastvmClient.download` (also relies on the ``/files/export``
+        extension of this server, which is not in the API spec)."""
         await _transfer.adownload(self, vm_id, remote_path, str(local_path), exec_timeout_sec=exec_timeout_sec)
 
     async def build(

@@ -25,6 +25,20 @@ __all__ = ["NOT_GIVEN", "NotGiven", "BaseClient", "DEFAULT_BASE_URL", "DEFAULT_T
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RETRIES = 2
+
+# Server-side limits of the long operations, in seconds. The HTTP read timeout of
+# such a call is its server limit plus TIMEOUT_MARGIN, so the server answers (with
+# its own timeout result) before the client gives up; an operation the server does
+# not bound gets no read timeout at all (``None``).
+#
+# files.fetch / files.export without ``timeout_sec``: the server's default
+# (``FILE_TRANSFER_DEFAULT_TIMEOUT_SEC`` in crates/fastvm-types/src/files.rs, the
+# ``default`` of ``timeoutSec`` in the OpenAPI document).
+FILE_TRANSFER_DEFAULT_TIMEOUT_SEC = 600
+# Exec without ``timeout_sec`` and snapshot capture: the server sets no time
+# limit, it answers when the command exits / the capture is done.
+UNBOUNDED = None
+TIMEOUT_MARGIN = 30.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 M = TypeVar("M", bound=Model)
@@ -191,6 +205,13 @@ class BaseClient:
 
     def _timeout(self, timeout: TimeoutTypes | NotGiven) -> TimeoutTypes:
         return self.timeout if isinstance(timeout, NotGiven) else timeout
+
+    def _operation_timeout(self, server_limit_sec: float | None) -> TimeoutTypes:
+        """The HTTP timeout of a call the server bounds at ``server_limit_sec``
+        seconds (``None``: not bounded): the client's timeout with the read timeout
+        raised to the server's limit plus :data:`TIMEOUT_MARGIN`, so a long
+        operation never times out on the client while the server still works on it."""
+        return self._extended_timeout(None if server_limit_sec is None else server_limit_sec + TIMEOUT_MARGIN)
 
     def _extended_timeout(self, read: float | None) -> TimeoutTypes:
         """The client's timeout with the read timeout raised to ``read`` seconds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ._core import body, path_segment as seg
+from ._core import UNBOUNDED, body, path_segment as seg
 from ._resource import Resource
 from .models import DeleteResponse, Snapshot
 
@@ -15,8 +15,20 @@ class Snapshots(Resource):
         return self._client._call("GET", "/v1/snapshots", cast=Snapshot, many=True)
 
     def create(self, *, vm_id: str, name: str | None = None) -> Snapshot:
-        """POST /v1/snapshots: snapshot a VM (name auto-generated when omitted)."""
-        return self._client._call("POST", "/v1/snapshots", body=body(vm_id=vm_id, name=name), cast=Snapshot)
+        """POST /v1/snapshots: snapshot a VM (name auto-generated when omitted).
+
+        The server answers once the capture is done and sets no time limit on it
+        (a capture writes the VM's memory to disk, so it grows with the memory
+        size), so this call has no HTTP read timeout: the client's default timeout
+        does not cut a long capture short.
+        """
+        return self._client._call(
+            "POST",
+            "/v1/snapshots",
+            body=body(vm_id=vm_id, name=name),
+            cast=Snapshot,
+            timeout=self._client._operation_timeout(UNBOUNDED),
+        )
 
     def retrieve(self, id: str) -> Snapshot:
         """GET /v1/snapshots/{id}."""

@@ -24,7 +24,7 @@ from ._core import (
     vm_readiness,
 )
 from ._exceptions import VMLaunchError, VMNotReadyError
-from ._files import TIMEOUT_MARGIN, Files
+from ._files import Files
 from ._resource import Resource
 from ._services import Services
 from ._vm_volumes import VMVolumes
@@ -186,7 +186,8 @@ def _firewall_body(ingress: Any, egress: Any, dns: Any) -> dict[str, Any]:
 
 
 def _exec_timeout(client: Any, timeout_sec: int | None) -> TimeoutTypes:
-    return client._extended_timeout(None if timeout_sec is None else timeout_sec + TIMEOUT_MARGIN)
+    # Without timeout_sec the server does not bound the command.
+    return client._operation_timeout(timeout_sec)
 
 
 def _check_ready(vm: VM) -> bool:

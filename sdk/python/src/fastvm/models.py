@@ -222,6 +222,11 @@ class VM(Model):
     metadata: Optional[Metadata] = None
     env_vars: Optional[EnvVars] = None
     public_ipv6: Optional[str] = None
+    """The VM's public IPv6 address (from the server's ``--ipv6-prefix``). ``None``
+    (JSON ``null``) while no address is assigned: the VM is still ``provisioning``
+    (its network comes up with its first boot), its boot failed (``error``), or the
+    server runs without VM networking (``fastvm serve --no-network``). A running VM
+    of a networked server always has one."""
     cpu: Optional[int] = None
     memory_mi_b: Optional[int] = None
     disk_gi_b: Optional[int] = None
@@ -267,6 +272,10 @@ class Snapshot(Model):
     org_id: Optional[str] = None
     vm_id: Optional[str] = None
     status: Optional[SnapshotStatus] = None
+    machine_name: Optional[MachineType] = None
+    """Machine type the snapshot was captured on; VMs restored from it get it."""
+    firewall: Optional[FirewallPolicy] = None
+    """The source VM's firewall policy; a restore without ``firewall`` gets it."""
     metadata: Optional[Metadata] = None
     env_vars: Optional[EnvVars] = None
     services: Optional[List[SnapshotService]] = None
@@ -464,6 +473,10 @@ class Service(Model):
     name: Optional[str] = None
     port: Optional[int] = None
     h2c: Optional[bool] = None
+    url: Optional[str] = None
+    """Extension of this server: the service's full URL through the proxy
+    (``http://<name>--<vmIdHex>.proxy.<domain>:<port>/``); ``None`` when the
+    server runs no proxy."""
 
 
 # --- volumes ----------------------------------------------------------------------
@@ -480,6 +493,8 @@ class Volume(Model):
     pending_size_gi_b: Optional[int] = None
     mounted_count: Optional[int] = None
     used_gi_b: Optional[int] = None
+    """GiB used inside the volume (rounded down). The server omits ``usedGiB`` when
+    it cannot measure it (never sends ``null``); then this is ``None``."""
     created_at: Optional[str] = None
 
 

@@ -101,6 +101,7 @@ class LiveServer:
     log_path: Path
     image_dir: Path
     port: int = 0
+    proxy_port: int = 0
     api_key: str = ""
     process: subprocess.Popen | None = None
     _stopped: bool = field(default=False, repr=False)
@@ -130,6 +131,7 @@ class LiveServer:
         last_error = ""
         for _attempt in range(3):
             self.port = _free_port()
+            self.proxy_port = _free_port()
             log = open(self.log_path, "ab")
             self.process = subprocess.Popen(
                 [
@@ -137,6 +139,7 @@ class LiveServer:
                     "serve",
                     "--data-dir", str(self.data_dir),
                     "--listen", f"127.0.0.1:{self.port}",
+                    "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
                     "--image-dir", str(self.image_dir),
                     # Guests' allowed DNS queries go nowhere: never the host's resolver.
                     "--dns-upstream", "127.0.0.1:9",

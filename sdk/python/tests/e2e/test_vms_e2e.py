@@ -24,7 +24,7 @@ from fastvm import (
     IngressRule,
     ConflictError,
     NotFoundError,
-    UnprocessableEntityError,
+    BadRequestError,
 )
 
 
@@ -233,11 +233,25 @@ def test_authentication_error_for_bad_key(fastvm_server) -> None:
         assert anonymous.health().status == "ok"
 
 
-def test_unknown_machine_type_is_unprocessable(client) -> None:
-    with pytest.raises(UnprocessableEntityError) as exc:
+def test_unknown_machine_type_is_a_bad_request(client) -> None:
+    # Every broken rule is a 400 with the rule's code (never 422).
+    with pytest.raises(BadRequestError) as exc:
         client.vms.launch(machine_type="c99m999")
-    assert exc.value.status_code == 422
+    assert (exc.value.status_code, exc.value.code) == (400, "INVALID_MACHINE_TYPE")
     assert "c1m2" in exc.value.message  # the server lists the known types
+
+
+def test_an_invalid_firewall_is_the_same_400_at_launch_and_on_the_firewall_routes(client, vm) -> None:
+    bad = {"ingress": {"default_action": "deny", "rules": [{"kind": "cidr", "value": "10.0.0.0/33", "protocol": "tcp", "ports": "22", "action": "allow"}]}}
+    calls = [
+        lambda: client.vms.launch(machine_type="c1m2", firewall=bad),
+        lambda: client.vms.set_firewall(vm.id, ingress=bad["ingress"]),
+        lambda: client.vms.patch_firewall(vm.id, ingress=bad["ingress"]),
+    ]
+    for call in calls:
+        with pytest.raises(BadRequestError) as exc:
+            call()
+        assert (exc.value.status_code, exc.value.code) == (400, "INVALID_CIDR")
 
 
 def test_launch_with_metadata_env_vars_and_firewall(client) -> None:
