@@ -129,7 +129,7 @@ async fn upgrade(
 ) -> Result<Response, ApiError> {
     // Checked before the token is spent: a plain GET must not burn it.
     let ws = ws.map_err(|r| {
-        ApiError::bad_request(
+        ApiError::invalid(
             error_codes::WEBSOCKET_REQUIRED,
             format!("this is a WebSocket endpoint: connect with ws(s)://HOST/v1/vms/ID/console?session=TOKEN ({})", r.body_text()),
         )
@@ -138,7 +138,7 @@ async fn upgrade(
         q.cols.unwrap_or(DEFAULT_COLS),
         q.rows.unwrap_or(DEFAULT_ROWS),
     );
-    check_size(cols, rows).map_err(|e| ApiError::bad_request(codes::INVALID_REQUEST, e))?;
+    check_size(cols, rows).map_err(|e| ApiError::invalid(codes::INVALID_REQUEST, e))?;
     let token = q.session.filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
