@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const TOKEN_TTL: Duration = Duration::from_secs(4);
 const IDLE: Duration = Duration::from_secs(8);
@@ -45,17 +46,37 @@ static A: LazyLock<Api> = LazyLock::new(|| {
         send_timeout: SEND_TIMEOUT,
     };
     let server = block_on(fastvm_server::start(cfg)).expect("start server");
-    let key = std::fs::read_to_string(dir.join("admin-api-key")).expect("admin key").trim().to_owned();
-    Api { server, _dir: dir, key, client: Client::new() }
+    let key = std::fs::read_to_string(dir.join("admin-api-key"))
+        .expect("admin key")
+        .trim()
+        .to_owned();
+    Api {
+        server,
+        _dir: dir,
+        key,
+        client: Client::new(),
+    }
 });
 
 async fn call(method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     let a = &*A;
-    json_call(&a.client, format!("{}{path}", a.server.url()), Some(&a.key), method, body).await
+    json_call(
+        &a.client,
+        format!("{}{path}", a.server.url()),
+        Some(&a.key),
+        method,
+        body,
+    )
+    .await
 }
 
 async fn launch() -> String {
-    let (status, vm) = call(Method::POST, "/v1/vms", Some(json!({"machineType": "c1m2"}))).await;
+    let (status, vm) = call(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"machineType": "c1m2"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{vm}");
     vm["id"].as_str().expect("id").to_owned()
 }
@@ -88,7 +109,11 @@ async fn refused(url: &str) -> (StatusCode, Value) {
         Ok(_) => panic!("the upgrade of {url} was accepted"),
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
             let status = StatusCode::from_u16(res.status().as_u16()).expect("status");
-            let body = res.body().as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+            let body = res
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
             (status, body)
         }
         Err(e) => panic!("unexpected error for {url}: {e}"),
@@ -108,10 +133,21 @@ impl Term {
     /// Mint a token for `vm` and open its console with `extra` query parameters.
     async fn open(vm: &str, extra: &str) -> Term {
         let t = mint(vm).await;
-        let url = ws_url(t["websocketPath"].as_str().expect("path"), &format!("session={}{extra}", t["token"].as_str().expect("token")));
-        let (ws, res) = tokio_tungstenite::connect_async(url).await.expect("console upgrade");
+        let url = ws_url(
+            t["websocketPath"].as_str().expect("path"),
+            &format!("session={}{extra}", t["token"].as_str().expect("token")),
+        );
+        let (ws, res) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("console upgrade");
         assert_eq!(res.status().as_u16(), 101);
-        let mut term = Term { ws, out: Vec::new(), seen: 0, texts: Vec::new(), close: None };
+        let mut term = Term {
+            ws,
+            out: Vec::new(),
+            seen: 0,
+            texts: Vec::new(),
+            close: None,
+        };
         let ready = term.text("ready", Duration::from_secs(30)).await;
         assert_eq!(ready["vmId"], json!(vm));
         term
@@ -132,7 +168,9 @@ impl Term {
             Ok(Some(Ok(msg))) => {
                 match msg {
                     Message::Binary(b) => self.out.extend_from_slice(&b),
-                    Message::Text(t) => self.texts.push(serde_json::from_str(t.as_str()).expect("control message is JSON")),
+                    Message::Text(t) => self
+                        .texts
+                        .push(serde_json::from_str(t.as_str()).expect("control message is JSON")),
                     Message::Close(f) => self.close = Some(f),
                     _ => {}
                 }
@@ -146,12 +184,17 @@ impl Term {
         let until = Instant::now() + within;
         loop {
             if let Some(at) = find(&self.out[self.seen..], needle.as_bytes()) {
-                let got = String::from_utf8_lossy(&self.out[self.seen..self.seen + at + needle.len()]).into_owned();
+                let got =
+                    String::from_utf8_lossy(&self.out[self.seen..self.seen + at + needle.len()])
+                        .into_owned();
                 self.seen += at + needle.len();
                 return got;
             }
             if Instant::now() >= until || !self.pump(until).await {
-                panic!("{needle:?} not seen within {within:?}; output: {:?}", String::from_utf8_lossy(&self.out[self.seen..]));
+                panic!(
+                    "{needle:?} not seen within {within:?}; output: {:?}",
+                    String::from_utf8_lossy(&self.out[self.seen..])
+                );
             }
         }
     }
@@ -164,7 +207,10 @@ impl Term {
                 return self.texts.remove(i);
             }
             if Instant::now() >= until || !self.pump(until).await {
-                panic!("no {kind:?} message within {within:?}; got {:?}, close {:?}", self.texts, self.close);
+                panic!(
+                    "no {kind:?} message within {within:?}; got {:?}, close {:?}",
+                    self.texts, self.close
+                );
             }
         }
     }
@@ -182,11 +228,21 @@ impl Term {
     }
 
     async fn type_in(&mut self, keys: &str) {
-        self.ws.send(Message::Binary(keys.as_bytes().to_vec().into())).await.expect("send keys");
+        self.ws
+            .send(Message::Binary(keys.as_bytes().to_vec().into()))
+            .await
+            .expect("send keys");
     }
 
     async fn resize(&mut self, cols: u16, rows: u16) {
-        self.ws.send(Message::Text(json!({"type": "resize", "cols": cols, "rows": rows}).to_string().into())).await.expect("send resize");
+        self.ws
+            .send(Message::Text(
+                json!({"type": "resize", "cols": cols, "rows": rows})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .expect("send resize");
     }
 
     /// Run a shell line and wait for `want` in its output.
@@ -209,13 +265,33 @@ fn token_is_minted_with_the_spec_shape() {
     setup();
     block_on(async {
         let t = mint(&VM).await;
-        assert!(t["token"].as_str().is_some_and(|s| s.starts_with("fvc_") && s.len() == 68), "{t}");
+        assert!(
+            t["token"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("fvc_") && s.len() == 68),
+            "{t}"
+        );
         assert_eq!(t["expiresInSec"], json!(TOKEN_TTL.as_secs()));
-        assert_eq!(t["websocketPath"], json!(format!("/v1/vms/{}/console", *VM)));
+        assert_eq!(
+            t["websocketPath"],
+            json!(format!("/v1/vms/{}/console", *VM))
+        );
         // Unknown VM, bad id, no key.
-        let res = call(Method::POST, &format!("/v1/vms/{}/console-token", uuid::Uuid::new_v4()), None).await;
+        let res = call(
+            Method::POST,
+            &format!("/v1/vms/{}/console-token", uuid::Uuid::new_v4()),
+            None,
+        )
+        .await;
         assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
-        let res = json_call(&A.client, format!("{}/v1/vms/{}/console-token", A.server.url(), *VM), None, Method::POST, None).await;
+        let res = json_call(
+            &A.client,
+            format!("{}/v1/vms/{}/console-token", A.server.url(), *VM),
+            None,
+            Method::POST,
+            None,
+        )
+        .await;
         assert_api_error(&res, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
     });
 }
@@ -229,24 +305,56 @@ fn token_rules_refuse_the_upgrade_with_a_clear_status() {
         // A plain GET is refused before the token is spent; the token still works after.
         let t = mint(vm).await;
         let token = t["token"].as_str().expect("token").to_owned();
-        let res = json_call(&A.client, format!("{}{path}?session={token}", A.server.url()), None, Method::GET, None).await;
+        let res = json_call(
+            &A.client,
+            format!("{}{path}?session={token}", A.server.url()),
+            None,
+            Method::GET,
+            None,
+        )
+        .await;
         assert_api_error(&res, StatusCode::BAD_REQUEST, "WEBSOCKET_REQUIRED");
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url(&path, &format!("session={token}"))).await.expect("upgrade after a plain GET");
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url(&path, &format!("session={token}")))
+            .await
+            .expect("upgrade after a plain GET");
         drop(ws);
         // Reused.
         let res = refused(&ws_url(&path, &format!("session={token}"))).await;
         assert_api_error(&res, StatusCode::UNAUTHORIZED, "CONSOLE_TOKEN_USED");
         // Missing, garbage, unknown.
-        assert_api_error(&refused(&ws_url(&path, "source=pty")).await, StatusCode::UNAUTHORIZED, "CONSOLE_TOKEN_INVALID");
-        assert_api_error(&refused(&ws_url(&path, "session=garbage")).await, StatusCode::UNAUTHORIZED, "CONSOLE_TOKEN_INVALID");
+        assert_api_error(
+            &refused(&ws_url(&path, "source=pty")).await,
+            StatusCode::UNAUTHORIZED,
+            "CONSOLE_TOKEN_INVALID",
+        );
+        assert_api_error(
+            &refused(&ws_url(&path, "session=garbage")).await,
+            StatusCode::UNAUTHORIZED,
+            "CONSOLE_TOKEN_INVALID",
+        );
         let unknown = format!("fvc_{}", "0".repeat(64));
-        assert_api_error(&refused(&ws_url(&path, &format!("session={unknown}"))).await, StatusCode::UNAUTHORIZED, "CONSOLE_TOKEN_INVALID");
+        assert_api_error(
+            &refused(&ws_url(&path, &format!("session={unknown}"))).await,
+            StatusCode::UNAUTHORIZED,
+            "CONSOLE_TOKEN_INVALID",
+        );
         // Bad query values.
         let t = mint(vm).await;
-        let q = format!("session={}&source=telnet", t["token"].as_str().expect("token"));
-        assert_api_error(&refused(&ws_url(&path, &q)).await, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+        let q = format!(
+            "session={}&source=telnet",
+            t["token"].as_str().expect("token")
+        );
+        assert_api_error(
+            &refused(&ws_url(&path, &q)).await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        );
         let q = format!("session={}&cols=0", t["token"].as_str().expect("token"));
-        assert_api_error(&refused(&ws_url(&path, &q)).await, StatusCode::BAD_REQUEST, "INVALID_REQUEST");
+        assert_api_error(
+            &refused(&ws_url(&path, &q)).await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        );
         // Expired.
         let t = mint(vm).await;
         tokio::time::sleep(TOKEN_TTL + Duration::from_millis(500)).await;
@@ -255,13 +363,30 @@ fn token_rules_refuse_the_upgrade_with_a_clear_status() {
         assert_api_error(&res, StatusCode::UNAUTHORIZED, "CONSOLE_TOKEN_EXPIRED");
         // Minted by a key that was revoked since.
         let store = A.server.state().store();
-        let org = fastvm_server::default_org(store).await.expect("org").expect("default org");
+        let org = fastvm_server::default_org(store)
+            .await
+            .expect("org")
+            .expect("default org");
         let other = store.create_key(org, "console-revoked").await.expect("key");
-        let (status, t) = json_call(&A.client, format!("{}/v1/vms/{vm}/console-token", A.server.url()), Some(&other.token), Method::POST, None).await;
+        let (status, t) = json_call(
+            &A.client,
+            format!("{}/v1/vms/{vm}/console-token", A.server.url()),
+            Some(&other.token),
+            Method::POST,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{t}");
-        store.revoke_key(&other.info.id.to_string()).await.expect("revoke");
+        store
+            .revoke_key(&other.info.id.to_string())
+            .await
+            .expect("revoke");
         let q = format!("session={}", t["token"].as_str().expect("token"));
-        assert_api_error(&refused(&ws_url(&path, &q)).await, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+        assert_api_error(
+            &refused(&ws_url(&path, &q)).await,
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+        );
     });
 }
 
@@ -277,9 +402,20 @@ fn a_token_opens_only_its_own_vm() {
         // The page's path takes the VM from the token.
         let t = mint(&other).await;
         let q = format!("session={}", t["token"].as_str().expect("token"));
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url("/v1/console", &q)).await.expect("upgrade");
-        let mut term = Term { ws, out: Vec::new(), seen: 0, texts: Vec::new(), close: None };
-        assert_eq!(term.text("ready", Duration::from_secs(30)).await["vmId"], json!(other));
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url("/v1/console", &q))
+            .await
+            .expect("upgrade");
+        let mut term = Term {
+            ws,
+            out: Vec::new(),
+            seen: 0,
+            texts: Vec::new(),
+            close: None,
+        };
+        assert_eq!(
+            term.text("ready", Duration::from_secs(30)).await["vmId"],
+            json!(other)
+        );
         let (status, _) = call(Method::DELETE, &format!("/v1/vms/{other}"), None).await;
         assert!(status.is_success());
     });
@@ -292,11 +428,16 @@ fn shell_runs_with_utf8_colours_and_exit_status() {
         let mut term = Term::open(&VM, "").await;
         term.prompt().await;
         term.run("echo $((6*7))", "42\r\n").await;
-        term.run("echo \"$TERM $SHELL $HOME\"; tty", "xterm-256color /bin/bash /root").await;
+        term.run(
+            "echo \"$TERM $SHELL $HOME\"; tty",
+            "xterm-256color /bin/bash /root",
+        )
+        .await;
         term.expect("/dev/pts/", Duration::from_secs(10)).await;
         // UTF-8 both ways: the guest echoes what we typed and prints its own.
         term.run("printf 'caf\\303\\251 %s\\n' ü", "café ü").await;
-        term.run("printf '\\033[31mred\\033[0m\\n'", "\x1b[31mred\x1b[0m").await;
+        term.run("printf '\\033[31mred\\033[0m\\n'", "\x1b[31mred\x1b[0m")
+            .await;
         term.type_in("exit 3\r").await;
         let exit = term.text("exit", Duration::from_secs(30)).await;
         assert_eq!(exit["code"], json!(3), "{exit}");
@@ -315,7 +456,11 @@ fn resize_changes_stty_size() {
         term.resize(132, 43).await;
         term.run("stty size", "43 132").await;
         // The foreground program is told (SIGWINCH).
-        term.run("trap 'echo winched' WINCH; echo trap-$((2*4)); sleep 10 & wait", "trap-8").await;
+        term.run(
+            "trap 'echo winched' WINCH; echo trap-$((2*4)); sleep 10 & wait",
+            "trap-8",
+        )
+        .await;
         term.resize(90, 20).await;
         term.expect("winched", Duration::from_secs(10)).await;
         term.run("stty size", "20 90").await;
@@ -328,7 +473,8 @@ fn ctrl_c_interrupts_and_job_control_works() {
     block_on(async {
         let mut term = Term::open(&VM, "").await;
         term.prompt().await;
-        term.type_in("sleep 60; echo not-$((1+1))-interrupted\r").await;
+        term.type_in("sleep 60; echo not-$((1+1))-interrupted\r")
+            .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         term.type_in("\x03").await;
         term.run("echo back-$((40+2))", "back-42").await;
@@ -340,7 +486,8 @@ fn ctrl_c_interrupts_and_job_control_works() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         term.type_in("\x03").await;
         // Nothing left: the interrupted job is gone.
-        term.run("jobs | wc -l; echo jobs-$((5+5))", "\r0\r\njobs-10").await;
+        term.run("jobs | wc -l; echo jobs-$((5+5))", "\r0\r\njobs-10")
+            .await;
     });
 }
 
@@ -352,7 +499,10 @@ fn two_consoles_at_once_are_independent() {
         tokio::join!(a.prompt(), b.prompt());
         a.run("export WHO=first; tty", "/dev/pts/").await;
         b.run("echo who=${WHO:-unset}", "who=unset").await;
-        let (x, y) = tokio::join!(a.run("echo $WHO-$((1+1))", "first-2"), b.run("echo b-$((2+2))", "b-4"));
+        let (x, y) = tokio::join!(
+            a.run("echo $WHO-$((1+1))", "first-2"),
+            b.run("echo b-$((2+2))", "b-4")
+        );
         assert!(x.contains("first-2") && y.contains("b-4"));
     });
 }
@@ -365,9 +515,21 @@ fn garbage_and_oversized_frames_get_clear_close_codes() {
         bystander.prompt().await;
         let cases: Vec<(Message, u16)> = vec![
             (Message::Text("garbage".into()), 1007),
-            (Message::Text(r#"{"type":"resize","cols":0,"rows":24}"#.into()), 1007),
+            (
+                Message::Text(r#"{"type":"resize","cols":0,"rows":24}"#.into()),
+                1007,
+            ),
             (Message::Text(r#"{"type":"reboot"}"#.into()), 1007),
-            (Message::Text(format!("{{\"type\":\"resize\",\"pad\":\"{}\"}}", "x".repeat(8 << 10)).into()), 1009),
+            (
+                Message::Text(
+                    format!(
+                        "{{\"type\":\"resize\",\"pad\":\"{}\"}}",
+                        "x".repeat(8 << 10)
+                    )
+                    .into(),
+                ),
+                1009,
+            ),
             (Message::Binary(vec![b'a'; 100 << 10].into()), 1009),
             (Message::Binary(vec![b'a'; 2 << 20].into()), 1009),
         ];
@@ -396,22 +558,35 @@ fn a_client_that_never_reads_stalls_only_itself() {
         let mut other = Term::open(&VM, "").await;
         other.prompt().await;
         for i in 0..3 {
-            other.run(&format!("echo alive-{i}-$(({i}+{i}))"), &format!("alive-{i}-{}\r", 2 * i)).await;
+            other
+                .run(
+                    &format!("echo alive-{i}-$(({i}+{i}))"),
+                    &format!("alive-{i}-{}\r", 2 * i),
+                )
+                .await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         // The stuck connection is dropped after the send timeout and its shell
         // hung up: `yes` is gone.
         let deadline = Instant::now() + SEND_TIMEOUT + Duration::from_secs(30);
         loop {
-            let seen = other.run("echo \"floods=$(pgrep -xc yes)=$((7*6))\"", "=42").await;
+            let seen = other
+                .run("echo \"floods=$(pgrep -xc yes)=$((7*6))\"", "=42")
+                .await;
             if seen.ends_with("floods=0=42") {
                 break;
             }
-            assert!(Instant::now() < deadline, "the flood still runs long after the send timeout");
+            assert!(
+                Instant::now() < deadline,
+                "the flood still runs long after the send timeout"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let grown = fastvm_e2e::rss_bytes().saturating_sub(rss_before);
-        assert!(grown < 64 << 20, "the test process grew by {grown} bytes while a client did not read");
+        assert!(
+            grown < 64 << 20,
+            "the test process grew by {grown} bytes while a client did not read"
+        );
         drop(hog);
     });
 }
@@ -436,13 +611,25 @@ fn serial_console_tails_and_follows_read_only() {
     setup();
     block_on(async {
         let vm = &*VM;
-        let (status, out) = call(Method::POST, &format!("/v1/vms/{vm}/exec"), Some(json!({"command": ["sh", "-c", "echo serial-before-$((5*5)) > /dev/ttyS0"]}))).await;
+        let (status, out) = call(
+            Method::POST,
+            &format!("/v1/vms/{vm}/exec"),
+            Some(json!({"command": ["sh", "-c", "echo serial-before-$((5*5)) > /dev/ttyS0"]})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{out}");
         let mut term = Term::open(vm, "&source=serial").await;
-        term.expect("serial-before-25", Duration::from_secs(10)).await;
-        let (status, _) = call(Method::POST, &format!("/v1/vms/{vm}/exec"), Some(json!({"command": ["sh", "-c", "echo serial-after-$((6*6)) > /dev/ttyS0"]}))).await;
+        term.expect("serial-before-25", Duration::from_secs(10))
+            .await;
+        let (status, _) = call(
+            Method::POST,
+            &format!("/v1/vms/{vm}/exec"),
+            Some(json!({"command": ["sh", "-c", "echo serial-after-$((6*6)) > /dev/ttyS0"]})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
-        term.expect("serial-after-36", Duration::from_secs(10)).await;
+        term.expect("serial-after-36", Duration::from_secs(10))
+            .await;
         term.type_in("ls\r").await;
         let err = term.text("error", Duration::from_secs(10)).await;
         assert_eq!(err["code"], json!("READ_ONLY"), "{err}");
@@ -458,7 +645,11 @@ fn consoles_to_a_paused_vm_resume_it_once() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "paused");
         // Three consoles at once: every one gets a shell, the VM is resumed once.
-        let (mut a, mut b, mut c) = tokio::join!(Term::open(&vm, ""), Term::open(&vm, ""), Term::open(&vm, "&source=serial"));
+        let (mut a, mut b, mut c) = tokio::join!(
+            Term::open(&vm, ""),
+            Term::open(&vm, ""),
+            Term::open(&vm, "&source=serial")
+        );
         tokio::join!(a.prompt(), b.prompt());
         a.run("echo woke-$((1+2))", "woke-3").await;
         b.run("echo woke-$((2+2))", "woke-4").await;

@@ -40,8 +40,12 @@ pub struct ConsoleArgs {
 /// Returns the exit code of the shell (0 after `~.`).
 pub async fn run(args: ConsoleArgs) -> anyhow::Result<i32> {
     let client = Client::new(&args.conn)?;
-    let minted = client.post(&format!("/v1/vms/{}/console-token", args.vm), &json!({})).await?;
-    let token = minted["token"].as_str().ok_or_else(|| anyhow!("the server answered no console token"))?;
+    let minted = client
+        .post(&format!("/v1/vms/{}/console-token", args.vm), &json!({}))
+        .await?;
+    let token = minted["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server answered no console token"))?;
     let secs = minted["expiresInSec"].as_u64().unwrap_or(60);
     let source = if args.serial { "&source=serial" } else { "" };
     if args.web {
@@ -53,29 +57,51 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let path = minted["websocketPath"].as_str().ok_or_else(|| anyhow!("the server answered no websocketPath"))?;
+    let path = minted["websocketPath"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server answered no websocketPath"))?;
     let (cols, rows) = window_size().unwrap_or((80, 24));
     let ws_base = if let Some(rest) = client.base.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = client.base.strip_prefix("http://") {
         format!("ws://{rest}")
     } else {
-        bail!("the API base URL {} is neither http:// nor https://", client.base)
+        bail!(
+            "the API base URL {} is neither http:// nor https://",
+            client.base
+        )
     };
     let url = format!("{ws_base}{path}?session={token}&cols={cols}&rows={rows}{source}");
-    let request = url.into_client_request().context("building the console request")?;
+    let request = url
+        .into_client_request()
+        .context("building the console request")?;
     let ws = match tokio_tungstenite::connect_async(request).await {
         Ok((ws, _)) => ws,
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
-            let body: Value = res.body().as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
-            let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("HTTP_ERROR");
-            let msg = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
+            let body: Value = res
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            let code = body
+                .pointer("/error/code")
+                .and_then(Value::as_str)
+                .unwrap_or("HTTP_ERROR");
+            let msg = body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             bail!("{code} ({}): {msg}", res.status())
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot open the console at {ws_base}{path}")),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open the console at {ws_base}{path}"))
+        }
     };
     if !args.serial {
-        eprint!("[fastvm] connected to VM {}; type ~. at the start of a line to quit\r\n", args.vm);
+        eprint!(
+            "[fastvm] connected to VM {}; type ~. at the start of a line to quit\r\n",
+            args.vm
+        );
     }
     let raw = RawMode::enter();
     let code = session(ws).await;
@@ -85,8 +111,12 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<i32> {
 
 /// Start the desktop's browser on `url` when there is one (never waits for it).
 fn open_browser(url: &str) {
-    let graphical = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
-    let opener = std::env::var("BROWSER").ok().filter(|b| !b.is_empty()).or_else(|| graphical.then(|| "xdg-open".to_owned()));
+    let graphical =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let opener = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .or_else(|| graphical.then(|| "xdg-open".to_owned()));
     if let Some(opener) = opener {
         let started = std::process::Command::new(&opener)
             .arg(url)
@@ -102,7 +132,12 @@ fn open_browser(url: &str) {
 
 /// The size of the terminal on stdout, if it is one.
 fn window_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one winsize into a valid local.
     let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
     (rc == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
@@ -155,7 +190,10 @@ struct Escape {
 
 impl Escape {
     fn new() -> Escape {
-        Escape { at_line_start: true, pending_tilde: false }
+        Escape {
+            at_line_start: true,
+            pending_tilde: false,
+        }
     }
 
     /// The bytes to send for `input`, and true when `~.` was typed.
@@ -184,13 +222,15 @@ impl Escape {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn session(ws: Ws) -> anyhow::Result<i32> {
     let (mut tx, mut rx) = ws.split();
     let mut stdin = tokio::io::stdin();
     let mut stdout = std::io::stdout();
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).context("watching the window size")?;
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        .context("watching the window size")?;
     let mut escape = Escape::new();
     let mut buf = vec![0u8; 16 << 10];
     let mut stdin_open = true;

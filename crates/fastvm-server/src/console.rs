@@ -245,22 +245,23 @@ impl AppState {
                 &format!("the session is not a console token; {mint_hint}"),
             ));
         }
-        let rec =
-            match self.store().redeem_console_token(token).await? {
-                Redeemed::Fresh(rec) => rec,
-                Redeemed::AlreadyUsed(_) => return Err(unauthorized(
+        let rec = match self.store().redeem_console_token(token).await? {
+            Redeemed::Fresh(rec) => rec,
+            Redeemed::AlreadyUsed(_) => {
+                return Err(unauthorized(
                     CONSOLE_TOKEN_USED,
                     &format!(
                         "this console token was already used (tokens are single use); {mint_hint}"
                     ),
-                )),
-                Redeemed::Unknown => {
-                    return Err(unauthorized(
-                        CONSOLE_TOKEN_INVALID,
-                        &format!("unknown console token; {mint_hint}"),
-                    ))
-                }
-            };
+                ))
+            }
+            Redeemed::Unknown => {
+                return Err(unauthorized(
+                    CONSOLE_TOKEN_INVALID,
+                    &format!("unknown console token; {mint_hint}"),
+                ))
+            }
+        };
         if rec.expires_at_ms <= now_ms() {
             let secs = self.console().config.token_ttl.as_secs();
             return Err(unauthorized(
