@@ -42,8 +42,7 @@ use utoipa::{Modify, OpenApi};
         snapshots::update,
         snapshots::delete,
         org::quotas,
-        console::console_token,
-        console::open_vm_console
+        console::console_token
     ),
     modifiers(&BearerAuth),
     tags(
