@@ -456,13 +456,11 @@ fn resize_changes_stty_size() {
         term.resize(132, 43).await;
         term.run("stty size", "43 132").await;
         // The foreground program is told (SIGWINCH).
-        term.run(
-            "trap 'echo winched' WINCH; echo trap-$((2*4)); sleep 10 & wait",
-            "trap-8",
-        )
-        .await;
+        let waiter = "python3 -c \"import os, signal, time; signal.signal(signal.SIGWINCH, lambda *a: (os.write(1, b'winched\\n'), os._exit(0))); os.write(1, b'ready %d\\n' % (6 * 7)); time.sleep(30)\"";
+        term.run(waiter, "ready 42").await;
         term.resize(90, 20).await;
         term.expect("winched", Duration::from_secs(10)).await;
+        term.prompt().await;
         term.run("stty size", "20 90").await;
     });
 }
