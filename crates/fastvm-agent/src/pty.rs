@@ -79,10 +79,8 @@ pub(crate) fn open(cols: u16, rows: u16) -> io::Result<Pty> {
     // SAFETY: fcntl on our own descriptor.
     let flags = check(unsafe { libc::fcntl(m, libc::F_GETFL) }, "fcntl")?;
     // SAFETY: as above.
-    check(
-        unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) },
-        "fcntl",
-    )?;
+    let rc = unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    check(rc, "fcntl")?;
     // SAFETY: an OwnedFd is open, owned and always returns the same descriptor
     // until it is dropped together with the AsyncFd.
     let master = unsafe { AsyncFd::register(master) }.map_err(io::Error::from)?;
@@ -101,10 +99,8 @@ pub(crate) fn set_size(fd: &impl AsRawFd, cols: u16, rows: u16) -> io::Result<()
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    check(
-        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        "TIOCSWINSZ",
-    )?;
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    check(rc, "TIOCSWINSZ")?;
     Ok(())
 }
 
