@@ -2,7 +2,7 @@
 //! guest's login shell (PTY run by the agent) and the serial console, over a
 //! real server and real QEMU guests, driven with a WebSocket client.
 //!
-//! The server runs with short console timings (token 4 s, idle 8 s, send
+//! The server runs with short console timings (token 4 s, idle 20 s, send
 //! 5 s, ping 2 s) so expiry, idling and a client that never reads can be seen
 //! in seconds. One shared VM serves every test that cannot disturb others;
 //! the wake and token-binding tests launch their own.
@@ -23,7 +23,8 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const TOKEN_TTL: Duration = Duration::from_secs(4);
-const IDLE: Duration = Duration::from_secs(8);
+/// Long enough for a loaded TCG guest to start python3 without output.
+const IDLE: Duration = Duration::from_secs(20);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Api {
@@ -192,8 +193,11 @@ impl Term {
             }
             if Instant::now() >= until || !self.pump(until).await {
                 panic!(
-                    "{needle:?} not seen within {within:?}; output: {:?}",
-                    String::from_utf8_lossy(&self.out[self.seen..])
+                    "{needle:?} not seen within {within:?}; output: {:?}; messages: {:?}; close: {:?}; agent log: {}",
+                    String::from_utf8_lossy(&self.out[self.seen..]),
+                    self.texts,
+                    self.close,
+                    agent_log()
                 );
             }
         }
@@ -254,6 +258,14 @@ impl Term {
     async fn prompt(&mut self) {
         self.expect("# ", Duration::from_secs(30)).await;
     }
+}
+
+/// The agent's lines in the shared VM's console log (for failure messages).
+fn agent_log() -> String {
+    let path = A._dir.join("vms").join(&*VM).join("console.log");
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("fastvm-agent")).collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -459,7 +471,7 @@ fn resize_changes_stty_size() {
         let waiter = "python3 -c \"import os, signal, time; signal.signal(signal.SIGWINCH, lambda *a: (os.write(1, b'winched\\n'), os._exit(0))); os.write(1, b'ready %d\\n' % (6 * 7)); time.sleep(30)\"";
         term.run(waiter, "ready 42").await;
         term.resize(90, 20).await;
-        term.expect("winched", Duration::from_secs(10)).await;
+        term.expect("winched", Duration::from_secs(30)).await;
         term.prompt().await;
         term.run("stty size", "20 90").await;
     });
