@@ -146,8 +146,11 @@ const XTERM_JS: &[u8] = include_bytes!("../../assets/console/vendor/xterm.js");
 const XTERM_CSS: &[u8] = include_bytes!("../../assets/console/vendor/xterm.css");
 const FIT_JS: &[u8] = include_bytes!("../../assets/console/vendor/addon-fit.js");
 
-/// Only this server's own files; WebSockets to this server.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+/// Only this server's own scripts; WebSockets to this server. xterm.js's
+/// renderer styles its rows with `<style>` elements it creates, hence
+/// `'unsafe-inline'` for styles (never for scripts): without it the terminal
+/// draws in a proportional font over a monospace grid.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
     let mut res = (StatusCode::OK, body).into_response();

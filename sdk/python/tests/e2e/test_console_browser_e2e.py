@@ -239,6 +239,10 @@ def test_web_console_in_a_real_browser(client: FastvmClient, vm, browser: Cdp, f
     )
     screen = browser.screen()
     assert "echo $((6*7))" in screen and "\n42\n" in screen + "\n"
+    # The rows are drawn in the terminal's monospace font (the page's policy lets
+    # xterm.js style them), not in the page's proportional one.
+    font = browser.eval("getComputedStyle(document.querySelector('.xterm-rows')).fontFamily")
+    assert "Mono" in font or "monospace" in font, font
 
     # The terminal fills the window, and the guest knows its size.
     cols0, rows0 = browser.eval("[window.fastvmConsole.term.cols, window.fastvmConsole.term.rows]")
