@@ -841,7 +841,7 @@ fn malformed_requests_are_clear_4xx() {
     assert_api_error(
         &raw(
             Method::GET,
-            &format!("/v1/vms/{}/services", id_of(&VM)),
+            &format!("/v1/vms/{}/nothing-here", id_of(&VM)),
             None,
             Vec::new(),
         ),

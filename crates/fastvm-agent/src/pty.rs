@@ -78,9 +78,9 @@ pub(crate) fn open(cols: u16, rows: u16) -> io::Result<Pty> {
     set_size(&master, cols, rows)?;
     // SAFETY: fcntl on our own descriptor.
     let flags = check(unsafe { libc::fcntl(m, libc::F_GETFL) }, "fcntl")?;
-    // SAFETY: as above.
-    let rc = unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) };
-    check(rc, "fcntl")?;
+    // SAFETY: fcntl on our own descriptor.
+    let set = unsafe { libc::fcntl(m, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    check(set, "fcntl")?;
     // SAFETY: an OwnedFd is open, owned and always returns the same descriptor
     // until it is dropped together with the AsyncFd.
     let master = unsafe { AsyncFd::register(master) }.map_err(io::Error::from)?;
@@ -99,8 +99,8 @@ pub(crate) fn set_size(fd: &impl AsRawFd, cols: u16, rows: u16) -> io::Result<()
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-    check(rc, "TIOCSWINSZ")?;
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    check(r, "TIOCSWINSZ")?;
     Ok(())
 }
 

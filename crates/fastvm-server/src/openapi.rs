@@ -42,7 +42,8 @@ use utoipa::{Modify, OpenApi};
         snapshots::update,
         snapshots::delete,
         org::quotas,
-        console::console_token
+        console::console_token,
+        console::open_vm_console
     ),
     modifiers(&BearerAuth),
     tags(
@@ -179,10 +180,19 @@ mod tests {
         for (path, item) in paths {
             for (method, op) in item.as_object().ok_or("path item")? {
                 let responses = &op["responses"];
-                assert!(responses.get("422").is_none(), "{method} {path} documents a 422; validation answers 400");
-                let takes_input = op.get("requestBody").is_some() || op["parameters"].as_array().is_some_and(|p| p.iter().any(|p| p["in"] == "query"));
+                assert!(
+                    responses.get("422").is_none(),
+                    "{method} {path} documents a 422; validation answers 400"
+                );
+                let takes_input = op.get("requestBody").is_some()
+                    || op["parameters"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p["in"] == "query"));
                 if takes_input {
-                    assert!(responses.get("400").is_some(), "{method} {path} takes input but documents no 400");
+                    assert!(
+                        responses.get("400").is_some(),
+                        "{method} {path} takes input but documents no 400"
+                    );
                 }
             }
         }

@@ -1118,10 +1118,7 @@ async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult 
         .await?;
     assert_eq!(
         (status, &err["error"]["code"]),
-        (
-            StatusCode::BAD_REQUEST,
-            &json!("MACHINE_TYPE_MISMATCH")
-        )
+        (StatusCode::BAD_REQUEST, &json!("MACHINE_TYPE_MISMATCH"))
     );
     assert!(
         err["error"]["message"]
@@ -1138,10 +1135,7 @@ async fn restore_takes_shape_env_and_firewall_from_the_snapshot() -> TestResult 
         .await?;
     assert_eq!(
         (status, &err["error"]["code"]),
-        (
-            StatusCode::BAD_REQUEST,
-            &json!("INVALID_MACHINE_TYPE")
-        )
+        (StatusCode::BAD_REQUEST, &json!("INVALID_MACHINE_TYPE"))
     );
     // Unknown snapshot: 404.
     let (status, err) = h
@@ -2140,10 +2134,14 @@ async fn proxy_wakes_a_paused_vm_with_one_resume() -> TestResult {
 #[tokio::test]
 async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
-    let (status, vm) = h.call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"}))).await?;
+    let (status, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
     assert_eq!(status, StatusCode::CREATED, "{vm}");
     let id = id_of(&vm)?;
-    let (status, snap) = h.call("POST", "/v1/snapshots", Some(json!({"vmId": id}))).await?;
+    let (status, snap) = h
+        .call("POST", "/v1/snapshots", Some(json!({"vmId": id})))
+        .await?;
     assert_eq!(status, StatusCode::CREATED, "{snap}");
     let sid = id_of(&snap)?;
 
@@ -2158,67 +2156,187 @@ async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> 
     // (code, [(method, path, body)]): every route that takes the value.
     type Routes = Vec<(&'static str, String, Value)>;
     let cases: Vec<(&str, Routes)> = vec![
-        ("INVALID_CIDR", vec![
-            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "firewall": bad_firewall})),
-            ("PUT", fw_path.clone(), bad_firewall.clone()),
-            ("PATCH", fw_path.clone(), bad_firewall.clone()),
-        ]),
-        ("DEAD_FQDN_RULE", vec![
-            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "firewall": dead_fqdn})),
-            ("PUT", fw_path.clone(), dead_fqdn.clone()),
-            ("PATCH", fw_path.clone(), dead_fqdn.clone()),
-        ]),
-        ("INVALID_METADATA", vec![
-            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "metadata": bad_metadata})),
-            ("PATCH", vm_path.clone(), json!({"metadata": bad_metadata})),
-        ]),
-        ("INVALID_TTL", vec![
-            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "ttl": bad_ttl})),
-            ("PATCH", vm_path.clone(), json!({"ttl": bad_ttl})),
-        ]),
-        ("INVALID_TIMEOUT", vec![
-            ("POST", exec_path.clone(), json!({"command": ["true"], "timeoutSec": 0})),
-            ("POST", format!("{vm_path}/files/fetch"), json!({"url": url, "path": "/root/f", "timeoutSec": 0})),
-            ("POST", format!("{vm_path}/files/export"), json!({"url": url, "path": "/root/f", "timeoutSec": 0})),
-        ]),
-        ("INVALID_PATH", vec![
-            ("POST", exec_path.clone(), json!({"command": ["true"], "cwd": "root"})),
-            ("POST", format!("{vm_path}/files/presign"), json!({"path": "root/f"})),
-            ("POST", format!("{vm_path}/files/fetch"), json!({"url": url, "path": "root/f"})),
-            ("POST", format!("{vm_path}/files/export"), json!({"url": url, "path": "root/f"})),
-        ]),
-        ("INVALID_REQUEST", vec![
-            // Nothing to update, and a body of the wrong shape.
-            ("PATCH", vm_path.clone(), json!({})),
-            ("PATCH", format!("/v1/snapshots/{sid}"), json!({})),
-            ("PUT", fw_path.clone(), json!({"bogus": 1})),
-            ("POST", "/v1/vms".into(), json!({"machineType": "c1m2", "bogus": 1})),
-        ]),
-        ("INVALID_MACHINE_TYPE", vec![
-            ("POST", "/v1/vms".into(), json!({"machineType": "c3m7"})),
-            ("POST", "/v1/vms".into(), json!({})),
-        ]),
-        ("MACHINE_TYPE_MISMATCH", vec![("POST", "/v1/vms".into(), json!({"snapshotId": sid, "machineType": "c2m4"}))]),
-        ("INVALID_COMMAND", vec![("POST", exec_path.clone(), json!({"command": []}))]),
-        ("INVALID_SERVICE_NAME", vec![
-            ("POST", format!("{vm_path}/services"), json!({"name": "Bad_Name", "port": 8080})),
-            ("PUT", format!("{vm_path}/services/Bad_Name"), json!({"port": 8080})),
-        ]),
-        ("INVALID_SERVICE_PORT", vec![
-            ("POST", format!("{vm_path}/services"), json!({"name": "web", "port": 80})),
-            ("PUT", format!("{vm_path}/services/web"), json!({"port": 80})),
-        ]),
+        (
+            "INVALID_CIDR",
+            vec![
+                (
+                    "POST",
+                    "/v1/vms".into(),
+                    json!({"machineType": "c1m2", "firewall": bad_firewall}),
+                ),
+                ("PUT", fw_path.clone(), bad_firewall.clone()),
+                ("PATCH", fw_path.clone(), bad_firewall.clone()),
+            ],
+        ),
+        (
+            "DEAD_FQDN_RULE",
+            vec![
+                (
+                    "POST",
+                    "/v1/vms".into(),
+                    json!({"machineType": "c1m2", "firewall": dead_fqdn}),
+                ),
+                ("PUT", fw_path.clone(), dead_fqdn.clone()),
+                ("PATCH", fw_path.clone(), dead_fqdn.clone()),
+            ],
+        ),
+        (
+            "INVALID_METADATA",
+            vec![
+                (
+                    "POST",
+                    "/v1/vms".into(),
+                    json!({"machineType": "c1m2", "metadata": bad_metadata}),
+                ),
+                ("PATCH", vm_path.clone(), json!({"metadata": bad_metadata})),
+            ],
+        ),
+        (
+            "INVALID_TTL",
+            vec![
+                (
+                    "POST",
+                    "/v1/vms".into(),
+                    json!({"machineType": "c1m2", "ttl": bad_ttl}),
+                ),
+                ("PATCH", vm_path.clone(), json!({"ttl": bad_ttl})),
+            ],
+        ),
+        (
+            "INVALID_TIMEOUT",
+            vec![
+                (
+                    "POST",
+                    exec_path.clone(),
+                    json!({"command": ["true"], "timeoutSec": 0}),
+                ),
+                (
+                    "POST",
+                    format!("{vm_path}/files/fetch"),
+                    json!({"url": url, "path": "/root/f", "timeoutSec": 0}),
+                ),
+                (
+                    "POST",
+                    format!("{vm_path}/files/export"),
+                    json!({"url": url, "path": "/root/f", "timeoutSec": 0}),
+                ),
+            ],
+        ),
+        (
+            "INVALID_PATH",
+            vec![
+                (
+                    "POST",
+                    exec_path.clone(),
+                    json!({"command": ["true"], "cwd": "root"}),
+                ),
+                (
+                    "POST",
+                    format!("{vm_path}/files/presign"),
+                    json!({"path": "root/f"}),
+                ),
+                (
+                    "POST",
+                    format!("{vm_path}/files/fetch"),
+                    json!({"url": url, "path": "root/f"}),
+                ),
+                (
+                    "POST",
+                    format!("{vm_path}/files/export"),
+                    json!({"url": url, "path": "root/f"}),
+                ),
+            ],
+        ),
+        (
+            "INVALID_REQUEST",
+            vec![
+                // Nothing to update, and a body of the wrong shape.
+                ("PATCH", vm_path.clone(), json!({})),
+                ("PATCH", format!("/v1/snapshots/{sid}"), json!({})),
+                ("PUT", fw_path.clone(), json!({"bogus": 1})),
+                (
+                    "POST",
+                    "/v1/vms".into(),
+                    json!({"machineType": "c1m2", "bogus": 1}),
+                ),
+            ],
+        ),
+        (
+            "INVALID_MACHINE_TYPE",
+            vec![
+                ("POST", "/v1/vms".into(), json!({"machineType": "c3m7"})),
+                ("POST", "/v1/vms".into(), json!({})),
+            ],
+        ),
+        (
+            "MACHINE_TYPE_MISMATCH",
+            vec![(
+                "POST",
+                "/v1/vms".into(),
+                json!({"snapshotId": sid, "machineType": "c2m4"}),
+            )],
+        ),
+        (
+            "INVALID_COMMAND",
+            vec![("POST", exec_path.clone(), json!({"command": []}))],
+        ),
+        (
+            "INVALID_SERVICE_NAME",
+            vec![
+                (
+                    "POST",
+                    format!("{vm_path}/services"),
+                    json!({"name": "Bad_Name", "port": 8080}),
+                ),
+                (
+                    "PUT",
+                    format!("{vm_path}/services/Bad_Name"),
+                    json!({"port": 8080}),
+                ),
+            ],
+        ),
+        (
+            "INVALID_SERVICE_PORT",
+            vec![
+                (
+                    "POST",
+                    format!("{vm_path}/services"),
+                    json!({"name": "web", "port": 80}),
+                ),
+                (
+                    "PUT",
+                    format!("{vm_path}/services/web"),
+                    json!({"port": 80}),
+                ),
+            ],
+        ),
     ];
     for (code, routes) in cases {
         for (method, path, body) in routes {
             let (status, err) = h.call(method, &path, Some(body.clone())).await?;
-            assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some(code)), "{method} {path} {body}: {err}");
-            assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: no message");
+            assert_eq!(
+                (status, err["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some(code)),
+                "{method} {path} {body}: {err}"
+            );
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{method} {path}: no message"
+            );
         }
     }
     // Nothing was changed or created by the refused requests.
     let (_, list) = h.call("GET", "/v1/vms", None).await?;
     assert_eq!(list.as_array().map(Vec::len), Some(1));
-    assert_eq!(h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(usize::MAX), 0);
+    assert_eq!(
+        h.worker
+            .firewalls
+            .lock()
+            .map(|f| f.len())
+            .unwrap_or(usize::MAX),
+        0
+    );
     Ok(())
 }

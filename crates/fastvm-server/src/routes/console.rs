@@ -51,22 +51,9 @@ pub struct ConsoleQuery {
     operation_id = "consoleToken",
     summary = "Mint a console token",
     description = "A one-shot token for a console of the VM, bound to the VM and to the API key that minted it. \
-Use it within `expiresInSec` (60 s), once: open the WebSocket `ws(s)://<host><websocketPath>?session=<token>` \
-(`websocketPath` is `/v1/vms/{id}/console`; `GET /v1/console?session=<token>` is the same with the VM taken from \
-the token), or open `/console#session=<token>` in a browser (a web terminal; no API key reaches the browser).\n\n\
-Optional query parameters of the WebSocket: `source=pty` (default: the guest's login shell on a terminal) or \
-`source=serial` (the read-only serial console, any VM state, agent not needed); `cols`, `rows` (initial size, \
-default 80x24). A paused VM is resumed first. A refused upgrade answers 400 (not a WebSocket upgrade, \
-`WEBSOCKET_REQUIRED`, the token is not spent; bad query), 401 (`CONSOLE_TOKEN_INVALID`, `CONSOLE_TOKEN_USED`, \
-`CONSOLE_TOKEN_EXPIRED`, or `UNAUTHENTICATED` when the minting key was revoked), 403 (`CONSOLE_TOKEN_WRONG_VM`), \
-404 (VM deleted), 409 (a terminal needs the VM running), 503 (the agent does not answer).\n\n\
-Protocol: binary frames carry terminal bytes both ways (at most 64 KiB per client frame). Text frames carry JSON \
-control messages: client -> server `{\"type\":\"resize\",\"cols\":C,\"rows\":R}` (1..=4096); server -> client \
-`{\"type\":\"ready\",\"source\":\"pty\"|\"serial\",\"vmId\":...}` first, `{\"type\":\"exit\",\"code\":N,\"signal\":S|null}` \
-when the shell ends, `{\"type\":\"error\",\"code\":...,\"message\":...}` before an error close. The server pings every 25 s. \
-Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebSocket protocol error; \
-1007 invalid control message; 1009 frame too large; 1011 worker or agent failure; 4000 idle (no input and no \
-output for 15 minutes by default).",
+Use it within `expiresInSec` (60 s), once: on the WebSocket `ws(s)://<host><websocketPath>?session=<token>` \
+(`GET /v1/vms/{id}/console`, which documents the protocol), or open `/console#session=<token>` in a browser \
+(a web terminal; no API key reaches the browser).",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
@@ -84,9 +71,40 @@ pub async fn console_token(
     Ok(Json(state.mint_console_token(caller, id).await?))
 }
 
-/// `GET /v1/vms/{id}/console?session=...`: the WebSocket a console token opens
-/// (documented with [`console_token`], the operation of the spec; this one has
-/// no OpenAPI operation of its own: it is not a JSON endpoint).
+/// Open a console (WebSocket)
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}/console",
+    tag = "vms",
+    operation_id = "openConsole",
+    summary = "Open a console (WebSocket)",
+    description = "Upgrades to a WebSocket carrying a terminal. Authenticated by the one-shot token of \
+`POST /v1/vms/{id}/console-token` in `session` (no API key). A paused VM is resumed first.\n\n\
+Binary frames carry terminal bytes both ways (at most 64 KiB per client frame). Text frames carry JSON \
+control messages: client -> server `{\"type\":\"resize\",\"cols\":C,\"rows\":R}` (1..=4096); server -> client \
+`{\"type\":\"ready\",\"source\":\"pty\"|\"serial\",\"vmId\":...}` first, `{\"type\":\"exit\",\"code\":N,\"signal\":S|null}` \
+when the shell ends, `{\"type\":\"error\",\"code\":...,\"message\":...}` before an error close. \
+The server pings every 25 s; a client that does not take a frame within 30 s is dropped.\n\n\
+Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebSocket protocol error; \
+1007 invalid control message; 1009 frame too large; 1011 worker or agent failure; 4000 idle \
+(no input and no output for 15 minutes by default, `fastvm serve --console-idle-sec`). `GET /v1/console` is the same endpoint with the VM taken from the token.",
+    params(
+        ("id" = String, Path, description = "VM ID (UUID)."),
+        ("session" = String, Query, description = "The console token."),
+        ("source" = Option<String>, Query, description = "`pty` (default): the guest's login shell; `serial`: the read-only serial console (any VM state, agent not needed)."),
+        ("cols" = Option<u16>, Query, description = "Initial columns (default 80)."),
+        ("rows" = Option<u16>, Query, description = "Initial rows (default 24)."),
+    ),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade (WEBSOCKET_REQUIRED; the token is not spent), or bad query", body = ErrorBody),
+        (status = 401, description = "Token missing, unknown (CONSOLE_TOKEN_INVALID), already used (CONSOLE_TOKEN_USED), expired (CONSOLE_TOKEN_EXPIRED), or its API key was revoked", body = ErrorBody),
+        (status = 403, description = "The token is for another VM (CONSOLE_TOKEN_WRONG_VM)", body = ErrorBody),
+        (status = 404, description = "The VM was deleted", body = ErrorBody),
+        (status = 409, description = "The VM is not running (a terminal needs it running)", body = ErrorBody),
+        (status = 503, description = "The VM's agent does not answer (try source=serial)", body = ErrorBody),
+    )
+)]
 pub async fn open_vm_console(
     State(state): State<AppState>,
     VmPath(id): VmPath,

@@ -62,7 +62,8 @@ pub mod codes {
 }
 
 /// Timeout of fetch/export when the request gives none.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(fastvm_types::files::FILE_TRANSFER_DEFAULT_TIMEOUT_SEC);
+const DEFAULT_TIMEOUT: Duration =
+    Duration::from_secs(fastvm_types::files::FILE_TRANSFER_DEFAULT_TIMEOUT_SEC);
 /// Writes the object to PATH, creating its parent directories.
 const FETCH_SCRIPT: &str = r#"mkdir -p -- "$(dirname -- "$1")" && cat > "$1""#;
 /// Prints what PATH is.

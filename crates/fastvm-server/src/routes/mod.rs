@@ -167,12 +167,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonSyntaxError(e) => {
-            ApiError::invalid(codes::INVALID_JSON, e.body_text())
-        }
-        JsonRejection::JsonDataError(e) => {
-            ApiError::invalid(codes::INVALID_REQUEST, e.body_text())
-        }
+        JsonRejection::JsonSyntaxError(e) => ApiError::invalid(codes::INVALID_JSON, e.body_text()),
+        JsonRejection::JsonDataError(e) => ApiError::invalid(codes::INVALID_REQUEST, e.body_text()),
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             codes::UNSUPPORTED_MEDIA_TYPE,
