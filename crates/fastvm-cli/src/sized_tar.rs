@@ -477,9 +477,12 @@ mod tests {
         }
     }
 
+    /// A named change made to a tree between the two passes.
+    type Change = (&'static str, Box<dyn Fn(&Path)>);
+
     #[test]
     fn a_changed_tree_is_an_error() {
-        let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        let cases: Vec<Change> = vec![
             (
                 "changed size",
                 Box::new(|d| fs::write(d.join("a"), b"longer than before").expect("grow")),

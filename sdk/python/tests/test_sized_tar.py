@@ -3,7 +3,6 @@
 import io
 import os
 import socket
-import stat
 import tarfile
 
 import pytest
@@ -88,7 +87,7 @@ def test_size_is_exact_for_file_sizes(tmp_path, sizes):
     p, data = build(tmp_path)
     assert p.size == len(data) == len(reference(tmp_path, p))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for i, n in enumerate(sizes):
+        for i, _n in enumerate(sizes):
             assert tar.extractfile(f"./f{i}").read() == (tmp_path / f"f{i}").read_bytes()
 
 

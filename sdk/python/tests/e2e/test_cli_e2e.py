@@ -75,17 +75,17 @@ def test_cli_keys_and_quotas_manage_the_live_store(fastvm_server) -> None:
     assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
     listing = cli(fastvm_server, "keys", "list", *data).stdout.decode()
-    line = next(l for l in listing.splitlines() if "ci-key" in l)
+    line = next(row for row in listing.splitlines() if "ci-key" in row)
     key_id, revoked = line.split()[0], line.split()[-1]
     assert revoked == "no" and token not in listing  # secrets are never listed
     cli(fastvm_server, "keys", "revoke", key_id, *data)
-    assert "yes" in next(l for l in cli(fastvm_server, "keys", "list", *data).stdout.decode().splitlines() if key_id in l)
+    assert "yes" in next(row for row in cli(fastvm_server, "keys", "list", *data).stdout.decode().splitlines() if key_id in row)
     denied = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "UNAUTHENTICATED"
 
     # Raising limits (harmless for the other tests sharing this server).
     shown = cli(fastvm_server, "orgs", "quota", "set", "--vcpu", "96", "--snapshot-count", "77", *data).stdout.decode()
-    assert any(l.split()[:2] == ["vcpu", "96"] for l in shown.splitlines()), shown
+    assert any(row.split()[:2] == ["vcpu", "96"] for row in shown.splitlines()), shown
     quotas = httpx.get(f"{fastvm_server.base_url}/v1/org/quotas", headers={"Authorization": f"Bearer {fastvm_server.api_key}"}).json()
     assert quotas["limits"]["vcpu"] == 96 and quotas["limits"]["snapshotCount"] == 77, quotas
     nothing = cli(fastvm_server, "orgs", "quota", "set", *data, check=False)

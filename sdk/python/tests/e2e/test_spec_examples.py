@@ -71,7 +71,7 @@ def test_launch_example_restore_from_snapshot_placeholder(client) -> None:
     with pytest.raises(APIStatusError) as exc:
         # --- pasted ---
         # Restore from snapshot
-        vm = client.vms.launch(snapshot_id="snp_...")
+        vm = client.vms.launch(snapshot_id="snp_...")  # noqa: F841 (the spec example, as pasted)
         # ---
     assert 400 <= exc.value.status_code < 500
     assert exc.value.message
