@@ -37,6 +37,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of its largest variant (`serve`'s flags)
+// costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: REST API, store and the embedded worker.
