@@ -467,13 +467,41 @@ fn resize_changes_stty_size() {
         term.run("stty size", "30 100").await;
         term.resize(132, 43).await;
         term.run("stty size", "43 132").await;
-        // The foreground program is told (SIGWINCH).
-        let waiter = "python3 -c \"import os, signal, time; signal.signal(signal.SIGWINCH, lambda *a: (os.write(1, b'winched\\n'), os._exit(0))); os.write(1, b'ready %d\\n' % (6 * 7)); time.sleep(30)\"";
+        // The foreground program is told (SIGWINCH) and sees the new size.
+        // bash hands the terminal to a job right around its start: a resize
+        // landing before that signals bash instead, so a program that has not
+        // heard of it after a while gets another size (a user would too).
+        let waiter = "python3 -c \"import os, signal, time; signal.signal(signal.SIGWINCH, lambda *a: (os.write(1, b'winched %d %d\\n' % os.get_terminal_size(0)), os._exit(0))); os.write(1, b'ready %d\\n' % (6 * 7)); time.sleep(60)\"";
         term.run(waiter, "ready 42").await;
-        term.resize(90, 20).await;
-        term.expect("winched", Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut size = (90u16, 20u16);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            term.resize(size.0, size.1).await;
+            let until = Instant::now() + Duration::from_secs(8);
+            while find(&term.out[term.seen..], b"winched").is_none()
+                && Instant::now() < until
+                && term.pump(until).await
+            {}
+            if find(&term.out[term.seen..], b"winched").is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no SIGWINCH reached the foreground program: {:?} {:?}",
+                term.texts,
+                term.close
+            );
+            size = (size.0 + 1, size.1 + 1);
+        }
+        term.expect(
+            &format!("winched {} {}", size.0, size.1),
+            Duration::from_secs(10),
+        )
+        .await;
         term.prompt().await;
-        term.run("stty size", "20 90").await;
+        term.run("stty size", &format!("{} {}", size.1, size.0))
+            .await;
     });
 }
 
