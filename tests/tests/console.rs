@@ -2,7 +2,7 @@
 //! guest's login shell (PTY run by the agent) and the serial console, over a
 //! real server and real QEMU guests, driven with a WebSocket client.
 //!
-//! The server runs with short console timings (token 4 s, idle 8 s, send
+//! The server runs with short console timings (token 4 s, idle 20 s, send
 //! 5 s, ping 2 s) so expiry, idling and a client that never reads can be seen
 //! in seconds. One shared VM serves every test that cannot disturb others;
 //! the wake and token-binding tests launch their own.
@@ -23,7 +23,8 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const TOKEN_TTL: Duration = Duration::from_secs(4);
-const IDLE: Duration = Duration::from_secs(8);
+/// Long enough for a loaded TCG guest to start python3 without output.
+const IDLE: Duration = Duration::from_secs(20);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Api {
@@ -192,8 +193,11 @@ impl Term {
             }
             if Instant::now() >= until || !self.pump(until).await {
                 panic!(
-                    "{needle:?} not seen within {within:?}; output: {:?}",
-                    String::from_utf8_lossy(&self.out[self.seen..])
+                    "{needle:?} not seen within {within:?}; output: {:?}; messages: {:?}; close: {:?}; agent log: {}",
+                    String::from_utf8_lossy(&self.out[self.seen..]),
+                    self.texts,
+                    self.close,
+                    agent_log()
                 );
             }
         }
@@ -254,6 +258,14 @@ impl Term {
     async fn prompt(&mut self) {
         self.expect("# ", Duration::from_secs(30)).await;
     }
+}
+
+/// The agent's lines in the shared VM's console log (for failure messages).
+fn agent_log() -> String {
+    let path = A._dir.join("vms").join(&*VM).join("console.log");
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("fastvm-agent")).collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -455,15 +467,41 @@ fn resize_changes_stty_size() {
         term.run("stty size", "30 100").await;
         term.resize(132, 43).await;
         term.run("stty size", "43 132").await;
-        // The foreground program is told (SIGWINCH).
-        term.run(
-            "trap 'echo winched' WINCH; echo trap-$((2*4)); sleep 10 & wait",
-            "trap-8",
+        // The foreground program is told (SIGWINCH) and sees the new size.
+        // bash hands the terminal to a job right around its start: a resize
+        // landing before that signals bash instead, so a program that has not
+        // heard of it after a while gets another size (a user would too).
+        let waiter = "python3 -c \"import os, signal, time; signal.signal(signal.SIGWINCH, lambda *a: (os.write(1, b'winched %d %d\\n' % os.get_terminal_size(0)), os._exit(0))); os.write(1, b'ready %d\\n' % (6 * 7)); time.sleep(60)\"";
+        term.run(waiter, "ready 42").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut size = (90u16, 20u16);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            term.resize(size.0, size.1).await;
+            let until = Instant::now() + Duration::from_secs(8);
+            while find(&term.out[term.seen..], b"winched").is_none()
+                && Instant::now() < until
+                && term.pump(until).await
+            {}
+            if find(&term.out[term.seen..], b"winched").is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no SIGWINCH reached the foreground program: {:?} {:?}",
+                term.texts,
+                term.close
+            );
+            size = (size.0 + 1, size.1 + 1);
+        }
+        term.expect(
+            &format!("winched {} {}", size.0, size.1),
+            Duration::from_secs(10),
         )
         .await;
-        term.resize(90, 20).await;
-        term.expect("winched", Duration::from_secs(10)).await;
-        term.run("stty size", "20 90").await;
+        term.prompt().await;
+        term.run("stty size", &format!("{} {}", size.1, size.0))
+            .await;
     });
 }
 

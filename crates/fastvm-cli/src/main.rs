@@ -8,9 +8,11 @@
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
 //!  fastvm snapshot create|list|get|rm
+//!  fastvm console [--web] VM   the VM's shell in this terminal (or a browser)
 //! ```
 
 mod client;
+mod console;
 mod cp;
 mod exec;
 mod images;
@@ -51,6 +53,9 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of its largest variant (`serve`'s flags)
+// costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: REST API, store and the embedded worker.
@@ -79,6 +84,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Copy files and directories into or out of a VM: `cp LOCAL VM:PATH`, `cp VM:PATH LOCAL`.
     Cp(cp::CpArgs),
+    /// A shell in the VM in this terminal (`~.` quits), or `--web`: a browser console URL.
+    Console(console::ConsoleArgs),
     /// Capture VMs and manage snapshots (restore: `fastvm vm launch --snapshot ID`).
     Snapshot {
         #[command(subcommand)]
@@ -136,10 +143,14 @@ fn main() -> anyhow::Result<()> {
             Command::Vm { command } => vm::run(command).await.map(|()| 0),
             Command::Exec(args) => exec::run(args).await,
             Command::Cp(args) => cp::run(args).await.map(|()| 0),
+            Command::Console(args) => console::run(args).await,
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
             Command::Service { command } => service::run(command).await.map(|()| 0),
         }
     });
+    // Do not wait for tasks still blocked in a read (the console's stdin
+    // reader cannot be cancelled: a normal shutdown would wait for a keypress).
+    rt.shutdown_background();
     match code {
         Ok(0) => Ok(()),
         Ok(code) => std::process::exit(code),

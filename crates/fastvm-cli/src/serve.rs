@@ -52,6 +52,9 @@ pub struct ServeArgs {
     pub no_metrics: bool,
     #[command(flatten)]
     pub s3: S3Args,
+    /// Close a console after this many seconds without input or output.
+    #[arg(long, env = "FASTVM_CONSOLE_IDLE_SEC", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub console_idle_sec: u64,
 }
 
 /// Stage file transfers in an S3-compatible bucket (default: the data dir).
@@ -118,6 +121,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !args.no_metrics {
         cfg.metrics_listen = Some(args.metrics_listen);
     }
+    cfg.console.idle_timeout = std::time::Duration::from_secs(args.console_idle_sec);
     if !args.no_proxy {
         let mut proxy = fastvm_server::proxy::ProxyConfig::new(args.proxy_listen);
         proxy.domain = args.proxy_domain.trim_matches('.').to_ascii_lowercase();

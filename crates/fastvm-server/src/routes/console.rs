@@ -50,9 +50,10 @@ pub struct ConsoleQuery {
     tag = "vms",
     operation_id = "consoleToken",
     summary = "Mint a console token",
-    description = "A one-shot token for a console of the VM: use it within `expiresInSec` (60 s) on \
-`ws(s)://<host><websocketPath>?session=<token>`, or open `/console#session=<token>` in a browser. \
-It is bound to the VM and to the API key that minted it, and works once.",
+    description = "A one-shot token for a console of the VM, bound to the VM and to the API key that minted it. \
+Use it within `expiresInSec` (60 s), once: on the WebSocket `ws(s)://<host><websocketPath>?session=<token>` \
+(`GET /v1/vms/{id}/console`, which documents the protocol), or open `/console#session=<token>` in a browser \
+(a web terminal; no API key reaches the browser).",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
@@ -82,10 +83,11 @@ pub async fn console_token(
 Binary frames carry terminal bytes both ways (at most 64 KiB per client frame). Text frames carry JSON \
 control messages: client -> server `{\"type\":\"resize\",\"cols\":C,\"rows\":R}` (1..=4096); server -> client \
 `{\"type\":\"ready\",\"source\":\"pty\"|\"serial\",\"vmId\":...}` first, `{\"type\":\"exit\",\"code\":N,\"signal\":S|null}` \
-when the shell ends, `{\"type\":\"error\",\"code\":...,\"message\":...}` before an error close.\n\n\
+when the shell ends, `{\"type\":\"error\",\"code\":...,\"message\":...}` before an error close. \
+The server pings every 25 s; a client that does not take a frame within 30 s is dropped.\n\n\
 Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebSocket protocol error; \
 1007 invalid control message; 1009 frame too large; 1011 worker or agent failure; 4000 idle \
-(no input and no output for 15 minutes by default). `GET /v1/console` is the same endpoint with the VM taken from the token.",
+(no input and no output for 15 minutes by default, `fastvm serve --console-idle-sec`). `GET /v1/console` is the same endpoint with the VM taken from the token.",
     params(
         ("id" = String, Path, description = "VM ID (UUID)."),
         ("session" = String, Query, description = "The console token."),
@@ -162,8 +164,11 @@ const XTERM_JS: &[u8] = include_bytes!("../../assets/console/vendor/xterm.js");
 const XTERM_CSS: &[u8] = include_bytes!("../../assets/console/vendor/xterm.css");
 const FIT_JS: &[u8] = include_bytes!("../../assets/console/vendor/addon-fit.js");
 
-/// Only this server's own files; WebSockets to this server.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+/// Only this server's own scripts; WebSockets to this server. xterm.js's
+/// renderer styles its rows with `<style>` elements it creates, hence
+/// `'unsafe-inline'` for styles (never for scripts): without it the terminal
+/// draws in a proportional font over a monospace grid.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
     let mut res = (StatusCode::OK, body).into_response();
