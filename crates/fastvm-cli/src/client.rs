@@ -56,22 +56,31 @@ impl Client {
         decode(resp).await
     }
 
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.request(reqwest::Method::GET, path)).await
-    }
-
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.send(self.request(reqwest::Method::POST, path).json(body))
             .await
     }
 
-    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.request(reqwest::Method::PUT, path).json(body))
-            .await
+    /// One typed exchange: `body` (if any) as JSON, the answer decoded into
+    /// `T` (the API's own types from `fastvm_types`).
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
+    ) -> anyhow::Result<T> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let value = self.send(req).await?;
+        serde_json::from_value(value).with_context(|| {
+            format!("unexpected answer from {path} (is the server the same version as this CLI?)")
+        })
     }
 
-    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.request(reqwest::Method::DELETE, path)).await
+    pub async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None::<&Value>).await
     }
 }
 

@@ -11,6 +11,7 @@
 //!  fastvm console [--web] VM   the VM's shell in this terminal (or a browser)
 //! ```
 
+mod api_misc;
 mod client;
 mod console;
 mod cp;
@@ -91,6 +92,21 @@ enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// The org's quotas: limits and usage.
+    Quota {
+        #[command(flatten)]
+        conn: client::ConnectArgs,
+    },
+    /// Signed file URLs and server-side copies: `files presign|fetch|export`.
+    Files {
+        #[command(subcommand)]
+        command: api_misc::FilesCommand,
+    },
+    /// Print a shell completion script: `fastvm completions bash > /etc/bash_completion.d/fastvm`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
     Service {
         #[command(subcommand)]
@@ -146,6 +162,12 @@ fn main() -> anyhow::Result<()> {
             Command::Console(args) => console::run(args).await,
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
             Command::Service { command } => service::run(command).await.map(|()| 0),
+            Command::Quota { conn } => api_misc::quota(conn).await.map(|()| 0),
+            Command::Files { command } => api_misc::files(command).await.map(|()| 0),
+            Command::Completions { shell } => {
+                api_misc::completions(shell, &mut <Cli as clap::CommandFactory>::command());
+                Ok(0)
+            }
         }
     });
     // Do not wait for tasks still blocked in a read (the console's stdin

@@ -2,8 +2,11 @@
 //! proxy at `<name>--<vm id hex>.proxy.<domain>` (each row shows its URL).
 
 use crate::client::{Client, ConnectArgs};
+use crate::vm::print_json;
 use clap::Subcommand;
-use serde_json::{json, Value};
+use fastvm_types::service::{Service, UpdateServiceRequest};
+use fastvm_types::DeleteResponse;
+use reqwest::Method;
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
@@ -35,19 +38,18 @@ pub enum ServiceCommand {
     },
 }
 
-fn print(services: &[Value], as_json: bool) -> anyhow::Result<()> {
+fn print(services: &[Service], as_json: bool) -> anyhow::Result<()> {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(services)?);
-        return Ok(());
+        return print_json(&services);
     }
     println!("{:<29}  {:<5}  {:<5}  URL", "NAME", "PORT", "H2C");
     for s in services {
         println!(
             "{:<29}  {:<5}  {:<5}  {}",
-            s["name"].as_str().unwrap_or(""),
-            s["port"],
-            s["h2c"],
-            s["url"].as_str().unwrap_or("")
+            s.name,
+            s.port,
+            s.h2c,
+            s.url.as_deref().unwrap_or("")
         );
     }
     Ok(())
@@ -55,12 +57,12 @@ fn print(services: &[Value], as_json: bool) -> anyhow::Result<()> {
 
 pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
     match cmd {
-        ServiceCommand::Ls { vm, conn } => {
-            let all = Client::new(&conn)?
-                .get(&format!("/v1/vms/{vm}/services"))
-                .await?;
-            print(all.as_array().map(Vec::as_slice).unwrap_or(&[]), conn.json)
-        }
+        ServiceCommand::Ls { vm, conn } => print(
+            &Client::new(&conn)?
+                .get_as::<Vec<Service>>(&format!("/v1/vms/{vm}/services"))
+                .await?,
+            conn.json,
+        ),
         ServiceCommand::Add {
             vm,
             name,
@@ -68,21 +70,31 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             h2c,
             conn,
         } => {
-            let svc = Client::new(&conn)?
-                .put(
+            let req = UpdateServiceRequest {
+                port: u32::from(port),
+                h2c,
+            };
+            let svc: Service = Client::new(&conn)?
+                .call(
+                    Method::PUT,
                     &format!("/v1/vms/{vm}/services/{name}"),
-                    &json!({"port": port, "h2c": h2c}),
+                    Some(&req),
                 )
                 .await?;
             print(std::slice::from_ref(&svc), conn.json)
         }
         ServiceCommand::Rm { vm, name, conn } => {
-            Client::new(&conn)?
-                .delete(&format!("/v1/vms/{vm}/services/{name}"))
+            let out: DeleteResponse = Client::new(&conn)?
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/vms/{vm}/services/{name}"),
+                    None::<&()>,
+                )
                 .await?;
-            if !conn.json {
-                eprintln!("service {name} removed from VM {vm}");
+            if conn.json {
+                return print_json(&out);
             }
+            eprintln!("service {name} removed from VM {vm}");
             Ok(())
         }
     }
