@@ -26,7 +26,8 @@ import { pipeline } from "node:stream/promises";
 import type { FastvmClient } from "./client.js";
 import { FileTransferError, NotFoundError } from "./errors.js";
 import { bodyChunks } from "./http.js";
-import { fileData, planTar, safeExtract, streamTar } from "./tar.js";
+import { safeExtract } from "./tar-extract.js";
+import { fileData, planTar, streamTar } from "./tar-write.js";
 import type { ExecVMResponse } from "./types.js";
 
 const OCTET = "application/octet-stream";

@@ -259,7 +259,7 @@ export class VMs {
    * an array is the argv. Without `timeoutSec` there is no read timeout: the server
    * answers when the command exits.
    */
-  run(id: string, params: RunParams): Promise<ExecVMResponse> {
+  async run(id: string, params: RunParams): Promise<ExecVMResponse> {
     return this.client._call("POST", `/v1/vms/${seg(id)}/exec`, {
       body: execBody(params),
       timeout: operationTimeout(this.client.timeouts, params.timeoutSec),
