@@ -55,6 +55,9 @@ export function extendedTimeout(base: Timeouts | null, read: number | null): Tim
  * operation never times out on the client while the server still works on it.
  */
 export function operationTimeout(base: Timeouts | null, serverLimitSec: number | null | undefined): Timeouts | null {
+  if (serverLimitSec != null && (typeof serverLimitSec !== "number" || !Number.isFinite(serverLimitSec))) {
+    throw new TypeError(`timeoutSec must be a number of seconds, not ${JSON.stringify(serverLimitSec)}`);
+  }
   return extendedTimeout(base, serverLimitSec == null ? null : serverLimitSec + TIMEOUT_MARGIN);
 }
 

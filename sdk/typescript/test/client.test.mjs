@@ -134,7 +134,9 @@ describe("requests against a fake server", () => {
     assert.deepEqual(srv.requests[1].json, { command: ["python3", "main.py", "--flag"], timeoutSec: 5, cwd: "/root", env: { A: "1" } });
     await assert.rejects(client.vms.run("vm1", { command: [] }), TypeError);
     await assert.rejects(client.vms.run("vm1", { command: ["ok", 3] }), TypeError);
-    assert.equal(srv.requests.length, 2, "nothing sent for a bad command");
+    await assert.rejects(client.vms.run("vm1", { command: "true", timeoutSec: "5" }), /timeoutSec must be a number/);
+    await assert.rejects(client.vms.files.fetch("vm1", { url: "/u", path: "/p", timeoutSec: NaN }), TypeError);
+    assert.equal(srv.requests.length, 2, "nothing sent for bad arguments");
   });
 
   it("firewall, services, files, snapshots: methods, paths and bodies", async () => {

@@ -67,7 +67,7 @@ export class Files {
   }
 
   /** POST /v1/vms/{id}/files/fetch: the VM downloads `url` (a presigned `downloadUrl`) to `path`. */
-  fetch(id: string, params: { url: string; path: string; timeoutSec?: number }): Promise<ExecVMResponse> {
+  async fetch(id: string, params: { url: string; path: string; timeoutSec?: number }): Promise<ExecVMResponse> {
     return this.client._call("POST", `/v1/vms/${seg(id)}/files/fetch`, {
       body: compact({ url: params.url, path: params.path, timeoutSec: params.timeoutSec }),
       timeout: operationTimeout(this.client.timeouts, serverLimit(params.timeoutSec)),
@@ -80,7 +80,7 @@ export class Files {
    * `./`) into the staging object of `url` (an `uploadUrl` presigned for this VM) over
    * its agent channel. A missing path is a 404 `FILE_NOT_FOUND`.
    */
-  export(id: string, params: { path: string; url: string; timeoutSec?: number }): Promise<FileExportResponse> {
+  async export(id: string, params: { path: string; url: string; timeoutSec?: number }): Promise<FileExportResponse> {
     return this.client._call("POST", `/v1/vms/${seg(id)}/files/export`, {
       body: compact({ path: params.path, url: params.url, timeoutSec: params.timeoutSec }),
       timeout: operationTimeout(this.client.timeouts, serverLimit(params.timeoutSec)),
