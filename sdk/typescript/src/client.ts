@@ -29,7 +29,7 @@ import {
   timeouts,
   type Timeouts,
 } from "./core.js";
-import { bodyReadError, drain, readAll, sendOnce, TransportError, type HttpRequest, type RequestBody } from "./http.js";
+import { drain, readAll, sendOnce, TransportError, type HttpRequest, type RequestBody } from "./http.js";
 import { Me, Quotas, Volumes } from "./resources/account.js";
 import { SnapshotImports, Snapshots } from "./resources/snapshots.js";
 import { VMs } from "./resources/vms.js";
@@ -238,12 +238,7 @@ export class FastvmClient {
         attempt += 1;
         continue;
       }
-      let body: Buffer;
-      try {
-        body = await readAll(res, info);
-      } catch (err) {
-        throw bodyReadError(err, info);
-      }
+      const body = await readAll(res, info);
       throw makeStatusError(status, res.statusMessage, body, res.headers, info);
     }
   }
@@ -273,17 +268,6 @@ export class FastvmClient {
     const res = await this._send(req, maxRetriesFor(method, this.maxRetries, opts.maxRetries));
     const body = await readAll(res, { method, url: req.url });
     return decodeBody(res.statusCode ?? 0, body) as T;
-  }
-
-  /**
-   * @internal Like `_call`, also giving the status (201 vs 202 of a launch).
-   */
-  async _callWithStatus<T>(method: string, path: string, opts: CallOptions = {}): Promise<{ status: number; data: T }> {
-    const req = this.request(method, path, opts);
-    const res = await this._send(req, maxRetriesFor(method, this.maxRetries, opts.maxRetries));
-    const body = await readAll(res, { method, url: req.url });
-    const status = res.statusCode ?? 0;
-    return { status, data: decodeBody(status, body) as T };
   }
 
   /** @internal A call whose 2xx body the caller streams (never retried). */

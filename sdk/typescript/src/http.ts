@@ -15,7 +15,7 @@
 import * as http from "node:http";
 import * as https from "node:https";
 import type { IncomingMessage } from "node:http";
-import { Readable } from "node:stream";
+import { pipeline, Readable } from "node:stream";
 
 import type { Timeouts } from "./core.js";
 import { isConnectErrorCode } from "./core.js";
@@ -111,16 +111,25 @@ export function sendOnce(req: HttpRequest): Promise<IncomingMessage> {
     const readSec = req.timeout?.read ?? null;
     if (readSec !== null) {
       request.setTimeout(readSec * 1000, () => {
-        const error = new APITimeoutError(`Request timed out: no data from the server for ${readSec}s`, {
-          request: info,
-        });
-        fail({ error, retryable: false, staleSocket: false });
+        const error = connected
+          ? new APITimeoutError(`Request timed out: no data from the server for ${readSec}s`, { request: info })
+          : new APITimeoutError(`Request timed out: no connection to ${url.host} within ${readSec}s`, { request: info });
+        fail({ error, retryable: !connected, staleSocket: false });
         request.destroy();
       });
     }
 
+    let bodyError: unknown;
     request.on("error", (err: NodeJS.ErrnoException) => {
       if (err instanceof APIConnectionError) return; // ours, reported already
+      if (bodyError !== undefined) {
+        // The body's producer failed (e.g. the directory changed under a sized tar):
+        // the request was aborted for it and the caller sees the producer's error.
+        const cause = bodyError as Error;
+        const error = new APIConnectionError(`request body failed: ${cause.message}`, { cause, request: info });
+        fail({ error, retryable: false, staleSocket: false, bodyError });
+        return;
+      }
       const retryable = !connected && isConnectErrorCode(err.code);
       const staleSocket = request.reusedSocket && err.code === "ECONNRESET" && response === undefined;
       const error = new APIConnectionError(`Connection error: ${describe(err)}`, { cause: err, request: info });
@@ -134,14 +143,11 @@ export function sendOnce(req: HttpRequest): Promise<IncomingMessage> {
       request.end(body);
     } else {
       const source = Readable.from(body());
-      source.on("error", (err) => {
-        // The body's producer failed (e.g. the directory changed under a sized tar):
-        // abort the request; the caller sees the producer's error.
-        const error = new APIConnectionError(`request body failed: ${err.message}`, { cause: err, request: info });
-        request.destroy();
-        fail({ error, retryable: false, staleSocket: false, bodyError: err });
-      });
-      source.pipe(request);
+      source.once("error", (err) => (bodyError = err));
+      // pipeline: an error on either side destroys both (the producer's files are
+      // closed when the request fails; the request is aborted when the producer
+      // fails, with the producer's error, reported above).
+      pipeline(source, request, () => {});
     }
   });
 }

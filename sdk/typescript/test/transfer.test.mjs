@@ -174,6 +174,23 @@ describe("upload and download", () => {
     await assert.rejects(client.download("vm1", "/root/none", path.join(dir, "x")), NotFoundError);
   });
 
+  it("a body producer that fails aborts the PUT with the producer's own error", async () => {
+    let closed = false;
+    async function* body() {
+      try {
+        yield Buffer.alloc(64 * 1024, 1);
+        throw new FileTransferError("the directory changed during the upload");
+      } finally {
+        closed = true;
+      }
+    }
+    const err = await client._putSigned("/staging/broken?sig=up", body, "application/octet-stream", 10 * 1024 * 1024).catch((e) => e);
+    assert.ok(err instanceof FileTransferError, `${err}`);
+    assert.match(err.message, /changed during the upload/);
+    assert.ok(closed);
+    assert.ok(!store.has("/staging/broken"), "no complete object was stored");
+  });
+
   it("shellQuote quotes like shlex.quote", () => {
     assert.equal(shellQuote("/root/plain-path_1.tar"), "/root/plain-path_1.tar");
     assert.equal(shellQuote(""), "''");
