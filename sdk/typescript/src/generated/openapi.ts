@@ -139,9 +139,9 @@ export interface paths {
          * Open a console (WebSocket)
          * @description Upgrades to a WebSocket carrying a terminal. Authenticated by the one-shot token of `POST /v1/vms/{id}/console-token` in `session` (no API key). A paused VM is resumed first.
          *
-         *     Binary frames carry terminal bytes both ways (at most 64 KiB per client frame). Text frames carry JSON control messages: client -> server `{"type":"resize","cols":C,"rows":R}` (1..=4096); server -> client `{"type":"ready","source":"pty"|"serial","vmId":...}` first, `{"type":"exit","code":N,"signal":S|null}` when the shell ends, `{"type":"error","code":...,"message":...}` before an error close.
+         *     Binary frames carry terminal bytes both ways (at most 64 KiB per client frame). Text frames carry JSON control messages: client -> server `{"type":"resize","cols":C,"rows":R}` (1..=4096); server -> client `{"type":"ready","source":"pty"|"serial","vmId":...}` first, `{"type":"exit","code":N,"signal":S|null}` when the shell ends, `{"type":"error","code":...,"message":...}` before an error close. The server pings every 25 s; a client that does not take a frame within 30 s is dropped.
          *
-         *     Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebSocket protocol error; 1007 invalid control message; 1009 frame too large; 1011 worker or agent failure; 4000 idle (no input and no output for 15 minutes by default). `GET /v1/console` is the same endpoint with the VM taken from the token.
+         *     Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebSocket protocol error; 1007 invalid control message; 1009 frame too large; 1011 worker or agent failure; 4000 idle (no input and no output for 15 minutes by default, `fastvm serve --console-idle-sec`). `GET /v1/console` is the same endpoint with the VM taken from the token.
          */
         get: operations["openConsole"];
         put?: never;
@@ -163,7 +163,7 @@ export interface paths {
         put?: never;
         /**
          * Mint a console token
-         * @description A one-shot token for a console of the VM: use it within `expiresInSec` (60 s) on `ws(s)://<host><websocketPath>?session=<token>`, or open `/console#session=<token>` in a browser. It is bound to the VM and to the API key that minted it, and works once.
+         * @description A one-shot token for a console of the VM, bound to the VM and to the API key that minted it. Use it within `expiresInSec` (60 s), once: on the WebSocket `ws(s)://<host><websocketPath>?session=<token>` (`GET /v1/vms/{id}/console`, which documents the protocol), or open `/console#session=<token>` in a browser (a web terminal; no API key reaches the browser).
          */
         post: operations["consoleToken"];
         delete?: never;
