@@ -83,7 +83,10 @@ mod tests {
             "assets/docs/vendor/VERSIONS and REDOC_VERSION disagree: {versions}"
         );
         let head = std::str::from_utf8(&REDOC_JS[..200]).unwrap_or_default();
-        assert!(head.contains(&format!("Version: {REDOC_VERSION}")), "{head}");
+        assert!(
+            head.contains(&format!("Version: {REDOC_VERSION}")),
+            "{head}"
+        );
         // Nothing but this server.
         assert!(!html.contains("http://") && !html.contains("https://"));
     }
