@@ -26,9 +26,12 @@ def test_api_reference_renders_every_operation(fastvm_server, tmp_path: Path) ->
 
     with launch_browser(tmp_path, window_size="1280,900") as browser:
         browser.call("Page.navigate", url=f"{fastvm_server.base_url}/docs")
-        # Redoc fetched /openapi.json and drew the operation list.
+        # Redoc fetched /openapi.json and drew the tags, each with its
+        # operations (method and path); "+ Show" expands a tag's operations.
+        browser.wait_for("!!document.body && document.body.innerText.includes('/v1/vms/{id}/exec')", timeout=90, what="the operation list")
+        browser.eval("[...document.querySelectorAll('button, a, span, div')].filter(e => e.children.length === 0 && e.textContent.trim() === '+ Show').forEach(e => e.click()); true")
         for want in ("Launch a VM", "Register a service on a VM", "List snapshots"):
-            browser.wait_for(f"document.body.innerText.includes({json.dumps(want)})", timeout=90, what=f"{want!r} on the page")
+            browser.wait_for(f"!!document.body && document.body.innerText.includes({json.dumps(want)})", timeout=90, what=f"{want!r} on the page")
         text = browser.eval("document.body.innerText")
         missing = [s for s in summaries if s not in text]
         assert not missing, f"operations not rendered: {missing}"
