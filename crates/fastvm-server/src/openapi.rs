@@ -3,6 +3,12 @@
 //! and committed at `openapi/fastvm.json`; the test below fails when the two
 //! drift. Regenerate the committed file with
 //! `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`.
+//!
+//! Every operation has a summary, a description, and an example of its JSON
+//! request body and of its 2xx JSON answers (from [`examples`]): the API
+//! reference `GET /docs` renders them, and a test below enforces it.
+
+pub mod examples;
 
 use crate::routes::{console, exec, files, health, org, services, snapshots, vms};
 use std::sync::OnceLock;
@@ -90,7 +96,7 @@ pub fn document_json() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+    use serde_json::{json, Value};
     use std::path::PathBuf;
 
     fn committed_path() -> PathBuf {
@@ -196,6 +202,190 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Resolves `#/components/schemas/X` references.
+    fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+        match schema["$ref"].as_str() {
+            Some(r) => resolve(
+                doc,
+                &doc["components"]["schemas"][r.trim_start_matches("#/components/schemas/")],
+            ),
+            None => schema,
+        }
+    }
+
+    /// Checks `value` against `schema` (the parts of JSON Schema the document
+    /// uses): object properties (no unknown ones, required ones present),
+    /// array items, enums, `null` alternatives. Returns what is wrong, at `at`.
+    fn check_example(doc: &Value, schema: &Value, value: &Value, at: &str) -> Vec<String> {
+        let schema = resolve(doc, schema);
+        let mut errs = Vec::new();
+        if let Some(alts) = schema["oneOf"].as_array().or(schema["anyOf"].as_array()) {
+            let fits = alts.iter().any(|alt| {
+                let alt = resolve(doc, alt);
+                if alt["type"] == "null" {
+                    value.is_null()
+                } else {
+                    check_example(doc, alt, value, at).is_empty()
+                }
+            });
+            if !fits {
+                errs.push(format!(
+                    "{at}: {value} fits none of its schema's alternatives"
+                ));
+            }
+            return errs;
+        }
+        if let Some(all) = schema["allOf"].as_array() {
+            for s in all {
+                errs.extend(check_example(doc, s, value, at));
+            }
+            return errs;
+        }
+        if let Some(values) = schema["enum"].as_array() {
+            if !values.contains(value) {
+                errs.push(format!("{at}: {value} is not one of {values:?}"));
+            }
+        }
+        let types: Vec<&str> = match &schema["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let type_ok = types.is_empty()
+            || types.iter().any(|t| match *t {
+                "object" => value.is_object(),
+                "array" => value.is_array(),
+                "string" => value.is_string(),
+                "integer" => value.is_i64() || value.is_u64(),
+                "number" => value.is_number(),
+                "boolean" => value.is_boolean(),
+                "null" => value.is_null(),
+                _ => true,
+            });
+        if !type_ok {
+            errs.push(format!("{at}: {value} is not of type {types:?}"));
+            return errs;
+        }
+        match value {
+            Value::Object(o) => {
+                if let Some(props) = schema["properties"].as_object() {
+                    for (k, v) in o {
+                        match props.get(k) {
+                            Some(s) => errs.extend(check_example(doc, s, v, &format!("{at}.{k}"))),
+                            None => errs.push(format!("{at}: unknown field {k:?}")),
+                        }
+                    }
+                    for r in schema["required"].as_array().into_iter().flatten() {
+                        if let Some(r) = r.as_str().filter(|r| !o.contains_key(*r)) {
+                            errs.push(format!("{at}: missing required field {r:?}"));
+                        }
+                    }
+                } else if let Some(extra) =
+                    schema.get("additionalProperties").filter(|a| a.is_object())
+                {
+                    for (k, v) in o {
+                        errs.extend(check_example(doc, extra, v, &format!("{at}.{k}")));
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    errs.extend(check_example(
+                        doc,
+                        &schema["items"],
+                        v,
+                        &format!("{at}[{i}]"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        errs
+    }
+
+    /// The API reference (`/docs`) is only as good as the document: every
+    /// operation has a summary and a description, and shows an example of its
+    /// JSON request body and of each 2xx JSON answer, each of which fits its
+    /// schema.
+    #[test]
+    fn every_operation_is_documented_with_examples() -> Result<(), Box<dyn std::error::Error>> {
+        let doc: Value = serde_json::from_str(document_json())?;
+        let paths = doc["paths"].as_object().ok_or("no paths")?;
+        let mut missing = Vec::new();
+        for (path, item) in paths {
+            for (method, op) in item.as_object().ok_or("path item")? {
+                let name = format!(
+                    "{} {path} ({})",
+                    method.to_uppercase(),
+                    op["operationId"].as_str().unwrap_or("?")
+                );
+                for field in ["summary", "description"] {
+                    if op[field].as_str().is_none_or(|s| s.trim().is_empty()) {
+                        missing.push(format!(
+                            "{name}: no {field}; add `{field} = \"...\"` to its #[utoipa::path(...)]"
+                        ));
+                    }
+                }
+                let mut media = Vec::new();
+                if let Some(m) = op["requestBody"]["content"]["application/json"].as_object() {
+                    media.push(("request body".to_owned(), m));
+                }
+                for (status, r) in op["responses"].as_object().ok_or("responses")? {
+                    if let Some(m) = r["content"]["application/json"]
+                        .as_object()
+                        .filter(|_| status.starts_with('2'))
+                    {
+                        media.push((format!("{status} response"), m));
+                    }
+                }
+                for (what, m) in media {
+                    let hint = if what == "request body" {
+                        "request_body(content = Type, example = json!(examples::...()))"
+                    } else {
+                        "(status = ..., body = Type, example = json!(examples::...()))"
+                    };
+                    match m.get("example") {
+                        None => missing.push(format!(
+                            "{name}: no example of its {what}; add a function to \
+                             crates/fastvm-server/src/openapi/examples.rs and use it: {hint}"
+                        )),
+                        Some(example) => {
+                            let schema = m.get("schema").cloned().unwrap_or(Value::Null);
+                            for e in check_example(&doc, &schema, example, "example") {
+                                missing.push(format!("{name}: the example of its {what} does not fit its schema: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "operations of the OpenAPI document lack documentation (the API reference at /docs shows it; \
+             then regenerate with `FASTVM_UPDATE_OPENAPI=1 cargo test -p fastvm-server openapi`):\n{}",
+            missing.join("\n")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_example_checker_catches_a_bad_example() -> Result<(), Box<dyn std::error::Error>> {
+        let doc: Value = serde_json::from_str(document_json())?;
+        let vm = json!({"$ref": "#/components/schemas/VM"});
+        assert!(check_example(&doc, &vm, &examples::vm(), "vm").is_empty());
+        let mut bad = examples::vm();
+        bad["cpuCount"] = json!(1);
+        bad["status"] = json!("sleeping");
+        if let Some(o) = bad.as_object_mut() {
+            o.remove("orgId");
+        }
+        let errs = check_example(&doc, &vm, &bad, "vm").join("\n");
+        assert!(errs.contains("unknown field \"cpuCount\""), "{errs}");
+        assert!(errs.contains("missing required field \"orgId\""), "{errs}");
+        assert!(errs.contains("sleeping"), "{errs}");
         Ok(())
     }
 }

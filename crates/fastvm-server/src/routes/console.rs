@@ -16,6 +16,7 @@ use crate::console::{
     self, check_size, error_codes, Source, DEFAULT_COLS, DEFAULT_ROWS, MAX_WS_MESSAGE,
 };
 use crate::error::{codes, ApiError};
+use crate::openapi::examples;
 use crate::routes::{QueryParams, VmPath};
 use crate::AppState;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -57,7 +58,7 @@ Use it within `expiresInSec` (60 s), once: on the WebSocket `ws(s)://<host><webs
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The token and where to use it", body = ConsoleTokenResponse),
+        (status = 200, description = "The token and where to use it", body = ConsoleTokenResponse, example = json!(examples::console_token())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is being deleted", body = ErrorBody),

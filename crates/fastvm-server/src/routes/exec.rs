@@ -18,6 +18,7 @@
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
+use crate::openapi::examples;
 use crate::routes::{JsonBody, VmPath};
 use crate::worker::ExecEvents;
 use crate::AppState;
@@ -57,13 +58,14 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
     tag = "vms",
     operation_id = "execVm",
     summary = "Run a command in a VM",
+    description = "Runs `command` (an argv array, no shell unless you call one) in the VM as root, with `cwd`, extra `env` and a `timeoutSec` (the command is killed when it passes, `timedOut: true`). With `Accept: application/json` (default) the answer is buffered: exit code, stdout and stderr (each truncated past its cap, flagged by `stdoutTruncated` / `stderrTruncated`). With `Accept: application/x-ndjson` the output streams as it is produced, one ExecEvent per line: `{\"t\":\"o\",\"d\":...}` stdout, `{\"t\":\"e\",\"d\":...}` stderr, and a final `{\"t\":\"x\",\"c\":0,\"ms\":12,\"to\":false}`.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = ExecVmRequest,
+    request_body(content = ExecVmRequest, example = json!(examples::exec_request())),
     security(("bearerAuth" = [])),
     responses(
         (status = 200, description = "`application/json`: the buffered result. `application/x-ndjson`: one ExecEvent per line, ending with an `x` event.",
             content(
-                (ExecVmResponse = "application/json"),
+                (ExecVmResponse = "application/json", example = json!(examples::exec_response())),
                 (ExecEvent = "application/x-ndjson"),
             )
         ),

@@ -17,6 +17,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::examples;
 use crate::routes::{exec::collect, JsonBody, VmPath};
 use crate::staging::{
     local::key_of, Method, ObjectKey, StagingError, StagingStore as _, TokenError,
@@ -142,11 +143,13 @@ impl AppState {
     path = "/v1/vms/{id}/files/presign",
     tag = "files",
     operation_id = "presignFile",
+    summary = "Mint signed URLs for uploading a file to a VM",
+    description = "Mints a signed PUT URL (`uploadUrl`) and the matching GET URL (`downloadUrl`) of one new object in the staging store, valid for `expiresInSec`, for a file of at most `maxUploadBytes`. Upload the bytes with `PUT uploadUrl`, then write them into the VM with `POST /v1/vms/{id}/files/fetch`. The URLs carry their own credential: no API key on them.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = FilePresignRequest,
+    request_body(content = FilePresignRequest, example = json!(examples::presign_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "A PUT and a GET URL of one new staging object", body = FilePresignResponse),
+        (status = 200, description = "A PUT and a GET URL of one new staging object", body = FilePresignResponse, example = json!(examples::presign_response())),
         (status = 400, description = "Malformed body, or the path is not absolute (`INVALID_PATH`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -183,11 +186,13 @@ pub async fn presign(
     path = "/v1/vms/{id}/files/fetch",
     tag = "files",
     operation_id = "fetchFile",
+    summary = "Fetch a file into a VM from a presigned URL",
+    description = "Writes the staged object at `url` (a `downloadUrl` of `POST /v1/vms/{id}/files/presign`, of this org) to `path` in the VM, creating parent directories, through the agent (the VM needs no network). Answers like exec: exit code 0 when the file is written.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = FileFetchRequest,
+    request_body(content = FileFetchRequest, example = json!(examples::fetch_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The result of writing the object to the path (exit 0: done)", body = ExecVmResponse),
+        (status = 200, description = "The result of writing the object to the path (exit 0: done)", body = ExecVmResponse, example = json!(examples::fetch_response())),
         (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_FETCH_URL`: not a downloadUrl of this org; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `STAGING_OBJECT_NOT_FOUND`: nothing uploaded yet", body = ErrorBody),
@@ -238,12 +243,13 @@ pub async fn fetch(
     path = "/v1/vms/{id}/files/export",
     tag = "files",
     operation_id = "exportFile",
+    summary = "Export a file or directory from a VM (extension)",
     description = "Extension of this server (not in the spec). The guest path is classified inside the VM; a file's bytes, or a tar archive of a directory rooted at `./`, stream over the agent channel into the staging object of `url` (an uploadUrl presigned for this VM), which the client then GETs from the matching downloadUrl. Unlike the spec's `curl -T -` from the VM, this works when the VM has no network or a deny-all egress firewall.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = FileExportRequest,
+    request_body(content = FileExportRequest, example = json!(examples::export_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "What was found and how many bytes were staged", body = FileExportResponse),
+        (status = 200, description = "What was found and how many bytes were staged", body = FileExportResponse, example = json!(examples::export_response())),
         (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `FILE_NOT_FOUND`: no such path in the guest", body = ErrorBody),

@@ -1,6 +1,7 @@
 //! `GET /healthz` and `GET /openapi.json` (both without authentication).
 
 use crate::error::{codes, ApiError};
+use crate::openapi::examples;
 use crate::AppState;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,8 +17,9 @@ use fastvm_types::ApiError as ErrorBody;
     tag = "health",
     operation_id = "health",
     summary = "Health check",
+    description = "Answers `{\"status\": \"ok\"}` while the server and its database answer, 503 when the database does not. Needs no API key: use it for load-balancer and liveness checks.",
     responses(
-        (status = 200, description = "The server is serving", body = HealthResponse),
+        (status = 200, description = "The server is serving", body = HealthResponse, example = json!(examples::health())),
         (status = 503, description = "The database does not answer", body = ErrorBody),
     )
 )]

@@ -11,13 +11,15 @@
 //! API key and no body limit: the token is the credential and carries the cap.
 //! The console WebSocket (`/v1/vms/{id}/console`, `/v1/console`) takes a
 //! one-shot console token instead of an API key; the page `/console` and its
-//! assets are public (see `console.rs`). Request spans never carry query strings.
+//! assets are public (see `console.rs`), and so are `/openapi.json` and the
+//! API reference `/docs` that renders it (see `docs.rs`). Request spans never carry query strings.
 //!
 //! Endpoints of the spec that are not implemented yet (SSH keys,
 //! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod console;
+pub mod docs;
 pub mod exec;
 pub mod files;
 pub mod health;
@@ -48,6 +50,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/openapi.json", get(health::openapi_json))
+        .route("/docs", get(docs::page))
+        .route(docs::REDOC_JS_PATH, get(docs::redoc_js))
         .route("/v1/vms", get(vms::list).post(vms::launch))
         .route(
             "/v1/vms/{id}",

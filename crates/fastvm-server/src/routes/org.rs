@@ -2,6 +2,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::examples;
 use crate::AppState;
 use axum::extract::State;
 use axum::Json;
@@ -22,7 +23,7 @@ use fastvm_types::ApiError as ErrorBody;
                    `QUOTA_EXCEEDED_<RESOURCE>` (e.g. `QUOTA_EXCEEDED_VCPU`) and changes nothing.",
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The org's limits and usage", body = OrgQuotaUsage),
+        (status = 200, description = "The org's limits and usage", body = OrgQuotaUsage, example = json!(examples::quotas())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]

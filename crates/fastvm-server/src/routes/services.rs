@@ -3,6 +3,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::examples;
 use crate::routes::{JsonBody, VmPath};
 use crate::services::Registered;
 use crate::AppState;
@@ -47,7 +48,7 @@ const DESCRIPTION: &str = "Each service is reachable through the proxy at `<name
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM's services, in registration order", body = [Service]),
+        (status = 200, description = "The VM's services, in registration order", body = [Service], example = json!(examples::service_list())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
     )
@@ -69,10 +70,10 @@ pub async fn list(
     summary = "Register a service on a VM",
     description = DESCRIPTION,
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = RegisterServiceRequest,
+    request_body(content = RegisterServiceRequest, example = json!(examples::register_service_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 201, description = "The new service", body = Service),
+        (status = 201, description = "The new service", body = Service, example = json!(examples::service())),
         (status = 400, description = "Malformed body, or a bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`: privileged or out of range)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -109,11 +110,11 @@ pub async fn register(
         ("id" = String, Path, description = "VM ID (UUID)."),
         ("serviceName" = String, Path, description = "Service registration name. 1–29 chars, lowercase letters and digits with optional single internal hyphens."),
     ),
-    request_body = UpdateServiceRequest,
+    request_body(content = UpdateServiceRequest, example = json!(examples::update_service_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The updated (or unchanged) service", body = Service),
-        (status = 201, description = "The new service", body = Service),
+        (status = 200, description = "The updated (or unchanged) service", body = Service, example = json!(examples::service_updated())),
+        (status = 201, description = "The new service", body = Service, example = json!(examples::service())),
         (status = 400, description = "Malformed body, or a bad name (`INVALID_SERVICE_NAME`) or port (`INVALID_SERVICE_PORT`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -149,7 +150,7 @@ pub async fn update(
     ),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The service is gone (`id` is its name)", body = DeleteResponse),
+        (status = 200, description = "The service is gone (`id` is its name)", body = DeleteResponse, example = json!(examples::service_deleted())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org, or no such service", body = ErrorBody),
         (status = 409, description = "The VM is being deleted", body = ErrorBody),

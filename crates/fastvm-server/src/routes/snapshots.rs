@@ -9,6 +9,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::examples;
 use crate::routes::{JsonBody, SnapshotPath};
 use crate::store::SnapshotRecord;
 use crate::AppState;
@@ -46,9 +47,10 @@ pub(crate) fn view(r: &SnapshotRecord) -> Snapshot {
     tag = "snapshots",
     operation_id = "listSnapshots",
     summary = "List snapshots",
+    description = "The org's snapshots, oldest first: ready ones, and failed captures (status `error`, which can only be deleted). Restore one with `POST /v1/vms` and its `snapshotId`.",
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The org's snapshots (ready, and failed captures in status error), oldest first", body = [Snapshot]),
+        (status = 200, description = "The org's snapshots (ready, and failed captures in status error), oldest first", body = [Snapshot], example = json!(examples::snapshot_list())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]
@@ -76,10 +78,10 @@ pub async fn list(
     description = "Captures the memory, device state and disk of a running or paused VM; the VM keeps running (a paused VM stays paused). \
                    Answers when the capture is done. The name is trimmed, whitespace-collapsed and truncated to 64 runes; \
                    `snapshot-<first 8 chars of vmId>` when empty. A failed capture answers an error and leaves the snapshot listed with status `error`.",
-    request_body = CreateSnapshotRequest,
+    request_body(content = CreateSnapshotRequest, example = json!(examples::create_snapshot_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 201, description = "The snapshot, ready to restore", body = Snapshot),
+        (status = 201, description = "The snapshot, ready to restore", body = Snapshot, example = json!(examples::snapshot())),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -106,10 +108,11 @@ pub async fn create(
     tag = "snapshots",
     operation_id = "getSnapshot",
     summary = "Get a snapshot",
+    description = "The snapshot: its status, the VM it was taken from, and the shape, env vars, firewall and services a VM restored from it gets.",
     params(("id" = String, Path, description = "Snapshot ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The snapshot", body = Snapshot),
+        (status = 200, description = "The snapshot", body = Snapshot, example = json!(examples::snapshot())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot in the caller's org", body = ErrorBody),
     )
@@ -131,10 +134,10 @@ pub async fn get(
     summary = "Rename a snapshot",
     description = "The name follows the rules of creation (an empty name gives the default name).",
     params(("id" = String, Path, description = "Snapshot ID (UUID).")),
-    request_body = UpdateSnapshotRequest,
+    request_body(content = UpdateSnapshotRequest, example = json!(examples::update_snapshot_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The renamed snapshot", body = Snapshot),
+        (status = 200, description = "The renamed snapshot", body = Snapshot, example = json!(examples::snapshot_renamed())),
         (status = 400, description = "Malformed body, or nothing to update (`INVALID_REQUEST`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot in the caller's org", body = ErrorBody),
@@ -164,7 +167,7 @@ pub async fn update(
     params(("id" = String, Path, description = "Snapshot ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The snapshot is deleted", body = DeleteResponse),
+        (status = 200, description = "The snapshot is deleted", body = DeleteResponse, example = json!(examples::snapshot_deleted())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot in the caller's org", body = ErrorBody),
         (status = 409, description = "The snapshot is still being captured", body = ErrorBody),

@@ -30,6 +30,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::examples;
 use crate::routes::{JsonBody, QueryParams, VmPath};
 use crate::store::VmRecord;
 use crate::AppState;
@@ -96,10 +97,11 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
     tag = "vms",
     operation_id = "listVms",
     summary = "List VMs",
+    description = "The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`).",
     params(ListVmsQuery),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The org's VMs, oldest first", body = [Vm]),
+        (status = 200, description = "The org's VMs, oldest first", body = [Vm], example = json!(examples::vm_list())),
         (status = 400, description = "Malformed query", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
@@ -130,11 +132,11 @@ pub async fn list(
     summary = "Launch a VM",
     description = "Boots a VM of `machineType`, or restores the snapshot `snapshotId` (machine shape, env vars and firewall from the snapshot \
                    unless the request gives env vars or a firewall; `machineType`, if given, must be the snapshot's).",
-    request_body = LaunchVmRequest,
+    request_body(content = LaunchVmRequest, example = json!(examples::launch_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 201, description = "The VM is running", body = Vm),
-        (status = 202, description = "The VM is still provisioning (poll GET /v1/vms/{id}), or failed to start (status error)", body = Vm),
+        (status = 201, description = "The VM is running", body = Vm, example = json!(examples::vm())),
+        (status = 202, description = "The VM is still provisioning (poll GET /v1/vms/{id}), or failed to start (status error)", body = Vm, example = json!(examples::vm_provisioning())),
         (status = 400, description = "Malformed body, or it breaks a rule: `INVALID_MACHINE_TYPE`, `MACHINE_TYPE_MISMATCH` (not the snapshot's), `INVALID_METADATA`, `INVALID_ENV_VARS`, `INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`, `INVALID_TTL` (the same codes as the routes that change these values later)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such snapshot (snapshotId) in the caller's org", body = ErrorBody),
@@ -165,10 +167,11 @@ pub async fn launch(
     tag = "vms",
     operation_id = "getVm",
     summary = "Get a VM",
+    description = "The VM with its current status, shape, firewall (as set and as enforced), TTL deadline and attachments.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM", body = Vm),
+        (status = 200, description = "The VM", body = Vm, example = json!(examples::vm())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
     )
@@ -188,11 +191,12 @@ pub async fn get(
     tag = "vms",
     operation_id = "updateVm",
     summary = "Update a VM",
+    description = "Changes the VM's name, metadata and/or TTL; fields not given are kept (at least one is required). A new TTL starts a new full cycle.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = UpdateVmRequest,
+    request_body(content = UpdateVmRequest, example = json!(examples::update_vm_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The updated VM", body = Vm),
+        (status = 200, description = "The updated VM", body = Vm, example = json!(examples::vm_updated())),
         (status = 400, description = "Malformed body, or it breaks a rule: nothing to update (`INVALID_REQUEST`), `INVALID_METADATA`, `INVALID_TTL`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -216,10 +220,11 @@ pub async fn update(
     tag = "vms",
     operation_id = "deleteVm",
     summary = "Delete a VM",
+    description = "Kills the VM's process and removes its disk; its services and console sessions end. Snapshots taken from it are kept.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM is deleted: its process killed, its disk removed", body = DeleteResponse),
+        (status = 200, description = "The VM is deleted: its process killed, its disk removed", body = DeleteResponse, example = json!(examples::vm_deleted())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is already being deleted", body = ErrorBody),
@@ -241,10 +246,11 @@ pub async fn delete(
     tag = "vms",
     operation_id = "pauseVm",
     summary = "Pause a VM",
+    description = "Stops the VM's vCPUs and keeps its memory: it costs no CPU while paused, and `POST /v1/vms/{id}/resume` continues it where it was, processes and open files intact. A TTL countdown freezes (`ttlRemainingMs`). A request for one of its services through the proxy resumes it.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM is paused: memory kept, vCPUs stopped, TTL frozen", body = Vm),
+        (status = 200, description = "The VM is paused: memory kept, vCPUs stopped, TTL frozen", body = Vm, example = json!(examples::vm_paused())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
@@ -265,10 +271,11 @@ pub async fn pause(
     tag = "vms",
     operation_id = "resumeVm",
     summary = "Resume a paused VM",
+    description = "Continues a paused VM where it stopped. The TTL countdown starts a new full cycle. The org's quotas are checked first (a VM paused before its org's limits were lowered may not fit).",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM is running again", body = Vm),
+        (status = 200, description = "The VM is running again", body = Vm, example = json!(examples::vm())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is not paused", body = ErrorBody),
@@ -297,7 +304,7 @@ pub async fn resume(
     params(("id" = String, Path, description = "VM ID (UUID).")),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM with its new deadline", body = Vm),
+        (status = 200, description = "The VM with its new deadline", body = Vm, example = json!(examples::vm())),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM has no TTL (`TTL_NOT_SET`), or is neither running nor paused (`INVALID_STATE`)", body = ErrorBody),
@@ -321,10 +328,10 @@ pub async fn refresh_ttl(
     description = "Replaces the VM's firewall (missing blocks take the safe defaults: ingress deny, egress allow, dns mode=deny). \
                    A running VM enforces the new policy within a second, without a restart.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = FirewallPolicy,
+    request_body(content = FirewallPolicy, example = json!(examples::firewall())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM with its new firewall", body = Vm),
+        (status = 200, description = "The VM with its new firewall", body = Vm, example = json!(examples::vm_firewalled())),
         (status = 400, description = "Malformed body, or a rule breaks the spec (`INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),
@@ -354,10 +361,10 @@ pub async fn set_firewall(
     description = "Each block given (ingress, egress, dns) replaces the VM's current one; blocks not given are kept. The result is \
                    validated as a whole (an fqdn rule made dead by the dns block is rejected) and enforced within a second.",
     params(("id" = String, Path, description = "VM ID (UUID).")),
-    request_body = FirewallPolicy,
+    request_body(content = FirewallPolicy, example = json!(examples::firewall_patch())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The VM with its new firewall", body = Vm),
+        (status = 200, description = "The VM with its new firewall", body = Vm, example = json!(examples::vm_firewalled())),
         (status = 400, description = "Malformed body, or the merged policy breaks the spec (`INVALID_CIDR`, `INVALID_PORTS`, `INVALID_FIREWALL`, `DEAD_FQDN_RULE`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org", body = ErrorBody),

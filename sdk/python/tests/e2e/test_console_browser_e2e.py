@@ -16,101 +16,21 @@ be had fails the test; otherwise it skips. The browser only ever talks to
 
 from __future__ import annotations
 
-import base64
-import importlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
 from fastvm import FastvmClient
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser")
+from .browser import Cdp, launch_browser
 
 
-def _unavailable(msg: str) -> None:
-    if os.environ.get("FASTVM_E2E") == "1":
-        pytest.fail(msg + " [FASTVM_E2E=1: e2e tests must run]", pytrace=False)
-    pytest.skip(msg)
-
-
-def _find_chromium() -> str | None:
-    explicit = os.environ.get("FASTVM_TEST_CHROMIUM")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _ensure_chromium() -> str:
-    found = _find_chromium()
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], env=env, check=False)
-        found = _find_chromium()
-    if found is None:
-        _unavailable("no chromium for the browser test (apt-get install chromium, or set FASTVM_TEST_CHROMIUM)")
-    assert found is not None
-    return found
-
-
-def _ensure_websocket_client() -> Any:
-    try:
-        return importlib.import_module("websocket")
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "websocket-client"], check=False)
-        importlib.invalidate_caches()
-        try:
-            return importlib.import_module("websocket")
-        except ImportError:
-            _unavailable("the browser test needs websocket-client (pip install websocket-client)")
-    raise AssertionError("unreachable")
-
-
-class Cdp:
-    """A minimal DevTools protocol client on one page target."""
-
-    def __init__(self, websocket: Any, url: str) -> None:
-        # No Origin header: Chromium refuses DevTools connections from other origins.
-        self.ws = websocket.create_connection(url, timeout=60, suppress_origin=True)
-        self.next_id = 0
-
-    def call(self, method: str, **params: Any) -> dict:
-        self.next_id += 1
-        my_id = self.next_id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-
-    def eval(self, expression: str) -> Any:
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.eval(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what or expression}; screen:\n{self.screen()}")
-            time.sleep(0.2)
+class ConsolePage(Cdp):
+    """The console page's terminal, read through ``window.fastvmConsole``."""
 
     def screen(self) -> str:
         """Every line of the terminal's buffer (scrollback included)."""
@@ -137,77 +57,16 @@ class Cdp:
                 **({"text": "\r"} if kind == "keyDown" else {}),
             )
 
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
-        path.write_bytes(base64.b64decode(data))
-        print(f"screenshot: {path}")
-        return path
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 @pytest.fixture
-def browser(tmp_path: Path, fastvm_server) -> Iterator[Cdp]:
-    chromium = _ensure_chromium()
-    websocket = _ensure_websocket_client()
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    args = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--disable-domain-reliability",
-        "--disable-breakpad",
-        "--no-pings",
-        "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
-        # Nothing but this machine: other hosts resolve to nothing, and go to a dead proxy.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--proxy-server=http://127.0.0.1:9",
-        "--proxy-bypass-list=127.0.0.1",
-        f"--user-data-dir={profile}",
-        "--remote-debugging-port=0",
-        "--window-size=1000,640",
-        "about:blank",
-    ]
-    log = open(tmp_path / "chromium.log", "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    cdp = None
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"chromium did not start; log: {(tmp_path / 'chromium.log').read_text(errors='replace')[-2000:]}")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=30).json()
-        page = next(t for t in targets if t.get("type") == "page")
-        cdp = Cdp(websocket, page["webSocketDebuggerUrl"])
-        cdp.call("Page.enable")
-        cdp.call("Runtime.enable")
+def browser(tmp_path: Path, fastvm_server) -> Iterator[ConsolePage]:
+    with launch_browser(tmp_path, ConsolePage) as cdp:
+        assert isinstance(cdp, ConsolePage)
         yield cdp
-    finally:
-        if cdp is not None:
-            cdp.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
-def _stty_size(cdp: Cdp, marker: int) -> tuple[int, int]:
+def _stty_size(cdp: ConsolePage, marker: int) -> tuple[int, int]:
     """Run `stty size` in the guest through the page; its answer (rows, cols)."""
     # The marker line is computed by the shell, so it never matches the typed command.
     cdp.type_text(f"stty size; echo size-done-$(({marker}*2))")
@@ -220,7 +79,7 @@ def _stty_size(cdp: Cdp, marker: int) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def test_web_console_in_a_real_browser(client: FastvmClient, vm, browser: Cdp, fastvm_server, tmp_path: Path) -> None:
+def test_web_console_in_a_real_browser(client: FastvmClient, vm, browser: ConsolePage, fastvm_server, tmp_path: Path) -> None:
     token = client.vms.console_token(vm.id)
     assert token.token.startswith("fvc_") and token.expires_in_sec == 60
     assert token.websocket_path == f"/v1/vms/{vm.id}/console"

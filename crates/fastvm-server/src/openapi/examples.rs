@@ -1,0 +1,260 @@
+//! Examples of the OpenAPI document: what requests and answers of the API look
+//! like, shown by the API reference (`/docs`). Used by the handlers'
+//! `#[utoipa::path]` annotations as `example = json!(examples::vm())`.
+//!
+//! They are real shapes: a test in [`crate::openapi`] checks every example
+//! against the schema it documents (no unknown field, every required field,
+//! enum values), so an example cannot drift from its schema unnoticed.
+
+use serde_json::{json, Value};
+
+pub const VM_ID: &str = "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10";
+pub const ORG_ID: &str = "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63";
+pub const SNAPSHOT_ID: &str = "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27";
+const CREATED_AT: &str = "2025-06-01T12:00:00Z";
+
+/// A firewall policy as a request gives it.
+pub fn firewall() -> Value {
+    json!({
+        "ingress": {
+            "defaultAction": "deny",
+            "rules": [
+                {"kind": "cidr", "value": "203.0.113.0/24", "ports": "22", "protocol": "tcp", "action": "allow", "description": "office SSH"}
+            ]
+        },
+        "egress": {
+            "defaultAction": "deny",
+            "rules": [
+                {"kind": "fqdn", "value": "pypi.org", "ports": "443", "protocol": "tcp", "action": "allow"},
+                {"kind": "cidr", "value": "10.0.0.0/8", "ports": "any", "protocol": "any", "action": "allow"}
+            ]
+        },
+        "dns": {"mode": "deny", "domains": ["pypi.org", "files.pythonhosted.org"], "blockBypass": true}
+    })
+}
+
+/// `PATCH /v1/vms/{id}/firewall`: only the blocks given are replaced.
+pub fn firewall_patch() -> Value {
+    json!({
+        "egress": {
+            "defaultAction": "deny",
+            "rules": [{"kind": "cidr", "value": "198.51.100.7/32", "ports": "443", "protocol": "tcp", "action": "allow"}]
+        }
+    })
+}
+
+fn default_firewall() -> Value {
+    json!({
+        "ingress": {"defaultAction": "deny", "rules": []},
+        "egress": {"defaultAction": "allow", "rules": []},
+        "dns": {"mode": "deny", "domains": [], "blockBypass": false}
+    })
+}
+
+/// A running VM.
+pub fn vm() -> Value {
+    json!({
+        "id": VM_ID,
+        "orgId": ORG_ID,
+        "name": "build-runner",
+        "status": "running",
+        "machineName": "c1m2",
+        "sourceName": "",
+        "cpu": 1,
+        "memoryMiB": 2048,
+        "diskGiB": 10,
+        "metadata": {"team": "ci"},
+        "envVars": {"RUST_LOG": "info"},
+        "firewall": default_firewall(),
+        "effectiveFirewall": default_firewall(),
+        "ttl": {"seconds": 3600, "action": "pause"},
+        "expiresAtMs": 1748782800000i64,
+        "ttlRemainingMs": null,
+        "createdAt": CREATED_AT,
+        "pausedAt": null,
+        "deletedAt": null,
+        "publicIpv6": null,
+        "volumes": [],
+        "bucketMounts": []
+    })
+}
+
+/// The VM, with its status (and the fields that go with it) changed.
+pub fn vm_with(changes: Value) -> Value {
+    let mut vm = vm();
+    if let (Some(o), Value::Object(c)) = (vm.as_object_mut(), changes) {
+        o.extend(c);
+    }
+    vm
+}
+
+pub fn vm_paused() -> Value {
+    vm_with(
+        json!({"status": "paused", "pausedAt": "2025-06-01T12:30:00Z", "expiresAtMs": null, "ttlRemainingMs": 1800000}),
+    )
+}
+
+pub fn vm_provisioning() -> Value {
+    vm_with(json!({"status": "provisioning", "expiresAtMs": null}))
+}
+
+pub fn vm_updated() -> Value {
+    vm_with(json!({"name": "build-runner-2", "metadata": {"team": "ci", "branch": "main"}}))
+}
+
+pub fn vm_firewalled() -> Value {
+    vm_with(json!({"firewall": firewall(), "effectiveFirewall": firewall()}))
+}
+
+pub fn vm_list() -> Value {
+    json!([vm()])
+}
+
+pub fn launch_request() -> Value {
+    json!({
+        "machineType": "c1m2",
+        "name": "build-runner",
+        "metadata": {"team": "ci"},
+        "envVars": {"RUST_LOG": "info"},
+        "ttl": {"seconds": 3600, "action": "pause"}
+    })
+}
+
+pub fn update_vm_request() -> Value {
+    json!({"name": "build-runner-2", "metadata": {"team": "ci", "branch": "main"}})
+}
+
+pub fn vm_deleted() -> Value {
+    json!({"id": VM_ID, "deleted": true})
+}
+
+pub fn exec_request() -> Value {
+    json!({"command": ["sh", "-c", "echo hello; uname -m"], "cwd": "/root", "env": {"GREETING": "hello"}, "timeoutSec": 30})
+}
+
+pub fn exec_response() -> Value {
+    json!({
+        "exitCode": 0,
+        "stdout": "hello\nx86_64\n",
+        "stderr": "",
+        "stdoutTruncated": false,
+        "stderrTruncated": false,
+        "timedOut": false,
+        "durationMs": 42
+    })
+}
+
+pub fn presign_request() -> Value {
+    json!({"path": "/root/data.csv"})
+}
+
+pub fn presign_response() -> Value {
+    json!({
+        "uploadUrl": "http://127.0.0.1:8080/v1/staging/eyJtIjoiUFVUIiwidm0iOiIwYjljNGE1MiJ9.Xq2dV9Zr4nK8sLwP",
+        "downloadUrl": "http://127.0.0.1:8080/v1/staging/eyJtIjoiR0VUIiwidm0iOiIwYjljNGE1MiJ9.Hf7cM1Ta6yQ3pJuE",
+        "expiresInSec": 900,
+        "maxUploadBytes": 10737418240i64
+    })
+}
+
+pub fn fetch_request() -> Value {
+    json!({"url": "http://127.0.0.1:8080/v1/staging/eyJtIjoiR0VUIiwidm0iOiIwYjljNGE1MiJ9.Hf7cM1Ta6yQ3pJuE", "path": "/root/data.csv", "timeoutSec": 300})
+}
+
+pub fn fetch_response() -> Value {
+    json!({"exitCode": 0, "stdout": "", "stderr": "", "stdoutTruncated": false, "stderrTruncated": false, "timedOut": false, "durationMs": 318})
+}
+
+pub fn export_request() -> Value {
+    json!({"url": "http://127.0.0.1:8080/v1/staging/eyJtIjoiUFVUIiwidm0iOiIwYjljNGE1MiJ9.Xq2dV9Zr4nK8sLwP", "path": "/root/results", "timeoutSec": 300})
+}
+
+pub fn export_response() -> Value {
+    json!({"kind": "directory", "sizeBytes": 204800})
+}
+
+pub fn service() -> Value {
+    json!({"name": "web", "port": 8080, "h2c": false, "url": format!("https://web--{}.proxy.fastvm.example.com", VM_ID.replace('-', ""))})
+}
+
+pub fn service_list() -> Value {
+    json!([service()])
+}
+
+pub fn register_service_request() -> Value {
+    json!({"name": "web", "port": 8080, "h2c": false})
+}
+
+pub fn update_service_request() -> Value {
+    json!({"port": 9090, "h2c": false})
+}
+
+pub fn service_updated() -> Value {
+    let mut s = service();
+    s["port"] = json!(9090);
+    s
+}
+
+pub fn service_deleted() -> Value {
+    json!({"id": "web", "deleted": true})
+}
+
+pub fn snapshot() -> Value {
+    json!({
+        "id": SNAPSHOT_ID,
+        "orgId": ORG_ID,
+        "vmId": VM_ID,
+        "name": "after-setup",
+        "status": "ready",
+        "machineName": "c1m2",
+        "metadata": {"team": "ci"},
+        "envVars": {"RUST_LOG": "info"},
+        "firewall": default_firewall(),
+        "services": [{"name": "web", "port": 8080, "h2c": false}],
+        "volumes": [],
+        "bucketMounts": [],
+        "createdAt": CREATED_AT
+    })
+}
+
+pub fn snapshot_list() -> Value {
+    json!([snapshot()])
+}
+
+pub fn create_snapshot_request() -> Value {
+    json!({"vmId": VM_ID, "name": "after-setup"})
+}
+
+pub fn update_snapshot_request() -> Value {
+    json!({"name": "golden-image"})
+}
+
+pub fn snapshot_renamed() -> Value {
+    let mut s = snapshot();
+    s["name"] = json!("golden-image");
+    s
+}
+
+pub fn snapshot_deleted() -> Value {
+    json!({"id": SNAPSHOT_ID, "deleted": true})
+}
+
+pub fn quotas() -> Value {
+    json!({
+        "orgId": ORG_ID,
+        "limits": {"vcpu": 16, "memoryMiB": 32768, "diskGiB": 200, "snapshotCount": 50, "volumeCount": 20, "volumeGiB": 500},
+        "usage": {"vcpu": 1, "memoryMiB": 2048, "diskGiB": 10, "snapshotCount": 1, "volumeCount": 0, "volumeGiB": 0}
+    })
+}
+
+pub fn console_token() -> Value {
+    json!({
+        "token": "fvc_3q8ZyK1mW0pX7aRt5LbN2vHd",
+        "expiresInSec": 60,
+        "websocketPath": format!("/v1/vms/{VM_ID}/console")
+    })
+}
+
+pub fn health() -> Value {
+    json!({"status": "ok"})
+}
