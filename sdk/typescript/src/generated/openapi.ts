@@ -12,7 +12,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Health check */
+        /**
+         * Health check
+         * @description Answers `{"status": "ok"}` while the server and its database answer, 503 when the database does not. Needs no API key: use it for load-balancer and liveness checks.
+         */
         get: operations["health"];
         put?: never;
         post?: never;
@@ -49,7 +52,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List snapshots */
+        /**
+         * List snapshots
+         * @description The org's snapshots, oldest first: ready ones, and failed captures (status `error`, which can only be deleted). Restore one with `POST /v1/vms` and its `snapshotId`.
+         */
         get: operations["listSnapshots"];
         put?: never;
         /**
@@ -70,7 +76,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Get a snapshot */
+        /**
+         * Get a snapshot
+         * @description The snapshot: its status, the VM it was taken from, and the shape, env vars, firewall and services a VM restored from it gets.
+         */
         get: operations["getSnapshot"];
         put?: never;
         post?: never;
@@ -95,7 +104,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List VMs */
+        /**
+         * List VMs
+         * @description The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`).
+         */
         get: operations["listVms"];
         put?: never;
         /**
@@ -116,15 +128,24 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Get a VM */
+        /**
+         * Get a VM
+         * @description The VM with its current status, shape, firewall (as set and as enforced), TTL deadline and attachments.
+         */
         get: operations["getVm"];
         put?: never;
         post?: never;
-        /** Delete a VM */
+        /**
+         * Delete a VM
+         * @description Kills the VM's process and removes its disk; its services and console sessions end. Snapshots taken from it are kept.
+         */
         delete: operations["deleteVm"];
         options?: never;
         head?: never;
-        /** Update a VM */
+        /**
+         * Update a VM
+         * @description Changes the VM's name, metadata and/or TTL; fields not given are kept (at least one is required). A new TTL starts a new full cycle.
+         */
         patch: operations["updateVm"];
         trace?: never;
     };
@@ -181,7 +202,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Run a command in a VM */
+        /**
+         * Run a command in a VM
+         * @description Runs `command` (an argv array, no shell unless you call one) in the VM as root, with `cwd`, extra `env` and a `timeoutSec` (the command is killed when it passes, `timedOut: true`). With `Accept: application/json` (default) the answer is buffered: exit code, stdout and stderr (each truncated past its cap, flagged by `stdoutTruncated` / `stderrTruncated`). With `Accept: application/x-ndjson` the output streams as it is produced, one ExecEvent per line: `{"t":"o","d":...}` stdout, `{"t":"e","d":...}` stderr, and a final `{"t":"x","c":0,"ms":12,"to":false}`.
+         */
         post: operations["execVm"];
         delete?: never;
         options?: never;
@@ -199,7 +223,7 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Stream a file or directory of a VM into a staging object (extension)
+         * Export a file or directory from a VM (extension)
          * @description Extension of this server (not in the spec). The guest path is classified inside the VM; a file's bytes, or a tar archive of a directory rooted at `./`, stream over the agent channel into the staging object of `url` (an uploadUrl presigned for this VM), which the client then GETs from the matching downloadUrl. Unlike the spec's `curl -T -` from the VM, this works when the VM has no network or a deny-all egress firewall.
          */
         post: operations["exportFile"];
@@ -218,7 +242,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Fetch a file into a VM from a presigned URL */
+        /**
+         * Fetch a file into a VM from a presigned URL
+         * @description Writes the staged object at `url` (a `downloadUrl` of `POST /v1/vms/{id}/files/presign`, of this org) to `path` in the VM, creating parent directories, through the agent (the VM needs no network). Answers like exec: exit code 0 when the file is written.
+         */
         post: operations["fetchFile"];
         delete?: never;
         options?: never;
@@ -235,7 +262,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Mint signed URLs for uploading a file to a VM */
+        /**
+         * Mint signed URLs for uploading a file to a VM
+         * @description Mints a signed PUT URL (`uploadUrl`) and the matching GET URL (`downloadUrl`) of one new object in the staging store, valid for `expiresInSec`, for a file of at most `maxUploadBytes`. Upload the bytes with `PUT uploadUrl`, then write them into the VM with `POST /v1/vms/{id}/files/fetch`. The URLs carry their own credential: no API key on them.
+         */
         post: operations["presignFile"];
         delete?: never;
         options?: never;
@@ -276,7 +306,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Pause a VM */
+        /**
+         * Pause a VM
+         * @description Stops the VM's vCPUs and keeps its memory: it costs no CPU while paused, and `POST /v1/vms/{id}/resume` continues it where it was, processes and open files intact. A TTL countdown freezes (`ttlRemainingMs`). A request for one of its services through the proxy resumes it.
+         */
         post: operations["pauseVm"];
         delete?: never;
         options?: never;
@@ -293,7 +326,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Resume a paused VM */
+        /**
+         * Resume a paused VM
+         * @description Continues a paused VM where it stopped. The TTL countdown starts a new full cycle. The org's quotas are checked first (a VM paused before its org's limits were lowered may not fit).
+         */
         post: operations["resumeVm"];
         delete?: never;
         options?: never;
@@ -1020,6 +1056,11 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "status": "ok"
+                     *     }
+                     */
                     "application/json": components["schemas"]["HealthResponse"];
                 };
             };
@@ -1049,6 +1090,27 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "limits": {
+                     *         "diskGiB": 200,
+                     *         "memoryMiB": 32768,
+                     *         "snapshotCount": 50,
+                     *         "vcpu": 16,
+                     *         "volumeCount": 20,
+                     *         "volumeGiB": 500
+                     *       },
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "usage": {
+                     *         "diskGiB": 10,
+                     *         "memoryMiB": 2048,
+                     *         "snapshotCount": 1,
+                     *         "vcpu": 1,
+                     *         "volumeCount": 0,
+                     *         "volumeGiB": 0
+                     *       }
+                     *     }
+                     */
                     "application/json": components["schemas"]["OrgQuotaUsage"];
                 };
             };
@@ -1078,6 +1140,49 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "bucketMounts": [],
+                     *         "createdAt": "2025-06-01T12:00:00Z",
+                     *         "envVars": {
+                     *           "RUST_LOG": "info"
+                     *         },
+                     *         "firewall": {
+                     *           "dns": {
+                     *             "blockBypass": false,
+                     *             "domains": [],
+                     *             "mode": "deny"
+                     *           },
+                     *           "egress": {
+                     *             "defaultAction": "allow",
+                     *             "rules": []
+                     *           },
+                     *           "ingress": {
+                     *             "defaultAction": "deny",
+                     *             "rules": []
+                     *           }
+                     *         },
+                     *         "id": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *         "machineName": "c1m2",
+                     *         "metadata": {
+                     *           "team": "ci"
+                     *         },
+                     *         "name": "after-setup",
+                     *         "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *         "services": [
+                     *           {
+                     *             "h2c": false,
+                     *             "name": "web",
+                     *             "port": 8080
+                     *           }
+                     *         ],
+                     *         "status": "ready",
+                     *         "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *         "volumes": []
+                     *       }
+                     *     ]
+                     */
                     "application/json": components["schemas"]["Snapshot"][];
                 };
             };
@@ -1101,6 +1206,12 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "name": "after-setup",
+                 *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                 *     }
+                 */
                 "application/json": components["schemas"]["CreateSnapshotRequest"];
             };
         };
@@ -1111,6 +1222,47 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *       "machineName": "c1m2",
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "after-setup",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "services": [
+                     *         {
+                     *           "h2c": false,
+                     *           "name": "web",
+                     *           "port": 8080
+                     *         }
+                     *       ],
+                     *       "status": "ready",
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["Snapshot"];
                 };
             };
@@ -1206,6 +1358,47 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *       "machineName": "c1m2",
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "after-setup",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "services": [
+                     *         {
+                     *           "h2c": false,
+                     *           "name": "web",
+                     *           "port": 8080
+                     *         }
+                     *       ],
+                     *       "status": "ready",
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["Snapshot"];
                 };
             };
@@ -1247,6 +1440,12 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27"
+                     *     }
+                     */
                     "application/json": components["schemas"]["DeleteResponse"];
                 };
             };
@@ -1291,6 +1490,11 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "name": "golden-image"
+                 *     }
+                 */
                 "application/json": components["schemas"]["UpdateSnapshotRequest"];
             };
         };
@@ -1301,6 +1505,47 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *       "machineName": "c1m2",
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "golden-image",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "services": [
+                     *         {
+                     *           "h2c": false,
+                     *           "name": "web",
+                     *           "port": 8080
+                     *         }
+                     *       ],
+                     *       "status": "ready",
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["Snapshot"];
                 };
             };
@@ -1369,6 +1614,69 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "bucketMounts": [],
+                     *         "cpu": 1,
+                     *         "createdAt": "2025-06-01T12:00:00Z",
+                     *         "deletedAt": null,
+                     *         "diskGiB": 10,
+                     *         "effectiveFirewall": {
+                     *           "dns": {
+                     *             "blockBypass": false,
+                     *             "domains": [],
+                     *             "mode": "deny"
+                     *           },
+                     *           "egress": {
+                     *             "defaultAction": "allow",
+                     *             "rules": []
+                     *           },
+                     *           "ingress": {
+                     *             "defaultAction": "deny",
+                     *             "rules": []
+                     *           }
+                     *         },
+                     *         "envVars": {
+                     *           "RUST_LOG": "info"
+                     *         },
+                     *         "expiresAtMs": 1748782800000,
+                     *         "firewall": {
+                     *           "dns": {
+                     *             "blockBypass": false,
+                     *             "domains": [],
+                     *             "mode": "deny"
+                     *           },
+                     *           "egress": {
+                     *             "defaultAction": "allow",
+                     *             "rules": []
+                     *           },
+                     *           "ingress": {
+                     *             "defaultAction": "deny",
+                     *             "rules": []
+                     *           }
+                     *         },
+                     *         "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *         "machineName": "c1m2",
+                     *         "memoryMiB": 2048,
+                     *         "metadata": {
+                     *           "team": "ci"
+                     *         },
+                     *         "name": "build-runner",
+                     *         "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *         "pausedAt": null,
+                     *         "publicIpv6": null,
+                     *         "sourceName": "",
+                     *         "status": "running",
+                     *         "ttl": {
+                     *           "action": "pause",
+                     *           "seconds": 3600
+                     *         },
+                     *         "ttlRemainingMs": null,
+                     *         "volumes": []
+                     *       }
+                     *     ]
+                     */
                     "application/json": components["schemas"]["VM"][];
                 };
             };
@@ -1401,6 +1709,22 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "envVars": {
+                 *         "RUST_LOG": "info"
+                 *       },
+                 *       "machineType": "c1m2",
+                 *       "metadata": {
+                 *         "team": "ci"
+                 *       },
+                 *       "name": "build-runner",
+                 *       "ttl": {
+                 *         "action": "pause",
+                 *         "seconds": 3600
+                 *       }
+                 *     }
+                 */
                 "application/json": components["schemas"]["LaunchVmRequest"];
             };
         };
@@ -1411,6 +1735,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -1420,6 +1805,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": null,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "provisioning",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -1506,6 +1952,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -1547,6 +2054,12 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                     *     }
+                     */
                     "application/json": components["schemas"]["DeleteResponse"];
                 };
             };
@@ -1591,6 +2104,15 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "metadata": {
+                 *         "branch": "main",
+                 *         "team": "ci"
+                 *       },
+                 *       "name": "build-runner-2"
+                 *     }
+                 */
                 "application/json": components["schemas"]["UpdateVmRequest"];
             };
         };
@@ -1601,6 +2123,68 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "branch": "main",
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner-2",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -1753,6 +2337,13 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "expiresInSec": 60,
+                     *       "token": "fvc_3q8ZyK1mW0pX7aRt5LbN2vHd",
+                     *       "websocketPath": "/v1/vms/0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10/console"
+                     *     }
+                     */
                     "application/json": components["schemas"]["ConsoleTokenResponse"];
                 };
             };
@@ -1797,6 +2388,20 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "command": [
+                 *         "sh",
+                 *         "-c",
+                 *         "echo hello; uname -m"
+                 *       ],
+                 *       "cwd": "/root",
+                 *       "env": {
+                 *         "GREETING": "hello"
+                 *       },
+                 *       "timeoutSec": 30
+                 *     }
+                 */
                 "application/json": components["schemas"]["ExecVmRequest"];
             };
         };
@@ -1807,6 +2412,17 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "durationMs": 42,
+                     *       "exitCode": 0,
+                     *       "stderr": "",
+                     *       "stderrTruncated": false,
+                     *       "stdout": "hello\nx86_64\n",
+                     *       "stdoutTruncated": false,
+                     *       "timedOut": false
+                     *     }
+                     */
                     "application/json": components["schemas"]["ExecVMResponse"];
                     "application/x-ndjson": components["schemas"]["ExecEvent"];
                 };
@@ -1888,6 +2504,13 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "path": "/root/results",
+                 *       "timeoutSec": 300,
+                 *       "url": "http://127.0.0.1:8080/v1/staging/eyJtIjoiUFVUIiwidm0iOiIwYjljNGE1MiJ9.Xq2dV9Zr4nK8sLwP"
+                 *     }
+                 */
                 "application/json": components["schemas"]["FileExportRequest"];
             };
         };
@@ -1898,6 +2521,12 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "kind": "directory",
+                     *       "sizeBytes": 204800
+                     *     }
+                     */
                     "application/json": components["schemas"]["FileExportResponse"];
                 };
             };
@@ -1987,6 +2616,13 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "path": "/root/data.csv",
+                 *       "timeoutSec": 300,
+                 *       "url": "http://127.0.0.1:8080/v1/staging/eyJtIjoiR0VUIiwidm0iOiIwYjljNGE1MiJ9.Hf7cM1Ta6yQ3pJuE"
+                 *     }
+                 */
                 "application/json": components["schemas"]["FileFetchRequest"];
             };
         };
@@ -1997,6 +2633,17 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "durationMs": 318,
+                     *       "exitCode": 0,
+                     *       "stderr": "",
+                     *       "stderrTruncated": false,
+                     *       "stdout": "",
+                     *       "stdoutTruncated": false,
+                     *       "timedOut": false
+                     *     }
+                     */
                     "application/json": components["schemas"]["ExecVMResponse"];
                 };
             };
@@ -2077,6 +2724,11 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "path": "/root/data.csv"
+                 *     }
+                 */
                 "application/json": components["schemas"]["FilePresignRequest"];
             };
         };
@@ -2087,6 +2739,14 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "downloadUrl": "http://127.0.0.1:8080/v1/staging/eyJtIjoiR0VUIiwidm0iOiIwYjljNGE1MiJ9.Hf7cM1Ta6yQ3pJuE",
+                     *       "expiresInSec": 900,
+                     *       "maxUploadBytes": 10737418240,
+                     *       "uploadUrl": "http://127.0.0.1:8080/v1/staging/eyJtIjoiUFVUIiwidm0iOiIwYjljNGE1MiJ9.Xq2dV9Zr4nK8sLwP"
+                     *     }
+                     */
                     "application/json": components["schemas"]["FilePresignResponse"];
                 };
             };
@@ -2140,6 +2800,50 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "dns": {
+                 *         "blockBypass": true,
+                 *         "domains": [
+                 *           "pypi.org",
+                 *           "files.pythonhosted.org"
+                 *         ],
+                 *         "mode": "deny"
+                 *       },
+                 *       "egress": {
+                 *         "defaultAction": "deny",
+                 *         "rules": [
+                 *           {
+                 *             "action": "allow",
+                 *             "kind": "fqdn",
+                 *             "ports": "443",
+                 *             "protocol": "tcp",
+                 *             "value": "pypi.org"
+                 *           },
+                 *           {
+                 *             "action": "allow",
+                 *             "kind": "cidr",
+                 *             "ports": "any",
+                 *             "protocol": "any",
+                 *             "value": "10.0.0.0/8"
+                 *           }
+                 *         ]
+                 *       },
+                 *       "ingress": {
+                 *         "defaultAction": "deny",
+                 *         "rules": [
+                 *           {
+                 *             "action": "allow",
+                 *             "description": "office SSH",
+                 *             "kind": "cidr",
+                 *             "ports": "22",
+                 *             "protocol": "tcp",
+                 *             "value": "203.0.113.0/24"
+                 *           }
+                 *         ]
+                 *       }
+                 *     }
+                 */
                 "application/json": components["schemas"]["FirewallPolicy"];
             };
         };
@@ -2150,6 +2854,121 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": true,
+                     *           "domains": [
+                     *             "pypi.org",
+                     *             "files.pythonhosted.org"
+                     *           ],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "fqdn",
+                     *               "ports": "443",
+                     *               "protocol": "tcp",
+                     *               "value": "pypi.org"
+                     *             },
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "cidr",
+                     *               "ports": "any",
+                     *               "protocol": "any",
+                     *               "value": "10.0.0.0/8"
+                     *             }
+                     *           ]
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "description": "office SSH",
+                     *               "kind": "cidr",
+                     *               "ports": "22",
+                     *               "protocol": "tcp",
+                     *               "value": "203.0.113.0/24"
+                     *             }
+                     *           ]
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": true,
+                     *           "domains": [
+                     *             "pypi.org",
+                     *             "files.pythonhosted.org"
+                     *           ],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "fqdn",
+                     *               "ports": "443",
+                     *               "protocol": "tcp",
+                     *               "value": "pypi.org"
+                     *             },
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "cidr",
+                     *               "ports": "any",
+                     *               "protocol": "any",
+                     *               "value": "10.0.0.0/8"
+                     *             }
+                     *           ]
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "description": "office SSH",
+                     *               "kind": "cidr",
+                     *               "ports": "22",
+                     *               "protocol": "tcp",
+                     *               "value": "203.0.113.0/24"
+                     *             }
+                     *           ]
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -2221,6 +3040,22 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "egress": {
+                 *         "defaultAction": "deny",
+                 *         "rules": [
+                 *           {
+                 *             "action": "allow",
+                 *             "kind": "cidr",
+                 *             "ports": "443",
+                 *             "protocol": "tcp",
+                 *             "value": "198.51.100.7/32"
+                 *           }
+                 *         ]
+                 *       }
+                 *     }
+                 */
                 "application/json": components["schemas"]["FirewallPolicy"];
             };
         };
@@ -2231,6 +3066,121 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": true,
+                     *           "domains": [
+                     *             "pypi.org",
+                     *             "files.pythonhosted.org"
+                     *           ],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "fqdn",
+                     *               "ports": "443",
+                     *               "protocol": "tcp",
+                     *               "value": "pypi.org"
+                     *             },
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "cidr",
+                     *               "ports": "any",
+                     *               "protocol": "any",
+                     *               "value": "10.0.0.0/8"
+                     *             }
+                     *           ]
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "description": "office SSH",
+                     *               "kind": "cidr",
+                     *               "ports": "22",
+                     *               "protocol": "tcp",
+                     *               "value": "203.0.113.0/24"
+                     *             }
+                     *           ]
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": true,
+                     *           "domains": [
+                     *             "pypi.org",
+                     *             "files.pythonhosted.org"
+                     *           ],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "fqdn",
+                     *               "ports": "443",
+                     *               "protocol": "tcp",
+                     *               "value": "pypi.org"
+                     *             },
+                     *             {
+                     *               "action": "allow",
+                     *               "kind": "cidr",
+                     *               "ports": "any",
+                     *               "protocol": "any",
+                     *               "value": "10.0.0.0/8"
+                     *             }
+                     *           ]
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": [
+                     *             {
+                     *               "action": "allow",
+                     *               "description": "office SSH",
+                     *               "kind": "cidr",
+                     *               "ports": "22",
+                     *               "protocol": "tcp",
+                     *               "value": "203.0.113.0/24"
+                     *             }
+                     *           ]
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -2308,6 +3258,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": null,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": "2025-06-01T12:30:00Z",
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "paused",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": 1800000,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -2358,6 +3369,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
@@ -2417,6 +3489,16 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "h2c": false,
+                     *         "name": "web",
+                     *         "port": 8080,
+                     *         "url": "https://web--0b9c4a526d1e4f3a9a572f1c8e3d7b10.proxy.fastvm.example.com"
+                     *       }
+                     *     ]
+                     */
                     "application/json": components["schemas"]["Service"][];
                 };
             };
@@ -2452,6 +3534,13 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "h2c": false,
+                 *       "name": "web",
+                 *       "port": 8080
+                 *     }
+                 */
                 "application/json": components["schemas"]["RegisterServiceRequest"];
             };
         };
@@ -2462,6 +3551,14 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "h2c": false,
+                     *       "name": "web",
+                     *       "port": 8080,
+                     *       "url": "https://web--0b9c4a526d1e4f3a9a572f1c8e3d7b10.proxy.fastvm.example.com"
+                     *     }
+                     */
                     "application/json": components["schemas"]["Service"];
                 };
             };
@@ -2535,6 +3632,12 @@ export interface operations {
         };
         requestBody: {
             content: {
+                /**
+                 * @example {
+                 *       "h2c": false,
+                 *       "port": 9090
+                 *     }
+                 */
                 "application/json": components["schemas"]["UpdateServiceRequest"];
             };
         };
@@ -2545,6 +3648,14 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "h2c": false,
+                     *       "name": "web",
+                     *       "port": 9090,
+                     *       "url": "https://web--0b9c4a526d1e4f3a9a572f1c8e3d7b10.proxy.fastvm.example.com"
+                     *     }
+                     */
                     "application/json": components["schemas"]["Service"];
                 };
             };
@@ -2554,6 +3665,14 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "h2c": false,
+                     *       "name": "web",
+                     *       "port": 8080,
+                     *       "url": "https://web--0b9c4a526d1e4f3a9a572f1c8e3d7b10.proxy.fastvm.example.com"
+                     *     }
+                     */
                     "application/json": components["schemas"]["Service"];
                 };
             };
@@ -2633,6 +3752,12 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "web"
+                     *     }
+                     */
                     "application/json": components["schemas"]["DeleteResponse"];
                 };
             };
@@ -2683,6 +3808,67 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
+                    /**
+                     * @example {
+                     *       "bucketMounts": [],
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "deletedAt": null,
+                     *       "diskGiB": 10,
+                     *       "effectiveFirewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "envVars": {
+                     *         "RUST_LOG": "info"
+                     *       },
+                     *       "expiresAtMs": 1748782800000,
+                     *       "firewall": {
+                     *         "dns": {
+                     *           "blockBypass": false,
+                     *           "domains": [],
+                     *           "mode": "deny"
+                     *         },
+                     *         "egress": {
+                     *           "defaultAction": "allow",
+                     *           "rules": []
+                     *         },
+                     *         "ingress": {
+                     *           "defaultAction": "deny",
+                     *           "rules": []
+                     *         }
+                     *       },
+                     *       "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "metadata": {
+                     *         "team": "ci"
+                     *       },
+                     *       "name": "build-runner",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pausedAt": null,
+                     *       "publicIpv6": null,
+                     *       "sourceName": "",
+                     *       "status": "running",
+                     *       "ttl": {
+                     *         "action": "pause",
+                     *         "seconds": 3600
+                     *       },
+                     *       "ttlRemainingMs": null,
+                     *       "volumes": []
+                     *     }
+                     */
                     "application/json": components["schemas"]["VM"];
                 };
             };
