@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -27,16 +28,34 @@ def test_api_reference_renders_every_operation(fastvm_server, tmp_path: Path) ->
     with launch_browser(tmp_path, window_size="1280,900") as browser:
         browser.call("Page.navigate", url=f"{fastvm_server.base_url}/docs")
         # Redoc fetched /openapi.json and drew the tags, each with its
-        # operations (method and path); "+ Show" expands a tag's operations.
+        # operations (method and path). Its sidebar lists a tag's operations
+        # by summary once that tag is opened, one tag at a time: open each in
+        # turn and collect what the sidebar shows.
         browser.wait_for("!!document.body && document.body.innerText.includes('/v1/vms/{id}/exec')", timeout=90, what="the operation list")
-        browser.eval("[...document.querySelectorAll('button, a, span, div')].filter(e => e.children.length === 0 && e.textContent.trim() === '+ Show').forEach(e => e.click()); true")
+        sidebar = (
+            "[...document.querySelectorAll('*')].filter(e => e.children.length === 0 && e.getBoundingClientRect().left < 290"
+            " && e.getBoundingClientRect().width > 0).map(e => e.textContent.trim()).filter(t => t)"
+        )
+        text = ""
+        for tag in [t["name"] for t in doc["tags"]]:
+            clicked = browser.eval(
+                f"(() => {{ const els = {sidebar.replace('.map(e => e.textContent.trim()).filter(t => t)', '')}"
+                f".filter(e => e.textContent.trim() === {json.dumps(tag)}); els.forEach(e => e.click()); return els.length; }})()"
+            )
+            assert clicked == 1, f"sidebar entry of tag {tag!r}: {clicked} found"
+            time.sleep(0.5)
+            text += "\n".join(browser.eval(sidebar)) + "\n"
         for want in ("Launch a VM", "Register a service on a VM", "List snapshots"):
-            browser.wait_for(f"!!document.body && document.body.innerText.includes({json.dumps(want)})", timeout=90, what=f"{want!r} on the page")
-        text = browser.eval("document.body.innerText")
+            assert want in text, f"{want!r} not rendered"
         missing = [s for s in summaries if s not in text]
         assert not missing, f"operations not rendered: {missing}"
-        # The examples are shown, e.g. the launch request's machine type.
-        assert "c1m2" in text
+        # The examples are shown, e.g. the launch request's machine type once
+        # "Launch a VM" is opened from the sidebar.
+        browser.eval(
+            f"(() => {{ {sidebar.replace('.map(e => e.textContent.trim()).filter(t => t)', '')}"
+            ".filter(e => ['vms', 'Launch a VM'].includes(e.textContent.trim())).forEach(e => e.click()); return true; })()"
+        )
+        browser.wait_for("document.body.innerText.includes('c1m2')", timeout=30, what="the launch example")
         assert browser.eval("document.title") == "Fast VM API reference"
         # Everything came from the server itself.
         origins = browser.eval(
