@@ -7,6 +7,7 @@
 //!  fastvm images build        build (or refresh) the guest image cache
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
+//!  fastvm ssh VM [-- CMD...]  OpenSSH to the server's SSH gateway (its host key only)
 //!  fastvm snapshot create|list|get|rm
 //! ```
 
@@ -19,6 +20,7 @@ mod serve;
 mod service;
 mod sized_tar;
 mod snapshot;
+mod ssh;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -68,6 +70,8 @@ enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// Open a shell (or run CMD) in a VM over the SSH gateway with OpenSSH's `ssh`.
+    Ssh(ssh::SshArgs),
     /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
     Service {
         #[command(subcommand)]
@@ -115,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cp(args) => cp::run(args).await.map(|()| 0),
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
             Command::Service { command } => service::run(command).await.map(|()| 0),
+            Command::Ssh(args) => ssh::run(args).await,
         }
     });
     match code {

@@ -8,6 +8,7 @@
 //!                  snapshots.rs (capture, restore guard, delete)
 //!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
 //!                  console.rs (console tokens, wake, WebSocket terminal sessions)
+//!  ssh client --SSH--> ssh/ (russh gateway: keys of /v1/me/ssh-keys, channels -> Worker)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -40,6 +41,7 @@ mod quotas;
 pub mod routes;
 pub mod services;
 mod snapshots;
+pub mod ssh;
 pub mod staging;
 pub mod store;
 mod ttl;
@@ -90,6 +92,8 @@ pub struct ServerConfig {
     pub console: console::ConsoleConfig,
     /// The services proxy (`fastvm serve --proxy-listen`); none: no proxy.
     pub proxy: Option<proxy::ProxyConfig>,
+    /// The SSH gateway (`fastvm serve --ssh-listen`); none: no gateway.
+    pub ssh: Option<ssh::SshConfig>,
 }
 
 impl ServerConfig {
@@ -107,6 +111,7 @@ impl ServerConfig {
             staging: staging::StagingConfig::default(),
             console: console::ConsoleConfig::default(),
             proxy: None,
+            ssh: None,
         }
     }
 
@@ -153,6 +158,8 @@ struct Inner {
     wakes: proxy::Wakes,
     /// Console configuration (see console.rs).
     console: console::ConsoleState,
+    /// The SSH gateway's public host key and port, when it runs.
+    ssh_public: Option<fastvm_types::ssh_key::SshGatewayInfo>,
 }
 
 impl AppState {
@@ -171,6 +178,7 @@ impl AppState {
                 proxy_public: None,
                 wakes: Default::default(),
                 console: Default::default(),
+                ssh_public: None,
             }),
         }
     }
@@ -186,6 +194,19 @@ impl AppState {
 
     pub(crate) fn proxy_public(&self) -> Option<&services::ProxyPublic> {
         self.inner.proxy_public.as_ref()
+    }
+
+    /// Tell the state how clients reach the SSH gateway (call right after
+    /// [`AppState::new`]).
+    pub fn with_ssh_public(mut self, info: fastvm_types::ssh_key::SshGatewayInfo) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ssh_public = Some(info);
+        }
+        self
+    }
+
+    pub(crate) fn ssh_public(&self) -> Option<&fastvm_types::ssh_key::SshGatewayInfo> {
+        self.inner.ssh_public.as_ref()
     }
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
@@ -344,6 +365,14 @@ pub(crate) fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
 /// The router and its state: opens the store (bootstrapping it on first
 /// start), opens the embedded worker (re-adopting its VMs) and reconciles.
 pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppState)> {
+    let (router, state, _) = build_app_with_host_key(cfg).await?;
+    Ok((router, state))
+}
+
+/// [`build_app`], plus the SSH gateway's host key when `cfg.ssh` is set.
+async fn build_app_with_host_key(
+    cfg: &ServerConfig,
+) -> anyhow::Result<(axum::Router, AppState, Option<russh::keys::PrivateKey>)> {
     let store = open_store(&cfg.data_dir, cfg.database_url.as_deref()).await?;
     let key_file = cfg.data_dir.join(ADMIN_KEY_FILE);
     if key_file.exists() {
@@ -363,6 +392,23 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
         };
         state = state.with_proxy_public(public);
     }
+    let host_key = match &cfg.ssh {
+        Some(ssh_cfg) => {
+            let key = ssh::load_or_create_host_key(&cfg.data_dir)?;
+            let public = key.public_key();
+            tracing::info!(
+                fingerprint = %public.fingerprint(russh::keys::HashAlg::Sha256),
+                path = %ssh::host_key_path(&cfg.data_dir).display(),
+                "SSH gateway host key"
+            );
+            state = state.with_ssh_public(fastvm_types::ssh_key::SshGatewayInfo {
+                host_keys: vec![ssh::public_line(public)],
+                port: ssh_cfg.listen.port(),
+            });
+            Some(key)
+        }
+        None => None,
+    };
     let state = match &cfg.staging.s3 {
         Some(s3) => {
             let staging = staging::s3::S3Staging::new(s3)?;
@@ -376,7 +422,7 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
         }
     };
     state.reconcile_on_start().await?;
-    Ok((routes::router(state.clone()), state))
+    Ok((routes::router(state.clone()), state, host_key))
 }
 
 /// Serve the API on `cfg.listen` until `shutdown` completes. VMs keep
@@ -390,10 +436,49 @@ pub async fn serve(
         .with_context(|| format!("listening on {}", cfg.listen))?;
     cfg.listen = listener.local_addr()?;
     let proxy_listener = bind_proxy(&mut cfg).await?;
-    let (router, state) = build_app(&cfg).await?;
+    let ssh_listener = bind_ssh(&mut cfg).await?;
+    let (router, state, host_key) = build_app_with_host_key(&cfg).await?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
     let proxy = start_proxy(proxy_listener, &state, &cfg)?;
-    serve_on(listener, router, state, shutdown, cfg.shutdown_grace, proxy).await
+    let ssh = start_ssh(ssh_listener, &state, &cfg, host_key).await?;
+    serve_on(
+        listener,
+        router,
+        state,
+        shutdown,
+        cfg.shutdown_grace,
+        proxy,
+        ssh,
+    )
+    .await
+}
+
+/// Bind the SSH gateway's listener (when configured) and record its real address.
+async fn bind_ssh(cfg: &mut ServerConfig) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(ssh) = cfg.ssh.as_mut() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(ssh.listen)
+        .await
+        .with_context(|| format!("listening on {} (the SSH gateway)", ssh.listen))?;
+    ssh.listen = listener.local_addr()?;
+    Ok(Some(listener))
+}
+
+async fn start_ssh(
+    listener: Option<tokio::net::TcpListener>,
+    state: &AppState,
+    cfg: &ServerConfig,
+    host_key: Option<russh::keys::PrivateKey>,
+) -> anyhow::Result<Option<ssh::SshTask>> {
+    match (listener, &cfg.ssh, host_key) {
+        (Some(listener), Some(c), Some(key)) => {
+            let task = ssh::spawn(listener, state.clone(), c, key).await?;
+            tracing::info!(addr = %task.addr(), "SSH gateway listening (ssh -p PORT <vm-id>@HOST)");
+            Ok(Some(task))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Bind the proxy's listener (when configured) and record its real address.
@@ -426,6 +511,7 @@ async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
     proxy: Option<proxy::ProxyTask>,
+    ssh: Option<ssh::SshTask>,
 ) -> anyhow::Result<()> {
     let reaper = spawn_ttl_reaper(&state);
     let _staging_gc = state.staging_gc();
@@ -446,6 +532,9 @@ async fn serve_on(
     if let Some(p) = &proxy {
         p.stop();
     }
+    if let Some(s) = &ssh {
+        s.stop();
+    }
     reaper.stop().await;
     state.worker().detach();
     state.store().close().await;
@@ -456,6 +545,7 @@ async fn serve_on(
 pub struct RunningServer {
     addr: SocketAddr,
     proxy_addr: Option<SocketAddr>,
+    ssh_addr: Option<SocketAddr>,
     state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -470,6 +560,11 @@ impl RunningServer {
     /// The services proxy's address, when it runs.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy_addr
+    }
+
+    /// The SSH gateway's address, when it runs.
+    pub fn ssh_addr(&self) -> Option<SocketAddr> {
+        self.ssh_addr
     }
 
     /// `http://ADDR`.
@@ -499,10 +594,13 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     cfg.listen = addr;
     let proxy_listener = bind_proxy(&mut cfg).await?;
-    let (router, state) = build_app(&cfg).await?;
+    let ssh_listener = bind_ssh(&mut cfg).await?;
+    let (router, state, host_key) = build_app_with_host_key(&cfg).await?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
     let proxy = start_proxy(proxy_listener, &state, &cfg)?;
     let proxy_addr = proxy.as_ref().map(|p| p.addr());
+    let ssh = start_ssh(ssh_listener, &state, &cfg, host_key).await?;
+    let ssh_addr = ssh.as_ref().map(|s| s.addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(
         listener,
@@ -513,10 +611,12 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         },
         cfg.shutdown_grace,
         proxy,
+        ssh,
     ));
     Ok(RunningServer {
         addr,
         proxy_addr,
+        ssh_addr,
         state,
         stop: Some(stop),
         task,

@@ -13,14 +13,15 @@
 //! one-shot console token instead of an API key; the page `/console` and its
 //! assets are public (see `console.rs`). Request spans never carry query strings.
 //!
-//! Endpoints of the spec that are not implemented yet (SSH keys,
-//! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (volumes, bucket
+//! mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod console;
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod me;
 pub mod org;
 pub mod services;
 pub mod snapshots;
@@ -80,6 +81,15 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/org/quotas", get(org::quotas))
+        .route(
+            "/v1/me/ssh-keys",
+            get(me::list_ssh_keys).post(me::add_ssh_key),
+        )
+        .route(
+            "/v1/me/ssh-keys/{fingerprint}",
+            axum::routing::delete(me::delete_ssh_key),
+        )
+        .route("/v1/ssh-gateway", get(me::ssh_gateway))
         .route(
             "/v1/snapshots",
             get(snapshots::list).post(snapshots::create),
