@@ -342,21 +342,64 @@ fn exec_stdio_and_exit_codes() {
     assert_eq!(out.status.code(), Some(127));
 }
 
+/// `ssh -t` on a real local terminal (a PTY this test owns): the guest's
+/// terminal gets its size, follows a resize (SIGWINCH -> window-change),
+/// Ctrl-C interrupts the foreground job only, and `exit 7` is ssh's status.
 #[test]
-fn pty_shell_ctrl_c_and_exit_status() {
+fn pty_shell_resize_ctrl_c_and_exit_status() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt as _;
     let vm = setup();
-    let script = b"stty size; echo tty-$(tty | cut -c1-8)\nsleep 100\n";
-    let mut cmd = ssh("good", vm, &["-tt"]);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("ssh -tt");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = child.stdout.take().expect("stdout");
+    let set_size = |fd: i32, rows: u16, cols: u16| {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+        unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    };
+    let (mut master_fd, mut slave_fd) = (-1, -1);
+    // SAFETY: openpty writes two fds into the given ints; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master_fd,
+            &mut slave_fd,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: openpty returned two fresh fds that nothing else owns.
+    let (master, slave) = unsafe {
+        (
+            OwnedFd::from_raw_fd(master_fd),
+            OwnedFd::from_raw_fd(slave_fd),
+        )
+    };
+    set_size(master.as_raw_fd(), 30, 100);
+    let mut cmd = ssh("good", vm, &["-t"]);
+    cmd.stdin(slave.try_clone().expect("dup"))
+        .stdout(slave.try_clone().expect("dup"))
+        .stderr(slave.try_clone().expect("dup"));
+    // SAFETY: between fork and exec: setsid and TIOCSCTTY on fd 0 are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("ssh -t");
+    drop(slave);
+    let mut writer = std::fs::File::from(master.try_clone().expect("dup"));
+    let mut reader = std::fs::File::from(master.try_clone().expect("dup"));
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
+        while let Ok(n) = reader.read(&mut buf) {
             if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
                 break;
             }
@@ -366,9 +409,9 @@ fn pty_shell_ctrl_c_and_exit_status() {
     let mut wait_for = |needle: &str, within: Duration| {
         let until = Instant::now() + within;
         loop {
-            if String::from_utf8_lossy(&seen).contains(needle) {
+            if let Some(at) = text(&seen).find(needle) {
                 let s = text(&seen);
-                seen.clear();
+                seen.drain(..at + needle.len());
                 return s;
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -378,16 +421,31 @@ fn pty_shell_ctrl_c_and_exit_status() {
             }
         }
     };
-    stdin.write_all(script).expect("type");
-    // No local terminal: OpenSSH asks for 80x24... the guest sees a real tty.
-    let got = wait_for("tty-/dev/pts", Duration::from_secs(60));
-    assert!(got.contains("24 80") || got.contains(" 80"), "{got:?}");
-    std::thread::sleep(Duration::from_millis(500));
-    // Ctrl-C reaches `sleep` (the terminal's foreground group), not the shell.
-    stdin.write_all(b"\x03").expect("ctrl-c");
-    stdin.write_all(b"echo after-$?\n").expect("type");
-    wait_for("after-130", Duration::from_secs(30));
-    stdin.write_all(b"exit 7\n").expect("type");
+    writer
+        .write_all(b"echo SZ-$(stty size | tr ' ' x)-$(tty | cut -c1-8)\n")
+        .expect("type");
+    wait_for("SZ-30x100-/dev/pts", Duration::from_secs(60));
+    set_size(master.as_raw_fd(), 50, 132);
+    let mut resized = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        writer
+            .write_all(b"echo RS-$(stty size | tr ' ' x)-END\n")
+            .expect("type");
+        let got = wait_for("-END", Duration::from_secs(30));
+        if got.contains("RS-50x132-END") {
+            resized = true;
+            break;
+        }
+    }
+    assert!(resized, "the guest never saw 50x132");
+    // Ctrl-C reaches `sleep` (the terminal's foreground job), not the shell.
+    writer.write_all(b"sleep 100\n").expect("type");
+    std::thread::sleep(Duration::from_millis(1500));
+    writer.write_all(b"\x03").expect("ctrl-c");
+    writer.write_all(b"echo after-$?-x\n").expect("type");
+    wait_for("after-130-x", Duration::from_secs(30));
+    writer.write_all(b"exit 7\n").expect("type");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(7));
 }

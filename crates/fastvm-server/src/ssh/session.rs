@@ -63,8 +63,14 @@ impl Ctx {
     }
 }
 
-fn clamp(n: u32) -> u16 {
-    n.clamp(1, MAX_DIMENSION) as u16
+/// A terminal dimension from the client: 0 (unknown, e.g. no local
+/// terminal) becomes `default`, anything else is clamped to 1..=4096.
+fn dimension(n: u32, default: u16) -> u16 {
+    if n == 0 {
+        default
+    } else {
+        n.min(MAX_DIMENSION) as u16
+    }
 }
 
 fn signal_number(sig: &Sig) -> Option<i32> {
@@ -110,7 +116,7 @@ pub(crate) async fn run_session(ctx: Ctx, channel: Channel<Msg>, _slot: ChannelS
                 } else {
                     term
                 };
-                pty = Some((term, clamp(col_width), clamp(row_height)));
+                pty = Some((term, dimension(col_width, 80), dimension(row_height, 24)));
             }
             Some(ChannelMsg::WindowChange {
                 col_width,
@@ -118,7 +124,7 @@ pub(crate) async fn run_session(ctx: Ctx, channel: Channel<Msg>, _slot: ChannelS
                 ..
             }) => {
                 if let Some(p) = pty.as_mut() {
-                    (p.1, p.2) = (clamp(col_width), clamp(row_height));
+                    (p.1, p.2) = (dimension(col_width, p.1), dimension(row_height, p.2));
                 }
             }
             Some(ChannelMsg::SetEnv {
@@ -223,8 +229,8 @@ async fn terminal(
                 } => {
                     input
                         .send(PtyInput::Resize {
-                            cols: clamp(col_width),
-                            rows: clamp(row_height),
+                            cols: dimension(col_width, 80),
+                            rows: dimension(row_height, 24),
                         })
                         .await
                 }
