@@ -481,7 +481,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 9);
+    assert_eq!(store.org_count().await?, 11);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -510,7 +510,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 9);
+        assert_eq!(store.org_count().await?, 11);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
