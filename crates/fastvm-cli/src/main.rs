@@ -37,6 +37,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: REST API, store and the embedded worker.
