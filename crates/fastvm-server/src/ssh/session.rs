@@ -155,7 +155,7 @@ pub(crate) async fn run_session(ctx: Ctx, channel: Channel<Msg>, _slot: ChannelS
         return finish(&wr, 255).await;
     }
     let code = match (run, pty) {
-        (Run::Sftp, _) => exec(&ctx, &mut rd, &wr, vec![SFTP_SERVER.into()], env).await,
+        (Run::Sftp, _) => exec(&ctx, rd, &wr, vec![SFTP_SERVER.into()], env).await,
         (Run::Shell, Some((term, cols, rows))) => {
             terminal(&ctx, rd, &wr, Vec::new(), env, term, cols, rows).await
         }
@@ -163,12 +163,10 @@ pub(crate) async fn run_session(ctx: Ctx, channel: Channel<Msg>, _slot: ChannelS
             let argv = vec!["/bin/sh".into(), "-c".into(), cmd];
             terminal(&ctx, rd, &wr, argv, env, term, cols, rows).await
         }
-        (Run::Shell, None) => {
-            exec(&ctx, &mut rd, &wr, vec!["/bin/sh".into(), "-l".into()], env).await
-        }
+        (Run::Shell, None) => exec(&ctx, rd, &wr, vec!["/bin/sh".into(), "-l".into()], env).await,
         (Run::Exec(cmd), None) => {
             let argv = vec!["/bin/sh".into(), "-c".into(), cmd];
-            exec(&ctx, &mut rd, &wr, argv, env).await
+            exec(&ctx, rd, &wr, argv, env).await
         }
     };
     if let Some(code) = code {
@@ -278,9 +276,13 @@ async fn terminal(
 
 /// A process with stdin/stdout/stderr as the channel's data, its extended
 /// data 1 and its EOF. `None`: the client went away.
+///
+/// Stdin is moved by its own task, so output keeps flowing while stdin
+/// waits for the guest (`cat` of a large input: the process only reads more
+/// once its output was taken).
 async fn exec(
     ctx: &Ctx,
-    rd: &mut russh::ChannelReadHalf,
+    mut rd: russh::ChannelReadHalf,
     wr: &russh::ChannelWriteHalf<Msg>,
     argv: Vec<String>,
     env: BTreeMap<String, String>,
@@ -310,11 +312,12 @@ async fn exec(
             return Some(255);
         }
     };
-    let mut stdin = Some(tx);
-    loop {
-        tokio::select! {
-            msg = rd.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
+    // Client -> guest stdin, until the client closes the channel.
+    let mut reader = tokio::spawn(async move {
+        let mut stdin = Some(tx);
+        while let Some(msg) = rd.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
                     if let Some(tx) = &stdin {
                         // Waits while the guest does not take it (flow control).
                         if tx.send(data).await.is_err() {
@@ -322,35 +325,42 @@ async fn exec(
                         }
                     }
                 }
-                Some(ChannelMsg::Eof) => stdin = None,
-                Some(ChannelMsg::Close) | None => return None,
-                Some(_) => {}
-            },
+                ChannelMsg::Eof => stdin = None,
+                ChannelMsg::Close => return,
+                _ => {}
+            }
+        }
+    });
+    let code = loop {
+        tokio::select! {
             ev = events.next() => match ev {
                 Some(Ok(ExecEvent::Stdout(d))) => {
                     if wr.data_bytes(d).await.is_err() {
-                        return None;
+                        break None;
                     }
                 }
                 Some(Ok(ExecEvent::Stderr(d))) => {
                     if wr.extended_data_bytes(1, d).await.is_err() {
-                        return None;
+                        break None;
                     }
                 }
                 Some(Ok(ExecEvent::Exit(st))) => {
                     if let Some(e) = st.error.filter(|_| st.code == 127) {
                         let _ = wr.extended_data_bytes(1, Bytes::from(format!("fastvm: {e}\n"))).await;
                     }
-                    return Some(exit_code(st.code));
+                    break Some(exit_code(st.code));
                 }
                 Some(Err(e)) => {
                     let _ = wr.extended_data_bytes(1, Bytes::from(format!("fastvm: {e}\n"))).await;
-                    return Some(255);
+                    break Some(255);
                 }
-                None => return Some(255),
+                None => break Some(255),
             },
+            _ = &mut reader => return None,
         }
-    }
+    };
+    reader.abort();
+    code
 }
 
 /// `ssh -L`: a connection dialed inside the guest, spliced to the channel.
