@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
 
     // --- keystroke echo over SSH (blocking I/O on a thread) ---
     let (h, p, target) = (home.clone(), port, format!("{vm_id}@127.0.0.1"));
-    let mut over_ssh = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
+    let over_ssh = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
         let mut c = ssh_base("ssh", &h, p);
         c.args(["-tt", &target, "stty raw -echo; echo READY; cat"])
             .stdin(Stdio::piped())
@@ -284,8 +284,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let (mut a, mut b) = (over_ssh.clone(), floor.clone());
-    over_ssh.clear();
+    let (mut a, mut b) = (over_ssh, floor);
     println!("bench-ssh: c1m2 guest, TCG, {keystrokes} keystrokes, {mib} MiB upload");
     println!(
         "keystroke echo over ssh -tt   p50 {:7.2} ms  p99 {:7.2} ms",
