@@ -45,9 +45,30 @@
 //!  agent: Eof(s, stdout), Exit{code, signal}
 //! ```
 //!
-//! Versions: v1 had no terminals. A v2 host still drives a v1 agent (e.g. in
-//! a VM restored from an old snapshot) for everything else
-//! ([`MIN_PROTOCOL_VERSION`]); it refuses PTY requests to it.
+//! Guest-side TCP connections (protocol v3): [`Control::Connect`] asks the
+//! agent to dial `host:port` *from inside the guest* (so `127.0.0.1` is the
+//! guest's loopback, and the VM's firewall, which filters its network
+//! interface, is not involved). The stream then carries the connection's
+//! bytes like an exec's stdio: host-to-guest bytes are `Data{Stdin}` under the
+//! stdin window (`Credit{Stdin}` as the agent writes them to the socket),
+//! guest-to-host bytes are `Data{Stdout}` under the stdout window.
+//! `Eof{Stdin}` half-closes the socket (shutdown of its write side);
+//! `Eof{Stdout}` says the peer closed. The last message is
+//! [`Control::Exit`] (code 0, or 1 with `error` set when the socket failed);
+//! [`Control::Cancel`] closes the socket at once.
+//!
+//! ```text
+//!  host: Connect{host, port} on s  -> agent: Ok (connected) | Error{message} (last)
+//!  host: Data(s, stdin, b)   -> written to the socket; Credit(s, stdin, n) back
+//!  agent: Data(s, stdout, b) <- read from the socket under the stdout window
+//!  host: Eof(s, stdin)       -> shutdown(SHUT_WR)
+//!  agent: Eof(s, stdout), Exit{code: 0}   once both directions are closed
+//! ```
+//!
+//! Versions: v1 had no terminals, v2 no guest TCP connections. A v3 host
+//! still drives a v1 agent (e.g. in a VM restored from an old snapshot) for
+//! everything else ([`MIN_PROTOCOL_VERSION`]); it refuses PTY requests to a
+//! v1 agent and connections to a v1/v2 agent.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -55,11 +76,15 @@ use std::collections::BTreeMap;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version of this protocol; exchanged in [`Control::Hello`] / [`Control::HelloAck`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest agent protocol a host still talks to (v1: no PTYs).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// First protocol version with [`PtySpec`] and [`Control::Resize`].
 pub const PTY_PROTOCOL_VERSION: u32 = 2;
+/// First protocol version with [`Control::Connect`].
+pub const CONNECT_PROTOCOL_VERSION: u32 = 3;
+/// Longest host name a [`Control::Connect`] may carry (a DNS name's limit).
+pub const MAX_CONNECT_HOST: usize = 253;
 /// Resynchronisation marker; followed by an 8-byte nonce.
 pub const SYNC_MAGIC: [u8; 8] = *b"FVMSYNC1";
 const SYNC_LEN: usize = SYNC_MAGIC.len() + 8;
@@ -176,6 +201,10 @@ pub enum Control {
     /// Host -> guest (v2): new window size of this stream's PTY. No answer;
     /// ignored for a stream without a PTY.
     Resize { cols: u16, rows: u16 },
+    /// Host -> guest (v3): open a TCP connection from inside the guest to
+    /// `host:port` (an IP address or a name the guest resolves) and carry its
+    /// bytes on this stream; answered with `Ok` or `Error` (see the module docs).
+    Connect { host: String, port: u16 },
     /// Host -> guest: the host gave up on this stream (client went away):
     /// kill its process group and drop its remaining output. No Exit follows.
     Cancel,

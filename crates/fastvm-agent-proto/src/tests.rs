@@ -49,6 +49,13 @@ fn sample_frames() -> Vec<Frame> {
             stream: 4,
             msg: Control::Resize { cols: 80, rows: 24 },
         },
+        Frame::Control {
+            stream: 5,
+            msg: Control::Connect {
+                host: "localhost".into(),
+                port: 22,
+            },
+        },
         Frame::Data {
             stream: 3,
             fd: Fd::Stdout,
@@ -168,12 +175,17 @@ fn bad_control_json_keeps_sync() {
 /// Schema snapshot: the JSON of control messages is the cross-version contract.
 /// Changing it requires bumping PROTOCOL_VERSION and updating this test.
 /// v2 added `exec.pty` (absent when unused, so v1 execs are byte-identical)
-/// and `resize`.
+/// and `resize`; v3 added `connect`.
 #[test]
 fn control_schema_snapshot() {
     assert_eq!(
-        (PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PTY_PROTOCOL_VERSION),
-        (2, 1, 2)
+        (
+            PROTOCOL_VERSION,
+            MIN_PROTOCOL_VERSION,
+            PTY_PROTOCOL_VERSION,
+            CONNECT_PROTOCOL_VERSION
+        ),
+        (3, 1, 2, 3)
     );
     let cases: Vec<(Control, &str)> = vec![
         (
@@ -252,6 +264,13 @@ fn control_schema_snapshot() {
         (
             Control::Signal { signal: 9 },
             r#"{"type":"signal","signal":9}"#,
+        ),
+        (
+            Control::Connect {
+                host: "127.0.0.1".into(),
+                port: 8080,
+            },
+            r#"{"type":"connect","host":"127.0.0.1","port":8080}"#,
         ),
         (Control::Cancel, r#"{"type":"cancel"}"#),
         (Control::Ping, r#"{"type":"ping"}"#),

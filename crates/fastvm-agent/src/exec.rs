@@ -70,7 +70,7 @@ impl Credit {
     }
 
     /// Wait for credit; take up to `max` bytes of it. Detached streams have unlimited credit.
-    async fn take(&self, max: usize) -> usize {
+    pub(crate) async fn take(&self, max: usize) -> usize {
         loop {
             if self.detached.load(Ordering::SeqCst) {
                 return max;
@@ -91,21 +91,25 @@ impl Credit {
 pub(crate) struct StreamHandle {
     stdout: Arc<Credit>,
     stderr: Arc<Credit>,
-    pub(crate) stdin: Option<mpsc::Sender<Option<Bytes>>>,
+    pub(crate) stdin: Option<mpsc::UnboundedSender<Option<Bytes>>>,
     pid: Arc<AtomicI32>,
     detached: Arc<AtomicBool>,
     /// The terminal's master, for resize requests.
     pty: Option<Master>,
+    /// Closes a guest TCP connection's stream (see `crate::tcp`) when the
+    /// stream is cancelled or detached: no process would notice otherwise.
+    closer: tokio_util::sync::CancellationToken,
 }
 
 /// The exec task's side of the same stream.
 pub(crate) struct StreamParts {
-    stdout: Arc<Credit>,
+    pub(crate) stdout: Arc<Credit>,
     stderr: Arc<Credit>,
-    stdin: Option<mpsc::Receiver<Option<Bytes>>>,
+    pub(crate) stdin: Option<mpsc::UnboundedReceiver<Option<Bytes>>>,
     pid: Arc<AtomicI32>,
-    detached: Arc<AtomicBool>,
+    pub(crate) detached: Arc<AtomicBool>,
     pty: Option<Pty>,
+    pub(crate) closer: tokio_util::sync::CancellationToken,
 }
 
 impl StreamHandle {
@@ -117,13 +121,19 @@ impl StreamHandle {
             Arc::new(AtomicBool::new(false)),
         );
         let (tx, rx) = if with_stdin || pty.is_some() {
-            let (tx, rx) = mpsc::channel(16);
+            // The host sends at most one window of bytes ahead (STREAM_WINDOW),
+            // but in frames of any size: an unbounded queue holds at most that
+            // many bytes and never blocks the session loop (a process that
+            // does not read its stdin must not stall every other stream).
+            let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
         let master = pty.as_ref().map(|p| p.master.clone());
+        let closer = tokio_util::sync::CancellationToken::new();
         let handle = StreamHandle {
+            closer: closer.clone(),
             stdout: stdout.clone(),
             stderr: stderr.clone(),
             stdin: tx,
@@ -140,6 +150,7 @@ impl StreamHandle {
                 pid,
                 detached,
                 pty,
+                closer,
             },
         )
     }
@@ -178,6 +189,7 @@ impl StreamHandle {
         self.detached.store(true, Ordering::SeqCst);
         self.stdout.detach();
         self.stderr.detach();
+        self.closer.cancel();
     }
 }
 
@@ -491,7 +503,7 @@ async fn feed_stdin(
     shared: Arc<Shared>,
     stream: u32,
     mut tx: Sink,
-    mut rx: mpsc::Receiver<Option<Bytes>>,
+    mut rx: mpsc::UnboundedReceiver<Option<Bytes>>,
 ) {
     while let Some(Some(data)) = rx.recv().await {
         let n = data.len() as u32;

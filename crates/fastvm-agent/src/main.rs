@@ -23,6 +23,7 @@ mod port;
 mod pty;
 mod reaper;
 mod session;
+mod tcp;
 
 use std::time::Duration;
 

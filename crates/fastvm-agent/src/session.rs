@@ -3,7 +3,7 @@
 //! ```text
 //!  host: SYNC(n) Hello{n}         -> agent: detaches old streams,
 //!                                    answers SYNC(n) HelloAck{n}
-//!  host: Configure / Exec / Ping / Shutdown on stream s (Resize: no answer)
+//!  host: Configure / Exec / Connect / Ping / Shutdown on stream s (Resize: no answer)
 //!                                 -> agent: Ok | Error | Started, Data*, Eof, Exit on s
 //!  host: Credit(s, fd, n)         -> the stream's pump may send n more bytes
 //! ```
@@ -109,7 +109,7 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
         } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
-                let _ = tx.send(Some(data)).await;
+                let _ = tx.send(Some(data));
             }
         }
         Frame::Eof {
@@ -118,7 +118,7 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
         } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
-                let _ = tx.send(None).await;
+                let _ = tx.send(None);
             }
         }
         Frame::Credit { stream, fd, bytes } => {
@@ -140,6 +140,31 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
             crate::log("ignored output-direction frame from host")
         }
     }
+}
+
+/// Enter a new stream in the table; a busy id is answered with an error.
+async fn register(shared: &Arc<Shared>, stream: u32, handle: StreamHandle) -> bool {
+    let duplicate = match shared.streams.lock() {
+        Ok(mut streams) => match streams.entry(stream) {
+            std::collections::hash_map::Entry::Occupied(_) => true,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(handle);
+                false
+            }
+        },
+        Err(_) => true,
+    };
+    if duplicate {
+        reply(
+            shared,
+            stream,
+            Control::Error {
+                message: format!("stream {stream} is busy"),
+            },
+        )
+        .await;
+    }
+    !duplicate
 }
 
 async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
@@ -197,27 +222,27 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                 None => None,
             };
             let (handle, parts) = StreamHandle::new(spec.stdin, pty);
-            let duplicate = match shared.streams.lock() {
-                Ok(mut streams) => match streams.entry(stream) {
-                    std::collections::hash_map::Entry::Occupied(_) => true,
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(handle);
-                        false
-                    }
-                },
-                Err(_) => true,
-            };
-            if duplicate {
-                return reply(
-                    shared,
-                    stream,
-                    Control::Error {
-                        message: format!("stream {stream} is busy"),
-                    },
-                )
-                .await;
+            if !register(shared, stream, handle).await {
+                return;
             }
             tokio::spawn(exec::run(shared.clone(), stream, spec, parts));
+        }
+        Control::Connect { host, port } => {
+            if stream == 0 || host.is_empty() || host.len() > fastvm_agent_proto::MAX_CONNECT_HOST {
+                let message = if stream == 0 {
+                    "stream 0 is reserved".to_owned()
+                } else {
+                    format!(
+                        "host must be 1..={} bytes",
+                        fastvm_agent_proto::MAX_CONNECT_HOST
+                    )
+                };
+                return reply(shared, stream, Control::Error { message }).await;
+            }
+            let (handle, parts) = StreamHandle::new(true, None);
+            if register(shared, stream, handle).await {
+                tokio::spawn(crate::tcp::run(shared.clone(), stream, host, port, parts));
+            }
         }
         Control::Signal { signal } => {
             let pid = shared.with_stream(stream, |s| s.pid()).flatten();

@@ -7,6 +7,7 @@
 //!  fastvm images build        build (or refresh) the guest image cache
 //!  fastvm vm launch|list|get|rm|pause|resume
 //!  fastvm exec VM -- CMD...   stream output live, exit with the command's code
+//!  fastvm ssh VM [-- CMD...]  OpenSSH to the server's SSH gateway (its host key only)
 //!  fastvm snapshot create|list|get|rm
 //!  fastvm console [--web] VM   the VM's shell in this terminal (or a browser)
 //! ```
@@ -22,6 +23,7 @@ mod serve;
 mod service;
 mod sized_tar;
 mod snapshot;
+mod ssh;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -107,6 +109,8 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Open a shell (or run CMD) in a VM over the SSH gateway with OpenSSH's `ssh`.
+    Ssh(ssh::SshArgs),
     /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
     Service {
         #[command(subcommand)]
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 api_misc::completions(shell, &mut <Cli as clap::CommandFactory>::command());
                 Ok(0)
             }
+            Command::Ssh(args) => ssh::run(args).await,
         }
     });
     // Do not wait for tasks still blocked in a read (the console's stdin

@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Serve no metrics.
     #[arg(long, env = "FASTVM_NO_METRICS")]
     pub no_metrics: bool,
+    /// Address of the SSH gateway (`ssh -p PORT <vm-id>@HOST` with a key of /v1/me/ssh-keys).
+    #[arg(long, env = "FASTVM_SSH_LISTEN", default_value = "127.0.0.1:2222")]
+    pub ssh_listen: SocketAddr,
+    /// Run no SSH gateway.
+    #[arg(long, env = "FASTVM_NO_SSH")]
+    pub no_ssh: bool,
     #[command(flatten)]
     pub s3: S3Args,
     /// Close a console after this many seconds without input or output.
@@ -122,6 +128,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.metrics_listen = Some(args.metrics_listen);
     }
     cfg.console.idle_timeout = std::time::Duration::from_secs(args.console_idle_sec);
+    if !args.no_ssh {
+        cfg.ssh = Some(fastvm_server::ssh::SshConfig::new(args.ssh_listen));
+    }
     if !args.no_proxy {
         let mut proxy = fastvm_server::proxy::ProxyConfig::new(args.proxy_listen);
         proxy.domain = args.proxy_domain.trim_matches('.').to_ascii_lowercase();

@@ -40,6 +40,9 @@ pub fn token_prefix(token: &str) -> String {
 pub struct Caller {
     pub org_id: OrgId,
     pub key_id: uuid::Uuid,
+    /// The user the key acts for (the admin key's user `admin`); `None` for
+    /// org keys made with `fastvm keys create`.
+    pub user_id: Option<uuid::Uuid>,
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -79,6 +82,7 @@ impl FromRequestParts<AppState> for Caller {
             Some(key) => Ok(Caller {
                 org_id: key.org_id,
                 key_id: key.id,
+                user_id: key.user_id,
             }),
             None => Err(ApiError::unauthenticated("invalid or revoked API key")),
         }

@@ -5,9 +5,10 @@
 //! |--------|--------------------------------------------------------------------|
 //! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 401    | `UNAUTHENTICATED`                                                  |
+//! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user) |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM) |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed) |
@@ -55,6 +56,9 @@ pub mod codes {
     pub const WORKER_UNREACHABLE: &str = "WORKER_UNREACHABLE";
     pub const SERVICE_EXISTS: &str = "SERVICE_EXISTS";
     pub const TOO_MANY_SERVICES: &str = "TOO_MANY_SERVICES";
+    pub const SSH_KEY_EXISTS: &str = "SSH_KEY_EXISTS";
+    pub const TOO_MANY_SSH_KEYS: &str = "TOO_MANY_SSH_KEYS";
+    pub const NO_USER: &str = "NO_USER";
     pub const QUOTA_EXCEEDED_VCPU: &str = "QUOTA_EXCEEDED_VCPU";
     pub const QUOTA_EXCEEDED_MEMORY_MIB: &str = "QUOTA_EXCEEDED_MEMORY_MIB";
     pub const QUOTA_EXCEEDED_DISK_GIB: &str = "QUOTA_EXCEEDED_DISK_GIB";

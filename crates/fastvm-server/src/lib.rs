@@ -8,6 +8,7 @@
 //!                  snapshots.rs (capture, restore guard, delete)
 //!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
 //!                  console.rs (console tokens, wake, WebSocket terminal sessions)
+//!  ssh client --SSH--> ssh/ (russh gateway: keys of /v1/me/ssh-keys, channels -> Worker)
 //!                    |                         |
 //!                  store/ (sqlx Any:          worker.rs: Worker trait
 //!                  SQLite | PostgreSQL)         '-- LocalWorker -> fastvm_worker::Runtime -> QEMU
@@ -41,6 +42,7 @@ mod quotas;
 pub mod routes;
 pub mod services;
 mod snapshots;
+pub mod ssh;
 pub mod staging;
 pub mod store;
 mod ttl;
@@ -93,6 +95,8 @@ pub struct ServerConfig {
     pub proxy: Option<proxy::ProxyConfig>,
     /// Where `GET /metrics` is served (`--metrics-listen`); none: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The SSH gateway (`fastvm serve --ssh-listen`); none: no gateway.
+    pub ssh: Option<ssh::SshConfig>,
 }
 
 impl ServerConfig {
@@ -111,6 +115,7 @@ impl ServerConfig {
             console: console::ConsoleConfig::default(),
             proxy: None,
             metrics_listen: None,
+            ssh: None,
         }
     }
 
@@ -159,6 +164,8 @@ struct Inner {
     console: console::ConsoleState,
     /// Prometheus metrics (see metrics.rs).
     metrics: metrics::Metrics,
+    /// The SSH gateway's public host key and port, when it runs.
+    ssh_public: Option<fastvm_types::ssh_key::SshGatewayInfo>,
 }
 
 impl AppState {
@@ -178,6 +185,7 @@ impl AppState {
                 wakes: Default::default(),
                 console: Default::default(),
                 metrics: Default::default(),
+                ssh_public: None,
             }),
         }
     }
@@ -193,6 +201,19 @@ impl AppState {
 
     pub(crate) fn proxy_public(&self) -> Option<&services::ProxyPublic> {
         self.inner.proxy_public.as_ref()
+    }
+
+    /// Tell the state how clients reach the SSH gateway (call right after
+    /// [`AppState::new`]).
+    pub fn with_ssh_public(mut self, info: fastvm_types::ssh_key::SshGatewayInfo) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ssh_public = Some(info);
+        }
+        self
+    }
+
+    pub(crate) fn ssh_public(&self) -> Option<&fastvm_types::ssh_key::SshGatewayInfo> {
+        self.inner.ssh_public.as_ref()
     }
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
@@ -355,6 +376,14 @@ pub(crate) fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
 /// The router and its state: opens the store (bootstrapping it on first
 /// start), opens the embedded worker (re-adopting its VMs) and reconciles.
 pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppState)> {
+    let (router, state, _) = build_app_with_host_key(cfg).await?;
+    Ok((router, state))
+}
+
+/// [`build_app`], plus the SSH gateway's host key when `cfg.ssh` is set.
+async fn build_app_with_host_key(
+    cfg: &ServerConfig,
+) -> anyhow::Result<(axum::Router, AppState, Option<russh::keys::PrivateKey>)> {
     let store = open_store(&cfg.data_dir, cfg.database_url.as_deref()).await?;
     let key_file = cfg.data_dir.join(ADMIN_KEY_FILE);
     if key_file.exists() {
@@ -374,6 +403,23 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
         };
         state = state.with_proxy_public(public);
     }
+    let host_key = match &cfg.ssh {
+        Some(ssh_cfg) => {
+            let key = ssh::load_or_create_host_key(&cfg.data_dir)?;
+            let public = key.public_key();
+            tracing::info!(
+                fingerprint = %public.fingerprint(russh::keys::HashAlg::Sha256),
+                path = %ssh::host_key_path(&cfg.data_dir).display(),
+                "SSH gateway host key"
+            );
+            state = state.with_ssh_public(fastvm_types::ssh_key::SshGatewayInfo {
+                host_keys: vec![ssh::public_line(public)],
+                port: ssh_cfg.listen.port(),
+            });
+            Some(key)
+        }
+        None => None,
+    };
     let state = match &cfg.staging.s3 {
         Some(s3) => {
             let staging = staging::s3::S3Staging::new(s3)?;
@@ -387,7 +433,7 @@ pub async fn build_app(cfg: &ServerConfig) -> anyhow::Result<(axum::Router, AppS
         }
     };
     state.reconcile_on_start().await?;
-    Ok((routes::router(state.clone()), state))
+    Ok((routes::router(state.clone()), state, host_key))
 }
 
 /// Serve the API on `cfg.listen` until `shutdown` completes. VMs keep
@@ -401,26 +447,32 @@ pub async fn serve(
         .with_context(|| format!("listening on {}", cfg.listen))?;
     cfg.listen = listener.local_addr()?;
     let side = bind_side(&mut cfg).await?;
-    let (router, state) = build_app(&cfg).await?;
+    let (router, state, host_key) = build_app_with_host_key(&cfg).await?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
-    let side = start_side(side, &state, &cfg)?;
+    let side = start_side(side, &state, &cfg, host_key).await?;
     serve_on(listener, router, state, shutdown, cfg.shutdown_grace, side).await
 }
 
-/// The listeners beside the API's: the services proxy and the metrics.
+/// The listeners beside the API's: the services proxy, the SSH gateway and
+/// the metrics.
 struct SideListeners {
     proxy: Option<tokio::net::TcpListener>,
+    ssh: Option<tokio::net::TcpListener>,
     metrics: Option<tokio::net::TcpListener>,
 }
 
-/// What serves on them; dropping it stops both.
+/// What serves on them; dropping it stops them all.
 struct SideTasks {
     proxy: Option<proxy::ProxyTask>,
+    ssh: Option<ssh::SshTask>,
     metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for SideTasks {
     fn drop(&mut self) {
+        if let Some(s) = &self.ssh {
+            s.stop();
+        }
         if let Some(m) = &self.metrics {
             m.abort();
         }
@@ -432,6 +484,7 @@ impl Drop for SideTasks {
 async fn bind_side(cfg: &mut ServerConfig) -> anyhow::Result<SideListeners> {
     let mut side = SideListeners {
         proxy: None,
+        ssh: None,
         metrics: None,
     };
     if let Some(proxy) = cfg.proxy.as_mut() {
@@ -446,6 +499,18 @@ async fn bind_side(cfg: &mut ServerConfig) -> anyhow::Result<SideListeners> {
         proxy.listen = listener.local_addr()?;
         side.proxy = Some(listener);
     }
+    if let Some(ssh) = cfg.ssh.as_mut() {
+        let listener = tokio::net::TcpListener::bind(ssh.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on {} (the SSH gateway, --ssh-listen)",
+                    ssh.listen
+                )
+            })?;
+        ssh.listen = listener.local_addr()?;
+        side.ssh = Some(listener);
+    }
     if let Some(addr) = cfg.metrics_listen.as_mut() {
         let listener = tokio::net::TcpListener::bind(*addr)
             .await
@@ -456,13 +521,22 @@ async fn bind_side(cfg: &mut ServerConfig) -> anyhow::Result<SideListeners> {
     Ok(side)
 }
 
-fn start_side(
+async fn start_side(
     listeners: SideListeners,
     state: &AppState,
     cfg: &ServerConfig,
+    host_key: Option<russh::keys::PrivateKey>,
 ) -> anyhow::Result<SideTasks> {
     let proxy = match (listeners.proxy, &cfg.proxy) {
         (Some(listener), Some(p)) => Some(proxy::spawn(listener, state.clone(), p)?),
+        _ => None,
+    };
+    let ssh = match (listeners.ssh, &cfg.ssh, host_key) {
+        (Some(listener), Some(c), Some(key)) => {
+            let task = ssh::spawn(listener, state.clone(), c, key).await?;
+            tracing::info!(addr = %task.addr(), "SSH gateway listening (ssh -p PORT <vm-id>@HOST)");
+            Some(task)
+        }
         _ => None,
     };
     let metrics = listeners.metrics.map(|listener| {
@@ -476,7 +550,11 @@ fn start_side(
             }
         })
     });
-    Ok(SideTasks { proxy, metrics })
+    Ok(SideTasks {
+        proxy,
+        ssh,
+        metrics,
+    })
 }
 
 async fn serve_on(
@@ -515,6 +593,7 @@ pub struct RunningServer {
     addr: SocketAddr,
     proxy_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    ssh_addr: Option<SocketAddr>,
     state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -534,6 +613,11 @@ impl RunningServer {
     /// The metrics listener's address, when it runs.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The SSH gateway's address, when it runs.
+    pub fn ssh_addr(&self) -> Option<SocketAddr> {
+        self.ssh_addr
     }
 
     /// `http://ADDR`.
@@ -563,10 +647,11 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     cfg.listen = addr;
     let side = bind_side(&mut cfg).await?;
-    let (router, state) = build_app(&cfg).await?;
+    let (router, state, host_key) = build_app_with_host_key(&cfg).await?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "Fast VM API listening");
-    let side = start_side(side, &state, &cfg)?;
+    let side = start_side(side, &state, &cfg, host_key).await?;
     let proxy_addr = side.proxy.as_ref().map(|p| p.addr());
+    let ssh_addr = side.ssh.as_ref().map(|s| s.addr());
     let metrics_addr = side
         .metrics
         .is_some()
@@ -587,6 +672,7 @@ pub async fn start(mut cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         addr,
         proxy_addr,
         metrics_addr,
+        ssh_addr,
         state,
         stop: Some(stop),
         task,

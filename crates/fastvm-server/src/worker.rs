@@ -64,6 +64,7 @@ impl From<fastvm_worker::Error> for WorkerError {
             E::UnknownMachineType(_) => WorkerError::UnknownMachineType(msg),
             E::InvalidExec(_) => WorkerError::InvalidExec(msg),
             E::AgentUnavailable(_) => WorkerError::AgentUnavailable(msg),
+            E::GuestConnect(_) => WorkerError::ConnectRefused(msg),
             _ => WorkerError::Failed(msg),
         }
     }
@@ -194,6 +195,24 @@ pub trait Worker: Send + Sync + 'static {
         let _ = (id, tail_bytes);
         Err(WorkerError::Failed(
             "this worker cannot show serial consoles".into(),
+        ))
+    }
+    /// Open a TCP connection to `host:port` *as seen from inside* the
+    /// running VM `id` (e.g. a service bound to the guest's 127.0.0.1), dialed
+    /// by the guest agent and carried over the agent channel: unlike
+    /// [`Worker::connect`] it needs no guest network and no firewall opening
+    /// (SSH `-L` forwarding). Flow-controlled both ways; EOF is a half-close;
+    /// dropping the stream closes the connection in the guest.
+    /// `ConnectRefused` when the guest could not dial. The default refuses.
+    async fn open_guest_tcp(
+        &self,
+        id: VmId,
+        host: &str,
+        port: u16,
+    ) -> Result<GuestStream, WorkerError> {
+        let _ = (id, host, port);
+        Err(WorkerError::Failed(
+            "this worker cannot open connections inside its VMs".into(),
         ))
     }
 }
@@ -433,6 +452,19 @@ impl Worker for LocalWorker {
             Some((item, f))
         });
         Ok(Box::pin(stream))
+    }
+
+    async fn open_guest_tcp(
+        &self,
+        id: VmId,
+        host: &str,
+        port: u16,
+    ) -> Result<GuestStream, WorkerError> {
+        let stream = self
+            .runtime
+            .connect_in_guest(&id.to_string(), host, port)
+            .await?;
+        Ok(Box::new(stream))
     }
 }
 

@@ -45,6 +45,18 @@ pub struct SshKeyListResponse {
     pub keys: Vec<SshKey>,
 }
 
+/// Answer of `GET /v1/ssh-gateway` (an extension of this server): how to
+/// reach the SSH gateway and the host keys to trust (`fastvm ssh` writes
+/// them to a known_hosts file of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SshGatewayInfo {
+    /// Public host keys, `<type> <base64>`.
+    pub host_keys: Vec<String>,
+    /// TCP port of the gateway (on the API's host).
+    pub port: u16,
+}
+
 /// Body of `POST /v1/me/ssh-keys`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

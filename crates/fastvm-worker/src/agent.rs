@@ -9,6 +9,11 @@
 //!  StdinWriter::write(): sends stdin Data frames within the window the agent
 //!               grants (STREAM_WINDOW at start, Credit{Stdin} as it writes them
 //!               to the process), then Eof on finish()
+//!  connect_tcp(): Connect{host, port} -> Ok; then two tasks bridge the stream
+//!               to an in-memory duplex pipe (guest bytes are credited as the
+//!               pipe takes them, pipe bytes go out as stdin under the agent's
+//!               window; EOF both ways is a half-close; dropping the pipe
+//!               cancels the stream, which closes the socket in the guest)
 //! ```
 //!
 //! Everything read from the guest is untrusted: frames are bounded by the
@@ -19,8 +24,8 @@ use crate::exec::ExecEvent;
 use bytes::Bytes;
 pub use fastvm_agent_proto::PtySpec;
 use fastvm_agent_proto::{
-    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, DATA_CHUNK, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
+    Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, CONNECT_PROTOCOL_VERSION, DATA_CHUNK,
+    MAX_CONNECT_HOST, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -353,6 +358,171 @@ impl AgentClient {
         })
         .await?;
         Ok(stream)
+    }
+}
+
+/// Bytes buffered in the in-memory pipe of a guest TCP connection, per direction.
+const TCP_PIPE_BUFFER: usize = 2 * DATA_CHUNK;
+/// How long the agent may take to answer a `Connect` (it gives up dialing after 10 s).
+const CONNECT_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl AgentClient {
+    /// Open a TCP connection to `host:port` *as seen from inside the guest*
+    /// (its loopback included; no firewall is involved) and return its bytes
+    /// as an in-memory pipe. See the module docs for the bridging.
+    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<tokio::io::DuplexStream> {
+        if self.inner.info.version < CONNECT_PROTOCOL_VERSION {
+            return Err(Error::GuestConnect(format!(
+                "the agent in this VM speaks protocol v{} and cannot open connections inside the guest (v{CONNECT_PROTOCOL_VERSION} can); a VM launched from a current image can",
+                self.inner.info.version
+            )));
+        }
+        if host.is_empty() || host.len() > MAX_CONNECT_HOST || host.contains(['\0', '\n']) {
+            return Err(Error::GuestConnect(format!(
+                "host {host:?} is not a valid address or name"
+            )));
+        }
+        let credit = Arc::new(StdinCredit::new());
+        let (id, mut rx) = self.open_stream(Some(credit.clone()))?;
+        let guard = CancelGuard {
+            id,
+            client: self.clone(),
+        };
+        self.send(Frame::Control {
+            stream: id,
+            msg: Control::Connect {
+                host: host.to_owned(),
+                port,
+            },
+        })
+        .await?;
+        match tokio::time::timeout(CONNECT_ANSWER_TIMEOUT, rx.recv()).await {
+            Err(_) => {
+                return Err(Error::AgentUnavailable(format!(
+                    "the agent did not answer a connect within {CONNECT_ANSWER_TIMEOUT:?}"
+                )))
+            }
+            Ok(None) => return Err(Error::AgentUnavailable("connection closed".into())),
+            Ok(Some(Incoming::Control(Control::Ok))) => {}
+            Ok(Some(Incoming::Control(Control::Error { message }))) => {
+                return Err(Error::GuestConnect(message))
+            }
+            Ok(Some(Incoming::Closed(reason))) => return Err(Error::AgentUnavailable(reason)),
+            Ok(Some(_)) => {
+                return Err(Error::Protocol(
+                    "unexpected answer to a connect request".into(),
+                ))
+            }
+        }
+        let (ours, theirs) = tokio::io::duplex(TCP_PIPE_BUFFER);
+        let (mut pipe_rd, mut pipe_wr) = tokio::io::split(ours);
+        let guard = Arc::new(guard);
+        // Guest -> pipe: credit what the pipe took.
+        let up_guard = guard.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(item) = rx.recv().await {
+                match item {
+                    Incoming::Data(Fd::Stdout, data) => {
+                        let n = data.len() as u32;
+                        if pipe_wr.write_all(&data).await.is_err() {
+                            return; // the user dropped the connection: cancel
+                        }
+                        up_guard.ack(Fd::Stdout, n).await;
+                    }
+                    Incoming::Eof => {
+                        let _ = pipe_wr.shutdown().await;
+                    }
+                    Incoming::Control(Control::Exit(_)) => {
+                        let _ = pipe_wr.shutdown().await;
+                        // Keep the guard until the other direction is done too.
+                        return;
+                    }
+                    Incoming::Data(..) | Incoming::Control(_) | Incoming::Closed(_) => {
+                        let _ = pipe_wr.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        });
+        // Pipe -> guest, under the agent's stdin window.
+        let mut writer = StdinWriter {
+            id,
+            client: self.clone(),
+            credit,
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let _guard = guard;
+            let mut buf = vec![0u8; DATA_CHUNK];
+            loop {
+                match pipe_rd.read(&mut buf).await {
+                    Ok(0) => {
+                        // Half-close; the stream lives on while the guest's
+                        // side still sends (the other task holds the guard).
+                        let _ = writer.finish().await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if writer
+                            .write(Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(theirs)
+    }
+}
+
+/// Cancels a guest connection's stream once both bridging tasks are done
+/// (a no-op in the guest when the stream already ended).
+struct CancelGuard {
+    id: u32,
+    client: AgentClient,
+}
+
+impl CancelGuard {
+    async fn ack(&self, fd: Fd, n: u32) {
+        if let Some(i) = fd_index(fd) {
+            if let Ok(mut routes) = self.client.inner.routes.lock() {
+                if let Some(r) = routes.get_mut(&self.id) {
+                    r.unacked[i] = r.unacked[i].saturating_sub(n);
+                }
+            }
+        }
+        let _ = self
+            .client
+            .send(Frame::Credit {
+                stream: self.id,
+                fd,
+                bytes: n,
+            })
+            .await;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let open = self
+            .client
+            .inner
+            .routes
+            .lock()
+            .map(|r| r.contains_key(&self.id))
+            .unwrap_or(false);
+        self.client.close_stream(self.id);
+        if open {
+            let _ = self.client.inner.out.try_send(Frame::Control {
+                stream: self.id,
+                msg: Control::Cancel,
+            });
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub enum Error {
     Protocol(String),
     #[error("invalid exec request: {0}")]
     InvalidExec(String),
+    /// A connection the agent was asked to dial inside the guest failed.
+    #[error("{0}")]
+    GuestConnect(String),
     #[error("QEMU failed: {0}")]
     Qemu(String),
     #[error("QMP error: {0}")]

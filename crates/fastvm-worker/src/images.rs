@@ -45,6 +45,8 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "iputils-ping",
     "netbase",
+    // /usr/lib/openssh/sftp-server: the SSH gateway's `sftp` subsystem (and scp).
+    "openssh-sftp-server",
 ];
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// Modules the agent loads; their dependencies are added automatically.

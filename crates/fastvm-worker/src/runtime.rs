@@ -863,6 +863,20 @@ impl Runtime {
         self.agent(&vm).await?.exec(spec).await
     }
 
+    /// Open a TCP connection to `host:port` as seen from inside the running
+    /// VM (its loopback included, its firewall not involved), dialed by the
+    /// guest agent and carried over the agent channel.
+    pub async fn connect_in_guest(
+        &self,
+        id: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<tokio::io::DuplexStream> {
+        let vm = self.vm(id)?;
+        Self::require(&vm, VmState::Running, "connect")?;
+        self.agent(&vm).await?.connect_tcp(host, port).await
+    }
+
     /// Run a process to completion, buffering at most `cap` bytes per stream.
     pub async fn exec_buffered(
         &self,

@@ -258,3 +258,27 @@ pub fn console_token() -> Value {
 pub fn health() -> Value {
     json!({"status": "ok"})
 }
+
+const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq6eRUhpCqM5A4Dyx0Z3c6P0m0Yb0d0yJq2N7d3kq1J";
+const SSH_FINGERPRINT: &str = "SHA256:3q2+7wXk2m7oTz8m1w0k9Yx0m8Ue0vQ2m6x7d2c1b0a";
+
+pub fn ssh_key() -> Value {
+    json!({"name": "laptop", "publicKey": SSH_KEY, "fingerprint": SSH_FINGERPRINT, "createdAt": "2026-11-29T12:00:00.000Z"})
+}
+
+pub fn ssh_key_list() -> Value {
+    json!({"keys": [ssh_key()]})
+}
+
+pub fn add_ssh_key() -> Value {
+    json!({"name": "laptop", "publicKey": SSH_KEY})
+}
+
+pub fn ssh_key_deleted() -> Value {
+    json!({"id": SSH_FINGERPRINT, "deleted": true})
+}
+
+pub fn ssh_gateway() -> Value {
+    json!({"hostKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7l2Jt0m1d3s6p9d0X2QmZ7kq3b4n5c6v7x8y9z0a1b"], "port": 2222})
+}

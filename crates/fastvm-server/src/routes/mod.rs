@@ -14,8 +14,8 @@
 //! assets are public (see `console.rs`), and so are `/openapi.json` and the
 //! API reference `/docs` that renders it (see `docs.rs`). Request spans never carry query strings.
 //!
-//! Endpoints of the spec that are not implemented yet (SSH keys,
-//! volumes, bucket mounts, snapshot imports) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (volumes, bucket
+//! mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod console;
@@ -23,6 +23,7 @@ pub mod docs;
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod me;
 pub mod org;
 pub mod services;
 pub mod snapshots;
@@ -84,6 +85,15 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/org/quotas", get(org::quotas))
+        .route(
+            "/v1/me/ssh-keys",
+            get(me::list_ssh_keys).post(me::add_ssh_key),
+        )
+        .route(
+            "/v1/me/ssh-keys/{fingerprint}",
+            axum::routing::delete(me::delete_ssh_key),
+        )
+        .route("/v1/ssh-gateway", get(me::ssh_gateway))
         .route(
             "/v1/snapshots",
             get(snapshots::list).post(snapshots::create),

@@ -11,6 +11,8 @@ use sqlx::Row;
 pub struct ApiKeyInfo {
     pub id: uuid::Uuid,
     pub org_id: OrgId,
+    /// The user the key acts for (`None`: an org key of `fastvm keys create`).
+    pub user_id: Option<uuid::Uuid>,
     pub name: String,
     /// The token's first characters (`fvm_1a2b3c4d`), to recognise it.
     pub prefix: String,
@@ -29,6 +31,15 @@ fn key_from_row(row: &AnyRow) -> Result<ApiKeyInfo> {
     Ok(ApiKeyInfo {
         id: parse_id(row, "id", "api_keys")?,
         org_id: parse_id(row, "org_id", "api_keys")?,
+        user_id: row
+            .try_get::<Option<String>, _>("user_id")?
+            .map(|u| {
+                u.parse().map_err(|_| StoreError::Corrupt {
+                    table: "api_keys",
+                    message: format!("user_id {u:?} is not a UUID"),
+                })
+            })
+            .transpose()?,
         name: row.try_get("name")?,
         prefix: row.try_get("prefix")?,
         created_at_ms: row.try_get("created_at_ms")?,
@@ -36,7 +47,7 @@ fn key_from_row(row: &AnyRow) -> Result<ApiKeyInfo> {
     })
 }
 
-const KEY_COLUMNS: &str = "id, org_id, name, prefix, created_at_ms, revoked_at_ms";
+const KEY_COLUMNS: &str = "id, org_id, user_id, name, prefix, created_at_ms, revoked_at_ms";
 
 impl Store {
     /// Create an API key of `org` (optionally owned by a user) named `name`.
@@ -57,6 +68,7 @@ impl Store {
         let info = ApiKeyInfo {
             id: uuid::Uuid::new_v4(),
             org_id: org,
+            user_id: user,
             name: name.to_owned(),
             prefix: auth::token_prefix(&token),
             created_at_ms: now_ms(),

@@ -14,12 +14,13 @@
 //! (status once, name, deletion): each change is one guarded `UPDATE`.
 //! Quota limits (`org_quotas`) and usage (computed from the rows on every
 //! read) are in `quotas.rs`. One-shot console tokens (hashed) are in
-//! `console_tokens.rs`.
+//! `console_tokens.rs`. Users' SSH public keys are in `ssh_keys.rs`.
 
 mod console_tokens;
 mod keys;
 mod quotas;
 mod snapshots;
+mod ssh_keys;
 mod vms;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub use console_tokens::{ConsoleTokenRecord, Redeemed};
 pub use keys::{ApiKeyInfo, NewApiKey};
 pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
+pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
 pub use vms::VmRecord;
 
 use fastvm_types::OrgId;

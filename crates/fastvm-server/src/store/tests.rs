@@ -53,6 +53,7 @@ async fn suite(store: &Store) -> TestResult {
     quotas_limits_and_usage(store).await?;
     ttl_queries(store).await?;
     console_tokens_single_use(store).await?;
+    ssh_keys_per_user(store).await?;
     Ok(())
 }
 
@@ -81,6 +82,15 @@ async fn orgs_and_keys(store: &Store) -> TestResult {
         Some(org)
     );
     assert_eq!(store.authenticate("fvm_0000").await?, None);
+    // The key's user comes back with it (SSH keys are per user).
+    assert_eq!(
+        store.authenticate(&k1.token).await?.and_then(|k| k.user_id),
+        Some(user)
+    );
+    assert_eq!(
+        store.authenticate(&k2.token).await?.map(|k| k.user_id),
+        Some(None)
+    );
 
     let keys = store.list_keys(Some(org)).await?;
     let mut names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
@@ -472,7 +482,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 9);
+    assert_eq!(store.org_count().await?, 11);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -505,7 +515,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 9);
+        assert_eq!(store.org_count().await?, 11);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
@@ -514,6 +524,61 @@ async fn store_suite_postgres() -> TestResult {
         .execute(&mut admin)
         .await?;
     result
+}
+
+async fn ssh_keys_per_user(store: &Store) -> TestResult {
+    let org = store.create_org("ssh-org").await?;
+    let other_org = store.create_org("ssh-other").await?;
+    let alice = store.create_user(org, "alice").await?;
+    let bob = store.create_user(other_org, "bob").await?;
+    let key = |user, org, fp: &str| SshKeyRecord {
+        user_id: user,
+        org_id: org,
+        fingerprint: fp.into(),
+        key_type: "ssh-ed25519".into(),
+        public_key: format!("ssh-ed25519 {fp}"),
+        name: "laptop".into(),
+        created_at_ms: 0,
+    };
+    let added = store.add_ssh_key(key(alice, org, "SHA256:a")).await?;
+    assert!(added.created_at_ms > 0);
+    // The same key for the same user: a conflict; for another user: fine.
+    assert!(matches!(
+        store.add_ssh_key(key(alice, org, "SHA256:a")).await,
+        Err(AddSshKeyError::Exists(_))
+    ));
+    store.add_ssh_key(key(bob, other_org, "SHA256:a")).await?;
+    store.add_ssh_key(key(alice, org, "SHA256:b")).await?;
+    let mine = store.list_ssh_keys(alice).await?;
+    assert_eq!(
+        mine.iter()
+            .map(|k| k.fingerprint.as_str())
+            .collect::<Vec<_>>(),
+        ["SHA256:a", "SHA256:b"]
+    );
+    assert_eq!(mine[0], added);
+    let owners = store.ssh_key_owners("SHA256:a").await?;
+    assert_eq!(owners.len(), 2);
+    assert!(owners
+        .iter()
+        .any(|k| k.user_id == bob && k.org_id == other_org));
+    assert!(store.ssh_key_owners("SHA256:zzz").await?.is_empty());
+    // Bob cannot delete Alice's key; Alice can, once.
+    assert!(!store.delete_ssh_key(bob, "SHA256:b").await?);
+    assert!(store.delete_ssh_key(alice, "SHA256:b").await?);
+    assert!(!store.delete_ssh_key(alice, "SHA256:b").await?);
+    assert_eq!(store.list_ssh_keys(bob).await?.len(), 1);
+    // The per-user limit.
+    for i in 1..MAX_SSH_KEYS_PER_USER {
+        store
+            .add_ssh_key(key(alice, org, &format!("SHA256:n{i}")))
+            .await?;
+    }
+    assert!(matches!(
+        store.add_ssh_key(key(alice, org, "SHA256:last")).await,
+        Err(AddSshKeyError::TooMany)
+    ));
+    Ok(())
 }
 
 async fn console_tokens_single_use(store: &Store) -> TestResult {

@@ -6,7 +6,7 @@ from typing import Any
 
 from ._core import body, path_segment as seg
 from ._resource import Resource
-from .models import DeleteResponse, SshKey, SshKeyListResponse
+from .models import DeleteResponse, SshGatewayInfo, SshKey, SshKeyListResponse
 
 
 class SshKeys(Resource):
@@ -27,3 +27,10 @@ class Me(Resource):
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self.ssh_keys = SshKeys(client)
+
+    def ssh_gateway(self) -> SshGatewayInfo:
+        """GET /v1/ssh-gateway, an extension of this server: the SSH gateway's port and host keys.
+
+        Connect with ``ssh -p <port> <vm.id>@<API host>`` after ``ssh_keys.add``; trust the host keys
+        (``[host]:port <key>`` in a known_hosts file)."""
+        return self._client._call("GET", "/v1/ssh-gateway", cast=SshGatewayInfo)

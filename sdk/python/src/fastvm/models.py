@@ -445,6 +445,14 @@ class SshKeyListResponse(Model):
     keys: Optional[List[SshKey]] = None
 
 
+@dataclass(kw_only=True)
+class SshGatewayInfo(Model):
+    """Extension: how to reach the SSH gateway (``client.me.ssh_gateway()``)."""
+
+    host_keys: Optional[List[str]] = None
+    port: Optional[int] = None
+
+
 # --- quotas -----------------------------------------------------------------------
 
 

@@ -25,6 +25,50 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/me/ssh-keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List the calling user's authorized SSH keys
+         * @description The keys that let the calling user (the API key's user) reach every VM of the org through the SSH gateway: `ssh -p <port> <vm-id>@<gateway host>`.
+         */
+        get: operations["listSshKeys"];
+        put?: never;
+        /**
+         * Register an SSH public key for the calling user
+         * @description Then `ssh -p <port> <vm-id>@<gateway host>` reaches any VM of the caller's org. Types: ssh-ed25519, ssh-rsa (at least 2048 bits), ecdsa-sha2-nistp256/384/521, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com. The comment is stripped; newlines are rejected. At most 100 keys per user.
+         */
+        post: operations["addSshKey"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/me/ssh-keys/{fingerprint}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Remove an authorized SSH key
+         * @description The key no longer authorizes new SSH connections; connections it opened stay open.
+         */
+        delete: operations["deleteSshKey"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/org/quotas": {
         parameters: {
             query?: never;
@@ -95,6 +139,26 @@ export interface paths {
          * @description The name follows the rules of creation (an empty name gives the default name).
          */
         patch: operations["updateSnapshot"];
+        trace?: never;
+    };
+    "/v1/ssh-gateway": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * How to reach the SSH gateway
+         * @description An extension of this server: the gateway's port (on the API's host) and its public host keys, for a known_hosts entry (`fastvm ssh` uses it). 404 `NOT_FOUND` when the server runs without a gateway.
+         */
+        get: operations["getSshGateway"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
         trace?: never;
     };
     "/v1/vms": {
@@ -409,6 +473,13 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description Body of `POST /v1/me/ssh-keys`. */
+        AddSshKeyRequest: {
+            /** @description Optional human label. */
+            name?: string | null;
+            /** @description OpenSSH public key line (`ssh-ed25519 AAAA... comment`). */
+            publicKey: string;
+        };
         /** @description Error body of every non-2xx response: `{"error": {"code": "...", "message": "..."}}`. */
         ApiError: {
             /** @description The error. */
@@ -893,6 +964,36 @@ export interface components {
             volumeId: string;
         };
         /**
+         * @description Answer of `GET /v1/ssh-gateway` (an extension of this server): how to
+         *     reach the SSH gateway and the host keys to trust (`fastvm ssh` writes
+         *     them to a known_hosts file of its own).
+         */
+        SshGatewayInfo: {
+            /** @description Public host keys, `<type> <base64>`. */
+            hostKeys: string[];
+            /**
+             * Format: int32
+             * @description TCP port of the gateway (on the API's host).
+             */
+            port: number;
+        };
+        /** @description A registered key. */
+        SshKey: {
+            /** @description Registration time (RFC 3339). */
+            createdAt: string;
+            /** @description `SHA256:<base64>`, as `ssh-keygen -lf` prints it. */
+            fingerprint: string;
+            /** @description Human label (empty when none was given). */
+            name: string;
+            /** @description `<type> <base64-blob>`, comment stripped. */
+            publicKey: string;
+        };
+        /** @description Answer of `GET /v1/me/ssh-keys`. */
+        SshKeyListResponse: {
+            /** @description The caller's keys. */
+            keys: components["schemas"]["SshKey"][];
+        };
+        /**
          * @description Auto-action timer: after `seconds` of running time, `action` runs. The
          *     countdown freezes while the VM is paused; `POST /ttl/refresh` restarts it.
          */
@@ -1066,6 +1167,204 @@ export interface operations {
             };
             /** @description The database does not answer */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listSshKeys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The caller's keys, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "keys": [
+                     *         {
+                     *           "createdAt": "2026-11-29T12:00:00.000Z",
+                     *           "fingerprint": "SHA256:3q2+7wXk2m7oTz8m1w0k9Yx0m8Ue0vQ2m6x7d2c1b0a",
+                     *           "name": "laptop",
+                     *           "publicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq6eRUhpCqM5A4Dyx0Z3c6P0m0Yb0d0yJq2N7d3kq1J"
+                     *         }
+                     *       ]
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SshKeyListResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The API key belongs to no user (`NO_USER`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    addSshKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "name": "laptop",
+                 *       "publicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq6eRUhpCqM5A4Dyx0Z3c6P0m0Yb0d0yJq2N7d3kq1J"
+                 *     }
+                 */
+                "application/json": components["schemas"]["AddSshKeyRequest"];
+            };
+        };
+        responses: {
+            /** @description The registered key */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "createdAt": "2026-11-29T12:00:00.000Z",
+                     *       "fingerprint": "SHA256:3q2+7wXk2m7oTz8m1w0k9Yx0m8Ue0vQ2m6x7d2c1b0a",
+                     *       "name": "laptop",
+                     *       "publicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq6eRUhpCqM5A4Dyx0Z3c6P0m0Yb0d0yJq2N7d3kq1J"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SshKey"];
+                };
+            };
+            /** @description Malformed body, or a key that cannot be used (`INVALID_SSH_KEY`: unsupported type, bad encoding, RSA under 2048 bits, several lines) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The API key belongs to no user (`NO_USER`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The key is registered for this user already (`SSH_KEY_EXISTS`), or the user has 100 keys (`TOO_MANY_SSH_KEYS`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body is not JSON */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    deleteSshKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description OpenSSH SHA256 fingerprint of the key to delete (e.g. SHA256:abc...), URL-encoded (`SHA256%3A...`, `+` as `%2B`, `/` as `%2F`). */
+                fingerprint: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The key is gone (`id` is its fingerprint); connections it opened stay open */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "SHA256:3q2+7wXk2m7oTz8m1w0k9Yx0m8Ue0vQ2m6x7d2c1b0a"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["DeleteResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The API key belongs to no user (`NO_USER`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The caller has no key with this fingerprint */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1587,6 +1886,52 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    getSshGateway: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Port and host keys */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "hostKeys": [
+                     *         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7l2Jt0m1d3s6p9d0X2QmZ7kq3b4n5c6v7x8y9z0a1b"
+                     *       ],
+                     *       "port": 2222
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SshGatewayInfo"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No SSH gateway runs (`fastvm serve` without `--ssh-listen`) */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
