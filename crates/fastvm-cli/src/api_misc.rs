@@ -1,6 +1,7 @@
 //! Client commands for the remaining endpoints, named like the SDK:
 //! `fastvm quota` (`client.org.quotas`), `fastvm files presign|fetch|export`
 //! (`client.vms.files.*`; `fastvm cp` is the everyday way to move files) and
+//! `fastvm ssh-key ls|add|rm` (`client.me.ssh_keys.*`) and
 //! `fastvm completions bash|zsh|fish`.
 
 use crate::client::{Client, ConnectArgs};
@@ -11,6 +12,7 @@ use fastvm_types::files::{
     FilePresignResponse,
 };
 use fastvm_types::quota::OrgQuotaUsage;
+use fastvm_types::ssh_key::{AddSshKeyRequest, SshKey, SshKeyListResponse};
 use reqwest::Method;
 
 /// `fastvm quota`: the org's limits and usage, through the API.
@@ -146,7 +148,123 @@ pub async fn files(cmd: FilesCommand) -> anyhow::Result<()> {
     }
 }
 
-/// `fastvm completions SHELL`: the completion script on stdout.
-pub fn completions(shell: clap_complete::Shell, cmd: &mut clap::Command) {
-    clap_complete::generate(shell, cmd, "fastvm", &mut std::io::stdout());
+#[derive(Subcommand)]
+pub enum SshKeyCommand {
+    /// List your SSH keys (the API key's user).
+    Ls {
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// Register a public key: a `.pub` file (`-`: stdin).
+    Add {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+    /// Remove a key by its fingerprint (`SHA256:...`, as `ssh-keygen -lf` prints it).
+    Rm {
+        fingerprint: String,
+        #[command(flatten)]
+        conn: ConnectArgs,
+    },
+}
+
+fn print_keys(keys: &[SshKey], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return print_json(&keys);
+    }
+    println!("{:<52}  {:<20}  CREATED", "FINGERPRINT", "NAME");
+    for k in keys {
+        println!("{:<52}  {:<20}  {}", k.fingerprint, k.name, k.created_at);
+    }
+    Ok(())
+}
+
+pub async fn ssh_keys(cmd: SshKeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        SshKeyCommand::Ls { conn } => {
+            let list: SshKeyListResponse = Client::new(&conn)?.get_as("/v1/me/ssh-keys").await?;
+            print_keys(&list.keys, conn.json)
+        }
+        SshKeyCommand::Add { file, name, conn } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?
+            };
+            let req = AddSshKeyRequest {
+                name,
+                public_key: text.trim().to_owned(),
+            };
+            let key: SshKey = Client::new(&conn)?
+                .call(Method::POST, "/v1/me/ssh-keys", Some(&req))
+                .await?;
+            print_keys(std::slice::from_ref(&key), conn.json)
+        }
+        SshKeyCommand::Rm { fingerprint, conn } => {
+            let encoded: String = fingerprint
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            let out: fastvm_types::DeleteResponse = Client::new(&conn)?
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/me/ssh-keys/{encoded}"),
+                    None::<&()>,
+                )
+                .await?;
+            if conn.json {
+                return print_json(&out);
+            }
+            println!("removed {fingerprint}");
+            Ok(())
+        }
+    }
+}
+
+/// `fastvm completions SHELL`: the completion script on stdout (a reader that
+/// stops early, e.g. `| head`, is not an error).
+pub fn completions(shell: clap_complete::Shell, cmd: &mut clap::Command) -> anyhow::Result<()> {
+    let script = completion_script(shell, cmd);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn completion_script(shell: clap_complete::Shell, cmd: &mut clap::Command) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, cmd, "fastvm", &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_name_every_command() {
+        let mut cmd = <crate::Cli as clap::CommandFactory>::command();
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let script = String::from_utf8(completion_script(shell, &mut cmd)).expect("utf-8");
+            for sub in [
+                "vm", "service", "snapshot", "ssh-key", "quota", "files", "console", "firewall",
+            ] {
+                assert!(script.contains(sub), "{shell:?} completion lacks {sub}");
+            }
+        }
+    }
 }

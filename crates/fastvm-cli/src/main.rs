@@ -104,6 +104,11 @@ enum Command {
         #[command(subcommand)]
         command: api_misc::FilesCommand,
     },
+    /// Your SSH keys for the gateway: `ssh-key ls|add|rm`.
+    SshKey {
+        #[command(subcommand)]
+        command: api_misc::SshKeyCommand,
+    },
     /// Print a shell completion script: `fastvm completions bash > /etc/bash_completion.d/fastvm`.
     Completions {
         #[arg(value_enum)]
@@ -168,9 +173,10 @@ fn main() -> anyhow::Result<()> {
             Command::Service { command } => service::run(command).await.map(|()| 0),
             Command::Quota { conn } => api_misc::quota(conn).await.map(|()| 0),
             Command::Files { command } => api_misc::files(command).await.map(|()| 0),
+            Command::SshKey { command } => api_misc::ssh_keys(command).await.map(|()| 0),
             Command::Completions { shell } => {
-                api_misc::completions(shell, &mut <Cli as clap::CommandFactory>::command());
-                Ok(0)
+                api_misc::completions(shell, &mut <Cli as clap::CommandFactory>::command())
+                    .map(|()| 0)
             }
             Command::Ssh(args) => ssh::run(args).await,
         }
