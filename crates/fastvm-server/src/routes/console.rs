@@ -23,7 +23,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use fastvm_types::console::ConsoleTokenResponse;
 use fastvm_types::ApiError as ErrorBody;
@@ -171,25 +171,9 @@ const FIT_JS: &[u8] = include_bytes!("../../assets/console/vendor/addon-fit.js")
 /// draws in a proportional font over a monospace grid.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
-    let mut res = (StatusCode::OK, body).into_response();
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    res
-}
-
 /// `GET /console`: the web terminal (the token comes in the URL fragment).
 pub async fn page() -> Response {
-    let mut res = asset(PAGE_HTML, "text/html; charset=utf-8", "no-store");
+    let mut res = super::static_asset(PAGE_HTML, "text/html; charset=utf-8", "no-store");
     res.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
@@ -202,21 +186,21 @@ pub async fn page() -> Response {
 const CACHE_ASSET: &str = "public, max-age=3600";
 
 pub async fn page_js() -> Response {
-    asset(PAGE_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
+    super::static_asset(PAGE_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
 }
 
 pub async fn page_css() -> Response {
-    asset(PAGE_CSS, "text/css; charset=utf-8", CACHE_ASSET)
+    super::static_asset(PAGE_CSS, "text/css; charset=utf-8", CACHE_ASSET)
 }
 
 pub async fn xterm_js() -> Response {
-    asset(XTERM_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
+    super::static_asset(XTERM_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
 }
 
 pub async fn xterm_css() -> Response {
-    asset(XTERM_CSS, "text/css; charset=utf-8", CACHE_ASSET)
+    super::static_asset(XTERM_CSS, "text/css; charset=utf-8", CACHE_ASSET)
 }
 
 pub async fn fit_js() -> Response {
-    asset(FIT_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
+    super::static_asset(FIT_JS, "text/javascript; charset=utf-8", CACHE_ASSET)
 }

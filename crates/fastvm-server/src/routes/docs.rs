@@ -8,8 +8,8 @@
 //! the page loads nothing from anywhere else, and its Content-Security-Policy
 //! says so.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
 
 /// The vendored Redoc (see `assets/docs/vendor/VERSIONS`).
 pub const REDOC_VERSION: &str = "3.0.1";
@@ -26,25 +26,9 @@ const REDOC_JS: &[u8] = include_bytes!("../../assets/docs/vendor/redoc.standalon
 /// its logo and icons are `data:` images.
 const CSP: &str = "default-src 'none'; script-src 'self'; worker-src blob:; style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; font-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
-    let mut res = (StatusCode::OK, body).into_response();
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    res
-}
-
 /// `GET /docs`: the rendered API reference.
 pub async fn page() -> Response {
-    let mut res = asset(PAGE_HTML, "text/html; charset=utf-8", "no-cache");
+    let mut res = super::static_asset(PAGE_HTML, "text/html; charset=utf-8", "no-cache");
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -57,7 +41,7 @@ pub async fn page() -> Response {
 /// `GET /docs/redoc-<version>/redoc.standalone.js`: Redoc, cached for a year
 /// (a new version is a new path).
 pub async fn redoc_js() -> Response {
-    asset(
+    super::static_asset(
         REDOC_JS,
         "text/javascript; charset=utf-8",
         "public, max-age=31536000, immutable",

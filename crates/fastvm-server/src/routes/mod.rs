@@ -43,6 +43,29 @@ use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+/// A file built into the server (web pages and their scripts): its type, a
+/// cache policy, and no sniffing or referrers.
+pub(crate) fn static_asset(
+    body: &'static [u8],
+    content_type: &'static str,
+    cache: &'static str,
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    res
+}
+
 /// Largest JSON request body accepted.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
