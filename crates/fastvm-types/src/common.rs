@@ -309,7 +309,16 @@ pub(crate) fn validate_guest_path(field: &str, path: &str) -> Result<(), Validat
 }
 
 /// Timeouts given in seconds must be at least 1 when present.
+/// Longest timeout any request may ask for (30 days).
+pub const MAX_TIMEOUT_SEC: u64 = 30 * 24 * 3600;
+
 pub(crate) fn validate_timeout(field: &str, secs: Option<u64>) -> Result<(), ValidationError> {
+    if secs.is_some_and(|s| s > MAX_TIMEOUT_SEC) {
+        return Err(ValidationError::new(
+            codes::INVALID_TIMEOUT,
+            format!("{field} must be at most {MAX_TIMEOUT_SEC} seconds (30 days); omit it to use the server default"),
+        ));
+    }
     if secs == Some(0) {
         return Err(ValidationError::new(
             codes::INVALID_TIMEOUT,

@@ -25,6 +25,7 @@ pub struct ExecVmRequest {
     pub command: Vec<String>,
     /// Server-side timeout in seconds (positive); omit for the server default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub timeout_sec: Option<u64>,
     /// Extra environment for this command (EnvVars rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,6 +207,16 @@ mod tests {
     fn timeout_env_cwd_rules() {
         let mut r = req(&["ls"]);
         r.timeout_sec = Some(0);
+        assert_eq!(
+            r.validate().err().map(|e| e.code),
+            Some(codes::INVALID_TIMEOUT)
+        );
+        r.timeout_sec = Some(crate::common::MAX_TIMEOUT_SEC + 1);
+        assert_eq!(
+            r.validate().err().map(|e| e.code),
+            Some(codes::INVALID_TIMEOUT)
+        );
+        r.timeout_sec = Some(u64::MAX);
         assert_eq!(
             r.validate().err().map(|e| e.code),
             Some(codes::INVALID_TIMEOUT)

@@ -47,7 +47,7 @@ pub struct FileFetchRequest {
     pub path: String,
     /// Per-fetch timeout in seconds (positive); omit for the server default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(default = default_transfer_timeout)]
+    #[schema(default = default_transfer_timeout, minimum = 1, maximum = 2592000)]
     pub timeout_sec: Option<u64>,
 }
 
@@ -63,7 +63,7 @@ pub struct FileExportRequest {
     pub url: String,
     /// Timeout in seconds for classifying and streaming (positive); omit for the server default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(default = default_transfer_timeout)]
+    #[schema(default = default_transfer_timeout, minimum = 1, maximum = 2592000)]
     pub timeout_sec: Option<u64>,
 }
 
