@@ -66,6 +66,52 @@ pub(crate) fn static_asset(
     res
 }
 
+/// How much of an oversized body is read (and dropped) before the 413 is
+/// sent: a client still writing its body when the server answers and closes
+/// sees a connection reset instead of the answer, so the rest is drained
+/// first, within this many bytes and [`DRAIN_TIME`].
+const DRAIN_MAX: usize = 16 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The body, at most [`MAX_JSON_BODY`] bytes; 413 over that (after a bounded
+/// drain of the rest, see [`DRAIN_MAX`]).
+async fn read_capped(body: axum::body::Body) -> Result<bytes::Bytes, ApiError> {
+    use futures::StreamExt as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds {MAX_JSON_BODY} bytes"),
+        )
+    };
+    let unreadable = |e: axum::Error| {
+        ApiError::invalid(
+            codes::INVALID_REQUEST,
+            format!("the request body could not be read: {e}"),
+        )
+    };
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(unreadable)?;
+        if buf.len() + chunk.len() > MAX_JSON_BODY {
+            let mut seen = buf.len() + chunk.len();
+            let drain = async {
+                while let Some(Ok(more)) = stream.next().await {
+                    seen += more.len();
+                    if seen > DRAIN_MAX {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// Largest JSON request body accepted.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
@@ -183,18 +229,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, MAX_JSON_BODY).await {
-            Ok(b) => b,
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    codes::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the request body exceeds {MAX_JSON_BODY} bytes (or could not be read)"
-                    ),
-                ))
-            }
-        };
+        let bytes = read_capped(body).await?;
         let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
