@@ -81,6 +81,14 @@ impl Qmp {
             .lock()
             .map_err(|_| Error::Qmp("poisoned".into()))?
             .insert(id, tx);
+        if self.is_closed() {
+            // The reader ended (QEMU exited) before this command was registered:
+            // nothing would ever answer it.
+            if let Ok(mut p) = self.pending.lock() {
+                p.remove(&id);
+            }
+            return Err(Error::Qmp(format!("QEMU exited before {command}")));
+        }
         let mut line = msg.to_string();
         line.push('\n');
         {
@@ -144,10 +152,12 @@ async fn read_loop(
             let _ = tx.send(result);
         }
     }
+    // Closed first, then the waiters dropped: a command registered after the
+    // clear sees `closed` (see `execute`), one registered before is dropped here.
+    let _ = closed.send(true);
     if let Ok(mut p) = pending.lock() {
         p.clear();
     }
-    let _ = closed.send(true);
 }
 
 use tokio::io::AsyncReadExt as _;
