@@ -277,9 +277,10 @@ pub struct Runtime {
     cfg: RuntimeConfig,
     /// Held while disk layers are created, referenced or collected.
     layers_lock: tokio::sync::Mutex<()>,
-    /// One build lock per golden snapshot key (single-flight builds and
-    /// rebuilds; launches of other keys never wait on them).
-    golden_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per golden snapshot key: restores of it hold it shared (its
+    /// files stay put), builds and deletes exclusively (single-flight;
+    /// launches of other keys never wait on them).
+    golden_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// The QEMU build and CPU model part of golden keys (computed once).
     qemu_build: tokio::sync::OnceCell<String>,
     /// Golden snapshots built (first builds and rebuilds) since open.
@@ -591,8 +592,10 @@ impl Runtime {
             .clone();
         let machine = MachineType::lookup(&req.machine)?;
         let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
-        let (key, snap) = self.golden(machine, disk_gib).await?;
-        let err = match self.restore(req.clone(), &snap).await {
+        let (key, snap, in_use) = self.golden(machine, disk_gib).await?;
+        let restored = self.restore(req.clone(), &snap).await;
+        drop(in_use);
+        let err = match restored {
             Ok(info) => return Ok(info),
             Err(e) if is_restore_failure(&e) => e,
             Err(e) => return Err(e),
@@ -604,7 +607,7 @@ impl Runtime {
             Err(e) => return Err(e),
         }
         self.discard_golden(&key, &snap).await;
-        let (_, snap) = self.golden(machine, disk_gib).await?;
+        let (_, snap, _in_use) = self.golden(machine, disk_gib).await?;
         self.restore(req, &snap).await
     }
 
@@ -1268,7 +1271,7 @@ impl Runtime {
         ))
     }
 
-    fn golden_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn golden_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self.golden_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(key.to_owned()).or_default().clone()
     }
@@ -1277,7 +1280,7 @@ impl Runtime {
     /// launch may have rebuilt it already: then the new one stays).
     async fn discard_golden(&self, key: &str, failed: &SnapshotRecord) {
         let lock = self.golden_lock(key);
-        let _g = lock.lock().await;
+        let _g = lock.write().await;
         let dir = self.cfg.data_dir.join("golden").join(key);
         let same = Self::read_snapshot(&dir).is_ok_and(|r| {
             r.created_unix_ms == failed.created_unix_ms && r.memory == failed.memory
@@ -1292,17 +1295,29 @@ impl Runtime {
 
     /// The golden snapshot of (image, accelerator, machine type, disk size,
     /// QEMU build, CPU model) and its key, built by one fresh boot the first
-    /// time (one build per key at a time; other keys do not wait).
+    /// time (one build per key at a time; other keys do not wait). The guard
+    /// keeps its files in place (no rebuild or delete) while held: hold it
+    /// until the restore from it is done.
     async fn golden(
         &self,
         machine: MachineType,
         disk_gib: u32,
-    ) -> Result<(String, SnapshotRecord)> {
+    ) -> Result<(
+        String,
+        SnapshotRecord,
+        tokio::sync::OwnedRwLockReadGuard<()>,
+    )> {
         let key = self.golden_key(machine, disk_gib).await?;
         let lock = self.golden_lock(&key);
-        let _g = lock.lock().await;
+        let shared = lock.clone().read_owned().await;
+        let dir = self.cfg.data_dir.join("golden").join(&key);
+        if let Some(record) = complete_snapshot(&dir) {
+            return Ok((key, record, shared));
+        }
+        drop(shared);
+        let exclusive = lock.write_owned().await;
         let record = self.golden_locked(&key, machine, disk_gib).await?;
-        Ok((key, record))
+        Ok((key, record, exclusive.downgrade()))
     }
 
     async fn golden_locked(
@@ -1313,20 +1328,12 @@ impl Runtime {
     ) -> Result<SnapshotRecord> {
         let key = key.to_owned();
         let dir = self.cfg.data_dir.join("golden").join(&key);
-        if dir.join("snapshot.json").exists() {
-            match Self::read_snapshot(&dir) {
-                Ok(r)
-                    if r.memory.is_file()
-                        && r.layers.iter().all(|l| l.is_file())
-                        && r.ram.as_ref().is_none_or(|p| p.is_file()) =>
-                {
-                    return Ok(r)
-                }
-                Ok(_) | Err(_) => {
-                    tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            }
+        if let Some(r) = complete_snapshot(&dir) {
+            return Ok(r);
+        }
+        if dir.exists() {
+            tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
+            let _ = std::fs::remove_dir_all(&dir);
         }
         tracing::info!(%key, "building golden snapshot (one fresh boot)");
         self.golden_builds
@@ -1508,4 +1515,13 @@ async fn qemu_build_id(binary: &std::path::Path, accel: Accel) -> Result<String>
     tracing::info!(qemu = %path.display(), %version, %binary_hash, "QEMU build (part of golden snapshot keys)");
     let id = hex::encode(Sha256::digest(format!("{version}\n{binary_hash}\n{cpu}")));
     Ok(id[..16].to_owned())
+}
+
+/// The snapshot record in `dir` when it and every file it names exist.
+fn complete_snapshot(dir: &std::path::Path) -> Option<SnapshotRecord> {
+    let r = Runtime::read_snapshot(dir).ok()?;
+    let complete = r.memory.is_file()
+        && r.layers.iter().all(|l| l.is_file())
+        && r.ram.as_ref().is_none_or(|p| p.is_file());
+    complete.then_some(r)
 }
