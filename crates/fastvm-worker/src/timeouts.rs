@@ -15,6 +15,7 @@
 //! | QMP anything else                                 | [`QMP_DEFAULT`] 30 s |
 //! | a migration to complete (memory capture / restore load) | [`MIGRATION`] 120 s |
 //! | `qemu-img create`, `qemu-system-x86_64 --version` | [`QEMU_IMG`] 30 s |
+//! | `ip`, `nft` (VM networking, `net::netns`)         | [`NET_TOOL`] 30 s |
 //! | `apt-cache`                                       | 2 min   |
 //! | `dpkg-deb -x`, `du`                               | 10 min  |
 //! | `apt-get download`, `mkfs.ext4`                   | 20 min  |
@@ -37,6 +38,8 @@ pub const QMP_DEFAULT: Duration = Duration::from_secs(30);
 pub const MIGRATION: Duration = Duration::from_secs(120);
 /// `qemu-img create` and other quick QEMU tools.
 pub const QEMU_IMG: Duration = Duration::from_secs(30);
+/// `ip` and `nft` runs of VM networking (`net::netns`); ~2-15 ms normally.
+pub const NET_TOOL: Duration = Duration::from_secs(30);
 
 /// How long QEMU may take to answer `command`.
 pub fn qmp_budget(command: &str) -> Duration {
