@@ -403,3 +403,70 @@ fn a_damaged_golden_snapshot_is_rebuilt_once() {
         block_on(rt.delete(&vm.id)).expect("delete");
     }
 }
+
+fn run(cmd: &str, args: &[&str]) {
+    let st = std::process::Command::new(cmd)
+        .args(args)
+        .status()
+        .expect("spawn");
+    assert!(st.success(), "{cmd} {args:?}: {st}");
+}
+
+#[test]
+fn a_firewall_the_worker_cannot_enforce_is_refused_not_stored() {
+    let api = Api::start("fw-refused");
+    let vm = api.launch(json!({"machineType": "c1m2"}));
+    let path = format!("/v1/vms/{vm}/firewall");
+    let first = json!({"ingress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "::/0", "protocol": "tcp", "ports": "8080", "action": "allow"}]}});
+    let (status, body) = api.call(Method::PUT, &path, Some(first));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stored = body["firewall"].clone();
+    let vm_id: VmId = vm.parse().expect("uuid");
+    let enforced =
+        || block_on(api.server.state().worker().enforced_firewall(vm_id)).expect("enforced");
+    let effective = |v: &Value| -> fastvm_types::FirewallPolicy {
+        serde_json::from_value(v["effectiveFirewall"].clone()).expect("effectiveFirewall")
+    };
+    assert_eq!(enforced(), Some(effective(&body)));
+
+    // Take the VM's namespace away from the worker (QEMU keeps it alive):
+    // nft cannot run in it, so the new policy cannot be enforced.
+    let net: Value = serde_json::from_slice(
+        &std::fs::read(api.dir.join("vms").join(&vm).join("net.json")).expect("net.json"),
+    )
+    .expect("net.json");
+    let netns = net["addressing"]["netns"]
+        .as_str()
+        .expect("netns")
+        .to_owned();
+    let mount = format!("/run/netns/{netns}");
+    run("umount", &[&mount]);
+    std::fs::remove_file(&mount).expect("unlink netns");
+    let res = api.call(
+        Method::PUT,
+        &path,
+        Some(json!({"egress": {"defaultAction": "deny"}})),
+    );
+    assert_code(
+        &res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "FIREWALL_NOT_ENFORCED",
+    );
+    let (_, now) = api.get(&vm);
+    assert_eq!(now["firewall"], stored, "a refused policy was stored");
+    // The worker could not re-apply the old one either: it says it knows of nothing enforced.
+    assert_eq!(enforced(), None);
+
+    // The namespace comes back; the reconciler enforces the stored policy.
+    let pid = qemu_pid(&api.dir, &vm);
+    std::fs::write(&mount, b"").expect("mount point");
+    run("mount", &["--bind", &format!("/proc/{pid}/ns/net"), &mount]);
+    block_on(api.server.state().reconcile_on_start()).expect("reconcile");
+    assert_eq!(enforced(), Some(effective(&now)));
+    api.exec_echo(&vm, "still-here");
+    let (status, _) = api.call(Method::DELETE, &format!("/v1/vms/{vm}"), None);
+    assert_eq!(status, StatusCode::OK);
+    assert!(!Path::new(&mount).exists(), "namespace left behind");
+    block_on(api.server.stop()).expect("stop");
+}
