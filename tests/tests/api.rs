@@ -248,6 +248,7 @@ fn launch_201_returns_every_vm_field() {
             "publicIpv6",
             "sourceName",
             "status",
+            "statusMessage",
             "ttl",
             "ttlRemainingMs",
             "volumes"

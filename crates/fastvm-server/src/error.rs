@@ -15,8 +15,8 @@
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 502    | `UPSTREAM_REFUSED` (nothing listens on the port in the guest)      |
-//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`           |
-//! | 504    | `UPSTREAM_TIMEOUT`                                                 |
+//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`, `FIREWALL_NOT_ENFORCED` (the worker could not enforce a new firewall or service set; nothing changed) |
+//! | 504    | `UPSTREAM_TIMEOUT`, `VM_UNRESPONSIVE` (the VM's hypervisor stopped answering; the VM is now `error`) |
 //!
 //! One error, one status, everywhere: a request the server refuses because of
 //! what it says (its syntax, its shape, or a rule one of its values breaks) is
@@ -54,6 +54,8 @@ pub mod codes {
     pub const UPSTREAM_REFUSED: &str = "UPSTREAM_REFUSED";
     pub const UPSTREAM_TIMEOUT: &str = "UPSTREAM_TIMEOUT";
     pub const WORKER_UNREACHABLE: &str = "WORKER_UNREACHABLE";
+    pub const VM_UNRESPONSIVE: &str = "VM_UNRESPONSIVE";
+    pub const FIREWALL_NOT_ENFORCED: &str = "FIREWALL_NOT_ENFORCED";
     pub const SERVICE_EXISTS: &str = "SERVICE_EXISTS";
     pub const TOO_MANY_SERVICES: &str = "TOO_MANY_SERVICES";
     pub const SSH_KEY_EXISTS: &str = "SSH_KEY_EXISTS";
@@ -186,6 +188,9 @@ impl From<WorkerError> for ApiError {
                 codes::WORKER_UNREACHABLE,
                 msg,
             ),
+            WorkerError::Unresponsive(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, codes::VM_UNRESPONSIVE, msg)
+            }
             WorkerError::Failed(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::WORKER_ERROR, msg)
             }

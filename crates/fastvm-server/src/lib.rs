@@ -51,7 +51,7 @@ pub mod worker;
 pub use ttl::{spawn_ttl_reaper, TtlReaper};
 
 use anyhow::Context as _;
-use fastvm_types::OrgId;
+use fastvm_types::{OrgId, VmId};
 use fastvm_worker::{Runtime, RuntimeConfig};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -150,6 +150,9 @@ struct Inner {
     quota_locks: std::sync::Mutex<std::collections::HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the TTL reaper when a deadline may have moved (see ttl.rs).
     ttl_wake: tokio::sync::Notify,
+    /// One mutex per VM around a firewall change and its push to the
+    /// worker (see lifecycle.rs, `change_policy`).
+    policy_locks: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// The staging store of file transfers (none: those routes answer 501).
     staging: Option<Arc<dyn staging::StagingStore>>,
     /// The same store when it is the local one (it serves /v1/staging).
@@ -178,6 +181,7 @@ impl AppState {
                 snapshot_use: Default::default(),
                 quota_locks: Default::default(),
                 ttl_wake: Default::default(),
+                policy_locks: Default::default(),
                 staging: None,
                 local_staging: None,
                 staging_config: Default::default(),
@@ -309,7 +313,9 @@ impl AppState {
     pub async fn reconcile_on_start(&self) -> anyhow::Result<()> {
         self.reconcile_all()
             .await
-            .map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))
+            .map_err(|e| anyhow::anyhow!("reconciling VM statuses: {}", e.message))?;
+        self.reconcile_firewalls().await;
+        Ok(())
     }
 }
 
@@ -566,6 +572,7 @@ async fn serve_on(
     side: SideTasks,
 ) -> anyhow::Result<()> {
     let reaper = spawn_ttl_reaper(&state);
+    let _firewalls = lifecycle::spawn_firewall_reconciler(&state);
     let _staging_gc = state.staging_gc();
     let requested = Arc::new(tokio::sync::Notify::new());
     let notify = requested.clone();

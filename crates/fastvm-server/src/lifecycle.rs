@@ -12,7 +12,24 @@
 //! target status on success, or to what the worker reports on failure.
 //!
 //! `running` and `paused` rows are reconciled with the worker's view of the
-//! process whenever they are read: a VM whose QEMU died is `stopped`.
+//! process whenever they are read: a VM whose QEMU died is `stopped`, one
+//! whose QEMU stopped answering is `error` with a `statusMessage`.
+//!
+//! Pause, resume, delete (and the TTL reaper's) run in a task of their own
+//! ([`AppState::detached`]): axum drops a handler's future when its client
+//! disconnects, and a transition cut in half would leave the row in
+//! `pausing`/`deleting` or the VM half-changed. The handler only awaits it.
+//!
+//! Firewall and service changes ([`AppState::change_policy`]) are stored and
+//! then pushed to the worker before the API answers, one change per VM at a
+//! time. If the worker cannot enforce the result, the change is rolled back
+//! and the answer is 503 `FIREWALL_NOT_ENFORCED`: a stored policy never
+//! claims something the worker refused. A reconciler
+//! ([`spawn_firewall_reconciler`], and once at start) compares, for every
+//! running or paused VM, the stored effective policy with the one the worker
+//! reports enforcing, and pushes the stored one where they differ (after a
+//! worker restart, a push that failed half-way, or a roll-back that could not
+//! be written).
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
@@ -33,6 +50,35 @@ use std::time::Duration;
 
 /// How often a read-modify-write is retried when the row keeps changing.
 const MAX_ATTEMPTS: usize = 16;
+
+/// How often the firewall reconciler compares stored and enforced policies
+/// (an in-process comparison per running VM; a push only where they differ).
+const FIREWALL_RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+/// The periodic firewall reconciler (see the module docs); stops when dropped.
+pub(crate) struct FirewallReconciler(tokio::task::JoinHandle<()>);
+
+impl Drop for FirewallReconciler {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Start the periodic firewall reconciler of `state` (the start-up round is
+/// part of [`AppState::reconcile_on_start`]).
+pub(crate) fn spawn_firewall_reconciler(state: &AppState) -> FirewallReconciler {
+    let state = state.clone();
+    FirewallReconciler(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FIREWALL_RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the start-up round already ran.
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            state.reconcile_firewalls().await;
+        }
+    }))
+}
 
 fn no_such_vm(id: VmId) -> ApiError {
     ApiError::not_found(format!("no VM with id {id}"))
@@ -472,8 +518,9 @@ impl AppState {
 
     /// `PUT /v1/vms/{id}/firewall` (`patch` false: replace) and `PATCH`
     /// (`patch` true: the blocks given replace the stored ones). The result is
-    /// validated (400 with the rule's code), stored, and pushed to the worker
-    /// of a running or paused VM, which enforces it at once.
+    /// validated (400 with the rule's code), stored, and enforced by the
+    /// worker of a running or paused VM before the answer
+    /// ([`Self::change_policy`]).
     pub(crate) async fn set_firewall(
         &self,
         org: OrgId,
@@ -481,39 +528,149 @@ impl AppState {
         policy: FirewallPolicy,
         patch: bool,
     ) -> Result<VmRecord, ApiError> {
-        let current = self.find_vm(org, id).await?;
-        let new = if patch {
-            current.firewall.merge_patch(policy)
-        } else {
-            policy
-        };
-        new.validate()
-            .map_err(|e| ApiError::invalid(e.code, e.message))?;
-        let rec = self
-            .modify(Some(org), id, |r| {
-                if r.status == VmStatus::Deleting {
-                    return Err(ApiError::invalid_state(format!("VM {id} is being deleted")));
-                }
-                r.firewall = new.clone();
-                Ok(())
-            })
-            .await?;
-        self.push_firewall(&rec).await?;
-        Ok(rec)
+        self.find_vm(org, id).await?;
+        self.change_policy(org, id, |r| {
+            if r.status == VmStatus::Deleting {
+                return Err(ApiError::invalid_state(format!("VM {id} is being deleted")));
+            }
+            let new = if patch {
+                r.firewall.merge_patch(policy.clone())
+            } else {
+                policy.clone()
+            };
+            new.validate()
+                .map_err(|e| ApiError::invalid(e.code, e.message))?;
+            r.firewall = new;
+            Ok(())
+        })
+        .await
     }
 
-    /// Make the worker of a running or paused VM enforce what `rec` says
-    /// (its effective firewall: user policy plus service rules).
-    pub(crate) async fn push_firewall(&self, rec: &VmRecord) -> Result<(), ApiError> {
-        if matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
-            self.worker()
-                .set_firewall(rec.id, &rec.effective_firewall())
-                .await
-                .map_err(|e| {
-                    ApiError::internal(format!("the worker could not apply the firewall: {e}"))
-                })?;
+    /// The mutex serialising policy changes (firewall, services) of VM `id`
+    /// with their push, and with the reconciler.
+    fn policy_lock(&self, id: VmId) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut map = self
+            .inner
+            .policy_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(id).or_default().clone()
+    }
+
+    fn forget_policy_lock(&self, id: VmId) {
+        if let Ok(mut map) = self.inner.policy_locks.lock() {
+            map.remove(&id);
         }
-        Ok(())
+    }
+
+    /// Change what decides VM `id`'s effective firewall (its `firewall` or
+    /// `services`; `change` runs in the compare-and-set and may refuse), then
+    /// have the worker of a running or paused VM enforce the result before
+    /// answering. One change per VM at a time (its policy lock). If the
+    /// worker cannot enforce it, the change is rolled back and the answer is
+    /// 503 `FIREWALL_NOT_ENFORCED`; should the roll-back itself fail, the
+    /// answer says the stored policy is pending and the reconciler enforces it.
+    pub(crate) async fn change_policy<F>(
+        &self,
+        org: OrgId,
+        id: VmId,
+        mut change: F,
+    ) -> Result<VmRecord, ApiError>
+    where
+        F: FnMut(&mut VmRecord) -> Result<(), ApiError>,
+    {
+        let lock = self.policy_lock(id);
+        let _held = lock.lock().await;
+        let mut before = None;
+        let rec = self
+            .modify(Some(org), id, |r| {
+                before = Some((r.firewall.clone(), r.services.clone()));
+                change(r)
+            })
+            .await?;
+        if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+            // A booting VM gets it when it runs (see `provision`).
+            return Ok(rec);
+        }
+        let Err(e) = self
+            .worker()
+            .set_firewall(id, &rec.effective_firewall())
+            .await
+        else {
+            return Ok(rec);
+        };
+        tracing::warn!(vm = %id, error = %e, "the worker could not enforce a firewall change; rolling it back");
+        let Some((firewall, services)) = before else {
+            return Err(ApiError::internal("policy change without a previous row"));
+        };
+        let undone = self
+            .modify(Some(org), id, |r| {
+                r.firewall = firewall.clone();
+                r.services = services.clone();
+                Ok(())
+            })
+            .await;
+        let message = match undone {
+            Ok(_) => format!(
+                "the VM's worker could not enforce the new firewall ({e}); nothing was changed and the previous policy stays in force"
+            ),
+            Err(undo) => format!(
+                "the VM's worker could not enforce the new firewall ({e}) and the change could not be rolled back ({}); the stored policy is pending and will be enforced by the reconciler",
+                undo.message
+            ),
+        };
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::FIREWALL_NOT_ENFORCED,
+            message,
+        ))
+    }
+
+    /// Push the stored effective firewall of every running or paused VM of
+    /// this server's worker whose enforced policy (as the worker reports it)
+    /// differs. Cheap when nothing differs: one in-process lookup per VM.
+    pub(crate) async fn reconcile_firewalls(&self) {
+        let worker = self.worker().clone();
+        let recs = match self.store().list_live_vms_on(worker.id()).await {
+            Ok(recs) => recs,
+            Err(e) => {
+                tracing::warn!(error = %e, "firewall reconciler: listing VMs failed");
+                return;
+            }
+        };
+        for rec in recs {
+            if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+                continue;
+            }
+            let id = rec.id;
+            let lock = self.policy_lock(id);
+            let _held = lock.lock().await;
+            // Re-read under the lock: a change may have landed meanwhile.
+            let rec = match self.store().get_vm_unscoped(id).await {
+                Ok(Some(r))
+                    if r.deleted_at_ms.is_none()
+                        && matches!(r.status, VmStatus::Running | VmStatus::Paused) =>
+                {
+                    r
+                }
+                _ => continue,
+            };
+            let want = rec.effective_firewall();
+            match worker.enforced_firewall(id).await {
+                Ok(Some(have)) if have == want => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(vm = %id, error = %e, "firewall reconciler: enforced policy unknown");
+                    continue;
+                }
+            }
+            match worker.set_firewall(id, &want).await {
+                Ok(()) => tracing::info!(vm = %id, "firewall reconciler: stored policy enforced"),
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e, "firewall reconciler: enforcing the stored policy failed")
+                }
+            }
+        }
     }
 
     /// `PATCH /v1/vms/{id}`.
@@ -562,7 +719,7 @@ impl AppState {
     where
         Fut: std::future::Future<Output = Result<(), WorkerError>>,
     {
-        self.transition_if(org, id, t, op, |_| Ok(())).await
+        self.transition_if(org, id, t, op, |_| Ok(()), None).await
     }
 
     /// [`Self::transition`], entered only when `guard` accepts the row
@@ -575,6 +732,7 @@ impl AppState {
         t: Transition,
         op: Fut,
         mut guard: G,
+        held: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<VmRecord, ApiError>
     where
         Fut: std::future::Future<Output = Result<(), WorkerError>>,
@@ -600,6 +758,9 @@ impl AppState {
             Ok(())
         })
         .await?;
+        // What `held` protected (a quota check) is settled by the row now
+        // in `via`: the worker's part runs without it.
+        drop(held);
         let result = op.await;
         let (target, message) = match &result {
             Ok(()) => (to, None),
@@ -632,47 +793,79 @@ impl AppState {
         Ok(rec)
     }
 
-    /// `POST /v1/vms/{id}/pause`: running -> pausing -> paused.
-    pub(crate) async fn pause_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        self.transition(org, id, PAUSE, self.worker().pause(id))
+    /// Run `f` on a clone of the state in a task of its own and wait for it.
+    /// A handler's future is dropped when its client disconnects; the task
+    /// is not, so the operation always runs to completion.
+    pub(crate) async fn detached<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(AppState) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::spawn(f(self.clone()))
             .await
+            .map_err(|e| ApiError::internal(format!("the operation's task failed: {e}")))?
+    }
+
+    /// `POST /v1/vms/{id}/pause`: running -> pausing -> paused (to
+    /// completion even if the client goes away).
+    pub(crate) async fn pause_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
+        self.detached(
+            move |s| async move { s.transition(org, id, PAUSE, s.worker().pause(id)).await },
+        )
+        .await
     }
 
     /// `POST /v1/vms/{id}/resume`: paused -> resuming -> running; 429 when
     /// the org is over a VM limit (only after the limits were lowered:
     /// paused VMs already count).
     pub(crate) async fn resume_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        let lock = self.quota_lock(org);
-        let _held = lock.lock().await;
-        let rec = self.find_vm(org, id).await?;
-        if rec.status == VmStatus::Paused {
-            self.check_resume_quota(
+        self.detached(move |s| async move {
+            // Held until the row is `resuming` (then it counts), not while
+            // the worker resumes: a wedged VM must not block its org.
+            let held = s.quota_lock(org).lock_owned().await;
+            let rec = s.find_vm(org, id).await?;
+            if rec.status == VmStatus::Paused {
+                s.check_resume_quota(
+                    org,
+                    VmShape {
+                        cpu: u64::from(rec.cpu),
+                        memory_mib: rec.memory_mib,
+                        disk_gib: rec.disk_gib,
+                    },
+                )
+                .await?;
+            }
+            s.transition_if(
                 org,
-                VmShape {
-                    cpu: u64::from(rec.cpu),
-                    memory_mib: rec.memory_mib,
-                    disk_gib: rec.disk_gib,
-                },
+                id,
+                RESUME,
+                s.worker().resume(id),
+                |_| Ok(()),
+                Some(held),
             )
-            .await?;
-        }
-        self.transition(org, id, RESUME, self.worker().resume(id))
             .await
+        })
+        .await
     }
 
     /// The TTL reaper's pause: like [`Self::pause_vm`], only if the VM is
     /// still running, still due and its action still `pause`. The cycle
     /// ends: the paused VM keeps a full TTL for its next resume.
     pub(crate) async fn ttl_pause(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        self.transition_if(org, id, PAUSE, self.worker().pause(id), |r| {
-            let now = now_ms();
-            ttl_due(r, TtlAction::Pause, now)?;
-            // Pre-freeze a full cycle: set_status keeps it when the VM
-            // settles paused, and turns it into a fresh deadline should the
-            // pause fail and the VM settle running.
-            r.expires_at_ms = None;
-            r.ttl_remaining_ms = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
-            Ok(())
+        self.detached(move |s| async move {
+            let guard = |r: &mut VmRecord| {
+                let now = now_ms();
+                ttl_due(r, TtlAction::Pause, now)?;
+                // Pre-freeze a full cycle: set_status keeps it when the VM
+                // settles paused, and turns it into a fresh deadline should the
+                // pause fail and the VM settle running.
+                r.expires_at_ms = None;
+                r.ttl_remaining_ms = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
+                Ok(())
+            };
+            s.transition_if(org, id, PAUSE, s.worker().pause(id), guard, None)
+                .await
         })
         .await
     }
@@ -680,8 +873,11 @@ impl AppState {
     /// The TTL reaper's delete: the DELETE path, only if the VM is still
     /// running, still due and its action still `delete`.
     pub(crate) async fn ttl_delete(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
-        self.delete_vm_if(org, id, |r| ttl_due(r, TtlAction::Delete, now_ms()))
-            .await
+        self.detached(move |s| async move {
+            s.delete_vm_if(org, id, |r| ttl_due(r, TtlAction::Delete, now_ms()))
+                .await
+        })
+        .await
     }
 
     /// `POST /v1/vms/{id}/ttl/refresh`: start a new full cycle (running:
@@ -715,7 +911,8 @@ impl AppState {
     /// `DELETE /v1/vms/{id}`: any status but deleting -> deleting -> gone
     /// (`deleted_at_ms` set); the VM process is killed and its files removed.
     pub(crate) async fn delete_vm(&self, org: OrgId, id: VmId) -> Result<(), ApiError> {
-        self.delete_vm_if(org, id, |_| Ok(())).await
+        self.detached(move |s| async move { s.delete_vm_if(org, id, |_| Ok(())).await })
+            .await
     }
 
     /// [`Self::delete_vm`], only when `guard` accepts the row.
@@ -742,6 +939,7 @@ impl AppState {
                     Ok(())
                 })
                 .await?;
+                self.forget_policy_lock(id);
                 Ok(())
             }
             Err(e) => {
@@ -783,7 +981,12 @@ impl AppState {
         match self.worker().exec(id, wreq).await {
             Ok(events) => Ok(events),
             Err(e) => {
-                if matches!(e, WorkerError::WrongState(_) | WorkerError::NotFound(_)) {
+                if matches!(
+                    e,
+                    WorkerError::WrongState(_)
+                        | WorkerError::NotFound(_)
+                        | WorkerError::Unresponsive(_)
+                ) {
                     // The process changed under us: record what the worker sees.
                     let _ = self.find_vm(org, id).await;
                 }

@@ -5,8 +5,10 @@
 //! compare-and-set update changes them and, through
 //! [`VmRecord::effective_firewall`], the policy the worker enforces: each
 //! service adds an ingress rule `::/0` on its port, ahead of the user's rules.
-//! After a change the new effective policy is pushed to the worker of a
-//! running or paused VM before the API answers.
+//! After a change the new effective policy is enforced by the worker of a
+//! running or paused VM before the API answers; if it cannot be, the change
+//! is rolled back (503 `FIREWALL_NOT_ENFORCED`, see
+//! [`AppState::change_policy`]).
 //!
 //! Rules: at most [`MAX_SERVICES_PER_VM`] per VM (409 `TOO_MANY_SERVICES`),
 //! names and ports as the spec says (400 `INVALID_SERVICE_NAME` /
@@ -113,8 +115,7 @@ impl AppState {
             }
         }
         let mut created = false;
-        let rec = self
-            .modify(Some(org), id, |r| {
+        self.change_policy(org, id, |r| {
                 refuse_while_deleting(r)?;
                 created = false;
                 let count = r.services.len();
@@ -138,7 +139,6 @@ impl AppState {
                 Ok(())
             })
             .await?;
-        self.services_changed(&rec).await?;
         let view = self.service_view(id, &svc);
         Ok(if created {
             Registered::Created(view)
@@ -158,24 +158,17 @@ impl AppState {
         if !current.services.iter().any(|s| s.name == name) {
             return Err(no_such_service(id, name));
         }
-        let rec = self
-            .modify(Some(org), id, |r| {
-                refuse_while_deleting(r)?;
-                let before = r.services.len();
-                r.services.retain(|s| s.name != name);
-                if r.services.len() == before {
-                    return Err(no_such_service(id, name));
-                }
-                Ok(())
-            })
-            .await?;
-        self.services_changed(&rec).await
-    }
-
-    /// The worker enforces the new effective firewall; open proxy
-    /// connections to the VM are dropped from the pool.
-    async fn services_changed(&self, rec: &VmRecord) -> Result<(), ApiError> {
-        self.push_firewall(rec).await
+        self.change_policy(org, id, |r| {
+            refuse_while_deleting(r)?;
+            let before = r.services.len();
+            r.services.retain(|s| s.name != name);
+            if r.services.len() == before {
+                return Err(no_such_service(id, name));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 }
 

@@ -141,6 +141,10 @@ impl AppState {
                 }
                 Err(e) => {
                     tracing::warn!(snapshot = %id, vm = %vm_id, error = %e, "snapshot capture failed");
+                    if matches!(e, crate::worker::WorkerError::Unresponsive(_)) {
+                        // The worker marked the VM failed: the row says so too.
+                        let _ = state.find_vm(caller.org_id, vm_id).await;
+                    }
                     let message = format!("the capture failed: {e}");
                     state
                         .store()

@@ -11,17 +11,26 @@
 //! Firing goes through the ordinary transitions (`pause`: running -> pausing
 //! -> paused; `delete`: the DELETE path), guarded by the row's version and by
 //! "still running and still due", so a refresh, a user pause or a delete that
-//! lands first wins and the reaper does nothing. A TTL pause ends the cycle:
-//! the paused VM gets a full `ttlRemainingMs` for its next resume.
+//! lands first wins and the reaper does nothing.
+//!
+//! Actions run in tasks of their own and a round does not wait for them: a
+//! VM whose QEMU is wedged takes its QMP budget to fail (it ends `error`),
+//! and meanwhile the reaper keeps firing other VMs' deadlines. A VM with an
+//! action in flight is not fired again until that action is done.
 
 use crate::store::now_ms;
 use crate::AppState;
-use fastvm_types::TtlAction;
+use fastvm_types::{TtlAction, VmId};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// Longest sleep between two rounds (a safety net for deadlines set behind
 /// the reaper's back, e.g. by another process on the same store).
 const MAX_NAP: Duration = Duration::from_secs(1);
+
+/// Shortest sleep between two rounds while actions are in flight (their
+/// rows may still look due until the action moved them on).
+const MIN_NAP_IN_FLIGHT: Duration = Duration::from_millis(20);
 
 /// A running reaper (see [`spawn_ttl_reaper`]).
 pub struct TtlReaper {
@@ -46,8 +55,10 @@ pub fn spawn_ttl_reaper(state: &AppState) -> TtlReaper {
     let state = state.clone();
     let task = tokio::spawn(async move {
         tracing::debug!("TTL reaper started");
+        let mut fired: tokio::task::JoinSet<VmId> = tokio::task::JoinSet::new();
+        let mut in_flight: HashSet<VmId> = HashSet::new();
         loop {
-            let nap = match state.reap_due().await {
+            let nap = match state.reap_due(&mut fired, &mut in_flight).await {
                 Ok(Some(next)) => {
                     Duration::from_millis(u64::try_from(next.saturating_sub(now_ms())).unwrap_or(0))
                         .min(MAX_NAP)
@@ -58,12 +69,29 @@ pub fn spawn_ttl_reaper(state: &AppState) -> TtlReaper {
                     MAX_NAP
                 }
             };
+            let nap = if in_flight.is_empty() {
+                nap
+            } else {
+                nap.max(MIN_NAP_IN_FLIGHT)
+            };
             tokio::select! {
                 _ = &mut stopped => break,
                 _ = state.inner.ttl_wake.notified() => {}
+                Some(done) = fired.join_next(), if !fired.is_empty() => {
+                    if let Ok(id) = done {
+                        in_flight.remove(&id);
+                    }
+                }
                 _ = tokio::time::sleep(nap) => {}
             }
+            // Collect whatever else finished meanwhile.
+            while let Some(done) = fired.try_join_next() {
+                if let Ok(id) = done {
+                    in_flight.remove(&id);
+                }
+            }
         }
+        while fired.join_next().await.is_some() {}
         tracing::debug!("TTL reaper stopped");
     });
     TtlReaper {
@@ -78,13 +106,20 @@ impl AppState {
         self.inner.ttl_wake.notify_one();
     }
 
-    /// One round: fire every due VM (concurrently), then return the next deadline.
-    async fn reap_due(&self) -> Result<Option<i64>, crate::error::ApiError> {
+    /// One round: start the action of every due VM not already in flight
+    /// (each in its own task, not awaited), then return the next deadline.
+    async fn reap_due(
+        &self,
+        fired: &mut tokio::task::JoinSet<VmId>,
+        in_flight: &mut HashSet<VmId>,
+    ) -> Result<Option<i64>, crate::error::ApiError> {
         let worker_id = self.worker().id().to_owned();
         let due = self.store().list_ttl_due(&worker_id, now_ms()).await?;
-        let mut fired = tokio::task::JoinSet::new();
         for rec in due {
             let Some(ttl) = rec.ttl else { continue };
+            if !in_flight.insert(rec.id) {
+                continue;
+            }
             let state = self.clone();
             fired.spawn(async move {
                 let (org, id) = (rec.org_id, rec.id);
@@ -96,9 +131,9 @@ impl AppState {
                 if let Err(e) = result {
                     tracing::info!(vm = %id, reason = %e.message, "TTL action not taken");
                 }
+                id
             });
         }
-        while fired.join_next().await.is_some() {}
         Ok(self.store().next_ttl_deadline(&worker_id).await?)
     }
 }

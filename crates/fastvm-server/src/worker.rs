@@ -48,6 +48,10 @@ pub enum WorkerError {
     /// The worker itself cannot be reached (a remote worker that is down).
     #[error("{0}")]
     Unreachable(String),
+    /// The VM's hypervisor stopped answering: the VM is marked failed
+    /// (`error` with a message) and only a delete helps.
+    #[error("{0}")]
+    Unresponsive(String),
     /// Anything else (QEMU, disks, images).
     #[error("{0}")]
     Failed(String),
@@ -65,6 +69,7 @@ impl From<fastvm_worker::Error> for WorkerError {
             E::InvalidExec(_) => WorkerError::InvalidExec(msg),
             E::AgentUnavailable(_) => WorkerError::AgentUnavailable(msg),
             E::GuestConnect(_) => WorkerError::ConnectRefused(msg),
+            E::Unresponsive { .. } => WorkerError::Unresponsive(msg),
             _ => WorkerError::Failed(msg),
         }
     }
@@ -157,6 +162,16 @@ pub trait Worker: Send + Sync + 'static {
     /// Replace the firewall of a VM; a running VM enforces it within a
     /// second, without a restart.
     async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError>;
+    /// The firewall policy the worker knows VM `id` enforces; `Ok(None)`
+    /// when it enforces nothing known (a push failed half-way, or the VM has
+    /// no network): the control plane's reconciler then pushes the stored
+    /// one. The default cannot tell (an error: the reconciler skips it).
+    async fn enforced_firewall(&self, id: VmId) -> Result<Option<FirewallPolicy>, WorkerError> {
+        let _ = id;
+        Err(WorkerError::Failed(
+            "this worker does not report enforced firewalls".into(),
+        ))
+    }
     /// The VM's public IPv6 address, when it has a network.
     async fn public_ipv6(&self, _id: VmId) -> Result<Option<String>, WorkerError> {
         Ok(None)
@@ -347,6 +362,10 @@ impl Worker for LocalWorker {
     async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError> {
         self.runtime.set_firewall(&id.to_string(), policy).await?;
         Ok(())
+    }
+
+    async fn enforced_firewall(&self, id: VmId) -> Result<Option<FirewallPolicy>, WorkerError> {
+        Ok(self.runtime.enforced_firewall(&id.to_string())?)
     }
 
     async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {

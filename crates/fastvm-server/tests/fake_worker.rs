@@ -40,6 +40,10 @@ struct FakeWorker {
     created: Mutex<Vec<VmSpec>>,
     /// Every firewall pushed by set_firewall, in order.
     firewalls: Mutex<Vec<(VmId, FirewallPolicy)>>,
+    /// When set, `set_firewall` fails (and enforces nothing new).
+    fail_firewall: AtomicBool,
+    /// What each VM enforces (`enforced_firewall`).
+    enforced: Mutex<HashMap<VmId, FirewallPolicy>>,
     /// How many times `resume` ran.
     resumes: AtomicUsize,
 }
@@ -104,6 +108,9 @@ impl Worker for FakeWorker {
             return Err(WorkerError::NoSuchSnapshot(format!(
                 "no snapshot with id {snap}"
             )));
+        }
+        if let Ok(mut e) = self.enforced.lock() {
+            e.insert(spec.id, spec.firewall.clone());
         }
         self.set(spec.id, VmState::Running);
         Ok(())
@@ -219,10 +226,23 @@ impl Worker for FakeWorker {
         if !self.has(id) {
             return Err(WorkerError::NotFound(format!("no VM {id}")));
         }
+        if self.fail_firewall.load(Ordering::SeqCst) {
+            return Err(WorkerError::Failed(
+                "VM networking failed: nft -f - failed: netlink: Error: Could not process rule"
+                    .into(),
+            ));
+        }
         if let Ok(mut f) = self.firewalls.lock() {
             f.push((id, policy.clone()));
         }
+        if let Ok(mut e) = self.enforced.lock() {
+            e.insert(id, policy.clone());
+        }
         Ok(())
+    }
+
+    async fn enforced_firewall(&self, id: VmId) -> Result<Option<FirewallPolicy>, WorkerError> {
+        Ok(self.enforced.lock().ok().and_then(|e| e.get(&id).cloned()))
     }
 
     async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {
@@ -2337,6 +2357,95 @@ async fn each_shared_validation_answers_one_status_and_code_on_every_route() -> 
             .map(|f| f.len())
             .unwrap_or(usize::MAX),
         0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_policy_the_worker_cannot_enforce_is_rolled_back_and_reconciled() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (status, vm) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let id = id_of(&vm)?;
+    let vm_id: VmId = id.parse()?;
+    let path = format!("/v1/vms/{id}/firewall");
+    let first = json!({"ingress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "::/0", "protocol": "tcp", "ports": "8080", "action": "allow"}]}});
+    let (status, v) = h.call("PUT", &path, Some(first)).await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let stored = v["firewall"].clone();
+
+    // The worker refuses: 503 FIREWALL_NOT_ENFORCED, and nothing changed.
+    h.worker.fail_firewall.store(true, Ordering::SeqCst);
+    let (status, err) = h
+        .call(
+            "PUT",
+            &path,
+            Some(json!({"egress": {"defaultAction": "deny"}})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("FIREWALL_NOT_ENFORCED")
+        ),
+        "{err}"
+    );
+    assert!(err["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("nothing was changed")));
+    let (_, now) = h.call("GET", &format!("/v1/vms/{id}"), None).await?;
+    assert_eq!(now["firewall"], stored);
+    // A service is policy too: refused and not registered.
+    let (status, err) = h
+        .call(
+            "POST",
+            &format!("/v1/vms/{id}/services"),
+            Some(json!({"name": "web", "port": 8000})),
+        )
+        .await?;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("FIREWALL_NOT_ENFORCED")
+        ),
+        "{err}"
+    );
+    let (_, svcs) = h
+        .call("GET", &format!("/v1/vms/{id}/services"), None)
+        .await?;
+    assert_eq!(svcs, json!([]), "{svcs}");
+    h.worker.fail_firewall.store(false, Ordering::SeqCst);
+
+    // The worker no longer knows what it enforces (e.g. a push that failed
+    // half-way): the reconciler pushes the stored policy.
+    if let Ok(mut e) = h.worker.enforced.lock() {
+        e.remove(&vm_id);
+    }
+    let pushed = h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0);
+    h.state.reconcile_on_start().await?;
+    let last = h
+        .worker
+        .firewalls
+        .lock()
+        .ok()
+        .and_then(|f| f.last().cloned());
+    let (_, now) = h.call("GET", &format!("/v1/vms/{id}"), None).await?;
+    let effective: FirewallPolicy = serde_json::from_value(now["effectiveFirewall"].clone())?;
+    assert_eq!(last, Some((vm_id, effective.clone())));
+    assert_eq!(
+        h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0),
+        pushed + 1
+    );
+    // Enforced and stored agree: the next round pushes nothing.
+    h.state.reconcile_on_start().await?;
+    assert_eq!(
+        h.worker.firewalls.lock().map(|f| f.len()).unwrap_or(0),
+        pushed + 1
     );
     Ok(())
 }

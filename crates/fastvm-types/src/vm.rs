@@ -187,6 +187,10 @@ pub struct Vm {
     pub disk_gib: u64,
     /// Lifecycle status.
     pub status: VmStatus,
+    /// Why the VM is `error` or `stopped` (e.g. its boot failed, or its
+    /// hypervisor stopped responding); null in every other status. An
+    /// extension of the spec.
+    pub status_message: Option<String>,
     /// Creation time (RFC 3339).
     pub created_at: String,
     /// Deletion time (RFC 3339), null while not deleted.
@@ -354,6 +358,7 @@ mod tests {
             expires_at_ms: Some(1_735_689_660_000),
             ttl_remaining_ms: None,
             paused_at: None,
+            status_message: None,
             volumes: vec![],
             bucket_mounts: vec![],
         })
@@ -386,6 +391,7 @@ mod tests {
             "expiresAtMs",
             "ttlRemainingMs",
             "pausedAt",
+            "statusMessage",
             "volumes",
             "bucketMounts",
         ];

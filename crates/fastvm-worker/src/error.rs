@@ -30,6 +30,17 @@ pub enum Error {
     Qemu(String),
     #[error("QMP error: {0}")]
     Qmp(String),
+    /// A QMP command or a child process did not finish within its budget
+    /// (see [`crate::timeouts`]); a child process was killed.
+    #[error("{what} did not finish within {after:?}")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
+    /// The VM's QEMU stopped answering (wedged): the VM is marked failed
+    /// (`Error` state) and only `delete` helps.
+    #[error("VM {id} is not responding: {detail}; it is marked failed, delete it")]
+    Unresponsive { id: String, detail: String },
     #[error("building the guest image failed: {0}")]
     ImageBuild(String),
     #[error("the agent binary was not found (looked in {looked:?}); build it with `cargo build --release -p fastvm-agent --target x86_64-unknown-linux-musl` or set FASTVM_AGENT_BIN")]

@@ -98,8 +98,14 @@ async fn run(progress: &Progress, tag: &str, cmd: &mut tokio::process::Command) 
     progress(&format!("[{tag}] running {shown}"));
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group: a timeout kills what it spawned too.
+        .process_group(0);
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let budget = crate::timeouts::build_tool_budget(&program);
     let mut child = cmd.spawn().ctx(|| format!("start {shown}"))?;
+    let pid = child.id();
     let stderr = child.stderr.take();
     let tag2 = tag.to_owned();
     let p2 = progress.clone();
@@ -117,10 +123,16 @@ async fn run(progress: &Progress, tag: &str, cmd: &mut tokio::process::Command) 
         }
         tail.join("\n")
     });
-    let out = child
-        .wait_with_output()
-        .await
-        .ctx(|| format!("wait {shown}"))?;
+    let out = match tokio::time::timeout(budget, child.wait_with_output()).await {
+        Ok(out) => out.ctx(|| format!("wait {shown}"))?,
+        Err(_) => {
+            crate::timeouts::kill_group(pid);
+            return Err(Error::Timeout {
+                what: format!("{program} (building the guest image)"),
+                after: budget,
+            });
+        }
+    };
     let tail = err_task.await.unwrap_or_default();
     if !out.status.success() {
         return Err(Error::ImageBuild(format!(

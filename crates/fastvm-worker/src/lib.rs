@@ -6,7 +6,8 @@
 //!    |-- ImageStore (images.rs)       kernel + initramfs + rootfs, built from Debian
 //!    |-- catalog.rs                   machine types (c1m2 ...)
 //!    |-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs (PTYs too)
-//!    '-- ConsoleFollower (console.rs) the read-only serial console (console.log)
+//!    |-- ConsoleFollower (console.rs) the read-only serial console (console.log)
+//!    '-- timeouts.rs                  budgets of QMP commands and child processes
 //! ```
 //!
 //! Each VM is one QEMU process that outlives the worker: its state directory
@@ -25,6 +26,7 @@ pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;
+pub mod timeouts;
 
 pub use accel::Accel;
 pub use catalog::MachineType;

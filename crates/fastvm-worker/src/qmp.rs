@@ -5,8 +5,14 @@
 //! `{"event": ...}` lines interleaved. We tag commands with an `id` and keep
 //! the connection open for the VM's lifetime: its EOF is how the worker
 //! learns that QEMU exited (QEMU is daemonized, not our child).
+//!
+//! Every command has a time budget ([`crate::timeouts::qmp_budget`]): a QEMU
+//! that stops answering (SIGSTOPped, deadlocked) yields [`Error::Timeout`]
+//! instead of a caller waiting forever. A late answer to a timed-out command
+//! is dropped; the connection stays usable.
 
 use crate::error::{Error, IoContext, Result};
+use crate::timeouts;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -63,15 +69,49 @@ impl Qmp {
             next_id: AtomicU64::new(1),
             closed,
         };
-        cap_rx
+        let budget = timeouts::qmp_budget("qmp_capabilities");
+        tokio::time::timeout(budget, cap_rx)
             .await
+            .map_err(|_| Error::Timeout {
+                what: "QMP qmp_capabilities".into(),
+                after: budget,
+            })?
             .map_err(|_| Error::Qmp("QMP closed during negotiation".into()))??;
         Ok(qmp)
     }
 
-    /// Run a command and return its `return` value.
+    /// Run a command within its budget ([`timeouts::qmp_budget`]) and return
+    /// its `return` value.
     pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.execute_within(command, arguments, timeouts::qmp_budget(command))
+            .await
+    }
+
+    /// [`Self::execute`] with an explicit budget: [`Error::Timeout`] when
+    /// QEMU has not answered within `budget` (its late answer is dropped).
+    pub async fn execute_within(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        budget: Duration,
+    ) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(budget, self.exchange(id, command, arguments)).await;
+        match result {
+            Ok(r) => r,
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&id);
+                }
+                Err(Error::Timeout {
+                    what: format!("QMP {command}"),
+                    after: budget,
+                })
+            }
+        }
+    }
+
+    async fn exchange(&self, id: u64, command: &str, arguments: Option<Value>) -> Result<Value> {
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -161,3 +201,110 @@ async fn read_loop(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU: greets, accepts `qmp_capabilities`, then answers only
+    /// the commands `answer` accepts (by name); the others never get a reply.
+    async fn fake_qemu(
+        dir: &Path,
+        greet: bool,
+        answer: fn(&str) -> bool,
+    ) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let task = tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (read, mut write) = stream.into_split();
+            if greet {
+                let _ = write
+                    .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                    .await;
+            }
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let cmd = v["execute"].as_str().unwrap_or_default().to_owned();
+                if !greet || !(cmd == "qmp_capabilities" || answer(&cmd)) {
+                    continue;
+                }
+                let reply = json!({ "return": { "cmd": cmd }, "id": v["id"] });
+                let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+            }
+        });
+        (path, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_qemu_never_answers_times_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, _server) = fake_qemu(dir.path(), true, |c| c == "query-status").await;
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let err = qmp.execute("stop", None).await.expect_err("no answer");
+        match err {
+            Error::Timeout { what, after } => {
+                assert_eq!(what, "QMP stop");
+                assert_eq!(after, timeouts::QMP_SHORT);
+            }
+            other => panic!("expected a timeout, got {other}"),
+        }
+        // The connection stays usable, and the timed-out command left nothing pending.
+        let v = qmp.execute("query-status", None).await.expect("answered");
+        assert_eq!(v["cmd"], "query-status");
+        assert!(qmp.pending.lock().expect("lock").is_empty());
+        assert!(!qmp.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explicit_budget_is_honoured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, _server) = fake_qemu(dir.path(), true, |_| false).await;
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let t0 = tokio::time::Instant::now();
+        let err = qmp
+            .execute_within("blockdev-snapshot-sync", None, Duration::from_millis(250))
+            .await
+            .expect_err("no answer");
+        assert!(matches!(err, Error::Timeout { after, .. } if after == Duration::from_millis(250)));
+        // Paused clock: exactly the budget elapsed, not the command's default.
+        assert_eq!(t0.elapsed(), Duration::from_millis(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_qemu_that_never_greets_fails_the_connect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, _server) = fake_qemu(dir.path(), false, |_| true).await;
+        let err = Qmp::connect(&path).await.err().expect("no greeting");
+        assert!(err.to_string().contains("no QMP greeting"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_fails_pending_commands_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, server) = fake_qemu(dir.path(), true, |_| false).await;
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let pending = qmp.execute("stop", None);
+        tokio::pin!(pending);
+        // Not answered yet...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut pending)
+                .await
+                .is_err()
+        );
+        // ...then QEMU goes away: the command fails (it does not wait out its budget).
+        server.abort();
+        let err = tokio::time::timeout(Duration::from_secs(4), pending)
+            .await
+            .expect("fails before its budget")
+            .expect_err("QEMU exited");
+        assert!(matches!(err, Error::Qmp(_)), "{err}");
+        qmp.wait_closed().await;
+    }
+}

@@ -9,7 +9,12 @@
 //!        (guest off,     v    v                v
 //!         killed) ----> Stopped  <-------------'
 //!   create() failing -> Error(msg)      delete(): any state -> (none)
+//!   a QMP timeout (wedged QEMU) in any operation -> Error(msg)
 //! ```
+//!
+//! A wedged QEMU fails only its own VM: no host-wide lock (layers, golden
+//! builds) is held while waiting on one VM's QEMU, every QMP command has a
+//! budget ([`crate::timeouts`]), and `delete` SIGKILLs a failed VM's QEMU.
 //!
 //! State directory `<data>/vms/<id>/`: `spec.json` (what was launched),
 //! `qemu.pid`, `qmp.sock`, `agent.sock`, `console.log`, `qemu.log`,
@@ -25,6 +30,7 @@ use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
 use crate::images::{self, GuestImage, ImageStore, Progress};
 use crate::net::{NetConfig, NetRecord, Network, VmNet};
 use crate::qemu::QemuMicrovm;
+use crate::timeouts;
 use fastvm_agent_proto::GuestConfig;
 use fastvm_types::FirewallPolicy;
 use serde::{Deserialize, Serialize};
@@ -167,6 +173,9 @@ struct Vm {
     /// Serialises lifecycle operations of this VM.
     op: tokio::sync::Mutex<()>,
     net: Mutex<Option<Arc<VmNet>>>,
+    /// The firewall policy the VM's ruleset and resolver are known to
+    /// enforce; `None` when unknown (a push failed half-way, no network).
+    enforced: Mutex<Option<FirewallPolicy>>,
 }
 
 impl Vm {
@@ -180,6 +189,26 @@ impl Vm {
         if let Ok(mut g) = self.state.lock() {
             *g = s;
         }
+    }
+    fn set_enforced(&self, policy: Option<FirewallPolicy>) {
+        if let Ok(mut e) = self.enforced.lock() {
+            *e = policy;
+        }
+    }
+    /// A QMP timeout means this VM's QEMU is wedged: mark the VM failed
+    /// (this VM only; nothing host-wide waits on it) and say so. Other
+    /// errors pass through.
+    fn fail_if_wedged(&self, action: &str, e: Error) -> Error {
+        let Error::Timeout { what, after } = e else {
+            return e;
+        };
+        let id = self.record.launch.id.clone();
+        let detail = format!("QEMU did not answer {what} within {after:?} during {action}");
+        tracing::error!(vm = %id, %detail, "VM unresponsive; marked failed");
+        self.set_state(VmState::Error(format!(
+            "the VM stopped responding (QEMU did not answer {what} within {after:?} during {action}); delete it"
+        )));
+        Error::Unresponsive { id, detail }
     }
     fn process(&self) -> Option<Arc<dyn VmProcess>> {
         self.process.lock().ok().and_then(|p| p.clone())
@@ -248,8 +277,14 @@ pub struct Runtime {
     cfg: RuntimeConfig,
     /// Held while disk layers are created, referenced or collected.
     layers_lock: tokio::sync::Mutex<()>,
-    /// Per-key build locks of golden snapshots.
-    golden_lock: tokio::sync::Mutex<()>,
+    /// One lock per golden snapshot key: restores of it hold it shared (its
+    /// files stay put), builds and deletes exclusively (single-flight;
+    /// launches of other keys never wait on them).
+    golden_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// The QEMU build and CPU model part of golden keys (computed once).
+    qemu_build: tokio::sync::OnceCell<String>,
+    /// Golden snapshots built (first builds and rebuilds) since open.
+    golden_builds: std::sync::atomic::AtomicU64,
     accel: Accel,
     hv: Arc<dyn Hypervisor>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -280,7 +315,9 @@ impl Runtime {
             net,
             cfg,
             layers_lock: Default::default(),
-            golden_lock: Default::default(),
+            golden_locks: Default::default(),
+            qemu_build: Default::default(),
+            golden_builds: Default::default(),
             accel,
             hv,
             vms: Mutex::new(HashMap::new()),
@@ -321,10 +358,13 @@ impl Runtime {
             let (state, process) = match self.hv.adopt(&record.launch, &paths).await {
                 Ok(Some(p)) => {
                     let p: Arc<dyn VmProcess> = Arc::from(p);
-                    let state = if p.is_paused().await.unwrap_or(false) {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
+                    let state = match p.is_paused().await {
+                        Ok(true) => VmState::Paused,
+                        Ok(false) => VmState::Running,
+                        Err(e @ Error::Timeout { .. }) => VmState::Error(format!(
+                            "the VM stopped responding ({e}) when the worker re-adopted it; delete it"
+                        )),
+                        Err(_) => VmState::Running,
                     };
                     (state, Some(p))
                 }
@@ -355,6 +395,7 @@ impl Runtime {
                 process: Mutex::new(process.clone()),
                 agent: Default::default(),
                 op: Default::default(),
+                enforced: Mutex::new(net.as_ref().map(|n| n.policy())),
                 net: Mutex::new(net),
             });
             if let Some(p) = process {
@@ -391,8 +432,29 @@ impl Runtime {
         let (Some(network), Some(net)) = (&self.net, vm.net()) else {
             return Ok(());
         };
-        network.set_policy(&net, policy).await?;
+        let previous = net.policy();
+        if let Err(e) = network.set_policy(&net, policy).await {
+            // The ruleset load is one transaction, but the resolver may have
+            // switched: go back to the previous policy; until that is known
+            // to be in force, nothing is.
+            vm.set_enforced(None);
+            if network.set_policy(&net, &previous).await.is_ok() {
+                vm.set_enforced(Some(previous));
+            }
+            return Err(e);
+        }
+        vm.set_enforced(Some(policy.clone()));
         write_json_atomic(&vm.paths.dir.join("net.json"), &net.record())
+    }
+
+    /// The firewall policy VM `id` is known to enforce: `Ok(None)` when
+    /// unknown (a push failed; push it again) or the VM has no network.
+    pub fn enforced_firewall(&self, id: &str) -> Result<Option<FirewallPolicy>> {
+        let vm = self.vm(id)?;
+        if self.net.is_none() || vm.net().is_none() {
+            return Ok(None);
+        }
+        Ok(vm.enforced.lock().ok().and_then(|e| e.clone()))
     }
 
     /// The part of a new VM's network QEMU needs to start (namespace and
@@ -508,25 +570,45 @@ impl Runtime {
     /// restore: of `req.snapshot`, or of the golden snapshot of the machine
     /// type (built once per image, machine type and disk size by a fresh boot),
     /// unless golden snapshots are disabled.
-    pub async fn create(&self, req: CreateVm) -> Result<VmInfo> {
+    ///
+    /// A golden snapshot that fails to restore (its files damaged, or made
+    /// by a QEMU that no longer reads them) is deleted and rebuilt once, by
+    /// one launch while the others wait for it, and the launch is retried on
+    /// the new one.
+    pub async fn create(&self, mut req: CreateVm) -> Result<VmInfo> {
         req.firewall
             .validate()
             .map_err(|e| Error::InvalidFirewall(e.message))?;
-        let source = match &req.snapshot {
-            Some(id) => Some(self.snapshot_record(id)?),
-            None if self.cfg.golden => {
-                let machine = MachineType::lookup(&req.machine)?;
-                Some(
-                    self.golden(machine, req.disk_gib.unwrap_or(machine.disk_gib))
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        match source {
-            Some(snap) => self.restore(req, &snap).await,
-            None => self.boot_fresh(req).await,
+        if let Some(id) = &req.snapshot {
+            let snap = self.snapshot_record(id)?;
+            return self.restore(req, &snap).await;
         }
+        if !self.cfg.golden {
+            return self.boot_fresh(req).await;
+        }
+        let id = req
+            .id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
+            .clone();
+        let machine = MachineType::lookup(&req.machine)?;
+        let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
+        let (key, snap, in_use) = self.golden(machine, disk_gib).await?;
+        let restored = self.restore(req.clone(), &snap).await;
+        drop(in_use);
+        let err = match restored {
+            Ok(info) => return Ok(info),
+            Err(e) if is_restore_failure(&e) => e,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(vm = %id, %key, error = %err, "golden snapshot failed to restore; rebuilding it");
+        // The failed VM (if it got registered) goes; the retry reuses its id.
+        match self.delete(&id).await {
+            Ok(()) | Err(Error::NoSuchVm(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.discard_golden(&key, &snap).await;
+        let (_, snap, _in_use) = self.golden(machine, disk_gib).await?;
+        self.restore(req, &snap).await
     }
 
     /// Register a VM (state dir, spec.json, disk chain) before its process
@@ -596,6 +678,7 @@ impl Runtime {
             process: Mutex::new(None),
             agent: Default::default(),
             op: Default::default(),
+            enforced: Mutex::new(net.as_ref().map(|n| n.policy())),
             net: Mutex::new(net),
         });
         if let Err(e) = vm.save() {
@@ -622,7 +705,8 @@ impl Runtime {
         if let Some(g) = size_gib {
             cmd.arg(format!("{g}G"));
         }
-        let out = cmd.output().await.ctx(|| "run qemu-img".into())?;
+        cmd.stdin(std::process::Stdio::null());
+        let out = timeouts::output_within(&mut cmd, timeouts::QEMU_IMG, "qemu-img create").await?;
         if !out.status.success() {
             return Err(Error::Qemu(format!(
                 "qemu-img create failed: {}",
@@ -813,8 +897,24 @@ impl Runtime {
         Ok(())
     }
 
-    /// The VM's agent connection, reconnecting when needed.
+    /// Fail fast (and fail the VM) when its QEMU no longer answers: the
+    /// agent channel goes through QEMU, so a wedged QEMU would leave a
+    /// request waiting forever. One `query-status` (well under a
+    /// millisecond when healthy; [`timeouts::QMP_SHORT`] when wedged).
+    async fn probe(&self, vm: &Vm, action: &str) -> Result<()> {
+        let Some(p) = vm.process().filter(|p| !p.has_exited()) else {
+            return Ok(());
+        };
+        match p.is_paused().await {
+            Err(e @ Error::Timeout { .. }) => Err(vm.fail_if_wedged(action, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The VM's agent connection, reconnecting when needed; checks first
+    /// that QEMU answers ([`Self::probe`]).
     async fn agent(&self, vm: &Vm) -> Result<AgentClient> {
+        self.probe(vm, "a request to the guest agent").await?;
         let mut slot = vm.agent.lock().await;
         if let Some(a) = slot.as_ref() {
             if a.closed_reason().is_none() {
@@ -917,7 +1017,7 @@ impl Runtime {
         let p = vm
             .process()
             .ok_or_else(|| Error::Qemu("no process".into()))?;
-        p.pause().await?;
+        p.pause().await.map_err(|e| vm.fail_if_wedged("pause", e))?;
         vm.set_state(VmState::Paused);
         Ok(vm.info())
     }
@@ -929,7 +1029,9 @@ impl Runtime {
         let p = vm
             .process()
             .ok_or_else(|| Error::Qemu("no process".into()))?;
-        p.resume().await?;
+        p.resume()
+            .await
+            .map_err(|e| vm.fail_if_wedged("resume", e))?;
         vm.set_state(VmState::Running);
         Ok(vm.info())
     }
@@ -943,6 +1045,7 @@ impl Runtime {
                 if vm.state() == VmState::Paused {
                     let _ = p.resume().await;
                 }
+                // A wedged QEMU (the probe in `agent` fails) is killed below.
                 if let Ok(agent) = self.agent(&vm).await {
                     let _ = agent.shutdown().await;
                 }
@@ -962,8 +1065,18 @@ impl Runtime {
     pub async fn delete(&self, id: &str) -> Result<()> {
         let vm = self.vm(id)?;
         let _op = vm.op.lock().await;
+        let wedged = matches!(vm.state(), VmState::Error(_));
         vm.set_state(VmState::Stopped);
         if let Some(p) = vm.process() {
+            if wedged && !p.has_exited() {
+                // A failed VM's QEMU may not answer `quit`: SIGKILL by pid at
+                // once (its QMP connection is still open, so the process
+                // exists and the pid is not recycled).
+                if let Ok(pid) = libc::pid_t::try_from(p.pid()) {
+                    // SAFETY: kill has no memory preconditions; see above for the pid.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
             p.kill().await?;
         }
         *vm.agent.lock().await = None;
@@ -1025,19 +1138,39 @@ impl Runtime {
         }
         std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let memory = dir.join("memory");
-        let _layers = self.layers_lock.lock().await;
         let new_layer = self.layer_path();
         let frozen = vm.layers();
-        let result = process.snapshot(&memory, &new_layer, leave_paused).await;
+        // The new layer is referenced before QEMU creates it, so that layer
+        // collection (which takes the host-wide layers lock) keeps it; that
+        // lock is not held while this VM's QEMU works: a wedged QEMU must
+        // not stall every other launch.
+        {
+            let _layers = self.layers_lock.lock().await;
+            if let Ok(mut l) = vm.layers.lock() {
+                l.insert(0, new_layer.clone());
+            }
+        }
+        let result = match tokio::time::timeout(
+            timeouts::MIGRATION,
+            process.snapshot(&memory, &new_layer, leave_paused),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                what: "the memory snapshot".into(),
+                after: timeouts::MIGRATION,
+            }),
+        }
+        .map_err(|e| vm.fail_if_wedged("snapshot", e));
         if leave_paused && result.is_ok() {
             vm.set_state(VmState::Paused);
         }
         // Whether or not the memory dump worked, QEMU may already write to the new layer.
         if new_layer.exists() {
-            if let Ok(mut l) = vm.layers.lock() {
-                l.insert(0, new_layer.clone());
-            }
             vm.save()?;
+        } else if let Ok(mut l) = vm.layers.lock() {
+            l.retain(|p| p != &new_layer);
         }
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&dir);
@@ -1104,38 +1237,107 @@ impl Runtime {
     /// (built on first use).
     pub async fn golden_snapshot(&self, machine: &str) -> Result<SnapshotRecord> {
         let m = MachineType::lookup(machine)?;
-        self.golden(m, m.disk_gib).await
+        Ok(self.golden(m, m.disk_gib).await?.1)
     }
 
-    /// The golden snapshot of (image, accelerator, machine type, disk size),
-    /// built by one fresh boot the first time.
-    async fn golden(&self, machine: MachineType, disk_gib: u32) -> Result<SnapshotRecord> {
+    /// Golden snapshots built (first builds and rebuilds) since this runtime opened.
+    pub fn golden_builds(&self) -> u64 {
+        self.golden_builds
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The QEMU build and CPU model part of golden keys: a state file is only
+    /// read back reliably by the QEMU that wrote it, on the same CPU model.
+    async fn qemu_build(&self) -> Result<&str> {
+        let build = self
+            .qemu_build
+            .get_or_try_init(|| qemu_build_id(&self.cfg.qemu_binary, self.accel))
+            .await?;
+        Ok(build.as_str())
+    }
+
+    /// The key (directory name under `<data>/golden/`) of a golden snapshot:
+    /// image, accelerator, machine type, disk size, device set, QEMU build
+    /// (version + binary hash) and CPU model.
+    async fn golden_key(&self, machine: MachineType, disk_gib: u32) -> Result<String> {
         let image = self.image().await?.clone();
         // The device set is part of the key: a golden VM without a network
         // device cannot be restored into one with it (and vice versa).
         let net = if self.net.is_some() { "-net1" } else { "" };
-        let key = format!(
-            "{}-{}-{}-{}g{net}",
+        let build = self.qemu_build().await?;
+        Ok(format!(
+            "{}-{}-{}-{}g{net}-q{build}",
             image.id, self.accel, machine.name, disk_gib
-        );
-        let dir = self.cfg.data_dir.join("golden").join(&key);
-        let _g = self.golden_lock.lock().await;
-        if dir.join("snapshot.json").exists() {
-            match Self::read_snapshot(&dir) {
-                Ok(r)
-                    if r.memory.is_file()
-                        && r.layers.iter().all(|l| l.is_file())
-                        && r.ram.as_ref().is_none_or(|p| p.is_file()) =>
-                {
-                    return Ok(r)
-                }
-                Ok(_) | Err(_) => {
-                    tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
+        ))
+    }
+
+    fn golden_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self.golden_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Delete golden snapshot `key` if it still is `failed` (a concurrent
+    /// launch may have rebuilt it already: then the new one stays).
+    async fn discard_golden(&self, key: &str, failed: &SnapshotRecord) {
+        let lock = self.golden_lock(key);
+        let _g = lock.write().await;
+        let dir = self.cfg.data_dir.join("golden").join(key);
+        let same = Self::read_snapshot(&dir).is_ok_and(|r| {
+            r.created_unix_ms == failed.created_unix_ms && r.memory == failed.memory
+        });
+        if same {
+            tracing::warn!(%key, "deleting golden snapshot that failed to restore");
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(%key, error = %e, "could not delete the golden snapshot");
             }
         }
+    }
+
+    /// The golden snapshot of (image, accelerator, machine type, disk size,
+    /// QEMU build, CPU model) and its key, built by one fresh boot the first
+    /// time (one build per key at a time; other keys do not wait). The guard
+    /// keeps its files in place (no rebuild or delete) while held: hold it
+    /// until the restore from it is done.
+    async fn golden(
+        &self,
+        machine: MachineType,
+        disk_gib: u32,
+    ) -> Result<(
+        String,
+        SnapshotRecord,
+        tokio::sync::OwnedRwLockReadGuard<()>,
+    )> {
+        let key = self.golden_key(machine, disk_gib).await?;
+        let lock = self.golden_lock(&key);
+        let shared = lock.clone().read_owned().await;
+        let dir = self.cfg.data_dir.join("golden").join(&key);
+        if let Some(record) = complete_snapshot(&dir) {
+            return Ok((key, record, shared));
+        }
+        drop(shared);
+        let exclusive = lock.write_owned().await;
+        let record = self.golden_locked(&key, machine, disk_gib).await?;
+        Ok((key, record, exclusive.downgrade()))
+    }
+
+    async fn golden_locked(
+        &self,
+        key: &str,
+        machine: MachineType,
+        disk_gib: u32,
+    ) -> Result<SnapshotRecord> {
+        let key = key.to_owned();
+        let dir = self.cfg.data_dir.join("golden").join(&key);
+        if let Some(r) = complete_snapshot(&dir) {
+            return Ok(r);
+        }
+        if dir.exists() {
+            tracing::warn!(%key, "golden snapshot incomplete; rebuilding");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         tracing::info!(%key, "building golden snapshot (one fresh boot)");
+        self.golden_builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let vm_id = format!("golden-{}", uuid::Uuid::new_v4());
         let req = CreateVm {
             id: Some(vm_id.clone()),
@@ -1234,4 +1436,92 @@ impl Runtime {
             m.clear();
         }
     }
+}
+
+/// True for a restore that failed in QEMU (the snapshot's state or disk
+/// could not be loaded), as opposed to the host (network, quota, ids).
+fn is_restore_failure(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Qemu(_) | Error::Qmp(_) | Error::Timeout { .. } | Error::CorruptState { .. }
+    )
+}
+
+/// Where `binary` is: itself when it names a path, else the first match on `PATH`.
+fn resolve_binary(binary: &std::path::Path) -> PathBuf {
+    if binary.components().count() > 1 {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
+/// The CPU model a guest of `accel` sees: QEMU's `max` model under TCG
+/// (defined by the QEMU build), the host CPU under KVM (its model name and
+/// feature flags, from `/proc/cpuinfo`).
+fn cpu_model(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => "tcg-max".into(),
+        Accel::Kvm => {
+            let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        (k.trim() == name).then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default()
+            };
+            format!("kvm-host:{}:{}", field("model name"), field("flags"))
+        }
+    }
+}
+
+/// 16 hex digits of SHA-256 over QEMU's `--version`, the SHA-256 of the
+/// QEMU binary and the guest CPU model ([`cpu_model`]).
+async fn qemu_build_id(binary: &std::path::Path, accel: Accel) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let path = resolve_binary(binary);
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.arg("--version").stdin(std::process::Stdio::null());
+    let out = timeouts::output_within(&mut cmd, timeouts::QEMU_IMG, "qemu --version").await?;
+    if !out.status.success() {
+        return Err(Error::Qemu(format!(
+            "{} --version failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let hashed = path.clone();
+    let binary_hash = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(&hashed)?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| Error::Qemu(format!("hashing the QEMU binary: {e}")))?
+    .ctx(|| format!("hash {}", path.display()))?;
+    let cpu = cpu_model(accel);
+    tracing::info!(qemu = %path.display(), %version, %binary_hash, "QEMU build (part of golden snapshot keys)");
+    let id = hex::encode(Sha256::digest(format!("{version}\n{binary_hash}\n{cpu}")));
+    Ok(id[..16].to_owned())
+}
+
+/// The snapshot record in `dir` when it and every file it names exist.
+fn complete_snapshot(dir: &std::path::Path) -> Option<SnapshotRecord> {
+    let r = Runtime::read_snapshot(dir).ok()?;
+    let complete = r.memory.is_file()
+        && r.layers.iter().all(|l| l.is_file())
+        && r.ram.as_ref().is_none_or(|p| p.is_file());
+    complete.then_some(r)
 }

@@ -72,6 +72,7 @@ pub fn vm() -> Value {
         "ttlRemainingMs": null,
         "createdAt": CREATED_AT,
         "pausedAt": null,
+        "statusMessage": null,
         "deletedAt": null,
         "publicIpv6": null,
         "volumes": [],

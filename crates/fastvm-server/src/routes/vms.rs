@@ -71,6 +71,11 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
         memory_mib: r.memory_mib,
         disk_gib: r.disk_gib,
         status: r.status,
+        status_message: if matches!(r.status, VmStatus::Error | VmStatus::Stopped) {
+            r.status_message.clone()
+        } else {
+            None
+        },
         created_at: rfc3339(r.created_at_ms),
         deleted_at: r.deleted_at_ms.map(rfc3339),
         ttl: r.ttl,

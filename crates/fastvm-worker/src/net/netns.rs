@@ -243,16 +243,27 @@ async fn exec(
         .spawn()
         .map_err(|e| Error::Network(format!("run {prog}: {e}")))?;
     drop(fd);
-    if let Some(mut input) = child.stdin.take() {
-        input
-            .write_all(stdin.as_bytes())
+    // Within a budget (`timeouts::NET_TOOL`): on overrun the child is
+    // dropped, and with it killed (kill_on_drop, by pid).
+    let input = child.stdin.take();
+    let finished = async move {
+        if let Some(mut input) = input {
+            input
+                .write_all(stdin.as_bytes())
+                .await
+                .map_err(|e| Error::Network(format!("{prog}: write stdin: {e}")))?;
+        }
+        child
+            .wait_with_output()
             .await
-            .map_err(|e| Error::Network(format!("{prog}: write stdin: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
+            .map_err(|e| Error::Network(format!("{prog}: {e}")))
+    };
+    let out = tokio::time::timeout(crate::timeouts::NET_TOOL, finished)
         .await
-        .map_err(|e| Error::Network(format!("{prog}: {e}")))?;
+        .map_err(|_| Error::Timeout {
+            what: format!("{prog} {}", args.join(" ")),
+            after: crate::timeouts::NET_TOOL,
+        })??;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let where_ = ns.map(|n| format!(" in {n}")).unwrap_or_default();

@@ -237,6 +237,9 @@ class VM(Model):
     expires_at_ms: Optional[int] = None
     ttl_remaining_ms: Optional[int] = None
     paused_at: Optional[str] = None
+    status_message: Optional[str] = None
+    """Why the VM is ``error`` or ``stopped`` (its boot failed, its hypervisor stopped
+    responding, ...); ``None`` in every other status. An extension of the spec."""
     volumes: Optional[List[VolumeAttachmentItem]] = None
     bucket_mounts: Optional[List[BucketMount]] = None
 

@@ -1099,6 +1099,12 @@ export interface components {
             sourceName: string;
             /** @description Lifecycle status. */
             status: components["schemas"]["VMStatus"];
+            /**
+             * @description Why the VM is `error` or `stopped` (e.g. its boot failed, or its
+             *     hypervisor stopped responding); null in every other status. An
+             *     extension of the spec.
+             */
+            statusMessage?: string | null;
             ttl?: null | components["schemas"]["Ttl"];
             /**
              * Format: int64
@@ -2013,6 +2019,7 @@ export interface operations {
                      *         "publicIpv6": null,
                      *         "sourceName": "",
                      *         "status": "running",
+                     *         "statusMessage": null,
                      *         "ttl": {
                      *           "action": "pause",
                      *           "seconds": 3600
@@ -2133,6 +2140,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -2203,6 +2211,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "provisioning",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -2350,6 +2359,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -2522,6 +2532,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -3306,6 +3317,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -3518,6 +3530,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -3656,6 +3669,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "paused",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -3767,6 +3781,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
@@ -4206,6 +4221,7 @@ export interface operations {
                      *       "publicIpv6": null,
                      *       "sourceName": "",
                      *       "status": "running",
+                     *       "statusMessage": null,
                      *       "ttl": {
                      *         "action": "pause",
                      *         "seconds": 3600
