@@ -12,7 +12,7 @@
 //!            169.254.169.254  HTTP :80 (metadata; the host routes it there for
 //!                        the VM pool only, `ip rule` table 7417)
 //!  fvt-cli   fd00:fa58:2::2  a client connecting to the guests' publicIpv6
-//!  host      HTTP on every address (0.0.0.0 and ::), a dummy interface fvtd0
+//!  host      HTTP on every address (0.0.0.0 and ::), an extra interface fvtd0
 //!            203.0.113.9 / 2001:db8:fa6::9: the guard must keep guests off all of it
 //! ```
 //!
@@ -228,7 +228,7 @@ fn host_address() -> Ipv4Addr {
         .expect("a global IPv4 address on the host")
 }
 
-/// Undoes the host side of the world (dummy interface, metadata route).
+/// Undoes the host side of the world (extra interface, metadata route).
 const HOST_UNDO: &str = "ip link del fvtd0; ip rule del pref 7417; ip route flush table 7417";
 
 fn build_world() -> (World, SocketAddr) {
@@ -247,6 +247,12 @@ fn build_world() -> (World, SocketAddr) {
             .stderr(std::process::Stdio::null())
             .status();
     }
+    // Removes whatever part of it exists when a step below fails.
+    let mut world = World {
+        tasks: vec![],
+        sunk: Default::default(),
+        host_port: 0,
+    };
     sh("ip netns add fvt-web && ip link add fvtw-h type veth peer name eth0 netns fvt-web \
         && ip addr add 198.51.100.1/24 dev fvtw-h && ip addr add 10.201.1.1/24 dev fvtw-h \
         && ip addr add 2001:db8:fa5::1/64 dev fvtw-h nodad && ip link set fvtw-h up \
@@ -259,10 +265,9 @@ fn build_world() -> (World, SocketAddr) {
     // 169.254.169.254, if any, is untouched).
     sh("ip route add 169.254.169.254/32 dev fvtw-h table 7417 \
         && ip rule add pref 7417 from 10.200.0.0/16 to 169.254.169.254 lookup 7417");
-    sh(
-        "ip link add fvtd0 type dummy && ip addr add 203.0.113.9/32 dev fvtd0 \
-        && ip addr add 2001:db8:fa6::9/128 dev fvtd0 nodad && ip link set fvtd0 up",
-    );
+    // Another host interface (a veth pair: not every kernel has dummy).
+    sh("ip link add fvtd0 type veth peer name fvtd1 && ip addr add 203.0.113.9/32 dev fvtd0 \
+        && ip addr add 2001:db8:fa6::9/128 dev fvtd0 nodad && ip link set fvtd1 up && ip link set fvtd0 up");
     sh("ip netns add fvt-cli && ip link add fvtc-h type veth peer name eth0 netns fvt-cli \
         && ip addr add fd00:fa58:2::1/64 dev fvtc-h nodad && ip link set fvtc-h up \
         && ip -n fvt-cli addr add fd00:fa58:2::2/64 dev eth0 nodad && ip -n fvt-cli link set eth0 up && ip -n fvt-cli link set lo up \
@@ -299,11 +304,7 @@ fn build_world() -> (World, SocketAddr) {
     // socket; the checks below make sure both answer).
     let host_web = std::net::TcpListener::bind("[::]:0").expect("bind host web server");
     let host_port = host_web.local_addr().expect("addr").port();
-    let mut world = World {
-        tasks: vec![],
-        sunk: Default::default(),
-        host_port,
-    };
+    world.host_port = host_port;
     let host_addr = SocketAddr::new(IpAddr::V4(host_address()), host_port);
     block_on(async {
         for l in tcp.into_iter().chain([host_web]) {
@@ -503,7 +504,7 @@ fn host_ipv6_addresses() -> Vec<std::net::Ipv6Addr> {
 /// What the guard keeps every guest of this test off, as URLs with a server
 /// behind (checked here from the host side, so a failure to block is
 /// visible): the host's HTTP server on each host address (its uplink, the
-/// dummy interface, its global IPv6, the VM's host-side veth), the metadata
+/// extra interface fvtd0, its global IPv6, the VM's host-side veth), the metadata
 /// address and the RFC 1918 server.
 fn guarded_urls(world: &World, vm: &Vm) -> Vec<String> {
     let info = vm.rt.get(&vm.id).expect("vm");
