@@ -11,7 +11,7 @@
 //!       IPv6: saddr = guest IPv6, :: or fe80::/10 (never forwarded)    accept
 //!       anything else (other source, other ethertype): policy drop
 //!   table inet fastvm_guard
-//!     set deny4 / deny6  169.254.0.0/16, fe80::/10, fd00:ec2::254, the VM pool
+//!     set deny4 / deny6  169.254.0.0/16, fe80::/10, fd00:ec2::254, loopback, the VM pool
 //!                        and prefix (other VMs) and the operator's deny list
 //!     chain input   (hook, priority filter - 10)  from tap0: DNS to the
 //!                   resolver (gateway IPv4, port 53) and ICMP; the rest refused
@@ -58,8 +58,15 @@ pub const DEFAULT_DENY_EGRESS: &[&str] = &[
 ];
 
 /// Destinations denied whatever the operator lists: link-local (and the
-/// cloud metadata services there) and the AWS IPv6 metadata address.
-const ALWAYS_DENY: &[&str] = &["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
+/// cloud metadata services there), the AWS IPv6 metadata address, and
+/// loopback (martian when forwarded anyway; stated, not assumed).
+const ALWAYS_DENY: &[&str] = &[
+    "169.254.0.0/16",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "127.0.0.0/8",
+    "::1/128",
+];
 
 /// The default of [`GuardConfig::deny_egress`].
 pub fn default_deny_egress() -> Vec<IpNet> {
@@ -253,10 +260,13 @@ mod tests {
         assert!(s.contains("policy drop"), "{s}");
         // Pool and 10/8 merge; the VM prefix and fd00:ec2::254 fall in fc00::/7.
         assert!(
-            s.contains("elements = { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 }"),
+            s.contains("elements = { 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 }"),
             "{s}"
         );
-        assert!(s.contains("elements = { fc00::/7, fe80::/10 }"), "{s}");
+        assert!(
+            s.contains("elements = { ::1/128, fc00::/7, fe80::/10 }"),
+            "{s}"
+        );
         assert!(
             s.contains("ip daddr 10.200.0.25 meta l4proto { tcp, udp } th dport 53 accept"),
             "{s}"
@@ -268,11 +278,11 @@ mod tests {
         };
         let s = render_vm(&a, &narrow, pool, prefix);
         assert!(
-            s.contains("elements = { 10.200.0.0/16, 169.254.0.0/16, 172.16.0.0/12 }"),
+            s.contains("elements = { 10.200.0.0/16, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12 }"),
             "{s}"
         );
         assert!(
-            s.contains("elements = { fd00:ec2::254/128, fd00:fa57::/64, fe80::/10 }"),
+            s.contains("elements = { ::1/128, fd00:ec2::254/128, fd00:fa57::/64, fe80::/10 }"),
             "{s}"
         );
     }
