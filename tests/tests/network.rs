@@ -57,6 +57,9 @@ struct World {
     sunk: Arc<std::sync::Mutex<Vec<String>>>,
     /// Port of the host's HTTP server (every host address).
     host_port: u16,
+    /// Port of a second host server, the "worker endpoint" the guard exposes
+    /// on the host's uplink address only.
+    exposed_port: u16,
 }
 
 impl Drop for World {
@@ -252,6 +255,7 @@ fn build_world() -> (World, SocketAddr) {
         tasks: vec![],
         sunk: Default::default(),
         host_port: 0,
+        exposed_port: 0,
     };
     sh("ip netns add fvt-web && ip link add fvtw-h type veth peer name eth0 netns fvt-web \
         && ip addr add 198.51.100.1/24 dev fvtw-h && ip addr add 10.201.1.1/24 dev fvtw-h \
@@ -305,9 +309,11 @@ fn build_world() -> (World, SocketAddr) {
     let host_web = std::net::TcpListener::bind("[::]:0").expect("bind host web server");
     let host_port = host_web.local_addr().expect("addr").port();
     world.host_port = host_port;
+    let exposed = std::net::TcpListener::bind("[::]:0").expect("bind exposed host server");
+    world.exposed_port = exposed.local_addr().expect("addr").port();
     let host_addr = SocketAddr::new(IpAddr::V4(host_address()), host_port);
     block_on(async {
-        for l in tcp.into_iter().chain([host_web]) {
+        for l in tcp.into_iter().chain([host_web, exposed]) {
             l.set_nonblocking(true).expect("nonblocking");
             world.tasks.push(tokio::spawn(serve_http(
                 tokio::net::TcpListener::from_std(l).expect("listener"),
@@ -574,7 +580,8 @@ fn link_exists(name: &str) -> bool {
 fn network_and_firewall_on_real_packets() {
     let (world, host_web) = build_world();
     let dir = data_dir("network");
-    let rt = block_on(Runtime::open(world_config(&dir))).expect("open runtime");
+    let exposed = SocketAddr::new(IpAddr::V4(host_address()), world.exposed_port);
+    let rt = block_on(Runtime::open(world_config(&dir, vec![exposed]))).expect("open runtime");
     let t = Instant::now();
     let info = block_on(rt.create(CreateVm {
         machine: "c1m2".into(),
@@ -612,16 +619,20 @@ fn network_and_firewall_on_real_packets() {
     );
 
     // The guard: with egress allow, every host address, metadata and the
-    // RFC 1918 range stay closed while the outside world answers; user rules
-    // allowing them explicitly change nothing.
+    // RFC 1918 range stay closed while the outside world and the exposed
+    // endpoint (that address and port only) answer; user rules allowing them
+    // explicitly change nothing.
     let outside = "http://198.51.100.3/".to_owned();
-    let guarded = guarded_urls(&world, &vm);
-    let probe: Vec<String> = guarded.iter().cloned().chain([outside.clone()]).collect();
-    assert_eq!(
-        vm.open_urls(&probe),
-        vec![outside.clone()],
-        "guarded: {guarded:?}"
-    );
+    let exposed_url = format!("http://{exposed}/");
+    let mut guarded = guarded_urls(&world, &vm);
+    guarded.push(format!("http://203.0.113.9:{}/", world.exposed_port));
+    let probe: Vec<String> = guarded
+        .iter()
+        .cloned()
+        .chain([exposed_url.clone(), outside.clone()])
+        .collect();
+    let expected = vec![exposed_url, outside.clone()];
+    assert_eq!(vm.open_urls(&probe), expected, "guarded: {guarded:?}");
     let host_net = format!("{}/32", host_web.ip());
     vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
         {"kind": "cidr", "value": "0.0.0.0/0", "action": "allow"},
@@ -631,7 +642,7 @@ fn network_and_firewall_on_real_packets() {
         "ingress": {"defaultAction": "allow"}}));
     assert_eq!(
         vm.open_urls(&probe),
-        vec![outside.clone()],
+        expected,
         "user rules opened the guard"
     );
     vm.firewall(json!({}));
@@ -892,12 +903,14 @@ fn network_and_firewall_on_real_packets() {
     assert!(!netns_exists(WEB) && !netns_exists(CLI));
 }
 
-/// A runtime config whose resolvers forward to the outside world's DNS.
-fn world_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
+/// A runtime config whose resolvers forward to the outside world's DNS,
+/// with `exposed` host endpoints open to guests.
+fn world_config(dir: &std::path::Path, exposed: Vec<SocketAddr>) -> fastvm_worker::RuntimeConfig {
     let mut cfg = config(dir);
     if let Some(net) = cfg.network.as_mut() {
         net.dns_upstream = "198.51.100.2:53".parse().expect("addr");
         net.extra_doh = vec!["198.51.100.53/32".parse().expect("net")];
+        net.guard.exceptions.host_tcp = exposed;
     }
     cfg
 }
@@ -905,7 +918,7 @@ fn world_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
 /// [`world_config`] with the operator's deny list narrowed to 172.16.0.0/12
 /// (as `fastvm serve --deny-egress-cidr 172.16.0.0/12`): 10.0.0.0/8 opens.
 fn narrowed_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
-    let mut cfg = world_config(dir);
+    let mut cfg = world_config(dir, Vec::new());
     if let Some(net) = cfg.network.as_mut() {
         net.guard.deny_egress = vec!["172.16.0.0/12".parse().expect("net")];
     }

@@ -16,6 +16,7 @@
 //!     chain input   (hook, priority filter - 10)  from tap0: DNS to the
 //!                   resolver (gateway IPv4, port 53) and ICMP; the rest refused
 //!     chain forward (hook, priority filter - 10)  from tap0, new connections:
+//!                   the exposed host endpoints pass (to the user firewall),
 //!                   daddr in deny4/deny6 refused
 //!  host namespace (once per host, `Network::open`):
 //!   table inet fastvm_guard
@@ -158,30 +159,46 @@ pub fn render_vm(a: &Addressing, cfg: &GuardConfig, pool: Ipv4Net, prefix: Ipv6N
          ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept\n    \
          meta l4proto {{ icmp, ipv6-icmp }} accept\n    goto refuse\n  }}\n  \
          chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n    \
-         iifname != \"{TAP}\" accept\n    ct state established,related accept\n    \
+         iifname != \"{TAP}\" accept\n    ct state established,related accept\n{exposed}    \
          ip daddr @deny4 goto refuse\n    ip6 daddr @deny6 goto refuse\n  }}\n}}",
         join(&deny4),
         join(&deny6),
         gw = a.gateway4,
+        exposed = exposed_rules(&cfg.exceptions),
     );
     out
 }
 
-/// The host-wide guard. Chains are flushed and refilled; the exposed sets
-/// keep the elements other runtimes on this host added.
+/// Forward rules letting the exposed host endpoints past the deny sets (a
+/// host address may be in them, e.g. an RFC 1918 uplink); the host's own
+/// guard admits exactly these on its input.
+fn exposed_rules(exceptions: &GuardExceptions) -> String {
+    let mut out = String::new();
+    for ep in &exceptions.host_tcp {
+        let family = if ep.is_ipv4() { "ip" } else { "ip6" };
+        let _ = writeln!(
+            out,
+            "    {family} daddr {} tcp dport {} accept",
+            ep.ip(),
+            ep.port()
+        );
+    }
+    out
+}
+
+/// The host-wide guard, recreated atomically: the last runtime opened on a
+/// host sets its exceptions (one worker per host in production; every
+/// runtime renders the same rules otherwise).
 pub fn render_host(exceptions: &GuardExceptions) -> String {
     let vh = format!("{HOST_VETH_PREFIX}*");
     let mut out = format!(
-        "table inet {TABLE} {{\n  \
+        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n  \
          set exposed4 {{ type ipv4_addr . inet_service; }}\n  \
          set exposed6 {{ type ipv6_addr . inet_service; }}\n  \
          chain refuse {{ }}\n  \
          chain input {{ type filter hook input priority filter - 10; policy accept; }}\n  \
          chain forward {{ type filter hook forward priority filter - 10; policy accept; }}\n}}\n"
     );
-    for chain in ["refuse", "input", "forward"] {
-        let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
-    }
     for rule in [
         "refuse meta l4proto tcp reject with tcp reset".to_owned(),
         "refuse reject with icmpx type admin-prohibited".to_owned(),
@@ -271,10 +288,14 @@ mod tests {
             s.contains("ip daddr 10.200.0.25 meta l4proto { tcp, udp } th dport 53 accept"),
             "{s}"
         );
-        // Narrowed: the fixed ranges and the VM pool/prefix stay.
+        assert!(!s.contains("tcp dport"), "no exposed endpoint: {s}");
+        // Narrowed: the fixed ranges and the VM pool/prefix stay. Exposed
+        // endpoints pass before the deny sets.
         let narrow = GuardConfig {
             deny_egress: vec!["172.16.0.0/12".parse().expect("net")],
-            ..Default::default()
+            exceptions: GuardExceptions {
+                host_tcp: vec!["10.0.0.5:9000".parse().expect("ep")],
+            },
         };
         let s = render_vm(&a, &narrow, pool, prefix);
         assert!(
@@ -283,6 +304,10 @@ mod tests {
         );
         assert!(
             s.contains("elements = { ::1/128, fd00:ec2::254/128, fd00:fa57::/64, fe80::/10 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip daddr 10.0.0.5 tcp dport 9000 accept\n    ip daddr @deny4 goto refuse"),
             "{s}"
         );
     }
@@ -324,7 +349,7 @@ mod tests {
         assert!(s.contains("add rule inet fastvm_guard input iifname != \"fvh-*\" accept"));
         assert!(s.contains("add rule inet fastvm_guard input goto refuse"));
         assert!(s.contains("add element inet fastvm_guard exposed4 { 192.0.2.1 . 9000 }"));
-        assert!(!s.contains("delete table"), "the exposed sets are kept");
+        assert!(s.starts_with("table inet fastvm_guard {}\ndelete table inet fastvm_guard\n"));
     }
 
     #[test]
