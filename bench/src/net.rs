@@ -210,8 +210,8 @@ fn firewall(rules: usize) -> anyhow::Result<fastvm_types::FirewallPolicy> {
         .map(|i| serde_json::json!({"kind": "cidr", "value": format!("172.17.{}.0/24", i % 250), "protocol": "tcp", "ports": (1000 + i).to_string(), "action": "deny"}))
         .collect();
     if rules > 0 {
-        ingress.push(serde_json::json!({"kind": "cidr", "value": "10.202.0.0/24", "protocol": "tcp", "ports": "7000", "action": "allow"}));
-        egress.push(serde_json::json!({"kind": "cidr", "value": "10.202.0.0/24", "protocol": "tcp", "ports": "5001", "action": "allow"}));
+        ingress.push(serde_json::json!({"kind": "cidr", "value": "198.18.0.0/24", "protocol": "tcp", "ports": "7000", "action": "allow"}));
+        egress.push(serde_json::json!({"kind": "cidr", "value": "198.18.0.0/24", "protocol": "tcp", "ports": "5001", "action": "allow"}));
     }
     let default = if rules > 0 { "deny" } else { "allow" };
     Ok(serde_json::from_value(serde_json::json!({
@@ -243,10 +243,10 @@ async fn main() -> anyhow::Result<()> {
     // The outside namespace and its sink.
     quiet(&["link", "del", "fvbo-h"]);
     quiet(&["netns", "del", OUT_NS]);
-    sh("ip netns add fvb-out && ip link add fvbo-h type veth peer name eth0 netns fvb-out && ip addr add 10.202.0.1/24 dev fvbo-h \
-        && ip link set fvbo-h up && ip -n fvb-out addr add 10.202.0.2/24 dev eth0 && ip -n fvb-out link set eth0 up \
-        && ip -n fvb-out link set lo up && ip -n fvb-out route add default via 10.202.0.1")?;
-    let out_sink: SocketAddr = "10.202.0.2:5001".parse()?;
+    sh("ip netns add fvb-out && ip link add fvbo-h type veth peer name eth0 netns fvb-out && ip addr add 198.18.0.1/24 dev fvbo-h \
+        && ip link set fvbo-h up && ip -n fvb-out addr add 198.18.0.2/24 dev eth0 && ip -n fvb-out link set eth0 up \
+        && ip -n fvb-out link set lo up && ip -n fvb-out route add default via 198.18.0.1")?;
+    let out_sink: SocketAddr = "198.18.0.2:5001".parse()?;
     let listener = netns::on_thread_in(OUT_NS, move || TcpListener::bind(out_sink)).await?;
     let out_rx = sink(listener);
 

@@ -4,15 +4,20 @@
 //! `fvt-`, removed by [`World`]'s Drop even when a check fails):
 //!
 //! ```text
-//!  fvt-web   10.201.1.2  HTTP :80 :8080 :853, DNS :53 udp+tcp (the resolvers' upstream),
-//!                        UDP echo :7001 :7002
-//!            10.201.1.3  HTTP :80          10.201.1.53  HTTP :443 (a "DoH" endpoint)
+//!  fvt-web   198.51.100.2  HTTP :80 :8080 :853, DNS :53 udp+tcp (the resolvers' upstream),
+//!                          UDP echo :7001 :7002, UDP sink :7003 (spoofing checks)
+//!            198.51.100.3  HTTP :80          198.51.100.53  HTTP :443 (a "DoH" endpoint)
+//!            2001:db8:fa5::2  UDP sink :7003
+//!            10.201.1.2  HTTP :80 (an RFC 1918 address: guarded by default)
+//!            169.254.169.254  HTTP :80 (metadata; the host routes it there for
+//!                        the VM pool only, `ip rule` table 7417)
 //!  fvt-cli   fd00:fa58:2::2  a client connecting to the guests' publicIpv6
-//!  host      <host address>:<port>  HTTP (default egress allow must reach it)
+//!  host      HTTP on every address (0.0.0.0 and ::), an extra interface fvtd0
+//!            203.0.113.9 / 2001:db8:fa6::9: the guard must keep guests off all of it
 //! ```
 //!
 //! Nothing leaves this machine: every address used is one of these namespaces
-//! or the host itself. One test function shares its VMs across checks (TCG on
+//! or the host itself (documentation and private ranges, routed locally). One test function shares its VMs across checks (TCG on
 //! two cores: boots are the cost).
 
 use fastvm_e2e::{block_on, config, data_dir};
@@ -48,6 +53,13 @@ fn sh(cmd: &str) {
 /// The simulated outside world; dropping it removes its namespaces.
 struct World {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Payloads the UDP sinks (:7003) received.
+    sunk: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Port of the host's HTTP server (every host address).
+    host_port: u16,
+    /// Port of a second host server, the "worker endpoint" the guard exposes
+    /// on the host's uplink address only.
+    exposed_port: u16,
 }
 
 impl Drop for World {
@@ -55,6 +67,11 @@ impl Drop for World {
         for t in &self.tasks {
             t.abort();
         }
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(HOST_UNDO)
+            .stderr(std::process::Stdio::null())
+            .status();
         for (ns, veth) in [(WEB, "fvtw-h"), (CLI, "fvtc-h")] {
             let _ = Command::new("ip")
                 .args(["link", "del", veth])
@@ -71,8 +88,8 @@ impl Drop for World {
 /// Test DNS data: name -> IPv4.
 fn zone(name: &str) -> Option<Ipv4Addr> {
     match name {
-        "allowed.test" | "wild.test" => Some(Ipv4Addr::new(10, 201, 1, 2)),
-        "other.test" | "a.wild.test" | "b.c.wild.test" => Some(Ipv4Addr::new(10, 201, 1, 3)),
+        "allowed.test" | "wild.test" => Some(Ipv4Addr::new(198, 51, 100, 2)),
+        "other.test" | "a.wild.test" | "b.c.wild.test" => Some(Ipv4Addr::new(198, 51, 100, 3)),
         _ => None,
     }
 }
@@ -146,6 +163,16 @@ async fn serve_udp_echo(sock: tokio::net::UdpSocket) {
     }
 }
 
+/// Records the payload of every datagram.
+async fn serve_udp_sink(sock: tokio::net::UdpSocket, sunk: Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut buf = vec![0u8; 2048];
+    while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+        if let Ok(mut v) = sunk.lock() {
+            v.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
 /// A minimal HTTP server answering `hello <addr>` on every connection.
 async fn serve_http(listener: tokio::net::TcpListener) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -204,7 +231,15 @@ fn host_address() -> Ipv4Addr {
         .expect("a global IPv4 address on the host")
 }
 
+/// Undoes the host side of the world (extra interface, metadata route).
+const HOST_UNDO: &str = "ip link del fvtd0; ip rule del pref 7417; ip route flush table 7417";
+
 fn build_world() -> (World, SocketAddr) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(HOST_UNDO)
+        .stderr(std::process::Stdio::null())
+        .status();
     for (ns, veth) in [(WEB, "fvtw-h"), (CLI, "fvtc-h")] {
         let _ = Command::new("ip")
             .args(["link", "del", veth])
@@ -215,41 +250,71 @@ fn build_world() -> (World, SocketAddr) {
             .stderr(std::process::Stdio::null())
             .status();
     }
-    let mut world = World { tasks: vec![] };
+    // Removes whatever part of it exists when a step below fails.
+    let mut world = World {
+        tasks: vec![],
+        sunk: Default::default(),
+        host_port: 0,
+        exposed_port: 0,
+    };
     sh("ip netns add fvt-web && ip link add fvtw-h type veth peer name eth0 netns fvt-web \
-        && ip addr add 10.201.1.1/24 dev fvtw-h && ip link set fvtw-h up \
-        && ip -n fvt-web addr add 10.201.1.2/24 dev eth0 && ip -n fvt-web addr add 10.201.1.3/24 dev eth0 \
-        && ip -n fvt-web addr add 10.201.1.53/24 dev eth0 && ip -n fvt-web link set eth0 up && ip -n fvt-web link set lo up \
-        && ip -n fvt-web route add default via 10.201.1.1");
+        && ip addr add 198.51.100.1/24 dev fvtw-h && ip addr add 10.201.1.1/24 dev fvtw-h \
+        && ip addr add 2001:db8:fa5::1/64 dev fvtw-h nodad && ip link set fvtw-h up \
+        && ip -n fvt-web addr add 198.51.100.2/24 dev eth0 && ip -n fvt-web addr add 198.51.100.3/24 dev eth0 \
+        && ip -n fvt-web addr add 198.51.100.53/24 dev eth0 && ip -n fvt-web addr add 10.201.1.2/24 dev eth0 \
+        && ip -n fvt-web addr add 169.254.169.254/32 dev eth0 && ip -n fvt-web addr add 2001:db8:fa5::2/64 dev eth0 nodad \
+        && ip -n fvt-web link set eth0 up && ip -n fvt-web link set lo up \
+        && ip -n fvt-web route add default via 198.51.100.1 && ip -n fvt-web -6 route add default via 2001:db8:fa5::1");
+    // Metadata: routed to fvt-web for the VM pool only (the host's own
+    // 169.254.169.254, if any, is untouched).
+    sh("ip route add 169.254.169.254/32 dev fvtw-h table 7417 \
+        && ip rule add pref 7417 from 10.200.0.0/16 to 169.254.169.254 lookup 7417");
+    // Another host interface (a veth pair: not every kernel has dummy).
+    sh("ip link add fvtd0 type veth peer name fvtd1 && ip addr add 203.0.113.9/32 dev fvtd0 \
+        && ip addr add 2001:db8:fa6::9/128 dev fvtd0 nodad && ip link set fvtd1 up && ip link set fvtd0 up");
     sh("ip netns add fvt-cli && ip link add fvtc-h type veth peer name eth0 netns fvt-cli \
         && ip addr add fd00:fa58:2::1/64 dev fvtc-h nodad && ip link set fvtc-h up \
         && ip -n fvt-cli addr add fd00:fa58:2::2/64 dev eth0 nodad && ip -n fvt-cli link set eth0 up && ip -n fvt-cli link set lo up \
         && ip -n fvt-cli -6 route add default via fd00:fa58:2::1");
     let tcp: Vec<SocketAddr> = [
+        "198.51.100.2:80",
+        "198.51.100.2:8080",
+        "198.51.100.2:853",
+        "198.51.100.3:80",
+        "198.51.100.53:443",
         "10.201.1.2:80",
-        "10.201.1.2:8080",
-        "10.201.1.2:853",
-        "10.201.1.3:80",
-        "10.201.1.53:443",
+        "169.254.169.254:80",
     ]
     .iter()
     .map(|s| s.parse().expect("addr"))
     .collect();
-    let udp = ["10.201.1.2:53", "10.201.1.2:7001", "10.201.1.2:7002"]
-        .iter()
-        .map(|s| s.parse().expect("addr"))
-        .collect();
+    let udp = [
+        "198.51.100.2:53",
+        "198.51.100.2:7001",
+        "198.51.100.2:7002",
+        "198.51.100.2:7003",
+        "[2001:db8:fa5::2]:7003",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("addr"))
+    .collect();
     let (mut tcp, udp) = block_on(listeners_in(
         WEB,
-        [tcp, vec!["10.201.1.2:53".parse().expect("addr")]].concat(),
+        [tcp, vec!["198.51.100.2:53".parse().expect("addr")]].concat(),
         udp,
     ));
     let dns_tcp = tcp.pop().expect("dns tcp listener");
-    let host_web = std::net::TcpListener::bind((host_address(), 0)).expect("bind host web server");
-    host_web.set_nonblocking(true).expect("nonblocking");
-    let host_addr = host_web.local_addr().expect("addr");
+    // The host's server listens on every address, IPv4 and IPv6 (a dual-stack
+    // socket; the checks below make sure both answer).
+    let host_web = std::net::TcpListener::bind("[::]:0").expect("bind host web server");
+    let host_port = host_web.local_addr().expect("addr").port();
+    world.host_port = host_port;
+    let exposed = std::net::TcpListener::bind("[::]:0").expect("bind exposed host server");
+    world.exposed_port = exposed.local_addr().expect("addr").port();
+    let host_addr = SocketAddr::new(IpAddr::V4(host_address()), host_port);
     block_on(async {
-        for l in tcp.into_iter().chain([host_web]) {
+        for l in tcp.into_iter().chain([host_web, exposed]) {
+            l.set_nonblocking(true).expect("nonblocking");
             world.tasks.push(tokio::spawn(serve_http(
                 tokio::net::TcpListener::from_std(l).expect("listener"),
             )));
@@ -259,11 +324,12 @@ fn build_world() -> (World, SocketAddr) {
         )));
         for (i, u) in udp.into_iter().enumerate() {
             let u = tokio::net::UdpSocket::from_std(u).expect("udp");
+            let sunk = world.sunk.clone();
             world.tasks.push(tokio::spawn(async move {
-                if i == 0 {
-                    serve_dns(u).await
-                } else {
-                    serve_udp_echo(u).await
+                match i {
+                    0 => serve_dns(u).await,
+                    1 | 2 => serve_udp_echo(u).await,
+                    _ => serve_udp_sink(u, sunk).await,
                 }
             }));
         }
@@ -287,6 +353,61 @@ while len(b) < 2 or len(b) < 2 + struct.unpack('!H', b[:2])[0]:
     b += c
 r = b[2:]
 print(r[3] & 15, struct.unpack('!H', r[6:8])[0])
+";
+
+/// Spoofing from the guest (argv: gateway IPv4, own IPv4, own IPv6, forged
+/// IPv4, forged IPv6): UDP to the sinks (198.51.100.2 and 2001:db8:fa5::2,
+/// port 7003) in raw Ethernet frames (AF_PACKET) with a forged IPv4 source,
+/// a forged IPv6 source and a forged MAC, then the same with its own
+/// addresses (raw frames and ordinary sockets). The forged ones go first:
+/// once an own one arrives, a forged one that passed would have too.
+const SPOOF_PY: &str = r"import socket, struct, sys, time
+gw4, src4, src6, forged4, forged6 = sys.argv[1:6]
+dst4, dst6 = '198.51.100.2', '2001:db8:fa5::2'
+def csum(b):
+    b += b'\0' * (len(b) % 2)
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+def udp4(src, dst, data):
+    u = struct.pack('!HHHH', 40000, 7003, 8 + len(data), 0) + data
+    h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(u), 1, 0, 64, 17, 0,
+                    socket.inet_aton(src), socket.inet_aton(dst))
+    return h[:10] + struct.pack('!H', csum(h)) + h[12:] + u
+def udp6(src, dst, data):
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    n = 8 + len(data)
+    u = struct.pack('!HHHH', 40000, 7003, n, 0) + data
+    c = csum(s + d + struct.pack('!I3xB', n, 17) + u) or 0xffff
+    return struct.pack('!IHBB', 6 << 28, n, 17, 64) + s + d + u[:6] + struct.pack('!H', c) + u[8:]
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'arp', (gw4, 53))
+gwmac = None
+for _ in range(50):
+    for line in open('/proc/net/arp').read().splitlines()[1:]:
+        f = line.split()
+        if f[0] == gw4 and f[2] == '0x2':
+            gwmac = bytes.fromhex(f[3].replace(':', ''))
+    if gwmac:
+        break
+    time.sleep(0.1)
+own = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+fake = bytes.fromhex('020000fafe01')
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind(('eth0', 0))
+def frame(mac, v6, pkt):
+    f = gwmac + mac + struct.pack('!H', 0x86dd if v6 else 0x0800) + pkt
+    raw.send(f + b'\0' * max(0, 60 - len(f)))
+frame(own, False, udp4(forged4, dst4, b'forged-ip4'))
+frame(own, True, udp6(forged6, dst6, b'forged-ip6'))
+frame(fake, False, udp4(src4, dst4, b'forged-mac4'))
+frame(fake, True, udp6(src6, dst6, b'forged-mac6'))
+time.sleep(0.2)
+frame(own, False, udp4(src4, dst4, b'raw4-own'))
+frame(own, True, udp6(src6, dst6, b'raw6-own'))
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'sock4', (dst4, 7003))
+socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'sock6', (dst6, 7003))
+print('sent')
 ";
 
 struct Vm {
@@ -320,11 +441,11 @@ impl Vm {
         (code == 0 && !out.is_empty()).then_some(out)
     }
 
-    /// A UDP datagram to 10.201.1.2:`port` from the guest: the echo, or None.
+    /// A UDP datagram to 198.51.100.2:`port` from the guest: the echo, or None.
     fn udp_echo(&self, port: u16) -> Option<String> {
         let (code, out) = self.sh(&format!(
             "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(2);\
-             s.connect(('10.201.1.2',{port}));s.send(b'ping{port}');print(s.recv(64).decode())\""
+             s.connect(('198.51.100.2',{port}));s.send(b'ping{port}');print(s.recv(64).decode())\""
         ));
         (code == 0).then_some(out)
     }
@@ -346,6 +467,15 @@ impl Vm {
         t.elapsed()
     }
 
+    /// Which of `urls` answer from the guest (curl, 3 s each), in one exec.
+    fn open_urls(&self, urls: &[String]) -> Vec<String> {
+        let (_, out) = self.sh(&format!(
+            "for u in {}; do curl -gs -m 3 -o /dev/null \"$u\" && echo \"$u\"; done; true",
+            urls.join(" ")
+        ));
+        out.lines().map(str::to_owned).collect()
+    }
+
     fn public_ipv6(&self) -> String {
         self.rt
             .get(&self.id)
@@ -353,6 +483,76 @@ impl Vm {
             .public_ipv6
             .expect("a public IPv6")
     }
+}
+
+/// `addr` + `n`.
+fn plus4(addr: &str, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(addr.parse::<Ipv4Addr>().expect("ipv4")) + n)
+}
+
+fn plus6(addr: &str, n: u128) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(u128::from(addr.parse::<std::net::Ipv6Addr>().expect("ipv6")) + n)
+}
+
+/// The host's global IPv6 addresses not of ours or of this test.
+fn host_ipv6_addresses() -> Vec<std::net::Ipv6Addr> {
+    let out = Command::new("ip")
+        .args(["-6", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("fvh-") && !l.contains("fvt"))
+        .filter_map(|l| l.split_whitespace().nth(3)?.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// What the guard keeps every guest of this test off, as URLs with a server
+/// behind (checked here from the host side, so a failure to block is
+/// visible): the host's HTTP server on each host address (its uplink, the
+/// extra interface fvtd0, its global IPv6, the VM's host-side veth), the metadata
+/// address and the RFC 1918 server.
+fn guarded_urls(world: &World, vm: &Vm) -> Vec<String> {
+    let info = vm.rt.get(&vm.id).expect("vm");
+    let (v4, v6) = (
+        info.private_ipv4.expect("ipv4"),
+        info.public_ipv6.expect("ipv6"),
+    );
+    let p = world.host_port;
+    let mut host: Vec<SocketAddr> = vec![
+        SocketAddr::new(IpAddr::V4(host_address()), p),
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), p),
+        SocketAddr::new("2001:db8:fa6::9".parse().expect("ip"), p),
+        SocketAddr::new(IpAddr::V4(plus4(&v4, 3)), p),
+        SocketAddr::new(IpAddr::V6(plus6(&v6, 3)), p),
+    ];
+    host.extend(
+        host_ipv6_addresses()
+            .into_iter()
+            .map(|a| SocketAddr::new(IpAddr::V6(a), p)),
+    );
+    for a in &host {
+        assert!(
+            std::net::TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok(),
+            "the host's server does not answer on {a}"
+        );
+    }
+    let served_outside = block_on(netns::on_thread_in(WEB, || {
+        Ok(["169.254.169.254:80", "10.201.1.2:80"].iter().all(|a| {
+            a.parse().is_ok_and(|a| {
+                std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+            })
+        }))
+    }))
+    .expect("web thread");
+    assert!(served_outside, "metadata and RFC 1918 servers not up");
+    host.iter()
+        .map(|a| format!("http://{a}/"))
+        .chain([
+            "http://169.254.169.254/".into(),
+            "http://10.201.1.2/".into(),
+        ])
+        .collect()
 }
 
 /// A TCP connection from the client namespace to `addr` (2 s timeout).
@@ -380,7 +580,8 @@ fn link_exists(name: &str) -> bool {
 fn network_and_firewall_on_real_packets() {
     let (world, host_web) = build_world();
     let dir = data_dir("network");
-    let rt = block_on(Runtime::open(world_config(&dir))).expect("open runtime");
+    let exposed = SocketAddr::new(IpAddr::V4(host_address()), world.exposed_port);
+    let rt = block_on(Runtime::open(world_config(&dir, vec![exposed]))).expect("open runtime");
     let t = Instant::now();
     let info = block_on(rt.create(CreateVm {
         machine: "c1m2".into(),
@@ -393,29 +594,58 @@ fn network_and_firewall_on_real_packets() {
         id: info.id.clone(),
     };
 
-    // Default posture: egress allow reaches the host and the outside; DNS resolves.
+    // Default posture: egress allow reaches the outside, not the host; DNS resolves.
     assert_eq!(
         vm.curl(&format!("http://{host_web}/")),
-        Some(format!("hello {host_web}")),
+        None,
         "host web server"
     );
     assert_eq!(
-        vm.curl("http://10.201.1.3/").as_deref(),
-        Some("hello 10.201.1.3:80")
+        vm.curl("http://198.51.100.3/").as_deref(),
+        Some("hello 198.51.100.3:80")
     );
-    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("10.201.1.2"));
+    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("198.51.100.2"));
     assert_eq!(
         vm.sh("cat /etc/resolv.conf").1,
         format!("nameserver {}", gateway_of(&info.private_ipv4))
     );
     // The guest may not use another resolver directly.
     let direct = "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(2);\
-        s.sendto(bytes.fromhex('abcd01000001000000000000076578616d706c650000010001'),('10.201.1.2',53));print(len(s.recv(512)))\"";
+        s.sendto(bytes.fromhex('abcd01000001000000000000076578616d706c650000010001'),('198.51.100.2',53));print(len(s.recv(512)))\"";
     assert_ne!(
         vm.sh(direct).0,
         0,
         "direct DNS to another server must be dropped"
     );
+
+    // The guard: with egress allow, every host address, metadata and the
+    // RFC 1918 range stay closed while the outside world and the exposed
+    // endpoint (that address and port only) answer; user rules allowing them
+    // explicitly change nothing.
+    let outside = "http://198.51.100.3/".to_owned();
+    let exposed_url = format!("http://{exposed}/");
+    let mut guarded = guarded_urls(&world, &vm);
+    guarded.push(format!("http://203.0.113.9:{}/", world.exposed_port));
+    let probe: Vec<String> = guarded
+        .iter()
+        .cloned()
+        .chain([exposed_url.clone(), outside.clone()])
+        .collect();
+    let expected = vec![exposed_url, outside.clone()];
+    assert_eq!(vm.open_urls(&probe), expected, "guarded: {guarded:?}");
+    let host_net = format!("{}/32", host_web.ip());
+    vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
+        {"kind": "cidr", "value": "0.0.0.0/0", "action": "allow"},
+        {"kind": "cidr", "value": "::/0", "action": "allow"},
+        {"kind": "cidr", "value": host_net, "action": "allow"},
+        {"kind": "cidr", "value": "169.254.169.254/32", "action": "allow"}]},
+        "ingress": {"defaultAction": "allow"}}));
+    assert_eq!(
+        vm.open_urls(&probe),
+        expected,
+        "user rules opened the guard"
+    );
+    vm.firewall(json!({}));
 
     // Ingress: default deny, then exactly the allowed port.
     vm.sh("for p in 8000 9000; do setsid nohup python3 -m http.server $p --bind :: >/dev/null 2>&1 & done");
@@ -452,14 +682,18 @@ fn network_and_firewall_on_real_packets() {
         {"kind": "fqdn", "value": "allowed.test", "protocol": "tcp", "ports": "80", "action": "allow"}]}}));
     assert_eq!(
         vm.curl("http://allowed.test/").as_deref(),
-        Some("hello 10.201.1.2:80")
+        Some("hello 198.51.100.2:80")
     );
     assert_eq!(
         vm.curl("http://allowed.test:8080/"),
         None,
         "port not allowed"
     );
-    assert_eq!(vm.curl("http://10.201.1.3/"), None, "other IP not allowed");
+    assert_eq!(
+        vm.curl("http://198.51.100.3/"),
+        None,
+        "other IP not allowed"
+    );
     assert_eq!(
         vm.curl(&format!("http://{host_web}/")),
         None,
@@ -469,7 +703,7 @@ fn network_and_firewall_on_real_packets() {
     // UDP: one port to one address under egress deny.
     assert_eq!(vm.udp_echo(7002), None, "UDP denied by default");
     vm.firewall(json!({"egress": {"defaultAction": "deny", "rules": [
-        {"kind": "cidr", "value": "10.201.1.2/32", "protocol": "udp", "ports": "7001", "action": "allow"}]}}));
+        {"kind": "cidr", "value": "198.51.100.2/32", "protocol": "udp", "ports": "7001", "action": "allow"}]}}));
     assert_eq!(
         vm.udp_echo(7001).as_deref(),
         Some("ping7001"),
@@ -477,7 +711,7 @@ fn network_and_firewall_on_real_packets() {
     );
     assert_eq!(vm.udp_echo(7002), None, "other UDP port blocked");
     assert_eq!(
-        vm.curl("http://10.201.1.2/"),
+        vm.curl("http://198.51.100.2/"),
         None,
         "TCP to the same address blocked"
     );
@@ -487,7 +721,7 @@ fn network_and_firewall_on_real_packets() {
         {"kind": "fqdn", "value": "*.wild.test", "protocol": "tcp", "ports": "80", "action": "allow"}]}}));
     assert_eq!(
         vm.curl("http://a.wild.test/").as_deref(),
-        Some("hello 10.201.1.3:80")
+        Some("hello 198.51.100.3:80")
     );
     assert_eq!(
         vm.curl("http://wild.test/"),
@@ -497,8 +731,11 @@ fn network_and_firewall_on_real_packets() {
 
     // DNS allow mode with wildcards.
     vm.firewall(json!({"dns": {"mode": "allow", "domains": ["*.wild.test", "allowed.test"]}}));
-    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("10.201.1.2"));
-    assert_eq!(vm.resolves("b.c.wild.test").as_deref(), Some("10.201.1.3"));
+    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("198.51.100.2"));
+    assert_eq!(
+        vm.resolves("b.c.wild.test").as_deref(),
+        Some("198.51.100.3")
+    );
     assert_eq!(
         vm.resolves("wild.test"),
         None,
@@ -517,8 +754,8 @@ fn network_and_firewall_on_real_packets() {
         "NXDOMAIN over TCP"
     );
     assert_eq!(
-        vm.curl(&format!("http://{host_web}/")),
-        Some(format!("hello {host_web}")),
+        vm.curl("http://198.51.100.3/").as_deref(),
+        Some("hello 198.51.100.3:80"),
         "egress still default allow"
     );
 
@@ -527,12 +764,12 @@ fn network_and_firewall_on_real_packets() {
     vm.firewall(json!({
         "dns": {"mode": "deny", "domains": ["other.test"]},
         "egress": {"defaultAction": "deny", "rules": [
-            {"kind": "cidr", "value": "10.201.1.3/32", "protocol": "tcp", "ports": "80", "action": "allow"}]}}));
+            {"kind": "cidr", "value": "198.51.100.3/32", "protocol": "tcp", "ports": "80", "action": "allow"}]}}));
     assert_eq!(vm.resolves("other.test"), None, "blocked by the dns gate");
-    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("10.201.1.2"));
+    assert_eq!(vm.resolves("allowed.test").as_deref(), Some("198.51.100.2"));
     assert_eq!(
-        vm.curl("http://10.201.1.3/").as_deref(),
-        Some("hello 10.201.1.3:80"),
+        vm.curl("http://198.51.100.3/").as_deref(),
+        Some("hello 198.51.100.3:80"),
         "L4 allows the IP itself"
     );
     assert_eq!(vm.curl("http://other.test/"), None);
@@ -540,18 +777,18 @@ fn network_and_firewall_on_real_packets() {
     // blockBypass: DoT (TCP 853) and DoH endpoints.
     vm.firewall(json!({}));
     assert!(
-        vm.curl("http://10.201.1.2:853/").is_some(),
+        vm.curl("http://198.51.100.2:853/").is_some(),
         "853 open without blockBypass"
     );
     assert!(
-        vm.curl("http://10.201.1.53:443/").is_some(),
+        vm.curl("http://198.51.100.53:443/").is_some(),
         "DoH IP open without blockBypass"
     );
     vm.firewall(json!({"dns": {"blockBypass": true}}));
-    assert_eq!(vm.curl("http://10.201.1.2:853/"), None, "TCP 853 dropped");
-    assert_eq!(vm.curl("http://10.201.1.53:443/"), None, "DoH IP dropped");
+    assert_eq!(vm.curl("http://198.51.100.2:853/"), None, "TCP 853 dropped");
+    assert_eq!(vm.curl("http://198.51.100.53:443/"), None, "DoH IP dropped");
     assert!(
-        vm.curl("http://10.201.1.2:8080/").is_some(),
+        vm.curl("http://198.51.100.2:8080/").is_some(),
         "other traffic unaffected"
     );
 
@@ -593,13 +830,59 @@ fn network_and_firewall_on_real_packets() {
             inside.1
         );
         assert_eq!(
-            c.curl("http://10.201.1.3/").as_deref(),
-            Some("hello 10.201.1.3:80"),
+            c.curl("http://198.51.100.3/").as_deref(),
+            Some("hello 198.51.100.3:80"),
             "clone {} egress",
             c.id
         );
-        assert_eq!(c.resolves("allowed.test").as_deref(), Some("10.201.1.2"));
+        assert_eq!(c.resolves("allowed.test").as_deref(), Some("198.51.100.2"));
     }
+
+    // Other VMs: not reachable, even with ingress and egress allowing all
+    // (fvt-cli, outside, does reach vm's server).
+    vm.firewall(json!({"ingress": {"defaultAction": "allow"}}));
+    assert!(client_connects(p8000), "vm's server answers the outside");
+    let other = &clones[0];
+    let vm_info = rt.get(&vm.id).expect("vm");
+    let vm_urls = vec![
+        format!("http://{}:8000/", vm_info.private_ipv4.clone().expect("v4")),
+        format!("http://[{}]:8000/", vm.public_ipv6()),
+        "http://198.51.100.3/".to_owned(),
+    ];
+    assert_eq!(
+        other.open_urls(&vm_urls),
+        vec!["http://198.51.100.3/".to_owned()],
+        "another VM reached"
+    );
+
+    // Anti-spoofing: raw frames from the guest with another VM's addresses
+    // or a forged MAC never leave the namespace; its own ones do.
+    let other_info = rt.get(&other.id).expect("other");
+    let (code, out) = vm.sh(&format!(
+        "cat > /tmp/spoof.py <<'EOF'\n{SPOOF_PY}EOF\npython3 /tmp/spoof.py {} {} {} {} {} 2>&1",
+        gateway_of(&vm_info.private_ipv4),
+        vm_info.private_ipv4.clone().expect("v4"),
+        vm.public_ipv6(),
+        other_info.private_ipv4.clone().expect("v4"),
+        other_info.public_ipv6.clone().expect("v6"),
+    ));
+    assert_eq!((code, out.as_str()), (0, "sent"), "spoof script");
+    let own = ["raw4-own", "raw6-own", "sock4", "sock6"];
+    let sunk = || world.sunk.lock().map(|v| v.clone()).unwrap_or_default();
+    for _ in 0..100 {
+        if own.iter().all(|o| sunk().iter().any(|s| s == o)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = sunk();
+    for o in own {
+        assert!(got.iter().any(|s| s == o), "{o} not received: {got:?}");
+    }
+    assert!(
+        !got.iter().any(|s| s.starts_with("forged")),
+        "a spoofed packet got through: {got:?}"
+    );
 
     // Teardown leaves nothing behind.
     let slots: Vec<(String, String)> = [&vm]
@@ -620,12 +903,24 @@ fn network_and_firewall_on_real_packets() {
     assert!(!netns_exists(WEB) && !netns_exists(CLI));
 }
 
-/// A runtime config whose resolvers forward to the outside world's DNS.
-fn world_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
+/// A runtime config whose resolvers forward to the outside world's DNS,
+/// with `exposed` host endpoints open to guests.
+fn world_config(dir: &std::path::Path, exposed: Vec<SocketAddr>) -> fastvm_worker::RuntimeConfig {
     let mut cfg = config(dir);
     if let Some(net) = cfg.network.as_mut() {
-        net.dns_upstream = "10.201.1.2:53".parse().expect("addr");
-        net.extra_doh = vec!["10.201.1.53/32".parse().expect("net")];
+        net.dns_upstream = "198.51.100.2:53".parse().expect("addr");
+        net.extra_doh = vec!["198.51.100.53/32".parse().expect("net")];
+        net.guard.exceptions.host_tcp = exposed;
+    }
+    cfg
+}
+
+/// [`world_config`] with the operator's deny list narrowed to 172.16.0.0/12
+/// (as `fastvm serve --deny-egress-cidr 172.16.0.0/12`): 10.0.0.0/8 opens.
+fn narrowed_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
+    let mut cfg = world_config(dir, Vec::new());
+    if let Some(net) = cfg.network.as_mut() {
+        net.guard.deny_egress = vec!["172.16.0.0/12".parse().expect("net")];
     }
     cfg
 }
@@ -637,6 +932,8 @@ fn world_config(dir: &std::path::Path) -> fastvm_worker::RuntimeConfig {
 /// on the same data dir removes the second VM's namespace and re-adopts the
 /// first: same namespace and addresses, firewall enforced, resolver serving
 /// the same gate, `set_firewall` applied, and delete removes everything.
+/// Both run with a narrowed `--deny-egress-cidr`: the RFC 1918 server that
+/// the default list keeps closed answers, metadata stays closed.
 fn readoption() {
     let dir = data_dir("network-adopt");
     let policy: FirewallPolicy = serde_json::from_value(json!({
@@ -654,14 +951,14 @@ fn readoption() {
             .build()
             .expect("tokio runtime");
         let infos = rt_a.block_on(async {
-            let a = Runtime::open(world_config(&dir)).await.expect("open A");
+            let a = Runtime::open(narrowed_config(&dir)).await.expect("open A");
             let kept = a.create(CreateVm { machine: "c1m2".into(), firewall: policy, ..Default::default() }).await.expect("create");
             let gone = a.create(CreateVm { machine: "c1m2".into(), ..Default::default() }).await.expect("create");
             let servers = "for p in 8000 9000; do setsid nohup python3 -m http.server $p --bind :: >/dev/null 2>&1 & done";
             a.exec_buffered(&kept.id, &ExecRequest::shell(servers), CAP).await.expect("start servers");
             // A lookup that puts allowed.test's address into the fqdn rule's set.
             let out = a.exec_buffered(&kept.id, &ExecRequest::shell("curl -s -m 3 http://allowed.test/"), CAP).await.expect("curl");
-            assert_eq!(out.stdout, b"hello 10.201.1.2:80");
+            assert_eq!(out.stdout, b"hello 198.51.100.2:80");
             (kept, gone)
         });
         drop(rt_a);
@@ -676,7 +973,7 @@ fn readoption() {
     assert!(netns_exists(&gone_ns), "nothing removed the namespace yet");
 
     let t = Instant::now();
-    let b = block_on(Runtime::open(world_config(&dir))).expect("open B");
+    let b = block_on(Runtime::open(narrowed_config(&dir))).expect("open B");
     eprintln!("runtime B opened (re-adoption) in {:?}", t.elapsed());
     assert!(
         !netns_exists(&gone_ns) && !link_exists(&gone_veth),
@@ -701,8 +998,8 @@ fn readoption() {
     // The fqdn set survived the restart: the address resolved under runtime A
     // is reachable with no new lookup.
     assert_eq!(
-        vm.curl("http://10.201.1.2/").as_deref(),
-        Some("hello 10.201.1.2:80"),
+        vm.curl("http://198.51.100.2/").as_deref(),
+        Some("hello 198.51.100.2:80"),
         "fqdn set carried over"
     );
     // The resolver answers again, through the same gate.
@@ -719,14 +1016,18 @@ fn readoption() {
     // Egress: the fqdn allow works again (its set refilled by the new resolver), nothing else.
     assert_eq!(
         vm.curl("http://allowed.test/").as_deref(),
-        Some("hello 10.201.1.2:80")
+        Some("hello 198.51.100.2:80")
     );
     assert_eq!(
         vm.curl("http://allowed.test:8080/"),
         None,
         "port not allowed"
     );
-    assert_eq!(vm.curl("http://10.201.1.3/"), None, "other IP not allowed");
+    assert_eq!(
+        vm.curl("http://198.51.100.3/"),
+        None,
+        "other IP not allowed"
+    );
     // Ingress: exactly the allowed port.
     let v6: IpAddr = vm.public_ipv6().parse().expect("ipv6");
     let (p8000, p9000) = (SocketAddr::new(v6, 8000), SocketAddr::new(v6, 9000));
@@ -738,18 +1039,28 @@ fn readoption() {
     vm.firewall(json!({"ingress": {"defaultAction": "deny", "rules": [
         {"kind": "cidr", "value": "fd00:fa58:2::/64", "protocol": "tcp", "ports": "9000", "action": "allow"}]}}));
     assert_eq!(
-        vm.curl("http://10.201.1.3/").as_deref(),
-        Some("hello 10.201.1.3:80"),
+        vm.curl("http://198.51.100.3/").as_deref(),
+        Some("hello 198.51.100.3:80"),
         "egress default allow again"
     );
     assert_eq!(
         vm.resolves("other.test").as_deref(),
-        Some("10.201.1.3"),
+        Some("198.51.100.3"),
         "dns gate replaced"
     );
     assert!(
         client_connects(p9000) && !client_connects(p8000),
         "new ingress rule"
+    );
+    assert_eq!(
+        vm.curl("http://10.201.1.2/").as_deref(),
+        Some("hello 10.201.1.2:80"),
+        "10.0.0.0/8 is not in the narrowed deny list"
+    );
+    assert_eq!(
+        vm.curl("http://169.254.169.254/"),
+        None,
+        "metadata is always denied"
     );
 
     block_on(b.delete(&kept.id)).expect("delete");

@@ -32,6 +32,16 @@ pub struct ServeArgs {
     /// Upstream DNS server of the VMs' resolvers (default: the host's first nameserver).
     #[arg(long, env = "FASTVM_DNS_UPSTREAM")]
     pub dns_upstream: Option<SocketAddr>,
+    /// Internal range guests may never reach, whatever their firewall (repeatable;
+    /// replaces the default 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10,
+    /// fc00::/7; `none`: no range beyond the fixed ones: link-local, metadata, other VMs).
+    #[arg(
+        long = "deny-egress-cidr",
+        value_name = "CIDR",
+        env = "FASTVM_DENY_EGRESS_CIDR",
+        value_delimiter = ','
+    )]
+    pub deny_egress_cidr: Vec<String>,
     /// No VM networking at all (hosts without nftables or network namespaces).
     #[arg(long, env = "FASTVM_NO_NETWORK")]
     pub no_network: bool,
@@ -122,6 +132,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(up) = args.dns_upstream {
             net.dns_upstream = up;
         }
+        net.guard.deny_egress =
+            fastvm_worker::net::guard::parse_deny_egress(&args.deny_egress_cidr)
+                .map_err(|e| anyhow::anyhow!(e))?;
     }
     cfg.staging.s3 = args.s3.config()?;
     if !args.no_metrics {

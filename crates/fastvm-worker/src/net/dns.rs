@@ -6,10 +6,16 @@
 //!      │  dns gate: mode=allow -> only listed domains; mode=deny -> all but listed
 //!      ├─ blocked ─▶ NXDOMAIN
 //!      └─ allowed ─▶ forward to the upstream (from the host namespace)
-//!                     ─▶ A/AAAA of names matching an fqdn egress rule are added to
-//!                        that rule's nft sets (TTL, floor 30 s) BEFORE the answer
-//!                        goes back to the guest ─▶ answer
+//!                     ─▶ A/AAAA of names matching an fqdn egress rule are queued
+//!                        for that rule's nft sets (TTL, floor 30 s); the answer
+//!                        goes back to the guest only once they are in ─▶ answer
 //! ```
+//!
+//! Set updates are batched per VM by one writer task ([`SetWriter`]): it takes
+//! what is queued (bounded queue, at most [`MAX_BATCH`] updates), runs one
+//! `nft -f -` for all of it, then releases the waiting answers, and runs at
+//! most once per [`MIN_NFT_INTERVAL`]: a guest flooding its resolver costs one
+//! nft process per interval, and only its own answers wait.
 //!
 //! The sockets are created on a thread that has entered the namespace and are
 //! then driven by tokio; the upstream sockets are ordinary host sockets.
@@ -24,6 +30,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::RData;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +45,87 @@ const MAX_IN_FLIGHT: usize = 64;
 /// Names remembered for re-feeding sets after a policy change.
 const CACHE_NAMES: usize = 1024;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Set updates applied by one nft run at most.
+pub const MAX_BATCH: usize = 64;
+/// Shortest time between two nft runs of one VM's set writer.
+pub const MIN_NFT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Addresses for the sets of fqdn rules, and who waits for them.
+struct SetUpdate {
+    rules: Vec<usize>,
+    ips: Vec<IpAddr>,
+    ttl_secs: u32,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl SetUpdate {
+    fn script(&self) -> String {
+        self.rules
+            .iter()
+            .map(|r| nft::add_elements(*r, &self.ips, self.ttl_secs))
+            .collect()
+    }
+}
+
+/// The per-VM queue of fqdn set updates and the count of nft runs it made.
+struct SetWriter {
+    tx: tokio::sync::mpsc::Sender<SetUpdate>,
+    nft_runs: Arc<AtomicU64>,
+}
+
+impl SetWriter {
+    /// The queue and its writer task (to be aborted with the resolver).
+    fn start(netns: String) -> (SetWriter, tokio::task::JoinHandle<()>) {
+        // Every query in flight queues at most one update.
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
+        let nft_runs = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(write_sets(netns, rx, nft_runs.clone()));
+        (SetWriter { tx, nft_runs }, task)
+    }
+}
+
+/// One nft run per batch of queued updates, at most one per
+/// [`MIN_NFT_INTERVAL`]; the waiting answers are released after it. A batch
+/// that fails (e.g. a set that a policy change removed meanwhile) is retried
+/// update by update, so one stale update does not lose the others.
+async fn write_sets(
+    netns: String,
+    mut rx: tokio::sync::mpsc::Receiver<SetUpdate>,
+    runs: Arc<AtomicU64>,
+) {
+    let mut last: Option<tokio::time::Instant> = None;
+    while let Some(first) = rx.recv().await {
+        if let Some(t) = last {
+            // Updates queued meanwhile join this batch.
+            tokio::time::sleep_until(t + MIN_NFT_INTERVAL).await;
+        }
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(u) => batch.push(u),
+                Err(_) => break,
+            }
+        }
+        last = Some(tokio::time::Instant::now());
+        let script: String = batch.iter().map(SetUpdate::script).collect();
+        runs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = netns::nft(Some(&netns), &script).await {
+            if batch.len() == 1 {
+                tracing::warn!(%netns, error = %e, "adding resolved addresses to fqdn sets failed");
+            } else {
+                for u in &batch {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = netns::nft(Some(&netns), &u.script()).await {
+                        tracing::warn!(%netns, error = %e, "adding resolved addresses to fqdn sets failed");
+                    }
+                }
+            }
+        }
+        for u in batch {
+            let _ = u.done.send(());
+        }
+    }
+}
 
 /// The dns gate and the fqdn rules of one policy.
 #[derive(Debug, Clone, Default)]
@@ -90,9 +178,29 @@ pub struct Resolver {
     cache: Mutex<HashMap<String, Cached>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    sets: SetWriter,
 }
 
 impl Resolver {
+    /// A resolver without sockets (see [`Resolver::start`]) and its set writer.
+    fn new(netns: &str, upstream: SocketAddr, policy: &FirewallPolicy) -> Arc<Resolver> {
+        let (sets, writer) = SetWriter::start(netns.to_owned());
+        Arc::new(Resolver {
+            netns: netns.to_owned(),
+            upstream,
+            gate: RwLock::new(Gate::of(policy)),
+            cache: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(vec![writer]),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            sets,
+        })
+    }
+
+    /// nft processes run so far to add resolved addresses to fqdn sets.
+    pub fn set_update_runs(&self) -> u64 {
+        self.sets.nft_runs.load(Ordering::Relaxed)
+    }
+
     /// Listen on `bind`:53 (UDP and TCP) inside `netns`.
     pub async fn start(
         netns: &str,
@@ -112,14 +220,7 @@ impl Resolver {
         let map = |e: std::io::Error| crate::error::Error::Network(format!("resolver socket: {e}"));
         let udp = Arc::new(UdpSocket::from_std(udp).map_err(map)?);
         let tcp = TcpListener::from_std(tcp).map_err(map)?;
-        let r = Arc::new(Resolver {
-            netns: netns.to_owned(),
-            upstream,
-            gate: RwLock::new(Gate::of(policy)),
-            cache: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
-        });
+        let r = Resolver::new(netns, upstream, policy);
         let t1 = tokio::spawn(serve_udp(r.clone(), udp));
         let t2 = tokio::spawn(serve_tcp(r.clone(), tcp));
         if let Ok(mut t) = r.tasks.lock() {
@@ -219,7 +320,8 @@ impl Resolver {
     }
 
     /// Put the addresses of `name` into the sets of every fqdn rule matching
-    /// it (awaited: the guest may connect as soon as it has the answer).
+    /// it (awaited: the guest may connect as soon as it has the answer). The
+    /// writer batches them with the other queries' (see [`SetWriter`]).
     async fn feed(&self, name: &str, ips: &[(IpAddr, u32)]) {
         let ttl = ips
             .iter()
@@ -256,12 +358,17 @@ impl Resolver {
         if rules.is_empty() {
             return;
         }
-        let script: String = rules
-            .iter()
-            .map(|r| nft::add_elements(*r, &addrs, ttl))
-            .collect();
-        if let Err(e) = netns::nft(Some(&self.netns), &script).await {
-            tracing::warn!(netns = %self.netns, %name, error = %e, "adding resolved addresses to fqdn sets failed");
+        let (done, added) = tokio::sync::oneshot::channel();
+        let update = SetUpdate {
+            rules,
+            ips: addrs,
+            ttl_secs: ttl,
+            done,
+        };
+        // Queue full: wait (bounded by the queries in flight). Writer gone
+        // (resolver stopped): the VM's network is going away.
+        if self.sets.tx.send(update).await.is_ok() {
+            let _ = added.await;
         }
     }
 }
@@ -402,17 +509,108 @@ mod tests {
         m.to_vec().expect("encode")
     }
 
-    fn resolver(policy: serde_json::Value) -> Resolver {
+    fn resolver(policy: serde_json::Value) -> Arc<Resolver> {
         let policy: FirewallPolicy = serde_json::from_value(policy).expect("policy");
-        Resolver {
-            netns: "none".into(),
-            // Nothing listens there: an allowed name gets SERVFAIL, quickly.
-            upstream: "127.0.0.1:9".parse().expect("addr"),
-            gate: RwLock::new(Gate::of(&policy)),
-            cache: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(vec![]),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
+        // Nothing listens there: an allowed name gets SERVFAIL, quickly.
+        Resolver::new("none", "127.0.0.1:9".parse().expect("addr"), &policy)
+    }
+
+    /// An upstream that holds the first `n` queries, then answers them all
+    /// (A = 192.0.2.<i+1> for `q<i>.batch.test`), and later ones at once.
+    async fn held_upstream(n: usize) -> SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = sock.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while let Ok((len, peer)) = sock.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..len]) else {
+                    continue;
+                };
+                held.push((q, peer));
+                if held.len() < n {
+                    continue;
+                }
+                for (q, peer) in held.drain(..) {
+                    let name = q.queries()[0].name().clone();
+                    let i: u8 = name.to_ascii()[1..]
+                        .split('.')
+                        .next()
+                        .and_then(|i| i.parse().ok())
+                        .unwrap_or(0);
+                    let mut r = Message::new();
+                    r.set_id(q.id()).set_message_type(MessageType::Response);
+                    r.add_queries(q.queries().to_vec());
+                    r.add_answer(hickory_proto::rr::Record::from_rdata(
+                        name,
+                        60,
+                        RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(192, 0, 2, i + 1))),
+                    ));
+                    let _ = sock.send_to(&r.to_vec().expect("encode"), peer).await;
+                }
+            }
+        });
+        addr
+    }
+
+    /// Many answers matching an fqdn rule: few nft runs, and every address
+    /// is in the rule's set (real nft, in a namespace of this test) by the
+    /// time its answer is released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fqdn_set_updates_are_batched() {
+        const N: usize = 200;
+        let ns = format!("fvu-dns-{}", std::process::id());
+        assert!(
+            netns::add(&ns, || Ok(())).await.expect("netns"),
+            "{ns} exists"
+        );
+        let policy: FirewallPolicy = serde_json::from_value(json!({"egress": {"rules": [
+            {"kind": "fqdn", "value": "*.batch.test", "action": "allow"}]}}))
+        .expect("policy");
+        let loaded = netns::nft(Some(&ns), &nft::render(&policy, &[], &[])).await;
+        let r = Resolver::new(&ns, held_upstream(N).await, &policy);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let r = r.clone();
+            tasks.spawn(async move {
+                let answer = r.answer(&query(&format!("q{i}.batch.test.")), false).await;
+                let ns = r.netns.clone();
+                // The address is in the set when the answer is released.
+                let set = netns::output(
+                    Some(&ns),
+                    "nft",
+                    &["list", "set", "inet", "fastvm", "fq0_4"],
+                )
+                .await;
+                (
+                    answer,
+                    set.map(|s| {
+                        String::from_utf8_lossy(&s).contains(&format!("192.0.2.{} ", i + 1))
+                    }),
+                )
+            });
         }
+        let mut results = Vec::new();
+        while let Some(res) = tasks.join_next().await {
+            results.push(res.expect("task"));
+        }
+        let runs = r.set_update_runs();
+        eprintln!("{N} answers matching an fqdn rule: {runs} nft runs");
+        r.stop();
+        netns::del(&ns);
+        loaded.expect("load ruleset");
+        for (answer, in_set) in results {
+            assert_eq!(code(answer), ResponseCode::NoError);
+            assert!(
+                in_set.expect("list set"),
+                "address missing from the set at answer time"
+            );
+        }
+        // At most MAX_BATCH updates per run: at least ceil(N / 64) = 4 runs.
+        assert!(
+            (4..=N / 10).contains(&usize::try_from(runs).unwrap_or(usize::MAX)),
+            "{runs} nft runs for {N} answers"
+        );
     }
 
     fn code(answer: Option<Vec<u8>>) -> ResponseCode {

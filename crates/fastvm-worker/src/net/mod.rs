@@ -23,9 +23,15 @@
 //! owner file `/run/fastvm/net/<netns>` naming the data dir, so a runtime
 //! removes at start the namespaces of its own VMs that are gone, and those of
 //! data dirs that no longer exist.
+//!
+//! Below the firewall, the [`guard`] (its own tables, in the VM namespace and
+//! on the host) keeps every guest off the host, link-local/metadata
+//! addresses, other VMs and the operator's internal ranges, and drops frames
+//! with a source MAC or address not the VM's own.
 
 pub mod addr;
 pub mod dns;
+pub mod guard;
 pub mod netns;
 pub mod nft;
 
@@ -56,6 +62,8 @@ pub struct NetConfig {
     pub dns_upstream: SocketAddr,
     /// Addresses dropped under `blockBypass` besides [`nft::KNOWN_DOH`].
     pub extra_doh: Vec<IpNet>,
+    /// What guests may never reach, whatever their firewall (see [`guard`]).
+    pub guard: guard::GuardConfig,
 }
 
 impl Default for NetConfig {
@@ -69,6 +77,7 @@ impl Default for NetConfig {
             .unwrap_or_default(),
             dns_upstream: host_nameserver().unwrap_or_else(|| SocketAddr::from(([1, 1, 1, 1], 53))),
             extra_doh: Vec::new(),
+            guard: guard::GuardConfig::default(),
         }
     }
 }
@@ -142,7 +151,7 @@ fn owner_file(netns: &str) -> PathBuf {
 }
 
 impl Network {
-    /// Prepare the host: forwarding on, NAT for the pool.
+    /// Prepare the host: forwarding on, NAT for the pool, the host guard.
     pub async fn open(cfg: NetConfig, data_dir: &Path) -> Result<Network> {
         if addr::slots(cfg.ipv4_pool) == 0 {
             return Err(Error::Network(format!(
@@ -171,6 +180,7 @@ impl Network {
             addr::HOST_VETH_PREFIX
         );
         netns::nft(None, &script).await?;
+        netns::nft(None, &guard::render_host(&cfg.guard.exceptions)).await?;
         std::fs::create_dir_all(OWNER_DIR)
             .map_err(|e| Error::Network(format!("create {OWNER_DIR}: {e}")))?;
         let owner = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
@@ -346,11 +356,16 @@ impl Network {
             .map(|r| r.known_elements(&policy))
             .unwrap_or_default();
         known.extend(carried);
-        netns::nft(
-            Some(&net.addr.netns),
-            &nft::render(&policy, &known, &self.cfg.extra_doh),
-        )
-        .await
+        // The guard and the user ruleset in one transaction: the guard is
+        // never missing, not even while a policy is replaced.
+        let mut script = guard::render_vm(
+            &net.addr,
+            &self.cfg.guard,
+            self.cfg.ipv4_pool,
+            self.cfg.ipv6_prefix,
+        );
+        script.push_str(&nft::render(&policy, &known, &self.cfg.extra_doh));
+        netns::nft(Some(&net.addr.netns), &script).await
     }
 
     /// Apply a new (validated) policy to a live VM: ruleset and dns gate.
