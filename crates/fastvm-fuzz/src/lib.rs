@@ -177,6 +177,16 @@ mod tests {
     }
 
     #[test]
+    fn dns_query() {
+        check(
+            "dns_query",
+            targets::dns_query,
+            seeds::dns_exchanges(),
+            5_000,
+        );
+    }
+
+    #[test]
     fn tar_unpack() {
         check(
             "tar_unpack",

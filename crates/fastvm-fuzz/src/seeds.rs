@@ -221,3 +221,55 @@ pub fn tar_of(members: &[(&str, tar::EntryType, &str)]) -> std::io::Result<Vec<u
     }
     b.into_inner()
 }
+
+/// `dns_query` inputs: a guest's query and its upstream's answer (A, AAAA,
+/// CNAME, empty, error), as `[query length: u16 LE][query][answer]`.
+pub fn dns_exchanges() -> Vec<Vec<u8>> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::str::FromStr;
+    let mut out = Vec::new();
+    for (name, kind) in [
+        ("example.com.", RecordType::A),
+        ("www.example.org.", RecordType::AAAA),
+        ("a.b.c.example.net.", RecordType::CNAME),
+    ] {
+        let Ok(qname) = Name::from_str(name) else {
+            continue;
+        };
+        let mut q = Message::new();
+        q.set_id(0x1234)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(qname.clone(), kind));
+        let mut answers: Vec<Message> = Vec::new();
+        let mut a = q.clone();
+        a.set_message_type(MessageType::Response);
+        let data = match kind {
+            RecordType::A => RData::A(A::new(93, 184, 216, 34)),
+            RecordType::AAAA => RData::AAAA(AAAA::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            _ => RData::CNAME(CNAME(qname.clone())),
+        };
+        a.add_answer(Record::from_rdata(qname.clone(), 300, data));
+        answers.push(a);
+        let mut err = q.clone();
+        err.set_message_type(MessageType::Response)
+            .set_response_code(ResponseCode::ServFail);
+        answers.push(err);
+        let Ok(query) = q.to_vec() else {
+            continue;
+        };
+        for answer in answers {
+            if let Ok(bytes) = answer.to_vec() {
+                let len = (query.len() as u16).to_le_bytes();
+                out.push([len.as_slice(), &query, &bytes].concat());
+            }
+        }
+        // An upstream answering garbage.
+        let len = (query.len() as u16).to_le_bytes();
+        out.push([len.as_slice(), &query, b"\x12\x34garbage"].concat());
+    }
+    out
+}

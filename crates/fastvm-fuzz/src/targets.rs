@@ -7,6 +7,8 @@
 //! | `agent_frames`    | `FrameCodec` (agent-proto), both ends   | progress, bounded buffer, decoded frames round-trip |
 //! | `control_message` | `Control` JSON (agent-proto)            | accepted messages round-trip                       |
 //! | `qmp_reader`      | `Qmp` (worker) against a fake QEMU      | connect/execute end when QEMU closes, never hang   |
+//! | `dns_query`       | the VM resolver's `answer` (worker),    | an answer is a DNS message with the query's id,    |
+//! |                   | its upstream answering with fuzz bytes  | never a hang                                       |
 //! | `tar_unpack`      | `untar::safe_unpack` (CLI)              | nothing outside the destination, no devices,       |
 //! |                   |                                         | no setuid bits, no symlink pointing out            |
 
@@ -154,6 +156,86 @@ pub fn qmp_reader(data: &[u8]) {
     });
 }
 
+/// The upstream DNS server of the `dns_query` target: answers every query
+/// with the bytes in `NEXT` (the query's id written over the first two).
+struct FakeUpstream {
+    addr: std::net::SocketAddr,
+    next: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+fn fake_upstream() -> &'static FakeUpstream {
+    static UP: OnceLock<FakeUpstream> = OnceLock::new();
+    UP.get_or_init(|| {
+        let next = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answers = next.clone();
+        let sock = runtime().block_on(async {
+            match tokio::net::UdpSocket::bind("127.0.0.1:0").await {
+                Ok(s) => s,
+                Err(e) => panic!("fake upstream: {e}"),
+            }
+        });
+        let addr = match sock.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("fake upstream: {e}"),
+        };
+        runtime().spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let mut answer = answers.lock().map(|a| a.clone()).unwrap_or_default();
+                // The query's id first: an answer with another id is ignored by the
+                // resolver until its upstream timeout, which only costs time here.
+                if n >= 2 {
+                    if answer.len() < 2 {
+                        answer.resize(2, 0);
+                    }
+                    answer[..2].copy_from_slice(&buf[..2]);
+                }
+                let _ = sock.send_to(&answer, from).await;
+            }
+        });
+        FakeUpstream { addr, next }
+    })
+}
+
+/// A query from the guest to its VM's resolver, whose upstream answers with
+/// fuzz bytes. Input: two bytes of query length, the query, then the answer.
+pub fn dns_query(data: &[u8]) {
+    use hickory_proto::op::Message;
+    if data.len() < 2 {
+        return;
+    }
+    let qlen = usize::from(u16::from_le_bytes([data[0], data[1]])) % 512;
+    let rest = &data[2..];
+    let (query, answer) = rest.split_at(qlen.min(rest.len()));
+    let up = fake_upstream();
+    if let Ok(mut next) = up.next.lock() {
+        *next = answer.to_vec();
+    }
+    let query = query.to_vec();
+    let reply = runtime().block_on(async {
+        let resolver = fastvm_worker::net::dns::Resolver::detached(
+            up.addr,
+            &fastvm_types::firewall::FirewallPolicy::default(),
+        );
+        let reply = tokio::time::timeout(QMP_HANG, resolver.answer(&query, false)).await;
+        resolver.stop();
+        reply
+    });
+    let Ok(reply) = reply else {
+        panic!("the resolver hung on a query of {} bytes", query.len());
+    };
+    if let Some(reply) = reply {
+        let parsed = match Message::from_vec(&reply) {
+            Ok(m) => m,
+            Err(e) => panic!("the resolver answered bytes that are not a DNS message: {e}"),
+        };
+        let id = query
+            .get(..2)
+            .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+        assert_eq!(parsed.id(), id, "the answer's id is not the query's");
+    }
+}
+
 /// A guest-written tar stream extracted by `fastvm cp VM:DIR LOCAL`.
 pub fn tar_unpack(data: &[u8]) {
     let dir = match tempfile::tempdir() {
@@ -248,6 +330,9 @@ mod tests {
         }
         for s in crate::seeds::tar_archives() {
             tar_unpack(&s);
+        }
+        for s in crate::seeds::dns_exchanges() {
+            dns_query(&s);
         }
     }
 

@@ -196,6 +196,13 @@ impl Resolver {
         })
     }
 
+    /// A resolver with no sockets and no namespace, answering through
+    /// [`Resolver::answer`] only: for tests and the `dns_query` fuzz target
+    /// (crates/fastvm-fuzz). Its fqdn set updates have no namespace to go to.
+    pub fn detached(upstream: SocketAddr, policy: &FirewallPolicy) -> Arc<Resolver> {
+        Resolver::new("", upstream, policy)
+    }
+
     /// nft processes run so far to add resolved addresses to fqdn sets.
     pub fn set_update_runs(&self) -> u64 {
         self.sets.nft_runs.load(Ordering::Relaxed)
