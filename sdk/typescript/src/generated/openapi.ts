@@ -2653,6 +2653,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
             /** @description The VM's agent does not answer (try source=serial) */
             503: {
                 headers: {
@@ -2826,6 +2835,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open; retry when one ends */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
             /** @description The VM's agent does not answer */
             503: {
                 headers: {
@@ -2902,7 +2920,7 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
-            /** @description The VM is not running */
+            /** @description The VM is not running; `UPLOAD_URL_USED`: the uploadUrl stored its object already (presign a new one) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2922,6 +2940,15 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs open; `STAGING_QUOTA_EXCEEDED`: the org's staged bytes would pass the server's cap (nothing stored) */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3039,6 +3066,15 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
