@@ -97,8 +97,8 @@ fn exec_ok(vm: &str, cmd: &str) -> String {
 /// Start an NDJSON exec and return its response once the exec is open.
 async fn ndjson(vm: &str, cmd: &str) -> reqwest::Response {
     let s = &*S;
-    let res = s
-        .client
+    // A client of its own: its connection ends when the response is dropped.
+    let res = Client::new()
         .post(s.url(&format!("/v1/vms/{vm}/exec")))
         .bearer_auth(&s.key)
         .header("accept", "application/x-ndjson")
@@ -175,6 +175,9 @@ fn a_flood_nobody_reads_holds_bounded_memory_and_other_vms_answer() {
 fn the_65th_concurrent_exec_of_a_vm_gets_429() {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let b = B.clone();
+    // Processes named `sleep` before (the guest may run its own).
+    let sleeps = || exec_ok(&b, "pgrep -xc sleep || true").trim().to_owned();
+    let baseline = sleeps();
     let mut open = Vec::new();
     for _ in 0..64 {
         open.push(block_on(ndjson(&b, "sleep 600")));
@@ -223,11 +226,15 @@ fn the_65th_concurrent_exec_of_a_vm_gets_429() {
     }
     drop(open);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while exec_ok(&b, "pgrep -xc sleep || true").trim() != "0" {
-        assert!(
-            Instant::now() < deadline,
-            "the sleeps outlived their clients"
-        );
+    loop {
+        let left = sleeps();
+        if left == baseline {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let ps = exec_ok(&b, "ps -eo pid,pgid,etime,args | grep [s]leep");
+            panic!("the sleeps outlived their clients: {left} left, {baseline} before: {ps}");
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
