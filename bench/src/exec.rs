@@ -138,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         let mut stdin = stream
             .take_stdin()
             .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let chunk = chunk.clone();
         let writer = tokio::spawn(async move {
             for _ in 0..size / chunk.len() {
                 stdin.write(chunk.clone()).await?;
