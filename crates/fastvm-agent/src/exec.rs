@@ -39,6 +39,9 @@ pub(crate) const DEFAULT_PATH: &str =
 const EXIT_IDLE: Duration = Duration::from_millis(100);
 const EXIT_DRAIN: Duration = Duration::from_secs(1);
 
+/// The pid slot of a stream cancelled before its process started.
+const CANCELLED: i32 = -1;
+
 /// Send window of one output fd.
 pub(crate) struct Credit {
     avail: Mutex<u32>,
@@ -252,6 +255,14 @@ impl StreamHandle {
         (pid > 0).then_some(pid)
     }
 
+    /// The host cancelled the stream: detach it and return the pid to
+    /// kill; a process not spawned yet is killed by its task as it starts.
+    pub(crate) fn cancel(&self) -> Option<i32> {
+        self.detach();
+        let pid = self.pid.swap(CANCELLED, Ordering::SeqCst);
+        (pid > 0).then_some(pid)
+    }
+
     pub(crate) fn owns(&self, token: &Arc<AtomicBool>) -> bool {
         Arc::ptr_eq(&self.detached, token)
     }
@@ -393,7 +404,11 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut pa
         }
     };
     let pid = child.id() as i32;
-    parts.pid.store(pid, Ordering::SeqCst);
+    // A Cancel that came before the spawn left CANCELLED here: the host
+    // gave up on this stream, so the process must not outlive it.
+    if parts.pid.swap(pid, Ordering::SeqCst) == CANCELLED {
+        kill_group(pid, libc::SIGKILL);
+    }
     shared
         .out
         .send(Frame::Control {

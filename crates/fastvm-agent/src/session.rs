@@ -281,11 +281,8 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                 .lock()
                 .ok()
                 .and_then(|mut s| s.remove(&stream));
-            if let Some(h) = handle {
-                h.detach();
-                if let Some(pid) = h.pid() {
-                    exec::kill_group(pid, libc::SIGKILL);
-                }
+            if let Some(pid) = handle.and_then(|h| h.cancel()) {
+                exec::kill_group(pid, libc::SIGKILL);
             }
         }
         Control::Ping => reply(shared, stream, Control::Ok).await,
