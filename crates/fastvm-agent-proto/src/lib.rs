@@ -65,6 +65,12 @@
 //!  agent: Eof(s, stdout), Exit{code: 0}   once both directions are closed
 //! ```
 //!
+//! Both ends enforce the windows against a peer that ignores them (no
+//! version change: a correct peer never notices). The host cuts a stream
+//! whose guest sends past its window, sends on stdin, or sends a message the
+//! stream does not expect (see the worker's `agent` module); the agent drops
+//! stdin bytes past the stdin window and closes that stream's stdin.
+//!
 //! Versions: v1 had no terminals, v2 no guest TCP connections. A v3 host
 //! still drives a v1 agent (e.g. in a VM restored from an old snapshot) for
 //! everything else ([`MIN_PROTOCOL_VERSION`]); it refuses PTY requests to a

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use fastvm_agent_proto::{Control, ExecSpec, ExitStatus, Fd, Frame, DATA_CHUNK, STREAM_WINDOW};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +38,9 @@ pub(crate) const DEFAULT_PATH: &str =
 /// long, or [`EXIT_DRAIN`] in all: a background child may hold them open.
 const EXIT_IDLE: Duration = Duration::from_millis(100);
 const EXIT_DRAIN: Duration = Duration::from_secs(1);
+
+/// The pid slot of a stream cancelled before its process started.
+const CANCELLED: i32 = -1;
 
 /// Send window of one output fd.
 pub(crate) struct Credit {
@@ -87,11 +90,83 @@ impl Credit {
     }
 }
 
+/// The session's end of a stream's stdin queue. Bounded by the stdin
+/// window: the host sends at most [`STREAM_WINDOW`] bytes ahead of the
+/// `Credit{Stdin}` the stream returns as it writes them, so more queued bytes
+/// mean a broken host; its input is then dropped and stdin closed rather than
+/// held (a process that does not read its stdin must not grow the agent).
+pub(crate) struct StdinTx {
+    tx: mpsc::UnboundedSender<Option<Bytes>>,
+    queued: Arc<AtomicUsize>,
+    cut: AtomicBool,
+}
+
+/// The stream task's end of the same queue.
+pub(crate) struct StdinRx {
+    rx: mpsc::UnboundedReceiver<Option<Bytes>>,
+    queued: Arc<AtomicUsize>,
+}
+
+fn stdin_queue() -> (StdinTx, StdinRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        StdinTx {
+            tx,
+            queued: queued.clone(),
+            cut: AtomicBool::new(false),
+        },
+        StdinRx { rx, queued },
+    )
+}
+
+impl StdinTx {
+    /// Queue bytes for the process. False when these bytes took the host
+    /// past its window: they are dropped and stdin closed (later bytes are
+    /// dropped silently).
+    pub(crate) fn send(&self, data: Bytes) -> bool {
+        if self.cut.load(Ordering::SeqCst) {
+            return true;
+        }
+        let after = self.queued.fetch_add(data.len(), Ordering::SeqCst) + data.len();
+        if after > STREAM_WINDOW as usize {
+            self.queued.fetch_sub(data.len(), Ordering::SeqCst);
+            self.cut.store(true, Ordering::SeqCst);
+            let _ = self.tx.send(None);
+            return false;
+        }
+        let _ = self.tx.send(Some(data));
+        true
+    }
+
+    /// End of input.
+    pub(crate) fn finish(&self) {
+        let _ = self.tx.send(None);
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+}
+
+impl StdinRx {
+    /// The next bytes (`Some(None)` at end of input).
+    pub(crate) async fn recv(&mut self) -> Option<Option<Bytes>> {
+        let item = self.rx.recv().await?;
+        if let Some(data) = &item {
+            self.queued.fetch_sub(data.len(), Ordering::SeqCst);
+        }
+        Some(item)
+    }
+}
+
 /// The session's view of a running stream.
 pub(crate) struct StreamHandle {
     stdout: Arc<Credit>,
     stderr: Arc<Credit>,
-    pub(crate) stdin: Option<mpsc::UnboundedSender<Option<Bytes>>>,
+    pub(crate) stdin: Option<Arc<StdinTx>>,
     pid: Arc<AtomicI32>,
     detached: Arc<AtomicBool>,
     /// The terminal's master, for resize requests.
@@ -105,7 +180,7 @@ pub(crate) struct StreamHandle {
 pub(crate) struct StreamParts {
     pub(crate) stdout: Arc<Credit>,
     stderr: Arc<Credit>,
-    pub(crate) stdin: Option<mpsc::UnboundedReceiver<Option<Bytes>>>,
+    pub(crate) stdin: Option<StdinRx>,
     pid: Arc<AtomicI32>,
     pub(crate) detached: Arc<AtomicBool>,
     pty: Option<Pty>,
@@ -121,12 +196,11 @@ impl StreamHandle {
             Arc::new(AtomicBool::new(false)),
         );
         let (tx, rx) = if with_stdin || pty.is_some() {
-            // The host sends at most one window of bytes ahead (STREAM_WINDOW),
-            // but in frames of any size: an unbounded queue holds at most that
-            // many bytes and never blocks the session loop (a process that
-            // does not read its stdin must not stall every other stream).
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(rx))
+            // Never blocks the session loop (a process that does not read
+            // its stdin must not stall every other stream); bounded by the
+            // stdin window (see StdinTx).
+            let (tx, rx) = stdin_queue();
+            (Some(Arc::new(tx)), Some(rx))
         } else {
             (None, None)
         };
@@ -178,6 +252,14 @@ impl StreamHandle {
 
     pub(crate) fn pid(&self) -> Option<i32> {
         let pid = self.pid.load(Ordering::SeqCst);
+        (pid > 0).then_some(pid)
+    }
+
+    /// The host cancelled the stream: detach it and return the pid to
+    /// kill; a process not spawned yet is killed by its task as it starts.
+    pub(crate) fn cancel(&self) -> Option<i32> {
+        self.detach();
+        let pid = self.pid.swap(CANCELLED, Ordering::SeqCst);
         (pid > 0).then_some(pid)
     }
 
@@ -322,7 +404,11 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut pa
         }
     };
     let pid = child.id() as i32;
-    parts.pid.store(pid, Ordering::SeqCst);
+    // A Cancel that came before the spawn left CANCELLED here: the host
+    // gave up on this stream, so the process must not outlive it.
+    if parts.pid.swap(pid, Ordering::SeqCst) == CANCELLED {
+        kill_group(pid, libc::SIGKILL);
+    }
     shared
         .out
         .send(Frame::Control {
@@ -499,12 +585,7 @@ async fn pump(
     }
 }
 
-async fn feed_stdin(
-    shared: Arc<Shared>,
-    stream: u32,
-    mut tx: Sink,
-    mut rx: mpsc::UnboundedReceiver<Option<Bytes>>,
-) {
+async fn feed_stdin(shared: Arc<Shared>, stream: u32, mut tx: Sink, mut rx: StdinRx) {
     while let Some(Some(data)) = rx.recv().await {
         let n = data.len() as u32;
         if tx.write_all(&data).await.is_err() {
@@ -520,4 +601,46 @@ async fn feed_stdin(
             .await;
     }
     // Dropping tx closes the child's stdin (for a PTY: our reference to the master).
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stdin_past_the_window_is_dropped_and_closes_stdin() {
+        let (tx, mut rx) = stdin_queue();
+        let chunk = Bytes::from(vec![b'x'; DATA_CHUNK]);
+        let fits = STREAM_WINDOW as usize / DATA_CHUNK;
+        for _ in 0..fits {
+            assert!(tx.send(chunk.clone()));
+        }
+        assert_eq!(tx.queued(), STREAM_WINDOW as usize);
+        // One byte more than the window: refused, not queued.
+        assert!(!tx.send(Bytes::from_static(b"y")));
+        assert_eq!(tx.queued(), STREAM_WINDOW as usize);
+        // Later bytes are dropped too, silently.
+        assert!(tx.send(chunk.clone()));
+        assert_eq!(tx.queued(), STREAM_WINDOW as usize);
+        // The writer sees the window's bytes, then end of input.
+        for _ in 0..fits {
+            assert_eq!(rx.recv().await, Some(Some(chunk.clone())));
+        }
+        assert_eq!(rx.recv().await, Some(None));
+        assert_eq!(tx.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn stdin_within_the_window_flows_as_it_is_written() {
+        let (tx, mut rx) = stdin_queue();
+        let chunk = Bytes::from(vec![b'x'; DATA_CHUNK]);
+        // A host sending under credit: the writer takes each chunk (and
+        // returns its credit) before the window is used up, forever.
+        for _ in 0..64 {
+            assert!(tx.send(chunk.clone()));
+            assert_eq!(rx.recv().await, Some(Some(chunk.clone())));
+        }
+        tx.finish();
+        assert_eq!(rx.recv().await, Some(None));
+    }
 }

@@ -109,7 +109,11 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
         } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
-                let _ = tx.send(Some(data));
+                if !tx.send(data) {
+                    crate::log(&format!(
+                        "stream {stream}: the host sent stdin past its window; input dropped, stdin closed"
+                    ));
+                }
             }
         }
         Frame::Eof {
@@ -118,7 +122,7 @@ async fn handle(shared: &Arc<Shared>, frame: Frame) {
         } => {
             let tx = shared.with_stream(stream, |s| s.stdin.clone()).flatten();
             if let Some(tx) = tx {
-                let _ = tx.send(None);
+                tx.finish();
             }
         }
         Frame::Credit { stream, fd, bytes } => {
@@ -277,11 +281,8 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
                 .lock()
                 .ok()
                 .and_then(|mut s| s.remove(&stream));
-            if let Some(h) = handle {
-                h.detach();
-                if let Some(pid) = h.pid() {
-                    exec::kill_group(pid, libc::SIGKILL);
-                }
+            if let Some(pid) = handle.and_then(|h| h.cancel()) {
+                exec::kill_group(pid, libc::SIGKILL);
             }
         }
         Control::Ping => reply(shared, stream, Control::Ok).await,

@@ -68,6 +68,10 @@ pub struct ServeArgs {
     pub no_ssh: bool,
     #[command(flatten)]
     pub s3: S3Args,
+    /// Most bytes one org may have staged for file transfers at once
+    /// (uploads past it get 429 STAGING_QUOTA_EXCEEDED).
+    #[arg(long, env = "FASTVM_STAGING_ORG_CAP_BYTES", default_value_t = fastvm_server::staging::DEFAULT_ORG_CAP_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub staging_org_cap_bytes: u64,
     /// Close a console after this many seconds without input or output.
     #[arg(long, env = "FASTVM_CONSOLE_IDLE_SEC", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
     pub console_idle_sec: u64,
@@ -137,6 +141,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
     }
     cfg.staging.s3 = args.s3.config()?;
+    cfg.staging.org_cap_bytes = args.staging_org_cap_bytes;
     if !args.no_metrics {
         cfg.metrics_listen = Some(args.metrics_listen);
     }

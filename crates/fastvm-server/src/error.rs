@@ -11,7 +11,7 @@
 //! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
-//! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed) |
+//! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed), `TOO_MANY_EXECS` (the VM has 64 execs, terminals and guest connections open), `STAGING_QUOTA_EXCEEDED` (the org's staged bytes would pass the server's cap; nothing was stored) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 502    | `UPSTREAM_REFUSED` (nothing listens on the port in the guest)      |
@@ -67,6 +67,8 @@ pub mod codes {
     pub const QUOTA_EXCEEDED_SNAPSHOT_COUNT: &str = "QUOTA_EXCEEDED_SNAPSHOT_COUNT";
     pub const QUOTA_EXCEEDED_VOLUME_COUNT: &str = "QUOTA_EXCEEDED_VOLUME_COUNT";
     pub const QUOTA_EXCEEDED_VOLUME_GIB: &str = "QUOTA_EXCEEDED_VOLUME_GIB";
+    pub const TOO_MANY_EXECS: &str = "TOO_MANY_EXECS";
+    pub const STAGING_QUOTA_EXCEEDED: &str = "STAGING_QUOTA_EXCEEDED";
 }
 
 /// An error answer: status, code and message.
@@ -177,6 +179,9 @@ impl From<WorkerError> for ApiError {
                 codes::AGENT_UNAVAILABLE,
                 msg,
             ),
+            WorkerError::TooManyExecs(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::TOO_MANY_EXECS, msg)
+            }
             WorkerError::ConnectRefused(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, codes::UPSTREAM_REFUSED, msg)
             }

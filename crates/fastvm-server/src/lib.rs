@@ -243,7 +243,8 @@ impl AppState {
         cfg: staging::StagingConfig,
     ) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.staging = Some(store);
+            let capped = staging::capped::CappedStaging::new(store, cfg.org_cap_bytes, Vec::new());
+            inner.staging = Some(Arc::new(capped));
             inner.local_staging = None;
             inner.staging_config = cfg;
         }
@@ -257,7 +258,10 @@ impl AppState {
         cfg: staging::StagingConfig,
     ) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.staging = Some(store.clone());
+            let existing = store.existing();
+            let capped =
+                staging::capped::CappedStaging::new(store.clone(), cfg.org_cap_bytes, existing);
+            inner.staging = Some(Arc::new(capped));
             inner.local_staging = Some(store);
             inner.staging_config = cfg;
         }

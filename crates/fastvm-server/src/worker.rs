@@ -35,9 +35,12 @@ pub enum WorkerError {
     /// The exec request was refused (by the worker or the guest agent).
     #[error("{0}")]
     InvalidExec(String),
-    /// The guest agent cannot be reached.
+    /// The guest agent cannot be reached (or broke the protocol).
     #[error("{0}")]
     AgentUnavailable(String),
+    /// The VM has as many execs and guest connections open as it may have.
+    #[error("{0}")]
+    TooManyExecs(String),
     /// Nothing accepted the connection to a port in the guest (nothing
     /// listens there, or the VM has no network).
     #[error("{0}")]
@@ -67,7 +70,8 @@ impl From<fastvm_worker::Error> for WorkerError {
             E::WrongState { .. } => WorkerError::WrongState(msg),
             E::UnknownMachineType(_) => WorkerError::UnknownMachineType(msg),
             E::InvalidExec(_) => WorkerError::InvalidExec(msg),
-            E::AgentUnavailable(_) => WorkerError::AgentUnavailable(msg),
+            E::AgentUnavailable(_) | E::Protocol(_) => WorkerError::AgentUnavailable(msg),
+            E::TooManyStreams(_) => WorkerError::TooManyExecs(msg),
             E::GuestConnect(_) => WorkerError::ConnectRefused(msg),
             E::Unresponsive { .. } => WorkerError::Unresponsive(msg),
             _ => WorkerError::Failed(msg),

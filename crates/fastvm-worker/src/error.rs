@@ -23,6 +23,9 @@ pub enum Error {
     Protocol(String),
     #[error("invalid exec request: {0}")]
     InvalidExec(String),
+    /// The VM has [`crate::agent::MAX_STREAMS`] execs and guest connections open.
+    #[error("{0}")]
+    TooManyStreams(String),
     /// A connection the agent was asked to dial inside the guest failed.
     #[error("{0}")]
     GuestConnect(String),

@@ -103,6 +103,7 @@ Close codes: 1000 shell exited / serial console ended / client closed; 1002 WebS
         (status = 403, description = "The token is for another VM (CONSOLE_TOKEN_WRONG_VM)", body = ErrorBody),
         (status = 404, description = "The VM was deleted", body = ErrorBody),
         (status = 409, description = "The VM is not running (a terminal needs it running)", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer (try source=serial)", body = ErrorBody),
     )
 )]

@@ -75,6 +75,7 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open; retry when one ends", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]

@@ -60,6 +60,8 @@ pub mod codes {
     pub const EXPORT_FAILED: &str = "EXPORT_FAILED";
     pub const STAGING_ERROR: &str = "STAGING_ERROR";
     pub const UPLOAD_INCOMPLETE: &str = "UPLOAD_INCOMPLETE";
+    /// The uploadUrl stored its object already (409): upload URLs are single-use.
+    pub const UPLOAD_URL_USED: &str = "UPLOAD_URL_USED";
 }
 
 /// Timeout of fetch/export when the request gives none.
@@ -84,6 +86,14 @@ impl From<StagingError> for ApiError {
                 crate::error::codes::PAYLOAD_TOO_LARGE,
                 msg,
             ),
+            StagingError::QuotaExceeded { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                crate::error::codes::STAGING_QUOTA_EXCEEDED,
+                msg,
+            ),
+            StagingError::AlreadyUploaded => {
+                ApiError::new(StatusCode::CONFLICT, codes::UPLOAD_URL_USED, msg)
+            }
             StagingError::Input(_) => ApiError::invalid(codes::UPLOAD_INCOMPLETE, msg),
             StagingError::Backend(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::STAGING_ERROR, msg)
@@ -199,6 +209,7 @@ pub async fn presign(
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 413, description = "The staged object is larger than the VM's upload cap (maxUploadBytes)", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
 )]
@@ -253,9 +264,10 @@ pub async fn fetch(
         (status = 400, description = "Malformed body; the path or timeout breaks a rule (`INVALID_PATH`, `INVALID_TIMEOUT`); `INVALID_EXPORT_URL`: not an uploadUrl of this VM; `SIGNED_URL_EXPIRED`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM in the caller's org; `FILE_NOT_FOUND`: no such path in the guest", body = ErrorBody),
-        (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 409, description = "The VM is not running; `UPLOAD_URL_USED`: the uploadUrl stored its object already (presign a new one)", body = ErrorBody),
         (status = 413, description = "The file or archive exceeds the upload cap", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_EXECS`: the VM has 64 execs open; `STAGING_QUOTA_EXCEEDED`: the org's staged bytes would pass the server's cap (nothing stored)", body = ErrorBody),
         (status = 500, description = "`EXPORT_FAILED`: reading the path in the guest failed (message has its stderr)", body = ErrorBody),
         (status = 503, description = "The VM's agent does not answer", body = ErrorBody),
     )
@@ -410,9 +422,10 @@ fn stdout_of(
     Box::pin(stream)
 }
 
-/// `PUT /v1/staging/{token}`: store the body (an uploadUrl). No API key:
-/// the token is the credential. A Content-Length over the cap is refused
-/// before any byte is read; a body crossing it is cut off and discarded.
+/// `PUT /v1/staging/{token}`: store the body (an uploadUrl, single-use). No
+/// API key: the token is the credential. A Content-Length over the cap or
+/// over what the org may still stage is refused before any byte is read; a
+/// body crossing either is cut off and discarded.
 pub async fn staging_put(
     State(state): State<AppState>,
     Path(token): Path<String>,
@@ -430,10 +443,18 @@ pub async fn staging_put(
     if declared.is_some_and(|n| n > claims.cap) {
         return Err(StagingError::TooLarge { cap: claims.cap }.into());
     }
+    // The capped store (the same objects as `local`, counted per org).
+    let staging = state.staging()?;
+    if declared.is_some_and(|n| staging.room(&claims.org).is_some_and(|room| n > room)) {
+        return Err(StagingError::QuotaExceeded {
+            cap: state.staging_config().org_cap_bytes,
+        }
+        .into());
+    }
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(std::io::Error::other));
-    let size = local
+    let size = staging
         .put(&key_of(&claims), Box::pin(stream), claims.cap)
         .await?;
     Ok(Json(serde_json::json!({ "sizeBytes": size })).into_response())

@@ -187,18 +187,29 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::metrics::track))
         // Spans name the path only: query strings carry credentials (console
-        // tokens). Every request gets an `x-request-id` (the client's, or a
+        // tokens), and so does the path of a signed staging URL, which is
+        // logged as its template. Every request gets an `x-request-id` (the client's, or a
         // new UUID), in its span (so in every log line) and in the response.
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+            tracing::info_span!("request", id = %id, method = %req.method(), path = %loggable_path(req.uri().path()))
         }))
         .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(tower_http::request_id::MakeRequestUuid))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("the server hit a bug while handling this request").into_response()
         }))
         .with_state(state)
+}
+
+/// A request path fit for logs: a signed staging URL's token is a live
+/// credential, so its path is logged as the route template.
+fn loggable_path(path: &str) -> &str {
+    if path.starts_with(crate::staging::local::URL_PREFIX) {
+        "/v1/staging/{token}"
+    } else {
+        path
+    }
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
@@ -315,5 +326,19 @@ impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
                 "no snapshot with id {shown:?} (snapshot ids are UUIDs)"
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_path;
+
+    #[test]
+    fn staging_tokens_stay_out_of_logs() {
+        assert_eq!(
+            loggable_path("/v1/staging/eyJzZWNyZXQi.c2ln"),
+            "/v1/staging/{token}"
+        );
+        assert_eq!(loggable_path("/v1/vms/abc/exec"), "/v1/vms/abc/exec");
     }
 }

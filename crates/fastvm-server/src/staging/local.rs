@@ -68,6 +68,45 @@ impl LocalStaging {
         Ok(claims)
     }
 
+    /// The complete objects in the store, with size and modification time
+    /// (for [`super::capped::CappedStaging`] at start). Unreadable entries
+    /// and partial uploads are skipped.
+    pub fn existing(&self) -> Vec<(ObjectKey, u64, std::time::SystemTime)> {
+        let mut found = Vec::new();
+        let dirs = |p: &Path| -> Vec<(String, PathBuf)> {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                        .filter(|(name, _)| uuid::Uuid::parse_str(name).is_ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for (org, org_dir) in dirs(&self.root) {
+            for (vm, vm_dir) in dirs(&org_dir) {
+                for (object, path) in dirs(&vm_dir) {
+                    let Ok(meta) = std::fs::metadata(&path) else {
+                        continue;
+                    };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    let modified = meta
+                        .modified()
+                        .unwrap_or_else(|_| std::time::SystemTime::now());
+                    let key = ObjectKey {
+                        org: org.clone(),
+                        vm: vm.clone(),
+                        object,
+                    };
+                    found.push((key, meta.len(), modified));
+                }
+            }
+        }
+        found
+    }
+
     fn path(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(&key.org).join(&key.vm).join(&key.object)
     }

@@ -15,11 +15,17 @@
 //! writes stop at a cap (the VM's disk size). Objects older than
 //! [`StagingConfig::max_age`] are removed by [`spawn_gc`].
 //!
+//! Every backend is wrapped in [`capped::CappedStaging`]: an org may have
+//! at most [`StagingConfig::org_cap_bytes`] staged (`fastvm serve
+//! --staging-org-cap-bytes`, 10 GiB by default), and an upload URL stores
+//! its object once.
+//!
 //! Backends: [`local::LocalStaging`] (files under `<data>/staging/`, URLs
 //! signed by this server and served at `/v1/staging/{token}`), the default;
 //! [`s3::S3Staging`] (an S3-compatible bucket, real S3 presigned URLs) when
 //! [`StagingConfig::s3`] is set.
 
+pub mod capped;
 pub mod local;
 pub mod s3;
 pub mod token;
@@ -40,7 +46,12 @@ pub struct StagingConfig {
     pub max_upload_bytes: Option<u64>,
     /// Stage in this S3-compatible bucket instead of the data dir.
     pub s3: Option<s3::S3Config>,
+    /// Most bytes one org may have staged at once (see [`capped`]).
+    pub org_cap_bytes: u64,
 }
+
+/// Default of [`StagingConfig::org_cap_bytes`]: 10 GiB.
+pub const DEFAULT_ORG_CAP_BYTES: u64 = 10 << 30;
 
 impl Default for StagingConfig {
     fn default() -> Self {
@@ -49,6 +60,7 @@ impl Default for StagingConfig {
             max_age: Duration::from_secs(24 * 3600),
             max_upload_bytes: None,
             s3: None,
+            org_cap_bytes: DEFAULT_ORG_CAP_BYTES,
         }
     }
 }
@@ -80,6 +92,12 @@ pub enum StagingError {
         "the upload exceeds the limit of {cap} bytes (the VM's disk size); nothing was stored"
     )]
     TooLarge { cap: u64 },
+    /// The org's staged bytes would pass the server's cap; nothing was kept.
+    #[error("this upload would take your org past {cap} staged bytes, the most this server allows (fastvm serve --staging-org-cap-bytes); nothing was stored. Staged objects are deleted about a day after upload: transfer less at once, or wait")]
+    QuotaExceeded { cap: u64 },
+    /// The upload URL already stored its object (upload URLs are single-use).
+    #[error("this uploadUrl was used already (each stores one object once); presign a new one")]
+    AlreadyUploaded,
     /// The bytes being stored failed to arrive (client gone, guest command failed).
     #[error("the upload was cut short: {0}")]
     Input(String),
@@ -101,6 +119,10 @@ pub trait StagingStore: Send + Sync + 'static {
     /// The object a URL minted by [`StagingStore::presign`] opens with
     /// `method`, after checking signature and expiry.
     fn resolve(&self, url: &str, method: Method) -> Result<ObjectKey, TokenError>;
+    /// Bytes `org` may still stage (`None`: unlimited).
+    fn room(&self, _org: &str) -> Option<u64> {
+        None
+    }
     /// Store `body` as `key`, at most `cap` bytes; returns the size. On any
     /// error nothing is left behind.
     async fn put(&self, key: &ObjectKey, body: ByteStream, cap: u64) -> Result<u64, StagingError>;

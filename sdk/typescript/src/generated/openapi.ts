@@ -2664,6 +2664,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
             /** @description The VM's agent does not answer (try source=serial) */
             503: {
                 headers: {
@@ -2837,6 +2846,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open; retry when one ends */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
             /** @description The VM's agent does not answer */
             503: {
                 headers: {
@@ -2913,7 +2931,7 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
-            /** @description The VM is not running */
+            /** @description The VM is not running; `UPLOAD_URL_USED`: the uploadUrl stored its object already (presign a new one) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2933,6 +2951,15 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs open; `STAGING_QUOTA_EXCEEDED`: the org's staged bytes would pass the server's cap (nothing stored) */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3050,6 +3077,15 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description `TOO_MANY_EXECS`: the VM has 64 execs, terminals and guest connections open */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
