@@ -64,9 +64,11 @@ impl CappedLog {
         use std::io::Write;
         while !bytes.is_empty() {
             if self.file.is_none() {
+                use std::os::unix::fs::OpenOptionsExt;
                 let f = std::fs::OpenOptions::new()
                     .append(true)
                     .create(true)
+                    .mode(0o600)
                     .open(&self.path)?;
                 self.len = f.metadata()?.len();
                 self.file = Some(f);
@@ -95,7 +97,7 @@ impl CappedLog {
         let mut fresh = self.path.clone().into_os_string();
         fresh.push(".new");
         let fresh = PathBuf::from(fresh);
-        let f = std::fs::File::create(&fresh)?;
+        let f = crate::jail::create_private(&fresh)?;
         std::fs::rename(&fresh, &self.path)?;
         self.file = Some(f);
         self.len = 0;

@@ -74,6 +74,20 @@ fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// Create (or truncate) `path` as a file of its creator's alone (`0600`):
+/// records, logs and state files in places a VM uid can traverse.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 /// A file only the VM's QEMU (and root) may read and write.
 pub fn give_to_vm(path: &Path, uid: u32) -> std::io::Result<()> {
     chown(path, uid, uid)?;

@@ -399,9 +399,9 @@ impl Hypervisor for QemuMicrovm {
         }
         let qmp_listener = listen(&paths.qmp())?;
         let agent_listener = listen(&paths.agent())?;
-        let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
+        let log = jail::create_private(&paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
         // A new process starts a new console log.
-        std::fs::File::create(paths.console_log()).ctx(|| "create console.log".into())?;
+        jail::create_private(&paths.console_log()).ctx(|| "create console.log".into())?;
         let memory = incoming
             .map(|m| std::fs::File::open(m).ctx(|| format!("open {}", m.display())))
             .transpose()?;
@@ -549,7 +549,11 @@ impl Hypervisor for QemuMicrovm {
 /// `qemu.pid`, written by the worker (QEMU has no write access to the VM dir).
 fn write_pidfile(paths: &VmPaths, pid: u32) -> Result<()> {
     let tmp = paths.dir.join("qemu.pid.tmp");
-    std::fs::write(&tmp, format!("{pid}\n")).ctx(|| format!("write {}", tmp.display()))?;
+    std::io::Write::write_all(
+        &mut jail::create_private(&tmp).ctx(|| format!("create {}", tmp.display()))?,
+        format!("{pid}\n").as_bytes(),
+    )
+    .ctx(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, paths.pidfile()).ctx(|| "commit qemu.pid".into())
 }
 
@@ -683,9 +687,9 @@ impl QemuProcess {
             std::os::unix::fs::chown(&sock, Some(uid), Some(uid))
                 .ctx(|| format!("chown {}", sock.display()))?;
         }
-        let mut file = tokio::fs::File::create(memory)
-            .await
-            .ctx(|| format!("create {}", memory.display()))?;
+        let mut file = tokio::fs::File::from_std(
+            jail::create_private(memory).ctx(|| format!("create {}", memory.display()))?,
+        );
         let receive = async {
             let (mut conn, _) = listener
                 .accept()
@@ -852,5 +856,106 @@ impl VmProcess for QemuProcess {
 
     fn has_exited(&self) -> bool {
         self.qmp.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{NetLaunch, RamFile};
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            id: "vm1".into(),
+            machine: "c1m2".into(),
+            vcpus: 1,
+            memory_mib: 2048,
+            disk_gib: 10,
+            accel: Accel::Tcg,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+            image_id: "img".into(),
+            disk: "/data/layers/top.qcow2".into(),
+            ram: None,
+            net: Some(NetLaunch {
+                netns: "fvm-0001".into(),
+                tap: "tap0".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }),
+            uid: Some(jail::UID_BASE),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn confined_args_use_fds_seccomp_and_a_ring_buffer() {
+        let a = QemuMicrovm::confined_args(&spec(), false, false);
+        assert_eq!(after(&a, "-sandbox"), [SANDBOX]);
+        assert!(!a
+            .iter()
+            .any(|x| x == "-daemonize" || x == "-pidfile" || x == "-qmp"));
+        assert!(!a.iter().any(|x| x.contains("exec:") || x.contains("path=")));
+        assert_eq!(
+            after(&a, "-chardev"),
+            [
+                "ringbuf,id=con,size=1048576",
+                "socket,id=agent,fd=4,server=on,wait=off",
+                "socket,id=qmp,fd=3,server=on,wait=off",
+            ]
+        );
+        assert_eq!(after(&a, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(after(&a, "-netdev"), ["tap,id=net0,fd=5"]);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-ram,id=ram,size=2048M"
+        );
+        assert!(after(&a, "-incoming").is_empty());
+        assert_eq!(after(&a, "-name"), ["fastvm-vm1"]);
+    }
+
+    #[test]
+    fn a_restore_reads_a_sealed_ram_fd_and_defers_the_stream() {
+        let mut s = spec();
+        s.ram = Some(RamFile {
+            path: "/data/golden/k/ram".into(),
+            shared: false,
+        });
+        let a = QemuMicrovm::confined_args(&s, true, true);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-file,id=ram,size=2048M,mem-path=/proc/self/fd/7,share=off"
+        );
+        assert_eq!(after(&a, "-incoming"), ["defer"]);
+        // The golden VM itself writes its RAM file by path.
+        s.ram = Some(RamFile {
+            path: "/data/golden/k.building/ram".into(),
+            shared: true,
+        });
+        let a = QemuMicrovm::confined_args(&s, false, false);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-file,id=ram,size=2048M,mem-path=/data/golden/k.building/ram,share=on"
+        );
+    }
+
+    #[test]
+    fn the_unconfined_floor_keeps_paths() {
+        let paths = VmPaths::new("/data/vms/vm1");
+        let a = QemuMicrovm::args(&spec(), &paths, None);
+        assert!(a.iter().any(|x| x == "-daemonize"));
+        assert_eq!(
+            after(&a, "-netdev"),
+            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+        );
+        assert_eq!(
+            after(&a, "-chardev")[0],
+            "file,id=con,path=/data/vms/vm1/console.log"
+        );
     }
 }

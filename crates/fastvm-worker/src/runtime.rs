@@ -240,7 +240,10 @@ fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Result<
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Qemu(format!("serialize {}: {e}", path.display())))?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
+    // 0600: VM directories are traversable by the VM's QEMU (see `jail`).
+    crate::jail::create_private(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .ctx(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).ctx(|| format!("commit {}", path.display()))
 }
 
