@@ -546,6 +546,23 @@ impl Hypervisor for QemuMicrovm {
     }
 }
 
+/// Copy a migration stream to its file with 1 MiB reads and writes.
+fn copy_stream(
+    mut from: std::os::unix::net::UnixStream,
+    mut to: std::fs::File,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `qemu.pid`, written by the worker (QEMU has no write access to the VM dir).
 fn write_pidfile(paths: &VmPaths, pid: u32) -> Result<()> {
     let tmp = paths.dir.join("qemu.pid.tmp");
@@ -687,19 +704,20 @@ impl QemuProcess {
             std::os::unix::fs::chown(&sock, Some(uid), Some(uid))
                 .ctx(|| format!("chown {}", sock.display()))?;
         }
-        let mut file = tokio::fs::File::from_std(
-            jail::create_private(memory).ctx(|| format!("create {}", memory.display()))?,
-        );
+        let file = jail::create_private(memory).ctx(|| format!("create {}", memory.display()))?;
         let receive = async {
-            let (mut conn, _) = listener
+            let (conn, _) = listener
                 .accept()
                 .await
                 .ctx(|| "accept the migration stream".into())?;
-            tokio::io::copy(&mut conn, &mut file)
+            let conn = conn
+                .into_std()
+                .and_then(|c| c.set_nonblocking(false).map(|()| c))
+                .ctx(|| "the migration stream".into())?;
+            // Large blocking reads and writes on a thread (like `cat` did).
+            tokio::task::spawn_blocking(move || copy_stream(conn, file))
                 .await
-                .ctx(|| format!("write {}", memory.display()))?;
-            tokio::io::AsyncWriteExt::flush(&mut file)
-                .await
+                .map_err(|e| Error::Qemu(format!("migration writer: {e}")))?
                 .ctx(|| format!("write {}", memory.display()))
         };
         let uri = format!("unix:{}", sock.to_string_lossy());
