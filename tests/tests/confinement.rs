@@ -128,6 +128,14 @@ fn qemu_runs_as_its_own_uid_without_capabilities_under_seccomp() {
         assert_eq!(status_field(pid, "CapAmb"), "0000000000000000");
         assert_eq!(status_field(pid, "Seccomp"), "2");
         assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        // Only the fds of the jail's layout cross exec (no inherited leftovers).
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .collect();
+        assert!(!fds.iter().any(|l| l.starts_with("pipe:")), "{fds:?}");
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         assert!(cmdline.contains(fastvm_worker::qemu::SANDBOX), "{cmdline}");

@@ -353,6 +353,15 @@ impl ChildSetup {
                 // dup2 leaves the new number without FD_CLOEXEC: QEMU inherits it.
                 check(libc::dup2(tmp[i], targets[i].1))?;
             }
+            // Nothing else crosses exec: descriptors the worker inherited
+            // without FD_CLOEXEC (a jobserver pipe, say) are closed at exec.
+            // (Linux >= 5.11; older kernels keep them.)
+            libc::syscall(
+                libc::SYS_close_range,
+                FD_RAM as libc::c_uint + 1,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             if let Some(id) = self.uid {
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setresgid(id, id, id))?;
