@@ -611,6 +611,11 @@ async fn drain_console(qmp: &Qmp, path: &Path) {
     use base64::Engine;
     const READ: usize = 256 << 10;
     let mut log = crate::console::CappedLog::open(path);
+    // Not during the start's own QMP exchange (a restore is on the latency path).
+    tokio::select! {
+        _ = tokio::time::sleep(crate::console::FOLLOW_POLL) => {}
+        _ = qmp.wait_closed() => return,
+    }
     loop {
         let args = json!({ "device": "con", "size": READ, "format": "base64" });
         let got = match qmp.execute("ringbuf-read", Some(args)).await {
