@@ -13,6 +13,14 @@
 //! Memory is one chunk per reader, whatever the file size; bytes are only
 //! read when the consumer asks for them. The guest controls the content: it
 //! is passed on as raw bytes and never interpreted here.
+//!
+//! The log is capped ([`CappedLog`]): QEMU writes the console into a ring
+//! buffer ([`crate::qemu::CONSOLE_RING`], 1 MiB, oldest bytes overwritten),
+//! the worker drains it into `console.log`, and when that file would pass
+//! [`LOG_CAP`] (1 MiB) it becomes `console.log.1` (replacing the previous
+//! one) and a new `console.log` starts: at most 2 MiB on disk per VM, and
+//! a follower sees the rotation as a new file (it reads the old one to its
+//! end first). Readers of the tail ([`read_tail`]) read a bounded amount.
 
 use crate::error::{IoContext, Result};
 use bytes::Bytes;
@@ -25,6 +33,94 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 pub const FOLLOW_CHUNK: usize = 64 << 10;
 /// How often a follower at the end of the file looks for more.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// Size at which `console.log` is rotated into `console.log.1`.
+pub const LOG_CAP: u64 = 1 << 20;
+
+/// The writer of a capped, rotated console log (see the module docs).
+pub struct CappedLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    len: u64,
+}
+
+impl CappedLog {
+    /// Append to `path` (created when missing).
+    pub fn open(path: &Path) -> CappedLog {
+        CappedLog {
+            path: path.to_owned(),
+            file: None,
+            len: 0,
+        }
+    }
+
+    fn rotated(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".1");
+        PathBuf::from(p)
+    }
+
+    pub fn append(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        while !bytes.is_empty() {
+            if self.file.is_none() {
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&self.path)?;
+                self.len = f.metadata()?.len();
+                self.file = Some(f);
+            }
+            if self.len >= LOG_CAP {
+                self.rotate()?;
+                continue;
+            }
+            let room = (LOG_CAP - self.len) as usize;
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            if let Some(f) = self.file.as_mut() {
+                f.write_all(now)?;
+            }
+            self.len += now.len() as u64;
+            bytes = rest;
+        }
+        Ok(())
+    }
+
+    /// `console.log` -> `console.log.1`, then a new empty `console.log`
+    /// swapped in atomically (the path never disappears for followers).
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let rotated = self.rotated();
+        let _ = std::fs::remove_file(&rotated);
+        std::fs::hard_link(&self.path, &rotated)?;
+        let mut fresh = self.path.clone().into_os_string();
+        fresh.push(".new");
+        let fresh = PathBuf::from(fresh);
+        let f = crate::jail::create_private(&fresh)?;
+        std::fs::rename(&fresh, &self.path)?;
+        self.file = Some(f);
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// The last `max` bytes of `path` (empty when it cannot be read).
+pub fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    buf
+}
 
 /// A reader of a growing console log.
 pub struct ConsoleFollower {
@@ -118,6 +214,28 @@ mod tests {
         assert_eq!(f.next().await.transpose()?.as_deref(), Some(&b"re"[..]));
         std::fs::remove_file(&path)?;
         assert!(f.next().await.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn capped_log_rotates_and_stays_under_its_cap() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("console.log");
+        let mut log = CappedLog::open(&path);
+        let chunk = vec![b'y'; 100_000];
+        for _ in 0..50 {
+            log.append(&chunk)?;
+        }
+        let cur = std::fs::metadata(&path)?.len();
+        let old = std::fs::metadata(dir.path().join("console.log.1"))?.len();
+        assert!(cur <= LOG_CAP && old == LOG_CAP, "{cur} {old}");
+        assert_eq!((50 * 100_000) % LOG_CAP, cur);
+        // A new writer (a restarted worker) appends where the file ends.
+        CappedLog::open(&path).append(b"z")?;
+        assert_eq!(std::fs::metadata(&path)?.len(), cur + 1);
+        assert_eq!(read_tail(&path, 1), b"z");
+        assert_eq!(read_tail(&path, 10 * LOG_CAP).len() as u64, cur + 1);
+        assert!(read_tail(&dir.path().join("none"), 10).is_empty());
         Ok(())
     }
 

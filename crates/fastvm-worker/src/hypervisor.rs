@@ -27,9 +27,15 @@ pub struct LaunchSpec {
     /// Guest RAM backed by this file instead of anonymous memory.
     #[serde(default)]
     pub ram: Option<RamFile>,
-    /// The VM's network device: QEMU runs in this namespace and opens its tap.
+    /// The VM's network device: QEMU runs in this namespace, where the
+    /// worker opens its tap for it.
     #[serde(default)]
     pub net: Option<NetLaunch>,
+    /// The uid (and gid) the VM's QEMU runs as (see [`crate::jail`]);
+    /// `None`: as the worker's own user (a worker that is not root, or a
+    /// record from before confinement).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The virtio-net device of a VM and where its tap lives.
@@ -78,11 +84,13 @@ impl LaunchSpec {
             disk,
             ram: None,
             net: None,
+            uid: None,
         }
     }
 }
 
-/// The files of one VM's state directory.
+/// The files of one VM's state directory (root's; QEMU gets its sockets as
+/// fds and may only connect to `migrate.sock` while a capture runs).
 #[derive(Debug, Clone)]
 pub struct VmPaths {
     pub dir: PathBuf,

@@ -6,7 +6,8 @@
 //!    |-- ImageStore (images.rs)       kernel + initramfs + rootfs, built from Debian
 //!    |-- catalog.rs                   machine types (c1m2 ...)
 //!    |-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs (PTYs too)
-//!    |-- ConsoleFollower (console.rs) the read-only serial console (console.log)
+//!    |-- ConsoleFollower (console.rs) the read-only serial console (capped console.log)
+//!    |-- jail.rs, cgroup.rs           confinement of QEMU: uid, fds, files, cgroup limits
 //!    '-- timeouts.rs                  budgets of QMP commands and child processes
 //! ```
 //!
@@ -17,11 +18,13 @@
 pub mod accel;
 pub mod agent;
 pub mod catalog;
+pub mod cgroup;
 pub mod console;
 pub mod error;
 pub mod exec;
 pub mod hypervisor;
 pub mod images;
+pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;

@@ -1,18 +1,33 @@
 //! The QEMU `microvm` driver.
 //!
-//! One `qemu-system-x86_64 -M microvm` process per VM, started with
-//! `-daemonize` so that it is re-parented away from the worker and survives
-//! it. Devices: a virtio-blk root disk (qcow2 overlay), a virtio-serial port
-//! `fastvm.agent` on a unix-socket chardev (the agent channel), virtio-rng,
-//! the serial console into `console.log`, and QMP on `qmp.sock`.
+//! One `qemu-system-x86_64 -M microvm` process per VM, confined (see
+//! [`crate::jail`] and [`crate::cgroup`]): its own uid, no capabilities,
+//! `-sandbox` seccomp ([`SANDBOX`]: no fork, so no `-daemonize` and no
+//! `exec:` migration), its own cgroup. It is spawned in its own session and
+//! outlives the worker (re-parented to init). Devices: a virtio-blk root
+//! disk (qcow2 overlay), a virtio-serial port `fastvm.agent` on a
+//! unix-socket chardev (the agent channel), virtio-rng, the serial console
+//! into a ring buffer (drained into the capped `console.log`, see
+//! [`crate::console::CappedLog`]), and QMP. Both sockets are bound by the
+//! worker at `agent.sock`/`qmp.sock` and inherited by QEMU as fds.
+//!
+//! State moves through fds and sockets, never a shell: a restore reads the
+//! memory file from an inherited fd (`migrate-incoming fd:6`); a capture
+//! migrates to `unix:<vm dir>/migrate.sock`, where the worker writes the
+//! stream to the snapshot's memory file.
 
 use crate::accel::Accel;
+use crate::cgroup::{Cgroups, Limits};
 use crate::error::{Error, IoContext, Result};
 use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
+use crate::jail::{self, ChildSetup, FD_AGENT, FD_INCOMING, FD_QMP, FD_RAM, FD_TAP};
 use crate::qmp::Qmp;
 use async_trait::async_trait;
 use serde_json::json;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Kernel command line of every guest. `quiet` keeps the (slow, emulated)
@@ -65,14 +80,24 @@ fn measure_tsc_khz() -> Option<u64> {
     None
 }
 
+/// A sealed memfd copy of a golden RAM file and the file's (inode, mtime).
+type SealedRam = ((u64, i64), Arc<OwnedFd>);
+
+/// The QEMU driver. Holds the host's cgroup setup and the sealed copies of
+/// golden RAM files handed to restored VMs (see [`crate::jail`]).
 pub struct QemuMicrovm {
     pub binary: PathBuf,
+    cgroups: Arc<Cgroups>,
+    /// Golden RAM file -> (its inode and mtime, a sealed memfd copy).
+    sealed_ram: Mutex<HashMap<PathBuf, SealedRam>>,
 }
 
-impl Default for QemuMicrovm {
-    fn default() -> Self {
+impl QemuMicrovm {
+    pub fn new(binary: PathBuf, cgroups: Cgroups) -> Self {
         QemuMicrovm {
-            binary: PathBuf::from("qemu-system-x86_64"),
+            binary,
+            cgroups: Arc::new(cgroups),
+            sealed_ram: Mutex::default(),
         }
     }
 }
@@ -82,16 +107,22 @@ fn process_name(id: &str) -> String {
     format!("fastvm-{id}")
 }
 
+/// The seccomp filter of every confined QEMU.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Size of the in-QEMU ring buffer of the serial console (a power of two).
+pub const CONSOLE_RING: usize = 1 << 20;
+
 impl QemuMicrovm {
-    /// The full argument list for `spec` (no binary).
-    pub fn args(spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Vec<String> {
-        let p = |x: PathBuf| x.to_string_lossy().into_owned();
+    /// Machine, kernel, disk and devices: the part every command line shares.
+    fn base_args(spec: &LaunchSpec) -> Vec<String> {
+        let p = |x: &Path| x.to_string_lossy().into_owned();
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host,arch-capabilities=off"),
             // A bounded translation cache keeps per-VM host memory in check.
             Accel::Tcg => ("tcg,thread=multi,tb-size=128", "max"),
         };
-        let mut a: Vec<String> = vec![
+        vec![
             "-name".into(),
             process_name(&spec.id),
             "-M".into(),
@@ -109,41 +140,73 @@ impl QemuMicrovm {
             "-nographic".into(),
             "-no-reboot".into(),
             "-kernel".into(),
-            p(spec.kernel.clone()),
+            p(&spec.kernel),
             "-initrd".into(),
-            p(spec.initrd.clone()),
+            p(&spec.initrd),
             "-append".into(),
             kernel_cmdline(spec.accel),
-            "-chardev".into(),
-            format!("file,id=con,path={}", p(paths.console_log())),
-            "-serial".into(),
-            "chardev:con".into(),
             "-drive".into(),
             format!(
                 "id=root,file={},format=qcow2,if=none,discard=unmap",
-                p(spec.disk.clone())
+                p(&spec.disk)
             ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                p(paths.agent())
-            ),
             "-device".into(),
             "virtserialport,chardev=agent,name=fastvm.agent".into(),
             "-object".into(),
             "rng-random,id=rng,filename=/dev/urandom".into(),
             "-device".into(),
             "virtio-rng-device,rng=rng".into(),
+            "-serial".into(),
+            "chardev:con".into(),
+        ]
+    }
+
+    /// Guest RAM is always the backend object `ram`, so that every snapshot
+    /// stream names the same RAM block whichever backend a VM had.
+    fn ram_args(spec: &LaunchSpec, mem_path: Option<String>) -> [String; 4] {
+        let backend = match (&spec.ram, mem_path) {
+            (Some(ram), path) => {
+                let share = if ram.shared { "on" } else { "off" };
+                let path = path.unwrap_or_else(|| ram.path.to_string_lossy().into_owned());
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={path},share={share}",
+                    spec.memory_mib
+                )
+            }
+            (None, _) => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+        };
+        [
+            "-object".into(),
+            backend,
+            "-machine".into(),
+            "memory-backend=ram".into(),
+        ]
+    }
+
+    /// An unconfined command line (sockets and console at their paths,
+    /// `-daemonize`, the tap opened by name): what the benchmarks' raw
+    /// floors run. The runtime uses [`Self::confined_args`].
+    pub fn args(spec: &LaunchSpec, paths: &VmPaths, incoming: Option<&Path>) -> Vec<String> {
+        let p = |x: PathBuf| x.to_string_lossy().into_owned();
+        let mut a = Self::base_args(spec);
+        a.extend([
+            "-chardev".into(),
+            format!("file,id=con,path={}", p(paths.console_log())),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                p(paths.agent())
+            ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(paths.qmp())),
             "-pidfile".into(),
             p(paths.pidfile()),
             "-daemonize".into(),
-        ];
+        ]);
         if let Some(net) = &spec.net {
             a.extend([
                 "-netdev".into(),
@@ -152,31 +215,73 @@ impl QemuMicrovm {
                 format!("virtio-net-device,netdev=net0,mac={}", net.mac),
             ]);
         }
-        // Guest RAM is always the backend object `ram`, so that every
-        // snapshot stream names the same RAM block whichever backend a VM had.
-        let backend = match &spec.ram {
-            Some(ram) => {
-                let share = if ram.shared { "on" } else { "off" };
-                format!(
-                    "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
-                    spec.memory_mib,
-                    p(ram.path.clone())
-                )
-            }
-            None => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
-        };
-        a.extend([
-            "-object".into(),
-            backend,
-            "-machine".into(),
-            "memory-backend=ram".into(),
-        ]);
+        a.extend(Self::ram_args(spec, None));
         if incoming.is_some() {
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
+        a
+    }
+
+    /// The command line of a confined VM process: every socket and the tap
+    /// are inherited fds (see [`crate::jail`]), the console is a ring
+    /// buffer the worker drains, and seccomp is on. With `ram_fd`, private
+    /// RAM is the sealed memfd at [`FD_RAM`].
+    pub fn confined_args(spec: &LaunchSpec, incoming: bool, ram_fd: bool) -> Vec<String> {
+        let mut a = Self::base_args(spec);
+        a.extend([
+            "-sandbox".into(),
+            SANDBOX.into(),
+            "-chardev".into(),
+            format!("ringbuf,id=con,size={CONSOLE_RING}"),
+            "-chardev".into(),
+            format!("socket,id=agent,fd={FD_AGENT},server=on,wait=off"),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={FD_QMP},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ]);
+        if let Some(net) = &spec.net {
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,fd={FD_TAP}"),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+        }
+        let mem_path = ram_fd.then(|| format!("/proc/self/fd/{FD_RAM}"));
+        a.extend(Self::ram_args(spec, mem_path));
+        if incoming {
             // The stream is fed after the capabilities are set over QMP.
             a.push("-incoming".into());
             a.push("defer".into());
         }
         a
+    }
+
+    /// The sealed memfd copy of golden RAM file `path` (made on first use,
+    /// again when the file changed).
+    fn sealed_ram(&self, path: &Path) -> Result<Arc<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
+        let key = (meta.ino(), meta.mtime());
+        let mut cache = self
+            .sealed_ram
+            .lock()
+            .map_err(|_| Error::Qemu("poisoned".into()))?;
+        if let Some((k, fd)) = cache.get(path) {
+            if *k == key {
+                return Ok(fd.clone());
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let fd = Arc::new(
+            jail::sealed_copy(path)
+                .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
+        );
+        tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, "sealed copy of golden RAM made");
+        cache.insert(path.to_owned(), (key, fd.clone()));
+        Ok(fd)
     }
 }
 
@@ -217,10 +322,6 @@ fn reset_signals() -> std::io::Result<()> {
     Ok(())
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
 fn read_pid(paths: &VmPaths) -> Option<u32> {
     std::fs::read_to_string(paths.pidfile())
         .ok()?
@@ -249,10 +350,21 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-fn tail(path: &std::path::Path, max: usize) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let start = s.len().saturating_sub(max);
-    s.get(start..).unwrap_or("").trim().to_owned()
+/// The last `max` bytes of a log file (read no further back).
+fn tail(path: &Path, max: u64) -> String {
+    String::from_utf8_lossy(&crate::console::read_tail(path, max))
+        .trim()
+        .to_owned()
+}
+
+/// A listening unix socket at `path` (root's, 0600), replacing a stale one.
+fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .ctx(|| format!("listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .ctx(|| format!("chmod {}", path.display()))?;
+    Ok(l)
 }
 
 #[async_trait]
@@ -267,47 +379,103 @@ impl Hypervisor for QemuMicrovm {
         paths: &VmPaths,
         incoming: Option<&Path>,
     ) -> Result<Box<dyn VmProcess>> {
-        for stale in [paths.qmp(), paths.agent(), paths.pidfile()] {
-            let _ = std::fs::remove_file(stale);
+        let _ = std::fs::remove_file(paths.pidfile());
+        // Everything QEMU reaches by path is given to its uid first.
+        if let Some(uid) = spec.uid {
+            jail::secure_vm_dir(&paths.dir, uid)
+                .ctx(|| format!("secure {}", paths.dir.display()))?;
+            jail::give_to_vm(&spec.disk, uid).ctx(|| format!("chown {}", spec.disk.display()))?;
+            if let Some(ram) = spec.ram.as_ref().filter(|r| r.shared) {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&ram.path)
+                    .ctx(|| format!("create {}", ram.path.display()))?;
+                f.set_len(u64::from(spec.memory_mib) << 20)
+                    .ctx(|| format!("size {}", ram.path.display()))?;
+                jail::give_to_vm(&ram.path, uid).ctx(|| format!("chown {}", ram.path.display()))?;
+            }
         }
-        let log = std::fs::File::create(paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(Self::args(spec, paths, incoming))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log);
-        // QEMU runs in the VM's network namespace, where it opens its tap.
+        let qmp_listener = listen(&paths.qmp())?;
+        let agent_listener = listen(&paths.agent())?;
+        let log = jail::create_private(&paths.hypervisor_log()).ctx(|| "create qemu.log".into())?;
+        // A new process starts a new console log.
+        jail::create_private(&paths.console_log()).ctx(|| "create console.log".into())?;
+        let memory = incoming
+            .map(|m| std::fs::File::open(m).ctx(|| format!("open {}", m.display())))
+            .transpose()?;
+        let ram_fd = match spec.ram.as_ref().filter(|r| !r.shared) {
+            Some(ram) => Some(self.sealed_ram(&ram.path)?),
+            None => None,
+        };
         let netns = spec
             .net
             .as_ref()
             .map(|n| crate::net::netns::open(&n.netns))
             .transpose()?;
-        let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        // SAFETY: the closure only makes async-signal-safe syscalls (sigaction,
-        // sigprocmask, setns); `netns` stays open until the spawn is done.
+        let limits = Limits::for_vm(spec.vcpus, spec.memory_mib, spec.accel);
+        let cgroup_procs = self
+            .cgroups
+            .create(&spec.id, &limits)
+            .ctx(|| format!("create the cgroup of VM {}", spec.id))?;
+
+        let mut setup = ChildSetup::new(spec.uid);
+        let io = |e: std::io::Error| Error::Qemu(e.to_string());
+        setup
+            .pass_fd(qmp_listener.as_raw_fd(), FD_QMP)
+            .map_err(io)?;
+        setup
+            .pass_fd(agent_listener.as_raw_fd(), FD_AGENT)
+            .map_err(io)?;
+        if let Some(m) = &memory {
+            setup.pass_fd(m.as_raw_fd(), FD_INCOMING).map_err(io)?;
+        }
+        if let Some(fd) = &ram_fd {
+            setup.pass_fd(fd.as_raw_fd(), FD_RAM).map_err(io)?;
+        }
+        if let (Some(ns), Some(net)) = (&netns, &spec.net) {
+            setup.tap_in_netns(ns.as_raw_fd(), &net.tap).map_err(io)?;
+        }
+        for fd in &cgroup_procs {
+            setup.join_cgroup(fd.as_raw_fd()).map_err(io)?;
+        }
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(Self::confined_args(
+            spec,
+            incoming.is_some(),
+            ram_fd.is_some(),
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+        // SAFETY: the closure only makes async-signal-safe syscalls on data
+        // prepared above (sigaction, sigprocmask, setsid, write, fcntl, dup2,
+        // setns, open, ioctl, set*id, prctl); every fd it names stays open
+        // until the spawn returned.
         unsafe {
             cmd.pre_exec(move || {
                 reset_signals()?;
-                if let Some(fd) = netns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
+                setup.run_in_child()
             })
         };
-        let status = cmd
-            .status()
-            .await
+        let mut child = cmd
+            .spawn()
             .ctx(|| format!("run {}", self.binary.display()))?;
-        drop(netns);
-        if !status.success() {
-            return Err(Error::Qemu(format!(
-                "exited with {status}: {}",
-                tail(&paths.hypervisor_log(), 2000)
-            )));
-        }
-        let pid = read_pid(paths).ok_or_else(|| Error::Qemu("no pidfile after start".into()))?;
+        drop((qmp_listener, agent_listener, memory, netns, cgroup_procs));
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::Qemu("QEMU exited at once".into()))?;
+        // Reaped here while this worker lives; re-parented to init after.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let cleanup = |e: Error| {
+            // SAFETY: kill has no memory preconditions; `pid` is our child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            e
+        };
+        write_pidfile(paths, pid).map_err(cleanup)?;
         let qmp = match Qmp::connect(&paths.qmp()).await {
             Ok(q) => q,
             Err(e) => {
@@ -316,15 +484,17 @@ impl Hypervisor for QemuMicrovm {
                 } else {
                     "QEMU failed to start"
                 };
+                let e = cleanup(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 return Err(Error::Qemu(format!(
                     "{what}: {e}: {}",
                     tail(&paths.hypervisor_log(), 500)
                 )));
             }
         };
-        let process = QemuProcess { pid, qmp };
-        if let Some(mem) = incoming {
-            let uri = format!("exec:cat {}", shell_quote(&mem.to_string_lossy()));
+        let process = QemuProcess::new(pid, qmp, spec, paths, self.cgroups.clone());
+        if incoming.is_some() {
+            let uri = format!("fd:{FD_INCOMING}");
             let started = async {
                 process.set_capabilities().await?;
                 process
@@ -343,7 +513,7 @@ impl Hypervisor for QemuMicrovm {
                 });
             }
         }
-        tracing::info!(vm = %spec.id, pid, accel = %spec.accel, restored = incoming.is_some(), "QEMU started");
+        tracing::info!(vm = %spec.id, pid, uid = ?spec.uid, accel = %spec.accel, restored = incoming.is_some(), "QEMU started");
         Ok(Box::new(process))
     }
 
@@ -356,10 +526,18 @@ impl Hypervisor for QemuMicrovm {
             return Ok(None);
         };
         if !is_our_process(pid, &spec.id) {
+            // Gone while the worker was down: its cgroup goes too.
+            self.cgroups.remove(&spec.id).await;
             return Ok(None);
         }
         match Qmp::connect(&paths.qmp()).await {
-            Ok(qmp) => Ok(Some(Box::new(QemuProcess { pid, qmp }))),
+            Ok(qmp) => Ok(Some(Box::new(QemuProcess::new(
+                pid,
+                qmp,
+                spec,
+                paths,
+                self.cgroups.clone(),
+            )))),
             Err(e) => {
                 tracing::warn!(vm = %spec.id, pid, error = %e, "QEMU alive but QMP unreachable; treating as dead");
                 Ok(None)
@@ -368,9 +546,103 @@ impl Hypervisor for QemuMicrovm {
     }
 }
 
+/// Copy a migration stream to its file with 1 MiB reads and writes.
+fn copy_stream(
+    mut from: std::os::unix::net::UnixStream,
+    mut to: std::fs::File,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `qemu.pid`, written by the worker (QEMU has no write access to the VM dir).
+fn write_pidfile(paths: &VmPaths, pid: u32) -> Result<()> {
+    let tmp = paths.dir.join("qemu.pid.tmp");
+    std::io::Write::write_all(
+        &mut jail::create_private(&tmp).ctx(|| format!("create {}", tmp.display()))?,
+        format!("{pid}\n").as_bytes(),
+    )
+    .ctx(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, paths.pidfile()).ctx(|| "commit qemu.pid".into())
+}
+
 pub struct QemuProcess {
     pid: u32,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
+    uid: Option<u32>,
+    paths: VmPaths,
+}
+
+impl QemuProcess {
+    /// The handle of a running QEMU; starts the task that drains its
+    /// console into `console.log` and, once the process is gone, removes
+    /// its cgroup.
+    fn new(pid: u32, qmp: Qmp, spec: &LaunchSpec, paths: &VmPaths, cgroups: Arc<Cgroups>) -> Self {
+        let qmp = Arc::new(qmp);
+        let (q, log, id) = (qmp.clone(), paths.console_log(), spec.id.clone());
+        tokio::spawn(async move {
+            drain_console(&q, &log).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while process_alive(pid) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            cgroups.remove(&id).await;
+        });
+        QemuProcess {
+            pid,
+            qmp,
+            uid: spec.uid,
+            paths: paths.clone(),
+        }
+    }
+}
+
+/// Move what the guest wrote to its serial console from QEMU's ring buffer
+/// into the capped `console.log` until QEMU exits.
+async fn drain_console(qmp: &Qmp, path: &Path) {
+    use base64::Engine;
+    const READ: usize = 256 << 10;
+    let mut log = crate::console::CappedLog::open(path);
+    // Not during the start's own QMP exchange (a restore is on the latency path).
+    tokio::select! {
+        _ = tokio::time::sleep(crate::console::FOLLOW_POLL) => {}
+        _ = qmp.wait_closed() => return,
+    }
+    loop {
+        let args = json!({ "device": "con", "size": READ, "format": "base64" });
+        let got = match qmp.execute("ringbuf-read", Some(args)).await {
+            Ok(v) => v,
+            Err(_) if qmp.is_closed() => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "console ringbuf-read failed");
+                tokio::time::sleep(crate::console::FOLLOW_POLL).await;
+                continue;
+            }
+        };
+        let bytes = got
+            .as_str()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_default();
+        if !bytes.is_empty() {
+            if let Err(e) = log.append(&bytes) {
+                tracing::warn!(log = %path.display(), error = %e, "console log write failed");
+            }
+        }
+        if bytes.len() < READ {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::console::FOLLOW_POLL) => {}
+                _ = qmp.wait_closed() => return,
+            }
+        }
+    }
 }
 
 /// Migration capabilities of every capture and restore (both ends must agree):
@@ -380,6 +652,106 @@ pub struct QemuProcess {
 const CAPABILITIES: &[&str] = &["x-ignore-shared"];
 
 impl QemuProcess {
+    /// Freeze the current top layer: the worker creates `new_layer` over it
+    /// (QEMU cannot create files), gives it to the VM's uid and QEMU opens
+    /// it (`mode: existing`); the frozen layer becomes root's, read-only.
+    async fn switch_layer(&self, new_layer: &Path) -> Result<()> {
+        let blocks = self.qmp.execute("query-block", None).await?;
+        let top = blocks
+            .as_array()
+            .and_then(|b| {
+                b.iter()
+                    .find(|d| d.get("device").and_then(serde_json::Value::as_str) == Some("root"))
+            })
+            .and_then(|d| d.pointer("/inserted/file"))
+            .and_then(serde_json::Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Qemu("query-block: no root disk".into()))?;
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&top)
+            .arg(new_layer)
+            .output()
+            .await
+            .ctx(|| "run qemu-img".into())?;
+        if !out.status.success() {
+            return Err(Error::Qemu(format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        if let Some(uid) = self.uid {
+            jail::give_to_vm(new_layer, uid).ctx(|| format!("chown {}", new_layer.display()))?;
+        }
+        self.qmp
+            .execute(
+                "blockdev-snapshot-sync",
+                Some(json!({ "device": "root", "snapshot-file": new_layer.to_string_lossy(), "format": "qcow2", "mode": "existing" })),
+            )
+            .await?;
+        if self.uid.is_some() {
+            jail::make_shared_readonly(&top).ctx(|| format!("chown {}", top.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Migrate the VM's state into `memory`: QEMU connects to a socket the
+    /// worker listens on (the only file QEMU may open in its VM dir) and
+    /// the worker writes the stream to the file.
+    async fn save_state(&self, memory: &Path) -> Result<()> {
+        let sock = self.paths.dir.join("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .ctx(|| format!("listen on {}", sock.display()))?;
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(&sock, mode).ctx(|| format!("chmod {}", sock.display()))?;
+        if let Some(uid) = self.uid {
+            std::os::unix::fs::chown(&sock, Some(uid), Some(uid))
+                .ctx(|| format!("chown {}", sock.display()))?;
+        }
+        let file = jail::create_private(memory).ctx(|| format!("create {}", memory.display()))?;
+        let receive = async {
+            let (conn, _) = listener
+                .accept()
+                .await
+                .ctx(|| "accept the migration stream".into())?;
+            let conn = conn
+                .into_std()
+                .and_then(|c| c.set_nonblocking(false).map(|()| c))
+                .ctx(|| "the migration stream".into())?;
+            // Large blocking reads and writes on a thread (like `cat` did).
+            tokio::task::spawn_blocking(move || copy_stream(conn, file))
+                .await
+                .map_err(|e| Error::Qemu(format!("migration writer: {e}")))?
+                .ctx(|| format!("write {}", memory.display()))
+        };
+        let uri = format!("unix:{}", sock.to_string_lossy());
+        let send = async {
+            self.qmp
+                .execute("migrate", Some(json!({ "uri": uri })))
+                .await?;
+            loop {
+                let info = self.qmp.execute("query-migrate", None).await?;
+                match info.get("status").and_then(serde_json::Value::as_str) {
+                    Some("completed") => return Ok(()),
+                    Some("failed") | Some("cancelled") => {
+                        let why = info
+                            .get("error-desc")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("unknown");
+                        return Err(Error::Qemu(format!("memory snapshot failed: {why}")));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        };
+        // A failed migration never connects: the receiver is dropped with it.
+        let result = tokio::try_join!(send, receive).map(|_| ());
+        drop(listener);
+        let _ = std::fs::remove_file(&sock);
+        result
+    }
+
     async fn set_capabilities(&self) -> Result<()> {
         let caps: Vec<serde_json::Value> = CAPABILITIES
             .iter()
@@ -444,28 +816,15 @@ impl VmProcess for QemuProcess {
         }
         let result = async {
             // Paused: nothing writes to the disk between the layer switch and the memory dump.
+            self.switch_layer(new_layer).await?;
+            self.set_capabilities().await?;
             self.qmp
                 .execute(
-                    "blockdev-snapshot-sync",
-                    Some(json!({ "device": "root", "snapshot-file": new_layer.to_string_lossy(), "format": "qcow2" })),
+                    "migrate-set-parameters",
+                    Some(json!({ "max-bandwidth": 64u64 << 30 })),
                 )
                 .await?;
-            self.set_capabilities().await?;
-            self.qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 64u64 << 30 }))).await?;
-            let uri = format!("exec:cat > {}", shell_quote(&memory.to_string_lossy()));
-            self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
-            loop {
-                let info = self.qmp.execute("query-migrate", None).await?;
-                match info.get("status").and_then(serde_json::Value::as_str) {
-                    Some("completed") => break,
-                    Some("failed") | Some("cancelled") => {
-                        let why = info.get("error-desc").and_then(serde_json::Value::as_str).unwrap_or("unknown");
-                        return Err(Error::Qemu(format!("memory snapshot failed: {why}")));
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
-                }
-            }
-            Ok(())
+            self.save_state(memory).await
         }
         .await;
         // `cont` also takes the disks back from the finished migration.
@@ -520,5 +879,106 @@ impl VmProcess for QemuProcess {
 
     fn has_exited(&self) -> bool {
         self.qmp.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{NetLaunch, RamFile};
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            id: "vm1".into(),
+            machine: "c1m2".into(),
+            vcpus: 1,
+            memory_mib: 2048,
+            disk_gib: 10,
+            accel: Accel::Tcg,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+            image_id: "img".into(),
+            disk: "/data/layers/top.qcow2".into(),
+            ram: None,
+            net: Some(NetLaunch {
+                netns: "fvm-0001".into(),
+                tap: "tap0".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }),
+            uid: Some(jail::UID_BASE),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn confined_args_use_fds_seccomp_and_a_ring_buffer() {
+        let a = QemuMicrovm::confined_args(&spec(), false, false);
+        assert_eq!(after(&a, "-sandbox"), [SANDBOX]);
+        assert!(!a
+            .iter()
+            .any(|x| x == "-daemonize" || x == "-pidfile" || x == "-qmp"));
+        assert!(!a.iter().any(|x| x.contains("exec:") || x.contains("path=")));
+        assert_eq!(
+            after(&a, "-chardev"),
+            [
+                "ringbuf,id=con,size=1048576",
+                "socket,id=agent,fd=4,server=on,wait=off",
+                "socket,id=qmp,fd=3,server=on,wait=off",
+            ]
+        );
+        assert_eq!(after(&a, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(after(&a, "-netdev"), ["tap,id=net0,fd=5"]);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-ram,id=ram,size=2048M"
+        );
+        assert!(after(&a, "-incoming").is_empty());
+        assert_eq!(after(&a, "-name"), ["fastvm-vm1"]);
+    }
+
+    #[test]
+    fn a_restore_reads_a_sealed_ram_fd_and_defers_the_stream() {
+        let mut s = spec();
+        s.ram = Some(RamFile {
+            path: "/data/golden/k/ram".into(),
+            shared: false,
+        });
+        let a = QemuMicrovm::confined_args(&s, true, true);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-file,id=ram,size=2048M,mem-path=/proc/self/fd/7,share=off"
+        );
+        assert_eq!(after(&a, "-incoming"), ["defer"]);
+        // The golden VM itself writes its RAM file by path.
+        s.ram = Some(RamFile {
+            path: "/data/golden/k.building/ram".into(),
+            shared: true,
+        });
+        let a = QemuMicrovm::confined_args(&s, false, false);
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-file,id=ram,size=2048M,mem-path=/data/golden/k.building/ram,share=on"
+        );
+    }
+
+    #[test]
+    fn the_unconfined_floor_keeps_paths() {
+        let paths = VmPaths::new("/data/vms/vm1");
+        let a = QemuMicrovm::args(&spec(), &paths, None);
+        assert!(a.iter().any(|x| x == "-daemonize"));
+        assert_eq!(
+            after(&a, "-netdev"),
+            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+        );
+        assert_eq!(
+            after(&a, "-chardev")[0],
+            "file,id=con,path=/data/vms/vm1/console.log"
+        );
     }
 }

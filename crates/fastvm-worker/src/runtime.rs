@@ -269,7 +269,10 @@ fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Result<
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Qemu(format!("serialize {}: {e}", path.display())))?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
+    // 0600: VM directories are traversable by the VM's QEMU (see `jail`).
+    crate::jail::create_private(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .ctx(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).ctx(|| format!("commit {}", path.display()))
 }
 
@@ -301,12 +304,23 @@ impl Runtime {
         let vms_dir = cfg.data_dir.join("vms");
         std::fs::create_dir_all(&vms_dir).ctx(|| format!("create {}", vms_dir.display()))?;
         let accel = accel::choose(cfg.accel);
-        let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm {
-            binary: cfg.qemu_binary.clone(),
-        });
         for d in ["layers", "snapshots", "golden"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
         }
+        let confined = crate::jail::is_root();
+        if confined {
+            crate::jail::secure_data_dir(&cfg.data_dir, &["vms", "layers", "golden", "images"])
+                .ctx(|| format!("set the permissions of {}", cfg.data_dir.display()))?;
+        }
+        let cgroups = if confined {
+            crate::cgroup::Cgroups::setup()
+        } else {
+            tracing::warn!("not root: VM processes run as this user, without cgroup limits");
+            crate::cgroup::Cgroups::Off {
+                reason: "the worker is not root".into(),
+            }
+        };
+        let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm::new(cfg.qemu_binary.clone(), cgroups));
         let net = match cfg.network.clone() {
             Some(n) => Some(Network::open(n, &cfg.data_dir).await?),
             None => None,
@@ -651,6 +665,15 @@ impl Runtime {
             return Err(Error::Qemu(format!("VM {id} already exists")));
         }
         std::fs::create_dir_all(&paths.dir).ctx(|| format!("create {}", paths.dir.display()))?;
+        // Its own uid, unless the worker cannot switch uids.
+        launch.uid = crate::jail::is_root().then(|| {
+            let used: std::collections::HashSet<u32> = self
+                .vms
+                .lock()
+                .map(|m| m.values().filter_map(|v| v.record.launch.uid).collect())
+                .unwrap_or_default();
+            crate::jail::pick_uid(id, &used)
+        });
         launch.net = net.as_ref().map(|n| crate::hypervisor::NetLaunch {
             netns: n.addr.netns.clone(),
             tap: crate::net::addr::TAP.into(),
@@ -877,7 +900,7 @@ impl Runtime {
         let agent = tokio::select! {
             a = AgentClient::connect(&agent_sock, self.cfg.boot_timeout) => a?,
             _ = process.wait_exit() => {
-                let console = std::fs::read_to_string(vm.paths.console_log()).unwrap_or_default();
+                let console = String::from_utf8_lossy(&crate::console::read_tail(&vm.paths.console_log(), 4096)).into_owned();
                 let tail: String = console.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
                 return Err(Error::Qemu(format!("VM exited during start; console: {tail}")));
             }
@@ -1377,6 +1400,11 @@ impl Runtime {
         });
         let _ = self.delete(&vm_id).await;
         let record = committed?;
+        // The golden VM is gone: its RAM image is root's alone from now on
+        // (restores get a sealed copy, see `jail`).
+        if let Some(ram) = &record.ram {
+            crate::jail::make_root_only(ram).ctx(|| format!("chown {}", ram.display()))?;
+        }
         self.gc_layers().await?;
         Ok(record)
     }
