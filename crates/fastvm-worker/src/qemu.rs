@@ -667,13 +667,15 @@ impl QemuProcess {
             .and_then(serde_json::Value::as_str)
             .map(PathBuf::from)
             .ok_or_else(|| Error::Qemu("query-block: no root disk".into()))?;
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&top)
-            .arg(new_layer)
-            .output()
-            .await
-            .ctx(|| "run qemu-img".into())?;
+        let out = crate::timeouts::output_within(
+            tokio::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&top)
+                .arg(new_layer),
+            crate::timeouts::QEMU_IMG,
+            "qemu-img create",
+        )
+        .await?;
         if !out.status.success() {
             return Err(Error::Qemu(format!(
                 "qemu-img create failed: {}",

@@ -33,6 +33,13 @@ impl LocalStaging {
         use anyhow::Context as _;
         let root = data_dir.join("staging");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        // Staged files are tenants' data: only the server (root) reads them, never
+        // a VM's QEMU uid (see the worker's jail.rs).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", root.display()))?;
+        }
         let key_path = data_dir.join(SECRET_FILE);
         let secret = match std::fs::read_to_string(&key_path) {
             Ok(s) => hex::decode(s.trim()).with_context(|| {
