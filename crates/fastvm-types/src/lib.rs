@@ -180,10 +180,12 @@ mod schema_tests {
             "ttlRemainingMs",
             "orgId",
             "bucketMounts",
+            // An extension of the spec: why the VM is `error` or `stopped`.
+            "statusMessage",
         ] {
             assert!(vm.contains(&k.to_string()), "Vm lacks {k}: {vm:?}");
         }
-        assert_eq!(vm.len(), 22);
+        assert_eq!(vm.len(), 23);
         assert!(props(&s, "Volume").contains(&"pendingSizeGiB".to_string()));
         assert!(props(&s, "Volume").contains(&"usedGiB".to_string()));
         assert!(props(&s, "OrgQuotaValues").contains(&"volumeGiB".to_string()));

@@ -29,6 +29,10 @@ pub enum Error {
     /// A connection the agent was asked to dial inside the guest failed.
     #[error("{0}")]
     GuestConnect(String),
+    /// The host cannot run VMs as configured (e.g. a data dir VM processes
+    /// cannot reach); the message says what to change.
+    #[error("{0}")]
+    HostSetup(String),
     #[error("QEMU failed: {0}")]
     Qemu(String),
     #[error("QMP error: {0}")]

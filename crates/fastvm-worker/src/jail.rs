@@ -112,6 +112,31 @@ pub fn secure_vm_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
     chmod(dir, 0o710)
 }
 
+/// Why a VM's QEMU (an unprivileged uid of its own) cannot reach files under
+/// `path`: the first of `path` and the directories above it that others may
+/// not traverse, and what to do. `None` when every one has the `o+x` bit.
+pub fn unreachable_by_vms(path: &Path) -> Option<String> {
+    let mut dirs: Vec<&Path> = path.ancestors().collect();
+    dirs.reverse();
+    for dir in dirs {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.is_dir() && meta.permissions().mode() & 0o001 == 0 {
+            return Some(format!(
+                "VM processes run as their own unprivileged uid and must traverse {} and every \
+                 directory above it, but {} is mode {:04o}: run `chmod o+x {}` or choose a directory others \
+                 can traverse (e.g. /var/lib/fastvm)",
+                path.display(),
+                dir.display(),
+                meta.permissions().mode() & 0o7777,
+                dir.display()
+            ));
+        }
+    }
+    None
+}
+
 /// Data dir permissions (see the module docs). `traversable` are the
 /// entries QEMU processes reach files in; every other entry loses its
 /// group/other bits.
@@ -384,6 +409,23 @@ pub fn cpath(path: &Path) -> std::io::Result<CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_ancestor_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let closed = dir.path().join("closed");
+        let data = closed.join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        chmod(dir.path(), 0o755).expect("chmod");
+        chmod(&closed, 0o700).expect("chmod");
+        let why = unreachable_by_vms(&data).expect("refused");
+        assert!(
+            why.contains(&closed.display().to_string()) && why.contains("0700"),
+            "{why}"
+        );
+        chmod(&closed, 0o711).expect("chmod");
+        assert_eq!(unreachable_by_vms(&data), None);
+    }
 
     #[test]
     fn uids_are_in_range_stable_and_distinct() {

@@ -309,6 +309,20 @@ impl Runtime {
         }
         let confined = crate::jail::is_root();
         if confined {
+            // QEMU opens the disks, kernel and initramfs by path as the VM's uid:
+            // every directory above the data dir (which is made 0711 below) and
+            // an image dir of its own must be traversable by others.
+            let mut reach: Vec<&std::path::Path> = cfg.data_dir.parent().into_iter().collect();
+            if let Some(images) = cfg.image_dir.as_deref() {
+                if !images.starts_with(&cfg.data_dir) {
+                    reach.push(images);
+                }
+            }
+            for dir in reach {
+                if let Some(why) = crate::jail::unreachable_by_vms(dir) {
+                    return Err(Error::HostSetup(why));
+                }
+            }
             crate::jail::secure_data_dir(&cfg.data_dir, &["vms", "layers", "golden", "images"])
                 .ctx(|| format!("set the permissions of {}", cfg.data_dir.display()))?;
         }

@@ -18,7 +18,8 @@
 //!        connection into the guest (embedded worker: to the guest's IPv6
 //!        through the VM's namespace and its ingress firewall, where each
 //!        service has an auto rule)
-//!     refused -> 502, no answer head within 120 s -> 504, garbage -> 502
+//!     refused -> 502, no answer head within 120 s of the request body's
+//!     last byte -> 504, garbage -> 502
 //!     101 Switching Protocols (WebSocket): both upgraded sides spliced
 //! ```
 //!
@@ -61,7 +62,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// Service hosts are `<name>--<vmIdHex>.proxy.<domain>` (`--proxy-domain`, default `localhost`).
     pub domain: String,
-    /// The guest must send a response head within this time, else 504 (default 120 s).
+    /// The guest must send a response head within this time after the last
+    /// byte of the request body it was sent, else 504 (default 120 s).
     pub response_timeout: Duration,
 }
 
@@ -154,8 +156,42 @@ struct Ctx {
     state: AppState,
     domain: String,
     response_timeout: Duration,
-    http1: Client<GuestConnector, Incoming>,
-    h2c: Client<GuestConnector, Incoming>,
+    http1: Client<GuestConnector, Progress<Incoming>>,
+    h2c: Client<GuestConnector, Progress<Incoming>>,
+}
+
+/// A request body that records when its last frame went to the guest: the
+/// proxy's answer timeout counts from then, so an upload that takes longer
+/// than the timeout is not cut while it still moves.
+struct Progress<B> {
+    inner: B,
+    last: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Progress<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            if let Ok(mut last) = self.last.lock() {
+                *last = Instant::now();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
@@ -583,11 +619,28 @@ async fn forward(
         parts.version = Version::HTTP_11;
         &ctx.http1
     };
-    let sent = tokio::time::timeout(
-        ctx.response_timeout,
-        client.request(Request::from_parts(parts, body)),
-    )
-    .await;
+    // The guest has `response_timeout` to answer after the last request body
+    // byte it was sent (a body still moving keeps the request alive).
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let body = Progress {
+        inner: body,
+        last: last.clone(),
+    };
+    let request = client.request(Request::from_parts(parts, body));
+    tokio::pin!(request);
+    let sent = loop {
+        let since = last.lock().map(|l| *l).unwrap_or_else(|_| Instant::now());
+        let deadline = tokio::time::Instant::from_std(since + ctx.response_timeout);
+        match tokio::time::timeout_at(deadline, &mut request).await {
+            Ok(r) => break Ok(r),
+            Err(elapsed) => {
+                let moved = last.lock().map(|l| *l > since).unwrap_or(false);
+                if !moved {
+                    break Err(elapsed);
+                }
+            }
+        }
+    };
     let mut resp = match sent {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return Err(upstream_error(rec.id, service, &e)),

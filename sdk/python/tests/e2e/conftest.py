@@ -261,6 +261,9 @@ def fastvm_server() -> Iterator[LiveServer]:
             pytest.fail(msg + " [FASTVM_E2E=1: e2e tests must run]", pytrace=False)
         pytest.skip(msg)
     root = Path(tempfile.mkdtemp(prefix="fastvm-e2e-"))
+    # mkdtemp makes it 0700; each VM's QEMU runs as its own uid and must traverse it
+    # to reach its files under data/ (the server refuses a data dir it cannot reach).
+    root.chmod(0o711)
     server = LiveServer(
         binary=binary,
         root=root,

@@ -11,7 +11,7 @@
 //   (SIGTERM, then SIGKILL) and kills any QEMU still listed in DATA/vms/*/qemu.pid.
 //   FASTVM_E2E_KEEP=1 keeps the temp dir (data dir and server.log).
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, accessSync, constants, openSync, readFileSync, readdirSync, mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, accessSync, constants, openSync, readFileSync, readdirSync, mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -89,6 +89,9 @@ export class LiveServer {
   constructor(binary) {
     this.binary = binary;
     this.root = mkdtempSync(path.join(os.tmpdir(), "fastvm-ts-e2e-"));
+    // mkdtemp makes it 0700; each VM's QEMU runs as its own uid and must traverse it
+    // to reach its files under data/ (the server refuses a data dir it cannot reach).
+    chmodSync(this.root, 0o711);
     this.dataDir = path.join(this.root, "data");
     this.logPath = path.join(this.root, "server.log");
     this.imageDir = process.env.FASTVM_TEST_IMAGES || DEFAULT_IMAGE_DIR;
