@@ -131,15 +131,10 @@ def test_snapshot_create_outlasts_the_client_timeout(client, fresh_vm, fastvm_se
     )
     assert fill.stdout.strip() == "ok", fill.stderr
 
-    # A first capture with the normal client measures how long one takes on this machine
-    # (3.4 s under TCG on one, 0.97 s on another); the short client's timeout is a quarter
-    # of that, so the second capture outlasts it by a wide margin wherever the suite runs.
-    started = time.monotonic()
-    reference = client.snapshots.create(vm_id=fresh_vm.id, name="reference-capture")
-    reference_sec = time.monotonic() - started
-    client.snapshots.delete(reference.id)
-    timeout = max(0.05, min(SHORT / 2, reference_sec / 4))
-
+    # 896 MiB of dirty memory took 0.6 to 3.4 s to capture on our machines (a later capture
+    # of the same VM is the fast end); a 0.1 s client timeout is far below all of them and
+    # still far above a loopback connect.
+    timeout = 0.1
     with FastvmClient(api_key=fastvm_server.api_key, base_url=fastvm_server.base_url, timeout=timeout) as short:
         started = time.monotonic()
         snap = short.snapshots.create(vm_id=fresh_vm.id, name="slow-capture")
@@ -148,7 +143,7 @@ def test_snapshot_create_outlasts_the_client_timeout(client, fresh_vm, fastvm_se
     assert snap.status == "ready" and snap.vm_id == fresh_vm.id
     assert snap.machine_name == "c1m2" and snap.firewall is not None and snap.extra == {}
     assert elapsed > timeout, (
-        f"the capture took {elapsed:.2f} s (the reference one {reference_sec:.2f} s): "
-        f"not longer than the client's {timeout:.2f} s timeout, the test proves nothing"
+        f"the capture took {elapsed:.2f} s: not longer than the client's {timeout:.2f} s timeout, "
+        "the test proves nothing"
     )
     client.snapshots.delete(snap.id)
