@@ -4,7 +4,7 @@
 //! and keeps its console log capped; the VM lifecycle still works.
 
 use fastvm_e2e::{block_on, config, data_dir, json_call, kill_vms_in, runtime};
-use fastvm_worker::cgroup::{Cgroups, Limits};
+use fastvm_worker::cgroup::{Cgroups, IoDevice, Limits};
 use fastvm_worker::console::LOG_CAP;
 use fastvm_worker::runtime::CreateVm;
 use fastvm_worker::{ExecRequest, MachineType, Runtime, VmState};
@@ -183,6 +183,16 @@ fn qemu_is_in_its_own_cgroup_with_the_machine_type_limits() {
                 read(dir, "cpu.max"),
                 format!("{} 100000", want.cpu_quota_us)
             );
+            if let (Some(d), true) = (IoDevice::of_dir(rt.data_dir()), dir.join("io.max").exists())
+            {
+                assert_eq!(
+                    read(dir, "io.max"),
+                    format!(
+                        "{}:{} rbps={} wbps={} riops={} wiops={}",
+                        d.major, d.minor, want.io_bps, want.io_bps, want.io_iops, want.io_iops
+                    )
+                );
+            }
         }
         Cgroups::V1 { parents } => {
             for ((ctrl, _), dir) in parents.iter().zip(&dirs) {
@@ -201,6 +211,19 @@ fn qemu_is_in_its_own_cgroup_with_the_machine_type_limits() {
                         want.memory_max.to_string()
                     ),
                     "pids" => assert_eq!(read(dir, "pids.max"), want.pids_max.to_string()),
+                    // Disk caps on the data dir's disk (none when it is on no block device).
+                    "blkio" => {
+                        if let Some(d) = IoDevice::of_dir(rt.data_dir()) {
+                            for (file, v) in [
+                                ("blkio.throttle.read_bps_device", want.io_bps),
+                                ("blkio.throttle.write_bps_device", want.io_bps),
+                                ("blkio.throttle.read_iops_device", want.io_iops),
+                                ("blkio.throttle.write_iops_device", want.io_iops),
+                            ] {
+                                assert_eq!(read(dir, file), format!("{}:{} {v}", d.major, d.minor));
+                            }
+                        }
+                    }
                     "cpu" => {
                         assert_eq!(read(dir, "cpu.cfs_quota_us"), want.cpu_quota_us.to_string());
                         assert_eq!(read(dir, "cpu.cfs_period_us"), "100000");

@@ -4,10 +4,12 @@
 //! ```text
 //!  cgroup v2 with memory, cpu, pids:  <cgroup2 mount>/fastvm.slice/vm-<id>/
 //!      memory.max = guest RAM + overhead, memory.swap.max = 0,
-//!      cpu.max = "<vcpus x 100000> 100000", pids.max, io.weight (if io is there)
+//!      cpu.max = "<vcpus x 100000> 100000", pids.max, io.weight and
+//!      io.max (if io is there)
 //!  else cgroup v1 (hybrid hosts):      <mount of ctrl>/<our own cgroup>/fastvm/vm-<id>/
 //!      memory.limit_in_bytes, memory.memsw.limit_in_bytes (no swap when
-//!      accounted), cpu.cfs_quota_us / cfs_period_us, pids.max, blkio.weight (if any)
+//!      accounted), cpu.cfs_quota_us / cfs_period_us, pids.max, blkio.weight (if any,
+//!      BFQ only), blkio.throttle.{read,write}_{bps,iops}_device
 //!  else: no limits, one loud warning at start.
 //! ```
 //!
@@ -15,9 +17,10 @@
 //! `cgroup.procs` files the worker opened, see [`crate::jail::ChildSetup`]),
 //! so none of its threads ever runs outside. The cgroup is named after the
 //! VM id, so a restarted worker finds it again; it is removed when the VM's
-//! process is gone. IO: `io.max` would need the block device of the data
-//! dir, which often is none (overlayfs, tmpfs, network storage): VMs get a
-//! proportional `io.weight` of 100 per vCPU instead.
+//! process is gone. IO: a proportional weight of 100 per vCPU, and caps of
+//! 200 MiB/s and 4000 operations/s per vCPU (read and write each) on the disk
+//! that holds the data dir ([`IoDevice::of_dir`]); a data dir on no block
+//! device (tmpfs, overlayfs, network storage) gets the weight only.
 
 use crate::accel::Accel;
 use std::os::fd::OwnedFd;
@@ -35,6 +38,46 @@ pub fn overhead_mib(accel: Accel) -> u64 {
 /// CPU period of `cpu.max` / `cpu.cfs_period_us`.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// Disk bandwidth a VM may use per vCPU, each of read and write (bytes/s).
+pub const IO_BPS_PER_VCPU: u64 = 200 << 20;
+/// Disk operations a VM may issue per vCPU, each of read and write (per s).
+pub const IO_IOPS_PER_VCPU: u64 = 4000;
+
+/// The block device that holds the data dir (a whole disk: partitions are
+/// throttled through their disk), the one VM disk I/O is throttled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoDevice {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl IoDevice {
+    /// The disk under `dir`; `None` when it is not on a block device the
+    /// kernel names in /sys/dev/block (tmpfs, overlay, network filesystems).
+    pub fn of_dir(dir: &Path) -> Option<IoDevice> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(dir).ok()?.dev();
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            libc::major(dev),
+            libc::minor(dev)
+        ));
+        let sys = sys.canonicalize().ok()?;
+        // A partition's sysfs directory sits inside its disk's.
+        let disk = if sys.join("partition").exists() {
+            sys.parent()?.to_path_buf()
+        } else {
+            sys
+        };
+        let text = std::fs::read_to_string(disk.join("dev")).ok()?;
+        let (major, minor) = text.trim().split_once(':')?;
+        Some(IoDevice {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
+    }
+}
+
 /// The limits of one VM process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -42,6 +85,12 @@ pub struct Limits {
     pub cpu_quota_us: u64,
     pub pids_max: u64,
     pub io_weight: u64,
+    /// Read and write bandwidth caps, each (bytes/s).
+    pub io_bps: u64,
+    /// Read and write operation caps, each (per s).
+    pub io_iops: u64,
+    /// Where `io_bps`/`io_iops` apply; no throttle without it.
+    pub io_device: Option<IoDevice>,
 }
 
 impl Limits {
@@ -53,6 +102,9 @@ impl Limits {
             // thread pool (up to 64 workers).
             pids_max: 128 + u64::from(vcpus),
             io_weight: (100 * u64::from(vcpus)).clamp(1, 10_000),
+            io_bps: IO_BPS_PER_VCPU * u64::from(vcpus.max(1)),
+            io_iops: IO_IOPS_PER_VCPU * u64::from(vcpus.max(1)),
+            io_device: None,
         }
     }
 }
@@ -229,6 +281,18 @@ impl Cgroups {
                         &format!("default {}", limits.io_weight),
                     )
                     .or_else(ignore_missing)?;
+                    if let Some(d) = limits.io_device {
+                        let line = format!(
+                            "{}:{} rbps={} wbps={} riops={} wiops={}",
+                            d.major,
+                            d.minor,
+                            limits.io_bps,
+                            limits.io_bps,
+                            limits.io_iops,
+                            limits.io_iops
+                        );
+                        write(&dir.join("io.max"), &line).or_else(ignore_missing)?;
+                    }
                 }
                 procs.push(open(&dir)?);
             }
@@ -256,6 +320,18 @@ impl Cgroups {
                             // Only with a proportional I/O scheduler (BFQ); else absent.
                             let w = limits.io_weight.clamp(10, 1000).to_string();
                             write(&dir.join("blkio.weight"), &w).or_else(ignore_missing)?;
+                            // Throttling works with any scheduler.
+                            if let Some(d) = limits.io_device {
+                                for (file, v) in [
+                                    ("blkio.throttle.read_bps_device", limits.io_bps),
+                                    ("blkio.throttle.write_bps_device", limits.io_bps),
+                                    ("blkio.throttle.read_iops_device", limits.io_iops),
+                                    ("blkio.throttle.write_iops_device", limits.io_iops),
+                                ] {
+                                    write(&dir.join(file), &format!("{}:{} {v}", d.major, d.minor))
+                                        .or_else(ignore_missing)?;
+                                }
+                            }
                         }
                         _ => {}
                     }
@@ -304,10 +380,26 @@ mod tests {
         assert_eq!(l.cpu_quota_us, 200_000);
         assert_eq!(l.pids_max, 130);
         assert_eq!(l.io_weight, 200);
+        assert_eq!(l.io_bps, 2 * IO_BPS_PER_VCPU);
+        assert_eq!(l.io_iops, 2 * IO_IOPS_PER_VCPU);
         assert_eq!(
             Limits::for_vm(1, 2048, Accel::Kvm).memory_max,
             (2048 + 256) << 20
         );
+    }
+
+    #[test]
+    fn the_disk_of_a_dir_is_found() {
+        // The root filesystem of a machine is usually on a disk; a tmpfs never is.
+        if let Some(d) = IoDevice::of_dir(Path::new("/")) {
+            let sys = format!("/sys/dev/block/{}:{}", d.major, d.minor);
+            assert!(Path::new(&sys).exists(), "{sys}");
+            assert!(
+                !Path::new(&sys).join("partition").exists(),
+                "{sys} is a partition"
+            );
+        }
+        assert_eq!(IoDevice::of_dir(Path::new("/dev/shm")), None);
     }
 
     #[test]

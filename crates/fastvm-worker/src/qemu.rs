@@ -88,6 +88,8 @@ type SealedRam = ((u64, i64), Arc<OwnedFd>);
 pub struct QemuMicrovm {
     pub binary: PathBuf,
     cgroups: Arc<Cgroups>,
+    /// The disk VM I/O is throttled on (see [`crate::cgroup::Limits`]).
+    io_device: Option<crate::cgroup::IoDevice>,
     /// Golden RAM file -> (its inode and mtime, a sealed memfd copy).
     sealed_ram: Mutex<HashMap<PathBuf, SealedRam>>,
 }
@@ -97,8 +99,15 @@ impl QemuMicrovm {
         QemuMicrovm {
             binary,
             cgroups: Arc::new(cgroups),
+            io_device: None,
             sealed_ram: Mutex::default(),
         }
+    }
+
+    /// Throttle VM disk I/O on `device` (the disk of the data dir).
+    pub fn with_io_device(mut self, device: Option<crate::cgroup::IoDevice>) -> Self {
+        self.io_device = device;
+        self
     }
 }
 
@@ -414,7 +423,8 @@ impl Hypervisor for QemuMicrovm {
             .as_ref()
             .map(|n| crate::net::netns::open(&n.netns))
             .transpose()?;
-        let limits = Limits::for_vm(spec.vcpus, spec.memory_mib, spec.accel);
+        let mut limits = Limits::for_vm(spec.vcpus, spec.memory_mib, spec.accel);
+        limits.io_device = self.io_device;
         let cgroup_procs = self
             .cgroups
             .create(&spec.id, &limits)

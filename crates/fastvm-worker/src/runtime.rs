@@ -334,7 +334,10 @@ impl Runtime {
                 reason: "the worker is not root".into(),
             }
         };
-        let hv: Arc<dyn Hypervisor> = Arc::new(QemuMicrovm::new(cfg.qemu_binary.clone(), cgroups));
+        let hv: Arc<dyn Hypervisor> = Arc::new(
+            QemuMicrovm::new(cfg.qemu_binary.clone(), cgroups)
+                .with_io_device(crate::cgroup::IoDevice::of_dir(&cfg.data_dir)),
+        );
         let net = match cfg.network.clone() {
             Some(n) => Some(Network::open(n, &cfg.data_dir).await?),
             None => None,
