@@ -137,7 +137,9 @@ impl Guest for RuntimeGuest<'_> {
 impl Guest for RawGuest {
     async fn sh(&self, cmd: &str) -> anyhow::Result<String> {
         let out = exec::collect(
-            self.0.exec(ExecRequest::shell(cmd).to_spec()?).await?,
+            self.0
+                .exec(exec::to_spec(&ExecRequest::shell(cmd))?)
+                .await?,
             1 << 20,
         )
         .await?;

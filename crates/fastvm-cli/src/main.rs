@@ -25,6 +25,7 @@ mod sized_tar;
 mod snapshot;
 mod ssh;
 mod vm;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -63,6 +64,8 @@ enum LogFormat {
 enum Command {
     /// Run the server: REST API, store and the embedded worker.
     Serve(serve::ServeArgs),
+    /// Run a worker host of a cluster: VMs of this host, driven by the control planes.
+    Worker(worker::WorkerArgs),
     /// Manage API keys (works on the store directly).
     Keys {
         #[command(subcommand)]
@@ -162,6 +165,7 @@ fn main() -> anyhow::Result<()> {
     let code = rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|()| 0),
+            Command::Worker(args) => worker::run(args).await.map(|()| 0),
             Command::Keys { command } => serve::keys(command).await.map(|()| 0),
             Command::Orgs { command } => orgs::run(command).await.map(|()| 0),
             Command::Images { command } => images::run(command).await.map(|()| 0),

@@ -92,7 +92,7 @@ pub const SERIAL_TAIL_BYTES: u64 = 64 << 10;
 pub const DEFAULT_COLS: u16 = 80;
 pub const DEFAULT_ROWS: u16 = 24;
 /// Largest window dimension accepted (same as the worker's).
-pub const MAX_DIMENSION: u16 = fastvm_worker::exec::MAX_PTY_DIMENSION;
+pub const MAX_DIMENSION: u16 = crate::worker::MAX_PTY_DIMENSION;
 /// `TERM` of console shells (xterm.js and most terminals understand it).
 pub const CONSOLE_TERM: &str = "xterm-256color";
 

@@ -52,6 +52,7 @@ pub use ttl::{spawn_ttl_reaper, TtlReaper};
 
 use anyhow::Context as _;
 use fastvm_types::{OrgId, VmId};
+use fastvm_worker::LocalWorker;
 use fastvm_worker::{Runtime, RuntimeConfig};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -59,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use store::Store;
-use worker::{LocalWorker, Worker};
+use worker::Worker;
 
 /// Name of the org created on first start.
 pub const DEFAULT_ORG: &str = "default";

@@ -36,6 +36,7 @@ use crate::error::{codes, ApiError};
 use crate::quotas::VmShape;
 use crate::store::{now_ms, VmRecord};
 use crate::worker::{ExecEvents, VmSpec, WorkerError};
+use crate::worker::{ExecRequest, MachineType, VmState};
 use crate::AppState;
 use axum::http::StatusCode;
 use fastvm_types::exec::ExecVmRequest;
@@ -45,7 +46,6 @@ use fastvm_types::vm::normalize_vm_name;
 use fastvm_types::{
     FirewallPolicy, LaunchVmRequest, OrgId, Patch, TtlAction, UpdateVmRequest, VmId, VmStatus,
 };
-use fastvm_worker::{ExecRequest, MachineType, VmState};
 use std::time::Duration;
 
 /// How often a read-modify-write is retried when the row keeps changing.

@@ -80,3 +80,9 @@ impl<T> IoContext<T> for std::io::Result<T> {
         })
     }
 }
+
+impl From<fastvm_worker_api::UnknownMachineType> for Error {
+    fn from(e: fastvm_worker_api::UnknownMachineType) -> Self {
+        Error::UnknownMachineType(e.0)
+    }
+}

@@ -3,112 +3,57 @@
 
 use crate::agent::ExecStream;
 use crate::error::{Error, Result};
-use bytes::Bytes;
-use fastvm_agent_proto::{ExecSpec, ExitStatus, PtySpec};
-use std::collections::BTreeMap;
-use std::time::Duration;
+use fastvm_agent_proto::{ExecSpec, PtySpec};
 
 /// Per-stream cap of buffered exec output (the spec's 4 MiB).
 pub const BUFFERED_CAP: usize = 4 << 20;
 /// Largest terminal window accepted, in columns and in rows.
-pub const MAX_PTY_DIMENSION: u16 = 4096;
+pub use fastvm_worker_api::terminal::MAX_PTY_DIMENSION;
 /// Longest `TERM` value accepted.
 pub const MAX_TERM_LEN: usize = 64;
 
-/// What to run in the guest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecRequest {
-    pub argv: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    pub timeout: Option<Duration>,
-    /// Keep the process's stdin open for [`crate::agent::StdinWriter`]
-    /// (taken with [`crate::agent::ExecStream::take_stdin`]); otherwise stdin is /dev/null.
-    pub stdin: bool,
-    /// Run on a pseudo-terminal (stdin then always open, output on stdout);
-    /// an empty argv then means the guest's login shell. Needs a v2 agent.
-    pub pty: Option<PtySpec>,
-}
+pub use fastvm_worker_api::exec::{ExecEvent, ExecRequest};
 
-impl ExecRequest {
-    /// Run `argv` as is.
-    pub fn argv<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
-        ExecRequest {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
+/// Check what the guest could not run, and build the agent's wire spec.
+pub fn to_spec(req: &ExecRequest) -> Result<ExecSpec> {
+    if let Some(p) = &req.pty {
+        check_pty(p)?;
     }
-
-    /// Run a shell string as `sh -c <cmd>`.
-    pub fn shell(cmd: &str) -> Self {
-        Self::argv(["sh", "-c", cmd])
+    let login_shell = req.pty.is_some() && req.argv.is_empty();
+    if !login_shell && req.argv.first().is_none_or(|a| a.is_empty()) {
+        return Err(Error::InvalidExec(
+            "command must be a non-empty argv whose first element names a program".into(),
+        ));
     }
-
-    pub fn with_timeout(mut self, t: Duration) -> Self {
-        self.timeout = Some(t);
-        self
+    if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
+        return Err(Error::InvalidExec(format!(
+            "command[{i}] contains a NUL byte"
+        )));
     }
-
-    /// Open stdin for the host to write (see [`crate::agent::StdinWriter`]).
-    pub fn with_stdin(mut self) -> Self {
-        self.stdin = true;
-        self
-    }
-
-    /// The guest's login shell on a terminal of `term` and `cols` x `rows`.
-    pub fn login_shell(term: &str, cols: u16, rows: u16) -> Self {
-        ExecRequest {
-            stdin: true,
-            pty: Some(PtySpec {
-                term: term.to_owned(),
-                cols,
-                rows,
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// Check what the guest could not run, and build the wire spec.
-    pub fn to_spec(&self) -> Result<ExecSpec> {
-        if let Some(p) = &self.pty {
-            check_pty(p)?;
-        }
-        let login_shell = self.pty.is_some() && self.argv.is_empty();
-        if !login_shell && self.argv.first().is_none_or(|a| a.is_empty()) {
-            return Err(Error::InvalidExec(
-                "command must be a non-empty argv whose first element names a program".into(),
-            ));
-        }
-        if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(Error::InvalidExec(format!(
-                "command[{i}] contains a NUL byte"
+                "env var {k:?} is not a valid NAME=value pair"
             )));
         }
-        for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Error::InvalidExec(format!(
-                    "env var {k:?} is not a valid NAME=value pair"
-                )));
-            }
-        }
-        if self
-            .cwd
-            .as_deref()
-            .is_some_and(|c| c.contains('\0') || !c.starts_with('/'))
-        {
-            return Err(Error::InvalidExec("cwd must be an absolute path".into()));
-        }
-        Ok(ExecSpec {
-            argv: self.argv.clone(),
-            env: self.env.clone(),
-            cwd: self.cwd.clone(),
-            timeout_ms: self
-                .timeout
-                .map(|t| t.as_millis().min(u64::MAX as u128) as u64),
-            stdin: self.stdin || self.pty.is_some(),
-            pty: self.pty.clone(),
-        })
     }
+    if req
+        .cwd
+        .as_deref()
+        .is_some_and(|c| c.contains('\0') || !c.starts_with('/'))
+    {
+        return Err(Error::InvalidExec("cwd must be an absolute path".into()));
+    }
+    Ok(ExecSpec {
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        timeout_ms: req
+            .timeout
+            .map(|t| t.as_millis().min(u64::MAX as u128) as u64),
+        stdin: req.stdin || req.pty.is_some(),
+        pty: req.pty.clone(),
+    })
 }
 
 /// A window size the terminal can have and a `TERM` a shell can use.
@@ -131,15 +76,6 @@ pub fn check_pty(p: &PtySpec) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// One event of a streaming exec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecEvent {
-    Stdout(Bytes),
-    Stderr(Bytes),
-    /// Always the last event.
-    Exit(ExitStatus),
 }
 
 /// The buffered result of an exec.
@@ -193,57 +129,52 @@ pub async fn collect(mut stream: ExecStream, cap: usize) -> Result<ExecOutput> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
-    fn shell_wraps() {
-        assert_eq!(
-            ExecRequest::shell("ls -la").argv,
-            vec!["sh", "-c", "ls -la"]
+    fn rejects_bad_requests() {
+        assert!(to_spec(&ExecRequest::argv(Vec::<String>::new())).is_err());
+        assert!(to_spec(&ExecRequest::argv([""])).is_err());
+        assert!(to_spec(&ExecRequest::argv(["a\0b"])).is_err());
+        let mut r = ExecRequest::argv(["true"]);
+        r.cwd = Some("relative".into());
+        assert!(to_spec(&r).is_err());
+        let mut r = ExecRequest::argv(["true"]);
+        r.env.insert("A=B".into(), "x".into());
+        assert!(to_spec(&r).is_err());
+        assert!(
+            to_spec(&ExecRequest::argv(["true"]).with_timeout(Duration::from_secs(2)))
+                .is_ok_and(|s| s.timeout_ms == Some(2000))
         );
     }
 
     #[test]
-    fn rejects_bad_requests() {
-        assert!(ExecRequest::argv(Vec::<String>::new()).to_spec().is_err());
-        assert!(ExecRequest::argv([""]).to_spec().is_err());
-        assert!(ExecRequest::argv(["a\0b"]).to_spec().is_err());
-        let mut r = ExecRequest::argv(["true"]);
-        r.cwd = Some("relative".into());
-        assert!(r.to_spec().is_err());
-        let mut r = ExecRequest::argv(["true"]);
-        r.env.insert("A=B".into(), "x".into());
-        assert!(r.to_spec().is_err());
-        assert!(ExecRequest::argv(["true"])
-            .with_timeout(Duration::from_secs(2))
-            .to_spec()
-            .is_ok_and(|s| s.timeout_ms == Some(2000)));
-    }
-
-    #[test]
     fn pty_requests() {
-        let shell = ExecRequest::login_shell("xterm-256color", 80, 24).to_spec();
+        let shell = to_spec(&ExecRequest::login_shell("xterm-256color", 80, 24));
         assert!(
             shell.as_ref().is_ok_and(|s| s.argv.is_empty()
                 && s.stdin
                 && s.pty.as_ref().is_some_and(|p| (p.cols, p.rows) == (80, 24))),
             "{shell:?}"
         );
-        assert!(ExecRequest::login_shell("xterm", 0, 24).to_spec().is_err());
-        assert!(ExecRequest::login_shell("xterm", 80, MAX_PTY_DIMENSION + 1)
-            .to_spec()
-            .is_err());
-        assert!(ExecRequest::login_shell("", 80, 24).to_spec().is_err());
-        assert!(ExecRequest::login_shell("xterm\n", 80, 24)
-            .to_spec()
-            .is_err());
-        assert!(
-            ExecRequest::login_shell(&"x".repeat(MAX_TERM_LEN + 1), 80, 24)
-                .to_spec()
-                .is_err()
-        );
+        assert!(to_spec(&ExecRequest::login_shell("xterm", 0, 24)).is_err());
+        assert!(to_spec(&ExecRequest::login_shell(
+            "xterm",
+            80,
+            MAX_PTY_DIMENSION + 1
+        ))
+        .is_err());
+        assert!(to_spec(&ExecRequest::login_shell("", 80, 24)).is_err());
+        assert!(to_spec(&ExecRequest::login_shell("xterm\n", 80, 24)).is_err());
+        assert!(to_spec(&ExecRequest::login_shell(
+            &"x".repeat(MAX_TERM_LEN + 1),
+            80,
+            24
+        ))
+        .is_err());
         let mut top = ExecRequest::login_shell("screen.xterm-256color", 80, 24);
         top.argv = vec!["top".into()];
-        assert!(top.to_spec().is_ok());
+        assert!(to_spec(&top).is_ok());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!    |-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs (PTYs too)
 //!    |-- ConsoleFollower (console.rs) the read-only serial console (capped console.log)
 //!    |-- jail.rs, cgroup.rs           confinement of QEMU: uid, fds, files, cgroup limits
-//!    '-- timeouts.rs                  budgets of QMP commands and child processes
+//!    |-- timeouts.rs                  budgets of QMP commands and child processes
+//!    '-- LocalWorker (local.rs)       the Runtime behind fastvm-worker-api's Worker trait
 //! ```
 //!
 //! Each VM is one QEMU process that outlives the worker: its state directory
@@ -25,6 +26,7 @@ pub mod exec;
 pub mod hypervisor;
 pub mod images;
 pub mod jail;
+pub mod local;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
@@ -35,4 +37,5 @@ pub use accel::Accel;
 pub use catalog::MachineType;
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutput, ExecRequest};
+pub use local::LocalWorker;
 pub use runtime::{Runtime, RuntimeConfig, VmInfo, VmState};

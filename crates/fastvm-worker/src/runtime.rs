@@ -75,26 +75,17 @@ impl RuntimeConfig {
     }
 }
 
-/// What the host knows about a VM process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", content = "message", rename_all = "lowercase")]
-pub enum VmState {
-    Running,
-    Paused,
-    Stopped,
-    Error(String),
+/// See [`Runtime::compat_info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompatInfo {
+    pub key: String,
+    pub qemu_build: String,
+    pub accel: String,
+    pub cpu_model: String,
 }
 
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VmState::Running => f.write_str("running"),
-            VmState::Paused => f.write_str("paused"),
-            VmState::Stopped => f.write_str("stopped"),
-            VmState::Error(m) => write!(f, "error ({m})"),
-        }
-    }
-}
+/// What the host knows about a VM process (shared with the control plane).
+pub use fastvm_worker_api::VmState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmInfo {
@@ -997,7 +988,7 @@ impl Runtime {
 
     /// Start a process in a running VM and stream its events.
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecStream> {
-        let spec = req.to_spec()?;
+        let spec = exec::to_spec(req)?;
         let vm = self.vm(id)?;
         Self::require(&vm, VmState::Running, "exec")?;
         self.agent(&vm).await?.exec(spec).await
@@ -1294,6 +1285,19 @@ impl Runtime {
             .get_or_try_init(|| qemu_build_id(&self.cfg.qemu_binary, self.accel))
             .await?;
         Ok(build.as_str())
+    }
+
+    /// What a snapshot of this host needs of another host to restore there:
+    /// the same QEMU build (version line + binary hash), accelerator and
+    /// guest CPU model. `key` digests all three.
+    pub async fn compat_info(&self) -> Result<CompatInfo> {
+        let build = self.qemu_build().await?.to_owned();
+        Ok(CompatInfo {
+            key: format!("{}-q{build}", self.accel),
+            qemu_build: build,
+            accel: self.accel.to_string(),
+            cpu_model: cpu_model(self.accel),
+        })
     }
 
     /// The key (directory name under `<data>/golden/`) of a golden snapshot:

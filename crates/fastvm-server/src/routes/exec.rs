@@ -20,6 +20,7 @@ use crate::auth::Caller;
 use crate::error::{codes, ApiError};
 use crate::openapi::examples;
 use crate::routes::{JsonBody, VmPath};
+use crate::worker::ExecEvent as WorkerEvent;
 use crate::worker::ExecEvents;
 use crate::AppState;
 use axum::body::Body;
@@ -30,7 +31,6 @@ use axum::Json;
 use bytes::Bytes;
 use fastvm_types::exec::{ExecEvent, ExecVmRequest, ExecVmResponse, EXEC_OUTPUT_CAP_BYTES};
 use fastvm_types::ApiError as ErrorBody;
-use fastvm_worker::ExecEvent as WorkerEvent;
 use futures::StreamExt;
 use std::convert::Infallible;
 

@@ -22,6 +22,7 @@ use crate::routes::{exec::collect, JsonBody, VmPath};
 use crate::staging::{
     local::key_of, Method, ObjectKey, StagingError, StagingStore as _, TokenError,
 };
+use crate::worker::{ExecEvent, ExecRequest};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -35,7 +36,6 @@ use fastvm_types::files::{
 };
 use fastvm_types::ApiError as ErrorBody;
 use fastvm_types::{OrgId, VmId, VmStatus};
-use fastvm_worker::{ExecEvent, ExecRequest};
 use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

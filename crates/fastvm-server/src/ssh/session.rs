@@ -3,11 +3,11 @@
 //! parent module for the picture.
 
 use super::{valid_env_name, Grant};
+use crate::worker::{ExecEvent, ExecRequest};
 use crate::worker::{PtyEvent, PtyInput, PtySpec};
 use crate::AppState;
 use bytes::Bytes;
 use fastvm_types::VmStatus;
-use fastvm_worker::{ExecEvent, ExecRequest};
 use futures::StreamExt as _;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, Sig};

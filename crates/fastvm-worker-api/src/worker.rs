@@ -1,0 +1,241 @@
+//! The [`Worker`] trait: the control plane's only view of a VM host.
+//!
+//! Placement and lifecycle logic talk to workers only through this trait, never
+//! to QEMU. Two implementations: `fastvm_worker::LocalWorker` over the
+//! in-process runtime (single host), and [`crate::RemoteWorker`] over the
+//! internal worker API of a `fastvm worker` process (cluster mode).
+//!
+//! Workers know nothing of orgs, names or API statuses: they run VM processes
+//! by id and report each one's [`VmState`], and keep snapshots (memory,
+//! device state and frozen disk layers) by id. A snapshot lives on the worker
+//! that captured it, and in the cluster's snapshot store when there is one.
+
+use crate::exec::{ExecEvent, ExecRequest};
+use crate::machines::MachineType;
+use crate::terminal::{PtySession, PtySpec};
+use async_trait::async_trait;
+use fastvm_types::{FirewallPolicy, SnapshotId, VmId};
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What the host knows about a VM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", content = "message", rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+    Stopped,
+    Error(String),
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmState::Running => f.write_str("running"),
+            VmState::Paused => f.write_str("paused"),
+            VmState::Stopped => f.write_str("stopped"),
+            VmState::Error(m) => write!(f, "error ({m})"),
+        }
+    }
+}
+
+/// Errors of a worker operation; each message says what failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum WorkerError {
+    /// The worker has no such VM.
+    #[error("{0}")]
+    NotFound(String),
+    /// The worker has no such snapshot.
+    #[error("{0}")]
+    NoSuchSnapshot(String),
+    /// The VM's process state forbids the operation.
+    #[error("{0}")]
+    WrongState(String),
+    #[error("{0}")]
+    UnknownMachineType(String),
+    /// The exec request was refused (by the worker or the guest agent).
+    #[error("{0}")]
+    InvalidExec(String),
+    /// The guest agent cannot be reached (or broke the protocol).
+    #[error("{0}")]
+    AgentUnavailable(String),
+    /// The VM has as many execs and guest connections open as it may have.
+    #[error("{0}")]
+    TooManyExecs(String),
+    /// Nothing accepted the connection to a port in the guest (nothing
+    /// listens there, or the VM has no network).
+    #[error("{0}")]
+    ConnectRefused(String),
+    /// The worker or the guest did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The worker itself cannot be reached (a remote worker that is down).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The VM's hypervisor stopped answering: the VM is marked failed
+    /// (`error` with a message) and only a delete helps.
+    #[error("{0}")]
+    Unresponsive(String),
+    /// Anything else (QEMU, disks, images).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What to boot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: VmId,
+    /// The machine shape (for a restore: the snapshot's).
+    pub machine: MachineType,
+    pub hostname: String,
+    /// The guest's environment. On a restore an empty map keeps the
+    /// snapshot's environment.
+    pub env: BTreeMap<String, String>,
+    /// Restore this snapshot (of this worker) instead of launching the
+    /// machine type's fresh state.
+    pub snapshot: Option<SnapshotId>,
+    /// The VM's firewall (validated), enforced from its first packet.
+    pub firewall: FirewallPolicy,
+}
+
+/// Events of one exec, ending with `Exit`. Dropping the stream before the
+/// exit cancels the process. The stream is pulled: output is only read
+/// from the guest as the consumer polls, so a slow consumer slows the guest.
+pub type ExecEvents = BoxStream<'static, Result<ExecEvent, WorkerError>>;
+
+/// Bytes fed to a process's stdin (or read from a staging object).
+pub type ByteStream = BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
+
+/// Counters a worker reports (metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Guest agent connections re-established since the worker started.
+    pub agent_reconnects: u64,
+}
+
+/// A byte stream both ways, e.g. a TCP connection to a port in a guest.
+pub trait GuestIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> GuestIo for T {}
+
+/// A connection into a guest, opened by [`Worker::connect`]. Whatever the
+/// transport (a socket in the VM's network namespace for the embedded
+/// worker, a tunnel for a remote one), callers see bytes both ways.
+pub type GuestStream = Box<dyn GuestIo>;
+
+/// A host that runs VMs.
+#[async_trait]
+pub trait Worker: Send + Sync + 'static {
+    /// Stable id of this worker (stored with each VM it runs).
+    fn id(&self) -> &str;
+    /// Boot a VM and wait until its guest agent answers.
+    async fn create(&self, spec: VmSpec) -> Result<(), WorkerError>;
+    /// The process state of `id`; `None` when the worker does not know it.
+    /// An error means the worker could not say (callers keep what they knew).
+    async fn state(&self, id: VmId) -> Result<Option<VmState>, WorkerError>;
+    /// Every VM the worker knows, with its state.
+    async fn list(&self) -> Result<Vec<(VmId, VmState)>, WorkerError>;
+    /// Stop the vCPUs, keeping memory.
+    async fn pause(&self, id: VmId) -> Result<(), WorkerError>;
+    async fn resume(&self, id: VmId) -> Result<(), WorkerError>;
+    /// Kill the VM and remove its files; a VM the worker does not know is
+    /// already deleted (`Ok`).
+    async fn delete(&self, id: VmId) -> Result<(), WorkerError>;
+    /// Start a process in the running VM.
+    async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError>;
+    /// Start a process whose stdin is `input` (then EOF), pulled only as the
+    /// guest consumes it. When `input` fails, the process is killed and the
+    /// events end with that error (a partial input never looks complete).
+    /// The default refuses (a worker without stdin support).
+    async fn exec_with_input(
+        &self,
+        id: VmId,
+        req: ExecRequest,
+        input: ByteStream,
+    ) -> Result<ExecEvents, WorkerError> {
+        let _ = (id, req, input);
+        Err(WorkerError::Failed(
+            "this worker cannot feed a process's stdin".into(),
+        ))
+    }
+    /// Capture the running or paused VM `vm` as snapshot `snapshot`: memory,
+    /// device state and disk. The VM keeps running (a paused VM stays
+    /// paused). On failure nothing of the snapshot is left behind.
+    async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError>;
+    /// Remove a snapshot. VMs restored from it keep working (their disk
+    /// layers are reference-collected). An unknown snapshot is already
+    /// deleted (`Ok`).
+    async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError>;
+    /// Replace the firewall of a VM; a running VM enforces it within a
+    /// second, without a restart.
+    async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError>;
+    /// The firewall policy the worker knows VM `id` enforces; `Ok(None)`
+    /// when it enforces nothing known (a push failed half-way, or the VM has
+    /// no network): the control plane's reconciler then pushes the stored
+    /// one. The default cannot tell (an error: the reconciler skips it).
+    async fn enforced_firewall(&self, id: VmId) -> Result<Option<FirewallPolicy>, WorkerError> {
+        let _ = id;
+        Err(WorkerError::Failed(
+            "this worker does not report enforced firewalls".into(),
+        ))
+    }
+    /// The VM's public IPv6 address, when it has a network.
+    async fn public_ipv6(&self, _id: VmId) -> Result<Option<String>, WorkerError> {
+        Ok(None)
+    }
+    /// The worker's counters; an error means it cannot be reached.
+    async fn stats(&self) -> Result<WorkerStats, WorkerError> {
+        Ok(WorkerStats::default())
+    }
+    /// Open a TCP connection to `port` inside the running VM `id` (the
+    /// services proxy, port forwards). The connection reaches the guest the
+    /// way outside traffic does, so the VM's enforced firewall (user policy
+    /// plus the services' auto rules) applies to it.
+    async fn connect(&self, id: VmId, port: u16) -> Result<GuestStream, WorkerError> {
+        let _ = (id, port);
+        Err(WorkerError::Failed(
+            "this worker cannot open connections into its VMs".into(),
+        ))
+    }
+    /// Let go of every VM without stopping them (server shutdown).
+    fn detach(&self) {}
+    /// Open an interactive terminal in the running VM: `spec.argv` (the
+    /// guest's login shell when empty) on a pseudo-terminal of the given
+    /// size, in its own session (job control, Ctrl-C). See [`PtySession`].
+    /// The default refuses (a worker without terminals).
+    async fn open_pty(&self, id: VmId, spec: PtySpec) -> Result<PtySession, WorkerError> {
+        let _ = (id, spec);
+        Err(WorkerError::Failed(
+            "this worker cannot open terminals".into(),
+        ))
+    }
+    /// Follow the VM's serial console (read-only): the last `tail_bytes` of
+    /// what the guest wrote to it, then new output as it comes. Works in
+    /// any state, also when the guest agent does not answer; the stream ends
+    /// when the VM is deleted. The default refuses.
+    async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
+        let _ = (id, tail_bytes);
+        Err(WorkerError::Failed(
+            "this worker cannot show serial consoles".into(),
+        ))
+    }
+    /// Open a TCP connection to `host:port` *as seen from inside* the
+    /// running VM `id` (e.g. a service bound to the guest's 127.0.0.1), dialed
+    /// by the guest agent and carried over the agent channel: unlike
+    /// [`Worker::connect`] it needs no guest network and no firewall opening
+    /// (SSH `-L` forwarding). Flow-controlled both ways; EOF is a half-close;
+    /// dropping the stream closes the connection in the guest.
+    /// `ConnectRefused` when the guest could not dial. The default refuses.
+    async fn open_guest_tcp(
+        &self,
+        id: VmId,
+        host: &str,
+        port: u16,
+    ) -> Result<GuestStream, WorkerError> {
+        let _ = (id, host, port);
+        Err(WorkerError::Failed(
+            "this worker cannot open connections inside its VMs".into(),
+        ))
+    }
+}
