@@ -162,3 +162,105 @@ pub fn assert_api_error(res: &(StatusCode, Value), status: StatusCode, code: &st
         res.1
     );
 }
+
+/// A moto server (a local S3-compatible server, from PyPI); killed by pid
+/// when dropped, and at process exit (statics are never dropped).
+pub struct Moto {
+    child: std::process::Child,
+    /// `http://HOST:PORT`.
+    pub endpoint: String,
+}
+
+static MOTO_PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static MOTO_CLEANUP: Once = Once::new();
+
+extern "C" fn kill_motos_at_exit() {
+    for pid in MOTO_PIDS.lock().map(|p| p.clone()).unwrap_or_default() {
+        // SAFETY: kill has no memory preconditions; the pid is a moto we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        if let Ok(mut pids) = MOTO_PIDS.lock() {
+            pids.retain(|p| *p != pid);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `moto_server` from `FASTVM_TEST_MOTO` or PATH.
+pub fn moto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FASTVM_TEST_MOTO").map(PathBuf::from) {
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("moto_server"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Start moto listening on `host` (a free port) with `buckets` created;
+/// `None` (a skip) without moto, a panic under CI.
+pub fn start_moto(host: &str, buckets: &[&str]) -> Option<Moto> {
+    let Some(bin) = moto_binary() else {
+        let why = "moto_server not found (set FASTVM_TEST_MOTO or pip install 'moto[server]')";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}; CI is set, so this is a failure");
+        }
+        eprintln!("skipping S3 tests: {why}");
+        return None;
+    };
+    let port = std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // In a data dir of the harness: removed at exit with the rest.
+    let log = std::fs::File::create(data_dir(&format!("moto-{port}")).join("moto.log"))
+        .expect("moto log");
+    let child = std::process::Command::new(&bin)
+        .args(["-H", host, "-p", &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    if let Ok(mut pids) = MOTO_PIDS.lock() {
+        pids.push(child.id() as i32);
+    }
+    // SAFETY: registering a plain extern "C" fn with atexit.
+    MOTO_CLEANUP.call_once(|| unsafe {
+        libc::atexit(kill_motos_at_exit);
+    });
+    let shown = if host == "0.0.0.0" { "127.0.0.1" } else { host };
+    let moto = Moto {
+        child,
+        endpoint: format!("http://{shown}:{port}"),
+    };
+    let client = Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let up = block_on(client.get(format!("{}/moto-api/", moto.endpoint)).send())
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto did not answer on {} within 60 s",
+            moto.endpoint
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // moto accepts unsigned requests: create the buckets.
+    for bucket in buckets {
+        let res = block_on(client.put(format!("{}/{bucket}", moto.endpoint)).send())
+            .expect("create bucket");
+        assert!(res.status().is_success(), "create bucket: {}", res.status());
+    }
+    Some(moto)
+}

@@ -9,7 +9,7 @@
 //! Server S caps uploads at 16 MiB; server G (no VM, its own key prefix)
 //! proves the staging GC.
 
-use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call};
+use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call, moto_binary, start_moto, Moto};
 use fastvm_server::staging::s3::{S3Config, S3Staging};
 use fastvm_server::staging::{ObjectKey, StagingStore as _};
 use fastvm_server::{RunningServer, ServerConfig};
@@ -17,106 +17,14 @@ use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::process::Command;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 const CAP: u64 = 16 << 20;
 const BUCKET: &str = "fastvm-staging";
 
-/// The moto server; killed by pid when dropped, and at process exit
-/// (statics are never dropped).
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-static MOTO_PID: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn kill_moto_at_exit() {
-    let pid = MOTO_PID.swap(0, Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill has no memory preconditions; the pid is the moto we started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let pid = MOTO_PID.swap(0, Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// `moto_server` from `FASTVM_TEST_MOTO` or PATH.
-fn moto_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FASTVM_TEST_MOTO").map(PathBuf::from) {
-        return p.is_file().then_some(p);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("moto_server"))
-            .find(|p| p.is_file())
-    })
-}
-
-fn start_moto() -> Option<Moto> {
-    let Some(bin) = moto_binary() else {
-        let why = "moto_server not found (set FASTVM_TEST_MOTO or pip install 'moto[server]')";
-        if std::env::var_os("CI").is_some() {
-            panic!("{why}; CI is set, so this is a failure");
-        }
-        eprintln!("skipping S3 staging tests: {why}");
-        return None;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    // In a data dir of the harness: removed at exit with the rest.
-    let log = std::fs::File::create(data_dir("moto").join("moto.log")).expect("moto log");
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-    MOTO_PID.store(i32::try_from(child.id()).expect("pid"), Ordering::SeqCst);
-    // SAFETY: registering a plain extern "C" fn with atexit.
-    unsafe { libc::atexit(kill_moto_at_exit) };
-    let moto = Moto {
-        child,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    };
-    let client = Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let up = block_on(client.get(format!("{}/moto-api/", moto.endpoint)).send())
-            .is_ok_and(|r| r.status().is_success());
-        if up {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto did not answer on {} within 60 s",
-            moto.endpoint
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // moto accepts unsigned requests: create the bucket.
-    let res =
-        block_on(client.put(format!("{}/{BUCKET}", moto.endpoint)).send()).expect("create bucket");
-    assert!(res.status().is_success(), "create bucket: {}", res.status());
-    Some(moto)
-}
-
-static MOTO: LazyLock<Option<Moto>> = LazyLock::new(start_moto);
+static MOTO: LazyLock<Option<Moto>> = LazyLock::new(|| start_moto("127.0.0.1", &[BUCKET]));
 
 fn s3_config(endpoint: &str, prefix: &str) -> S3Config {
     S3Config {
