@@ -26,6 +26,7 @@ mod snapshot;
 mod ssh;
 mod vm;
 mod worker;
+mod workers;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -119,6 +120,11 @@ enum Command {
     },
     /// Open a shell (or run CMD) in a VM over the SSH gateway with OpenSSH's `ssh`.
     Ssh(ssh::SshArgs),
+    /// Worker hosts of a cluster (admin key): `workers ls`, `workers drain ID`.
+    Workers {
+        #[command(subcommand)]
+        command: workers::WorkersCommand,
+    },
     /// HTTP services of a VM behind the proxy: `service ls|add|rm VM ...`.
     Service {
         #[command(subcommand)]
@@ -183,6 +189,7 @@ fn main() -> anyhow::Result<()> {
                     .map(|()| 0)
             }
             Command::Ssh(args) => ssh::run(args).await,
+            Command::Workers { command } => workers::run(command).await.map(|()| 0),
         }
     });
     // Do not wait for tasks still blocked in a read (the console's stdin
