@@ -166,6 +166,28 @@ fn snapshots_move_between_workers_through_the_store() {
     block_on(a.delete(&clone)).expect("delete clone");
     block_on(a.delete_snapshot(&local.id)).expect("delete local snapshot");
 
+    // A failed upload fails the snapshot and leaves nothing locally; the VM runs on.
+    let broken = SnapshotStore::new(&StoreSettings {
+        url: "s3://no-such-bucket/x".into(),
+        endpoint: Some(moto.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing-secret".into()),
+    })
+    .expect("store");
+    a.set_snapshot_store(Some(Arc::new(broken)));
+    let failed = block_on(a.snapshot(&src, Some("doomed".into())));
+    assert!(matches!(failed, Err(Error::SnapshotStore(_))), "{failed:?}");
+    let a_snapshots = a.data_dir().join("snapshots");
+    assert_eq!(
+        std::fs::read_dir(&a_snapshots)
+            .expect("A snapshots")
+            .count(),
+        0,
+        "nothing left locally"
+    );
+    assert_eq!(sh(&a, &src, "cat /root/file"), "local");
+
     // Through the store: snapshot 1 uploads everything (image files the
     // first time), snapshot 2 of the same VM only its new top layer.
     a.set_snapshot_store(Some(store_a.clone()));
@@ -185,13 +207,20 @@ fn snapshots_move_between_workers_through_the_store() {
     assert_eq!(s2.layers[1..], s1.layers[..]);
     assert_eq!(count(&store_a, "layers/"), layers1 + 1);
     assert_eq!(count(&store_a, "images/"), 3);
-    assert_eq!(count(&store_a, "snapshots/"), 4, "memory + snapshot.json, twice");
+    assert_eq!(
+        count(&store_a, "snapshots/"),
+        4,
+        "memory + snapshot.json, twice"
+    );
 
     // B restores s1: fetched (with the image files), then restored.
     b.set_snapshot_store(Some(store_b.clone()));
     let (vm1, fetch_restore1) = restore(&b, &s1.id);
     assert_eq!(sh(&b, &vm1, "cat /root/file"), "payload-1");
-    assert_eq!(sh(&b, &vm1, "test -e /root/file2 && echo yes || echo no"), "no");
+    assert_eq!(
+        sh(&b, &vm1, "test -e /root/file2 && echo yes || echo no"),
+        "no"
+    );
     // Writes on B work (the fetched chain is a proper backing chain).
     sh(&b, &vm1, "echo on-b > /root/b; sync; cat /root/b");
     block_on(b.delete(&vm1)).expect("delete vm1");
@@ -211,10 +240,15 @@ fn snapshots_move_between_workers_through_the_store() {
     let fetch_restore2 = t.elapsed();
     let (x, y) = (x.expect("restore s2 (1)").id, y.expect("restore s2 (2)").id);
     for vm in [&x, &y] {
-        assert_eq!(sh(&b, vm, "cat /root/file /root/file2"), "payload-1\npayload-2");
+        assert_eq!(
+            sh(&b, vm, "cat /root/file /root/file2"),
+            "payload-1\npayload-2"
+        );
         block_on(b.delete(vm)).expect("delete");
     }
-    let b_layers = std::fs::read_dir(b_dir.join("layers")).expect("B layers").count();
+    let b_layers = std::fs::read_dir(b_dir.join("layers"))
+        .expect("B layers")
+        .count();
     assert_eq!(b_layers, s2.layers.len(), "B holds each layer once");
 
     // Delete s1 through B: gone from the store (layers stay) and from B.

@@ -1601,39 +1601,43 @@ impl Runtime {
             Some(k) => k.clone(),
             None => self.compat_key().await?,
         };
-        let kernel = upload_image_file(store, &record.launch.kernel).await?;
-        let initrd = upload_image_file(store, &record.launch.initrd).await?;
         let bottom = record.layers.last().ok_or_else(|| Error::CorruptState {
             path: record.memory.clone(),
             message: "snapshot without disk layers".into(),
         })?;
-        let base = match qemu_img_backing(bottom).await? {
-            Some((path, format)) => Some(StoredBase {
-                sha256: upload_image_file(store, &path).await?,
-                format,
-            }),
-            None => None,
-        };
-        let mut layers = Vec::with_capacity(record.layers.len());
-        for layer in &record.layers {
-            // A layer fetched from the store is named by its digest there
-            // (its local backing name differs, so its content does too).
-            let digest = match layer.file_stem().and_then(|n| n.to_str()) {
-                Some(n) if snapshot_store::is_digest(n) => n.to_owned(),
-                _ => snapshot_store::sha256_file(layer).await?,
+        // Image files, layers and memory go up at once (each a bounded stream).
+        let images = async {
+            let kernel = upload_image_file(store, &record.launch.kernel).await?;
+            let initrd = upload_image_file(store, &record.launch.initrd).await?;
+            let base = match qemu_img_backing(bottom).await? {
+                Some((path, format)) => Some(StoredBase {
+                    sha256: upload_image_file(store, &path).await?,
+                    format,
+                }),
+                None => None,
             };
-            let uploaded = store
-                .upload_if_missing(layer, &SnapshotStore::layer_key(&digest))
-                .await?;
-            tracing::debug!(layer = %layer.display(), %digest, uploaded, "snapshot layer in the store");
-            layers.push(digest);
-        }
-        let memory = store
-            .upload_file(
-                &record.memory,
-                &SnapshotStore::snapshot_key(&record.id, "memory"),
-            )
-            .await?;
+            Ok::<_, Error>((kernel, initrd, base))
+        };
+        let layers = async {
+            let mut layers = Vec::with_capacity(record.layers.len());
+            for layer in &record.layers {
+                // A layer fetched from the store is named by its digest there
+                // (its local backing name differs, so its content does too).
+                let digest = match layer.file_stem().and_then(|n| n.to_str()) {
+                    Some(n) if snapshot_store::is_digest(n) => n.to_owned(),
+                    _ => snapshot_store::sha256_file(layer).await?,
+                };
+                let uploaded = store
+                    .upload_if_missing(layer, &SnapshotStore::layer_key(&digest))
+                    .await?;
+                tracing::debug!(layer = %layer.display(), %digest, uploaded, "snapshot layer in the store");
+                layers.push(digest);
+            }
+            Ok(layers)
+        };
+        let memory_key = SnapshotStore::snapshot_key(&record.id, "memory");
+        let memory = store.upload_file(&record.memory, &memory_key);
+        let ((kernel, initrd, base), layers, memory) = tokio::try_join!(images, layers, memory)?;
         let mut record = record.clone();
         record.compat_key = Some(compat_key.clone());
         store
@@ -1686,100 +1690,139 @@ impl Runtime {
                 "snapshot {id}: malformed snapshot.json in the store"
             )));
         }
-        let kernel = self.fetch_image_file(store, &doc.kernel).await?;
-        let initrd = self.fetch_image_file(store, &doc.initrd).await?;
-        let base = match &doc.base {
-            Some(b) => Some((self.fetch_image_file(store, &b.sha256).await?, b.format.clone())),
-            None => None,
-        };
-        let staging = self.cfg.data_dir.join("snapshots").join(format!(".fetch-{id}"));
+        let staging = self
+            .cfg
+            .data_dir
+            .join("snapshots")
+            .join(format!(".fetch-{id}"));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
-        let result = self
-            .fetch_into(store, &doc, &staging, base.as_ref(), kernel, initrd)
-            .await;
+        let result = self.fetch_into(store, &doc, &staging).await;
         let _ = std::fs::remove_dir_all(&staging);
         let record = result?;
         tracing::info!(snapshot = %id, ms = t0.elapsed().as_millis() as u64, "snapshot fetched from the store");
         Ok(record)
     }
 
+    /// Download what snapshot `doc` needs and this worker lacks (image
+    /// files, memory and layers at once), then commit it.
     async fn fetch_into(
         &self,
         store: &SnapshotStore,
         doc: &StoredSnapshot,
         staging: &std::path::Path,
-        base: Option<&(PathBuf, String)>,
-        kernel: PathBuf,
-        initrd: PathBuf,
     ) -> Result<SnapshotRecord> {
-        let id = &doc.record.id;
-        store
-            .download_verified(
-                &SnapshotStore::snapshot_key(id, "memory"),
-                &doc.memory.sha256,
-                &staging.join("memory"),
-            )
-            .await?;
-        let layers_dir = self.cfg.data_dir.join("layers");
-        let local = |d: &str| layers_dir.join(format!("{d}.qcow2"));
-        loop {
-            // Download (into the staging dir: layer collection would remove
-            // unreferenced files under layers/) what is not here yet, and
-            // point each new layer at the local path of the one below it.
-            for (i, digest) in doc.layers.iter().enumerate() {
-                let staged = staging.join(format!("{digest}.qcow2"));
-                if local(digest).is_file() || staged.is_file() {
-                    continue;
-                }
-                store
-                    .download_verified(&SnapshotStore::layer_key(digest), digest, &staged)
-                    .await?;
-                let backing = match doc.layers.get(i + 1) {
-                    Some(below) => Some((local(below), "qcow2".to_owned())),
-                    None => base.cloned(),
-                };
-                qemu_img_rebase(&staged, backing.as_ref()).await?;
+        let blobs = self.image_dir().join("blobs");
+        let base = doc
+            .base
+            .as_ref()
+            .map(|b| (blobs.join(&b.sha256), b.format.clone()));
+        let images = async {
+            for digest in [&doc.kernel, &doc.initrd]
+                .into_iter()
+                .chain(doc.base.as_ref().map(|b| &b.sha256))
+            {
+                self.fetch_image_file(store, digest).await?;
             }
-            // Move the layers in and commit the record under the layers lock,
-            // so that collection sees either neither or both.
-            let _layers = self.layers_lock.lock().await;
-            let gone = doc.layers.iter().any(|d| {
-                !local(d).is_file() && !staging.join(format!("{d}.qcow2")).is_file()
-            });
-            if gone {
-                // A layer that was here got collected meanwhile: fetch it too.
+            Ok(())
+        };
+        let (memory_key, memory_file) = (
+            SnapshotStore::snapshot_key(&doc.record.id, "memory"),
+            staging.join("memory"),
+        );
+        let memory = store.download_verified(&memory_key, &doc.memory.sha256, &memory_file);
+        let layers = self.download_layers(store, doc, staging, base.as_ref());
+        tokio::try_join!(images, memory, layers)?;
+        loop {
+            if let Some(record) = self.commit_fetched(doc, staging, &blobs).await? {
+                return Ok(record);
+            }
+            // A layer that was here got collected meanwhile: fetch it too.
+            self.download_layers(store, doc, staging, base.as_ref())
+                .await?;
+        }
+    }
+
+    fn fetched_layer(&self, digest: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("layers")
+            .join(format!("{digest}.qcow2"))
+    }
+
+    /// Download the layers of `doc` this worker lacks into `staging` (not
+    /// under `layers/`: layer collection removes unreferenced files there)
+    /// and point each at the local path of the layer below it (the bottom
+    /// one at the base disk).
+    async fn download_layers(
+        &self,
+        store: &SnapshotStore,
+        doc: &StoredSnapshot,
+        staging: &std::path::Path,
+        base: Option<&(PathBuf, String)>,
+    ) -> Result<()> {
+        for (i, digest) in doc.layers.iter().enumerate() {
+            let staged = staging.join(format!("{digest}.qcow2"));
+            if self.fetched_layer(digest).is_file() || staged.is_file() {
                 continue;
             }
-            for digest in &doc.layers {
-                let staged = staging.join(format!("{digest}.qcow2"));
-                if staged.is_file() {
-                    let dest = local(digest);
-                    std::fs::rename(&staged, &dest)
-                        .ctx(|| format!("move {} into place", dest.display()))?;
-                    if crate::jail::is_root() {
-                        crate::jail::make_shared_readonly(&dest)
-                            .ctx(|| format!("chown {}", dest.display()))?;
-                    }
+            store
+                .download_verified(&SnapshotStore::layer_key(digest), digest, &staged)
+                .await?;
+            let backing = match doc.layers.get(i + 1) {
+                Some(below) => Some((self.fetched_layer(below), "qcow2".to_owned())),
+                None => base.cloned(),
+            };
+            qemu_img_rebase(&staged, backing.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Move the fetched layers into `layers/` and commit the snapshot's
+    /// directory, under the layers lock, so that collection sees either
+    /// neither or both. `None` when a layer that was here is gone.
+    async fn commit_fetched(
+        &self,
+        doc: &StoredSnapshot,
+        staging: &std::path::Path,
+        blobs: &std::path::Path,
+    ) -> Result<Option<SnapshotRecord>> {
+        let _layers = self.layers_lock.lock().await;
+        let staged = |d: &str| staging.join(format!("{d}.qcow2"));
+        if doc
+            .layers
+            .iter()
+            .any(|d| !self.fetched_layer(d).is_file() && !staged(d).is_file())
+        {
+            return Ok(None);
+        }
+        for digest in &doc.layers {
+            if staged(digest).is_file() {
+                let dest = self.fetched_layer(digest);
+                std::fs::rename(staged(digest), &dest)
+                    .ctx(|| format!("move {} into place", dest.display()))?;
+                if crate::jail::is_root() {
+                    crate::jail::make_shared_readonly(&dest)
+                        .ctx(|| format!("chown {}", dest.display()))?;
                 }
             }
-            let dir = self.snapshot_dir(id);
-            let mut record = doc.record.clone();
-            record.layers = doc.layers.iter().map(|d| local(d)).collect();
-            record.memory = dir.join("memory");
-            record.ram = None;
-            record.launch.kernel = kernel;
-            record.launch.initrd = initrd;
-            record.launch.disk = record.layers[0].clone();
-            record.compat_key = Some(doc.compat_key.clone());
-            write_json_atomic(&staging.join("snapshot.json"), &record)?;
-            if dir.exists() && !dir.join("snapshot.json").exists() {
-                // Left by an earlier fetch or capture that died half-way.
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            std::fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
-            return Ok(record);
         }
+        let dir = self.snapshot_dir(&doc.record.id);
+        let mut record = doc.record.clone();
+        record.layers = doc.layers.iter().map(|d| self.fetched_layer(d)).collect();
+        record.memory = dir.join("memory");
+        record.ram = None;
+        record.launch.kernel = blobs.join(&doc.kernel);
+        record.launch.initrd = blobs.join(&doc.initrd);
+        record.launch.disk = record.layers[0].clone();
+        record.compat_key = Some(doc.compat_key.clone());
+        write_json_atomic(&staging.join("snapshot.json"), &record)?;
+        if dir.exists() && !dir.join("snapshot.json").exists() {
+            // Left by an earlier fetch or capture that died half-way.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
+        Ok(Some(record))
     }
 
     /// The local path of image file `digest` (kernel, initramfs, base

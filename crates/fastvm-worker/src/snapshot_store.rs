@@ -39,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Size of multipart upload parts and of file reads (S3's minimum part is 5 MiB).
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once: with [`PART_SIZE`] this bounds an upload's memory.
-pub const PARTS_IN_FLIGHT: usize = 4;
+pub const PARTS_IN_FLIGHT: usize = 2;
 /// Version of [`StoredSnapshot`].
 pub const FORMAT: u32 = 1;
 
@@ -131,7 +131,9 @@ fn store_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// True for a lowercase SHA-256 hex digest.
 pub fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// True for an id usable as an object key segment and a directory name.
@@ -313,8 +315,10 @@ impl SnapshotStore {
             }
             Err(e) => return Err(store_err(&format!("download {rel}"), e)),
         };
-        let file = crate::jail::create_private(dest).ctx(|| format!("create {}", dest.display()))?;
-        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
+        let file =
+            crate::jail::create_private(dest).ctx(|| format!("create {}", dest.display()))?;
+        let mut file =
+            tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut stream = got.into_stream();
@@ -383,8 +387,8 @@ impl SnapshotStore {
             .bytes()
             .await
             .map_err(|e| store_err(&format!("download {rel}"), e))?;
-        let doc: StoredSnapshot = serde_json::from_slice(&bytes)
-            .map_err(|e| store_err(&format!("parse {rel}"), e))?;
+        let doc: StoredSnapshot =
+            serde_json::from_slice(&bytes).map_err(|e| store_err(&format!("parse {rel}"), e))?;
         if doc.format != FORMAT || doc.record.id != id {
             return Err(store_err(
                 &format!("parse {rel}"),
