@@ -246,6 +246,7 @@ fn snapshots_move_between_workers_through_the_store() {
         );
         block_on(b.delete(vm)).expect("delete");
     }
+    assert_eq!(b.store_fetches(), 2, "s1 once, s2 once for both restores");
     let b_layers = std::fs::read_dir(b_dir.join("layers"))
         .expect("B layers")
         .count();

@@ -306,6 +306,8 @@ pub struct Runtime {
     /// One lock per snapshot id being fetched from (or deleted in) the
     /// store: concurrent restores of one id fetch it once.
     fetch_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// See [`Runtime::store_fetches`].
+    store_fetches: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -316,6 +318,14 @@ impl Runtime {
         let accel = accel::choose(cfg.accel);
         for d in ["layers", "snapshots", "golden"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
+        }
+        // Fetches from the snapshot store that a previous run left half-way.
+        if let Ok(entries) = std::fs::read_dir(cfg.data_dir.join("snapshots")) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".fetch-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let confined = crate::jail::is_root();
         if confined {
@@ -367,6 +377,7 @@ impl Runtime {
             agent_reconnects: Default::default(),
             store: Default::default(),
             fetch_locks: Default::default(),
+            store_fetches: Default::default(),
         });
         rt.adopt_all().await?;
         Ok(rt)
@@ -1300,7 +1311,8 @@ impl Runtime {
 
     /// A user snapshot by id.
     pub fn snapshot_record(&self, id: &str) -> Result<SnapshotRecord> {
-        if id.is_empty() || id.contains('/') || id.contains("..") {
+        // A leading dot: the store's fetch staging dirs (`.fetch-<id>`).
+        if id.is_empty() || id.contains('/') || id.contains("..") || id.starts_with('.') {
             return Err(Error::NoSuchSnapshot(id.to_owned()));
         }
         let dir = self.snapshot_dir(id);
@@ -1577,6 +1589,12 @@ impl Runtime {
         self.store.lock().ok().and_then(|s| s.clone())
     }
 
+    /// Snapshots fetched from the store since this runtime opened.
+    pub fn store_fetches(&self) -> u64 {
+        self.store_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn fetch_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.fetch_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.to_owned()).or_default().clone()
@@ -1699,7 +1717,19 @@ impl Runtime {
         std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
         let result = self.fetch_into(store, &doc, &staging).await;
         let _ = std::fs::remove_dir_all(&staging);
-        let record = result?;
+        let record = match result {
+            // Deleted from the store while it was being fetched.
+            Err(e @ Error::SnapshotStore(_)) => {
+                let key = SnapshotStore::snapshot_key(id, "snapshot.json");
+                return Err(match store.exists(&key).await {
+                    Ok(false) => Error::NoSuchSnapshot(id.to_owned()),
+                    _ => e,
+                });
+            }
+            r => r?,
+        };
+        self.store_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(snapshot = %id, ms = t0.elapsed().as_millis() as u64, "snapshot fetched from the store");
         Ok(record)
     }
