@@ -1329,10 +1329,15 @@ impl Runtime {
     /// may be absent: only the store's then); its layers stay in the store,
     /// where other snapshots may share them.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let store = self.snapshot_store();
+        // Not while a fetch of it runs (it would leave a local copy behind).
+        let lock = self.fetch_lock(id);
+        let _fetching = match store {
+            Some(_) => Some(lock.lock().await),
+            None => None,
+        };
         let local = self.snapshot_record(id);
-        if let Some(store) = self.snapshot_store() {
-            let lock = self.fetch_lock(id);
-            let _fetching = lock.lock().await;
+        if let Some(store) = store {
             let key = SnapshotStore::snapshot_key(id, "snapshot.json");
             let stored = snapshot_store::valid_snapshot_id(id) && store.exists(&key).await?;
             if stored {
