@@ -100,7 +100,10 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut l_launch, mut r_launch) = (Vec::new(), Vec::new());
     for _ in 0..launches {
-        for (w, out) in [(&*local, &mut l_launch), (&remote as &dyn Worker, &mut r_launch)] {
+        for (w, out) in [
+            (&*local, &mut l_launch),
+            (&remote as &dyn Worker, &mut r_launch),
+        ] {
             let s = spec()?;
             let t = Instant::now();
             w.create(s.clone()).await?;
@@ -112,7 +115,10 @@ async fn main() -> anyhow::Result<()> {
     local.create(vm.clone()).await?;
     let (mut l_exec, mut r_exec) = (Vec::new(), Vec::new());
     for _ in 0..execs {
-        for (w, out) in [(&*local, &mut l_exec), (&remote as &dyn Worker, &mut r_exec)] {
+        for (w, out) in [
+            (&*local, &mut l_exec),
+            (&remote as &dyn Worker, &mut r_exec),
+        ] {
             let t = Instant::now();
             exec(w, vm.id, "true").await?;
             out.push(ms(t.elapsed()));

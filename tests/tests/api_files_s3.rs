@@ -9,7 +9,9 @@
 //! Server S caps uploads at 16 MiB; server G (no VM, its own key prefix)
 //! proves the staging GC.
 
-use fastvm_e2e::{assert_api_error, block_on, config, data_dir, json_call, moto_binary, start_moto, Moto};
+use fastvm_e2e::{
+    assert_api_error, block_on, config, data_dir, json_call, moto_binary, start_moto, Moto,
+};
 use fastvm_server::staging::s3::{S3Config, S3Staging};
 use fastvm_server::staging::{ObjectKey, StagingStore as _};
 use fastvm_server::{RunningServer, ServerConfig};

@@ -31,7 +31,10 @@ fn needed(what: &str) -> Option<String> {
     match std::env::var(what) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            assert!(std::env::var_os("CI").is_none(), "{what} is not set under CI: the cluster test cannot run");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{what} is not set under CI: the cluster test cannot run"
+            );
             eprintln!("{what} is not set: skipping the cluster test");
             None
         }
@@ -40,7 +43,11 @@ fn needed(what: &str) -> Option<String> {
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -54,8 +61,14 @@ struct Host {
 impl Host {
     fn new(i: u32) -> Host {
         let ns = format!("fvc{}-{i}", std::process::id());
-        let (out, inside) = (format!("192.0.2.{}", 4 * i + 1), format!("192.0.2.{}", 4 * i + 2));
-        let (veth_out, veth_in) = (format!("fvco{i}-{}", std::process::id() % 10000), format!("fvci{i}"));
+        let (out, inside) = (
+            format!("192.0.2.{}", 4 * i + 1),
+            format!("192.0.2.{}", 4 * i + 2),
+        );
+        let (veth_out, veth_in) = (
+            format!("fvco{i}-{}", std::process::id() % 10000),
+            format!("fvci{i}"),
+        );
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         sh(&format!(
             "ip netns add {ns} && ip link add {veth_out} type veth peer name {veth_in} && \
@@ -97,7 +110,14 @@ impl Proc {
 
     fn tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        s.lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -115,30 +135,68 @@ struct ControlPlane {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).expect("port").port()
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
 }
 
-fn start_control_plane(bin: &Path, name: &str, db_url: &str, moto: &Moto, dir: Option<PathBuf>) -> ControlPlane {
+fn start_control_plane(
+    bin: &Path,
+    name: &str,
+    db_url: &str,
+    moto: &Moto,
+    dir: Option<PathBuf>,
+) -> ControlPlane {
     let dir = dir.unwrap_or_else(|| data_dir(name));
     let port = free_port();
     let moto_port = moto.endpoint.rsplit(':').next().expect("port");
     let mut cmd = Command::new(bin);
-    cmd.args(["serve", "--listen", &format!("0.0.0.0:{port}"), "--database-url", db_url])
-        .args(["--snapshot-store", &format!("s3://{BUCKET}/snapshots"), "--no-local-worker"])
-        .args(["--s3-endpoint", &format!("http://192.0.2.1:{moto_port}"), "--s3-region", "us-east-1"])
-        .args(["--no-proxy", "--no-ssh", "--no-metrics"])
-        .arg("--data-dir")
-        .arg(&dir)
-        .envs(SECRET_ENV);
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--database-url",
+        db_url,
+    ])
+    .args([
+        "--snapshot-store",
+        &format!("s3://{BUCKET}/snapshots"),
+        "--no-local-worker",
+    ])
+    .args([
+        "--s3-endpoint",
+        &format!("http://192.0.2.1:{moto_port}"),
+        "--s3-region",
+        "us-east-1",
+    ])
+    .args(["--no-proxy", "--no-ssh", "--no-metrics"])
+    .arg("--data-dir")
+    .arg(&dir)
+    .envs(SECRET_ENV);
     let proc = Proc::spawn(cmd, dir.join("server.log"));
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !block_on(Client::new().get(format!("{url}/healthz")).send()).is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "control plane {name} did not start:\n{}", proc.tail());
+    while !block_on(Client::new().get(format!("{url}/healthz")).send())
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "control plane {name} did not start:\n{}",
+            proc.tail()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let key = std::fs::read_to_string(dir.join("admin-api-key")).expect("admin key").trim().to_owned();
-    ControlPlane { _proc: proc, url, key, dir }
+    let key = std::fs::read_to_string(dir.join("admin-api-key"))
+        .expect("admin key")
+        .trim()
+        .to_owned();
+    ControlPlane {
+        _proc: proc,
+        url,
+        key,
+        dir,
+    }
 }
 
 struct WorkerHost {
@@ -153,7 +211,11 @@ fn start_worker(bin: &Path, cp: &ControlPlane, host: &Host, dir: &Path, i: u32) 
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &host.ns])
         .arg(bin)
-        .args(["worker", "--control-url", &format!("http://192.0.2.1:{cp_port}")])
+        .args([
+            "worker",
+            "--control-url",
+            &format!("http://192.0.2.1:{cp_port}"),
+        ])
         .arg("--token-file")
         .arg(cp.dir.join("worker-token"))
         .arg("--data-dir")
@@ -164,11 +226,29 @@ fn start_worker(bin: &Path, cp: &ControlPlane, host: &Host, dir: &Path, i: u32) 
         .args(["--dns-upstream", "127.0.0.1:9"])
         .arg("--image-dir")
         .arg(image_cache());
-    Proc::spawn(cmd, dir.join(format!("worker-{}.log", Instant::now().elapsed().as_nanos())))
+    Proc::spawn(
+        cmd,
+        dir.join(format!(
+            "worker-{}.log",
+            Instant::now().elapsed().as_nanos()
+        )),
+    )
 }
 
-async fn call(cp: &ControlPlane, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    json_call(&Client::new(), format!("{}{path}", cp.url), Some(&cp.key), method, body).await
+async fn call(
+    cp: &ControlPlane,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    json_call(
+        &Client::new(),
+        format!("{}{path}", cp.url),
+        Some(&cp.key),
+        method,
+        body,
+    )
+    .await
 }
 
 async fn workers(cp: &ControlPlane) -> Vec<Value> {
@@ -177,7 +257,12 @@ async fn workers(cp: &ControlPlane) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-async fn wait_for<F: Fn(&[Value]) -> bool>(cp: &ControlPlane, what: &str, timeout: Duration, f: F) -> Vec<Value> {
+async fn wait_for<F: Fn(&[Value]) -> bool>(
+    cp: &ControlPlane,
+    what: &str,
+    timeout: Duration,
+    f: F,
+) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let w = workers(cp).await;
@@ -195,9 +280,18 @@ async fn vm_status(cp: &ControlPlane, id: &str) -> String {
 }
 
 async fn run_in(cp: &ControlPlane, id: &str, cmd: &str) -> (i64, String) {
-    let (s, v) = call(cp, Method::POST, &format!("/v1/vms/{id}/exec"), Some(json!({"command": ["sh", "-c", cmd]}))).await;
+    let (s, v) = call(
+        cp,
+        Method::POST,
+        &format!("/v1/vms/{id}/exec"),
+        Some(json!({"command": ["sh", "-c", cmd]})),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "exec on {id}: {v}");
-    (v["exitCode"].as_i64().unwrap_or(-1), v["stdout"].as_str().unwrap_or("").to_owned())
+    (
+        v["exitCode"].as_i64().unwrap_or(-1),
+        v["stdout"].as_str().unwrap_or("").to_owned(),
+    )
 }
 
 async fn launch(cp: &ControlPlane, body: Value) -> (StatusCode, Value) {
@@ -205,17 +299,36 @@ async fn launch(cp: &ControlPlane, body: Value) -> (StatusCode, Value) {
 }
 
 fn vm_counts(w: &[Value]) -> BTreeMap<String, u64> {
-    w.iter().map(|w| (w["id"].as_str().unwrap_or("").to_owned(), w["vmCount"].as_u64().unwrap_or(0))).collect()
+    w.iter()
+        .map(|w| {
+            (
+                w["id"].as_str().unwrap_or("").to_owned(),
+                w["vmCount"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 #[test]
 fn three_workers_one_control_plane_and_failures() {
-    let Some(bin) = needed("FASTVM_BIN").map(PathBuf::from) else { return };
-    let Some(pg) = needed("FASTVM_TEST_PG_URL") else { return };
-    let Some(moto) = start_moto("0.0.0.0", &[BUCKET]) else { return };
+    let Some(bin) = needed("FASTVM_BIN").map(PathBuf::from) else {
+        return;
+    };
+    let Some(pg) = needed("FASTVM_TEST_PG_URL") else {
+        return;
+    };
+    let Some(moto) = start_moto("0.0.0.0", &[BUCKET]) else {
+        return;
+    };
     // A database of its own.
     let db = format!("fastvm_cluster_{}", std::process::id());
-    let _ = Command::new("psql").args([pg.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")]).status();
+    let _ = Command::new("psql")
+        .args([
+            pg.as_str(),
+            "-qc",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        ])
+        .status();
     sh(&format!("psql '{pg}' -qc 'CREATE DATABASE {db}'"));
     let db_url = match pg.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{db}"),
@@ -228,7 +341,12 @@ fn three_workers_one_control_plane_and_failures() {
             let host = Host::new(i);
             let dir = data_dir(&format!("worker{i}"));
             let proc = start_worker(&bin, &cp, &host, &dir, i);
-            WorkerHost { host, proc: Some(proc), dir, index: i }
+            WorkerHost {
+                host,
+                proc: Some(proc),
+                dir,
+                index: i,
+            }
         })
         .collect();
     block_on(async {
@@ -237,13 +355,26 @@ fn three_workers_one_control_plane_and_failures() {
         })
         .await;
         eprintln!("workers: {w:#?}");
-        assert_eq!(std::fs::metadata(cp.dir.join("worker-token")).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).ok(), Some(0o600));
+        assert_eq!(
+            std::fs::metadata(cp.dir.join("worker-token"))
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+                .ok(),
+            Some(0o600)
+        );
 
         // 12 launches, spread over the 3 workers.
         let t = Instant::now();
-        let launches = (0..12).map(|i| launch(&cp, json!({"machineType": "c1m2", "name": format!("spread-{i}")})));
+        let launches = (0..12).map(|i| {
+            launch(
+                &cp,
+                json!({"machineType": "c1m2", "name": format!("spread-{i}")}),
+            )
+        });
         let results = futures::future::join_all(launches).await;
-        eprintln!("12 concurrent launches through the control plane: {:?}", t.elapsed());
+        eprintln!(
+            "12 concurrent launches through the control plane: {:?}",
+            t.elapsed()
+        );
         let mut vms = Vec::new();
         for (s, v) in &results {
             assert_eq!(*s, StatusCode::CREATED, "{v}");
@@ -253,7 +384,10 @@ fn three_workers_one_control_plane_and_failures() {
         let counts = vm_counts(&workers(&cp).await);
         eprintln!("VMs per worker: {counts:?}");
         assert_eq!(counts.values().sum::<u64>(), 12);
-        assert!(counts.values().all(|c| *c >= 2), "placement must spread: {counts:?}");
+        assert!(
+            counts.values().all(|c| *c >= 2),
+            "placement must spread: {counts:?}"
+        );
         // Every VM answers, wherever it runs.
         for id in &vms {
             let (code, out) = run_in(&cp, id, "hostname").await;
@@ -268,51 +402,106 @@ fn three_workers_one_control_plane_and_failures() {
 
         // A snapshot taken on one worker restores on another.
         let src = vms[0].clone();
-        assert_eq!(run_in(&cp, &src, "echo moved-by-s3 > /root/mark && sync").await.0, 0);
-        let (s, snap) = call(&cp, Method::POST, "/v1/snapshots", Some(json!({"vmId": src, "name": "cross"}))).await;
+        assert_eq!(
+            run_in(&cp, &src, "echo moved-by-s3 > /root/mark && sync")
+                .await
+                .0,
+            0
+        );
+        let (s, snap) = call(
+            &cp,
+            Method::POST,
+            "/v1/snapshots",
+            Some(json!({"vmId": src, "name": "cross"})),
+        )
+        .await;
         assert!(s.is_success(), "{snap}");
         let sid = snap["id"].as_str().expect("snapshot id").to_owned();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while call(&cp, Method::GET, &format!("/v1/snapshots/{sid}"), None).await.1["status"] != "ready" {
+        while call(&cp, Method::GET, &format!("/v1/snapshots/{sid}"), None)
+            .await
+            .1["status"]
+            != "ready"
+        {
             assert!(Instant::now() < deadline, "snapshot not ready");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         // The source's worker drains: the restore must land elsewhere.
         let owner = find_owner(&hosts, &src);
-        let owner_id = std::fs::read_to_string(hosts[owner].dir.join("worker-id")).expect("worker id").trim().to_owned();
-        let (s, v) = call(&cp, Method::POST, &format!("/v1/admin/workers/{owner_id}/drain"), None).await;
+        let owner_id = std::fs::read_to_string(hosts[owner].dir.join("worker-id"))
+            .expect("worker id")
+            .trim()
+            .to_owned();
+        let (s, v) = call(
+            &cp,
+            Method::POST,
+            &format!("/v1/admin/workers/{owner_id}/drain"),
+            None,
+        )
+        .await;
         assert!(s.is_success(), "drain: {v}");
         let t = Instant::now();
         let (s, restored) = launch(&cp, json!({"snapshotId": sid})).await;
         assert_eq!(s, StatusCode::CREATED, "{restored}");
-        eprintln!("restore on another worker (fetch from the store + restore): {:?}", t.elapsed());
+        eprintln!(
+            "restore on another worker (fetch from the store + restore): {:?}",
+            t.elapsed()
+        );
         let rid = restored["id"].as_str().expect("id").to_owned();
-        assert_ne!(find_owner(&hosts, &rid), owner, "a draining worker got a VM");
+        assert_ne!(
+            find_owner(&hosts, &rid),
+            owner,
+            "a draining worker got a VM"
+        );
         assert_eq!(run_in(&cp, &rid, "cat /root/mark").await.1, "moved-by-s3\n");
         let w = workers(&cp).await;
-        assert!(w.iter().any(|w| w["id"] == owner_id.as_str() && w["status"] == "draining"), "{w:#?}");
+        assert!(
+            w.iter()
+                .any(|w| w["id"] == owner_id.as_str() && w["status"] == "draining"),
+            "{w:#?}"
+        );
         vms.push(rid);
 
         // kill -9 of a worker with VMs: they become `unknown`, not deleted.
-        let victim = (0..3).find(|i| *i != owner && vms.iter().any(|v| find_owner(&hosts, v) == *i)).unwrap_or(owner);
-        let victim_vms: Vec<String> = vms.iter().filter(|v| find_owner(&hosts, v) == victim).cloned().collect();
+        let victim = (0..3)
+            .find(|i| *i != owner && vms.iter().any(|v| find_owner(&hosts, v) == *i))
+            .unwrap_or(owner);
+        let victim_vms: Vec<String> = vms
+            .iter()
+            .filter(|v| find_owner(&hosts, v) == victim)
+            .cloned()
+            .collect();
         assert!(!victim_vms.is_empty());
-        let victim_id = std::fs::read_to_string(hosts[victim].dir.join("worker-id")).expect("worker id").trim().to_owned();
+        let victim_id = std::fs::read_to_string(hosts[victim].dir.join("worker-id"))
+            .expect("worker id")
+            .trim()
+            .to_owned();
         if let Some(p) = hosts[victim].proc.as_mut() {
             p.kill9();
         }
         let t = Instant::now();
         loop {
-            let statuses = futures::future::join_all(victim_vms.iter().map(|v| vm_status(&cp, v))).await;
+            let statuses =
+                futures::future::join_all(victim_vms.iter().map(|v| vm_status(&cp, v))).await;
             if statuses.iter().all(|s| s == "unknown") {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "VMs of a dead worker: {statuses:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "VMs of a dead worker: {statuses:?}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        eprintln!("VMs of a killed worker were `unknown` after {:?}", t.elapsed());
+        eprintln!(
+            "VMs of a killed worker were `unknown` after {:?}",
+            t.elapsed()
+        );
         let w = workers(&cp).await;
-        assert!(w.iter().any(|w| w["id"] == victim_id.as_str() && w["status"] == "unreachable"), "{w:#?}");
+        assert!(
+            w.iter()
+                .any(|w| w["id"] == victim_id.as_str() && w["status"] == "unreachable"),
+            "{w:#?}"
+        );
         // New launches land elsewhere.
         for _ in 0..2 {
             let (s, v) = launch(&cp, json!({"machineType": "c1m2"})).await;
@@ -324,28 +513,42 @@ fn three_workers_one_control_plane_and_failures() {
         // One of its VMs is deleted while it is away.
         let doomed = victim_vms[0].clone();
         let (s, v) = call(&cp, Method::DELETE, &format!("/v1/vms/{doomed}"), None).await;
-        assert!(s.is_success() || s == StatusCode::ACCEPTED, "delete while unreachable: {v}");
+        assert!(
+            s.is_success() || s == StatusCode::ACCEPTED,
+            "delete while unreachable: {v}"
+        );
         // The worker comes back (same data dir: its QEMUs kept running).
         let host = &hosts[victim];
         let proc = start_worker(&bin, &cp, &host.host, &host.dir, host.index);
         hosts[victim].proc = Some(proc);
         let t = Instant::now();
         loop {
-            let statuses = futures::future::join_all(victim_vms[1..].iter().map(|v| vm_status(&cp, v))).await;
+            let statuses =
+                futures::future::join_all(victim_vms[1..].iter().map(|v| vm_status(&cp, v))).await;
             if statuses.iter().all(|s| s == "running") {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "after the worker returned: {statuses:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "after the worker returned: {statuses:?}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        eprintln!("reconciled {} VMs {:?} after the worker restarted", victim_vms.len() - 1, t.elapsed());
+        eprintln!(
+            "reconciled {} VMs {:?} after the worker restarted",
+            victim_vms.len() - 1,
+            t.elapsed()
+        );
         for v in &victim_vms[1..] {
             assert_eq!(run_in(&cp, v, "echo back").await.1, "back\n");
         }
         // The VM deleted meanwhile is gone from its host (fenced), and stays deleted.
         let deadline = Instant::now() + Duration::from_secs(30);
         while hosts[victim].dir.join("vms").join(&doomed).exists() {
-            assert!(Instant::now() < deadline, "a VM deleted while its worker was away still runs on it");
+            assert!(
+                Instant::now() < deadline,
+                "a VM deleted while its worker was away still runs on it"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let (s, _) = call(&cp, Method::GET, &format!("/v1/vms/{doomed}"), None).await;
@@ -357,22 +560,56 @@ fn three_workers_one_control_plane_and_failures() {
             let _ = call(&cp, Method::DELETE, &format!("/v1/vms/{id}"), None).await;
         }
         let out = Command::new(&bin)
-            .args(["orgs", "quota", "set", "--vcpu", "4", "--database-url", &db_url])
+            .args([
+                "orgs",
+                "quota",
+                "set",
+                "--vcpu",
+                "4",
+                "--database-url",
+                &db_url,
+            ])
             .arg("--data-dir")
             .arg(&cp.dir)
             .output()
             .expect("quota set");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let cp2 = ControlPlane { key: cp.key.clone(), ..cp2 };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cp2 = ControlPlane {
+            key: cp.key.clone(),
+            ..cp2
+        };
         let t = Instant::now();
         let racers = (0..50).map(|i| {
             let target = if i % 2 == 0 { &cp } else { &cp2 };
-            launch(target, json!({"machineType": "c1m2", "name": format!("race-{i}")}))
+            launch(
+                target,
+                json!({"machineType": "c1m2", "name": format!("race-{i}")}),
+            )
         });
         let results = futures::future::join_all(racers).await;
-        let ok: Vec<&Value> = results.iter().filter(|(s, _)| *s == StatusCode::CREATED).map(|(_, v)| v).collect();
-        let refused = results.iter().filter(|(s, v)| *s == StatusCode::TOO_MANY_REQUESTS && v["error"]["code"].as_str().is_some_and(|c| c.starts_with("QUOTA_EXCEEDED"))).count();
-        eprintln!("50 racing launches on 2 control planes: {} created, {refused} refused by quota, {:?}", ok.len(), t.elapsed());
+        let ok: Vec<&Value> = results
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::CREATED)
+            .map(|(_, v)| v)
+            .collect();
+        let refused = results
+            .iter()
+            .filter(|(s, v)| {
+                *s == StatusCode::TOO_MANY_REQUESTS
+                    && v["error"]["code"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with("QUOTA_EXCEEDED"))
+            })
+            .count();
+        eprintln!(
+            "50 racing launches on 2 control planes: {} created, {refused} refused by quota, {:?}",
+            ok.len(),
+            t.elapsed()
+        );
         assert_eq!(ok.len(), 4, "{results:?}");
         assert_eq!(refused, 46);
         let (_, q) = call(&cp, Method::GET, "/v1/org/quotas", None).await;
@@ -380,7 +617,13 @@ fn three_workers_one_control_plane_and_failures() {
         drop(cp2);
     });
     drop(hosts);
-    let _ = Command::new("psql").args([pg.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")]).status();
+    let _ = Command::new("psql")
+        .args([
+            pg.as_str(),
+            "-qc",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        ])
+        .status();
 }
 
 /// Which host runs VM `id` (its directory is in that worker's data dir).

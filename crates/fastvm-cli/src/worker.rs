@@ -298,8 +298,32 @@ impl Control {
         }
     }
 
+    /// Use the snapshot store the control plane names (the same settings at
+    /// every registration keep the store already built).
     fn apply_snapshot_store(&self, settings: &fastvm_worker_api::cluster::SnapshotStoreSettings) {
-        let _ = settings;
-        // Wired to the runtime's snapshot store at merge (see snapshot_store.rs).
+        use fastvm_worker::snapshot_store::{SnapshotStore, StoreSettings};
+        if self
+            .runtime
+            .snapshot_store()
+            .is_some_and(|s| s.url() == settings.url)
+        {
+            return;
+        }
+        let local = StoreSettings {
+            url: settings.url.clone(),
+            endpoint: settings.endpoint.clone(),
+            region: settings.region.clone(),
+            access_key_id: settings.access_key_id.clone(),
+            secret_access_key: settings.secret_access_key.clone(),
+        };
+        match SnapshotStore::new(&local) {
+            Ok(store) => {
+                tracing::info!(url = %settings.url, "snapshots go to the cluster's snapshot store");
+                self.runtime.set_snapshot_store(Some(Arc::new(store)));
+            }
+            Err(e) => {
+                tracing::error!(url = %settings.url, error = %e, "the cluster's snapshot store is unusable; snapshots stay on this host")
+            }
+        }
     }
 }

@@ -26,7 +26,9 @@ pub enum WorkersCommand {
 pub async fn run(cmd: WorkersCommand) -> anyhow::Result<()> {
     match cmd {
         WorkersCommand::Ls { conn } => {
-            let workers = Client::new(&conn)?.get_as::<Value>("/v1/admin/workers").await?;
+            let workers = Client::new(&conn)?
+                .get_as::<Value>("/v1/admin/workers")
+                .await?;
             if conn.json {
                 return print_json(&workers);
             }

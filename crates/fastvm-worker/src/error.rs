@@ -61,6 +61,17 @@ pub enum Error {
     Network(String),
     #[error("invalid firewall policy: {0}")]
     InvalidFirewall(String),
+    /// The snapshot store (S3) failed: a transfer, a listing, a bad document.
+    #[error("snapshot store: {0}")]
+    SnapshotStore(String),
+    /// A snapshot captured by a worker whose QEMU build, accelerator, CPU
+    /// model or device set differs from this one's.
+    #[error("snapshot {id} cannot be restored on this worker: it was captured with compat key {snapshot}, this worker has {worker} (QEMU build, accelerator, CPU model and device set must match)")]
+    IncompatibleSnapshot {
+        id: String,
+        snapshot: String,
+        worker: String,
+    },
     #[error("corrupt state file {path}: {message}")]
     CorruptState { path: PathBuf, message: String },
 }

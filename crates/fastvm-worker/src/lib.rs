@@ -7,6 +7,7 @@
 //!    |-- catalog.rs                   machine types (c1m2 ...)
 //!    |-- AgentClient (agent.rs)       the guest agent over virtio-serial; exec.rs (PTYs too)
 //!    |-- ConsoleFollower (console.rs) the read-only serial console (capped console.log)
+//!    |-- SnapshotStore (snapshot_store.rs) user snapshots in S3, restorable on other workers
 //!    |-- jail.rs, cgroup.rs           confinement of QEMU: uid, fds, files, cgroup limits
 //!    |-- timeouts.rs                  budgets of QMP commands and child processes
 //!    '-- LocalWorker (local.rs)       the Runtime behind fastvm-worker-api's Worker trait
@@ -31,6 +32,7 @@ pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;
+pub mod snapshot_store;
 pub mod timeouts;
 
 pub use accel::Accel;

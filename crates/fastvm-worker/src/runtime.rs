@@ -30,6 +30,7 @@ use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
 use crate::images::{self, GuestImage, ImageStore, Progress};
 use crate::net::{NetConfig, NetRecord, Network, VmNet};
 use crate::qemu::QemuMicrovm;
+use crate::snapshot_store::{self, SnapshotStore, StoredBase, StoredSnapshot};
 use crate::timeouts;
 use fastvm_agent_proto::GuestConfig;
 use fastvm_types::FirewallPolicy;
@@ -123,6 +124,10 @@ pub struct SnapshotRecord {
     pub hostname: Option<String>,
     pub env: BTreeMap<String, String>,
     pub created_unix_ms: u64,
+    /// [`Runtime::compat_key`] of the worker that captured it; a restore on
+    /// a worker with another key is refused. `None`: recorded before keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compat_key: Option<String>,
 }
 
 /// A request to create a VM.
@@ -287,6 +292,13 @@ pub struct Runtime {
     net: Option<Network>,
     /// See [`Runtime::agent_reconnects`].
     agent_reconnects: std::sync::atomic::AtomicU64,
+    /// See [`Runtime::set_snapshot_store`].
+    store: Mutex<Option<Arc<SnapshotStore>>>,
+    /// One lock per snapshot id being fetched from (or deleted in) the
+    /// store: concurrent restores of one id fetch it once.
+    fetch_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// See [`Runtime::store_fetches`].
+    store_fetches: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -297,6 +309,14 @@ impl Runtime {
         let accel = accel::choose(cfg.accel);
         for d in ["layers", "snapshots", "golden"] {
             std::fs::create_dir_all(cfg.data_dir.join(d)).ctx(|| format!("create {d} dir"))?;
+        }
+        // Fetches from the snapshot store that a previous run left half-way.
+        if let Ok(entries) = std::fs::read_dir(cfg.data_dir.join("snapshots")) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".fetch-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let confined = crate::jail::is_root();
         if confined {
@@ -346,6 +366,9 @@ impl Runtime {
             images: Default::default(),
             progress: images::log_progress(),
             agent_reconnects: Default::default(),
+            store: Default::default(),
+            fetch_locks: Default::default(),
+            store_fetches: Default::default(),
         });
         rt.adopt_all().await?;
         Ok(rt)
@@ -602,7 +625,22 @@ impl Runtime {
             .validate()
             .map_err(|e| Error::InvalidFirewall(e.message))?;
         if let Some(id) = &req.snapshot {
-            let snap = self.snapshot_record(id)?;
+            let snap = match (self.snapshot_record(id), self.snapshot_store()) {
+                (Err(Error::NoSuchSnapshot(_)), Some(store)) => {
+                    self.fetch_snapshot(&store, id).await?
+                }
+                (r, _) => r?,
+            };
+            if let Some(theirs) = &snap.compat_key {
+                let ours = self.compat_key().await?;
+                if *theirs != ours {
+                    return Err(Error::IncompatibleSnapshot {
+                        id: id.clone(),
+                        snapshot: theirs.clone(),
+                        worker: ours,
+                    });
+                }
+            }
             return self.restore(req, &snap).await;
         }
         if !self.cfg.golden {
@@ -1141,7 +1179,24 @@ impl Runtime {
     ) -> Result<SnapshotRecord> {
         let id = snapshot_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let dir = self.snapshot_dir(&id);
-        self.capture(vm_id, id, dir, false).await
+        let Some(store) = self.snapshot_store() else {
+            return self.capture(vm_id, id, dir, false).await;
+        };
+        if !snapshot_store::valid_snapshot_id(&id) {
+            return Err(Error::SnapshotStore(format!(
+                "snapshot id {id:?} is not usable as an object key (A-Z a-z 0-9 - _ . only)"
+            )));
+        }
+        let record = self.capture(vm_id, id, dir.clone(), false).await?;
+        let t0 = std::time::Instant::now();
+        if let Err(e) = self.upload_snapshot(&store, &record).await {
+            tracing::warn!(snapshot = %record.id, error = %e, "snapshot upload failed; snapshot removed");
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = self.gc_layers().await;
+            return Err(e);
+        }
+        tracing::info!(snapshot = %record.id, ms = t0.elapsed().as_millis() as u64, "snapshot uploaded to the store");
+        Ok(record)
     }
 
     async fn capture(
@@ -1207,6 +1262,7 @@ impl Runtime {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        let compat_key = self.compat_key().await.ok();
         // The RAM backend of a restore is decided from `ram` below, never inherited.
         let mut launch = vm.record.launch.clone();
         launch.ram = None;
@@ -1229,6 +1285,7 @@ impl Runtime {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            compat_key,
         };
         write_json_atomic(&dir.join("snapshot.json"), &record)?;
         Ok(record)
@@ -1245,7 +1302,8 @@ impl Runtime {
 
     /// A user snapshot by id.
     pub fn snapshot_record(&self, id: &str) -> Result<SnapshotRecord> {
-        if id.is_empty() || id.contains('/') || id.contains("..") {
+        // A leading dot: the store's fetch staging dirs (`.fetch-<id>`).
+        if id.is_empty() || id.contains('/') || id.contains("..") || id.starts_with('.') {
             return Err(Error::NoSuchSnapshot(id.to_owned()));
         }
         let dir = self.snapshot_dir(id);
@@ -1257,8 +1315,32 @@ impl Runtime {
 
     /// Delete a user snapshot. VMs restored from it keep working: layers are
     /// collected only when no VM or snapshot references them any more.
+    ///
+    /// With a snapshot store, its `snapshots/<id>/` goes too (the local copy
+    /// may be absent: only the store's then); its layers stay in the store,
+    /// where other snapshots may share them.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        self.snapshot_record(id)?;
+        let store = self.snapshot_store();
+        // Not while a fetch of it runs (it would leave a local copy behind).
+        let lock = self.fetch_lock(id);
+        let _fetching = match store {
+            Some(_) => Some(lock.lock().await),
+            None => None,
+        };
+        let local = self.snapshot_record(id);
+        if let Some(store) = store {
+            let key = SnapshotStore::snapshot_key(id, "snapshot.json");
+            let stored = snapshot_store::valid_snapshot_id(id) && store.exists(&key).await?;
+            if stored {
+                store.delete_snapshot(id).await?;
+            } else if local.is_err() {
+                return Err(Error::NoSuchSnapshot(id.to_owned()));
+            }
+            if local.is_err() {
+                return Ok(());
+            }
+        }
+        local?;
         let dir = self.snapshot_dir(id);
         std::fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
         self.gc_layers().await
@@ -1287,14 +1369,22 @@ impl Runtime {
         Ok(build.as_str())
     }
 
-    /// What a snapshot of this host needs of another host to restore there:
-    /// the same QEMU build (version line + binary hash), accelerator and
-    /// guest CPU model. `key` digests all three.
+    /// What must match for a snapshot captured on one worker to be restored
+    /// on another: accelerator, QEMU build (version + binary hash), guest
+    /// CPU model (the `-q<16 hex>` part of golden keys) and device set
+    /// (network device or not), e.g. `tcg-q0123456789abcdef-net1`. The guest
+    /// image is not part of it: the store carries the files a snapshot sits on.
+    pub async fn compat_key(&self) -> Result<String> {
+        let build = self.qemu_build().await?;
+        let net = if self.net.is_some() { "-net1" } else { "" };
+        Ok(format!("{}-q{build}{net}", self.accel))
+    }
+
+    /// [`Runtime::compat_key`] with its parts, for a worker's registration.
     pub async fn compat_info(&self) -> Result<CompatInfo> {
-        let build = self.qemu_build().await?.to_owned();
         Ok(CompatInfo {
-            key: format!("{}-q{build}", self.accel),
-            qemu_build: build,
+            key: self.compat_key().await?,
+            qemu_build: self.qemu_build().await?.to_owned(),
             accel: self.accel.to_string(),
             cpu_model: cpu_model(self.accel),
         })
@@ -1485,6 +1575,391 @@ impl Runtime {
             m.clear();
         }
     }
+}
+
+/// The snapshot store side of the runtime (see [`crate::snapshot_store`]):
+/// uploads after a capture, fetches into the local layout before a restore.
+impl Runtime {
+    /// Use `store` for user snapshots from now on (`None`: local only).
+    /// With a store, [`Runtime::snapshot`] returns once the snapshot is in
+    /// the store, [`Runtime::create`] fetches snapshots it does not have,
+    /// and [`Runtime::delete_snapshot`] deletes them there too. Golden
+    /// snapshots never go to the store.
+    pub fn set_snapshot_store(&self, store: Option<Arc<SnapshotStore>>) {
+        if let Ok(mut s) = self.store.lock() {
+            *s = store;
+        }
+    }
+
+    pub fn snapshot_store(&self) -> Option<Arc<SnapshotStore>> {
+        self.store.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Snapshots fetched from the store since this runtime opened.
+    pub fn store_fetches(&self) -> u64 {
+        self.store_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn fetch_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.fetch_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn image_dir(&self) -> PathBuf {
+        self.cfg
+            .image_dir
+            .clone()
+            .unwrap_or_else(|| self.cfg.data_dir.join("images"))
+    }
+
+    /// Upload a captured snapshot: image files and layers (skipped when
+    /// the store has them), the memory file, then `snapshot.json`.
+    async fn upload_snapshot(&self, store: &SnapshotStore, record: &SnapshotRecord) -> Result<()> {
+        if record.ram.is_some() {
+            return Err(Error::SnapshotStore(
+                "a snapshot over a shared RAM image (golden) cannot be stored".into(),
+            ));
+        }
+        let compat_key = match &record.compat_key {
+            Some(k) => k.clone(),
+            None => self.compat_key().await?,
+        };
+        let bottom = record.layers.last().ok_or_else(|| Error::CorruptState {
+            path: record.memory.clone(),
+            message: "snapshot without disk layers".into(),
+        })?;
+        // Image files, layers and memory go up at once (each a bounded stream).
+        let images = async {
+            let kernel = upload_image_file(store, &record.launch.kernel).await?;
+            let initrd = upload_image_file(store, &record.launch.initrd).await?;
+            let base = match qemu_img_backing(bottom).await? {
+                Some((path, format)) => Some(StoredBase {
+                    sha256: upload_image_file(store, &path).await?,
+                    format,
+                }),
+                None => None,
+            };
+            Ok::<_, Error>((kernel, initrd, base))
+        };
+        let layers = async {
+            let mut layers = Vec::with_capacity(record.layers.len());
+            for layer in &record.layers {
+                // A layer fetched from the store is named by its digest there
+                // (its local backing name differs, so its content does too).
+                let digest = match layer.file_stem().and_then(|n| n.to_str()) {
+                    Some(n) if snapshot_store::is_digest(n) => n.to_owned(),
+                    _ => snapshot_store::sha256_file(layer).await?,
+                };
+                let uploaded = store
+                    .upload_if_missing(layer, &SnapshotStore::layer_key(&digest))
+                    .await?;
+                tracing::debug!(layer = %layer.display(), %digest, uploaded, "snapshot layer in the store");
+                layers.push(digest);
+            }
+            Ok(layers)
+        };
+        let memory_key = SnapshotStore::snapshot_key(&record.id, "memory");
+        let memory = store.upload_file(&record.memory, &memory_key);
+        let ((kernel, initrd, base), layers, memory) = tokio::try_join!(images, layers, memory)?;
+        let mut record = record.clone();
+        record.compat_key = Some(compat_key.clone());
+        store
+            .put_snapshot(&StoredSnapshot {
+                format: snapshot_store::FORMAT,
+                compat_key,
+                record,
+                layers,
+                base,
+                kernel,
+                initrd,
+                memory,
+            })
+            .await
+    }
+
+    /// Fetch snapshot `id` from the store into `<data>/snapshots/<id>/`
+    /// (layers into `<data>/layers/<digest>.qcow2`, image files into the
+    /// image dir's `blobs/<digest>`), once for concurrent callers.
+    async fn fetch_snapshot(&self, store: &SnapshotStore, id: &str) -> Result<SnapshotRecord> {
+        let lock = self.fetch_lock(id);
+        let _single = lock.lock().await;
+        if let Ok(r) = self.snapshot_record(id) {
+            return Ok(r);
+        }
+        let t0 = std::time::Instant::now();
+        let doc = store.get_snapshot(id).await?;
+        let ours = self.compat_key().await?;
+        if doc.compat_key != ours {
+            return Err(Error::IncompatibleSnapshot {
+                id: id.to_owned(),
+                snapshot: doc.compat_key,
+                worker: ours,
+            });
+        }
+        let digests = doc
+            .layers
+            .iter()
+            .chain([&doc.kernel, &doc.initrd, &doc.memory.sha256])
+            .chain(doc.base.as_ref().map(|b| &b.sha256));
+        if doc.layers.is_empty()
+            || doc.record.ram.is_some()
+            || !digests.into_iter().all(|d| snapshot_store::is_digest(d))
+            || doc
+                .base
+                .as_ref()
+                .is_some_and(|b| !matches!(b.format.as_str(), "raw" | "qcow2"))
+        {
+            return Err(Error::SnapshotStore(format!(
+                "snapshot {id}: malformed snapshot.json in the store"
+            )));
+        }
+        let staging = self
+            .cfg
+            .data_dir
+            .join("snapshots")
+            .join(format!(".fetch-{id}"));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
+        let result = self.fetch_into(store, &doc, &staging).await;
+        let _ = std::fs::remove_dir_all(&staging);
+        let record = match result {
+            // Deleted from the store while it was being fetched.
+            Err(e @ Error::SnapshotStore(_)) => {
+                let key = SnapshotStore::snapshot_key(id, "snapshot.json");
+                return Err(match store.exists(&key).await {
+                    Ok(false) => Error::NoSuchSnapshot(id.to_owned()),
+                    _ => e,
+                });
+            }
+            r => r?,
+        };
+        self.store_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(snapshot = %id, ms = t0.elapsed().as_millis() as u64, "snapshot fetched from the store");
+        Ok(record)
+    }
+
+    /// Download what snapshot `doc` needs and this worker lacks (image
+    /// files, memory and layers at once), then commit it.
+    async fn fetch_into(
+        &self,
+        store: &SnapshotStore,
+        doc: &StoredSnapshot,
+        staging: &std::path::Path,
+    ) -> Result<SnapshotRecord> {
+        let blobs = self.image_dir().join("blobs");
+        let base = doc
+            .base
+            .as_ref()
+            .map(|b| (blobs.join(&b.sha256), b.format.clone()));
+        let images = async {
+            for digest in [&doc.kernel, &doc.initrd]
+                .into_iter()
+                .chain(doc.base.as_ref().map(|b| &b.sha256))
+            {
+                self.fetch_image_file(store, digest).await?;
+            }
+            Ok(())
+        };
+        let (memory_key, memory_file) = (
+            SnapshotStore::snapshot_key(&doc.record.id, "memory"),
+            staging.join("memory"),
+        );
+        let memory = store.download_verified(&memory_key, &doc.memory.sha256, &memory_file);
+        let layers = self.download_layers(store, doc, staging, base.as_ref());
+        tokio::try_join!(images, memory, layers)?;
+        loop {
+            if let Some(record) = self.commit_fetched(doc, staging, &blobs).await? {
+                return Ok(record);
+            }
+            // A layer that was here got collected meanwhile: fetch it too.
+            self.download_layers(store, doc, staging, base.as_ref())
+                .await?;
+        }
+    }
+
+    fn fetched_layer(&self, digest: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("layers")
+            .join(format!("{digest}.qcow2"))
+    }
+
+    /// Download the layers of `doc` this worker lacks into `staging` (not
+    /// under `layers/`: layer collection removes unreferenced files there)
+    /// and point each at the local path of the layer below it (the bottom
+    /// one at the base disk).
+    async fn download_layers(
+        &self,
+        store: &SnapshotStore,
+        doc: &StoredSnapshot,
+        staging: &std::path::Path,
+        base: Option<&(PathBuf, String)>,
+    ) -> Result<()> {
+        for (i, digest) in doc.layers.iter().enumerate() {
+            let staged = staging.join(format!("{digest}.qcow2"));
+            if self.fetched_layer(digest).is_file() || staged.is_file() {
+                continue;
+            }
+            store
+                .download_verified(&SnapshotStore::layer_key(digest), digest, &staged)
+                .await?;
+            let backing = match doc.layers.get(i + 1) {
+                Some(below) => Some((self.fetched_layer(below), "qcow2".to_owned())),
+                None => base.cloned(),
+            };
+            qemu_img_rebase(&staged, backing.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Move the fetched layers into `layers/` and commit the snapshot's
+    /// directory, under the layers lock, so that collection sees either
+    /// neither or both. `None` when a layer that was here is gone.
+    async fn commit_fetched(
+        &self,
+        doc: &StoredSnapshot,
+        staging: &std::path::Path,
+        blobs: &std::path::Path,
+    ) -> Result<Option<SnapshotRecord>> {
+        let _layers = self.layers_lock.lock().await;
+        let staged = |d: &str| staging.join(format!("{d}.qcow2"));
+        if doc
+            .layers
+            .iter()
+            .any(|d| !self.fetched_layer(d).is_file() && !staged(d).is_file())
+        {
+            return Ok(None);
+        }
+        for digest in &doc.layers {
+            if staged(digest).is_file() {
+                let dest = self.fetched_layer(digest);
+                std::fs::rename(staged(digest), &dest)
+                    .ctx(|| format!("move {} into place", dest.display()))?;
+                if crate::jail::is_root() {
+                    crate::jail::make_shared_readonly(&dest)
+                        .ctx(|| format!("chown {}", dest.display()))?;
+                }
+            }
+        }
+        let dir = self.snapshot_dir(&doc.record.id);
+        let mut record = doc.record.clone();
+        record.layers = doc.layers.iter().map(|d| self.fetched_layer(d)).collect();
+        record.memory = dir.join("memory");
+        record.ram = None;
+        record.launch.kernel = blobs.join(&doc.kernel);
+        record.launch.initrd = blobs.join(&doc.initrd);
+        record.launch.disk = record.layers[0].clone();
+        record.compat_key = Some(doc.compat_key.clone());
+        write_json_atomic(&staging.join("snapshot.json"), &record)?;
+        if dir.exists() && !dir.join("snapshot.json").exists() {
+            // Left by an earlier fetch or capture that died half-way.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
+        Ok(Some(record))
+    }
+
+    /// The local path of image file `digest` (kernel, initramfs, base
+    /// disk), downloaded into `<image dir>/blobs/` when absent: the image
+    /// store's own content-addressed layout.
+    async fn fetch_image_file(&self, store: &SnapshotStore, digest: &str) -> Result<PathBuf> {
+        let blobs = self.image_dir().join("blobs");
+        let dest = blobs.join(digest);
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        std::fs::create_dir_all(&blobs).ctx(|| format!("create {}", blobs.display()))?;
+        let tmp = blobs.join(format!(".{digest}.{}.fetch", uuid::Uuid::new_v4()));
+        store
+            .download_verified(&SnapshotStore::image_key(digest), digest, &tmp)
+            .await?;
+        let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+        let moved = std::fs::set_permissions(&tmp, readable)
+            .and_then(|()| std::fs::rename(&tmp, &dest))
+            .ctx(|| format!("store {}", dest.display()));
+        if moved.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        moved?;
+        Ok(dest)
+    }
+}
+
+/// Upload an image file (kernel, initramfs, base disk) as `images/<digest>`
+/// unless the store has it; its digest. Files of the image store are named
+/// by their digest already (not hashed again).
+async fn upload_image_file(store: &SnapshotStore, path: &std::path::Path) -> Result<String> {
+    let digest = match path.file_name().and_then(|n| n.to_str()) {
+        Some(n) if snapshot_store::is_digest(n) => n.to_owned(),
+        _ => snapshot_store::sha256_file(path).await?,
+    };
+    store
+        .upload_if_missing(path, &SnapshotStore::image_key(&digest))
+        .await?;
+    Ok(digest)
+}
+
+/// The backing file (as a path, resolved like QEMU does) and its format of
+/// qcow2 image `layer`, if it has one.
+async fn qemu_img_backing(layer: &std::path::Path) -> Result<Option<(PathBuf, String)>> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["info", "-U", "--output=json", "-f", "qcow2"])
+        .arg(layer)
+        .stdin(std::process::Stdio::null());
+    let out = timeouts::output_within(&mut cmd, timeouts::QEMU_IMG, "qemu-img info").await?;
+    if !out.status.success() {
+        return Err(Error::Qemu(format!(
+            "qemu-img info {} failed: {}",
+            layer.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Qemu(format!("qemu-img info {}: {e}", layer.display())))?;
+    let Some(backing) = info
+        .get("full-backing-filename")
+        .or_else(|| info.get("backing-filename"))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return Ok(None);
+    };
+    let format = info
+        .get("backing-filename-format")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("raw")
+        .to_owned();
+    Ok(Some((PathBuf::from(backing), format)))
+}
+
+/// Point qcow2 `layer` at `backing` (or at nothing) without touching its
+/// data (`qemu-img rebase -u`): a fetched layer still names the backing
+/// path of the worker that captured it.
+async fn qemu_img_rebase(
+    layer: &std::path::Path,
+    backing: Option<&(PathBuf, String)>,
+) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["rebase", "-u", "-f", "qcow2"]);
+    match backing {
+        Some((path, format)) => {
+            cmd.args(["-F", format.as_str(), "-b"]).arg(path);
+        }
+        None => {
+            cmd.args(["-b", ""]);
+        }
+    }
+    cmd.arg(layer).stdin(std::process::Stdio::null());
+    let out = timeouts::output_within(&mut cmd, timeouts::QEMU_IMG, "qemu-img rebase").await?;
+    if !out.status.success() {
+        return Err(Error::Qemu(format!(
+            "qemu-img rebase {} failed: {}",
+            layer.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// True for a restore that failed in QEMU (the snapshot's state or disk
