@@ -34,6 +34,7 @@
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod fleet;
 mod lifecycle;
 pub mod metrics;
 pub mod openapi;
@@ -140,7 +141,8 @@ pub struct AppState {
 
 struct Inner {
     store: Store,
-    worker: Arc<dyn Worker>,
+    /// The workers this control plane drives (embedded: the one of this process).
+    fleet: fleet::Fleet,
     launch_wait: Duration,
     /// Restores hold it shared until their VM runs (or failed); deleting a
     /// snapshot holds it exclusively, so a snapshot's files never vanish
@@ -172,11 +174,17 @@ struct Inner {
 }
 
 impl AppState {
+    /// A single-host state: `worker` runs every VM.
     pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
+        AppState::with_fleet(store, fleet::Fleet::embedded(worker), launch_wait)
+    }
+
+    /// A state over `fleet` (a cluster control plane, see [`fleet::Fleet::cluster`]).
+    pub fn with_fleet(store: Store, fleet: fleet::Fleet, launch_wait: Duration) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 store,
-                worker,
+                fleet,
                 launch_wait,
                 snapshot_use: Default::default(),
                 quota_locks: Default::default(),
@@ -304,8 +312,9 @@ impl AppState {
         &self.inner.store
     }
 
-    pub fn worker(&self) -> &Arc<dyn Worker> {
-        &self.inner.worker
+    /// The workers of this control plane.
+    pub fn fleet(&self) -> &fleet::Fleet {
+        &self.inner.fleet
     }
 
     pub fn launch_wait(&self) -> Duration {
@@ -594,7 +603,7 @@ async fn serve_on(
     };
     drop(side);
     reaper.stop().await;
-    state.worker().detach();
+    state.fleet().detach();
     state.store().close().await;
     result
 }

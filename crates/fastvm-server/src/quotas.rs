@@ -9,10 +9,11 @@
 //! that reserves the resources (the `provisioning` VM row, the `creating`
 //! snapshot row) run under one async mutex per org ([`AppState::quota_lock`]).
 //! Concurrent launches of one org therefore queue at the check and each sees
-//! the rows of the ones before it. This holds because one server process
-//! owns the store (see docs/ARCHITECTURE.md); several server processes on
-//! one PostgreSQL would need the check-and-insert in a transaction that locks
-//! the org's `org_quotas` row (`SELECT ... FOR UPDATE`).
+//! the rows of the ones before it. That holds for one server process; in
+//! cluster mode (several control planes on one PostgreSQL) a launch's check
+//! and insert run in one transaction holding the org's `orgs` row
+//! `FOR UPDATE` (see crate::fleet). Snapshot and resume checks still rely on
+//! the in-process mutex only.
 
 use crate::error::{codes, ApiError};
 use crate::AppState;
@@ -90,6 +91,18 @@ fn vm_needs(limits: &OrgQuotaValues, usage: &OrgQuotaValues, shape: VmShape) -> 
             requested: shape.disk_gib,
         },
     ]
+}
+
+/// 429 unless `org`, using `usage` of its `limits`, can take one more VM of
+/// `shape` (placement checks this inside its transaction, see crate::fleet).
+pub(crate) fn check_vm_limits(
+    org: OrgId,
+    action: &str,
+    limits: &OrgQuotaValues,
+    usage: &OrgQuotaValues,
+    shape: VmShape,
+) -> Result<(), ApiError> {
+    check(org, action, &vm_needs(limits, usage, shape))
 }
 
 impl AppState {

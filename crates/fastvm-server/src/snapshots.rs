@@ -102,13 +102,11 @@ impl AppState {
             bucket_mounts: vec![],
             created_at_ms: now_ms(),
             deleted_at_ms: None,
+            compat_key: None,
+            stored: false,
         };
-        if rec.worker_id != self.worker().id() {
-            return Err(ApiError::invalid_state(format!(
-                "VM {} runs on worker {:?}, which this server does not drive",
-                vm.id, rec.worker_id
-            )));
-        }
+        let worker = self.worker_for(&rec.worker_id).await?;
+        (rec.compat_key, rec.stored) = self.fleet().snapshot_traits(&rec.worker_id).await;
         {
             // Check and reserve (the creating row) atomically per org.
             let lock = self.quota_lock(caller.org_id);
@@ -122,7 +120,7 @@ impl AppState {
         // In its own task: a client hanging up does not abandon the capture half-way.
         let capture = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = state.worker().snapshot(vm_id, id).await;
+            let result = worker.snapshot(vm_id, id).await;
             state
                 .metrics()
                 .snapshot_finished(result.is_ok(), started.elapsed().as_secs_f64());
@@ -208,7 +206,10 @@ impl AppState {
         }
         // Waits for restores in flight (they hold it shared).
         let _exclusive = self.snapshot_use().write().await;
-        self.worker().delete_snapshot(id).await?;
+        self.worker_for(&rec.worker_id)
+            .await?
+            .delete_snapshot(id)
+            .await?;
         if !self
             .store()
             .mark_snapshot_deleted(org, id, now_ms())
@@ -228,11 +229,15 @@ impl AppState {
             .list_snapshots_in(SnapshotStatus::Creating)
             .await?
         {
-            if rec.worker_id != self.worker().id() {
+            // Cluster: another control plane may be capturing it right now.
+            if self.fleet().is_cluster() {
                 continue;
             }
+            let Ok(worker) = self.worker_for(&rec.worker_id).await else {
+                continue;
+            };
             tracing::info!(snapshot = %rec.id, "a capture was interrupted by the last shutdown; marking it error");
-            if let Err(e) = self.worker().delete_snapshot(rec.id).await {
+            if let Err(e) = worker.delete_snapshot(rec.id).await {
                 tracing::warn!(snapshot = %rec.id, error = %e, "could not remove the interrupted capture's files");
             }
             let message = "the server stopped while the snapshot was being captured";

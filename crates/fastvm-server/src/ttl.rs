@@ -2,7 +2,7 @@
 //! (`expiresAtMs`) has passed.
 //!
 //! It keeps no timers of its own: each round it asks the store for the due
-//! VMs of this server's worker and the next deadline, fires the due ones,
+//! VMs of this server's workers (every reachable one in cluster mode) and the next deadline, fires the due ones,
 //! then sleeps until the next deadline (at most [`MAX_NAP`]) or until a VM
 //! row with a deadline changes ([`AppState::ttl_changed`]). So timers
 //! survive restarts by construction: a deadline that passed while the server
@@ -113,8 +113,15 @@ impl AppState {
         fired: &mut tokio::task::JoinSet<VmId>,
         in_flight: &mut HashSet<VmId>,
     ) -> Result<Option<i64>, crate::error::ApiError> {
-        let worker_id = self.worker().id().to_owned();
-        let due = self.store().list_ttl_due(&worker_id, now_ms()).await?;
+        // Every worker's VMs (cluster: one query per reachable worker).
+        let mut due = Vec::new();
+        let mut next: Option<i64> = None;
+        for worker in self.fleet().reachable().await {
+            due.extend(self.store().list_ttl_due(worker.id(), now_ms()).await?);
+            if let Some(n) = self.store().next_ttl_deadline(worker.id()).await? {
+                next = Some(next.map_or(n, |m: i64| m.min(n)));
+            }
+        }
         for rec in due {
             let Some(ttl) = rec.ttl else { continue };
             if !in_flight.insert(rec.id) {
@@ -134,6 +141,6 @@ impl AppState {
                 id
             });
         }
-        Ok(self.store().next_ttl_deadline(&worker_id).await?)
+        Ok(next)
     }
 }

@@ -13,10 +13,13 @@
 use async_trait::async_trait;
 use fastvm_types::{FirewallPolicy, SnapshotId, VmId};
 use fastvm_worker::runtime::CreateVm;
-use fastvm_worker::{ExecEvent, ExecRequest, MachineType, Runtime, VmState};
+use fastvm_worker::{ExecEvent, ExecRequest, MachineType, Runtime};
 use futures::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// A VM process's state as a worker reports it.
+pub use fastvm_worker::VmState;
 
 /// Errors of a worker operation; each message says what failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -38,10 +38,16 @@ pub struct SnapshotRecord {
     pub bucket_mounts: Vec<SnapshotBucketMountAttachment>,
     pub created_at_ms: i64,
     pub deleted_at_ms: Option<i64>,
+    /// The capturing worker's compatibility key; `None`: restorable only on
+    /// `worker_id` (single-host servers, or a cluster without a snapshot store).
+    pub compat_key: Option<String>,
+    /// In the shared snapshot store: restorable on any ready worker with the
+    /// same `compat_key`.
+    pub stored: bool,
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, org_id, vm_id, worker_id, name, status, status_message, machine_name, cpu, memory_mib, disk_gib, \
-     metadata, env_vars, firewall, services, volumes, bucket_mounts, created_at_ms, deleted_at_ms";
+     metadata, env_vars, firewall, services, volumes, bucket_mounts, created_at_ms, deleted_at_ms, compat_key, stored";
 
 fn corrupt(message: String) -> StoreError {
     StoreError::Corrupt {
@@ -104,6 +110,8 @@ fn snapshot_from_row(row: &AnyRow) -> Result<SnapshotRecord> {
         bucket_mounts: json_col(row, "bucket_mounts")?,
         created_at_ms: row.try_get("created_at_ms")?,
         deleted_at_ms: row.try_get("deleted_at_ms")?,
+        compat_key: row.try_get("compat_key")?,
+        stored: row.try_get::<i64, _>("stored")? != 0,
     })
 }
 
@@ -111,7 +119,7 @@ impl Store {
     /// Insert a new snapshot row.
     pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
         sqlx::query(&format!(
-            "INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+            "INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
         ))
         .bind(s.id.to_string())
         .bind(s.org_id.to_string())
@@ -132,6 +140,8 @@ impl Store {
         .bind(to_json(&s.bucket_mounts)?)
         .bind(s.created_at_ms)
         .bind(s.deleted_at_ms)
+        .bind(s.compat_key.clone())
+        .bind(i64::from(s.stored))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -124,18 +124,18 @@ fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
     })
 }
 
-impl Store {
-    /// Insert a new VM row.
-    pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
-        ))
+/// The INSERT of a new VM row (run on the pool or inside placement's transaction).
+fn insert_vm_query(vm: &VmRecord) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)")
+    });
+    let q = sqlx::query(SQL.as_str())
         .bind(vm.id.to_string())
         .bind(vm.org_id.to_string())
-        .bind(&vm.worker_id)
-        .bind(&vm.name)
-        .bind(&vm.machine_name)
-        .bind(&vm.source_name)
+        .bind(vm.worker_id.clone())
+        .bind(vm.name.clone())
+        .bind(vm.machine_name.clone())
+        .bind(vm.source_name.clone())
         .bind(i64::from(vm.cpu))
         .bind(i64::try_from(vm.memory_mib).unwrap_or(i64::MAX))
         .bind(i64::try_from(vm.disk_gib).unwrap_or(i64::MAX))
@@ -153,11 +153,23 @@ impl Store {
         .bind(vm.deleted_at_ms)
         .bind(vm.version)
         .bind(vm.public_ipv6.clone())
-        .bind(to_json(&vm.services)?)
-        .execute(&self.pool)
-        .await?;
+        .bind(to_json(&vm.services)?);
+    Ok(q)
+}
+
+/// [`Store::insert_vm`] on `conn` (inside placement's transaction).
+pub(crate) async fn insert_vm_on(conn: &mut sqlx::AnyConnection, vm: &VmRecord) -> Result<()> {
+    insert_vm_query(vm)?.execute(&mut *conn).await?;
+    Ok(())
+}
+
+impl Store {
+    /// Insert a new VM row.
+    pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
+        insert_vm_query(vm)?.execute(&self.pool).await?;
         Ok(())
     }
+
 
     /// How many live VMs there are in each status, across every org (metrics).
     pub async fn count_vms_by_status(&self) -> Result<Vec<(VmStatus, i64)>> {

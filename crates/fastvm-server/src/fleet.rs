@@ -1,0 +1,789 @@
+//! The workers a control plane drives ([`Fleet`]): which worker runs a VM,
+//! where a new VM goes (placement), and what happens when a worker is lost
+//! or comes back.
+//!
+//! Two shapes:
+//! - **embedded** ([`Fleet::embedded`]): `fastvm serve`'s single host. One
+//!   worker (`local`), no `workers` table, launches reserve under the org's
+//!   in-process quota mutex exactly as before cluster mode existed.
+//! - **cluster** ([`Fleet::cluster`]): workers register over HTTP
+//!   (`routes/internal.rs`) into the `workers` table. Handles on them come
+//!   from a connector (the remote client in production, in-process fakes in
+//!   tests), cached per (id, generation). Every call carries the per-worker
+//!   token [`worker_token`] of the generation the handle was made for, so a
+//!   handle of an older generation is refused by the worker (fencing).
+//!
+//! Placement ([`Fleet::place`], cluster only) runs quota check, choice of
+//! worker and VM row insert in one transaction (the VM row with its
+//! `worker_id` is the reservation): on PostgreSQL it locks the org's row and
+//! then the chosen worker's row `FOR UPDATE`, so several control planes
+//! racing launches can neither pass an org's quota nor overfill a worker; on
+//! SQLite (one control plane) an in-process mutex serialises placements.
+//! Best-of-K: [`PLACEMENT_CHOICES`] random `ready` candidates (filtered by the
+//! snapshot's compatibility key, or the snapshot's own worker when it is not
+//! in the shared store), the one with the most free memory (then vCPUs)
+//! that fits wins. Capacity: `cpus * CPU_OVERCOMMIT` vCPUs and `memory_mib`
+//! MiB, minus the live VMs on it (not stopped or error).
+//!
+//! Failure ([`spawn_monitor`]): every [`MONITOR_EVERY`] each control plane
+//! marks `ready` workers without a heartbeat for [`HEARTBEAT_TIMEOUT`]
+//! `unreachable` and their VMs `unknown` (idempotent statements). When a
+//! worker registers again ([`AppState::reconcile_worker`]) its VMs are
+//! reconciled: rows it still runs take its state, VMs it runs that the store
+//! deleted or placed elsewhere are deleted on it, rows it does not know
+//! become `error` ("lost with its worker"). On PostgreSQL, registrations and
+//! status changes are announced on the `fastvm_workers` channel
+//! (`LISTEN/NOTIFY`) so every control plane drops its cached handle at once;
+//! the monitor's round also compares the cache with the table.
+
+use crate::error::{codes, ApiError};
+use crate::quotas::{check_vm_limits, VmShape};
+use crate::store::{self, Backend, Store, VmRecord, WorkerRecord, WorkerStatus};
+use crate::worker::{Worker, WorkerError};
+use crate::AppState;
+use axum::http::StatusCode;
+use fastvm_types::{VmId, VmStatus};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How many random candidates placement compares (best-of-K).
+pub const PLACEMENT_CHOICES: usize = 3;
+/// vCPUs placed per host CPU.
+pub const CPU_OVERCOMMIT: u64 = 4;
+/// How often workers heartbeat (told to them at registration).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A `ready` worker silent this long becomes `unreachable`.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the monitor looks.
+pub const MONITOR_EVERY: Duration = Duration::from_secs(2);
+/// The `LISTEN/NOTIFY` channel of worker changes (payload: the worker id).
+pub const NOTIFY_CHANNEL: &str = "fastvm_workers";
+/// The `statusMessage` of a VM whose worker is lost.
+pub const UNKNOWN_MESSAGE: &str =
+    "the VM's worker stopped answering; the VM may still run there and is reconciled when the worker returns";
+/// How often a placement transaction is retried (lost races, deadlocks).
+const PLACE_ATTEMPTS: usize = 8;
+
+/// Where and how to reach a worker: what a [`Connector`] gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEndpoint {
+    pub id: String,
+    /// `http://host:port`, as the worker registered it.
+    pub address: String,
+    /// The per-worker bearer token of `generation` ([`worker_token`]).
+    pub token: String,
+    pub generation: i64,
+}
+
+/// Makes a handle on a remote worker.
+pub type Connector = Arc<dyn Fn(WorkerEndpoint) -> Arc<dyn Worker> + Send + Sync>;
+
+/// The per-worker token: lowercase hex of HMAC-SHA256 keyed with the
+/// cluster secret (the text of `<data>/worker-token`, whitespace trimmed,
+/// as bytes) over `fastvm-worker:{id}:{generation}`.
+pub fn worker_token(secret: &str, id: &str, generation: i64) -> String {
+    // HMAC takes keys of any length: new_from_slice cannot fail.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.trim().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(format!("fastvm-worker:{id}:{generation}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Constant-time comparison of two secrets.
+pub fn secrets_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Which workers may take a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affinity {
+    /// Any ready worker (a fresh launch).
+    Any,
+    /// Ready workers with this compatibility key (a restore of a snapshot in
+    /// the shared store).
+    Compatible(String),
+    /// Only this worker (a restore of a snapshot that lives only there).
+    Only(String),
+}
+
+struct Cached {
+    generation: i64,
+    status: WorkerStatus,
+    worker: Arc<dyn Worker>,
+}
+
+struct Cluster {
+    store: Store,
+    secret: String,
+    connector: Connector,
+    /// An embedded worker beside the remote ones (served without a table lookup).
+    local: Option<Arc<dyn Worker>>,
+    /// Snapshots go to the shared store (restorable across compatible workers).
+    snapshot_store: bool,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// SQLite: placements of this process one at a time (one writer anyway).
+    sqlite_placement: tokio::sync::Mutex<()>,
+}
+
+enum Kind {
+    Embedded(Arc<dyn Worker>),
+    Cluster(Box<Cluster>),
+}
+
+/// The workers of this control plane (see the module docs).
+pub struct Fleet {
+    kind: Kind,
+}
+
+impl Fleet {
+    /// Single host: `worker` runs every VM.
+    pub fn embedded(worker: Arc<dyn Worker>) -> Self {
+        Fleet {
+            kind: Kind::Embedded(worker),
+        }
+    }
+
+    /// Cluster: the workers of the `workers` table, reached through `connector`
+    /// with tokens derived from `secret`.
+    pub fn cluster(store: Store, secret: impl Into<String>, connector: Connector) -> Self {
+        Fleet {
+            kind: Kind::Cluster(Box::new(Cluster {
+                store,
+                secret: secret.into().trim().to_owned(),
+                connector,
+                local: None,
+                snapshot_store: false,
+                cache: Mutex::new(HashMap::new()),
+                sqlite_placement: tokio::sync::Mutex::new(()),
+            })),
+        }
+    }
+
+    /// Cluster with an embedded worker too (`fastvm serve` on PostgreSQL
+    /// without `--no-local-worker`): requests for its id use it directly;
+    /// it takes new VMs only if it has a `workers` row (register it with
+    /// [`Store::register_worker`]).
+    pub fn with_local(mut self, worker: Arc<dyn Worker>) -> Self {
+        if let Kind::Cluster(c) = &mut self.kind {
+            c.local = Some(worker);
+        }
+        self
+    }
+
+    /// Cluster with a shared snapshot store: snapshots are recorded `stored`
+    /// with their worker's compatibility key.
+    pub fn with_snapshot_store(mut self, on: bool) -> Self {
+        if let Kind::Cluster(c) = &mut self.kind {
+            c.snapshot_store = on;
+        }
+        self
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster(_))
+    }
+
+    /// The embedded worker, if this control plane has one.
+    pub fn local(&self) -> Option<&Arc<dyn Worker>> {
+        match &self.kind {
+            Kind::Embedded(w) => Some(w),
+            Kind::Cluster(c) => c.local.as_ref(),
+        }
+    }
+
+    /// The cluster secret (cluster mode).
+    pub fn secret(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Embedded(_) => None,
+            Kind::Cluster(c) => Some(&c.secret),
+        }
+    }
+
+    /// The worker `worker_id`: `Unreachable` when it is not known or its row
+    /// is `unreachable`. Handles are cached per (id, generation).
+    pub async fn get(&self, worker_id: &str) -> Result<Arc<dyn Worker>, WorkerError> {
+        let c = match &self.kind {
+            Kind::Embedded(w) if w.id() == worker_id => return Ok(w.clone()),
+            Kind::Embedded(_) => {
+                return Err(WorkerError::Unreachable(format!(
+                    "worker {worker_id:?} is not driven by this server"
+                )))
+            }
+            Kind::Cluster(c) => c,
+        };
+        if let Some(w) = c.local.as_ref().filter(|w| w.id() == worker_id) {
+            return Ok(w.clone());
+        }
+        if let Some(found) = c.cached(worker_id) {
+            return found;
+        }
+        let row = c
+            .store
+            .get_worker(worker_id)
+            .await
+            .map_err(|e| WorkerError::Failed(format!("looking up worker {worker_id:?}: {e}")))?
+            .ok_or_else(|| WorkerError::Unreachable(format!("no worker {worker_id:?}")))?;
+        c.remember(&row);
+        c.cached(worker_id).unwrap_or_else(|| {
+            Err(WorkerError::Unreachable(format!(
+                "worker {worker_id:?} is unknown"
+            )))
+        })
+    }
+
+    /// Forget the cached handle of `worker_id` (it registered again or changed status).
+    pub fn invalidate(&self, worker_id: &str) {
+        if let Kind::Cluster(c) = &self.kind {
+            if let Ok(mut cache) = c.cache.lock() {
+                cache.remove(worker_id);
+            }
+        }
+    }
+
+    /// Align the cache with the table: entries whose generation changed are
+    /// dropped, statuses are refreshed.
+    pub async fn refresh(&self) -> Result<(), store::StoreError> {
+        let Kind::Cluster(c) = &self.kind else {
+            return Ok(());
+        };
+        let rows = c.store.list_workers().await?;
+        let by_id: HashMap<&str, &WorkerRecord> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
+        if let Ok(mut cache) = c.cache.lock() {
+            cache.retain(|id, e| match by_id.get(id.as_str()) {
+                Some(r) if r.generation == e.generation => {
+                    e.status = r.status;
+                    true
+                }
+                _ => false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every worker handle to sweep (TTL, firewalls): the embedded one, or
+    /// each worker of the table that is not unreachable.
+    pub async fn reachable(&self) -> Vec<Arc<dyn Worker>> {
+        match &self.kind {
+            Kind::Embedded(w) => vec![w.clone()],
+            Kind::Cluster(c) => {
+                let mut out: Vec<Arc<dyn Worker>> = c.local.iter().cloned().collect();
+                let rows = match c.store.list_workers().await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listing workers failed");
+                        return out;
+                    }
+                };
+                for r in rows {
+                    if r.status == WorkerStatus::Unreachable || out.iter().any(|w| w.id() == r.id) {
+                        continue;
+                    }
+                    c.remember(&r);
+                    if let Some(Ok(w)) = c.cached(&r.id) {
+                        out.push(w);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Whether snapshots of VMs on `worker_id` are restorable elsewhere:
+    /// its compatibility key and `stored`, for the snapshot row.
+    pub async fn snapshot_traits(&self, worker_id: &str) -> (Option<String>, bool) {
+        let Kind::Cluster(c) = &self.kind else {
+            return (None, false);
+        };
+        if !c.snapshot_store {
+            return (None, false);
+        }
+        match c.store.get_worker(worker_id).await {
+            Ok(Some(r)) => (Some(r.compat_key), true),
+            _ => (None, false),
+        }
+    }
+
+    /// Let go of the embedded worker's VMs (server shutdown); remote workers keep theirs.
+    pub fn detach(&self) {
+        if let Some(w) = self.local() {
+            w.detach();
+        }
+    }
+
+    /// Cluster placement: check the org's quota, choose a worker for `vm`
+    /// among those `affinity` allows, set `vm.worker_id` and insert the row,
+    /// all in one transaction (see the module docs). 429 over quota, 503
+    /// `NO_CAPACITY` when no worker fits. The embedded fleet inserts under
+    /// the caller's quota mutex instead (see `AppState::reserve_vm`).
+    pub(crate) async fn place(
+        &self,
+        vm: &mut VmRecord,
+        affinity: &Affinity,
+        action: &str,
+    ) -> Result<(), ApiError> {
+        let Kind::Cluster(c) = &self.kind else {
+            return Err(ApiError::internal("placement needs a cluster fleet"));
+        };
+        let mut excluded: Vec<String> = Vec::new();
+        for _ in 0..PLACE_ATTEMPTS {
+            let outcome = match c.store.backend() {
+                Backend::Postgres => {
+                    let mut tx = c.store.begin().await?;
+                    let o = try_place(&mut tx, true, vm, affinity, action, &excluded).await;
+                    match o {
+                        Ok(Placed::Done) => {
+                            tx.commit().await.map_err(store::StoreError::from)?;
+                            Placed::Done
+                        }
+                        Ok(other) => {
+                            let _ = tx.rollback().await;
+                            other
+                        }
+                        Err(e) if is_retryable(&e) => {
+                            let _ = tx.rollback().await;
+                            Placed::Retry(None)
+                        }
+                        Err(e) => {
+                            let _ = tx.rollback().await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Backend::Sqlite => {
+                    let _one = c.sqlite_placement.lock().await;
+                    let mut conn = c.store.acquire().await?;
+                    try_place(&mut conn, false, vm, affinity, action, &excluded).await?
+                }
+            };
+            match outcome {
+                Placed::Done => return Ok(()),
+                Placed::Retry(lost) => excluded.extend(lost),
+            }
+        }
+        Err(no_capacity(affinity, "placement kept losing races; retry"))
+    }
+}
+
+impl Cluster {
+    fn cached(&self, id: &str) -> Option<Result<Arc<dyn Worker>, WorkerError>> {
+        let cache = self.cache.lock().ok()?;
+        let e = cache.get(id)?;
+        Some(match e.status {
+            WorkerStatus::Unreachable => Err(WorkerError::Unreachable(format!(
+                "worker {id} is unreachable (no heartbeat for {} s)",
+                HEARTBEAT_TIMEOUT.as_secs()
+            ))),
+            _ => Ok(e.worker.clone()),
+        })
+    }
+
+    /// Cache a handle for `row`'s generation (kept when it is the same).
+    fn remember(&self, row: &WorkerRecord) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        match cache.get_mut(&row.id) {
+            Some(e) if e.generation == row.generation => e.status = row.status,
+            _ => {
+                let endpoint = WorkerEndpoint {
+                    id: row.id.clone(),
+                    address: row.address.clone(),
+                    token: worker_token(&self.secret, &row.id, row.generation),
+                    generation: row.generation,
+                };
+                let worker = (self.connector)(endpoint);
+                cache.insert(
+                    row.id.clone(),
+                    Cached {
+                        generation: row.generation,
+                        status: row.status,
+                        worker,
+                    },
+                );
+            }
+        }
+    }
+}
+
+enum Placed {
+    Done,
+    /// Lost a race on this worker (it filled up or left `ready`): try again without it.
+    Retry(Option<String>),
+}
+
+fn is_retryable(e: &ApiError) -> bool {
+    // Deadlock / serialization failures surface as database errors; the
+    // transaction is simply run again.
+    e.code == codes::DATABASE_ERROR
+        && (e.message.contains("40P01")
+            || e.message.contains("40001")
+            || e.message.contains("deadlock"))
+}
+
+fn no_capacity(affinity: &Affinity, why: &str) -> ApiError {
+    let which = match affinity {
+        Affinity::Any => "no ready worker has room for this VM".to_owned(),
+        Affinity::Compatible(k) => format!(
+            "no ready worker compatible with the snapshot (compatibility key {k}) has room for this VM"
+        ),
+        Affinity::Only(w) => format!(
+            "the snapshot lives only on worker {w:?}, which is not ready or has no room for this VM"
+        ),
+    };
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "NO_CAPACITY",
+        format!("{which}: {why}"),
+    )
+}
+
+fn fits(c: &store::PlacementCandidate, shape: VmShape) -> bool {
+    c.used_cpu.saturating_add(shape.cpu) <= c.cpus.saturating_mul(CPU_OVERCOMMIT)
+        && c.used_memory_mib.saturating_add(shape.memory_mib) <= c.memory_mib
+}
+
+/// Best of the fitting candidates: most free memory, then most free vCPUs.
+fn best(cands: &[store::PlacementCandidate], shape: VmShape) -> Option<store::PlacementCandidate> {
+    cands
+        .iter()
+        .filter(|c| fits(c, shape))
+        .max_by_key(|c| {
+            (
+                c.memory_mib.saturating_sub(c.used_memory_mib),
+                c.cpus
+                    .saturating_mul(CPU_OVERCOMMIT)
+                    .saturating_sub(c.used_cpu),
+            )
+        })
+        .cloned()
+}
+
+/// One placement attempt on `conn` (a transaction when `locking`).
+async fn try_place(
+    conn: &mut sqlx::AnyConnection,
+    locking: bool,
+    vm: &mut VmRecord,
+    affinity: &Affinity,
+    action: &str,
+    excluded: &[String],
+) -> Result<Placed, ApiError> {
+    let shape = VmShape {
+        cpu: u64::from(vm.cpu),
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+    };
+    if locking {
+        store::lock_org_on(conn, vm.org_id).await?;
+    }
+    let limits = store::quota_limits_on(conn, vm.org_id).await?;
+    let usage = store::quota_usage_on(conn, vm.org_id).await?;
+    check_vm_limits(vm.org_id, action, &limits, &usage, shape)?;
+    let (compat, only) = match affinity {
+        Affinity::Any => (None, None),
+        Affinity::Compatible(k) => (Some(k.as_str()), None),
+        Affinity::Only(w) => (None, Some(w.as_str())),
+    };
+    let mut all = store::placement_candidates_on(conn, compat, only).await?;
+    all.retain(|c| !excluded.contains(&c.id));
+    if all.is_empty() {
+        return Err(no_capacity(affinity, "none is ready"));
+    }
+    // Best of K random candidates; all of them when none of the K fits.
+    let mut sample: Vec<store::PlacementCandidate> = {
+        use rand::seq::SliceRandom;
+        let mut rng = rand::thread_rng();
+        all.choose_multiple(&mut rng, PLACEMENT_CHOICES)
+            .cloned()
+            .collect()
+    };
+    store::candidate_usage_on(conn, &mut sample).await?;
+    let chosen = match best(&sample, shape) {
+        Some(c) => c,
+        None if sample.len() < all.len() => {
+            store::candidate_usage_on(conn, &mut all).await?;
+            best(&all, shape).ok_or_else(|| no_capacity(affinity, "all are full"))?
+        }
+        None => return Err(no_capacity(affinity, "all are full")),
+    };
+    if locking {
+        // Under the worker's row lock, its usage is final until we commit.
+        if !store::lock_ready_worker_on(conn, &chosen.id).await? {
+            return Ok(Placed::Retry(Some(chosen.id)));
+        }
+        let mut again = vec![chosen.clone()];
+        store::candidate_usage_on(conn, &mut again).await?;
+        if !again.first().is_some_and(|c| fits(c, shape)) {
+            return Ok(Placed::Retry(Some(chosen.id)));
+        }
+    }
+    vm.worker_id = chosen.id;
+    store::insert_vm_on(conn, vm).await?;
+    Ok(Placed::Done)
+}
+
+impl AppState {
+    /// The worker that runs the VM `id` (embedded: the one worker, without a query).
+    pub(crate) async fn worker_of(&self, id: VmId) -> Result<Arc<dyn Worker>, WorkerError> {
+        if let (false, Some(w)) = (self.fleet().is_cluster(), self.fleet().local()) {
+            return Ok(w.clone());
+        }
+        let rec = self
+            .store()
+            .get_vm_unscoped(id)
+            .await
+            .map_err(|e| WorkerError::Failed(format!("looking up VM {id}: {e}")))?
+            .ok_or_else(|| WorkerError::NotFound(format!("no VM with id {id}")))?;
+        self.fleet().get(&rec.worker_id).await
+    }
+
+    /// The worker `worker_id` (of a VM or snapshot row).
+    pub(crate) async fn worker_for(&self, worker_id: &str) -> Result<Arc<dyn Worker>, WorkerError> {
+        self.fleet().get(worker_id).await
+    }
+
+    /// Reconcile the VMs of worker `worker_id` with what it runs (after it
+    /// registered): rows it runs take its state; VMs it runs that the store
+    /// deleted or placed elsewhere are deleted on it (they must not keep
+    /// running); rows it does not know become `error`. Provisioning rows are
+    /// left to the launch that owns them.
+    pub async fn reconcile_worker(&self, worker_id: &str) -> Result<(), ApiError> {
+        self.fleet().invalidate(worker_id);
+        let worker = self.worker_for(worker_id).await?;
+        let running: HashMap<VmId, crate::worker::VmState> =
+            worker.list().await?.into_iter().collect();
+        for rec in self.store().list_live_vms_on(worker_id).await? {
+            let id = rec.id;
+            let (to, message) = match (rec.status, running.get(&id)) {
+                (VmStatus::Provisioning, _) => continue,
+                (VmStatus::Deleting, None) => {
+                    self.modify(Some(rec.org_id), id, |r| {
+                        r.deleted_at_ms = Some(store::now_ms());
+                        Ok(())
+                    })
+                    .await?;
+                    continue;
+                }
+                (VmStatus::Deleting, Some(_)) => {
+                    if let Err(e) = worker.delete(id).await {
+                        tracing::warn!(vm = %id, error = %e, "finishing a delete on a returning worker failed");
+                        continue;
+                    }
+                    self.modify(Some(rec.org_id), id, |r| {
+                        r.deleted_at_ms = Some(store::now_ms());
+                        Ok(())
+                    })
+                    .await?;
+                    continue;
+                }
+                (VmStatus::Stopped | VmStatus::Error, _) => continue,
+                (_, Some(state)) => crate::lifecycle::observed(Some(state.clone())),
+                (_, None) => (
+                    VmStatus::Error,
+                    Some(format!("lost with its worker {worker_id}")),
+                ),
+            };
+            if to == rec.status && rec.status != VmStatus::Unknown {
+                continue;
+            }
+            let from = rec.status;
+            tracing::info!(vm = %id, worker = worker_id, from = from.as_str(), to = to.as_str(), "VM reconciled with its returning worker");
+            self.modify(None, id, |r| {
+                if r.status == from {
+                    crate::lifecycle::set_status(r, to, store::now_ms());
+                    r.status_message = message.clone();
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        for id in running.keys() {
+            let keep = match self.store().get_vm_unscoped(*id).await? {
+                Some(r) => r.deleted_at_ms.is_none() && r.worker_id == worker_id,
+                None => false,
+            };
+            if !keep {
+                tracing::info!(vm = %id, worker = worker_id, "fencing: deleting a VM the store deleted or placed elsewhere");
+                if let Err(e) = worker.delete(*id).await {
+                    tracing::warn!(vm = %id, error = %e, "fencing delete failed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/admin/workers/{id}/drain`: no new VMs go to the worker.
+    /// Its VMs keep running there until deleted (moving paused VMs away is
+    /// not done yet).
+    pub(crate) async fn drain_worker(&self, worker_id: &str) -> Result<WorkerRecord, ApiError> {
+        if !self.fleet().is_cluster() {
+            return Err(ApiError::invalid_state(
+                "this server runs its one embedded worker: there is no other worker to drain to",
+            ));
+        }
+        if !self
+            .store()
+            .set_worker_status(worker_id, WorkerStatus::Draining)
+            .await?
+        {
+            return Err(ApiError::not_found(format!("no worker with id {worker_id:?}")));
+        }
+        self.workers_changed(worker_id).await;
+        tracing::info!(worker = worker_id, "worker draining: no new VMs are placed on it");
+        self.store()
+            .get_worker(worker_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id:?}")))
+    }
+
+    /// A worker row changed: drop the local handle and tell the other
+    /// control planes (PostgreSQL `NOTIFY`).
+    pub(crate) async fn workers_changed(&self, worker_id: &str) {
+        self.fleet().invalidate(worker_id);
+        if self.store().backend() == Backend::Postgres {
+            if let Err(e) = self.store().notify(NOTIFY_CHANNEL, worker_id).await {
+                tracing::debug!(error = %e, "NOTIFY fastvm_workers failed");
+            }
+        }
+    }
+
+    /// One monitor round (see [`spawn_monitor`]).
+    pub async fn monitor_round(&self) -> Result<Vec<String>, ApiError> {
+        let stale_before = store::now_ms()
+            - i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+        let lost = self
+            .store()
+            .mark_stale_workers(stale_before, UNKNOWN_MESSAGE)
+            .await?;
+        for id in &lost {
+            tracing::warn!(worker = %id, "worker unreachable: no heartbeat for {} s; its VMs are unknown", HEARTBEAT_TIMEOUT.as_secs());
+            self.workers_changed(id).await;
+        }
+        self.fleet().refresh().await?;
+        Ok(lost)
+    }
+}
+
+/// The monitor task of a cluster control plane; stops when dropped.
+pub struct Monitor(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Start the monitor (every [`MONITOR_EVERY`]) and, on PostgreSQL with
+/// `database_url`, the `LISTEN fastvm_workers` task that drops cached
+/// handles as soon as another control plane changes a worker. Nothing runs
+/// for an embedded fleet.
+pub fn spawn_monitor(state: &AppState, database_url: Option<&str>) -> Monitor {
+    let mut tasks = Vec::new();
+    if !state.fleet().is_cluster() {
+        return Monitor(tasks);
+    }
+    let s = state.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MONITOR_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = s.monitor_round().await {
+                tracing::warn!(error = %e.message, "worker monitor round failed");
+            }
+        }
+    }));
+    if let Some(url) = database_url.filter(|u| u.starts_with("postgres")) {
+        let s = state.clone();
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move { listen_loop(s, url).await }));
+    }
+    Monitor(tasks)
+}
+
+async fn listen_loop(state: AppState, url: String) {
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut listener) => {
+                if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+                    tracing::warn!(error = %e, "LISTEN fastvm_workers failed");
+                } else {
+                    loop {
+                        match listener.recv().await {
+                            Ok(n) => state.fleet().invalidate(n.payload()),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "LISTEN fastvm_workers: connection lost");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "LISTEN fastvm_workers: cannot connect"),
+        }
+        // Missed notifications are covered by the monitor's refresh.
+        tokio::time::sleep(MONITOR_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_hmac_of_id_and_generation() {
+        let t = worker_token("s3cret\n", "wk_0123456789abcdef", 3);
+        assert_eq!(t.len(), 64);
+        assert_eq!(t, worker_token("s3cret", "wk_0123456789abcdef", 3));
+        assert_ne!(t, worker_token("s3cret", "wk_0123456789abcdef", 4));
+        assert_ne!(t, worker_token("other", "wk_0123456789abcdef", 3));
+        // RFC 4231-style check of the construction: HMAC-SHA256(key, msg).
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").map_err(|_| ()).ok();
+        if let Some(m) = mac.as_mut() {
+            m.update(b"fastvm-worker:wk_0123456789abcdef:3");
+        }
+        let want = mac.map(|m| hex::encode(m.finalize().into_bytes()));
+        assert_eq!(Some(t), want);
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(secrets_equal("abc", "abc"));
+        assert!(!secrets_equal("abc", "abd"));
+        assert!(!secrets_equal("abc", "abcd"));
+    }
+
+    #[test]
+    fn best_fit_prefers_free_memory_and_respects_capacity() {
+        let c = |id: &str, used_mem| store::PlacementCandidate {
+            id: id.into(),
+            cpus: 2,
+            memory_mib: 8192,
+            used_cpu: 0,
+            used_memory_mib: used_mem,
+        };
+        let shape = VmShape {
+            cpu: 1,
+            memory_mib: 2048,
+            disk_gib: 10,
+        };
+        let cands = [c("a", 4096), c("b", 2048), c("c", 8192)];
+        assert_eq!(best(&cands, shape).map(|c| c.id), Some("b".into()));
+        assert!(best(&[c("full", 7000)], shape).is_none());
+        let busy = store::PlacementCandidate {
+            used_cpu: 8,
+            ..c("cpu", 0)
+        };
+        assert!(!fits(&busy, shape));
+    }
+}
