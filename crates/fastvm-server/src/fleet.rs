@@ -655,10 +655,17 @@ impl AppState {
         }
     }
 
-    /// One monitor round (see [`spawn_monitor`]).
+    /// One monitor round (see [`spawn_monitor`]): returns the workers it
+    /// marked unreachable.
     pub async fn monitor_round(&self) -> Result<Vec<String>, ApiError> {
         let stale_before = store::now_ms()
             - i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+        self.monitor_round_with(stale_before).await
+    }
+
+    /// [`Self::monitor_round`] with heartbeats before `stale_before` (Unix
+    /// ms) counting as missed.
+    pub async fn monitor_round_with(&self, stale_before: i64) -> Result<Vec<String>, ApiError> {
         let lost = self
             .store()
             .mark_stale_workers(stale_before, UNKNOWN_MESSAGE)
