@@ -540,28 +540,32 @@ async fn two_control_planes(db: &Db) -> TestResult {
     let live = store.list_vms(org, None).await?.len();
     println!("quota race: {ok} of 50 launches accepted (quota 7 vCPUs), {live} VM rows");
     assert_eq!((ok, live), (7, 7));
-    // Capacity: another org, no quota limit, workers of 1 CPU (4 vCPUs
-    // each): exactly 12 land, none over a worker's capacity.
-    let org2 = store.create_org("racers").await?;
-    store
-        .set_quota(
-            org2,
-            QuotaPatch {
-                vcpu: Some(1000),
-                memory_mib: Some(1 << 30),
-                disk_gib: Some(1 << 30),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let key2 = store.create_key(org2, "racer").await?.token;
+    // Capacity: two other orgs (so the org locks do not serialise them),
+    // no quota limit, workers of 1 CPU (4 vCPUs each): exactly 12 land,
+    // none over a worker's capacity.
+    let mut keys = Vec::new();
+    for name in ["racers-1", "racers-2"] {
+        let org2 = store.create_org(name).await?;
+        store
+            .set_quota(
+                org2,
+                QuotaPatch {
+                    vcpu: Some(1000),
+                    memory_mib: Some(1 << 30),
+                    disk_gib: Some(1 << 30),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        keys.push(store.create_key(org2, "racer").await?.token);
+    }
     for w in ["wk_d", "wk_e", "wk_f"] {
         a.register(w, 1, 1 << 20, "k2").await?;
     }
     for w in ["wk_a", "wk_b", "wk_c"] {
         a.drain_via_admin(w).await?;
     }
-    let ok = race(&a, b, &key2, &key2).await?;
+    let ok = race(&a, b, &keys[0], &keys[1]).await?;
     let mut per = Vec::new();
     for w in ["wk_d", "wk_e", "wk_f"] {
         per.push(store.list_live_vms_on(w).await?.len());
