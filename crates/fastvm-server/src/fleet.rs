@@ -634,10 +634,15 @@ impl AppState {
             .set_worker_status(worker_id, WorkerStatus::Draining)
             .await?
         {
-            return Err(ApiError::not_found(format!("no worker with id {worker_id:?}")));
+            return Err(ApiError::not_found(format!(
+                "no worker with id {worker_id:?}"
+            )));
         }
         self.workers_changed(worker_id).await;
-        tracing::info!(worker = worker_id, "worker draining: no new VMs are placed on it");
+        tracing::info!(
+            worker = worker_id,
+            "worker draining: no new VMs are placed on it"
+        );
         self.store()
             .get_worker(worker_id)
             .await?
@@ -658,8 +663,8 @@ impl AppState {
     /// One monitor round (see [`spawn_monitor`]): returns the workers it
     /// marked unreachable.
     pub async fn monitor_round(&self) -> Result<Vec<String>, ApiError> {
-        let stale_before = store::now_ms()
-            - i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+        let stale_before =
+            store::now_ms() - i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
         self.monitor_round_with(stale_before).await
     }
 
@@ -755,7 +760,9 @@ mod tests {
         assert_ne!(t, worker_token("s3cret", "wk_0123456789abcdef", 4));
         assert_ne!(t, worker_token("other", "wk_0123456789abcdef", 3));
         // RFC 4231-style check of the construction: HMAC-SHA256(key, msg).
-        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").map_err(|_| ()).ok();
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret")
+            .map_err(|_| ())
+            .ok();
         if let Some(m) = mac.as_mut() {
             m.update(b"fastvm-worker:wk_0123456789abcdef:3");
         }

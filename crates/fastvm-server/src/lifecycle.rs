@@ -1116,7 +1116,10 @@ impl AppState {
     }
 
     async fn delete_interrupted(&self, rec: VmRecord) -> Result<(), ApiError> {
-        self.worker_for(&rec.worker_id).await?.delete(rec.id).await?;
+        self.worker_for(&rec.worker_id)
+            .await?
+            .delete(rec.id)
+            .await?;
         self.modify(Some(rec.org_id), rec.id, |r| {
             r.deleted_at_ms = Some(now_ms());
             Ok(())

@@ -275,7 +275,11 @@ pub async fn render(state: &AppState) -> Result<String, String> {
                 .set(r.last_heartbeat_ms / 1000);
         }
     }
-    if let Some(worker) = state.fleet().local().filter(|_| !state.fleet().is_cluster()) {
+    if let Some(worker) = state
+        .fleet()
+        .local()
+        .filter(|_| !state.fleet().is_cluster())
+    {
         let (status, stats) = match worker.stats().await {
             Ok(stats) => ("ready", stats),
             Err(_) => ("unreachable", Default::default()),

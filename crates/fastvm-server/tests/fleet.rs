@@ -49,10 +49,16 @@ impl FakeWorker {
         self.vms.lock().map(|m| m.len()).unwrap_or(0)
     }
     fn has(&self, id: VmId) -> bool {
-        self.vms.lock().map(|m| m.contains_key(&id)).unwrap_or(false)
+        self.vms
+            .lock()
+            .map(|m| m.contains_key(&id))
+            .unwrap_or(false)
     }
     fn was_deleted(&self, id: VmId) -> bool {
-        self.deleted.lock().map(|d| d.contains(&id)).unwrap_or(false)
+        self.deleted
+            .lock()
+            .map(|d| d.contains(&id))
+            .unwrap_or(false)
     }
     fn forget(&self, id: VmId) {
         if let Ok(mut m) = self.vms.lock() {
@@ -160,7 +166,11 @@ impl Hosts {
 /// Where a test's store lives.
 enum Db {
     Sqlite(tempfile::TempDir),
-    Pg { admin: String, db: String, url: String },
+    Pg {
+        admin: String,
+        db: String,
+        url: String,
+    },
 }
 
 impl Db {
@@ -172,7 +182,9 @@ impl Db {
     async fn pg() -> Res<Option<Db>> {
         let Ok(admin) = std::env::var("FASTVM_TEST_PG_URL") else {
             if std::env::var_os("CI").is_some() {
-                return Err("FASTVM_TEST_PG_URL is not set under CI (scripts/start-postgres)".into());
+                return Err(
+                    "FASTVM_TEST_PG_URL is not set under CI (scripts/start-postgres)".into(),
+                );
             }
             eprintln!("FASTVM_TEST_PG_URL is not set: skipping the PostgreSQL run");
             return Ok(None);
@@ -270,10 +282,18 @@ impl Cp {
         let res = self.router.clone().oneshot(req).await?;
         let status = res.status();
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Res<(StatusCode, Value)> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Res<(StatusCode, Value)> {
         self.call_as(&self.key.clone(), method, path, body).await
     }
 
@@ -294,7 +314,9 @@ impl Cp {
             .await?;
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["heartbeat_interval_ms"], json!(2000));
-        v["generation"].as_i64().ok_or_else(|| "no generation".into())
+        v["generation"]
+            .as_i64()
+            .ok_or_else(|| "no generation".into())
     }
 
     async fn heartbeat(&self, id: &str, generation: i64, token: &str) -> Res<StatusCode> {
@@ -376,11 +398,17 @@ async fn spreads(db: &Db) -> TestResult {
     assert_eq!(status, StatusCode::OK, "{list}");
     let arr = list.as_array().ok_or("not a list")?;
     assert_eq!(arr.len(), 3);
-    assert!(arr.iter().all(|w| w["vmCount"] == json!(4) && w["status"] == json!("ready")));
+    assert!(arr
+        .iter()
+        .all(|w| w["vmCount"] == json!(4) && w["status"] == json!("ready")));
     assert_eq!(arr[0]["memoryMiB"], json!(65536));
     Ok(())
 }
-both!(placement_spreads_sqlite, placement_spreads_postgres, spreads);
+both!(
+    placement_spreads_sqlite,
+    placement_spreads_postgres,
+    spreads
+);
 
 async fn compat(db: &Db) -> TestResult {
     let hosts = Hosts::default();
@@ -501,7 +529,8 @@ async fn race(a: &Cp, b: &Cp, key_a: &str, key_b: &str) -> Res<usize> {
             ok += 1;
         } else {
             assert!(
-                status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE,
+                status == StatusCode::TOO_MANY_REQUESTS
+                    || status == StatusCode::SERVICE_UNAVAILABLE,
                 "{status}"
             );
         }
@@ -605,7 +634,10 @@ async fn failure_and_return(db: &Db) -> TestResult {
     }
     // Heartbeats: the right token is accepted, another is 401.
     let token = worker_token(SECRET, "wk_a", gen_a);
-    assert_eq!(cp.heartbeat("wk_a", gen_a, &token).await?, StatusCode::NO_CONTENT);
+    assert_eq!(
+        cp.heartbeat("wk_a", gen_a, &token).await?,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(
         cp.heartbeat("wk_a", gen_a, "wrong").await?,
         StatusCode::UNAUTHORIZED
@@ -617,7 +649,10 @@ async fn failure_and_return(db: &Db) -> TestResult {
     // wk_a's heartbeat is older than the cut: unreachable, its VMs unknown.
     let lost = cp.state.monitor_round_with(cut).await?;
     assert_eq!(lost, vec!["wk_a".to_owned()]);
-    assert!(cp.state.monitor_round_with(cut).await?.is_empty(), "idempotent");
+    assert!(
+        cp.state.monitor_round_with(cut).await?.is_empty(),
+        "idempotent"
+    );
     for id in &vms {
         let (status, v) = cp.status_of(*id).await?;
         assert_eq!(status, "unknown", "{v}");
@@ -626,14 +661,19 @@ async fn failure_and_return(db: &Db) -> TestResult {
             .is_some_and(|m| m.contains("stopped answering")));
     }
     // Its heartbeats are now refused (409: register again).
-    assert_eq!(cp.heartbeat("wk_a", gen_a, &token).await?, StatusCode::CONFLICT);
+    assert_eq!(
+        cp.heartbeat("wk_a", gen_a, &token).await?,
+        StatusCode::CONFLICT
+    );
     // New launches land elsewhere.
     let (_, v) = cp.launch().await?;
     assert_eq!(cp.worker_of(&v).await?, "wk_b");
     // Meanwhile: vms[1] is deleted by its user (its worker is unreachable:
     // the row goes, the worker is told when it returns); vms[2] is lost on
     // the host (it did not survive).
-    let (status, v) = cp.call("DELETE", &format!("/v1/vms/{}", vms[1]), None).await?;
+    let (status, v) = cp
+        .call("DELETE", &format!("/v1/vms/{}", vms[1]), None)
+        .await?;
     assert!(status.is_success(), "{v}");
     let a = hosts.get("wk_a");
     a.forget(vms[2]);
@@ -661,7 +701,10 @@ async fn failure_and_return(db: &Db) -> TestResult {
     let last = a.tokens.lock().map(|t| t.last().cloned()).ok().flatten();
     assert_eq!(last, Some(worker_token(SECRET, "wk_a", gen2)));
     // The old generation's heartbeats stay refused; the new one's pass.
-    assert_eq!(cp.heartbeat("wk_a", gen_a, &token).await?, StatusCode::CONFLICT);
+    assert_eq!(
+        cp.heartbeat("wk_a", gen_a, &token).await?,
+        StatusCode::CONFLICT
+    );
     assert_eq!(
         cp.heartbeat("wk_a", gen2, &worker_token(SECRET, "wk_a", gen2))
             .await?,
@@ -693,7 +736,9 @@ async fn drain(db: &Db) -> TestResult {
     let (status, _) = cp.call_as(&plain, "GET", "/v1/admin/workers", None).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
     cp.drain_via_admin("wk_a").await?;
-    let (status, _) = cp.call("POST", "/v1/admin/workers/wk_zz/drain", None).await?;
+    let (status, _) = cp
+        .call("POST", "/v1/admin/workers/wk_zz/drain", None)
+        .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
     for _ in 0..6 {
         let (_, v) = cp.launch().await?;
@@ -706,7 +751,11 @@ async fn drain(db: &Db) -> TestResult {
     assert_eq!(list[0]["status"], json!("draining"));
     Ok(())
 }
-both!(drain_stops_placement_sqlite, drain_stops_placement_postgres, drain);
+both!(
+    drain_stops_placement_sqlite,
+    drain_stops_placement_postgres,
+    drain
+);
 
 /// Launch requests/s one control plane sustains with workers that boot
 /// instantly (16 clients at once).
@@ -749,7 +798,11 @@ async fn throughput(db: &Db, label: &str) -> TestResult {
                         .header("content-type", "application/json")
                         .body(Body::from(r#"{"machineType":"c1m2"}"#))
                         .map_err(|e| e.to_string())?;
-                    let res = router.clone().oneshot(req).await.map_err(|e| e.to_string())?;
+                    let res = router
+                        .clone()
+                        .oneshot(req)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if res.status().is_success() {
                         ok += 1;
                     }

@@ -161,5 +161,8 @@ pub async fn drain_worker(
     require_admin(&state, &caller).await?;
     let row = state.drain_worker(&id).await?;
     let counts = state.store().live_vm_counts().await?;
-    Ok(Json(summary(&row, counts.get(&row.id).copied().unwrap_or(0))))
+    Ok(Json(summary(
+        &row,
+        counts.get(&row.id).copied().unwrap_or(0),
+    )))
 }

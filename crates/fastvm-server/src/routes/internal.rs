@@ -160,8 +160,10 @@ pub async fn register(
     let id = row.id.clone();
     tokio::spawn(async move {
         for attempt in 0..10u32 {
-            tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt + 1)))
-                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(
+                100 * u64::from(attempt + 1),
+            ))
+            .await;
             match s.reconcile_worker(&id).await {
                 Ok(()) => return,
                 Err(e) => {

@@ -36,7 +36,11 @@ pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
 pub use vms::VmRecord;
 pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
-pub(crate) use {quotas::{quota_limits_on, quota_usage_on}, vms::insert_vm_on, workers::{candidate_usage_on, lock_org_on, lock_ready_worker_on, placement_candidates_on}};
+pub(crate) use {
+    quotas::{quota_limits_on, quota_usage_on},
+    vms::insert_vm_on,
+    workers::{candidate_usage_on, lock_org_on, lock_ready_worker_on, placement_candidates_on},
+};
 
 use fastvm_types::OrgId;
 use sqlx::any::{AnyPoolOptions, AnyRow};

@@ -125,7 +125,9 @@ fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
 }
 
 /// The INSERT of a new VM row (run on the pool or inside placement's transaction).
-fn insert_vm_query(vm: &VmRecord) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
+fn insert_vm_query(
+    vm: &VmRecord,
+) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!("INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)")
     });
@@ -169,7 +171,6 @@ impl Store {
         insert_vm_query(vm)?.execute(&self.pool).await?;
         Ok(())
     }
-
 
     /// How many live VMs there are in each status, across every org (metrics).
     pub async fn count_vms_by_status(&self) -> Result<Vec<(VmStatus, i64)>> {

@@ -200,10 +200,12 @@ impl Store {
 
     /// The worker `id`.
     pub async fn get_worker(&self, id: &str) -> Result<Option<WorkerRecord>> {
-        let row = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(worker_from_row).transpose()
     }
 
