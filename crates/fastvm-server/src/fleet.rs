@@ -330,15 +330,48 @@ impl Fleet {
         affinity: &Affinity,
         action: &str,
     ) -> Result<(), ApiError> {
+        self.place_for(vm, affinity, action, Purpose::Launch).await
+    }
+
+    /// Move the reservation of the stored VM `vm` (a drain's move) to
+    /// another worker `affinity` allows, with the same capacity checks and
+    /// locks as a launch (no quota check: the VM counts already). Sets
+    /// `vm.worker_id`.
+    pub(crate) async fn relocate(
+        &self,
+        vm: &mut VmRecord,
+        affinity: &Affinity,
+    ) -> Result<(), ApiError> {
+        self.place_for(vm, affinity, "moving this VM", Purpose::Move)
+            .await
+    }
+
+    /// Whether snapshots go to the shared store (VMs can move between workers).
+    pub fn shares_snapshots(&self) -> bool {
+        matches!(&self.kind, Kind::Cluster(c) if c.snapshot_store)
+    }
+
+    async fn place_for(
+        &self,
+        vm: &mut VmRecord,
+        affinity: &Affinity,
+        action: &str,
+        purpose: Purpose,
+    ) -> Result<(), ApiError> {
         let Kind::Cluster(c) = &self.kind else {
             return Err(ApiError::internal("placement needs a cluster fleet"));
         };
-        let mut excluded: Vec<String> = Vec::new();
+        // A move never goes back to where the VM is.
+        let mut excluded: Vec<String> = match purpose {
+            Purpose::Launch => Vec::new(),
+            Purpose::Move => vec![vm.worker_id.clone()],
+        };
         for _ in 0..PLACE_ATTEMPTS {
             let outcome = match c.store.backend() {
                 Backend::Postgres => {
                     let mut tx = c.store.begin().await?;
-                    let o = try_place(&mut tx, true, vm, affinity, action, &excluded).await;
+                    let o =
+                        try_place(&mut tx, true, vm, affinity, action, &excluded, purpose).await;
                     match o {
                         Ok(Placed::Done) => {
                             tx.commit().await.map_err(store::StoreError::from)?;
@@ -361,7 +394,7 @@ impl Fleet {
                 Backend::Sqlite => {
                     let _one = c.sqlite_placement.lock().await;
                     let mut conn = c.store.acquire().await?;
-                    try_place(&mut conn, false, vm, affinity, action, &excluded).await?
+                    try_place(&mut conn, false, vm, affinity, action, &excluded, purpose).await?
                 }
             };
             match outcome {
@@ -412,6 +445,15 @@ impl Cluster {
             }
         }
     }
+}
+
+/// What a placement is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A new VM: quota checked, row inserted.
+    Launch,
+    /// A stored VM moving off its worker: its row's `worker_id` changes.
+    Move,
 }
 
 enum Placed {
@@ -475,18 +517,21 @@ async fn try_place(
     affinity: &Affinity,
     action: &str,
     excluded: &[String],
+    purpose: Purpose,
 ) -> Result<Placed, ApiError> {
     let shape = VmShape {
         cpu: u64::from(vm.cpu),
         memory_mib: vm.memory_mib,
         disk_gib: vm.disk_gib,
     };
-    if locking {
-        store::lock_org_on(conn, vm.org_id).await?;
+    if purpose == Purpose::Launch {
+        if locking {
+            store::lock_org_on(conn, vm.org_id).await?;
+        }
+        let limits = store::quota_limits_on(conn, vm.org_id).await?;
+        let usage = store::quota_usage_on(conn, vm.org_id).await?;
+        check_vm_limits(vm.org_id, action, &limits, &usage, shape)?;
     }
-    let limits = store::quota_limits_on(conn, vm.org_id).await?;
-    let usage = store::quota_usage_on(conn, vm.org_id).await?;
-    check_vm_limits(vm.org_id, action, &limits, &usage, shape)?;
     let (compat, only) = match affinity {
         Affinity::Any => (None, None),
         Affinity::Compatible(k) => (Some(k.as_str()), None),
@@ -525,8 +570,21 @@ async fn try_place(
             return Ok(Placed::Retry(Some(chosen.id)));
         }
     }
-    vm.worker_id = chosen.id;
-    store::insert_vm_on(conn, vm).await?;
+    match purpose {
+        Purpose::Launch => {
+            vm.worker_id = chosen.id;
+            store::insert_vm_on(conn, vm).await?;
+        }
+        Purpose::Move => {
+            if !store::move_vm_on(conn, vm.id, vm.status.as_str(), &chosen.id).await? {
+                return Err(ApiError::invalid_state(format!(
+                    "VM {} changed while it was being moved",
+                    vm.id
+                )));
+            }
+            vm.worker_id = chosen.id;
+        }
+    }
     Ok(Placed::Done)
 }
 
@@ -621,8 +679,8 @@ impl AppState {
     }
 
     /// `POST /v1/admin/workers/{id}/drain`: no new VMs go to the worker.
-    /// Its VMs keep running there until deleted (moving paused VMs away is
-    /// not done yet).
+    /// Its running VMs keep running there until deleted; its paused VMs are
+    /// moved to other workers in the background ([`Self::move_paused_vms`]).
     pub(crate) async fn drain_worker(&self, worker_id: &str) -> Result<WorkerRecord, ApiError> {
         if !self.fleet().is_cluster() {
             return Err(ApiError::invalid_state(
@@ -641,12 +699,160 @@ impl AppState {
         self.workers_changed(worker_id).await;
         tracing::info!(
             worker = worker_id,
-            "worker draining: no new VMs are placed on it"
+            "worker draining: no new VMs are placed on it; moving its paused VMs"
         );
+        let s = self.clone();
+        let id = worker_id.to_owned();
+        tokio::spawn(async move {
+            match s.move_paused_vms(&id).await {
+                Ok(n) => tracing::info!(worker = %id, moved = n, "drain: paused VMs moved"),
+                Err(e) => {
+                    tracing::warn!(worker = %id, error = %e.message, "drain: moving paused VMs failed")
+                }
+            }
+        });
         self.store()
             .get_worker(worker_id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id:?}")))
+    }
+
+    /// Move every paused VM of worker `worker_id` to another compatible
+    /// worker (a drain): each is captured to the shared snapshot store,
+    /// restored on a worker placement chose (the reservation moves in one
+    /// transaction), paused there, and deleted on the old worker. The VM
+    /// keeps its id; it is `pausing` while it moves (no resume meanwhile)
+    /// and `paused` after, with a `statusMessage` when the move failed (it
+    /// then stays where it was). Needs the shared snapshot store; returns
+    /// how many moved.
+    pub async fn move_paused_vms(&self, worker_id: &str) -> Result<usize, ApiError> {
+        if !self.fleet().shares_snapshots() {
+            tracing::warn!(
+                worker = worker_id,
+                "drain: no shared snapshot store; paused VMs stay on the draining worker"
+            );
+            return Ok(0);
+        }
+        let old = self.worker_for(worker_id).await?;
+        let (Some(compat), _) = self.fleet().snapshot_traits(worker_id).await else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        for rec in self.store().list_live_vms_on(worker_id).await? {
+            if rec.status != VmStatus::Paused {
+                continue;
+            }
+            let id = rec.id;
+            match self.move_vm(&old, rec, &compat).await {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e.message, "drain: moving a paused VM failed; it stays")
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn move_vm(
+        &self,
+        old: &Arc<dyn Worker>,
+        rec: VmRecord,
+        compat: &str,
+    ) -> Result<(), ApiError> {
+        let (org, id) = (rec.org_id, rec.id);
+        let mut held = self
+            .modify(Some(org), id, |r| {
+                if r.status != VmStatus::Paused || r.worker_id != old.id() {
+                    return Err(ApiError::invalid_state(format!(
+                        "VM {id} is no longer paused here"
+                    )));
+                }
+                r.status = VmStatus::Pausing;
+                Ok(())
+            })
+            .await?;
+        let result = self.move_held(old, &mut held, compat).await;
+        let message = result.as_ref().err().map(|e| {
+            format!(
+                "moving the VM off its draining worker failed: {}",
+                e.message
+            )
+        });
+        self.modify(Some(org), id, |r| {
+            if r.status == VmStatus::Pausing {
+                r.status = VmStatus::Paused;
+                r.status_message = message.clone();
+            }
+            Ok(())
+        })
+        .await?;
+        if result.is_ok() {
+            tracing::info!(vm = %id, from = old.id(), to = %held.worker_id, "paused VM moved off a draining worker");
+        }
+        result
+    }
+
+    /// The move of a VM held in `pausing` (see [`Self::move_paused_vms`]).
+    async fn move_held(
+        &self,
+        old: &Arc<dyn Worker>,
+        rec: &mut VmRecord,
+        compat: &str,
+    ) -> Result<(), ApiError> {
+        let snap = fastvm_types::SnapshotId::new_v4();
+        let spec = crate::lifecycle::move_spec(rec, snap)?;
+        old.snapshot(rec.id, snap).await?;
+        let from = rec.worker_id.clone();
+        if let Err(e) = self
+            .fleet()
+            .relocate(rec, &Affinity::Compatible(compat.to_owned()))
+            .await
+        {
+            let _ = old.delete_snapshot(snap).await;
+            return Err(e);
+        }
+        let restored = async {
+            let new = self.worker_for(&rec.worker_id).await?;
+            new.create(spec).await?;
+            new.pause(rec.id).await?;
+            Ok::<_, WorkerError>(new)
+        }
+        .await;
+        let new = match restored {
+            Ok(new) => new,
+            Err(e) => {
+                if let Ok(new) = self.worker_for(&rec.worker_id).await {
+                    let _ = new.delete(rec.id).await;
+                }
+                // The reservation goes back where the VM still is.
+                let mut conn = self.store().acquire().await?;
+                store::move_vm_on(&mut conn, rec.id, VmStatus::Pausing.as_str(), &from).await?;
+                rec.worker_id = from;
+                let _ = old.delete_snapshot(snap).await;
+                return Err(e.into());
+            }
+        };
+        match new.public_ipv6(rec.id).await {
+            Ok(ip) => {
+                if let Err(e) = self.store().set_vm_public_ipv6(rec.id, ip.as_deref()).await {
+                    tracing::warn!(vm = %rec.id, error = %e, "recording the moved VM's IPv6 failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %rec.id, error = %e, "the new worker did not report the VM's IPv6")
+            }
+        }
+        // Off the old worker (if it cannot be told now, reconciliation at
+        // its next registration deletes it: its row points elsewhere).
+        if let Err(e) = old.delete(rec.id).await {
+            tracing::warn!(vm = %rec.id, error = %e, "deleting the moved VM on its old worker failed");
+        }
+        // The transfer snapshot: the new worker's delete removes it from the store too.
+        if let Err(e) = new.delete_snapshot(snap).await {
+            tracing::warn!(snapshot = %snap, error = %e, "removing a move's snapshot failed");
+        }
+        let _ = old.delete_snapshot(snap).await;
+        Ok(())
     }
 
     /// A worker row changed: drop the local handle and tell the other

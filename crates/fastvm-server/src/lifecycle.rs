@@ -100,6 +100,26 @@ pub(crate) fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
     }
 }
 
+/// What a worker boots to restore VM `rec` from `snapshot` with the same id
+/// (a move between workers, see crate::fleet): its shape, hostname, the
+/// snapshot's env and its effective firewall.
+pub(crate) fn move_spec(
+    rec: &VmRecord,
+    snapshot: fastvm_types::SnapshotId,
+) -> Result<VmSpec, ApiError> {
+    let machine = MachineType::lookup(&rec.machine_name).map_err(|e| {
+        ApiError::internal(format!("VM {} has an unknown machine type: {e}", rec.id))
+    })?;
+    Ok(VmSpec {
+        id: rec.id,
+        machine,
+        hostname: format!("vm-{}", rec.id.short()),
+        env: Default::default(),
+        snapshot: Some(snapshot),
+        firewall: rec.effective_firewall(),
+    })
+}
+
 /// Move `r` to `to`, keeping the TTL bookkeeping of the spec: while running
 /// `expiresAtMs` is the deadline; while paused the remaining budget is frozen
 /// in `ttlRemainingMs`.

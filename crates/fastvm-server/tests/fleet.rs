@@ -735,7 +735,52 @@ async fn drain(db: &Db) -> TestResult {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = cp.call_as(&plain, "GET", "/v1/admin/workers", None).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // Before the drain: two VMs on wk_a, one paused, one running.
+    let mut on_a = Vec::new();
+    while on_a.len() < 2 {
+        let (status, v) = cp.launch().await?;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        if cp.worker_of(&v).await? == "wk_a" {
+            on_a.push(v["id"].as_str().ok_or("id")?.parse::<VmId>()?);
+        }
+    }
+    let (status, v) = cp
+        .call("POST", &format!("/v1/vms/{}/pause", on_a[0]), None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
     cp.drain_via_admin("wk_a").await?;
+    // The paused VM moves to wk_b (same id, still paused); the running one stays.
+    let (a, b) = (hosts.get("wk_a"), hosts.get("wk_b"));
+    let mut moved = false;
+    for _ in 0..100 {
+        let row = cp
+            .state
+            .store()
+            .get_vm_unscoped(on_a[0])
+            .await?
+            .ok_or("row")?;
+        if row.worker_id == "wk_b" && row.status == fastvm_types::VmStatus::Paused {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved, "the paused VM was not moved");
+    assert!(!a.has(on_a[0]) && a.was_deleted(on_a[0]));
+    let on_b = b.vms.lock().ok().and_then(|m| m.get(&on_a[0]).cloned());
+    assert_eq!(on_b, Some(VmState::Paused));
+    assert_eq!(cp.status_of(on_a[0]).await?.0, "paused");
+    assert!(a.has(on_a[1]));
+    assert_eq!(cp.status_of(on_a[1]).await?.0, "running");
+    // It resumes where it is now.
+    let (status, v) = cp
+        .call("POST", &format!("/v1/vms/{}/resume", on_a[0]), None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        b.vms.lock().ok().and_then(|m| m.get(&on_a[0]).cloned()),
+        Some(VmState::Running)
+    );
     let (status, _) = cp
         .call("POST", "/v1/admin/workers/wk_zz/drain", None)
         .await?;
@@ -752,8 +797,8 @@ async fn drain(db: &Db) -> TestResult {
     Ok(())
 }
 both!(
-    drain_stops_placement_sqlite,
-    drain_stops_placement_postgres,
+    drain_stops_placement_and_moves_paused_vms_sqlite,
+    drain_stops_placement_and_moves_paused_vms_postgres,
     drain
 );
 

@@ -39,7 +39,9 @@ pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, Worke
 pub(crate) use {
     quotas::{quota_limits_on, quota_usage_on},
     vms::insert_vm_on,
-    workers::{candidate_usage_on, lock_org_on, lock_ready_worker_on, placement_candidates_on},
+    workers::{
+        candidate_usage_on, lock_org_on, lock_ready_worker_on, move_vm_on, placement_candidates_on,
+    },
 };
 
 use fastvm_types::OrgId;

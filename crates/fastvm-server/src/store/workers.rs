@@ -366,6 +366,25 @@ pub(crate) async fn candidate_usage_on(
     Ok(())
 }
 
+/// Move the reservation of VM `vm` (in `status`) to worker `to` (a move
+/// between workers); false when the row is no longer in `status`.
+pub(crate) async fn move_vm_on(
+    conn: &mut AnyConnection,
+    vm: fastvm_types::VmId,
+    status: &str,
+    to: &str,
+) -> Result<bool> {
+    let res = sqlx::query(
+        "UPDATE vms SET worker_id = $1, version = version + 1 WHERE id = $2 AND status = $3 AND deleted_at_ms IS NULL",
+    )
+    .bind(to)
+    .bind(vm.to_string())
+    .bind(status)
+    .execute(&mut *conn)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
 /// Lock worker `id`'s row until the transaction ends (PostgreSQL) and say
 /// whether it is still `ready`.
 pub(crate) async fn lock_ready_worker_on(conn: &mut AnyConnection, id: &str) -> Result<bool> {
