@@ -882,3 +882,47 @@ async fn placement_throughput() -> TestResult {
     }
     Ok(())
 }
+
+/// PostgreSQL: a registration seen by one control plane drops the cached
+/// handle of another at once (LISTEN/NOTIFY), well before the monitor's
+/// next comparison of cache and table.
+#[tokio::test]
+async fn notify_invalidates_other_control_planes_postgres() -> TestResult {
+    let Some(db) = Db::pg().await? else {
+        return Ok(());
+    };
+    let r = async {
+        let hosts = Hosts::default();
+        let a = control_plane(&db, &hosts, Duration::from_secs(5)).await?;
+        let b = control_plane(&db, &hosts, Duration::from_secs(5)).await?;
+        let url = match &db {
+            Db::Pg { url, .. } => url.clone(),
+            Db::Sqlite(_) => return Err("not PostgreSQL".into()),
+        };
+        a.register("wk_a", 8, 65536, "k1").await?;
+        let _monitor = fastvm_server::fleet::spawn_monitor(&b.state, Some(&url));
+        let before = b.state.fleet().get("wk_a").await?;
+        // Let the LISTEN connection come up and the monitor's first round pass.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(Arc::ptr_eq(&before, &b.state.fleet().get("wk_a").await?));
+        a.register("wk_a", 8, 65536, "k1").await?;
+        let started = Instant::now();
+        let mut replaced = false;
+        while started.elapsed() < Duration::from_millis(1500) {
+            if !Arc::ptr_eq(&before, &b.state.fleet().get("wk_a").await?) {
+                replaced = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!(
+            "NOTIFY: the other control plane dropped its handle after {} ms",
+            started.elapsed().as_millis()
+        );
+        assert!(replaced, "the other control plane kept its old handle");
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    db.drop_db().await;
+    r
+}
