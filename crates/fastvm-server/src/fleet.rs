@@ -25,6 +25,10 @@
 //! that fits wins. Capacity: `cpus * CPU_OVERCOMMIT` vCPUs and `memory_mib`
 //! MiB, minus the live VMs on it (not stopped or error).
 //!
+//! Drain ([`AppState::drain_worker`]): a `draining` worker takes no new VMs;
+//! its paused VMs move to compatible workers through the shared snapshot
+//! store ([`AppState::move_paused_vms`]).
+//!
 //! Failure ([`spawn_monitor`]): every [`MONITOR_EVERY`] each control plane
 //! marks `ready` workers without a heartbeat for [`HEARTBEAT_TIMEOUT`]
 //! `unreachable` and their VMs `unknown` (idempotent statements). When a
@@ -483,7 +487,7 @@ fn no_capacity(affinity: &Affinity, why: &str) -> ApiError {
     };
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "NO_CAPACITY",
+        codes::NO_CAPACITY,
         format!("{which}: {why}"),
     )
 }

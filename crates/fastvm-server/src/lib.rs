@@ -1,5 +1,7 @@
 //! The Fast VM control plane: the REST API of the spec over a store (SQLite or
-//! PostgreSQL) and workers (today: the embedded one of this process).
+//! PostgreSQL) and workers: the embedded one of this process, or, in cluster
+//! mode, worker hosts that register over HTTP (`fleet.rs`: placement,
+//! heartbeats, fencing, drain; `routes/internal.rs`: their side of the wire).
 //!
 //! ```text
 //!  client --HTTP--> routes/ (axum: auth.rs, error.rs, one module per resource)

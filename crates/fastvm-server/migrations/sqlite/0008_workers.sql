@@ -22,7 +22,8 @@ CREATE TABLE workers (
     last_heartbeat_ms BIGINT NOT NULL,
     registered_at_ms  BIGINT NOT NULL
 );
-CREATE INDEX workers_status ON workers(status, last_heartbeat_ms);
+-- Not on last_heartbeat_ms: heartbeats then stay HOT updates.
+CREATE INDEX workers_status ON workers(status);
 
 -- Placement sums the live VMs of each candidate worker (VM rows are the
 -- reservations); the monitor marks the live VMs of a lost worker.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Code of the 403 answer to a non-admin key.
-pub const FORBIDDEN: &str = "FORBIDDEN";
+pub use crate::error::codes::FORBIDDEN;
 
 /// A worker host as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -89,7 +89,7 @@ pub struct Heartbeat {
 
 /// Code of the 409 answer to a heartbeat of an older generation (or of a
 /// worker marked unreachable meanwhile): the worker must register again.
-pub const STALE_GENERATION: &str = "STALE_GENERATION";
+pub use crate::error::codes::STALE_GENERATION;
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     headers
