@@ -113,15 +113,18 @@ impl AppState {
         fired: &mut tokio::task::JoinSet<VmId>,
         in_flight: &mut HashSet<VmId>,
     ) -> Result<Option<i64>, crate::error::ApiError> {
-        // Every worker's VMs (cluster: one query per reachable worker).
-        let mut due = Vec::new();
-        let mut next: Option<i64> = None;
-        for worker in self.fleet().reachable().await {
-            due.extend(self.store().list_ttl_due(worker.id(), now_ms()).await?);
-            if let Some(n) = self.store().next_ttl_deadline(worker.id()).await? {
-                next = Some(next.map_or(n, |m: i64| m.min(n)));
-            }
-        }
+        // Embedded: the one worker's VMs; cluster: every worker's, in one
+        // query (a VM of an unreachable worker is `unknown`, not running).
+        let (due, next) = match self.fleet().local().filter(|_| !self.fleet().is_cluster()) {
+            Some(worker) => (
+                self.store().list_ttl_due(worker.id(), now_ms()).await?,
+                self.store().next_ttl_deadline(worker.id()).await?,
+            ),
+            None => (
+                self.store().list_ttl_due_all(now_ms()).await?,
+                self.store().next_ttl_deadline_all().await?,
+            ),
+        };
         for rec in due {
             let Some(ttl) = rec.ttl else { continue };
             if !in_flight.insert(rec.id) {

@@ -926,3 +926,42 @@ async fn notify_invalidates_other_control_planes_postgres() -> TestResult {
     db.drop_db().await;
     r
 }
+
+/// The TTL reaper of a cluster control plane fires VMs of every worker.
+#[tokio::test]
+async fn ttl_reaper_covers_every_worker() -> TestResult {
+    let db = Db::sqlite().await?;
+    let hosts = Hosts::default();
+    let cp = control_plane(&db, &hosts, Duration::from_secs(5)).await?;
+    for w in ["wk_a", "wk_b"] {
+        cp.register(w, 8, 65536, "k1").await?;
+    }
+    let mut vms = Vec::new();
+    for _ in 0..2 {
+        let (status, v) = cp
+            .call(
+                "POST",
+                "/v1/vms",
+                Some(json!({"machineType": "c1m2", "ttl": {"seconds": 1, "action": "delete"}})),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        vms.push((
+            cp.worker_of(&v).await?,
+            v["id"].as_str().ok_or("id")?.parse::<VmId>()?,
+        ));
+    }
+    assert_ne!(vms[0].0, vms[1].0, "one VM on each worker");
+    let reaper = fastvm_server::spawn_ttl_reaper(&cp.state);
+    let mut gone = false;
+    for _ in 0..100 {
+        if vms.iter().all(|(w, id)| hosts.get(w).was_deleted(*id)) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reaper.stop().await;
+    assert!(gone, "the TTL deletes did not reach both workers");
+    Ok(())
+}

@@ -268,6 +268,31 @@ impl Store {
         Ok(row.try_get("next")?)
     }
 
+    /// Running live VMs of every worker whose TTL deadline is at or before
+    /// `now_ms` (the TTL reaper of a cluster control plane: one query, index
+    /// `vms_expires_at`).
+    pub async fn list_ttl_due_all(&self, now_ms: i64) -> Result<Vec<VmRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL AND expires_at_ms <= $1 ORDER BY expires_at_ms, id"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// The earliest TTL deadline of the running live VMs of every worker.
+    pub async fn next_ttl_deadline_all(&self) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(expires_at_ms) AS next FROM vms WHERE status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("next")?)
+    }
+
     /// Record the public IPv6 address the worker gave the VM.
     pub async fn set_vm_public_ipv6(&self, id: VmId, ipv6: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE vms SET public_ipv6 = $1 WHERE id = $2")
