@@ -410,6 +410,37 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Cluster on PostgreSQL: check the org's snapshot quota and insert the
+    /// `creating` row in one transaction holding the org's row, so control
+    /// planes racing captures cannot pass the quota. Elsewhere: `None` (the
+    /// caller checks and inserts under the org's in-process mutex).
+    pub(crate) async fn reserve_snapshot(
+        &self,
+        rec: &crate::store::SnapshotRecord,
+    ) -> Option<Result<(), ApiError>> {
+        let Kind::Cluster(c) = &self.kind else {
+            return None;
+        };
+        if c.store.backend() != Backend::Postgres {
+            return None;
+        }
+        Some(
+            async {
+                let mut tx = c.store.begin().await?;
+                store::lock_org_on(&mut tx, rec.org_id).await?;
+                let limits = store::quota_limits_on(&mut tx, rec.org_id).await?;
+                let usage = store::quota_usage_on(&mut tx, rec.org_id).await?;
+                crate::quotas::check_snapshot_limits(rec.org_id, &limits, &usage)?;
+                store::insert_snapshot_on(&mut tx, rec).await?;
+                tx.commit().await.map_err(store::StoreError::from)?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+}
+
 impl Cluster {
     fn cached(&self, id: &str) -> Option<Result<Arc<dyn Worker>, WorkerError>> {
         let cache = self.cache.lock().ok()?;

@@ -111,8 +111,13 @@ impl AppState {
             // Check and reserve (the creating row) atomically per org.
             let lock = self.quota_lock(caller.org_id);
             let _held = lock.lock().await;
-            self.check_snapshot_quota(caller.org_id).await?;
-            self.store().insert_snapshot(&rec).await?;
+            match self.fleet().reserve_snapshot(&rec).await {
+                Some(reserved) => reserved?,
+                None => {
+                    self.check_snapshot_quota(caller.org_id).await?;
+                    self.store().insert_snapshot(&rec).await?;
+                }
+            }
         }
         let (id, vm_id) = (rec.id, vm.id);
         tracing::info!(snapshot = %id, vm = %vm_id, org = %caller.org_id, "capturing snapshot");

@@ -965,3 +965,108 @@ async fn ttl_reaper_covers_every_worker() -> TestResult {
     assert!(gone, "the TTL deletes did not reach both workers");
     Ok(())
 }
+
+/// A single-host server lists its embedded worker and has nothing to drain.
+#[tokio::test]
+async fn embedded_worker_in_admin_list() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path(), None).await?;
+    fastvm_server::bootstrap(&store, dir.path()).await?;
+    let key = std::fs::read_to_string(dir.path().join("admin-api-key"))?
+        .trim()
+        .to_owned();
+    let local = Hosts::default().get("local");
+    let state = AppState::new(store, Arc::new(Handle(local)), Duration::from_secs(5));
+    assert!(!state.fleet().is_cluster());
+    let cp = Cp {
+        router: fastvm_server::routes::router(state.clone()),
+        state,
+        key,
+    };
+    let (status, v) = cp.launch().await?;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(cp.worker_of(&v).await?, "local");
+    let (status, list) = cp.call("GET", "/v1/admin/workers", None).await?;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert_eq!(list[0]["id"], json!("local"));
+    assert_eq!(list[0]["address"], json!("embedded"));
+    assert_eq!(list[0]["vmCount"], json!(1));
+    let (status, _) = cp
+        .call("POST", "/v1/admin/workers/local/drain", None)
+        .await?;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Workers cannot register with a single-host server.
+    let (status, _) = cp
+        .call_as(
+            SECRET,
+            "POST",
+            "/internal/v1/workers/register",
+            Some(json!({
+            "id": "wk_a", "address": "http://a:1",
+            "info": {"cpus": 1, "memory_mib": 1, "disk_free_gib": 1, "qemu_build": "q",
+                     "accel": "tcg", "cpu_model": "max", "compat_key": "k"}})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+/// PostgreSQL: two control planes racing 20 snapshot captures against a
+/// snapshot quota of 3 store exactly 3.
+#[tokio::test]
+async fn snapshot_quota_race_postgres() -> TestResult {
+    let Some(db) = Db::pg().await? else {
+        return Ok(());
+    };
+    let r = async {
+        let hosts = Hosts::default();
+        let a = control_plane(&db, &hosts, Duration::from_secs(5)).await?;
+        let b = control_plane(&db, &hosts, Duration::from_secs(5)).await?;
+        a.register("wk_a", 8, 65536, "k1").await?;
+        let (_, vm) = a.launch().await?;
+        let store = a.state.store();
+        let org = fastvm_server::default_org(store).await?.ok_or("org")?;
+        store
+            .set_quota(
+                org,
+                QuotaPatch {
+                    snapshot_count: Some(3),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let cp = if i % 2 == 0 { &a } else { &b };
+            let (router, key, vm) = (cp.router.clone(), cp.key.clone(), vm["id"].clone());
+            tasks.spawn(async move {
+                let req = Request::builder()
+                    .method("POST")
+                    .uri("/v1/snapshots")
+                    .header("authorization", format!("Bearer {key}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from(json!({"vmId": vm}).to_string()))
+                    .map_err(|e| e.to_string())?;
+                let res = router.oneshot(req).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(res.status())
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            let status = r??;
+            if status.is_success() {
+                ok += 1;
+            } else {
+                assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            }
+        }
+        let rows = store.list_snapshots(org).await?.len();
+        println!("snapshot quota race: {ok} of 20 captures accepted (quota 3), {rows} rows");
+        assert_eq!((ok, rows), (3, 3));
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    db.drop_db().await;
+    r
+}

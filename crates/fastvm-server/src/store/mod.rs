@@ -38,6 +38,7 @@ pub use vms::VmRecord;
 pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
 pub(crate) use {
     quotas::{quota_limits_on, quota_usage_on},
+    snapshots::insert_snapshot_on,
     vms::insert_vm_on,
     workers::{
         candidate_usage_on, lock_org_on, lock_ready_worker_on, move_vm_on, placement_candidates_on,

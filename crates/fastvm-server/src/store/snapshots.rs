@@ -115,20 +115,22 @@ fn snapshot_from_row(row: &AnyRow) -> Result<SnapshotRecord> {
     })
 }
 
-impl Store {
-    /// Insert a new snapshot row.
-    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
-        ))
+/// The INSERT of a new snapshot row (on the pool or in a transaction).
+fn insert_snapshot_query(
+    s: &SnapshotRecord,
+) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)")
+    });
+    let q = sqlx::query(SQL.as_str())
         .bind(s.id.to_string())
         .bind(s.org_id.to_string())
         .bind(s.vm_id.to_string())
-        .bind(&s.worker_id)
-        .bind(&s.name)
+        .bind(s.worker_id.clone())
+        .bind(s.name.clone())
         .bind(status_str(s.status))
         .bind(s.status_message.clone())
-        .bind(&s.machine_name)
+        .bind(s.machine_name.clone())
         .bind(i64::from(s.cpu))
         .bind(i64::try_from(s.memory_mib).unwrap_or(i64::MAX))
         .bind(i64::try_from(s.disk_gib).unwrap_or(i64::MAX))
@@ -141,9 +143,23 @@ impl Store {
         .bind(s.created_at_ms)
         .bind(s.deleted_at_ms)
         .bind(s.compat_key.clone())
-        .bind(i64::from(s.stored))
-        .execute(&self.pool)
-        .await?;
+        .bind(i64::from(s.stored));
+    Ok(q)
+}
+
+/// [`Store::insert_snapshot`] on `conn` (inside a quota transaction, see crate::fleet).
+pub(crate) async fn insert_snapshot_on(
+    conn: &mut sqlx::AnyConnection,
+    s: &SnapshotRecord,
+) -> Result<()> {
+    insert_snapshot_query(s)?.execute(&mut *conn).await?;
+    Ok(())
+}
+
+impl Store {
+    /// Insert a new snapshot row.
+    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+        insert_snapshot_query(s)?.execute(&self.pool).await?;
         Ok(())
     }
 
