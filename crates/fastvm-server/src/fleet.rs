@@ -131,6 +131,9 @@ struct Cluster {
     connector: Connector,
     /// An embedded worker beside the remote ones (served without a table lookup).
     local: Option<Arc<dyn Worker>>,
+    /// Its `workers` row (registered at start, heartbeated by the monitor)
+    /// and the generation that registration got.
+    local_registration: Option<(store::WorkerRegistrationRow, std::sync::atomic::AtomicI64)>,
     /// Snapshots go to the shared store (restorable across compatible workers).
     snapshot_store: bool,
     cache: Mutex<HashMap<String, Cached>>,
@@ -165,6 +168,7 @@ impl Fleet {
                 secret: secret.into().trim().to_owned(),
                 connector,
                 local: None,
+                local_registration: None,
                 snapshot_store: false,
                 cache: Mutex::new(HashMap::new()),
                 sqlite_placement: tokio::sync::Mutex::new(()),
@@ -181,6 +185,54 @@ impl Fleet {
             c.local = Some(worker);
         }
         self
+    }
+
+    /// The embedded worker of a cluster takes new VMs too: [`Fleet::register_local`]
+    /// writes its row (`reg.id` is replaced by the worker's id) and every
+    /// monitor round heartbeats it.
+    pub fn with_local_registration(mut self, mut reg: store::WorkerRegistrationRow) -> Self {
+        if let Kind::Cluster(c) = &mut self.kind {
+            if let Some(w) = &c.local {
+                reg.id = w.id().to_owned();
+            }
+            c.local_registration = Some((reg, std::sync::atomic::AtomicI64::new(0)));
+        }
+        self
+    }
+
+    /// Register the embedded worker of a cluster (when it has a registration):
+    /// its row is upserted as any worker's is. Returns its id.
+    pub async fn register_local(&self) -> Result<Option<String>, store::StoreError> {
+        let Kind::Cluster(c) = &self.kind else {
+            return Ok(None);
+        };
+        let Some((reg, generation)) = &c.local_registration else {
+            return Ok(None);
+        };
+        let row = c.store.register_worker(reg).await?;
+        generation.store(row.generation, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(row.id))
+    }
+
+    /// Heartbeat the embedded worker's row; register again when refused
+    /// (it was marked unreachable while this control plane was away).
+    /// Returns the id when it registered again (reconcile it).
+    async fn heartbeat_local(&self) -> Result<Option<String>, store::StoreError> {
+        let Kind::Cluster(c) = &self.kind else {
+            return Ok(None);
+        };
+        let (Some((reg, generation)), Some(local)) = (&c.local_registration, &c.local) else {
+            return Ok(None);
+        };
+        let vm_count = match local.list().await {
+            Ok(vms) => vms.len() as u64,
+            Err(_) => return Ok(None),
+        };
+        let g = generation.load(std::sync::atomic::Ordering::SeqCst);
+        if c.store.worker_heartbeat(&reg.id, g, vm_count).await? {
+            return Ok(None);
+        }
+        self.register_local().await
     }
 
     /// Cluster with a shared snapshot store: snapshots are recorded `stored`
@@ -503,7 +555,8 @@ fn is_retryable(e: &ApiError) -> bool {
     e.code == codes::DATABASE_ERROR
         && (e.message.contains("40P01")
             || e.message.contains("40001")
-            || e.message.contains("deadlock"))
+            || e.message.contains("deadlock")
+            || e.message.contains("could not serialize"))
 }
 
 fn no_capacity(affinity: &Affinity, why: &str) -> ApiError {
@@ -651,9 +704,13 @@ impl AppState {
     pub async fn reconcile_worker(&self, worker_id: &str) -> Result<(), ApiError> {
         self.fleet().invalidate(worker_id);
         let worker = self.worker_for(worker_id).await?;
+        // Rows first, then the worker's list: a VM that starts running in
+        // between is in the list (never taken for lost); a row that changed
+        // meanwhile is left alone by the guarded writes below.
+        let rows = self.store().list_live_vms_on(worker_id).await?;
         let running: HashMap<VmId, crate::worker::VmState> =
             worker.list().await?.into_iter().collect();
-        for rec in self.store().list_live_vms_on(worker_id).await? {
+        for rec in rows {
             let id = rec.id;
             let (to, message) = match (rec.status, running.get(&id)) {
                 (VmStatus::Provisioning, _) => continue,
@@ -912,6 +969,12 @@ impl AppState {
     /// [`Self::monitor_round`] with heartbeats before `stale_before` (Unix
     /// ms) counting as missed.
     pub async fn monitor_round_with(&self, stale_before: i64) -> Result<Vec<String>, ApiError> {
+        if let Some(id) = self.fleet().heartbeat_local().await? {
+            self.workers_changed(&id).await;
+            if let Err(e) = self.reconcile_worker(&id).await {
+                tracing::warn!(worker = %id, error = %e.message, "reconciling the embedded worker failed");
+            }
+        }
         let lost = self
             .store()
             .mark_stale_workers(stale_before, UNKNOWN_MESSAGE)

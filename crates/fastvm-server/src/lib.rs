@@ -120,6 +120,10 @@ pub struct ClusterConfig {
     pub local_worker: bool,
     /// The shared snapshot store handed to workers at registration.
     pub snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
+    /// With `local_worker`: the embedded worker's capacity and build, to
+    /// give it a `workers` row (heartbeated by the monitor) so it takes new
+    /// VMs like any worker; none: it only serves the VMs it has.
+    pub local_registration: Option<store::WorkerRegistrationRow>,
     /// Makes a handle on a remote worker (the HTTP client in production).
     pub connector: fleet::Connector,
 }
@@ -506,11 +510,17 @@ async fn build_app_with_host_key(
                 .with_snapshot_store(c.snapshot_store.is_some());
             if let Some(w) = local {
                 f = f.with_local(w);
+                if let Some(reg) = &c.local_registration {
+                    f = f.with_local_registration(reg.clone());
+                }
             }
             tracing::info!(secret = %path.display(), "cluster control plane: workers register at /internal/v1/workers/register");
             f
         }
     };
+    if let Some(id) = fleet.register_local().await? {
+        tracing::info!(worker = %id, "the embedded worker takes new VMs of the cluster");
+    }
     let mut state = AppState::with_fleet(store, fleet, cfg.launch_wait)
         .with_snapshot_store_settings(cfg.cluster.as_ref().and_then(|c| c.snapshot_store.clone()))
         .with_console(cfg.console.clone());

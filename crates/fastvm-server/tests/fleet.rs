@@ -1070,3 +1070,57 @@ async fn snapshot_quota_race_postgres() -> TestResult {
     db.drop_db().await;
     r
 }
+
+/// A cluster control plane with an embedded worker that has a registration:
+/// it takes new VMs like the remote workers, and the monitor keeps its row fresh.
+#[tokio::test]
+async fn embedded_worker_in_a_cluster() -> TestResult {
+    let db = Db::sqlite().await?;
+    let store = db.open().await?;
+    let dir = tempfile::tempdir()?;
+    fastvm_server::bootstrap(&store, dir.path()).await?;
+    let key = std::fs::read_to_string(dir.path().join("admin-api-key"))?
+        .trim()
+        .to_owned();
+    let hosts = Hosts::default();
+    let local = hosts.get("local");
+    let fleet = Fleet::cluster(store.clone(), SECRET, hosts.connector())
+        .with_local(Arc::new(Handle(local.clone())))
+        .with_local_registration(fastvm_server::store::WorkerRegistrationRow {
+            id: String::new(),
+            address: "embedded".into(),
+            cpus: 8,
+            memory_mib: 65536,
+            disk_free_gib: 100,
+            qemu_build: "10.0.2".into(),
+            accel: "tcg".into(),
+            cpu_model: "max".into(),
+            compat_key: "k1".into(),
+        });
+    assert_eq!(fleet.register_local().await?, Some("local".to_owned()));
+    let state = AppState::with_fleet(store, fleet, Duration::from_secs(5));
+    let cp = Cp {
+        router: fastvm_server::routes::router(state.clone()),
+        state,
+        key,
+    };
+    cp.register("wk_a", 8, 65536, "k1").await?;
+    let mut on: HashMap<String, usize> = HashMap::new();
+    for _ in 0..4 {
+        let (status, v) = cp.launch().await?;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        *on.entry(cp.worker_of(&v).await?).or_default() += 1;
+    }
+    assert_eq!(on.get("local"), Some(&2), "{on:?}");
+    assert_eq!(local.count(), 2);
+    // The monitor heartbeats it: a cut before now leaves it ready.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut = fastvm_server::store::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let lost = cp.state.monitor_round_with(cut).await?;
+    assert_eq!(lost, vec!["wk_a".to_owned()]);
+    let row = cp.state.store().get_worker("local").await?.ok_or("row")?;
+    assert_eq!(row.status, fastvm_server::store::WorkerStatus::Ready);
+    assert_eq!(row.vm_count, 2);
+    Ok(())
+}
