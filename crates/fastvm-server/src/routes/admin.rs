@@ -4,7 +4,7 @@
 //!
 //! `GET /v1/admin/workers` lists the worker hosts (a single-host server
 //! lists its embedded worker `local`); `POST /v1/admin/workers/{id}/drain`
-//! stops placement on one (cluster mode).
+//! stops placement on one and moves its paused VMs away (cluster mode).
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -142,7 +142,7 @@ pub async fn list_workers(
     tag = "admin",
     operation_id = "drainWorker",
     summary = "Drain a worker host (admin)",
-    description = "Extension of this server (cluster mode). The worker becomes `draining`: no new VM is placed on it; its VMs keep running there until deleted. It stays draining across its re-registrations. Admin key only.",
+    description = "Extension of this server (cluster mode). The worker becomes `draining`: no new VM is placed on it (it stays draining across its re-registrations). Its running VMs keep running there until deleted; its paused VMs are moved, in the background, to other compatible workers through the shared snapshot store (same VM id, still paused). Admin key only.",
     params(("id" = String, Path, description = "Worker id.")),
     security(("bearerAuth" = [])),
     responses(
