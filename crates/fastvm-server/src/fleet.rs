@@ -379,7 +379,7 @@ impl Fleet {
     /// among those `affinity` allows, set `vm.worker_id` and insert the row,
     /// all in one transaction (see the module docs). 429 over quota, 503
     /// `NO_CAPACITY` when no worker fits. The embedded fleet inserts under
-    /// the caller's quota mutex instead (see `AppState::reserve_vm`).
+    /// the caller's quota mutex instead (see `AppState::launch_vm`).
     pub(crate) async fn place(
         &self,
         vm: &mut VmRecord,
