@@ -9,6 +9,9 @@
 //!      Heartbeat -> 204 | 401 | 409 STALE_GENERATION (register again)
 //! ```
 //!
+//! Bodies are JSON with the field names below (snake_case); unknown fields
+//! are ignored, so a newer worker may send more.
+//!
 //! The cluster secret is the text of `<data>/worker-token` (whitespace
 //! trimmed); the per-worker token is [`crate::fleet::worker_token`]. Both
 //! are compared in constant time. Errors use the API's error shape
@@ -27,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 /// What a worker host is (sent at registration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerInfo {
     /// Host CPUs (placement allows `cpus * 4` vCPUs).
     pub cpus: u64,
@@ -44,7 +46,6 @@ pub struct WorkerInfo {
 
 /// `POST /internal/v1/workers/register` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerRegistration {
     /// `wk_` + 16 lowercase hex digits (persisted in the worker's data dir);
     /// any 1-64 characters of `[A-Za-z0-9_-]` are accepted.
@@ -79,7 +80,6 @@ pub struct RegisterResponse {
 
 /// `POST /internal/v1/workers/{id}/heartbeat` body. Answer: 204 No Content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub generation: i64,
     pub vm_count: u64,
