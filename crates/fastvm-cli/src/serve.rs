@@ -68,6 +68,15 @@ pub struct ServeArgs {
     pub no_ssh: bool,
     #[command(flatten)]
     pub s3: S3Args,
+    /// Cluster mode: snapshots go to this S3-compatible store
+    /// (`s3://bucket/prefix`; --s3-endpoint, --s3-region and the
+    /// FASTVM_S3_* keys apply) so any worker restores any snapshot.
+    #[arg(long, env = "FASTVM_SNAPSHOT_STORE", value_name = "s3://BUCKET/PREFIX")]
+    pub snapshot_store: Option<String>,
+    /// Cluster mode without an embedded worker: VMs run on `fastvm worker`
+    /// hosts that register with this control plane (secret: DATA_DIR/worker-token).
+    #[arg(long, env = "FASTVM_NO_LOCAL_WORKER")]
+    pub no_local_worker: bool,
     /// Most bytes one org may have staged for file transfers at once
     /// (uploads past it get 429 STAGING_QUOTA_EXCEEDED).
     #[arg(long, env = "FASTVM_STAGING_ORG_CAP_BYTES", default_value_t = fastvm_server::staging::DEFAULT_ORG_CAP_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
@@ -139,6 +148,34 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         net.guard.deny_egress =
             fastvm_worker::net::guard::parse_deny_egress(&args.deny_egress_cidr)
                 .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    if args.no_local_worker || args.snapshot_store.is_some() {
+        let snapshot_store = match &args.snapshot_store {
+            Some(url) => {
+                anyhow::ensure!(
+                    url.starts_with("s3://") && url.len() > 5,
+                    "--snapshot-store must be s3://BUCKET[/PREFIX], got {url:?}"
+                );
+                Some(fastvm_server::routes::internal::SnapshotStoreSettings {
+                    url: url.clone(),
+                    endpoint: args.s3.s3_endpoint.clone(),
+                    region: Some(args.s3.s3_region.clone()),
+                    access_key_id: args.s3.s3_access_key_id.clone(),
+                    secret_access_key: args.s3.s3_secret_access_key.clone(),
+                })
+            }
+            None => None,
+        };
+        if cfg.database_url.as_deref().is_none_or(|u| !u.starts_with("postgres")) {
+            tracing::warn!("cluster mode on SQLite: only one control plane may run (use --database-url postgres://... for several)");
+        }
+        cfg.cluster = Some(fastvm_server::ClusterConfig {
+            secret_file: None,
+            local_worker: !args.no_local_worker,
+            snapshot_store,
+            local_registration: None,
+            connector: std::sync::Arc::new(fastvm_worker_api::connect),
+        });
     }
     cfg.staging.s3 = args.s3.config()?;
     cfg.staging.org_cap_bytes = args.staging_org_cap_bytes;

@@ -167,7 +167,7 @@ fn worker_id(dir: &Path) -> anyhow::Result<String> {
 /// Capacity and identity of this host.
 async fn worker_info(runtime: &Runtime, data_dir: &Path) -> anyhow::Result<WorkerInfo> {
     let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
+        .map(|n| n.get() as u64)
         .unwrap_or(1);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_mib = meminfo

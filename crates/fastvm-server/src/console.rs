@@ -334,7 +334,11 @@ impl AppState {
                     cols,
                     rows,
                 };
-                let session = self.worker().open_pty(id, spec).await?;
+                let session = self
+                    .worker_for(&vm.worker_id)
+                    .await?
+                    .open_pty(id, spec)
+                    .await?;
                 tracing::info!(vm = %id, cols, rows, "console opened");
                 Ok(Console {
                     vm: id,
@@ -342,7 +346,11 @@ impl AppState {
                 })
             }
             Source::Serial => {
-                let stream = self.worker().open_serial(id, SERIAL_TAIL_BYTES).await?;
+                let stream = self
+                    .worker_for(&vm.worker_id)
+                    .await?
+                    .open_serial(id, SERIAL_TAIL_BYTES)
+                    .await?;
                 tracing::info!(vm = %id, "serial console opened");
                 Ok(Console {
                     vm: id,

@@ -5,17 +5,17 @@
 //! |--------|--------------------------------------------------------------------|
 //! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
 //! | 401    | `UNAUTHENTICATED`                                                  |
-//! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user) |
+//! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user), `FORBIDDEN` (an admin endpoint, `/v1/admin/...`, with another key than the admin key) |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user) |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user), `STALE_GENERATION` (internal: a worker's heartbeat of a generation that is not current; it registers again) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed), `TOO_MANY_EXECS` (the VM has 64 execs, terminals and guest connections open), `STAGING_QUOTA_EXCEEDED` (the org's staged bytes would pass the server's cap; nothing was stored) |
 //! | 500    | `INTERNAL`, `DATABASE_ERROR`, `WORKER_ERROR`                       |
 //! | 501    | `NOT_IMPLEMENTED`                                                  |
 //! | 502    | `UPSTREAM_REFUSED` (nothing listens on the port in the guest)      |
-//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`, `FIREWALL_NOT_ENFORCED` (the worker could not enforce a new firewall or service set; nothing changed) |
+//! | 503    | `AGENT_UNAVAILABLE`, `UNAVAILABLE`, `WORKER_UNREACHABLE`, `NO_CAPACITY` (cluster: no ready worker, of the snapshot's compatibility where it matters, has room for the VM), `FIREWALL_NOT_ENFORCED` (the worker could not enforce a new firewall or service set; nothing changed) |
 //! | 504    | `UPSTREAM_TIMEOUT`, `VM_UNRESPONSIVE` (the VM's hypervisor stopped answering; the VM is now `error`) |
 //!
 //! One error, one status, everywhere: a request the server refuses because of
@@ -69,6 +69,9 @@ pub mod codes {
     pub const QUOTA_EXCEEDED_VOLUME_GIB: &str = "QUOTA_EXCEEDED_VOLUME_GIB";
     pub const TOO_MANY_EXECS: &str = "TOO_MANY_EXECS";
     pub const STAGING_QUOTA_EXCEEDED: &str = "STAGING_QUOTA_EXCEEDED";
+    pub const FORBIDDEN: &str = "FORBIDDEN";
+    pub const NO_CAPACITY: &str = "NO_CAPACITY";
+    pub const STALE_GENERATION: &str = "STALE_GENERATION";
 }
 
 /// An error answer: status, code and message.

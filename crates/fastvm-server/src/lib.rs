@@ -1,5 +1,7 @@
 //! The Fast VM control plane: the REST API of the spec over a store (SQLite or
-//! PostgreSQL) and workers (today: the embedded one of this process).
+//! PostgreSQL) and workers: the embedded one of this process, or, in cluster
+//! mode, worker hosts that register over HTTP (`fleet.rs`: placement,
+//! heartbeats, fencing, drain; `routes/internal.rs`: their side of the wire).
 //!
 //! ```text
 //!  client --HTTP--> routes/ (axum: auth.rs, error.rs, one module per resource)
@@ -34,6 +36,7 @@
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod fleet;
 mod lifecycle;
 pub mod metrics;
 pub mod openapi;
@@ -98,6 +101,62 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The SSH gateway (`fastvm serve --ssh-listen`); none: no gateway.
     pub ssh: Option<ssh::SshConfig>,
+    /// Cluster mode (workers register over HTTP); none: the single-host
+    /// server of one embedded worker.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// File (in the data dir) holding the cluster secret workers present.
+pub const WORKER_TOKEN_FILE: &str = "worker-token";
+
+/// How a cluster control plane runs (see [`fleet`]).
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The cluster secret's file; default `<data>/worker-token`. Written
+    /// (0600, 32 random bytes as hex) at first start when absent.
+    pub secret_file: Option<PathBuf>,
+    /// Run an embedded worker beside the remote ones (false:
+    /// `--no-local-worker`). It serves the VMs it has; it takes new ones
+    /// only if it has a `workers` row.
+    pub local_worker: bool,
+    /// The shared snapshot store handed to workers at registration.
+    pub snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
+    /// With `local_worker`: the embedded worker's capacity and build, to
+    /// give it a `workers` row (heartbeated by the monitor) so it takes new
+    /// VMs like any worker; none: it only serves the VMs it has.
+    pub local_registration: Option<store::WorkerRegistrationRow>,
+    /// Makes a handle on a remote worker (the HTTP client in production).
+    pub connector: fleet::Connector,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("secret_file", &self.secret_file)
+            .field("local_worker", &self.local_worker)
+            .field(
+                "snapshot_store",
+                &self.snapshot_store.as_ref().map(|s| s.url.as_str()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster secret of `path`, created (0600, 32 random bytes as hex) when absent.
+pub fn load_or_create_worker_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    let secret = hex::encode(bytes);
+    write_secret(path, &format!("{secret}\n"))
+        .with_context(|| format!("writing the cluster secret to {}", path.display()))?;
+    tracing::info!(path = %path.display(), "first start in cluster mode: wrote the worker token (give it to workers with --token-file)");
+    Ok(secret)
 }
 
 impl ServerConfig {
@@ -117,6 +176,7 @@ impl ServerConfig {
             proxy: None,
             metrics_listen: None,
             ssh: None,
+            cluster: None,
         }
     }
 
@@ -141,7 +201,8 @@ pub struct AppState {
 
 struct Inner {
     store: Store,
-    worker: Arc<dyn Worker>,
+    /// The workers this control plane drives (embedded: the one of this process).
+    fleet: fleet::Fleet,
     launch_wait: Duration,
     /// Restores hold it shared until their VM runs (or failed); deleting a
     /// snapshot holds it exclusively, so a snapshot's files never vanish
@@ -170,14 +231,22 @@ struct Inner {
     metrics: metrics::Metrics,
     /// The SSH gateway's public host key and port, when it runs.
     ssh_public: Option<fastvm_types::ssh_key::SshGatewayInfo>,
+    /// The shared snapshot store told to registering workers (cluster mode).
+    snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
 }
 
 impl AppState {
+    /// A single-host state: `worker` runs every VM.
     pub fn new(store: Store, worker: Arc<dyn Worker>, launch_wait: Duration) -> Self {
+        AppState::with_fleet(store, fleet::Fleet::embedded(worker), launch_wait)
+    }
+
+    /// A state over `fleet` (a cluster control plane, see [`fleet::Fleet::cluster`]).
+    pub fn with_fleet(store: Store, fleet: fleet::Fleet, launch_wait: Duration) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 store,
-                worker,
+                fleet,
                 launch_wait,
                 snapshot_use: Default::default(),
                 quota_locks: Default::default(),
@@ -191,6 +260,7 @@ impl AppState {
                 console: Default::default(),
                 metrics: Default::default(),
                 ssh_public: None,
+                snapshot_store: None,
             }),
         }
     }
@@ -215,6 +285,24 @@ impl AppState {
             inner.ssh_public = Some(info);
         }
         self
+    }
+
+    /// Tell the state which snapshot store registering workers use (call
+    /// right after [`AppState::with_fleet`]).
+    pub fn with_snapshot_store_settings(
+        mut self,
+        settings: Option<routes::internal::SnapshotStoreSettings>,
+    ) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.snapshot_store = settings;
+        }
+        self
+    }
+
+    pub(crate) fn snapshot_store_settings(
+        &self,
+    ) -> Option<&routes::internal::SnapshotStoreSettings> {
+        self.inner.snapshot_store.as_ref()
     }
 
     pub(crate) fn ssh_public(&self) -> Option<&fastvm_types::ssh_key::SshGatewayInfo> {
@@ -305,8 +393,9 @@ impl AppState {
         &self.inner.store
     }
 
-    pub fn worker(&self) -> &Arc<dyn Worker> {
-        &self.inner.worker
+    /// The workers of this control plane.
+    pub fn fleet(&self) -> &fleet::Fleet {
+        &self.inner.fleet
     }
 
     pub fn launch_wait(&self) -> Duration {
@@ -400,12 +489,42 @@ async fn build_app_with_host_key(
     if key_file.exists() {
         tracing::info!(path = %key_file.display(), "admin API key");
     }
-    let runtime = Runtime::open(cfg.runtime.clone())
-        .await
-        .context("opening the embedded worker")?;
-    tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
-    let worker: Arc<dyn Worker> = Arc::new(LocalWorker::new(runtime));
-    let mut state = AppState::new(store, worker, cfg.launch_wait).with_console(cfg.console.clone());
+    let local: Option<Arc<dyn Worker>> = if cfg.cluster.as_ref().is_none_or(|c| c.local_worker) {
+        let runtime = Runtime::open(cfg.runtime.clone())
+            .await
+            .context("opening the embedded worker")?;
+        tracing::info!(accel = ?runtime.accel(), vms = runtime.list().len(), "embedded worker ready");
+        Some(Arc::new(LocalWorker::new(runtime)))
+    } else {
+        None
+    };
+    let fleet = match (&cfg.cluster, local) {
+        (None, Some(worker)) => fleet::Fleet::embedded(worker),
+        (None, None) => anyhow::bail!("a single-host server needs its embedded worker"),
+        (Some(c), local) => {
+            let path = c
+                .secret_file
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join(WORKER_TOKEN_FILE));
+            let secret = load_or_create_worker_token(&path)?;
+            let mut f = fleet::Fleet::cluster(store.clone(), secret, c.connector.clone())
+                .with_snapshot_store(c.snapshot_store.is_some());
+            if let Some(w) = local {
+                f = f.with_local(w);
+                if let Some(reg) = &c.local_registration {
+                    f = f.with_local_registration(reg.clone());
+                }
+            }
+            tracing::info!(secret = %path.display(), "cluster control plane: workers register at /internal/v1/workers/register");
+            f
+        }
+    };
+    if let Some(id) = fleet.register_local().await? {
+        tracing::info!(worker = %id, "the embedded worker takes new VMs of the cluster");
+    }
+    let mut state = AppState::with_fleet(store, fleet, cfg.launch_wait)
+        .with_snapshot_store_settings(cfg.cluster.as_ref().and_then(|c| c.snapshot_store.clone()))
+        .with_console(cfg.console.clone());
     if let Some(proxy) = &cfg.proxy {
         let public = services::ProxyPublic {
             scheme: "http".into(),
@@ -477,6 +596,8 @@ struct SideTasks {
     proxy: Option<proxy::ProxyTask>,
     ssh: Option<ssh::SshTask>,
     metrics: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: the worker monitor (and LISTEN task); stops when dropped.
+    _monitor: fleet::Monitor,
 }
 
 impl Drop for SideTasks {
@@ -561,10 +682,12 @@ async fn start_side(
             }
         })
     });
+    let _monitor = fleet::spawn_monitor(state, cfg.database_url.as_deref());
     Ok(SideTasks {
         proxy,
         ssh,
         metrics,
+        _monitor,
     })
 }
 
@@ -595,7 +718,7 @@ async fn serve_on(
     };
     drop(side);
     reaper.stop().await;
-    state.worker().detach();
+    state.fleet().detach();
     state.store().close().await;
     result
 }

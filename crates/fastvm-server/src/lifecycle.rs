@@ -33,6 +33,7 @@
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
+use crate::fleet::Affinity;
 use crate::quotas::VmShape;
 use crate::store::{now_ms, VmRecord};
 use crate::worker::{ExecEvents, VmSpec, WorkerError};
@@ -86,7 +87,7 @@ fn no_such_vm(id: VmId) -> ApiError {
 
 /// The API status matching a worker's view of a process (`None`: the worker
 /// does not know the VM), and why when it is a failure.
-fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
+pub(crate) fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
     match state {
         Some(VmState::Running) => (VmStatus::Running, None),
         Some(VmState::Paused) => (VmStatus::Paused, None),
@@ -99,10 +100,30 @@ fn observed(state: Option<VmState>) -> (VmStatus, Option<String>) {
     }
 }
 
+/// What a worker boots to restore VM `rec` from `snapshot` with the same id
+/// (a move between workers, see crate::fleet): its shape, hostname, the
+/// snapshot's env and its effective firewall.
+pub(crate) fn move_spec(
+    rec: &VmRecord,
+    snapshot: fastvm_types::SnapshotId,
+) -> Result<VmSpec, ApiError> {
+    let machine = MachineType::lookup(&rec.machine_name).map_err(|e| {
+        ApiError::internal(format!("VM {} has an unknown machine type: {e}", rec.id))
+    })?;
+    Ok(VmSpec {
+        id: rec.id,
+        machine,
+        hostname: format!("vm-{}", rec.id.short()),
+        env: Default::default(),
+        snapshot: Some(snapshot),
+        firewall: rec.effective_firewall(),
+    })
+}
+
 /// Move `r` to `to`, keeping the TTL bookkeeping of the spec: while running
 /// `expiresAtMs` is the deadline; while paused the remaining budget is frozen
 /// in `ttlRemainingMs`.
-fn set_status(r: &mut VmRecord, to: VmStatus, now: i64) {
+pub(crate) fn set_status(r: &mut VmRecord, to: VmStatus, now: i64) {
     let cycle = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
     match to {
         VmStatus::Running => {
@@ -225,7 +246,11 @@ impl AppState {
         if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
             return Ok(rec);
         }
-        let state = match self.worker().state(rec.id).await {
+        let reported = match self.worker_for(&rec.worker_id).await {
+            Ok(worker) => worker.state(rec.id).await,
+            Err(e) => Err(e),
+        };
+        let state = match reported {
             Ok(state) => state,
             Err(e) => {
                 // The worker cannot say: keep what the store knows.
@@ -312,7 +337,12 @@ impl AppState {
         let mut rec = VmRecord {
             id,
             org_id: caller.org_id,
-            worker_id: self.worker().id().to_owned(),
+            // Embedded: the one worker; cluster: set by placement.
+            worker_id: self
+                .fleet()
+                .local()
+                .map(|w| w.id().to_owned())
+                .unwrap_or_default(),
             name: normalize_vm_name(req.name.as_deref(), &id),
             machine_name: String::new(),
             source_name: String::new(),
@@ -336,6 +366,7 @@ impl AppState {
         };
         // A restore keeps the snapshot in use until its VM runs (see crate::snapshots).
         let mut in_use = None;
+        let mut affinity = Affinity::Any;
         let machine = match req.snapshot_id {
             None => {
                 let machine = requested.ok_or_else(|| {
@@ -359,7 +390,11 @@ impl AppState {
                         "snapshot {sid} is {status}; only a ready snapshot can be restored"
                     )));
                 }
-                if snap.worker_id != self.worker().id() {
+                affinity = match (&snap.compat_key, snap.stored) {
+                    (Some(key), true) => Affinity::Compatible(key.clone()),
+                    _ => Affinity::Only(snap.worker_id.clone()),
+                };
+                if !self.fleet().is_cluster() && snap.worker_id != rec.worker_id {
                     return Err(ApiError::invalid_state(format!(
                         "snapshot {sid} lives on worker {:?}, which this server does not drive",
                         snap.worker_id
@@ -410,9 +445,16 @@ impl AppState {
                 memory_mib: rec.memory_mib,
                 disk_gib: rec.disk_gib,
             };
-            self.check_vm_quota(caller.org_id, "launching this VM", shape)
-                .await?;
-            self.store().insert_vm(&rec).await?;
+            if self.fleet().is_cluster() {
+                // Quota, worker choice and insert in one transaction (crate::fleet).
+                self.fleet()
+                    .place(&mut rec, &affinity, "launching this VM")
+                    .await?;
+            } else {
+                self.check_vm_quota(caller.org_id, "launching this VM", shape)
+                    .await?;
+                self.store().insert_vm(&rec).await?;
+            }
         }
         match req.snapshot_id {
             Some(sid) => {
@@ -432,8 +474,9 @@ impl AppState {
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let state = self.clone();
+        let worker_id = rec.worker_id.clone();
         tokio::spawn(async move {
-            state.provision(spec).await;
+            state.provision(spec, &worker_id).await;
             drop(in_use);
             let _ = done_tx.send(());
         });
@@ -443,19 +486,23 @@ impl AppState {
     }
 
     /// Boot the VM of `spec` and settle its row: running, or error.
-    async fn provision(&self, spec: VmSpec) {
+    async fn provision(&self, spec: VmSpec, worker_id: &str) {
         let id = spec.id;
         let started = std::time::Instant::now();
         let launched_with = spec.firewall.clone();
         let from_snapshot = spec.snapshot.is_some();
-        let result = self.worker().create(spec).await;
+        let worker = self.worker_for(worker_id).await;
+        let result = match &worker {
+            Ok(w) => w.create(spec).await,
+            Err(e) => Err(e.clone()),
+        };
         self.metrics().launch_finished(
             from_snapshot,
             result.is_ok(),
             started.elapsed().as_secs_f64(),
         );
-        if result.is_ok() {
-            let ipv6 = self.worker().public_ipv6(id).await.unwrap_or_else(|e| {
+        if let (Ok(()), Ok(worker)) = (&result, &worker) {
+            let ipv6 = worker.public_ipv6(id).await.unwrap_or_else(|e| {
                 tracing::warn!(vm = %id, error = %e, "the worker did not report the VM's public IPv6");
                 None
             });
@@ -496,21 +543,17 @@ impl AppState {
             }
         };
         // A firewall set while the VM booted is pushed now.
-        if let Ok(rec) = &settle {
+        if let (Ok(rec), Ok(worker)) = (&settle, &worker) {
             if rec.effective_firewall() != launched_with {
-                if let Err(e) = self
-                    .worker()
-                    .set_firewall(id, &rec.effective_firewall())
-                    .await
-                {
+                if let Err(e) = worker.set_firewall(id, &rec.effective_firewall()).await {
                     tracing::warn!(vm = %id, error = %e, "applying the firewall set during boot failed");
                 }
             }
         }
-        if let Err(e) = settle {
+        if let (Err(e), Ok(worker)) = (settle, &worker) {
             // Deleted (or being deleted) while it booted: make sure it is gone.
             tracing::info!(vm = %id, reason = %e.message, "VM left provisioning meanwhile; removing it from its worker");
-            if let Err(e) = self.worker().delete(id).await {
+            if let Err(e) = worker.delete(id).await {
                 tracing::warn!(vm = %id, error = %e, "cleanup of a VM deleted during boot failed");
             }
         }
@@ -592,11 +635,11 @@ impl AppState {
             // A booting VM gets it when it runs (see `provision`).
             return Ok(rec);
         }
-        let Err(e) = self
-            .worker()
-            .set_firewall(id, &rec.effective_firewall())
-            .await
-        else {
+        let pushed = match self.worker_for(&rec.worker_id).await {
+            Ok(worker) => worker.set_firewall(id, &rec.effective_firewall()).await,
+            Err(e) => Err(e),
+        };
+        let Err(e) = pushed else {
             return Ok(rec);
         };
         tracing::warn!(vm = %id, error = %e, "the worker could not enforce a firewall change; rolling it back");
@@ -627,10 +670,16 @@ impl AppState {
     }
 
     /// Push the stored effective firewall of every running or paused VM of
-    /// this server's worker whose enforced policy (as the worker reports it)
-    /// differs. Cheap when nothing differs: one in-process lookup per VM.
+    /// this server's workers (every reachable one in cluster mode) whose
+    /// enforced policy (as the worker reports it) differs. Cheap when nothing
+    /// differs: one lookup per VM.
     pub(crate) async fn reconcile_firewalls(&self) {
-        let worker = self.worker().clone();
+        for worker in self.fleet().reachable().await {
+            self.reconcile_firewalls_of(worker).await;
+        }
+    }
+
+    async fn reconcile_firewalls_of(&self, worker: std::sync::Arc<dyn crate::worker::Worker>) {
         let recs = match self.store().list_live_vms_on(worker.id()).await {
             Ok(recs) => recs,
             Err(e) => {
@@ -649,6 +698,7 @@ impl AppState {
             let rec = match self.store().get_vm_unscoped(id).await {
                 Ok(Some(r))
                     if r.deleted_at_ms.is_none()
+                        && r.worker_id == worker.id()
                         && matches!(r.status, VmStatus::Running | VmStatus::Paused) =>
                 {
                     r
@@ -766,7 +816,11 @@ impl AppState {
             Ok(()) => (to, None),
             Err(e) => {
                 tracing::warn!(vm = %id, action, error = %e, "VM transition failed");
-                match self.worker().state(id).await {
+                let reported = match self.worker_of(id).await {
+                    Ok(worker) => worker.state(id).await,
+                    Err(e) => Err(e),
+                };
+                match reported {
                     Ok(state) => observed(state),
                     // Unknown: back where it was, with the reason.
                     Err(report) => (
@@ -810,9 +864,10 @@ impl AppState {
     /// `POST /v1/vms/{id}/pause`: running -> pausing -> paused (to
     /// completion even if the client goes away).
     pub(crate) async fn pause_vm(&self, org: OrgId, id: VmId) -> Result<VmRecord, ApiError> {
-        self.detached(
-            move |s| async move { s.transition(org, id, PAUSE, s.worker().pause(id)).await },
-        )
+        self.detached(move |s| async move {
+            let worker = s.worker_of(id).await?;
+            s.transition(org, id, PAUSE, worker.pause(id)).await
+        })
         .await
     }
 
@@ -836,15 +891,9 @@ impl AppState {
                 )
                 .await?;
             }
-            s.transition_if(
-                org,
-                id,
-                RESUME,
-                s.worker().resume(id),
-                |_| Ok(()),
-                Some(held),
-            )
-            .await
+            let worker = s.worker_for(&rec.worker_id).await?;
+            s.transition_if(org, id, RESUME, worker.resume(id), |_| Ok(()), Some(held))
+                .await
         })
         .await
     }
@@ -864,7 +913,8 @@ impl AppState {
                 r.ttl_remaining_ms = r.ttl.map(|t| i64::try_from(t.millis()).unwrap_or(i64::MAX));
                 Ok(())
             };
-            s.transition_if(org, id, PAUSE, s.worker().pause(id), guard, None)
+            let worker = s.worker_of(id).await?;
+            s.transition_if(org, id, PAUSE, worker.pause(id), guard, None)
                 .await
         })
         .await
@@ -932,7 +982,20 @@ impl AppState {
         })
         .await?;
         tracing::info!(vm = %id, "deleting VM");
-        match self.worker().delete(id).await {
+        let deleted = match self.worker_of(id).await {
+            Ok(worker) => worker.delete(id).await,
+            Err(e) => Err(e),
+        };
+        let deleted = match deleted {
+            // Cluster: a VM of a lost worker is deleted in the store now; the
+            // worker deletes it when it registers again (fencing, crate::fleet).
+            Err(WorkerError::Unreachable(m)) if self.fleet().is_cluster() => {
+                tracing::warn!(vm = %id, reason = %m, "deleting a VM of an unreachable worker; it is removed there when the worker returns");
+                Ok(())
+            }
+            other => other,
+        };
+        match deleted {
             Ok(()) => {
                 self.modify(Some(org), id, |r| {
                     r.deleted_at_ms = Some(now_ms());
@@ -978,7 +1041,11 @@ impl AppState {
             stdin: false,
             pty: None,
         };
-        match self.worker().exec(id, wreq).await {
+        let started = match self.worker_for(&rec.worker_id).await {
+            Ok(worker) => worker.exec(id, wreq).await,
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(events) => Ok(events),
             Err(e) => {
                 if matches!(
@@ -998,7 +1065,19 @@ impl AppState {
     /// At startup: settle rows left in flight by the previous run and align
     /// every live row with what the worker re-adopted.
     pub(crate) async fn reconcile_all(&self) -> Result<(), ApiError> {
-        let worker = self.worker().clone();
+        if self.fleet().is_cluster() {
+            // Each worker is reconciled when it registers; those already
+            // registered are reconciled now.
+            for worker in self.fleet().reachable().await {
+                if let Err(e) = self.reconcile_worker(worker.id()).await {
+                    tracing::warn!(worker = worker.id(), error = %e.message, "reconciling a worker at startup failed");
+                }
+            }
+            return self.reconcile_snapshots().await;
+        }
+        let Some(worker) = self.fleet().local().cloned() else {
+            return Ok(());
+        };
         for rec in self.store().list_live_vms_on(worker.id()).await? {
             let id = rec.id;
             match rec.status {
@@ -1057,7 +1136,10 @@ impl AppState {
     }
 
     async fn delete_interrupted(&self, rec: VmRecord) -> Result<(), ApiError> {
-        self.worker().delete(rec.id).await?;
+        self.worker_for(&rec.worker_id)
+            .await?
+            .delete(rec.id)
+            .await?;
         self.modify(Some(rec.org_id), rec.id, |r| {
             r.deleted_at_ms = Some(now_ms());
             Ok(())

@@ -253,32 +253,58 @@ pub async fn render(state: &AppState) -> Result<String, String> {
             })
             .set(n);
     }
-    let worker = state.worker();
-    let (status, stats) = match worker.stats().await {
-        Ok(stats) => ("ready", stats),
-        Err(_) => ("unreachable", Default::default()),
-    };
     m.workers.clear();
-    m.workers
-        .get_or_create(&StatusLabel {
-            status: status.into(),
-        })
-        .set(1);
-    let label = WorkerLabel {
-        worker: worker.id().to_owned(),
-    };
-    m.agent_reconnects
-        .get_or_create(&label)
-        .set(i64::try_from(stats.agent_reconnects).unwrap_or(i64::MAX));
-    if status == "ready" {
-        // The embedded worker is this process: its heartbeat is now.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        m.heartbeats
+    if state.fleet().is_cluster() {
+        // Cluster: workers by their row's status; heartbeats as recorded.
+        let rows = state
+            .store()
+            .list_workers()
+            .await
+            .map_err(|e| e.to_string())?;
+        for st in ["ready", "unreachable", "draining"] {
+            let n = rows.iter().filter(|r| r.status.as_str() == st).count();
+            m.workers
+                .get_or_create(&StatusLabel { status: st.into() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for r in &rows {
+            m.heartbeats
+                .get_or_create(&WorkerLabel {
+                    worker: r.id.clone(),
+                })
+                .set(r.last_heartbeat_ms / 1000);
+        }
+    }
+    if let Some(worker) = state
+        .fleet()
+        .local()
+        .filter(|_| !state.fleet().is_cluster())
+    {
+        let (status, stats) = match worker.stats().await {
+            Ok(stats) => ("ready", stats),
+            Err(_) => ("unreachable", Default::default()),
+        };
+        m.workers
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .set(1);
+        let label = WorkerLabel {
+            worker: worker.id().to_owned(),
+        };
+        m.agent_reconnects
             .get_or_create(&label)
-            .set(i64::try_from(now).unwrap_or(i64::MAX));
+            .set(i64::try_from(stats.agent_reconnects).unwrap_or(i64::MAX));
+        if status == "ready" {
+            // The embedded worker is this process: its heartbeat is now.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            m.heartbeats
+                .get_or_create(&label)
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &m.registry).map_err(|e| e.to_string())?;

@@ -10,7 +10,7 @@
 
 pub mod examples;
 
-use crate::routes::{console, exec, files, health, me, org, services, snapshots, vms};
+use crate::routes::{admin, console, exec, files, health, me, org, services, snapshots, vms};
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -53,7 +53,9 @@ use utoipa::{Modify, OpenApi};
         me::list_ssh_keys,
         me::add_ssh_key,
         me::delete_ssh_key,
-        me::ssh_gateway
+        me::ssh_gateway,
+        admin::list_workers,
+        admin::drain_worker
     ),
     modifiers(&BearerAuth),
     tags(
@@ -63,6 +65,7 @@ use utoipa::{Modify, OpenApi};
         (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
         (name = "files", description = "File transfer through the staging store. `/files/export` is an extension of this server (the spec's download flow needs guest network; export does not)"),
         (name = "org", description = "The caller's org: quotas and usage"),
+        (name = "admin", description = "Operator endpoints (extension), admin key only: the worker hosts of a cluster"),
         (name = "me", description = "The calling user: SSH public keys for the SSH gateway (`fastvm serve --ssh-listen`, `ssh -p 2222 <vm-id>@<host>`)"),
     )
 )]

@@ -9,10 +9,12 @@
 //! that reserves the resources (the `provisioning` VM row, the `creating`
 //! snapshot row) run under one async mutex per org ([`AppState::quota_lock`]).
 //! Concurrent launches of one org therefore queue at the check and each sees
-//! the rows of the ones before it. This holds because one server process
-//! owns the store (see docs/ARCHITECTURE.md); several server processes on
-//! one PostgreSQL would need the check-and-insert in a transaction that locks
-//! the org's `org_quotas` row (`SELECT ... FOR UPDATE`).
+//! the rows of the ones before it. That holds for one server process; in
+//! cluster mode (several control planes on one PostgreSQL) a launch's check
+//! and insert run in one transaction holding the org's `orgs` row
+//! `FOR UPDATE` (see crate::fleet), and so do a snapshot capture's check and
+//! insert on PostgreSQL. Resume checks (which add no usage) rely on the
+//! in-process mutex only.
 
 use crate::error::{codes, ApiError};
 use crate::AppState;
@@ -92,6 +94,38 @@ fn vm_needs(limits: &OrgQuotaValues, usage: &OrgQuotaValues, shape: VmShape) -> 
     ]
 }
 
+/// 429 unless `org`, using `usage` of its `limits`, can take one more VM of
+/// `shape` (placement checks this inside its transaction, see crate::fleet).
+pub(crate) fn check_vm_limits(
+    org: OrgId,
+    action: &str,
+    limits: &OrgQuotaValues,
+    usage: &OrgQuotaValues,
+    shape: VmShape,
+) -> Result<(), ApiError> {
+    check(org, action, &vm_needs(limits, usage, shape))
+}
+
+/// 429 unless `org`, using `usage` of its `limits`, can take one more snapshot.
+pub(crate) fn check_snapshot_limits(
+    org: OrgId,
+    limits: &OrgQuotaValues,
+    usage: &OrgQuotaValues,
+) -> Result<(), ApiError> {
+    check(
+        org,
+        "this snapshot",
+        &[Need {
+            code: codes::QUOTA_EXCEEDED_SNAPSHOT_COUNT,
+            what: "snapshotCount",
+            unit: "",
+            limit: limits.snapshot_count,
+            usage: usage.snapshot_count,
+            requested: 1,
+        }],
+    )
+}
+
 impl AppState {
     /// The mutex serialising quota checks and reservations of `org`.
     pub(crate) fn quota_lock(&self, org: OrgId) -> Arc<tokio::sync::Mutex<()>> {
@@ -146,18 +180,7 @@ impl AppState {
     pub(crate) async fn check_snapshot_quota(&self, org: OrgId) -> Result<(), ApiError> {
         let limits = self.store().quota_limits(org).await?;
         let usage = self.store().quota_usage(org).await?;
-        check(
-            org,
-            "this snapshot",
-            &[Need {
-                code: codes::QUOTA_EXCEEDED_SNAPSHOT_COUNT,
-                what: "snapshotCount",
-                unit: "",
-                limit: limits.snapshot_count,
-                usage: usage.snapshot_count,
-                requested: 1,
-            }],
-        )
+        check_snapshot_limits(org, &limits, &usage)
     }
 }
 

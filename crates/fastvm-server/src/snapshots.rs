@@ -102,19 +102,22 @@ impl AppState {
             bucket_mounts: vec![],
             created_at_ms: now_ms(),
             deleted_at_ms: None,
+            compat_key: None,
+            stored: false,
         };
-        if rec.worker_id != self.worker().id() {
-            return Err(ApiError::invalid_state(format!(
-                "VM {} runs on worker {:?}, which this server does not drive",
-                vm.id, rec.worker_id
-            )));
-        }
+        let worker = self.worker_for(&rec.worker_id).await?;
+        (rec.compat_key, rec.stored) = self.fleet().snapshot_traits(&rec.worker_id).await;
         {
             // Check and reserve (the creating row) atomically per org.
             let lock = self.quota_lock(caller.org_id);
             let _held = lock.lock().await;
-            self.check_snapshot_quota(caller.org_id).await?;
-            self.store().insert_snapshot(&rec).await?;
+            match self.fleet().reserve_snapshot(&rec).await {
+                Some(reserved) => reserved?,
+                None => {
+                    self.check_snapshot_quota(caller.org_id).await?;
+                    self.store().insert_snapshot(&rec).await?;
+                }
+            }
         }
         let (id, vm_id) = (rec.id, vm.id);
         tracing::info!(snapshot = %id, vm = %vm_id, org = %caller.org_id, "capturing snapshot");
@@ -122,7 +125,7 @@ impl AppState {
         // In its own task: a client hanging up does not abandon the capture half-way.
         let capture = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = state.worker().snapshot(vm_id, id).await;
+            let result = worker.snapshot(vm_id, id).await;
             state
                 .metrics()
                 .snapshot_finished(result.is_ok(), started.elapsed().as_secs_f64());
@@ -208,7 +211,10 @@ impl AppState {
         }
         // Waits for restores in flight (they hold it shared).
         let _exclusive = self.snapshot_use().write().await;
-        self.worker().delete_snapshot(id).await?;
+        self.worker_for(&rec.worker_id)
+            .await?
+            .delete_snapshot(id)
+            .await?;
         if !self
             .store()
             .mark_snapshot_deleted(org, id, now_ms())
@@ -228,11 +234,15 @@ impl AppState {
             .list_snapshots_in(SnapshotStatus::Creating)
             .await?
         {
-            if rec.worker_id != self.worker().id() {
+            // Cluster: another control plane may be capturing it right now.
+            if self.fleet().is_cluster() {
                 continue;
             }
+            let Ok(worker) = self.worker_for(&rec.worker_id).await else {
+                continue;
+            };
             tracing::info!(snapshot = %rec.id, "a capture was interrupted by the last shutdown; marking it error");
-            if let Err(e) = self.worker().delete_snapshot(rec.id).await {
+            if let Err(e) = worker.delete_snapshot(rec.id).await {
                 tracing::warn!(snapshot = %rec.id, error = %e, "could not remove the interrupted capture's files");
             }
             let message = "the server stopped while the snapshot was being captured";

@@ -2,7 +2,7 @@
 //! (`expiresAtMs`) has passed.
 //!
 //! It keeps no timers of its own: each round it asks the store for the due
-//! VMs of this server's worker and the next deadline, fires the due ones,
+//! VMs of this server's workers (every reachable one in cluster mode) and the next deadline, fires the due ones,
 //! then sleeps until the next deadline (at most [`MAX_NAP`]) or until a VM
 //! row with a deadline changes ([`AppState::ttl_changed`]). So timers
 //! survive restarts by construction: a deadline that passed while the server
@@ -113,8 +113,18 @@ impl AppState {
         fired: &mut tokio::task::JoinSet<VmId>,
         in_flight: &mut HashSet<VmId>,
     ) -> Result<Option<i64>, crate::error::ApiError> {
-        let worker_id = self.worker().id().to_owned();
-        let due = self.store().list_ttl_due(&worker_id, now_ms()).await?;
+        // Embedded: the one worker's VMs; cluster: every worker's, in one
+        // query (a VM of an unreachable worker is `unknown`, not running).
+        let (due, next) = match self.fleet().local().filter(|_| !self.fleet().is_cluster()) {
+            Some(worker) => (
+                self.store().list_ttl_due(worker.id(), now_ms()).await?,
+                self.store().next_ttl_deadline(worker.id()).await?,
+            ),
+            None => (
+                self.store().list_ttl_due_all(now_ms()).await?,
+                self.store().next_ttl_deadline_all().await?,
+            ),
+        };
         for rec in due {
             let Some(ttl) = rec.ttl else { continue };
             if !in_flight.insert(rec.id) {
@@ -134,6 +144,6 @@ impl AppState {
                 id
             });
         }
-        Ok(self.store().next_ttl_deadline(&worker_id).await?)
+        Ok(next)
     }
 }

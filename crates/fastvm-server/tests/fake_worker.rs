@@ -1292,6 +1292,8 @@ async fn startup_marks_interrupted_captures_error() -> TestResult {
         bucket_mounts: vec![],
         created_at_ms: 1,
         deleted_at_ms: None,
+        compat_key: None,
+        stored: false,
     };
     store.insert_snapshot(&rec).await?;
     // Creating: neither restorable nor deletable.

@@ -47,11 +47,15 @@ pub enum VmStatus {
     Deleting,
     /// Launch or a transition failed (terminal failure).
     Error,
+    /// Extension (cluster mode): the VM's worker stopped answering; the VM
+    /// may still run there. Its `statusMessage` says so; it goes back to what
+    /// the worker reports when the worker returns.
+    Unknown,
 }
 
 impl VmStatus {
     /// Every known status.
-    pub const ALL: [VmStatus; 8] = [
+    pub const ALL: [VmStatus; 9] = [
         VmStatus::Provisioning,
         VmStatus::Running,
         VmStatus::Stopped,
@@ -60,6 +64,7 @@ impl VmStatus {
         VmStatus::Resuming,
         VmStatus::Deleting,
         VmStatus::Error,
+        VmStatus::Unknown,
     ];
 
     /// The wire form (`running`, ...).
@@ -73,6 +78,7 @@ impl VmStatus {
             VmStatus::Resuming => "resuming",
             VmStatus::Deleting => "deleting",
             VmStatus::Error => "error",
+            VmStatus::Unknown => "unknown",
         }
     }
 

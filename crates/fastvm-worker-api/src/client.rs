@@ -559,3 +559,87 @@ impl Worker for RemoteWorker {
         Ok(Box::new(io))
     }
 }
+
+/// A handle on the worker at `endpoint`: a [`RemoteWorker`], or, when the
+/// address cannot be used (not `http://host:port`), a worker whose every
+/// call fails with `Unreachable` saying why.
+pub fn connect(endpoint: WorkerEndpoint) -> std::sync::Arc<dyn Worker> {
+    let id = endpoint.id.clone();
+    match RemoteWorker::new(endpoint) {
+        Ok(w) => std::sync::Arc::new(w),
+        Err(e) => std::sync::Arc::new(Unusable { id, why: e.to_string() }),
+    }
+}
+
+/// See [`connect`].
+struct Unusable {
+    id: String,
+    why: String,
+}
+
+impl Unusable {
+    fn err<T>(&self) -> Result<T, WorkerError> {
+        Err(WorkerError::Unreachable(format!("worker {}: {}", self.id, self.why)))
+    }
+}
+
+#[async_trait]
+impl Worker for Unusable {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    async fn create(&self, _: VmSpec) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn state(&self, _: VmId) -> Result<Option<VmState>, WorkerError> {
+        self.err()
+    }
+    async fn list(&self) -> Result<Vec<(VmId, VmState)>, WorkerError> {
+        self.err()
+    }
+    async fn pause(&self, _: VmId) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn resume(&self, _: VmId) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn delete(&self, _: VmId) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn exec(&self, _: VmId, _: ExecRequest) -> Result<ExecEvents, WorkerError> {
+        self.err()
+    }
+    async fn snapshot(&self, _: VmId, _: SnapshotId) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn delete_snapshot(&self, _: SnapshotId) -> Result<(), WorkerError> {
+        self.err()
+    }
+    async fn set_firewall(&self, _: VmId, _: &FirewallPolicy) -> Result<(), WorkerError> {
+        self.err()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_addresses_give_a_worker_that_says_why() {
+        let ep = |address: &str| WorkerEndpoint {
+            id: "wk_x".into(),
+            address: address.into(),
+            token: "t".into(),
+            generation: 1,
+        };
+        for bad in ["https://10.0.0.1:7070", "not a url", "http://"] {
+            let w = connect(ep(bad));
+            assert_eq!(w.id(), "wk_x");
+            assert!(matches!(w.list().await, Err(WorkerError::Unreachable(_))), "{bad}");
+        }
+        let v6 = RemoteWorker::new(ep("http://[fd00::1]:7070")).expect("v6");
+        assert_eq!(v6.authority, "[fd00::1]:7070");
+        let v4 = RemoteWorker::new(ep("http://192.0.2.2:7070")).expect("v4");
+        assert_eq!(v4.authority, "192.0.2.2:7070");
+    }
+}

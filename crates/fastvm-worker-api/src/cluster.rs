@@ -50,7 +50,8 @@ pub fn tokens_equal(a: &str, b: &str) -> bool {
 /// What a worker host is: capacity and what its snapshots need to restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
-    pub cpus: u32,
+    /// Host CPUs (placement allows `cpus * 4` vCPUs).
+    pub cpus: u64,
     pub memory_mib: u64,
     pub disk_free_gib: u64,
     /// QEMU's version line.

@@ -22,7 +22,7 @@ pub mod terminal;
 pub mod wire;
 pub mod worker;
 
-pub use client::{RemoteWorker, WorkerEndpoint};
+pub use client::{connect, RemoteWorker, WorkerEndpoint};
 pub use exec::{ExecEvent, ExecRequest, ExitStatus};
 pub use machines::{MachineType, UnknownMachineType};
 pub use terminal::{PtyEvent, PtyExit, PtyInput, PtySession, PtySpec, PTY_INPUT_QUEUE};

@@ -283,3 +283,17 @@ pub fn ssh_key_deleted() -> Value {
 pub fn ssh_gateway() -> Value {
     json!({"hostKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7l2Jt0m1d3s6p9d0X2QmZ7kq3b4n5c6v7x8y9z0a1b"], "port": 2222})
 }
+
+pub fn workers() -> Value {
+    json!([
+        {"id": "wk_3f9a0c1d2e4b5a67", "address": "http://10.0.0.11:7070", "status": "ready", "vmCount": 4,
+         "cpus": 32, "memoryMiB": 131072, "lastHeartbeatAt": "2026-12-02T12:00:00.000Z"},
+        {"id": "wk_8b7c6d5e4f3a2b10", "address": "http://10.0.0.12:7070", "status": "unreachable", "vmCount": 3,
+         "cpus": 32, "memoryMiB": 131072, "lastHeartbeatAt": "2026-12-02T11:59:41.000Z"}
+    ])
+}
+
+pub fn worker_draining() -> Value {
+    json!({"id": "wk_3f9a0c1d2e4b5a67", "address": "http://10.0.0.11:7070", "status": "draining", "vmCount": 4,
+           "cpus": 32, "memoryMiB": 131072, "lastHeartbeatAt": "2026-12-02T12:00:00.000Z"})
+}

@@ -33,7 +33,7 @@ mod host;
 
 use crate::error::codes;
 use crate::store::VmRecord;
-use crate::worker::{GuestStream, Worker, WorkerError};
+use crate::worker::{GuestStream, WorkerError};
 use crate::AppState;
 use bytes::Bytes;
 use fastvm_types::service::Service;
@@ -128,7 +128,7 @@ pub fn spawn(
     let domain = cfg.domain.as_str();
     let addr = listener.local_addr()?;
     let connector = GuestConnector {
-        worker: state.worker().clone(),
+        state: state.clone(),
     };
     let mut http1 = Client::builder(TokioExecutor::new());
     http1
@@ -432,6 +432,13 @@ async fn ready_target(
             VmStatus::Deleting => {
                 return Err(ProxyError::not_found(format!("VM {vm} is being deleted")))
             }
+            VmStatus::Unknown => {
+                return Err(ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::WORKER_UNREACHABLE,
+                    format!("VM {vm} is unknown: its worker does not answer; retry later"),
+                ))
+            }
         }
     }
 }
@@ -727,7 +734,8 @@ fn upstream_error(
 /// `<vmIdHex>.v<version>.guest`, its port the service port.
 #[derive(Clone)]
 struct GuestConnector {
-    worker: Arc<dyn Worker>,
+    /// Finds each VM's worker (embedded: the one worker, without a query).
+    state: AppState,
 }
 
 impl tower::Service<Uri> for GuestConnector {
@@ -740,7 +748,7 @@ impl tower::Service<Uri> for GuestConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let worker = self.worker.clone();
+        let state = self.state.clone();
         Box::pin(async move {
             let vm = uri
                 .host()
@@ -749,6 +757,7 @@ impl tower::Service<Uri> for GuestConnector {
             let (Some(vm), Some(port)) = (vm, uri.port_u16()) else {
                 return Err(WorkerError::Failed(format!("bad upstream address {uri}")));
             };
+            let worker = state.worker_of(vm).await?;
             Ok(GuestConn(TokioIo::new(worker.connect(vm, port).await?)))
         })
     }

@@ -244,7 +244,11 @@ pub async fn fetch(
     let mut wreq = ExecRequest::argv(["sh", "-c", FETCH_SCRIPT, "sh", req.path.as_str()])
         .with_timeout(timeout_of(req.timeout_sec));
     wreq.stdin = true;
-    let events = state.worker().exec_with_input(id, wreq, body).await?;
+    let events = state
+        .worker_of(id)
+        .await?
+        .exec_with_input(id, wreq, body)
+        .await?;
     Ok(Json(collect(events).await?))
 }
 
@@ -299,7 +303,8 @@ pub async fn export(
 
     let classify = ExecRequest::argv(["sh", "-c", CLASSIFY_SCRIPT, "sh", req.path.as_str()])
         .with_timeout(left());
-    let out = collect(state.worker().exec(id, classify).await?).await?;
+    let worker = state.worker_of(id).await?;
+    let out = collect(worker.exec(id, classify).await?).await?;
     let kind = match out.stdout.trim() {
         "directory" => FileKind::Directory,
         "file" => FileKind::File,
@@ -323,8 +328,7 @@ pub async fn export(
         FileKind::File => vec!["cat", "--", req.path.as_str()],
         FileKind::Directory => vec!["tar", "-C", req.path.as_str(), "-cf", "-", "."],
     };
-    let events = state
-        .worker()
+    let events = worker
         .exec(id, ExecRequest::argv(argv).with_timeout(left()))
         .await?;
     let outcome = Arc::new(Mutex::new(Outcome::default()));

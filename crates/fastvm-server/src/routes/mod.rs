@@ -18,11 +18,13 @@
 //! mounts, snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
+pub mod admin;
 pub mod console;
 pub mod docs;
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod internal;
 pub mod me;
 pub mod org;
 pub mod services;
@@ -163,6 +165,13 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(me::delete_ssh_key),
         )
         .route("/v1/ssh-gateway", get(me::ssh_gateway))
+        .route("/v1/admin/workers", get(admin::list_workers))
+        .route("/v1/admin/workers/{id}/drain", post(admin::drain_worker))
+        .route("/internal/v1/workers/register", post(internal::register))
+        .route(
+            "/internal/v1/workers/{id}/heartbeat",
+            post(internal::heartbeat),
+        )
         .route(
             "/v1/snapshots",
             get(snapshots::list).post(snapshots::create),

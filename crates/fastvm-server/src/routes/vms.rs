@@ -71,7 +71,10 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
         memory_mib: r.memory_mib,
         disk_gib: r.disk_gib,
         status: r.status,
-        status_message: if matches!(r.status, VmStatus::Error | VmStatus::Stopped) {
+        status_message: if matches!(
+            r.status,
+            VmStatus::Error | VmStatus::Stopped | VmStatus::Unknown
+        ) {
             r.status_message.clone()
         } else {
             None

@@ -204,7 +204,11 @@ async fn terminal(
         cols,
         rows,
     };
-    let session = match ctx.state.worker().open_pty(ctx.grant.vm, spec).await {
+    let opened = match ctx.state.worker_of(ctx.grant.vm).await {
+        Ok(worker) => worker.open_pty(ctx.grant.vm, spec).await,
+        Err(e) => Err(e),
+    };
+    let session = match opened {
         Ok(s) => s,
         Err(e) => {
             let _ = wr
@@ -298,12 +302,15 @@ async fn exec(
         env,
         ..Default::default()
     };
-    let mut events = match ctx
-        .state
-        .worker()
-        .exec_with_input(ctx.grant.vm, req, Box::pin(input))
-        .await
-    {
+    let started = match ctx.state.worker_of(ctx.grant.vm).await {
+        Ok(worker) => {
+            worker
+                .exec_with_input(ctx.grant.vm, req, Box::pin(input))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let mut events = match started {
         Ok(e) => e,
         Err(e) => {
             let _ = wr
@@ -377,12 +384,11 @@ pub(crate) async fn run_direct_tcpip(
         reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
         return;
     }
-    let mut guest = match ctx
-        .state
-        .worker()
-        .open_guest_tcp(ctx.grant.vm, &host, port)
-        .await
-    {
+    let opened = match ctx.state.worker_of(ctx.grant.vm).await {
+        Ok(worker) => worker.open_guest_tcp(ctx.grant.vm, &host, port).await,
+        Err(e) => Err(e),
+    };
+    let mut guest = match opened {
         Ok(g) => g,
         Err(e) => {
             tracing::debug!(error = %e, vm = %ctx.grant.vm, "SSH forward: guest connect failed");

@@ -14,7 +14,9 @@
 //! (status once, name, deletion): each change is one guarded `UPDATE`.
 //! Quota limits (`org_quotas`) and usage (computed from the rows on every
 //! read) are in `quotas.rs`. One-shot console tokens (hashed) are in
-//! `console_tokens.rs`. Users' SSH public keys are in `ssh_keys.rs`.
+//! `console_tokens.rs`. Users' SSH public keys are in `ssh_keys.rs`. Worker
+//! hosts of a cluster, and the queries placement runs in its transaction, are
+//! in `workers.rs`.
 
 mod console_tokens;
 mod keys;
@@ -22,6 +24,7 @@ mod quotas;
 mod snapshots;
 mod ssh_keys;
 mod vms;
+mod workers;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +35,15 @@ pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
 pub use vms::VmRecord;
+pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
+pub(crate) use {
+    quotas::{quota_limits_on, quota_usage_on},
+    snapshots::insert_snapshot_on,
+    vms::insert_vm_on,
+    workers::{
+        candidate_usage_on, lock_org_on, lock_ready_worker_on, move_vm_on, placement_candidates_on,
+    },
+};
 
 use fastvm_types::OrgId;
 use sqlx::any::{AnyPoolOptions, AnyRow};

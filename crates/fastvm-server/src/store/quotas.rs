@@ -79,22 +79,11 @@ fn count(row: &sqlx::any::AnyRow, col: &str) -> Result<u64> {
 impl Store {
     /// The limits of `org` (defaults for what it never changed).
     pub async fn quota_limits(&self, org: OrgId) -> Result<OrgQuotaValues> {
-        let row = sqlx::query("SELECT vcpu, memory_mib, disk_gib, snapshot_count, volume_count, volume_gib FROM org_quotas WHERE org_id = $1")
+        let row = sqlx::query(LIMITS_SQL)
             .bind(org.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row else {
-            return Ok(DEFAULT_QUOTA);
-        };
-        let d = DEFAULT_QUOTA;
-        Ok(OrgQuotaValues {
-            vcpu: col_or(&row, "vcpu", d.vcpu)?,
-            memory_mib: col_or(&row, "memory_mib", d.memory_mib)?,
-            disk_gib: col_or(&row, "disk_gib", d.disk_gib)?,
-            snapshot_count: col_or(&row, "snapshot_count", d.snapshot_count)?,
-            volume_count: col_or(&row, "volume_count", d.volume_count)?,
-            volume_gib: col_or(&row, "volume_gib", d.volume_gib)?,
-        })
+        limits_from(row)
     }
 
     /// Change some limits of `org` (the others keep their value); returns
@@ -134,27 +123,75 @@ impl Store {
 
     /// What `org` uses now (see the module doc for what counts).
     pub async fn quota_usage(&self, org: OrgId) -> Result<OrgQuotaValues> {
-        let vms = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcpu, CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, \
-                    CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
-             FROM vms WHERE org_id = $1 AND deleted_at_ms IS NULL AND status NOT IN ('stopped', 'error')",
-        )
-        .bind(org.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        let snaps = sqlx::query(
-            "SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL",
-        )
-        .bind(org.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(OrgQuotaValues {
-            vcpu: count(&vms, "vcpu")?,
-            memory_mib: count(&vms, "memory_mib")?,
-            disk_gib: count(&vms, "disk_gib")?,
-            snapshot_count: count(&snaps, "n")?,
-            volume_count: 0,
-            volume_gib: 0,
-        })
+        let vms = sqlx::query(USAGE_VMS_SQL)
+            .bind(org.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        let snaps = sqlx::query(USAGE_SNAPSHOTS_SQL)
+            .bind(org.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        usage_from(&vms, &snaps)
     }
+}
+
+const LIMITS_SQL: &str = "SELECT vcpu, memory_mib, disk_gib, snapshot_count, volume_count, volume_gib FROM org_quotas WHERE org_id = $1";
+const USAGE_VMS_SQL: &str = "SELECT CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcpu, CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, \
+        CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
+     FROM vms WHERE org_id = $1 AND deleted_at_ms IS NULL AND status NOT IN ('stopped', 'error')";
+const USAGE_SNAPSHOTS_SQL: &str =
+    "SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL";
+
+fn limits_from(row: Option<sqlx::any::AnyRow>) -> Result<OrgQuotaValues> {
+    let Some(row) = row else {
+        return Ok(DEFAULT_QUOTA);
+    };
+    let d = DEFAULT_QUOTA;
+    Ok(OrgQuotaValues {
+        vcpu: col_or(&row, "vcpu", d.vcpu)?,
+        memory_mib: col_or(&row, "memory_mib", d.memory_mib)?,
+        disk_gib: col_or(&row, "disk_gib", d.disk_gib)?,
+        snapshot_count: col_or(&row, "snapshot_count", d.snapshot_count)?,
+        volume_count: col_or(&row, "volume_count", d.volume_count)?,
+        volume_gib: col_or(&row, "volume_gib", d.volume_gib)?,
+    })
+}
+
+fn usage_from(vms: &sqlx::any::AnyRow, snaps: &sqlx::any::AnyRow) -> Result<OrgQuotaValues> {
+    Ok(OrgQuotaValues {
+        vcpu: count(vms, "vcpu")?,
+        memory_mib: count(vms, "memory_mib")?,
+        disk_gib: count(vms, "disk_gib")?,
+        snapshot_count: count(snaps, "n")?,
+        volume_count: 0,
+        volume_gib: 0,
+    })
+}
+
+/// [`Store::quota_limits`] on `conn` (inside placement's transaction).
+pub(crate) async fn quota_limits_on(
+    conn: &mut sqlx::AnyConnection,
+    org: OrgId,
+) -> Result<OrgQuotaValues> {
+    let row = sqlx::query(LIMITS_SQL)
+        .bind(org.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    limits_from(row)
+}
+
+/// [`Store::quota_usage`] on `conn` (inside placement's transaction).
+pub(crate) async fn quota_usage_on(
+    conn: &mut sqlx::AnyConnection,
+    org: OrgId,
+) -> Result<OrgQuotaValues> {
+    let vms = sqlx::query(USAGE_VMS_SQL)
+        .bind(org.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    let snaps = sqlx::query(USAGE_SNAPSHOTS_SQL)
+        .bind(org.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    usage_from(&vms, &snaps)
 }

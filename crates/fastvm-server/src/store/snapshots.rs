@@ -38,10 +38,16 @@ pub struct SnapshotRecord {
     pub bucket_mounts: Vec<SnapshotBucketMountAttachment>,
     pub created_at_ms: i64,
     pub deleted_at_ms: Option<i64>,
+    /// The capturing worker's compatibility key; `None`: restorable only on
+    /// `worker_id` (single-host servers, or a cluster without a snapshot store).
+    pub compat_key: Option<String>,
+    /// In the shared snapshot store: restorable on any ready worker with the
+    /// same `compat_key`.
+    pub stored: bool,
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, org_id, vm_id, worker_id, name, status, status_message, machine_name, cpu, memory_mib, disk_gib, \
-     metadata, env_vars, firewall, services, volumes, bucket_mounts, created_at_ms, deleted_at_ms";
+     metadata, env_vars, firewall, services, volumes, bucket_mounts, created_at_ms, deleted_at_ms, compat_key, stored";
 
 fn corrupt(message: String) -> StoreError {
     StoreError::Corrupt {
@@ -104,23 +110,27 @@ fn snapshot_from_row(row: &AnyRow) -> Result<SnapshotRecord> {
         bucket_mounts: json_col(row, "bucket_mounts")?,
         created_at_ms: row.try_get("created_at_ms")?,
         deleted_at_ms: row.try_get("deleted_at_ms")?,
+        compat_key: row.try_get("compat_key")?,
+        stored: row.try_get::<i64, _>("stored")? != 0,
     })
 }
 
-impl Store {
-    /// Insert a new snapshot row.
-    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
-        ))
+/// The INSERT of a new snapshot row (on the pool or in a transaction).
+fn insert_snapshot_query(
+    s: &SnapshotRecord,
+) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)")
+    });
+    let q = sqlx::query(SQL.as_str())
         .bind(s.id.to_string())
         .bind(s.org_id.to_string())
         .bind(s.vm_id.to_string())
-        .bind(&s.worker_id)
-        .bind(&s.name)
+        .bind(s.worker_id.clone())
+        .bind(s.name.clone())
         .bind(status_str(s.status))
         .bind(s.status_message.clone())
-        .bind(&s.machine_name)
+        .bind(s.machine_name.clone())
         .bind(i64::from(s.cpu))
         .bind(i64::try_from(s.memory_mib).unwrap_or(i64::MAX))
         .bind(i64::try_from(s.disk_gib).unwrap_or(i64::MAX))
@@ -132,8 +142,24 @@ impl Store {
         .bind(to_json(&s.bucket_mounts)?)
         .bind(s.created_at_ms)
         .bind(s.deleted_at_ms)
-        .execute(&self.pool)
-        .await?;
+        .bind(s.compat_key.clone())
+        .bind(i64::from(s.stored));
+    Ok(q)
+}
+
+/// [`Store::insert_snapshot`] on `conn` (inside a quota transaction, see crate::fleet).
+pub(crate) async fn insert_snapshot_on(
+    conn: &mut sqlx::AnyConnection,
+    s: &SnapshotRecord,
+) -> Result<()> {
+    insert_snapshot_query(s)?.execute(&mut *conn).await?;
+    Ok(())
+}
+
+impl Store {
+    /// Insert a new snapshot row.
+    pub async fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+        insert_snapshot_query(s)?.execute(&self.pool).await?;
         Ok(())
     }
 

@@ -220,6 +220,8 @@ fn sample_snapshot(org: OrgId, vm: VmId) -> SnapshotRecord {
         bucket_mounts: vec![],
         created_at_ms: now_ms(),
         deleted_at_ms: None,
+        compat_key: None,
+        stored: false,
     }
 }
 

@@ -124,18 +124,20 @@ fn vm_from_row(row: &AnyRow) -> Result<VmRecord> {
     })
 }
 
-impl Store {
-    /// Insert a new VM row.
-    pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
-        ))
+/// The INSERT of a new VM row (run on the pool or inside placement's transaction).
+fn insert_vm_query(
+    vm: &VmRecord,
+) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)")
+    });
+    let q = sqlx::query(SQL.as_str())
         .bind(vm.id.to_string())
         .bind(vm.org_id.to_string())
-        .bind(&vm.worker_id)
-        .bind(&vm.name)
-        .bind(&vm.machine_name)
-        .bind(&vm.source_name)
+        .bind(vm.worker_id.clone())
+        .bind(vm.name.clone())
+        .bind(vm.machine_name.clone())
+        .bind(vm.source_name.clone())
         .bind(i64::from(vm.cpu))
         .bind(i64::try_from(vm.memory_mib).unwrap_or(i64::MAX))
         .bind(i64::try_from(vm.disk_gib).unwrap_or(i64::MAX))
@@ -153,9 +155,20 @@ impl Store {
         .bind(vm.deleted_at_ms)
         .bind(vm.version)
         .bind(vm.public_ipv6.clone())
-        .bind(to_json(&vm.services)?)
-        .execute(&self.pool)
-        .await?;
+        .bind(to_json(&vm.services)?);
+    Ok(q)
+}
+
+/// [`Store::insert_vm`] on `conn` (inside placement's transaction).
+pub(crate) async fn insert_vm_on(conn: &mut sqlx::AnyConnection, vm: &VmRecord) -> Result<()> {
+    insert_vm_query(vm)?.execute(&mut *conn).await?;
+    Ok(())
+}
+
+impl Store {
+    /// Insert a new VM row.
+    pub async fn insert_vm(&self, vm: &VmRecord) -> Result<()> {
+        insert_vm_query(vm)?.execute(&self.pool).await?;
         Ok(())
     }
 
@@ -250,6 +263,31 @@ impl Store {
              AND expires_at_ms IS NOT NULL",
         )
         .bind(worker_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("next")?)
+    }
+
+    /// Running live VMs of every worker whose TTL deadline is at or before
+    /// `now_ms` (the TTL reaper of a cluster control plane: one query, index
+    /// `vms_expires_at`).
+    pub async fn list_ttl_due_all(&self, now_ms: i64) -> Result<Vec<VmRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL AND expires_at_ms <= $1 ORDER BY expires_at_ms, id"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(vm_from_row).collect()
+    }
+
+    /// The earliest TTL deadline of the running live VMs of every worker.
+    pub async fn next_ttl_deadline_all(&self) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(expires_at_ms) AS next FROM vms WHERE status = 'running' AND deleted_at_ms IS NULL \
+             AND expires_at_ms IS NOT NULL",
+        )
         .fetch_one(&self.pool)
         .await?;
         Ok(row.try_get("next")?)
