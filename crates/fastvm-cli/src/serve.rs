@@ -166,7 +166,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        if cfg.database_url.as_deref().is_none_or(|u| !u.starts_with("postgres")) {
+        if cfg
+            .database_url
+            .as_deref()
+            .is_none_or(|u| !u.starts_with("postgres"))
+        {
             tracing::warn!("cluster mode on SQLite: only one control plane may run (use --database-url postgres://... for several)");
         }
         cfg.cluster = Some(fastvm_server::ClusterConfig {

@@ -60,7 +60,7 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A `ready` worker silent this long becomes `unreachable`.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the monitor looks.
-pub const MONITOR_EVERY: Duration = Duration::from_secs(2);
+pub const MONITOR_EVERY: Duration = Duration::from_secs(1);
 /// The `LISTEN/NOTIFY` channel of worker changes (payload: the worker id).
 pub const NOTIFY_CHANNEL: &str = "fastvm_workers";
 /// The `statusMessage` of a VM whose worker is lost.
@@ -1027,6 +1027,8 @@ mod tests {
 
     #[test]
     fn token_is_hmac_of_id_and_generation() {
+        use hmac::{Hmac, Mac};
+        use sha2::Sha256;
         let t = worker_token("s3cret\n", "wk_0123456789abcdef", 3);
         assert_eq!(t.len(), 64);
         assert_eq!(t, worker_token("s3cret", "wk_0123456789abcdef", 3));

@@ -398,6 +398,12 @@ impl AppState {
         &self.inner.fleet
     }
 
+    /// The embedded worker of this process (a single-host server; tests and
+    /// benches reach its VMs directly); `None` on a control plane without one.
+    pub fn local_worker(&self) -> Option<&Arc<dyn Worker>> {
+        self.inner.fleet.local()
+    }
+
     pub fn launch_wait(&self) -> Duration {
         self.inner.launch_wait
     }

@@ -567,7 +567,10 @@ pub fn connect(endpoint: WorkerEndpoint) -> std::sync::Arc<dyn Worker> {
     let id = endpoint.id.clone();
     match RemoteWorker::new(endpoint) {
         Ok(w) => std::sync::Arc::new(w),
-        Err(e) => std::sync::Arc::new(Unusable { id, why: e.to_string() }),
+        Err(e) => std::sync::Arc::new(Unusable {
+            id,
+            why: e.to_string(),
+        }),
     }
 }
 
@@ -579,7 +582,10 @@ struct Unusable {
 
 impl Unusable {
     fn err<T>(&self) -> Result<T, WorkerError> {
-        Err(WorkerError::Unreachable(format!("worker {}: {}", self.id, self.why)))
+        Err(WorkerError::Unreachable(format!(
+            "worker {}: {}",
+            self.id, self.why
+        )))
     }
 }
 
@@ -635,7 +641,10 @@ mod tests {
         for bad in ["https://10.0.0.1:7070", "not a url", "http://"] {
             let w = connect(ep(bad));
             assert_eq!(w.id(), "wk_x");
-            assert!(matches!(w.list().await, Err(WorkerError::Unreachable(_))), "{bad}");
+            assert!(
+                matches!(w.list().await, Err(WorkerError::Unreachable(_))),
+                "{bad}"
+            );
         }
         let v6 = RemoteWorker::new(ep("http://[fd00::1]:7070")).expect("v6");
         assert_eq!(v6.authority, "[fd00::1]:7070");

@@ -25,6 +25,46 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/admin/workers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List worker hosts (admin)
+         * @description Extension of this server. The worker hosts of this control plane with their status (`ready`: takes new VMs; `unreachable`: no heartbeat for 10 s, its VMs are `unknown`; `draining`: takes no new VMs), live VM count, capacity and last heartbeat. A single-host server lists its embedded worker `local`. Admin key only.
+         */
+        get: operations["listWorkers"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/admin/workers/{id}/drain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Drain a worker host (admin)
+         * @description Extension of this server (cluster mode). The worker becomes `draining`: no new VM is placed on it (it stays draining across its re-registrations). Its running VMs keep running there until deleted; its paused VMs are moved, in the background, to other compatible workers through the shared snapshot store (same VM id, still paused). Admin key only.
+         */
+        post: operations["drainWorker"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/me/ssh-keys": {
         parameters: {
             query?: never;
@@ -1118,7 +1158,7 @@ export interface components {
          * @description Lifecycle status of a VM. Clients treat unknown future values as "in transition".
          * @enum {string}
          */
-        VMStatus: "provisioning" | "running" | "stopped" | "pausing" | "paused" | "resuming" | "deleting" | "error";
+        VMStatus: "provisioning" | "running" | "stopped" | "pausing" | "paused" | "resuming" | "deleting" | "error" | "unknown";
         /**
          * Format: uuid
          * @description Id of a VM.
@@ -1138,6 +1178,26 @@ export interface components {
             statusMessage?: string | null;
             /** @description The volume. */
             volumeId: string;
+        };
+        /** @description A worker host as operators see it. */
+        WorkerSummary: {
+            /** @description Where the control plane reaches it (`embedded` for the local worker). */
+            address: string;
+            /** Format: int64 */
+            cpus: number;
+            /** @description `local` for the embedded worker; `wk_<16 hex>` for worker hosts. */
+            id: string;
+            /** @description RFC 3339 time of its last heartbeat. */
+            lastHeartbeatAt: string;
+            /** Format: int64 */
+            memoryMiB: number;
+            /** @description `ready` | `unreachable` | `draining`. */
+            status: string;
+            /**
+             * Format: int64
+             * @description Live (not deleted) VMs placed on it.
+             */
+            vmCount: number;
         };
     };
     responses: never;
@@ -1173,6 +1233,136 @@ export interface operations {
             };
             /** @description The database does not answer */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listWorkers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The workers, by id */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "address": "http://10.0.0.11:7070",
+                     *         "cpus": 32,
+                     *         "id": "wk_3f9a0c1d2e4b5a67",
+                     *         "lastHeartbeatAt": "2026-12-02T12:00:00.000Z",
+                     *         "memoryMiB": 131072,
+                     *         "status": "ready",
+                     *         "vmCount": 4
+                     *       },
+                     *       {
+                     *         "address": "http://10.0.0.12:7070",
+                     *         "cpus": 32,
+                     *         "id": "wk_8b7c6d5e4f3a2b10",
+                     *         "lastHeartbeatAt": "2026-12-02T11:59:41.000Z",
+                     *         "memoryMiB": 131072,
+                     *         "status": "unreachable",
+                     *         "vmCount": 3
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["WorkerSummary"][];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Not the admin key (`FORBIDDEN`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    drainWorker: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Worker id. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The worker, now draining */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "address": "http://10.0.0.11:7070",
+                     *       "cpus": 32,
+                     *       "id": "wk_3f9a0c1d2e4b5a67",
+                     *       "lastHeartbeatAt": "2026-12-02T12:00:00.000Z",
+                     *       "memoryMiB": 131072,
+                     *       "status": "draining",
+                     *       "vmCount": 4
+                     *     }
+                     */
+                    "application/json": components["schemas"]["WorkerSummary"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Not the admin key (`FORBIDDEN`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such worker */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description A single-host server: nothing to drain to */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
