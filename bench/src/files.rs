@@ -225,7 +225,11 @@ async fn main() -> anyhow::Result<()> {
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("launch failed: {vm}"))?
         .parse()?;
-    let worker = server.state().local_worker().expect("embedded worker").clone();
+    let worker = server
+        .state()
+        .local_worker()
+        .expect("embedded worker")
+        .clone();
 
     let local = root.join("payload.bin");
     write_random_file(&local, size)?;

@@ -143,7 +143,11 @@ async fn main() -> anyhow::Result<()> {
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("launch failed: {vm}"))?
         .parse()?;
-    let worker = server.state().local_worker().expect("embedded worker").clone();
+    let worker = server
+        .state()
+        .local_worker()
+        .expect("embedded worker")
+        .clone();
 
     // --- keystroke echo over SSH (blocking I/O on a thread) ---
     let (h, p, target) = (home.clone(), port, format!("{vm_id}@127.0.0.1"));

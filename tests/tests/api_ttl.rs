@@ -108,7 +108,14 @@ fn ttl_pause_and_delete_fire_on_real_vms() {
     assert!(!process_gone(pid));
     let vm_id: VmId = paused.parse().expect("uuid");
     assert_eq!(
-        block_on(server.state().local_worker().expect("embedded worker").state(vm_id)).expect("state"),
+        block_on(
+            server
+                .state()
+                .local_worker()
+                .expect("embedded worker")
+                .state(vm_id)
+        )
+        .expect("state"),
         Some(VmState::Paused)
     );
     let (status, err) = call(

@@ -144,7 +144,14 @@ impl Api {
 
     fn worker_state(&self, id: &str) -> Option<VmState> {
         let vm_id: VmId = id.parse().expect("uuid");
-        block_on(self.server.state().local_worker().expect("embedded worker").state(vm_id)).expect("state")
+        block_on(
+            self.server
+                .state()
+                .local_worker()
+                .expect("embedded worker")
+                .state(vm_id),
+        )
+        .expect("state")
     }
 }
 
@@ -423,8 +430,16 @@ fn a_firewall_the_worker_cannot_enforce_is_refused_not_stored() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let stored = body["firewall"].clone();
     let vm_id: VmId = vm.parse().expect("uuid");
-    let enforced =
-        || block_on(api.server.state().local_worker().expect("embedded worker").enforced_firewall(vm_id)).expect("enforced");
+    let enforced = || {
+        block_on(
+            api.server
+                .state()
+                .local_worker()
+                .expect("embedded worker")
+                .enforced_firewall(vm_id),
+        )
+        .expect("enforced")
+    };
     let effective = |v: &Value| -> fastvm_types::FirewallPolicy {
         serde_json::from_value(v["effectiveFirewall"].clone()).expect("effectiveFirewall")
     };

@@ -81,6 +81,9 @@ NOT_OPERATIONS: dict[tuple[str, str], str] = {
     # The spec names it only as ConsoleTokenResponse.websocket_path (a URL the
     # caller opens with a WebSocket client), not as an SDK method.
     ("GET", "/v1/vms/{id}/console"): "the console WebSocket of websocket_path",
+    # Cluster operators' routes (admin key), used by `fastvm workers ls|drain`.
+    ("GET", "/v1/admin/workers"): "operator route: `fastvm workers ls`",
+    ("POST", "/v1/admin/workers/{id}/drain"): "operator route: `fastvm workers drain ID`",
 }
 
 # Operations whose HTTP line the spec's page lost (no "METHOD/path" line before
