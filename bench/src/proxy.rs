@@ -15,6 +15,11 @@
 //!
 //! Run: `cargo run --release -p fastvm-bench --bin bench-proxy -- [requests]`
 
+#[path = "common.rs"]
+mod common;
+
+use common::{ms, percentile, Cleanup};
+
 use fastvm_server::proxy::ProxyConfig;
 use fastvm_server::ServerConfig;
 use serde_json::{json, Value};
@@ -28,17 +33,6 @@ const GUEST_SERVER: &str = include_str!("../../tests/guest/http_server.py");
 const DOWNLOAD: u64 = 256 << 20;
 const WEBSOCKETS: usize = 1000;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -48,26 +42,6 @@ fn rss_mib() -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-/// Kills the QEMUs of the data dir (by pidfile) and removes it, also on failure.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(self.0.join("vms")) {
-            for e in entries.flatten() {
-                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: kill by the pid of a QEMU this benchmark started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Api {

@@ -263,45 +263,58 @@ fn json<T: Serialize>(v: &T) -> Result<Option<Vec<u8>>, WorkerError> {
         .map_err(|e| WorkerError::Failed(format!("encoding a worker request: {e}")))
 }
 
-/// Decode the frames of an exec into events (the last is `Exit` or an error).
-fn exec_events(rd: ReadHalf<Upgraded>, keep: impl Send + 'static) -> ExecEvents {
-    let events = futures::stream::unfold(Some((rd, keep)), |state| async move {
+/// What one frame means to a stream's consumer: an item and whether more
+/// follow; `None` for a kind this stream does not carry.
+type Decode<T> = fn(Kind, Bytes) -> Option<(Result<T, WorkerError>, bool)>;
+
+/// The frames read from `rd` as a stream of `T` (see [`Decode`]); an ERROR
+/// frame, an unexpected kind or the end of the connection end it with an
+/// error. `keep` (the write half, a pump) lives as long as the stream.
+fn frame_stream<T: Send + 'static>(
+    rd: ReadHalf<Upgraded>,
+    keep: impl Send + 'static,
+    what: &'static str,
+    decode: Decode<T>,
+) -> futures::stream::BoxStream<'static, Result<T, WorkerError>> {
+    let items = futures::stream::unfold(Some((rd, keep)), move |state| async move {
         let (mut rd, keep) = state?;
         let (item, more) = match read_frame(&mut rd).await {
-            Ok(Some((Kind::Stdout, d))) => (Ok(ExecEvent::Stdout(d)), true),
-            Ok(Some((Kind::Stderr, d))) => (Ok(ExecEvent::Stderr(d)), true),
-            Ok(Some((Kind::Exit, body))) => match serde_json::from_slice::<ExitStatus>(&body) {
-                Ok(st) => (Ok(ExecEvent::Exit(st)), false),
-                Err(e) => (
-                    Err(WorkerError::Failed(format!(
-                        "bad exit status from the worker: {e}"
-                    ))),
-                    false,
-                ),
-            },
             Ok(Some((Kind::Error, body))) => (Err(decode_error(StatusCode::OK, &body)), false),
-            Ok(Some((k, _))) => (
-                Err(WorkerError::Failed(format!(
-                    "unexpected {k:?} frame from the worker"
-                ))),
-                false,
-            ),
-            Ok(None) => (
-                Err(WorkerError::Unreachable(
-                    "the worker closed the exec before its exit".into(),
-                )),
-                false,
-            ),
-            Err(e) => (
-                Err(WorkerError::Unreachable(format!(
-                    "the exec's connection to the worker failed: {e}"
-                ))),
-                false,
-            ),
+            Ok(Some((k, d))) => decode(k, d).unwrap_or_else(|| {
+                let e = format!("unexpected {k:?} frame from the worker");
+                (Err(WorkerError::Failed(e)), false)
+            }),
+            Ok(None) => {
+                let e = format!("the worker closed the {what} before its exit");
+                (Err(WorkerError::Unreachable(e)), false)
+            }
+            Err(e) => {
+                let e = format!("the {what}'s connection to the worker failed: {e}");
+                (Err(WorkerError::Unreachable(e)), false)
+            }
         };
         Some((item, more.then_some((rd, keep))))
     });
-    Box::pin(events)
+    Box::pin(items)
+}
+
+/// The JSON body of a stream's last frame.
+fn last<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, WorkerError> {
+    serde_json::from_slice(body)
+        .map_err(|e| WorkerError::Failed(format!("bad {what} from the worker: {e}")))
+}
+
+/// The frames of an exec as events (the last is `Exit` or an error).
+fn exec_events(rd: ReadHalf<Upgraded>, keep: impl Send + 'static) -> ExecEvents {
+    frame_stream(rd, keep, "exec", |k, d| match k {
+        Kind::Stdout => Some((Ok(ExecEvent::Stdout(d)), true)),
+        Kind::Stderr => Some((Ok(ExecEvent::Stderr(d)), true)),
+        Kind::Exit => Some((
+            last::<ExitStatus>(&d, "exit status").map(ExecEvent::Exit),
+            false,
+        )),
+        _ => None,
+    })
 }
 
 /// Aborts its task when dropped.
@@ -469,45 +482,15 @@ impl Worker for RemoteWorker {
             }
             std::future::pending::<()>().await;
         }));
-        let events = futures::stream::unfold(Some((rd, pump)), |state| async move {
-            let (mut rd, pump) = state?;
-            let (item, more) = match read_frame(&mut rd).await {
-                Ok(Some((Kind::Stdout, d))) => (Ok(PtyEvent::Output(d)), true),
-                Ok(Some((Kind::PtyExit, body))) => match serde_json::from_slice::<PtyExit>(&body) {
-                    Ok(x) => (Ok(PtyEvent::Exit(x)), false),
-                    Err(e) => (
-                        Err(WorkerError::Failed(format!(
-                            "bad terminal exit from the worker: {e}"
-                        ))),
-                        false,
-                    ),
-                },
-                Ok(Some((Kind::Error, body))) => (Err(decode_error(StatusCode::OK, &body)), false),
-                Ok(Some((k, _))) => (
-                    Err(WorkerError::Failed(format!(
-                        "unexpected {k:?} frame from the worker"
-                    ))),
-                    false,
-                ),
-                Ok(None) => (
-                    Err(WorkerError::Unreachable(
-                        "the worker closed the terminal before its exit".into(),
-                    )),
-                    false,
-                ),
-                Err(e) => (
-                    Err(WorkerError::Unreachable(format!(
-                        "the terminal's connection to the worker failed: {e}"
-                    ))),
-                    false,
-                ),
-            };
-            Some((item, more.then_some((rd, pump))))
+        let events = frame_stream(rd, pump, "terminal", |k, d| match k {
+            Kind::Stdout => Some((Ok(PtyEvent::Output(d)), true)),
+            Kind::PtyExit => Some((
+                last::<PtyExit>(&d, "terminal exit").map(PtyEvent::Exit),
+                false,
+            )),
+            _ => None,
         });
-        Ok(PtySession {
-            input,
-            events: Box::pin(events),
-        })
+        Ok(PtySession { input, events })
     }
 
     async fn open_serial(&self, id: VmId, tail_bytes: u64) -> Result<ByteStream, WorkerError> {
