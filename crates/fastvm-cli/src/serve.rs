@@ -17,34 +17,8 @@ pub struct ServeArgs {
     /// `postgres://...` to keep state in PostgreSQL instead of SQLite.
     #[arg(long, env = "FASTVM_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Accelerator: auto (KVM only with vmx/svm and /dev/kvm), kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    pub accel: String,
-    /// Where guest images are cached (default: DATA_DIR/images).
-    #[arg(long, env = "FASTVM_IMAGE_DIR")]
-    pub image_dir: Option<PathBuf>,
-    /// IPv6 prefix routed to this host; each VM's publicIpv6 comes from it.
-    #[arg(long, env = "FASTVM_IPV6_PREFIX", default_value = "fd00:fa57::/64")]
-    pub ipv6_prefix: ipnet::Ipv6Net,
-    /// IPv4 pool of the VMs' private addresses (a /29 per VM, NATed for egress).
-    #[arg(long, env = "FASTVM_IPV4_POOL", default_value = "10.200.0.0/16")]
-    pub ipv4_pool: ipnet::Ipv4Net,
-    /// Upstream DNS server of the VMs' resolvers (default: the host's first nameserver).
-    #[arg(long, env = "FASTVM_DNS_UPSTREAM")]
-    pub dns_upstream: Option<SocketAddr>,
-    /// Internal range guests may never reach, whatever their firewall (repeatable;
-    /// replaces the default 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10,
-    /// fc00::/7; `none`: no range beyond the fixed ones: link-local, metadata, other VMs).
-    #[arg(
-        long = "deny-egress-cidr",
-        value_name = "CIDR",
-        env = "FASTVM_DENY_EGRESS_CIDR",
-        value_delimiter = ','
-    )]
-    pub deny_egress_cidr: Vec<String>,
-    /// No VM networking at all (hosts without nftables or network namespaces).
-    #[arg(long, env = "FASTVM_NO_NETWORK")]
-    pub no_network: bool,
+    #[command(flatten)]
+    pub vms: RuntimeArgs,
     /// Address of the services proxy (HTTP, routes by Host to the VMs' services).
     #[arg(long, env = "FASTVM_PROXY_LISTEN", default_value = "127.0.0.1:8081")]
     pub proxy_listen: SocketAddr,
@@ -84,6 +58,61 @@ pub struct ServeArgs {
     /// Close a console after this many seconds without input or output.
     #[arg(long, env = "FASTVM_CONSOLE_IDLE_SEC", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
     pub console_idle_sec: u64,
+}
+
+/// How this host runs VMs: accelerator, images, networking (`fastvm serve`
+/// and `fastvm worker` take the same flags).
+#[derive(Args)]
+pub struct RuntimeArgs {
+    /// Accelerator: auto (KVM only with vmx/svm and /dev/kvm), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Where guest images are cached (default: DATA_DIR/images).
+    #[arg(long, env = "FASTVM_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// IPv6 prefix routed to this host; each VM's publicIpv6 comes from it.
+    #[arg(long, env = "FASTVM_IPV6_PREFIX", default_value = "fd00:fa57::/64")]
+    pub ipv6_prefix: ipnet::Ipv6Net,
+    /// IPv4 pool of the VMs' private addresses (a /29 per VM, NATed for egress).
+    #[arg(long, env = "FASTVM_IPV4_POOL", default_value = "10.200.0.0/16")]
+    pub ipv4_pool: ipnet::Ipv4Net,
+    /// Upstream DNS server of the VMs' resolvers (default: the host's first nameserver).
+    #[arg(long, env = "FASTVM_DNS_UPSTREAM")]
+    pub dns_upstream: Option<SocketAddr>,
+    /// Internal range guests may never reach, whatever their firewall (repeatable;
+    /// replaces the default 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10,
+    /// fc00::/7; `none`: no range beyond the fixed ones: link-local, metadata, other VMs).
+    #[arg(
+        long = "deny-egress-cidr",
+        value_name = "CIDR",
+        env = "FASTVM_DENY_EGRESS_CIDR",
+        value_delimiter = ','
+    )]
+    pub deny_egress_cidr: Vec<String>,
+    /// No VM networking at all (hosts without nftables or network namespaces).
+    #[arg(long, env = "FASTVM_NO_NETWORK")]
+    pub no_network: bool,
+}
+
+impl RuntimeArgs {
+    /// Apply the flags to `cfg`.
+    pub fn apply(&self, cfg: &mut fastvm_worker::RuntimeConfig) -> anyhow::Result<()> {
+        cfg.accel = self.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        cfg.image_dir = self.image_dir.clone();
+        if self.no_network {
+            cfg.network = None;
+        } else if let Some(net) = cfg.network.as_mut() {
+            net.ipv6_prefix = self.ipv6_prefix;
+            net.ipv4_pool = self.ipv4_pool;
+            if let Some(up) = self.dns_upstream {
+                net.dns_upstream = up;
+            }
+            net.guard.deny_egress =
+                fastvm_worker::net::guard::parse_deny_egress(&self.deny_egress_cidr)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Stage file transfers in an S3-compatible bucket (default: the data dir).
@@ -135,20 +164,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = ServerConfig::new(&data_dir);
     cfg.listen = args.listen;
     cfg.database_url = args.database_url;
-    cfg.runtime.accel = args.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    cfg.runtime.image_dir = args.image_dir;
-    if args.no_network {
-        cfg.runtime.network = None;
-    } else if let Some(net) = cfg.runtime.network.as_mut() {
-        net.ipv6_prefix = args.ipv6_prefix;
-        net.ipv4_pool = args.ipv4_pool;
-        if let Some(up) = args.dns_upstream {
-            net.dns_upstream = up;
-        }
-        net.guard.deny_egress =
-            fastvm_worker::net::guard::parse_deny_egress(&args.deny_egress_cidr)
-                .map_err(|e| anyhow::anyhow!(e))?;
-    }
+    args.vms.apply(&mut cfg.runtime)?;
     if args.no_local_worker || args.snapshot_store.is_some() {
         let snapshot_store = match &args.snapshot_store {
             Some(url) => {

@@ -43,32 +43,10 @@ pub struct WorkerArgs {
     /// listening on 0.0.0.0).
     #[arg(long, env = "FASTVM_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
-    /// IPv4 pool of this host's VMs (distinct per worker).
-    #[arg(long, env = "FASTVM_IPV4_POOL", default_value = "10.200.0.0/16")]
-    pub ipv4_pool: ipnet::Ipv4Net,
-    /// IPv6 prefix routed to this host (distinct per worker).
-    #[arg(long, env = "FASTVM_IPV6_PREFIX", default_value = "fd00:fa57::/64")]
-    pub ipv6_prefix: ipnet::Ipv6Net,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    pub accel: String,
-    /// Where guest images are cached (default: DATA_DIR/images).
-    #[arg(long, env = "FASTVM_IMAGE_DIR")]
-    pub image_dir: Option<PathBuf>,
-    /// Upstream DNS server of the VMs' resolvers.
-    #[arg(long, env = "FASTVM_DNS_UPSTREAM")]
-    pub dns_upstream: Option<SocketAddr>,
-    /// Internal ranges guests may never reach (as `fastvm serve`).
-    #[arg(
-        long = "deny-egress-cidr",
-        value_name = "CIDR",
-        env = "FASTVM_DENY_EGRESS_CIDR",
-        value_delimiter = ','
-    )]
-    pub deny_egress_cidr: Vec<String>,
-    /// No VM networking at all.
-    #[arg(long, env = "FASTVM_NO_NETWORK")]
-    pub no_network: bool,
+    /// Accelerator, images and VM networking, as `fastvm serve` (give each
+    /// worker host its own --ipv4-pool and routed --ipv6-prefix).
+    #[command(flatten)]
+    pub vms: crate::serve::RuntimeArgs,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -81,20 +59,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let id = worker_id(&args.data_dir)?;
     let mut cfg = RuntimeConfig::new(&args.data_dir);
-    cfg.accel = args.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    cfg.image_dir = args.image_dir.clone();
-    if args.no_network {
-        cfg.network = None;
-    } else if let Some(net) = cfg.network.as_mut() {
-        net.ipv6_prefix = args.ipv6_prefix;
-        net.ipv4_pool = args.ipv4_pool;
-        if let Some(up) = args.dns_upstream {
-            net.dns_upstream = up;
-        }
-        net.guard.deny_egress =
-            fastvm_worker::net::guard::parse_deny_egress(&args.deny_egress_cidr)
-                .map_err(|e| anyhow::anyhow!(e))?;
-    }
+    args.vms.apply(&mut cfg)?;
     let runtime = Runtime::open(cfg)
         .await
         .context("opening the worker runtime")?;
