@@ -278,7 +278,21 @@ async fn main() -> anyhow::Result<()> {
         ours.push(ms(t.elapsed()));
         rt.delete(&vm.id).await?;
     }
+    let user_p50 = stats(ours.clone()).p50;
     row("launch from user snapshot", &stats(ours), &stats(floor));
+    let (ram_mib, stream_kib) = (
+        snap.ram
+            .as_ref()
+            .and_then(|r| std::fs::metadata(r).ok())
+            .map_or(0, |m| {
+                (std::os::unix::fs::MetadataExt::blocks(&m) * 512) >> 20
+            }),
+        std::fs::metadata(&snap.memory).map_or(0, |m| m.len() >> 10),
+    );
+    println!(
+        "user snapshot vs machine type: p50 {user_p50:.1} ms vs {single_p50:.1} ms | ratio {:.2}x (target <= 1.3x; RAM file {ram_mib} MiB data, stream {stream_kib} KiB)",
+        user_p50 / single_p50
+    );
 
     // 4. Exec round trip vs protocol ping on one VM.
     let req = ExecRequest::argv(["true"]);
@@ -308,8 +322,15 @@ async fn main() -> anyhow::Result<()> {
         let s = rt.snapshot(&src.id, None).await?;
         times.push(ms(t.elapsed()));
         let size = std::fs::metadata(&s.memory).map(|m| m.len()).unwrap_or(0) >> 20;
+        let ram = s
+            .ram
+            .as_ref()
+            .and_then(|r| std::fs::metadata(r).ok())
+            .map_or(0, |m| {
+                (std::os::unix::fs::MetadataExt::blocks(&m) * 512) >> 20
+            });
         println!(
-            "snapshot create, 256 MiB dirty: {:>8.1} ms (memory file {size} MiB; target < 3000 ms)",
+            "snapshot create, 256 MiB dirty: {:>8.1} ms (memory file {size} MiB, RAM file {ram} MiB data; target < 3000 ms)",
             times[i]
         );
         rt.delete_snapshot(&s.id).await?;

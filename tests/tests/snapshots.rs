@@ -27,7 +27,9 @@ static FIX: LazyLock<Fixture> = LazyLock::new(|| {
         ..Default::default()
     }))
     .expect("boot source");
-    let setup = "echo payload > /root/file; \
+    // 48 MiB of random bytes in tmpfs: guest RAM only, checked by hash in clones.
+    let setup = "head -c 48M /dev/urandom > /dev/shm/blob; sha256sum /dev/shm/blob > /root/blob.sha; \
+                 echo payload > /root/file; \
                  nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 & \
                  sleep 1; cat /tmp/counter";
     let out = block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell(setup), CAP)).expect("setup");
@@ -248,4 +250,90 @@ fn corrupt_snapshot_state_is_an_error_not_a_hang() {
         "{err}"
     );
     block_on(fix.rt.delete_snapshot(&snap.id)).expect("delete snapshot");
+}
+
+/// Blocks a file has on disk (holes take none).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn user_snapshot_ram_is_a_file_clones_map_copy_on_write() {
+    let fix = &*FIX;
+    // The RAM went into its own sparse file, the stream kept the rest.
+    let ram = fix
+        .snap
+        .ram
+        .as_ref()
+        .expect("a user snapshot has a RAM file");
+    let len = std::fs::metadata(ram).expect("ram file").len();
+    assert_eq!(len, 2048 << 20, "RAM file as large as the guest's RAM");
+    let (data, stream) = (
+        allocated(ram),
+        std::fs::metadata(&fix.snap.memory).expect("memory").len(),
+    );
+    eprintln!(
+        "RAM file {} MiB allocated of {} MiB; stream {} KiB",
+        data >> 20,
+        len >> 20,
+        stream >> 10
+    );
+    assert!(
+        data >= 48 << 20,
+        "the tmpfs blob is in the RAM file: {data}"
+    );
+    assert!(data < len / 2, "untouched RAM left as holes: {data}");
+    assert!(
+        stream < 8 << 20,
+        "the stream holds no RAM pages: {stream} bytes"
+    );
+    // Clones see the RAM as captured; one clone's writes stay its own.
+    let (a, b) = (restore(fix), restore(fix));
+    for id in [&a, &b] {
+        let ok = run(&fix.rt, id, "sha256sum -c /root/blob.sha");
+        assert_eq!(
+            ok.exit_code, 0,
+            "tmpfs content differs after restore: {ok:?}"
+        );
+    }
+    run(&fix.rt, &a, "head -c 48M /dev/zero > /dev/shm/blob");
+    assert_eq!(run(&fix.rt, &a, "sha256sum -c /root/blob.sha").exit_code, 1);
+    assert_eq!(
+        run(&fix.rt, &b, "sha256sum -c /root/blob.sha").exit_code,
+        0,
+        "a clone's RAM writes leaked"
+    );
+    assert_eq!(
+        run(&fix.rt, &fix.source, "sha256sum -c /root/blob.sha").exit_code,
+        0
+    );
+    // A snapshot of a clone (whose RAM is a mapping of the first file) is
+    // a RAM file of its own and restores with the clone's changes.
+    let snap_a = block_on(fix.rt.snapshot(&a, None)).expect("snapshot of a clone");
+    let c = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(snap_a.id.clone()),
+        ..Default::default()
+    }))
+    .expect("restore the clone's snapshot")
+    .id;
+    assert_eq!(run(&fix.rt, &c, "sha256sum -c /root/blob.sha").exit_code, 1);
+    assert_eq!(
+        text(&run(&fix.rt, &c, "head -c 4 /dev/shm/blob | od -An -tx1")),
+        "00 00 00 00"
+    );
+    // A missing RAM file is a clear error.
+    let ram_a = snap_a.ram.clone().expect("ram");
+    std::fs::rename(&ram_a, ram_a.with_extension("moved")).expect("move");
+    let err = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(snap_a.id.clone()),
+        ..Default::default()
+    }))
+    .expect_err("restore without the RAM file");
+    assert!(err.to_string().contains("RAM file is missing"), "{err}");
+    std::fs::rename(ram_a.with_extension("moved"), &ram_a).expect("move back");
+    for id in [a, b, c] {
+        block_on(fix.rt.delete(&id)).expect("delete");
+    }
+    block_on(fix.rt.delete_snapshot(&snap_a.id)).expect("delete snapshot");
 }

@@ -139,6 +139,23 @@ pub trait Hypervisor: Send + Sync {
     /// Find the process of a VM started earlier; `None` when it is gone.
     async fn adopt(&self, spec: &LaunchSpec, paths: &VmPaths)
         -> Result<Option<Box<dyn VmProcess>>>;
+    /// Make ready ahead of the first restore what restores mapping RAM file
+    /// `path` (a [`RamFile`] with `shared: false`) need.
+    async fn prepare_ram(&self, _path: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// RAM file `path` is going away (its snapshot was deleted): drop what
+    /// was kept for it. VMs restored from it keep running.
+    fn forget_ram(&self, _path: &Path) {}
+}
+
+/// Where a capture put the guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamCapture {
+    /// In the memory stream (or nowhere: shared file-backed RAM is the file).
+    InStream,
+    /// In the RAM file given to [`VmProcess::snapshot`]; the stream has the rest.
+    File,
 }
 
 /// A running VM process.
@@ -153,7 +170,17 @@ pub trait VmProcess: Send + Sync {
     /// the new overlay `new_layer`, backed by the frozen one) and its memory
     /// and device state are written to `memory`. The VM is paused meanwhile
     /// and resumed afterwards if it was running, unless `leave_paused`.
-    async fn snapshot(&self, memory: &Path, new_layer: &Path, leave_paused: bool) -> Result<()>;
+    ///
+    /// With `ram`, an empty file as large as the guest RAM, the RAM block's
+    /// pages go into that file instead of `memory` (see [`crate::migstream`])
+    /// when the driver can: the answer says where they went.
+    async fn snapshot(
+        &self,
+        memory: &Path,
+        ram: Option<&Path>,
+        new_layer: &Path,
+        leave_paused: bool,
+    ) -> Result<RamCapture>;
     /// Stop the process now (no guest shutdown).
     async fn kill(&self) -> Result<()>;
     /// Resolves when the process has exited.

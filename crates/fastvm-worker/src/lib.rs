@@ -28,6 +28,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod jail;
 pub mod local;
+pub mod migstream;
 pub mod net;
 pub mod qemu;
 pub mod qmp;

@@ -19,14 +19,16 @@
 use crate::accel::Accel;
 use crate::cgroup::{Cgroups, Limits};
 use crate::error::{Error, IoContext, Result};
-use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
+use crate::hypervisor::{Hypervisor, LaunchSpec, RamCapture, VmPaths, VmProcess};
 use crate::jail::{self, ChildSetup, FD_AGENT, FD_INCOMING, FD_QMP, FD_RAM, FD_TAP};
+use crate::migstream;
 use crate::qmp::Qmp;
 use async_trait::async_trait;
 use serde_json::json;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,18 +82,122 @@ fn measure_tsc_khz() -> Option<u64> {
     None
 }
 
-/// A sealed memfd copy of a golden RAM file and the file's (inode, mtime).
-type SealedRam = ((u64, i64), Arc<OwnedFd>);
+/// Sealed memfd copies of RAM files (golden RAM images and the RAM files
+/// of user snapshots) handed to restored VMs. Each costs its RAM's data
+/// bytes in shared memory while it is kept; past [`SealedRamCache::budget`]
+/// the least recently used go (VMs that mapped one keep their mapping: the
+/// next restore makes a new copy).
+struct SealedRamCache {
+    entries: HashMap<PathBuf, Slot>,
+    budget: u64,
+    clock: u64,
+}
+
+/// One RAM file's copy; its own lock makes first uses single-flight
+/// without holding up restores of other files.
+#[derive(Default)]
+struct Slot {
+    used: u64,
+    copy: Arc<Mutex<Option<SealedRam>>>,
+}
+
+struct SealedRam {
+    /// The file's (inode, mtime) when copied: a changed file is copied again.
+    key: (u64, i64),
+    fd: Arc<OwnedFd>,
+    bytes: u64,
+}
+
+/// A quarter of the host's memory (4 GiB when unknown).
+fn default_sealed_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kb| kb * 1024 / 4)
+}
+
+impl SealedRamCache {
+    /// The sealed memfd copy of RAM file `path` (made on first use, again
+    /// when the file changed; concurrent first uses make one copy).
+    fn get(cache: &Mutex<SealedRamCache>, path: &Path) -> Result<Arc<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        fn poisoned<T>(_: T) -> Error {
+            Error::Qemu("sealed RAM cache poisoned".into())
+        }
+        let meta = std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
+        let key = (meta.ino(), meta.mtime());
+        let slot = {
+            let mut c = cache.lock().map_err(poisoned)?;
+            c.clock += 1;
+            let now = c.clock;
+            let slot = c.entries.entry(path.to_owned()).or_default();
+            slot.used = now;
+            slot.copy.clone()
+        };
+        let mut copy = slot.lock().map_err(poisoned)?;
+        if let Some(e) = copy.as_ref().filter(|e| e.key == key) {
+            return Ok(e.fd.clone());
+        }
+        let t0 = std::time::Instant::now();
+        let fd = Arc::new(
+            jail::sealed_copy(path)
+                .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
+        );
+        let bytes = std::fs::File::from(fd.try_clone().ctx(|| "dup memfd".into())?)
+            .metadata()
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+        tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, mib = bytes >> 20, "sealed copy of a RAM file made");
+        *copy = Some(SealedRam {
+            key,
+            fd: fd.clone(),
+            bytes,
+        });
+        drop(copy);
+        cache.lock().map_err(poisoned)?.evict_over_budget(path);
+        Ok(fd)
+    }
+
+    /// Drop the least recently used copies (never `keep`) until the kept
+    /// bytes fit the budget. Copies being made count as nothing.
+    fn evict_over_budget(&mut self, keep: &Path) {
+        let bytes = |s: &Slot| {
+            s.copy
+                .try_lock()
+                .ok()
+                .and_then(|c| c.as_ref().map(|e| e.bytes))
+                .unwrap_or(0)
+        };
+        let mut total: u64 = self.entries.values().map(bytes).sum();
+        while total > self.budget {
+            let oldest = self
+                .entries
+                .iter()
+                .filter(|(p, s)| p.as_path() != keep && bytes(s) > 0)
+                .min_by_key(|(_, s)| s.used)
+                .map(|(p, _)| p.clone());
+            let Some(p) = oldest else { return };
+            if let Some(s) = self.entries.remove(&p) {
+                tracing::info!(ram = %p.display(), "sealed RAM copy dropped (over budget)");
+                total = total.saturating_sub(bytes(&s));
+            }
+        }
+    }
+}
 
 /// The QEMU driver. Holds the host's cgroup setup and the sealed copies of
-/// golden RAM files handed to restored VMs (see [`crate::jail`]).
+/// RAM files handed to restored VMs (see [`crate::jail`]).
 pub struct QemuMicrovm {
     pub binary: PathBuf,
     cgroups: Arc<Cgroups>,
     /// The disk VM I/O is throttled on (see [`crate::cgroup::Limits`]).
     io_device: Option<crate::cgroup::IoDevice>,
-    /// Golden RAM file -> (its inode and mtime, a sealed memfd copy).
-    sealed_ram: Mutex<HashMap<PathBuf, SealedRam>>,
+    sealed_ram: Arc<Mutex<SealedRamCache>>,
 }
 
 impl QemuMicrovm {
@@ -100,7 +206,11 @@ impl QemuMicrovm {
             binary,
             cgroups: Arc::new(cgroups),
             io_device: None,
-            sealed_ram: Mutex::default(),
+            sealed_ram: Arc::new(Mutex::new(SealedRamCache {
+                entries: HashMap::new(),
+                budget: default_sealed_budget(),
+                clock: 0,
+            })),
         }
     }
 
@@ -267,31 +377,6 @@ impl QemuMicrovm {
         }
         a
     }
-
-    /// The sealed memfd copy of golden RAM file `path` (made on first use,
-    /// again when the file changed).
-    fn sealed_ram(&self, path: &Path) -> Result<Arc<OwnedFd>> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
-        let key = (meta.ino(), meta.mtime());
-        let mut cache = self
-            .sealed_ram
-            .lock()
-            .map_err(|_| Error::Qemu("poisoned".into()))?;
-        if let Some((k, fd)) = cache.get(path) {
-            if *k == key {
-                return Ok(fd.clone());
-            }
-        }
-        let t0 = std::time::Instant::now();
-        let fd = Arc::new(
-            jail::sealed_copy(path)
-                .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
-        );
-        tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, "sealed copy of golden RAM made");
-        cache.insert(path.to_owned(), (key, fd.clone()));
-        Ok(fd)
-    }
 }
 
 /// Give QEMU pristine signal state: dispositions (ignored ones survive
@@ -378,6 +463,19 @@ fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener> {
 
 #[async_trait]
 impl Hypervisor for QemuMicrovm {
+    async fn prepare_ram(&self, path: &Path) -> Result<()> {
+        let (cache, path) = (self.sealed_ram.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || SealedRamCache::get(&cache, &path).map(|_| ()))
+            .await
+            .map_err(|e| Error::Qemu(format!("sealed RAM copy: {e}")))?
+    }
+
+    fn forget_ram(&self, path: &Path) {
+        if let Ok(mut c) = self.sealed_ram.lock() {
+            c.entries.remove(path);
+        }
+    }
+
     fn name(&self) -> &'static str {
         "qemu-microvm"
     }
@@ -415,7 +513,7 @@ impl Hypervisor for QemuMicrovm {
             .map(|m| std::fs::File::open(m).ctx(|| format!("open {}", m.display())))
             .transpose()?;
         let ram_fd = match spec.ram.as_ref().filter(|r| !r.shared) {
-            Some(ram) => Some(self.sealed_ram(&ram.path)?),
+            Some(ram) => Some(SealedRamCache::get(&self.sealed_ram, &ram.path)?),
             None => None,
         };
         let netns = spec
@@ -661,6 +759,10 @@ async fn drain_console(qmp: &Qmp, path: &Path) {
 /// file is restored without loading any RAM.
 const CAPABILITIES: &[&str] = &["x-ignore-shared"];
 
+/// Captures split the RAM into its own file ([`migstream`]) until a stream
+/// turns out not to be splittable (then never again in this process).
+static SPLIT_RAM: AtomicBool = AtomicBool::new(true);
+
 impl QemuProcess {
     /// Freeze the current top layer: the worker creates `new_layer` over it
     /// (QEMU cannot create files), gives it to the VM's uid and QEMU opens
@@ -709,8 +811,9 @@ impl QemuProcess {
 
     /// Migrate the VM's state into `memory`: QEMU connects to a socket the
     /// worker listens on (the only file QEMU may open in its VM dir) and
-    /// the worker writes the stream to the file.
-    async fn save_state(&self, memory: &Path) -> Result<()> {
+    /// the worker writes the stream to the file. With `ram`, the RAM
+    /// block's pages go into that file instead ([`migstream::split`]).
+    async fn save_state(&self, memory: &Path, ram: Option<&Path>) -> Result<()> {
         let sock = self.paths.dir.join("migrate.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -731,11 +834,39 @@ impl QemuProcess {
                 .into_std()
                 .and_then(|c| c.set_nonblocking(false).map(|()| c))
                 .ctx(|| "the migration stream".into())?;
+            let ram_file = match ram {
+                Some(path) => Some(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .ctx(|| format!("open {}", path.display()))?,
+                ),
+                None => None,
+            };
             // Large blocking reads and writes on a thread (like `cat` did).
-            tokio::task::spawn_blocking(move || copy_stream(conn, file))
-                .await
-                .map_err(|e| Error::Qemu(format!("migration writer: {e}")))?
-                .ctx(|| format!("write {}", memory.display()))
+            tokio::task::spawn_blocking(move || match ram_file {
+                None => copy_stream(conn, file).map_err(migstream::SplitError::Io),
+                Some(ram_file) => {
+                    let len = ram_file.metadata()?.len();
+                    let t0 = std::time::Instant::now();
+                    let stats = migstream::split(conn, file, &ram_file, len)?;
+                    tracing::debug!(
+                        ?stats,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "capture: RAM split into its file"
+                    );
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| Error::Qemu(format!("migration writer: {e}")))?
+            .map_err(|e| match e {
+                migstream::SplitError::Io(e) => Error::Io {
+                    context: format!("write {}", memory.display()),
+                    source: e,
+                },
+                e @ migstream::SplitError::Unsupported(_) => Error::Qemu(e.to_string()),
+            })
         };
         let uri = format!("unix:{}", sock.to_string_lossy());
         let send = async {
@@ -762,6 +893,28 @@ impl QemuProcess {
         drop(listener);
         let _ = std::fs::remove_file(&sock);
         result
+    }
+
+    /// After a migration whose receiver gave up: wait until QEMU has
+    /// noticed (status failed), so that another one can start.
+    async fn wait_migration_over(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.qmp.execute("query-migrate", None).await?;
+            let status = info.get("status").and_then(serde_json::Value::as_str);
+            if !matches!(
+                status,
+                Some("active" | "setup" | "device" | "pre-switchover")
+            ) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Qemu(
+                    "the abandoned migration did not end within 30 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn set_capabilities(&self) -> Result<()> {
@@ -821,7 +974,13 @@ impl QemuProcess {
 
 #[async_trait]
 impl VmProcess for QemuProcess {
-    async fn snapshot(&self, memory: &Path, new_layer: &Path, leave_paused: bool) -> Result<()> {
+    async fn snapshot(
+        &self,
+        memory: &Path,
+        ram: Option<&Path>,
+        new_layer: &Path,
+        leave_paused: bool,
+    ) -> Result<RamCapture> {
         let was_running = !self.is_paused().await?;
         if was_running {
             self.pause().await?;
@@ -836,7 +995,29 @@ impl VmProcess for QemuProcess {
                     Some(json!({ "max-bandwidth": 64u64 << 30 })),
                 )
                 .await?;
-            self.save_state(memory).await
+            let Some(ram) = ram.filter(|_| SPLIT_RAM.load(Ordering::Relaxed)) else {
+                return self
+                    .save_state(memory, None)
+                    .await
+                    .map(|()| RamCapture::InStream);
+            };
+            match self.save_state(memory, Some(ram)).await {
+                Ok(()) => Ok(RamCapture::File),
+                Err(Error::Qemu(why)) if why.starts_with(migstream::NOT_SPLITTABLE) => {
+                    // A stream this worker cannot split (another QEMU build):
+                    // keep whole streams from now on.
+                    tracing::warn!(%why, "capture: RAM kept in the migration stream from now on");
+                    SPLIT_RAM.store(false, Ordering::Relaxed);
+                    self.wait_migration_over().await?;
+                    std::fs::File::create(ram)
+                        .and_then(|f| f.set_len(0))
+                        .ctx(|| format!("truncate {}", ram.display()))?;
+                    self.save_state(memory, None)
+                        .await
+                        .map(|()| RamCapture::InStream)
+                }
+                Err(e) => Err(e),
+            }
         }
         .await;
         // `cont` also takes the disks back from the finished migration.

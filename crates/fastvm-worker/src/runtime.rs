@@ -26,8 +26,9 @@ use crate::agent::{AgentClient, ExecStream};
 use crate::catalog::MachineType;
 use crate::error::{Error, IoContext, Result};
 use crate::exec::{self, ExecOutput, ExecRequest};
-use crate::hypervisor::{Hypervisor, LaunchSpec, VmPaths, VmProcess};
+use crate::hypervisor::{Hypervisor, LaunchSpec, RamCapture, VmPaths, VmProcess};
 use crate::images::{self, GuestImage, ImageStore, Progress};
+use crate::jail;
 use crate::net::{NetConfig, NetRecord, Network, VmNet};
 use crate::qemu::QemuMicrovm;
 use crate::snapshot_store::{self, SnapshotStore, StoredBase, StoredSnapshot};
@@ -865,6 +866,12 @@ impl Runtime {
                 message: "memory state file is missing".into(),
             });
         }
+        if let Some(ram) = snap.ram.as_ref().filter(|r| !r.is_file()) {
+            return Err(Error::CorruptState {
+                path: ram.clone(),
+                message: "RAM file is missing".into(),
+            });
+        }
         let hostname = req
             .hostname
             .clone()
@@ -1224,6 +1231,17 @@ impl Runtime {
         }
         std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let memory = dir.join("memory");
+        // Private RAM goes into a file restores map copy-on-write (see
+        // `migstream`); shared RAM (a golden VM's) is its file already.
+        // With a snapshot store the RAM stays in the stream (the store
+        // keeps `memory` only).
+        let ram_shared = vm.record.launch.ram.as_ref().is_some_and(|r| r.shared);
+        let ram = (!ram_shared && self.snapshot_store().is_none()).then(|| dir.join("ram"));
+        if let Some(ram) = &ram {
+            jail::create_private(ram)
+                .and_then(|f| f.set_len(u64::from(vm.record.launch.memory_mib) << 20))
+                .ctx(|| format!("create {}", ram.display()))?;
+        }
         let new_layer = self.layer_path();
         let frozen = vm.layers();
         // The new layer is referenced before QEMU creates it, so that layer
@@ -1238,7 +1256,7 @@ impl Runtime {
         }
         let result = match tokio::time::timeout(
             timeouts::MIGRATION,
-            process.snapshot(&memory, &new_layer, leave_paused),
+            process.snapshot(&memory, ram.as_deref(), &new_layer, leave_paused),
         )
         .await
         {
@@ -1258,10 +1276,31 @@ impl Runtime {
         } else if let Ok(mut l) = vm.layers.lock() {
             l.retain(|p| p != &new_layer);
         }
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
+        let ram_capture = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let ram_file = match (ram, ram_capture) {
+            (Some(path), RamCapture::File) => {
+                // The sealed copy restores map, made now rather than on the
+                // first restore (which is on a user's latency path).
+                let (hv, ram) = (self.hv.clone(), path.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = hv.prepare_ram(&ram).await {
+                        tracing::warn!(ram = %ram.display(), error = %e, "preparing the snapshot's RAM failed (the first restore will retry)");
+                    }
+                });
+                Some(path)
+            }
+            (Some(path), RamCapture::InStream) => {
+                let _ = std::fs::remove_file(path);
+                None
+            }
+            (None, _) => None,
+        };
         let compat_key = self.compat_key().await.ok();
         // The RAM backend of a restore is decided from `ram` below, never inherited.
         let mut launch = vm.record.launch.clone();
@@ -1272,13 +1311,16 @@ impl Runtime {
             launch,
             layers: frozen,
             memory,
-            ram: vm
-                .record
-                .launch
-                .ram
-                .as_ref()
-                .filter(|r| r.shared)
-                .map(|r| r.path.clone()),
+            ram: match ram_file {
+                Some(path) => Some(path),
+                None => vm
+                    .record
+                    .launch
+                    .ram
+                    .as_ref()
+                    .filter(|r| r.shared)
+                    .map(|r| r.path.clone()),
+            },
             hostname: vm.record.hostname.clone(),
             env: vm.record.env.clone(),
             created_unix_ms: SystemTime::now()
@@ -1340,7 +1382,10 @@ impl Runtime {
                 return Ok(());
             }
         }
-        local?;
+        let local = local?;
+        if let Some(ram) = &local.ram {
+            self.hv.forget_ram(ram);
+        }
         let dir = self.snapshot_dir(id);
         std::fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
         self.gc_layers().await
