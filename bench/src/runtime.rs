@@ -293,6 +293,30 @@ async fn main() -> anyhow::Result<()> {
         "user snapshot vs machine type: p50 {user_p50:.1} ms vs {single_p50:.1} ms | ratio {:.2}x (target <= 1.3x; RAM file {ram_mib} MiB data, stream {stream_kib} KiB)",
         user_p50 / single_p50
     );
+    // The same source captured the old way (RAM in the migration stream,
+    // loaded by every restore), for comparison in the same run.
+    fastvm_worker::qemu::set_split_ram(false);
+    let whole = rt.snapshot(&src.id, None).await?;
+    fastvm_worker::qemu::set_split_ram(true);
+    let mut before = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let vm = rt
+            .create(CreateVm {
+                snapshot: Some(whole.id.clone()),
+                ..Default::default()
+            })
+            .await?;
+        before.push(ms(t.elapsed()));
+        rt.delete(&vm.id).await?;
+    }
+    let before_p50 = stats(before).p50;
+    println!(
+        "user snapshot, RAM in stream: p50 {before_p50:.1} ms (stream {} MiB) | RAM file p50 {user_p50:.1} ms | ratio {:.2}x",
+        std::fs::metadata(&whole.memory).map_or(0, |m| m.len() >> 20),
+        user_p50 / before_p50
+    );
+    rt.delete_snapshot(&whole.id).await?;
 
     // 4. Exec round trip vs protocol ping on one VM.
     let req = ExecRequest::argv(["true"]);

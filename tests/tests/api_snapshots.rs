@@ -584,3 +584,124 @@ fn snapshot_errors() {
         "{snaps}"
     );
 }
+
+#[test]
+fn fork_makes_running_copies_with_fresh_identities() {
+    let source = &*SOURCE;
+    let vm = id_of(source);
+    let (code, _) = sh(&vm, "echo forked-state > /dev/shm/f");
+    assert_eq!(code, 0);
+    let fork_path = format!("/v1/vms/{vm}/fork");
+    // Bad input first: nothing is created.
+    for count in [json!(0), json!(33)] {
+        let res = call(Method::POST, &fork_path, Some(json!({ "count": count })));
+        assert_api_error(&res, StatusCode::BAD_REQUEST, "INVALID_FORK_COUNT");
+    }
+    let res = call(Method::POST, &fork_path, Some(json!({"count": 1, "x": 1})));
+    assert_eq!(res.0, StatusCode::BAD_REQUEST, "{}", res.1);
+    let res = call(
+        Method::POST,
+        &format!("/v1/vms/{}/fork", uuid::Uuid::new_v4()),
+        Some(json!({"count": 1})),
+    );
+    assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
+
+    let before = counter(&vm);
+    let t = Instant::now();
+    let (status, copies) = call(Method::POST, &fork_path, Some(json!({"count": 3})));
+    assert_eq!(status, StatusCode::CREATED, "{copies}");
+    eprintln!("fork of 3 in {:?}", t.elapsed());
+    let copies = copies.as_array().expect("a list").clone();
+    assert_eq!(copies.len(), 3);
+    let mut hosts = vec![sh(&vm, "hostname").1];
+    let mut ipv6 = vec![source["publicIpv6"].clone()];
+    let mut macs = vec![sh(&vm, "cat /sys/class/net/eth0/address").1];
+    for (i, c) in copies.iter().enumerate() {
+        let id = id_of(c);
+        assert_eq!(c["status"], "running", "{c}");
+        assert_eq!(c["name"], format!("source-fork-{}", i + 1));
+        assert_eq!(c["machineName"], "c1m2");
+        assert_eq!(c["metadata"], json!({"team": "snap"}));
+        assert_eq!(c["envVars"]["SNAP_ENV"], "from-source");
+        // The source's memory (tmpfs) and processes, going on from where they were.
+        assert_eq!(sh(&id, "cat /dev/shm/f"), (0, "forked-state".to_owned()));
+        assert!(counter(&id) >= before, "the counter restarted in {id}");
+        assert_eq!(sh(&id, "cat /root/file"), (0, "payload".to_owned()));
+        hosts.push(sh(&id, "hostname").1);
+        macs.push(sh(&id, "cat /sys/class/net/eth0/address").1);
+        let (_, got) = call(Method::GET, &format!("/v1/vms/{id}"), None);
+        ipv6.push(got["publicIpv6"].clone());
+    }
+    let distinct = |v: &Vec<String>| v.iter().collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(distinct(&hosts), 4, "hostnames {hosts:?}");
+    assert_eq!(distinct(&macs), 4, "MACs {macs:?}");
+    let ipv6: Vec<String> = ipv6.iter().map(|v| v.to_string()).collect();
+    assert_eq!(distinct(&ipv6), 4, "public IPv6 {ipv6:?}");
+    let random: Vec<String> = copies
+        .iter()
+        .map(|c| sh(&id_of(c), "head -c 16 /dev/urandom | od -An -tx1").1)
+        .collect();
+    assert_eq!(distinct(&random), 3, "copies share their random stream");
+    // Copy-on-write: one copy's writes are its own.
+    sh(&id_of(&copies[0]), "echo changed > /dev/shm/f");
+    assert_eq!(sh(&id_of(&copies[1]), "cat /dev/shm/f").1, "forked-state");
+    assert_eq!(sh(&vm, "cat /dev/shm/f").1, "forked-state");
+    // The source keeps running; no hidden snapshot is left listed.
+    assert!(counter(&vm) > before);
+    let (_, snaps) = call(Method::GET, "/v1/snapshots", None);
+    assert!(
+        !snaps.to_string().contains("fork"),
+        "a fork's snapshot is listed: {snaps}"
+    );
+    for c in &copies {
+        delete_vm(&id_of(c));
+    }
+
+    // Quota: the copies are counted all at once, and nothing is created when they do not fit.
+    let (org, key) = block_on(async {
+        let store = A.server.state().store();
+        let org = store.create_org("fork-quota-org").await.expect("org");
+        let patch = fastvm_server::store::QuotaPatch {
+            vcpu: Some(2),
+            ..Default::default()
+        };
+        store.set_quota(org, patch).await.expect("quota");
+        (org, store.create_key(org, "test").await.expect("key").token)
+    });
+    let other = |method: Method, path: &str, body: Option<Value>| {
+        block_on(call_with(&key, method, path, body))
+    };
+    let (status, small) = other(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"machineType": "c1m2"})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{small}");
+    let small_id = id_of(&small);
+    let res = other(
+        Method::POST,
+        &format!("/v1/vms/{small_id}/fork"),
+        Some(json!({"count": 2})),
+    );
+    assert_api_error(&res, StatusCode::TOO_MANY_REQUESTS, "QUOTA_EXCEEDED_VCPU");
+    let (_, list) = other(Method::GET, "/v1/vms", None);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    // Another org cannot fork it.
+    let res = call(
+        Method::POST,
+        &format!("/v1/vms/{small_id}/fork"),
+        Some(json!({"count": 1})),
+    );
+    assert_api_error(&res, StatusCode::NOT_FOUND, "NOT_FOUND");
+    let (status, one) = other(
+        Method::POST,
+        &format!("/v1/vms/{small_id}/fork"),
+        Some(json!({"count": 1})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{one}");
+    for id in [small_id, id_of(&one[0])] {
+        let (status, body) = other(Method::DELETE, &format!("/v1/vms/{id}"), None);
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let _ = org;
+}

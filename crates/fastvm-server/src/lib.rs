@@ -37,6 +37,7 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod fleet;
+mod fork;
 mod lifecycle;
 pub mod metrics;
 pub mod openapi;

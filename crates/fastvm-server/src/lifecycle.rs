@@ -486,7 +486,7 @@ impl AppState {
     }
 
     /// Boot the VM of `spec` and settle its row: running, or error.
-    async fn provision(&self, spec: VmSpec, worker_id: &str) {
+    pub(crate) async fn provision(&self, spec: VmSpec, worker_id: &str) {
         let id = spec.id;
         let started = std::time::Instant::now();
         let launched_with = spec.firewall.clone();

@@ -31,6 +31,7 @@ use utoipa::{Modify, OpenApi};
         vms::delete,
         vms::pause,
         vms::resume,
+        crate::routes::fork::fork,
         vms::refresh_ttl,
         vms::set_firewall,
         vms::patch_firewall,

@@ -52,6 +52,8 @@ pub mod codes {
     pub const INVALID_NAME: &str = "INVALID_NAME";
     /// A snapshot-import source descriptor breaks its rules.
     pub const INVALID_IMPORT_SOURCE: &str = "INVALID_IMPORT_SOURCE";
+    /// A fork's `count` is outside 1..=32.
+    pub const INVALID_FORK_COUNT: &str = "INVALID_FORK_COUNT";
 }
 
 /// A rule of the API contract that a request broke.

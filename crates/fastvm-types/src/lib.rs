@@ -35,6 +35,7 @@ pub mod console;
 pub mod exec;
 pub mod files;
 pub mod firewall;
+pub mod fork;
 pub mod health;
 pub mod metadata;
 pub mod quota;

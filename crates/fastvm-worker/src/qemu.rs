@@ -159,7 +159,12 @@ impl SealedRamCache {
             bytes,
         });
         drop(copy);
-        cache.lock().map_err(poisoned)?.evict_over_budget(path);
+        let mut c = cache.lock().map_err(poisoned)?;
+        // Deleted while it was copied (`forget_ram` came first): keep nothing.
+        if !path.exists() {
+            c.entries.remove(path);
+        }
+        c.evict_over_budget(path);
         Ok(fd)
     }
 
@@ -465,9 +470,17 @@ fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener> {
 impl Hypervisor for QemuMicrovm {
     async fn prepare_ram(&self, path: &Path) -> Result<()> {
         let (cache, path) = (self.sealed_ram.clone(), path.to_owned());
-        tokio::task::spawn_blocking(move || SealedRamCache::get(&cache, &path).map(|_| ()))
-            .await
-            .map_err(|e| Error::Qemu(format!("sealed RAM copy: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            match SealedRamCache::get(&cache, &path) {
+                // Its snapshot was deleted meanwhile: nothing to prepare.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    Ok(())
+                }
+                r => r.map(|_| ()),
+            }
+        })
+        .await
+        .map_err(|e| Error::Qemu(format!("sealed RAM copy: {e}")))?
     }
 
     fn forget_ram(&self, path: &Path) {
@@ -762,6 +775,12 @@ const CAPABILITIES: &[&str] = &["x-ignore-shared"];
 /// Captures split the RAM into its own file ([`migstream`]) until a stream
 /// turns out not to be splittable (then never again in this process).
 static SPLIT_RAM: AtomicBool = AtomicBool::new(true);
+
+/// Turn the RAM split of captures on or off for this process (benchmarks
+/// compare both; a worker never needs it).
+pub fn set_split_ram(on: bool) {
+    SPLIT_RAM.store(on, Ordering::Relaxed);
+}
 
 impl QemuProcess {
     /// Freeze the current top layer: the worker creates `new_layer` over it

@@ -74,6 +74,7 @@ NOT_SERVED: frozenset[str] = frozenset({
 EXTENSIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/vms/{id}/files/export"): "vms.files.export",
     ("GET", "/v1/ssh-gateway"): "me.ssh_gateway",
+    ("POST", "/v1/vms/{id}/fork"): "vms.fork",
 }
 
 # Server routes that are not SDK operations, and why.

@@ -23,6 +23,7 @@ pub mod console;
 pub mod docs;
 pub mod exec;
 pub mod files;
+pub mod fork;
 pub mod health;
 pub mod internal;
 pub mod me;
@@ -131,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/vms/{id}/fork", post(fork::fork))
         .route("/v1/vms/{id}/exec", post(exec::exec))
         .route("/v1/vms/{id}/ttl/refresh", post(vms::refresh_ttl))
         .route(

@@ -99,6 +99,16 @@ class _VMsBase(Resource):
         """POST /v1/vms/{id}/resume."""
         return self._client._call("POST", f"/v1/vms/{seg(id)}/resume", cast=VM)
 
+    def fork(self, id: str, *, count: int) -> List[VM]:
+        """POST /v1/vms/{id}/fork (extension beyond the reference API).
+
+        ``count`` (1 to 32) running copies of a running or paused VM, each with a
+        fresh identity (id, hostname, addresses, entropy), sharing the source's
+        memory copy-on-write; returned once every copy has started (a copy that
+        failed is in status ``error``).
+        """
+        return self._client._call("POST", f"/v1/vms/{seg(id)}/fork", body={"count": count}, cast=VM, many=True)
+
     def refresh_ttl(self, id: str) -> VM:
         """POST /v1/vms/{id}/ttl/refresh: restart the TTL cycle."""
         return self._client._call("POST", f"/v1/vms/{seg(id)}/ttl/refresh", cast=VM)

@@ -401,6 +401,26 @@ export interface paths {
         patch: operations["patchVmFirewall"];
         trace?: never;
     };
+    "/v1/vms/{id}/fork": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Fork a VM (extension)
+         * @description Extension beyond the reference API. Clones a running or paused VM into `count` running copies in one call: the source is captured (it keeps running) and restored `count` times on its worker; each copy gets a fresh identity (id, hostname `vm-<id prefix>`, MAC and addresses, reseeded entropy) and shares the source's memory copy-on-write. Copies have the source's machine shape, env vars, metadata, firewall, services and TTL, and are named `<source name>-fork-<i>`. The answer lists the copies once every restore finished: a copy that failed to start is in status `error` with its `statusMessage`.
+         */
+        post: operations["forkVm"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms/{id}/pause": {
         parameters: {
             query?: never;
@@ -777,6 +797,15 @@ export interface components {
             dns?: null | components["schemas"]["DNSPolicy"];
             egress?: null | components["schemas"]["EgressPolicy"];
             ingress?: null | components["schemas"]["IngressPolicy"];
+        };
+        /** @description Body of `POST /v1/vms/{id}/fork`. */
+        ForkVmRequest: {
+            /**
+             * Format: int32
+             * @description How many copies (1 to 32).
+             * @example 3
+             */
+            count: number;
         };
         /** @description Health check answer. */
         HealthResponse: {
@@ -3815,6 +3844,165 @@ export interface operations {
             };
             /** @description Body is not JSON */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    forkVm: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "count": 3
+                 *     }
+                 */
+                "application/json": components["schemas"]["ForkVmRequest"];
+            };
+        };
+        responses: {
+            /** @description The copies */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "bucketMounts": [],
+                     *         "cpu": 1,
+                     *         "createdAt": "2025-06-01T12:00:00Z",
+                     *         "deletedAt": null,
+                     *         "diskGiB": 10,
+                     *         "effectiveFirewall": {
+                     *           "dns": {
+                     *             "blockBypass": false,
+                     *             "domains": [],
+                     *             "mode": "deny"
+                     *           },
+                     *           "egress": {
+                     *             "defaultAction": "allow",
+                     *             "rules": []
+                     *           },
+                     *           "ingress": {
+                     *             "defaultAction": "deny",
+                     *             "rules": []
+                     *           }
+                     *         },
+                     *         "envVars": {
+                     *           "RUST_LOG": "info"
+                     *         },
+                     *         "expiresAtMs": 1748782800000,
+                     *         "firewall": {
+                     *           "dns": {
+                     *             "blockBypass": false,
+                     *             "domains": [],
+                     *             "mode": "deny"
+                     *           },
+                     *           "egress": {
+                     *             "defaultAction": "allow",
+                     *             "rules": []
+                     *           },
+                     *           "ingress": {
+                     *             "defaultAction": "deny",
+                     *             "rules": []
+                     *           }
+                     *         },
+                     *         "id": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *         "machineName": "c1m2",
+                     *         "memoryMiB": 2048,
+                     *         "metadata": {
+                     *           "team": "ci"
+                     *         },
+                     *         "name": "build-runner",
+                     *         "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *         "pausedAt": null,
+                     *         "publicIpv6": null,
+                     *         "sourceName": "",
+                     *         "status": "running",
+                     *         "statusMessage": null,
+                     *         "ttl": {
+                     *           "action": "pause",
+                     *           "seconds": 3600
+                     *         },
+                     *         "ttlRemainingMs": null,
+                     *         "volumes": []
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["VM"][];
+                };
+            };
+            /** @description Malformed body, or `count` outside 1..=32 (`INVALID_FORK_COUNT`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The VM is neither running nor paused */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body is not JSON */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The copies would exceed an org quota (`QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`); nothing was created */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
