@@ -131,6 +131,24 @@ pub struct SnapshotRecord {
     pub compat_key: Option<String>,
 }
 
+/// Layers pinned by a launch in progress ([`Runtime::pin_layers`]).
+struct PinnedLayers {
+    set: Arc<Mutex<Vec<PathBuf>>>,
+    layers: Vec<PathBuf>,
+}
+
+impl Drop for PinnedLayers {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            for l in &self.layers {
+                if let Some(i) = set.iter().position(|p| p == l) {
+                    set.swap_remove(i);
+                }
+            }
+        }
+    }
+}
+
 /// A request to create a VM.
 #[derive(Debug, Clone, Default)]
 pub struct CreateVm {
@@ -275,8 +293,13 @@ fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> Result<
 
 pub struct Runtime {
     cfg: RuntimeConfig,
-    /// Held while disk layers are created, referenced or collected.
+    /// Held while layers are collected ([`Runtime::gc_layers`]) and, briefly,
+    /// while a launch pins the layers it is about to use.
     layers_lock: tokio::sync::Mutex<()>,
+    /// Layers of launches and captures in progress (a new overlay, the chain
+    /// under it): collection keeps them. A multiset: entries are removed by
+    /// [`PinnedLayers`] when its launch has registered its VM (or failed).
+    pinned_layers: Arc<Mutex<Vec<PathBuf>>>,
     /// One lock per golden snapshot key: restores of it hold it shared (its
     /// files stay put), builds and deletes exclusively (single-flight;
     /// launches of other keys never wait on them).
@@ -358,6 +381,7 @@ impl Runtime {
             net,
             cfg,
             layers_lock: Default::default(),
+            pinned_layers: Default::default(),
             golden_locks: Default::default(),
             qemu_build: Default::default(),
             golden_builds: Default::default(),
@@ -804,8 +828,8 @@ impl Runtime {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
         let vm = {
-            let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
+            let _pinned = self.pin_layers(vec![disk.clone()]).await;
             let net = self
                 .create_disk_and_net(
                     Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)),
@@ -883,8 +907,10 @@ impl Runtime {
         };
         let t0 = std::time::Instant::now();
         let vm = {
-            let _layers = self.layers_lock.lock().await;
             let disk = self.layer_path();
+            let mut pins = vec![disk.clone()];
+            pins.extend(snap.layers.iter().cloned());
+            let _pinned = self.pin_layers(pins).await;
             let net = self
                 .create_disk_and_net(
                     Self::qemu_img_overlay(top, "qcow2", &disk, None),
@@ -1565,10 +1591,28 @@ impl Runtime {
         Ok(record)
     }
 
-    /// Remove disk layers nothing references (no VM, user or golden snapshot).
+    /// Keep `layers` from collection until the guard is dropped. Taken
+    /// under the layers lock: a collection either finished before (a layer
+    /// it removed is missing, and the launch fails on it) or sees the pins.
+    async fn pin_layers(&self, layers: Vec<PathBuf>) -> PinnedLayers {
+        let _layers = self.layers_lock.lock().await;
+        if let Ok(mut p) = self.pinned_layers.lock() {
+            p.extend(layers.iter().cloned());
+        }
+        PinnedLayers {
+            set: self.pinned_layers.clone(),
+            layers,
+        }
+    }
+
+    /// Remove disk layers nothing references (no VM, user or golden
+    /// snapshot, no launch in progress).
     async fn gc_layers(&self) -> Result<()> {
         let _layers = self.layers_lock.lock().await;
         let mut used: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        if let Ok(p) = self.pinned_layers.lock() {
+            used.extend(p.iter().cloned());
+        }
         if let Ok(vms) = self.vms.lock() {
             for vm in vms.values() {
                 used.extend(vm.layers());

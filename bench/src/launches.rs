@@ -1,0 +1,181 @@
+//! Concurrent launches and fork: what many launches at once cost against
+//! one, in the same run.
+//!
+//! | figure                                   | floor                                    |
+//! |------------------------------------------|------------------------------------------|
+//! | N concurrent launches from machine type  | one launch, p50 of this run (target: 10 at once <= 3x) |
+//! | 50 concurrent launches                   | (all must succeed; time and failures)    |
+//! | fork 10: capture + 10 restores sharing   | 10 concurrent launches from an existing  |
+//! | its RAM, snapshot deleted                | snapshot of the same VM                  |
+//! | PSS per forked VM                        | PSS per VM of the 10 launched ones       |
+//!
+//! Run: `cargo run --release -p fastvm-bench --bin bench-launches -- [runs] [wide]`
+//! (defaults: 10 single launches, 50 for the wide round). `RUST_LOG=fastvm_worker=debug`
+//! shows each launch's phases.
+
+#[path = "common.rs"]
+mod common;
+
+use common::{ms, percentile, Cleanup};
+use fastvm_worker::runtime::CreateVm;
+use fastvm_worker::{ExecRequest, Runtime, RuntimeConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn machine() -> CreateVm {
+    CreateVm {
+        machine: "c1m2".into(),
+        ..Default::default()
+    }
+}
+
+fn from_snapshot(id: &str) -> CreateVm {
+    CreateVm {
+        snapshot: Some(id.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// Launch `reqs` at once; (wall time ms, ids of those that run, failures).
+async fn at_once(rt: &Arc<Runtime>, reqs: Vec<CreateVm>) -> (f64, Vec<String>, Vec<String>) {
+    let t = Instant::now();
+    let tasks: Vec<_> = reqs
+        .into_iter()
+        .map(|r| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.create(r).await })
+        })
+        .collect();
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await {
+            Ok(Ok(vm)) => ok.push(vm.id),
+            Ok(Err(e)) => failed.push(e.to_string()),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    (ms(t.elapsed()), ok, failed)
+}
+
+/// Mean PSS (MiB) of the QEMUs of `ids`.
+fn mean_pss(rt: &Runtime, ids: &[String]) -> f64 {
+    let mut total = 0.0;
+    for id in ids {
+        let pid = rt.get(id).ok().and_then(|v| v.pid).unwrap_or(0);
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        total += rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0;
+    }
+    total / ids.len().max(1) as f64
+}
+
+async fn delete_all(rt: &Runtime, ids: Vec<String>) -> anyhow::Result<()> {
+    for id in ids {
+        rt.delete(&id).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let mut args = std::env::args().skip(1);
+    let runs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let wide: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let data: PathBuf =
+        std::env::temp_dir().join(format!("fastvm-bench-launches-{}", std::process::id()));
+    let _cleanup = Cleanup(data.clone());
+    let mut cfg = RuntimeConfig::new(&data);
+    cfg.image_dir = Some(
+        std::env::var_os("FASTVM_TEST_IMAGES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
+    );
+    let rt: Arc<Runtime> = Runtime::open(cfg).await?;
+    rt.golden_snapshot("c1m2").await?;
+    println!(
+        "fast vm launch bench: accel={} runs={runs} wide={wide} machine=c1m2",
+        rt.accel()
+    );
+
+    // One launch at a time: the floor.
+    let mut single = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let vm = rt.create(machine()).await?;
+        single.push(ms(t.elapsed()));
+        rt.delete(&vm.id).await?;
+    }
+    let one = percentile(&mut single, 0.5);
+    println!("single launch:               p50 {one:>8.1} ms (floor of the rows below)");
+
+    for n in [2usize, 5, 10] {
+        let (all, ok, failed) = at_once(&rt, (0..n).map(|_| machine()).collect()).await;
+        println!(
+            "{n:>2} concurrent launches:      all running in {all:>8.1} ms | ratio {:.2}x of one (target for 10: <= 3x) | failed {}",
+            all / one,
+            failed.len()
+        );
+        delete_all(&rt, ok).await?;
+    }
+
+    // Fork vs launches from an existing snapshot, same source.
+    let src = rt.create(machine()).await?;
+    rt.exec_buffered(
+        &src.id,
+        &ExecRequest::shell("head -c 64M /dev/urandom > /dev/shm/data"),
+        1024,
+    )
+    .await?;
+    let snap = rt.snapshot(&src.id, None).await?;
+    // Its sealed RAM copy is made in the background after the capture: let
+    // it finish so that this row measures restores only.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (from_snap, launched, failed) =
+        at_once(&rt, (0..10).map(|_| from_snapshot(&snap.id)).collect()).await;
+    anyhow::ensure!(
+        failed.is_empty(),
+        "launches from the snapshot failed: {failed:?}"
+    );
+    let pss_launched = mean_pss(&rt, &launched);
+    delete_all(&rt, launched).await?;
+    let t = Instant::now();
+    let hidden = rt.snapshot(&src.id, None).await?;
+    let capture = ms(t.elapsed());
+    let (_, forked, failed) =
+        at_once(&rt, (0..10).map(|_| from_snapshot(&hidden.id)).collect()).await;
+    rt.delete_snapshot(&hidden.id).await?;
+    let fork = ms(t.elapsed());
+    anyhow::ensure!(failed.is_empty(), "fork restores failed: {failed:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let pss_forked = mean_pss(&rt, &forked);
+    println!(
+        "fork 10 (capture {capture:.1} ms + 10 restores): {fork:>8.1} ms | 10 launches from a snapshot {from_snap:>8.1} ms | ratio {:.2}x",
+        fork / from_snap
+    );
+    println!("PSS per VM: forked {pss_forked:.1} MiB | launched from the snapshot {pss_launched:.1} MiB (64 MiB of tmpfs data each)");
+    delete_all(&rt, forked).await?;
+    rt.delete(&src.id).await?;
+    rt.delete_snapshot(&snap.id).await?;
+
+    // Many at once: all must succeed.
+    let (all, ok, failed) = at_once(&rt, (0..wide).map(|_| machine()).collect()).await;
+    println!(
+        "{wide} concurrent launches:      {} running in {all:>8.1} ms ({:.2}x of one), {} failed{}",
+        ok.len(),
+        all / one,
+        failed.len(),
+        failed.first().map(|e| format!(": {e}")).unwrap_or_default()
+    );
+    delete_all(&rt, ok).await?;
+    Ok(())
+}
