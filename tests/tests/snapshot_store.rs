@@ -131,9 +131,10 @@ fn snapshots_move_between_workers_through_the_store() {
     assert_eq!(count(&store_a, "images/"), 3);
     assert_eq!(
         count(&store_a, "snapshots/"),
-        4,
-        "memory + snapshot.json, twice"
+        6,
+        "memory, packed RAM file and snapshot.json, twice"
     );
+    assert!(s1.ram.is_some(), "a user snapshot has a RAM file");
 
     // B restores s1: fetched (with the image files), then restored.
     b.set_snapshot_store(Some(store_b.clone()));
@@ -176,7 +177,7 @@ fn snapshots_move_between_workers_through_the_store() {
 
     // Delete s1 through B: gone from the store (layers stay) and from B.
     block_on(b.delete_snapshot(&s1.id)).expect("delete s1");
-    assert_eq!(count(&store_a, "snapshots/"), 2);
+    assert_eq!(count(&store_a, "snapshots/"), 3, "s2's three objects");
     assert_eq!(count(&store_a, "layers/"), layers1 + 1, "layers are kept");
     let gone = block_on(b.create(CreateVm {
         snapshot: Some(s1.id.clone()),

@@ -1259,10 +1259,8 @@ impl Runtime {
         let memory = dir.join("memory");
         // Private RAM goes into a file restores map copy-on-write (see
         // `migstream`); shared RAM (a golden VM's) is its file already.
-        // With a snapshot store the RAM stays in the stream (the store
-        // keeps `memory` only).
         let ram_shared = vm.record.launch.ram.as_ref().is_some_and(|r| r.shared);
-        let ram = (!ram_shared && self.snapshot_store().is_none()).then(|| dir.join("ram"));
+        let ram = (!ram_shared).then(|| dir.join("ram"));
         if let Some(ram) = &ram {
             jail::create_private(ram)
                 .and_then(|f| f.set_len(u64::from(vm.record.launch.memory_mib) << 20))
@@ -1705,7 +1703,13 @@ impl Runtime {
     /// Upload a captured snapshot: image files and layers (skipped when
     /// the store has them), the memory file, then `snapshot.json`.
     async fn upload_snapshot(&self, store: &SnapshotStore, record: &SnapshotRecord) -> Result<()> {
-        if record.ram.is_some() {
+        // A user snapshot's RAM file lives in its own directory; anything
+        // else is a golden RAM image, which is per worker.
+        let own_ram = record
+            .ram
+            .as_ref()
+            .filter(|r| r.parent() == record.memory.parent());
+        if record.ram.is_some() && own_ram.is_none() {
             return Err(Error::SnapshotStore(
                 "a snapshot over a shared RAM image (golden) cannot be stored".into(),
             ));
@@ -1750,7 +1754,24 @@ impl Runtime {
         };
         let memory_key = SnapshotStore::snapshot_key(&record.id, "memory");
         let memory = store.upload_file(&record.memory, &memory_key);
-        let ((kernel, initrd, base), layers, memory) = tokio::try_join!(images, layers, memory)?;
+        let ram = async {
+            let Some(ram) = own_ram else {
+                return Ok(None);
+            };
+            let packed = ram.with_extension("packed");
+            let (src, dest) = (ram.clone(), packed.clone());
+            tokio::task::spawn_blocking(move || snapshot_store::pack_ram(&src, &dest))
+                .await
+                .map_err(|e| Error::SnapshotStore(format!("packing the RAM file: {e}")))?
+                .ctx(|| format!("pack {}", ram.display()))?;
+            let up = store
+                .upload_file(&packed, &SnapshotStore::snapshot_key(&record.id, "ram"))
+                .await;
+            let _ = std::fs::remove_file(&packed);
+            up.map(Some)
+        };
+        let ((kernel, initrd, base), layers, memory, ram) =
+            tokio::try_join!(images, layers, memory, ram)?;
         let mut record = record.clone();
         record.compat_key = Some(compat_key.clone());
         store
@@ -1763,6 +1784,7 @@ impl Runtime {
                 kernel,
                 initrd,
                 memory,
+                ram,
             })
             .await
     }
@@ -1790,9 +1812,10 @@ impl Runtime {
             .layers
             .iter()
             .chain([&doc.kernel, &doc.initrd, &doc.memory.sha256])
-            .chain(doc.base.as_ref().map(|b| &b.sha256));
+            .chain(doc.base.as_ref().map(|b| &b.sha256))
+            .chain(doc.ram.as_ref().map(|r| &r.sha256));
         if doc.layers.is_empty()
-            || doc.record.ram.is_some()
+            || doc.record.ram.is_some() != doc.ram.is_some()
             || !digests.into_iter().all(|d| snapshot_store::is_digest(d))
             || doc
                 .base
@@ -1857,7 +1880,24 @@ impl Runtime {
         );
         let memory = store.download_verified(&memory_key, &doc.memory.sha256, &memory_file);
         let layers = self.download_layers(store, doc, staging, base.as_ref());
-        tokio::try_join!(images, memory, layers)?;
+        let ram = async {
+            let Some(stored) = &doc.ram else {
+                return Ok(());
+            };
+            let (packed, ram) = (staging.join("ram.packed"), staging.join("ram"));
+            let key = SnapshotStore::snapshot_key(&doc.record.id, "ram");
+            store
+                .download_verified(&key, &stored.sha256, &packed)
+                .await?;
+            let (src, dest) = (packed.clone(), ram.clone());
+            let unpacked =
+                tokio::task::spawn_blocking(move || snapshot_store::unpack_ram(&src, &dest))
+                    .await
+                    .map_err(|e| Error::SnapshotStore(format!("unpacking the RAM file: {e}")))?;
+            let _ = std::fs::remove_file(&packed);
+            unpacked.map_err(|e| Error::SnapshotStore(format!("snapshot {}: {e}", doc.record.id)))
+        };
+        tokio::try_join!(images, memory, layers, ram)?;
         loop {
             if let Some(record) = self.commit_fetched(doc, staging, &blobs).await? {
                 return Ok(record);
@@ -1936,7 +1976,7 @@ impl Runtime {
         let mut record = doc.record.clone();
         record.layers = doc.layers.iter().map(|d| self.fetched_layer(d)).collect();
         record.memory = dir.join("memory");
-        record.ram = None;
+        record.ram = doc.ram.as_ref().map(|_| dir.join("ram"));
         record.launch.kernel = blobs.join(&doc.kernel);
         record.launch.initrd = blobs.join(&doc.initrd);
         record.launch.disk = record.layers[0].clone();

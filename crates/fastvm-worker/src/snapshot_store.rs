@@ -6,7 +6,8 @@
 //!  s3://<bucket>/<prefix>/
 //!    layers/<sha256>.qcow2        frozen disk layers, content-addressed (shared by snapshots)
 //!    images/<sha256>              kernel, initramfs and base rootfs the chain sits on
-//!    snapshots/<id>/memory        device state and RAM (QEMU migration stream)
+//!    snapshots/<id>/memory        device state (and RAM when `ram` is absent): QEMU migration stream
+//!    snapshots/<id>/ram           the RAM file, packed ([`pack_ram`]: its data extents only)
 //!    snapshots/<id>/snapshot.json [`StoredSnapshot`], written LAST: the commit marker
 //! ```
 //!
@@ -107,6 +108,94 @@ pub struct StoredSnapshot {
     pub kernel: String,
     pub initrd: String,
     pub memory: StoredFile,
+    /// The packed RAM file of a snapshot captured with one (see
+    /// `crate::migstream`); absent: the RAM is in `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<StoredFile>,
+}
+
+/// First bytes of a packed RAM file.
+const PACKED_MAGIC: &[u8; 8] = b"FVMRAM1\n";
+/// Largest extent record written or accepted.
+const PACKED_EXTENT: u64 = 8 << 20;
+
+/// Write the sparse file `src` packed into `dest`: [`PACKED_MAGIC`], its
+/// length (be64), then its data extents as (offset be64, length be64,
+/// bytes) records of at most [`PACKED_EXTENT`] bytes. Holes take no
+/// space (a RAM file is mostly holes). Returns the packed size.
+pub fn pack_ram(src: &Path, dest: &Path) -> std::io::Result<u64> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(src)?;
+    let len = file.metadata()?.len();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, crate::jail::create_private(dest)?);
+    out.write_all(PACKED_MAGIC)?;
+    out.write_all(&len.to_be_bytes())?;
+    let mut written = 16u64;
+    let mut buf = vec![0u8; PACKED_EXTENT as usize];
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a valid fd.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains.
+        }
+        // SAFETY: lseek on a valid fd.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole } as u64;
+        let mut off = data as u64;
+        while off < end {
+            let n = (end - off).min(PACKED_EXTENT) as usize;
+            file.read_exact_at(&mut buf[..n], off)?;
+            out.write_all(&off.to_be_bytes())?;
+            out.write_all(&(n as u64).to_be_bytes())?;
+            out.write_all(&buf[..n])?;
+            written += 16 + n as u64;
+            off += n as u64;
+        }
+        pos = end as i64;
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+/// Rebuild the sparse RAM file `dest` from a packed one ([`pack_ram`]);
+/// any record that does not fit the declared length is an error.
+pub fn unpack_ram(src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let bad = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("packed RAM file: {what}"),
+        )
+    };
+    let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(src)?);
+    let mut head = [0u8; 16];
+    r.read_exact(&mut head)?;
+    if &head[..8] != PACKED_MAGIC {
+        return Err(bad("not a packed RAM file"));
+    }
+    let len = u64::from_be_bytes(head[8..].try_into().map_err(|_| bad("header"))?);
+    let out = crate::jail::create_private(dest)?;
+    out.set_len(len)?;
+    let mut buf = vec![0u8; PACKED_EXTENT as usize];
+    loop {
+        let mut rec = [0u8; 16];
+        match r.read_exact(&mut rec[..1]) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            r => r?,
+        }
+        r.read_exact(&mut rec[1..])?;
+        let off = u64::from_be_bytes(rec[..8].try_into().map_err(|_| bad("record"))?);
+        let n = u64::from_be_bytes(rec[8..].try_into().map_err(|_| bad("record"))?);
+        if n > PACKED_EXTENT || off.checked_add(n).is_none_or(|e| e > len) {
+            return Err(bad("an extent outside the file"));
+        }
+        r.read_exact(&mut buf[..n as usize])?;
+        out.write_all_at(&buf[..n as usize], off)?;
+    }
 }
 
 /// A snapshot store on one bucket and prefix.
@@ -406,7 +495,7 @@ impl SnapshotStore {
         if !valid_snapshot_id(id) {
             return Ok(());
         }
-        for file in ["snapshot.json", "memory"] {
+        for file in ["snapshot.json", "memory", "ram"] {
             let rel = Self::snapshot_key(id, file);
             match self.store.delete(&self.path(&rel)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -441,6 +530,48 @@ impl SnapshotStore {
         }
         keys.sort();
         Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod ram_tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn packed_ram_round_trips_holes_and_data_and_refuses_garbage() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (src, packed, back) = (
+            dir.path().join("ram"),
+            dir.path().join("p"),
+            dir.path().join("b"),
+        );
+        let f = std::fs::File::create(&src).expect("create");
+        f.set_len(64 << 20).expect("len");
+        f.write_all_at(&[7u8; 4096], 0).expect("w");
+        f.write_all_at(&vec![9u8; 10 << 20], 20 << 20).expect("w");
+        f.write_all_at(&[1u8; 4096], (64 << 20) - 4096).expect("w");
+        let size = pack_ram(&src, &packed).expect("pack");
+        assert!(size < 11 << 20, "holes packed away: {size}");
+        unpack_ram(&packed, &back).expect("unpack");
+        assert_eq!(
+            std::fs::read(&src).expect("r"),
+            std::fs::read(&back).expect("r")
+        );
+        let meta = std::fs::metadata(&back).expect("stat");
+        assert!(meta.blocks() * 512 < 12 << 20, "unpacked file is sparse");
+        // Truncated, or an extent past the end: errors, never a panic.
+        let bytes = std::fs::read(&packed).expect("r");
+        std::fs::write(&packed, &bytes[..bytes.len() - 100]).expect("w");
+        assert!(unpack_ram(&packed, &back).is_err());
+        let mut evil = bytes[..16].to_vec();
+        evil.extend_from_slice(&(60u64 << 20).to_be_bytes());
+        evil.extend_from_slice(&(8u64 << 20).to_be_bytes());
+        evil.extend_from_slice(&vec![0u8; 8 << 20]);
+        std::fs::write(&packed, &evil).expect("w");
+        assert!(unpack_ram(&packed, &back).is_err());
+        std::fs::write(&packed, b"garbage garbage garbage").expect("w");
+        assert!(unpack_ram(&packed, &back).is_err());
     }
 }
 
