@@ -1403,7 +1403,7 @@ impl Runtime {
         let build = self.qemu_build().await?;
         let abi = crate::qemu::guest_abi_tag(self.accel);
         Ok(format!(
-            "{}-{}-{}-{}g{net}-q{build}-a{abi}",
+            "{}-{}-{}-{}g{net}-a{abi}-q{build}",
             image.id, self.accel, machine.name, disk_gib
         ))
     }
