@@ -87,6 +87,37 @@ fn restore_keeps_processes_files_env_and_memory() {
     block_on(fix.rt.delete(&clone)).expect("delete clone");
 }
 
+/// The idle-cost settings (issue 20) are in the golden snapshot every launch
+/// restores, and survive a user snapshot and its restore: the guest booted
+/// with them (watchdog off, no proactive compaction, 10 s VM statistics) and
+/// the machine's PIT choice travels with the snapshot's launch spec.
+#[test]
+fn restored_guests_keep_the_idle_settings() {
+    let fix = &*FIX;
+    let accel = fix.rt.accel();
+    assert_eq!(
+        fix.snap.launch.pit,
+        fastvm_worker::qemu::pit_needed(accel),
+        "the snapshot records the machine's PIT choice"
+    );
+    let clone = restore(fix);
+    let probe = "cat /proc/sys/kernel/watchdog /proc/sys/vm/compaction_proactiveness \
+                 /proc/sys/vm/stat_interval; cat /proc/cmdline";
+    for id in [&fix.source, &clone] {
+        let out = run(&fix.rt, id, probe);
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let t = text(&out);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[..3], ["0", "0", "10"], "{t}");
+        let timer_check_skipped = lines[3].split(' ').any(|w| w == "no_timer_check");
+        assert_eq!(
+            timer_check_skipped, !fix.snap.launch.pit,
+            "no_timer_check exactly when the PIT is gone: {t}"
+        );
+    }
+    block_on(fix.rt.delete(&clone)).expect("delete clone");
+}
+
 #[test]
 fn clones_are_independent_of_each_other_and_the_source() {
     let fix = &*FIX;

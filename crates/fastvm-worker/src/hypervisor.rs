@@ -36,6 +36,18 @@ pub struct LaunchSpec {
     /// record from before confinement).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The machine has the legacy i8254 PIT. QEMU runs its reset-state
+    /// square wave (a timer every 27 ms, ~36 main-loop wakeups/s) even when
+    /// the guest never uses it, so VMs go without it where the guest does
+    /// not need it ([`crate::qemu::pit_needed`]). Part of the device set: a
+    /// snapshot restores with the value it was taken with (records from
+    /// before this field had the PIT).
+    #[serde(default = "with_pit")]
+    pub pit: bool,
+}
+
+fn with_pit() -> bool {
+    true
 }
 
 /// The virtio-net device of a VM and where its tap lives.
@@ -85,6 +97,7 @@ impl LaunchSpec {
             ram: None,
             net: None,
             uid: None,
+            pit: crate::qemu::pit_needed(accel),
         }
     }
 }

@@ -1461,15 +1461,18 @@ impl Runtime {
 
     /// The key (directory name under `<data>/golden/`) of a golden snapshot:
     /// image, accelerator, machine type, disk size, device set, QEMU build
-    /// (version + binary hash) and CPU model.
+    /// (version + binary hash), CPU model, and the guest ABI tag (machine
+    /// options such as the PIT, and the kernel command line: see
+    /// [`crate::qemu::guest_abi_tag`]).
     async fn golden_key(&self, machine: MachineType, disk_gib: u32) -> Result<String> {
         let image = self.image().await?.clone();
         // The device set is part of the key: a golden VM without a network
         // device cannot be restored into one with it (and vice versa).
         let net = if self.net.is_some() { "-net1" } else { "" };
         let build = self.qemu_build().await?;
+        let abi = crate::qemu::guest_abi_tag(self.accel);
         Ok(format!(
-            "{}-{}-{}-{}g{net}-q{build}",
+            "{}-{}-{}-{}g{net}-a{abi}-q{build}",
             image.id, self.accel, machine.name, disk_gib
         ))
     }
