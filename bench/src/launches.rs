@@ -58,6 +58,28 @@ async fn at_once(rt: &Arc<Runtime>, reqs: Vec<CreateVm>) -> (f64, Vec<String>, V
     (ms(t.elapsed()), ok, failed)
 }
 
+/// CPU time (ms) of process `pid` so far (utime + stime).
+fn cpu_ms_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces), 1-based 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 1000.0 / hz
+}
+
+/// CPU time (ms) of this process's reaped children (qemu-img, ip, nft, ...).
+fn children_cpu_ms() -> f64 {
+    // SAFETY: getrusage writes into a valid struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 * 1000.0 + tv.tv_usec as f64 / 1000.0;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 /// Mean PSS (MiB) of the QEMUs of `ids`.
 fn mean_pss(rt: &Runtime, ids: &[String]) -> f64 {
     let mut total = 0.0;
@@ -119,11 +141,27 @@ async fn main() -> anyhow::Result<()> {
     println!("single launch:               p50 {one:>8.1} ms (floor of the rows below)");
 
     for n in [2usize, 5, 10] {
+        let (own0, kids0) = (cpu_ms_of("self"), children_cpu_ms());
         let (all, ok, failed) = at_once(&rt, (0..n).map(|_| machine()).collect()).await;
+        let (own, kids) = (cpu_ms_of("self") - own0, children_cpu_ms() - kids0);
+        let qemu: f64 = ok
+            .iter()
+            .filter_map(|id| rt.get(id).ok().and_then(|v| v.pid))
+            .map(|pid| cpu_ms_of(&pid.to_string()))
+            .sum();
+        let per = (own + kids + qemu) / n as f64;
         println!(
             "{n:>2} concurrent launches:      all running in {all:>8.1} ms | ratio {:.2}x of one (target for 10: <= 3x) | failed {}",
             all / one,
             failed.len()
+        );
+        println!(
+            "   CPU per launch {per:.1} ms (QEMU {:.1}, worker {:.1}, helpers {:.1}); {n} x that on 2 cores = {:.1} ms = {:.2}x of one",
+            qemu / n as f64,
+            own / n as f64,
+            kids / n as f64,
+            per * n as f64 / 2.0,
+            per * n as f64 / 2.0 / one
         );
         delete_all(&rt, ok).await?;
     }
