@@ -49,6 +49,7 @@ pub mod ssh;
 pub mod staging;
 pub mod store;
 mod ttl;
+pub mod vm_list;
 pub mod worker;
 
 pub use ttl::{spawn_ttl_reaper, TtlReaper};
@@ -233,6 +234,8 @@ struct Inner {
     ssh_public: Option<fastvm_types::ssh_key::SshGatewayInfo>,
     /// The shared snapshot store told to registering workers (cluster mode).
     snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
+    /// Serialised VM views of `GET /v1/vms`, by row version (see vm_list.rs).
+    views: vm_list::ViewCache,
 }
 
 impl AppState {
@@ -261,6 +264,7 @@ impl AppState {
                 metrics: Default::default(),
                 ssh_public: None,
                 snapshot_store: None,
+                views: Default::default(),
             }),
         }
     }
@@ -311,6 +315,10 @@ impl AppState {
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
         &self.inner.wakes
+    }
+
+    pub(crate) fn inner_views(&self) -> &vm_list::ViewCache {
+        &self.inner.views
     }
 
     pub(crate) fn metrics(&self) -> &metrics::Metrics {

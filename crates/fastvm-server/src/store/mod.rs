@@ -30,11 +30,11 @@ mod workers;
 mod tests;
 
 pub use console_tokens::{ConsoleTokenRecord, Redeemed};
-pub use keys::{ApiKeyInfo, NewApiKey};
+pub use keys::{ApiKeyInfo, NewApiKey, KEY_CACHE_TTL};
 pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
-pub use vms::VmRecord;
+pub use vms::{VmListCursor, VmListEntry, VmRecord};
 pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
 pub(crate) use {
     quotas::{quota_limits_on, quota_usage_on},
@@ -91,6 +91,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Recently authenticated API keys, shared by the clones (see keys.rs).
+    keys: std::sync::Arc<keys::KeyCache>,
 }
 
 /// Current time in Unix milliseconds.
@@ -160,6 +162,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Sqlite,
+            keys: Default::default(),
         })
     }
 
@@ -175,6 +178,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Postgres,
+            keys: Default::default(),
         })
     }
 
