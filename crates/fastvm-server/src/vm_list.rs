@@ -91,7 +91,7 @@ pub fn decode_cursor(s: &str) -> Result<VmListCursor, ApiError> {
         ApiError::invalid(
             codes::INVALID_CURSOR,
             format!(
-                "cursor {:?} is not a cursor of GET /v1/vms: pass the {NEXT_CURSOR_HEADER} header of the previous page unchanged, or leave cursor out for the first page",
+                "cursor {:?} is not a cursor of GET /v1/vms: pass the X-Next-Cursor header of the previous page unchanged, or leave cursor out for the first page",
                 s.chars().take(64).collect::<String>()
             ),
         )
