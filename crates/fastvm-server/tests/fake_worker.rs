@@ -2691,3 +2691,20 @@ async fn list_refuses_bad_limits_and_cursors() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn list_keeps_the_stored_status_when_the_worker_cannot_say() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let known = h.running_row(1).await?;
+    let mut lost = row(org_of(&h).await?, VmStatus::Running);
+    lost.worker_id = "no-such-worker".into();
+    lost.created_at_ms = 2;
+    h.state.store().insert_vm(&lost).await?;
+    for _ in 0..2 {
+        let (status, list, _) = h.get_page("/v1/vms").await?;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        assert_eq!(ids_of(&list), [known.to_string(), lost.id.to_string()]);
+        assert_eq!(list[1]["status"], "running", "{list}");
+    }
+    Ok(())
+}
