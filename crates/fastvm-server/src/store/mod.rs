@@ -142,6 +142,10 @@ impl Store {
         let url = opts.to_url_lossy();
         let pool = AnyPoolOptions::new()
             .max_connections(8)
+            // No ping before each use: an in-process SQLite connection does
+            // not go stale, and the ping was a second round trip to the
+            // connection's thread on every query (bench-api list).
+            .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::query("PRAGMA synchronous = NORMAL")
