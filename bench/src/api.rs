@@ -22,6 +22,11 @@
 //! `seconds` (default 5) from CONCURRENCY connections: `GET /healthz` (the
 //! floor: HTTP stack only), the plain `GET /v1/vms` (every VM, one JSON
 //! array) and the first page of `GET /v1/vms?limit=50`.
+//!
+//! `bench-api execs [vms] [per_vm]`: `vms` (default 10) real guests, then
+//! `vms * per_vm` (default 10 each: 100) concurrent `POST .../exec` of
+//! `true`, all at once; every one must answer exit code 0. Floor: one exec
+//! at a time on the same VMs, in the same run.
 
 use fastvm_server::ServerConfig;
 use fastvm_worker::runtime::CreateVm;
@@ -336,14 +341,139 @@ async fn list_bench(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bench-api execs [vms] [per_vm]` (see the module docs).
+async fn execs_bench(args: &[String]) -> anyhow::Result<()> {
+    let arg = |i: usize, default: usize| -> anyhow::Result<usize> {
+        match args.get(i) {
+            Some(s) => s
+                .parse()
+                .map_err(|_| anyhow::anyhow!("argument {i} ({s:?}) must be a number")),
+            None => Ok(default),
+        }
+    };
+    let (vms, per_vm) = (arg(0, 10)?, arg(1, 10)?);
+    anyhow::ensure!(
+        vms >= 1 && per_vm >= 1,
+        "need at least 1 VM and 1 exec per VM"
+    );
+    let images: PathBuf = std::env::var_os("FASTVM_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into());
+    let root = std::env::temp_dir().join(format!("fastvm-bench-api-execs-{}", std::process::id()));
+    let server_dir = root.join("server");
+    let _cleanup = Cleanup(vec![server_dir.clone(), root.clone()]);
+    let mut cfg = ServerConfig::new(&server_dir);
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.runtime.image_dir = Some(images);
+    let server = fastvm_server::start(cfg).await?;
+    let base = server.url();
+    let key = std::fs::read_to_string(server_dir.join("admin-api-key"))?
+        .trim()
+        .to_owned();
+    let store = server.state().store();
+    let org = fastvm_server::default_org(store)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no default org"))?;
+    let big = fastvm_server::store::QuotaPatch {
+        vcpu: Some(256),
+        memory_mib: Some(1 << 20),
+        disk_gib: Some(10_000),
+        ..Default::default()
+    };
+    store.set_quota(org, big).await?;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let t = Instant::now();
+    for _ in 0..vms {
+        let vm: Value = client
+            .post(format!("{base}/v1/vms"))
+            .bearer_auth(&key)
+            .json(&json!({"machineType": "c1m2"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = vm["id"].as_str().unwrap_or_default().to_owned();
+        wait_running(&client, &base, &key, &id).await?;
+        ids.push(id);
+    }
+    println!(
+        "fast vm API execs bench: {vms} VMs running after {:.0} ms, {} concurrent execs of `true` ({per_vm} per VM)",
+        ms(t.elapsed()),
+        vms * per_vm
+    );
+    let exec = |id: String| {
+        let (client, base, key) = (client.clone(), base.clone(), key.clone());
+        async move {
+            let t = Instant::now();
+            let resp = client
+                .post(format!("{base}/v1/vms/{id}/exec"))
+                .bearer_auth(&key)
+                .json(&json!({"command": ["true"]}))
+                .send()
+                .await?;
+            let status = resp.status();
+            let out: Value = resp.json().await?;
+            anyhow::ensure!(
+                status.is_success() && out["exitCode"] == 0,
+                "exec on {id}: {status} {out}"
+            );
+            Ok::<_, anyhow::Error>(ms(t.elapsed()))
+        }
+    };
+    // Floor: one at a time, each VM in turn.
+    let mut floor = Vec::new();
+    for _ in 0..2 {
+        for id in &ids {
+            floor.push(exec(id.clone()).await?);
+        }
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = ids
+        .iter()
+        .flat_map(|id| std::iter::repeat_n(id.clone(), per_vm))
+        .map(|id| tokio::spawn(exec(id)))
+        .collect();
+    let (mut lat, mut errors) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await? {
+            Ok(ms) => lat.push(ms),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let wall = ms(t.elapsed());
+    let n = lat.len();
+    let ((o50, o99), (f50, f99)) = (percentiles(lat), percentiles(floor));
+    println!(
+        "{} concurrent execs: {n} ok, {} failed, all done in {wall:.0} ms | each p50 {o50:.1} ms p99 {o99:.1} ms | floor (one at a time) p50 {f50:.1} ms p99 {f99:.1} ms",
+        vms * per_vm,
+        errors.len()
+    );
+    for e in errors.iter().take(5) {
+        println!("  error: {e}");
+    }
+    for id in ids {
+        client
+            .delete(format!("{base}/v1/vms/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?;
+    }
+    server.stop().await?;
+    anyhow::ensure!(errors.is_empty(), "{} execs failed", errors.len());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
         .try_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("list") {
-        return list_bench(&args[1..]).await;
+    match args.first().map(String::as_str) {
+        Some("list") => return list_bench(&args[1..]).await,
+        Some("execs") => return execs_bench(&args[1..]).await,
+        _ => {}
     }
     let runs: usize = std::env::args()
         .nth(1)
