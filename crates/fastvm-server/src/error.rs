@@ -3,7 +3,7 @@
 //!
 //! | status | codes                                                              |
 //! |--------|--------------------------------------------------------------------|
-//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's) |
+//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's), `INVALID_LIMIT` / `INVALID_CURSOR` (the list extension's `limit` / `cursor` of `GET /v1/vms`) |
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user), `FORBIDDEN` (an admin endpoint, `/v1/admin/...`, with another key than the admin key) |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
@@ -44,6 +44,8 @@ pub mod codes {
     pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
     pub const MACHINE_TYPE_MISMATCH: &str = "MACHINE_TYPE_MISMATCH";
+    pub const INVALID_LIMIT: &str = "INVALID_LIMIT";
+    pub const INVALID_CURSOR: &str = "INVALID_CURSOR";
     pub const INTERNAL: &str = "INTERNAL";
     pub const DATABASE_ERROR: &str = "DATABASE_ERROR";
     pub const WORKER_ERROR: &str = "WORKER_ERROR";

@@ -7,6 +7,7 @@
 //!  client --HTTP--> routes/ (axum: auth.rs, error.rs, one module per resource)
 //!                      |
 //!                  lifecycle.rs (status machine, TTL bookkeeping, reconciliation)
+//!                  vm_list.rs (GET /v1/vms: views cached by row version, pages)
 //!                  snapshots.rs (capture, restore guard, delete)
 //!                  ttl.rs (TTL reaper)  quotas.rs (org limits on launch/resume/snapshot)
 //!                  console.rs (console tokens, wake, WebSocket terminal sessions)
@@ -20,7 +21,8 @@
 //! background, e.g. on an ephemeral port in tests), [`build_app`] (the router
 //! and its state without a listener), and [`open_store`] with
 //! [`store::Store::create_key`] / [`store::Store::list_keys`] /
-//! [`store::Store::revoke_key`] for `fastvm keys`.
+//! [`store::Store::revoke_key`] for `fastvm keys` (a server notices a
+//! revocation made by that separate process within [`store::KEY_CACHE_TTL`]).
 //!
 //! On first start (an empty store) the server creates the org `default`, a
 //! user `admin` and an API key, written to `DATA_DIR/admin-api-key` (mode 0600).
@@ -50,6 +52,7 @@ pub mod ssh;
 pub mod staging;
 pub mod store;
 mod ttl;
+pub mod vm_list;
 pub mod worker;
 
 pub use ttl::{spawn_ttl_reaper, TtlReaper};
@@ -234,6 +237,8 @@ struct Inner {
     ssh_public: Option<fastvm_types::ssh_key::SshGatewayInfo>,
     /// The shared snapshot store told to registering workers (cluster mode).
     snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
+    /// Serialised VM views of `GET /v1/vms`, by row version (see vm_list.rs).
+    views: vm_list::ViewCache,
 }
 
 impl AppState {
@@ -262,6 +267,7 @@ impl AppState {
                 metrics: Default::default(),
                 ssh_public: None,
                 snapshot_store: None,
+                views: Default::default(),
             }),
         }
     }
@@ -312,6 +318,10 @@ impl AppState {
 
     pub(crate) fn wakes(&self) -> &proxy::Wakes {
         &self.inner.wakes
+    }
+
+    pub(crate) fn inner_views(&self) -> &vm_list::ViewCache {
+        &self.inner.views
     }
 
     pub(crate) fn metrics(&self) -> &metrics::Metrics {

@@ -242,7 +242,7 @@ impl AppState {
     }
 
     /// `rec` with its status brought in line with the worker (running and paused rows only).
-    async fn reconciled(&self, rec: VmRecord) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn reconciled(&self, rec: VmRecord) -> Result<VmRecord, ApiError> {
         if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
             return Ok(rec);
         }
@@ -250,6 +250,19 @@ impl AppState {
             Ok(worker) => worker.state(rec.id).await,
             Err(e) => Err(e),
         };
+        self.reconciled_with(rec, reported).await
+    }
+
+    /// [`Self::reconciled`] with what the worker `reported` about the VM
+    /// (already asked, e.g. once for a whole list).
+    pub(crate) async fn reconciled_with(
+        &self,
+        rec: VmRecord,
+        reported: Result<Option<VmState>, WorkerError>,
+    ) -> Result<VmRecord, ApiError> {
+        if !matches!(rec.status, VmStatus::Running | VmStatus::Paused) {
+            return Ok(rec);
+        }
         let state = match reported {
             Ok(state) => state,
             Err(e) => {
@@ -287,23 +300,6 @@ impl AppState {
             .await?
             .ok_or_else(|| no_such_vm(id))?;
         self.reconciled(rec).await
-    }
-
-    /// The live VMs of `org` (only those in `status` when given), reconciled.
-    pub(crate) async fn list_vms(
-        &self,
-        org: OrgId,
-        status: Option<VmStatus>,
-    ) -> Result<Vec<VmRecord>, ApiError> {
-        let mut out = Vec::new();
-        for rec in self.store().list_vms(org, status).await? {
-            let rec = self.reconciled(rec).await?;
-            // Reconciliation may have moved it out of the filter.
-            if status.is_none_or(|s| s == rec.status) {
-                out.push(rec);
-            }
-        }
-        Ok(out)
     }
 
     /// `POST /v1/vms`: store the VM as `provisioning`, boot (or restore) it

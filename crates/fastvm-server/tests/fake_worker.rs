@@ -2451,3 +2451,260 @@ async fn a_policy_the_worker_cannot_enforce_is_rolled_back_and_reconciled() -> T
     );
     Ok(())
 }
+
+// --- GET /v1/vms: pages and cached views -----------------------------------------------
+
+impl Harness {
+    /// GET `path`: status, JSON body and the `X-Next-Cursor` header.
+    async fn get_page(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, Value, Option<String>), Box<dyn std::error::Error>> {
+        let req = Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.key))
+            .body(Body::empty())?;
+        let res = self.router.clone().oneshot(req).await?;
+        let status = res.status();
+        let next = res
+            .headers()
+            .get("x-next-cursor")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = axum::body::to_bytes(res.into_body(), 64 << 20).await?;
+        Ok((status, serde_json::from_slice(&bytes)?, next))
+    }
+
+    /// A running VM row of the default org created at `created_at_ms`,
+    /// known to the worker (no launch: no quota, any number).
+    async fn running_row(&self, created_at_ms: i64) -> Result<VmId, Box<dyn std::error::Error>> {
+        let mut r = row(org_of(self).await?, VmStatus::Running);
+        r.created_at_ms = created_at_ms;
+        self.state.store().insert_vm(&r).await?;
+        self.worker.set(r.id, VmState::Running);
+        Ok(r.id)
+    }
+}
+
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn list_pages_cover_every_vm_once_while_vms_come_and_go() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    // 23 VMs, some sharing a creation time (ties are ordered by id).
+    let mut stable = Vec::new();
+    for i in 0..23 {
+        stable.push(h.running_row(1_000 + i / 4).await?.to_string());
+    }
+    let (status, whole, next) = h.get_page("/v1/vms").await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(next, None, "no cursor without limit");
+    let order = ids_of(&whole);
+    assert_eq!(order.len(), 23);
+
+    // Walk pages of 5; between pages, delete a VM not yet reached and one
+    // already listed, and create new ones (one ordered before the cursor,
+    // one at the end).
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut deleted = Vec::new();
+    let mut created = Vec::new();
+    for round in 0.. {
+        let path = match &cursor {
+            Some(c) => format!("/v1/vms?limit=5&cursor={c}"),
+            None => "/v1/vms?limit=5".to_owned(),
+        };
+        let (status, page, next) = h.get_page(&path).await?;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(page.is_array(), "the body stays the plain array: {page}");
+        let ids = ids_of(&page);
+        assert!(ids.len() <= 5);
+        seen.extend(ids.clone());
+        let Some(next) = next else { break };
+        assert!(round < 20, "the walk does not end");
+        cursor = Some(next);
+        let ahead = order
+            .iter()
+            .rev()
+            .find(|id| !seen.contains(id) && !deleted.contains(*id));
+        for id in ahead
+            .into_iter()
+            .chain(ids.first())
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            let (s, _) = h.call("DELETE", &format!("/v1/vms/{id}"), None).await?;
+            assert_eq!(s, StatusCode::OK);
+            deleted.push(id);
+        }
+        created.push(h.running_row(999).await?.to_string());
+        created.push(h.running_row(10_000 + round).await?.to_string());
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "a VM was listed twice: {seen:?}");
+    for id in &stable {
+        let whole_walk = !deleted.contains(id);
+        assert!(
+            !whole_walk || seen.contains(id),
+            "VM {id} existed for the whole walk but was missed"
+        );
+    }
+    // Those created before the cursor's place are not listed; those at the end are.
+    for (i, id) in created.iter().enumerate() {
+        assert_eq!(seen.contains(id), i % 2 == 1, "created VM {id} (#{i})");
+    }
+    // The pages follow the order of the plain list.
+    let positions: Vec<usize> = seen
+        .iter()
+        .filter_map(|id| order.iter().position(|o| o == id))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_pages_with_a_status_filter_and_the_last_page() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let mut running = Vec::new();
+    for i in 0..6 {
+        let id = h.running_row(100 + i).await?;
+        if i % 3 == 2 {
+            // The worker says it stopped: reconciled on read.
+            h.worker.set(id, VmState::Stopped);
+        } else {
+            running.push(id.to_string());
+        }
+    }
+    let (_, p1, next) = h.get_page("/v1/vms?status=running&limit=2").await?;
+    let cursor = next.ok_or("a second page")?;
+    let (_, p2, next) = h
+        .get_page(&format!("/v1/vms?status=running&limit=2&cursor={cursor}"))
+        .await?;
+    let mut got = ids_of(&p1);
+    got.extend(ids_of(&p2));
+    if let Some(c) = next {
+        let (_, p3, last) = h
+            .get_page(&format!("/v1/vms?status=running&limit=2&cursor={c}"))
+            .await?;
+        got.extend(ids_of(&p3));
+        assert_eq!(last, None);
+    }
+    assert_eq!(got, running);
+    // A page exactly as long as the rest has no next cursor.
+    let (_, all, next) = h.get_page("/v1/vms?limit=6").await?;
+    assert_eq!((ids_of(&all).len(), next), (6, None));
+    let (_, stopped, _) = h.get_page("/v1/vms?status=stopped").await?;
+    assert_eq!(ids_of(&stopped).len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_shows_each_change_of_a_vm() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (_, vm) = h
+        .launch(json!({"machineType": "c1m2", "name": "one"}))
+        .await?;
+    let id = id_of(&vm)?;
+    let listed = |list: &Value| list.get(0).cloned().unwrap_or(Value::Null);
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    let (_, got) = h.call("GET", &format!("/v1/vms/{id}"), None).await?;
+    assert_eq!(listed(&list), got, "the list shows what GET shows");
+    // Every kind of change shows at the next list: a rename...
+    let (s, _) = h
+        .call(
+            "PATCH",
+            &format!("/v1/vms/{id}"),
+            Some(json!({"name": "two"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(listed(&list)["name"], "two");
+    // ...a pause, the worker's own view (reconciliation)...
+    let (s, _) = h.call("POST", &format!("/v1/vms/{id}/pause"), None).await?;
+    assert_eq!(s, StatusCode::OK);
+    h.wait_status(&id, "paused").await?;
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(listed(&list)["status"], "paused");
+    h.worker
+        .set(id.parse()?, VmState::Error("QEMU crashed".into()));
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(
+        (&listed(&list)["status"], &listed(&list)["statusMessage"]),
+        (&json!("error"), &json!("QEMU crashed"))
+    );
+    // ...and a public IPv6 recorded without any other change.
+    h.state
+        .store()
+        .set_vm_public_ipv6(id.parse()?, Some("fd00:fa57::9"))
+        .await?;
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(listed(&list)["publicIpv6"], "fd00:fa57::9");
+    let (_, got) = h.call("GET", &format!("/v1/vms/{id}"), None).await?;
+    assert_eq!(listed(&list), got);
+    // Deleted: gone from the list.
+    h.call("DELETE", &format!("/v1/vms/{id}"), None).await?;
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(list, json!([]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_refuses_bad_limits_and_cursors() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    h.running_row(1).await?;
+    for (query, code, says) in [
+        ("limit=0", "INVALID_LIMIT", "from 1 to 1000"),
+        ("limit=1001", "INVALID_LIMIT", "from 1 to 1000"),
+        ("limit=ten", "INVALID_LIMIT", "\"ten\""),
+        ("limit=-3", "INVALID_LIMIT", "from 1 to 1000"),
+        ("cursor=abc", "INVALID_CURSOR", "X-Next-Cursor"),
+        ("limit=5&cursor=zz", "INVALID_CURSOR", "unchanged"),
+        (
+            "cursor=00000000000000010000000000000000000000000000000g",
+            "INVALID_CURSOR",
+            "not a cursor",
+        ),
+    ] {
+        let (status, err) = h.call("GET", &format!("/v1/vms?{query}"), None).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {err}");
+        assert_eq!(err["error"]["code"], code, "{query}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{query}: {message}");
+    }
+    // Empty values are absent values, like status=.
+    let (status, list, next) = h.get_page("/v1/vms?limit=&cursor=&status=").await?;
+    assert_eq!(
+        (status, ids_of(&list).len(), next),
+        (StatusCode::OK, 1, None)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_keeps_the_stored_status_when_the_worker_cannot_say() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let known = h.running_row(1).await?;
+    let mut lost = row(org_of(&h).await?, VmStatus::Running);
+    lost.worker_id = "no-such-worker".into();
+    lost.created_at_ms = 2;
+    h.state.store().insert_vm(&lost).await?;
+    for _ in 0..2 {
+        let (status, list, _) = h.get_page("/v1/vms").await?;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        assert_eq!(ids_of(&list), [known.to_string(), lost.id.to_string()]);
+        assert_eq!(list[1]["status"], "running", "{list}");
+    }
+    Ok(())
+}

@@ -330,6 +330,16 @@ pub struct ListVmsQuery {
     /// Only VMs with this status; an unknown value yields an empty list.
     #[serde(default)]
     pub status: Option<String>,
+    /// Extension (not in the spec): at most this many VMs (1 to 1000), from
+    /// `cursor` on; the cursor of the next page is in the `X-Next-Cursor`
+    /// response header (absent on the last page). Without it: every VM.
+    #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// Extension (not in the spec): continue a list after the page whose
+    /// `X-Next-Cursor` response header this is (opaque; pass it unchanged).
+    #[serde(default)]
+    pub cursor: Option<String>,
 }
 
 #[cfg(test)]
@@ -586,6 +596,7 @@ mod tests {
     fn list_query() -> Result<(), serde_json::Error> {
         let q: ListVmsQuery = serde_json::from_value(json!({}))?;
         assert_eq!(q.status, None);
+        assert_eq!((q.limit, q.cursor), (None, None));
         Ok(())
     }
 }

@@ -307,3 +307,22 @@ def test_context_manager_closes_owned_client():
     with FastvmClient(api_key="k") as c:
         assert not c._http.is_closed
     assert c._http.is_closed
+
+
+def test_list_pages_extension(client, server):
+    page1 = httpx.Response(200, json=[vm_json(id="vm-1")], headers={"X-Next-Cursor": "c" * 48})
+    page2 = httpx.Response(200, json=[vm_json(id="vm-2")])
+    server.on("GET", "/v1/vms", page1, page2)
+    first = client.vms.list(limit=1)
+    assert [v.id for v in first] == ["vm-1"] and first.next_cursor == "c" * 48
+    assert dict(server.last().url.params) == {"limit": "1"}
+    last = client.vms.list(status="running", limit=1, cursor=first.next_cursor)
+    assert [v.id for v in last] == ["vm-2"] and last.next_cursor is None
+    assert dict(server.last().url.params) == {"status": "running", "limit": "1", "cursor": "c" * 48}
+
+
+async def test_list_pages_extension_async(aclient, server):
+    server.on("GET", "/v1/vms", httpx.Response(200, json=[vm_json()], headers={"X-Next-Cursor": "n"}))
+    page = await aclient.vms.list(limit=5)
+    assert len(page) == 1 and page.next_cursor == "n"
+    assert server.last().url.params["limit"] == "5"

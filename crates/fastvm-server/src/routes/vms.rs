@@ -33,9 +33,11 @@ use crate::error::ApiError;
 use crate::openapi::examples;
 use crate::routes::{JsonBody, QueryParams, VmPath};
 use crate::store::VmRecord;
+use crate::vm_list;
 use crate::AppState;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fastvm_types::vm::ListVmsQuery;
 use fastvm_types::{
@@ -105,12 +107,18 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
     tag = "vms",
     operation_id = "listVms",
     summary = "List VMs",
-    description = "The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`).",
+    description = "The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`). \
+                   Extension (not in the spec): `limit` (1 to 1000) answers one page of at most that many VMs, from `cursor` on; \
+                   the body stays the plain array and the next page's cursor comes in the `X-Next-Cursor` response header \
+                   (absent on the last page). Pages are keyset pages in the list's order: a VM that exists for the whole walk is on exactly one page, \
+                   whatever is created or deleted meanwhile.",
     params(ListVmsQuery),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The org's VMs, oldest first", body = [Vm], example = json!(examples::vm_list())),
-        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 200, description = "The org's VMs, oldest first (one page of them with `limit`)", body = [Vm],
+            headers(("X-Next-Cursor" = String, description = "Extension: with `limit`, the `cursor` of the next page; absent on the last page")),
+            example = json!(examples::vm_list())),
+        (status = 400, description = "Malformed query: `INVALID_LIMIT` (`limit` is not 1 to 1000), `INVALID_CURSOR` (`cursor` is not one this server gave)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
     )
 )]
@@ -118,17 +126,37 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(q): QueryParams<ListVmsQuery>,
-) -> Result<Json<Vec<Vm>>, ApiError> {
+) -> Result<Response, ApiError> {
+    let limit = vm_list::parse_limit(q.limit.as_deref())?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(vm_list::decode_cursor(c)?),
+    };
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => match VmStatus::parse(s) {
             Some(s) => Some(s),
             // An unknown status matches no VM.
-            None => return Ok(Json(vec![])),
+            None => return Ok(Json(Vec::<Vm>::new()).into_response()),
         },
     };
-    let vms = state.list_vms(caller.org_id, status).await?;
-    Ok(Json(vms.iter().map(view).collect()))
+    let page = state
+        .list_vm_page(caller.org_id, status, after, limit)
+        .await?;
+    let mut res = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        page.body,
+    )
+        .into_response();
+    if let Some(next) = page.next_cursor {
+        let value = HeaderValue::from_str(&next)
+            .map_err(|e| ApiError::internal(format!("cursor {next:?} as a header: {e}")))?;
+        res.headers_mut().insert(vm_list::NEXT_CURSOR_HEADER, value);
+    }
+    Ok(res)
 }
 
 /// Launch a VM

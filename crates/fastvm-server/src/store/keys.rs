@@ -1,10 +1,88 @@
 //! API keys: stored as the SHA-256 of the token, never the token itself.
+//!
+//! [`Store::authenticate`] runs on every request, so its answers are cached
+//! ([`KeyCache`]): token hash -> key, for [`KEY_CACHE_TTL`] after the query
+//! that found it. Only keys that authenticated are cached (an unknown token
+//! costs a query each time and takes no memory). [`Store::revoke_key`] drops
+//! the key's entries at once, so a revocation through this process (the
+//! server's own store handle, the tests) is effective immediately; one made
+//! by another process on the same database (`fastvm keys revoke`, another
+//! control plane of a cluster) is effective within [`KEY_CACHE_TTL`].
 
 use super::{now_ms, parse_id, Result, Store, StoreError};
 use crate::auth;
 use fastvm_types::OrgId;
 use sqlx::any::AnyRow;
 use sqlx::Row;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a successful authentication is reused without a query: the
+/// longest a revocation made by another process can go unnoticed.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Most keys cached at once; past it expired entries are dropped, then all.
+const KEY_CACHE_MAX: usize = 10_000;
+
+/// Keys that authenticated recently, by token hash (see the module docs).
+#[derive(Default)]
+pub(crate) struct KeyCache {
+    entries: Mutex<HashMap<String, (ApiKeyInfo, Instant)>>,
+    /// Bumped by every revocation: an answer read before a revocation of
+    /// this process is not cached after it (it may be that key's).
+    revocations: AtomicU64,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
+        f.debug_struct("KeyCache").field("entries", &n).finish()
+    }
+}
+
+impl KeyCache {
+    /// The key of `hash` if it authenticated less than [`KEY_CACHE_TTL`] ago.
+    fn get(&self, hash: &str) -> Option<ApiKeyInfo> {
+        let entries = self.entries.lock().ok()?;
+        let (info, at) = entries.get(hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| info.clone())
+    }
+
+    /// The revocation count, read before a query whose answer may be cached.
+    fn generation(&self) -> u64 {
+        self.revocations.load(Ordering::SeqCst)
+    }
+
+    /// Remember that `hash` authenticated as `info`, as of `at` (the time
+    /// the query started, so an entry never outlives TTL after the row was
+    /// read), unless a revocation happened since `generation` was read.
+    fn put(&self, hash: String, info: ApiKeyInfo, at: Instant, generation: u64) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        // Checked under the lock `forget` takes after bumping the count.
+        if self.generation() != generation {
+            return;
+        }
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.retain(|_, (_, t)| t.elapsed() < KEY_CACHE_TTL);
+            if entries.len() >= KEY_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, (info, at));
+    }
+
+    /// Forget key `id` (it was revoked).
+    fn forget(&self, id: uuid::Uuid) {
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, (info, _)| info.id != id);
+        }
+    }
+}
 
 /// What is known about a key (the token itself is only shown once, at creation).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +221,7 @@ impl Store {
         .bind(found.id.to_string())
         .execute(&self.pool)
         .await?;
+        self.keys.forget(found.id);
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
             .bind(found.id.to_string())
             .fetch_one(&self.pool)
@@ -150,14 +229,24 @@ impl Store {
         key_from_row(&row)
     }
 
-    /// The key (not revoked) whose token is `token`.
+    /// The key (not revoked) whose token is `token`; a key found less than
+    /// [`KEY_CACHE_TTL`] ago is answered from memory (see the module docs).
     pub async fn authenticate(&self, token: &str) -> Result<Option<ApiKeyInfo>> {
+        let hash = auth::hash_token(token);
+        if let Some(info) = self.keys.get(&hash) {
+            return Ok(Some(info));
+        }
+        let (at, generation) = (Instant::now(), self.keys.generation());
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = $1 AND revoked_at_ms IS NULL"
         ))
-        .bind(auth::hash_token(token))
+        .bind(&hash)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(key_from_row).transpose()
+        let info = row.as_ref().map(key_from_row).transpose()?;
+        if let Some(info) = &info {
+            self.keys.put(hash, info.clone(), at, generation);
+        }
+        Ok(info)
     }
 }

@@ -30,11 +30,11 @@ mod workers;
 mod tests;
 
 pub use console_tokens::{ConsoleTokenRecord, Redeemed};
-pub use keys::{ApiKeyInfo, NewApiKey};
+pub use keys::{ApiKeyInfo, NewApiKey, KEY_CACHE_TTL};
 pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
-pub use vms::VmRecord;
+pub use vms::{VmListCursor, VmListEntry, VmRecord};
 pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
 pub(crate) use {
     quotas::{quota_limits_on, quota_usage_on},
@@ -91,6 +91,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Recently authenticated API keys, shared by the clones (see keys.rs).
+    keys: std::sync::Arc<keys::KeyCache>,
 }
 
 /// Current time in Unix milliseconds.
@@ -140,6 +142,10 @@ impl Store {
         let url = opts.to_url_lossy();
         let pool = AnyPoolOptions::new()
             .max_connections(8)
+            // No ping before each use: an in-process SQLite connection does
+            // not go stale, and the ping was a second round trip to the
+            // connection's thread on every query (bench-api list).
+            .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::query("PRAGMA synchronous = NORMAL")
@@ -160,6 +166,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Sqlite,
+            keys: Default::default(),
         })
     }
 
@@ -175,6 +182,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Postgres,
+            keys: Default::default(),
         })
     }
 

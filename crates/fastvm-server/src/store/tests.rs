@@ -48,6 +48,7 @@ async fn suite(store: &Store) -> TestResult {
     store.ping().await?;
     orgs_and_keys(store).await?;
     vms_roundtrip_and_scoping(store).await?;
+    vm_list_entries_pages(store).await?;
     optimistic_concurrency(store).await?;
     snapshots_roundtrip_and_scoping(store).await?;
     quotas_limits_and_usage(store).await?;
@@ -115,6 +116,131 @@ async fn orgs_and_keys(store: &Store) -> TestResult {
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(store.list_keys(Some(org)).await?.len(), 2);
+    Ok(())
+}
+
+/// `list_vm_entries` (what GET /v1/vms reads), its keyset pages and `get_vms`.
+async fn vm_list_entries_pages(store: &Store) -> TestResult {
+    let org = store.create_org("list-org").await?;
+    let other = store.create_org("list-other").await?;
+    // 25 VMs, in groups of 3 sharing a creation time (ties break by id).
+    let mut vms = Vec::new();
+    for i in 0..25i64 {
+        let mut vm = sample_vm(org);
+        vm.created_at_ms = 1_000 + i / 3;
+        vm.status = if i % 2 == 0 {
+            VmStatus::Running
+        } else {
+            VmStatus::Stopped
+        };
+        vm.version = i;
+        store.insert_vm(&vm).await?;
+        vms.push(vm);
+    }
+    store.insert_vm(&sample_vm(other)).await?;
+    vms.sort_by_key(|v| (v.created_at_ms, v.id.to_string()));
+    let order: Vec<VmId> = vms.iter().map(|v| v.id).collect();
+
+    let all = store.list_vm_entries(org, None, None, None).await?;
+    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), order);
+    let first = &all[0];
+    assert_eq!(
+        (
+            first.version,
+            first.status,
+            first.created_at_ms,
+            first.worker_id.as_str()
+        ),
+        (vms[0].version, vms[0].status, vms[0].created_at_ms, "local")
+    );
+    assert!(store
+        .list_vm_entries(OrgId::new_v4(), None, None, None)
+        .await?
+        .is_empty());
+
+    // Pages of 4 cover the list once, in order.
+    let mut walked = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_vm_entries(org, None, after, Some(4)).await?;
+        assert!(page.len() <= 4);
+        walked.extend(page.iter().map(|e| e.id));
+        match page.last() {
+            Some(last) if page.len() == 4 => after = Some(last.cursor()),
+            _ => break,
+        }
+    }
+    assert_eq!(walked, order);
+
+    // With a status filter, pages hold only that status.
+    let running = store
+        .list_vm_entries(org, Some(VmStatus::Running), None, Some(5))
+        .await?;
+    assert_eq!(running.len(), 5);
+    assert!(running.iter().all(|e| e.status == VmStatus::Running));
+    let rest = store
+        .list_vm_entries(
+            org,
+            Some(VmStatus::Running),
+            running.last().map(VmListEntry::cursor),
+            None,
+        )
+        .await?;
+    assert_eq!(running.len() + rest.len(), 13);
+
+    // A deleted VM leaves the list; one created later lands at its end.
+    let mut gone = vms[3].clone();
+    gone.deleted_at_ms = Some(now_ms());
+    assert!(store.update_vm(&mut gone).await?);
+    let mut late = sample_vm(org);
+    late.created_at_ms = 5_000;
+    store.insert_vm(&late).await?;
+    let after_change = store
+        .list_vm_entries(org, None, Some(all[2].cursor()), None)
+        .await?;
+    let mut expected: Vec<VmId> = order[3..]
+        .iter()
+        .copied()
+        .filter(|id| *id != gone.id)
+        .collect();
+    expected.push(late.id);
+    assert_eq!(
+        after_change.iter().map(|e| e.id).collect::<Vec<_>>(),
+        expected
+    );
+
+    // get_vms: full rows of the org's live VMs among the ids.
+    let stranger = store.list_vm_entries(other, None, None, None).await?[0].id;
+    let ids = [order[0], order[1], gone.id, stranger, VmId::new_v4()];
+    let mut got: Vec<VmId> = store
+        .get_vms(org, &ids)
+        .await?
+        .iter()
+        .map(|v| v.id)
+        .collect();
+    got.sort_by_key(|id| order.iter().position(|o| o == id));
+    assert_eq!(got, [order[0], order[1]]);
+    assert_eq!(store.get_vms(org, &[]).await?, vec![]);
+    // More ids than one IN list holds (24 live ones among 325).
+    let mut many = order.clone();
+    many.extend((0..300).map(|_| VmId::new_v4()));
+    assert_eq!(store.get_vms(org, &many).await?.len(), 24);
+
+    // Setting the public IPv6 bumps the version only when it changes.
+    let id = order[0];
+    let v0 = store.get_vm(org, id).await?.map(|v| v.version);
+    store.set_vm_public_ipv6(id, Some("fd00::1")).await?;
+    let v1 = store.get_vm(org, id).await?.map(|v| v.version);
+    store.set_vm_public_ipv6(id, Some("fd00::1")).await?;
+    let v2 = store.get_vm(org, id).await?.map(|v| v.version);
+    store.set_vm_public_ipv6(id, None).await?;
+    let v3 = store.get_vm(org, id).await?;
+    assert_eq!(v1, v0.map(|v| v + 1));
+    assert_eq!(v2, v1);
+    assert_eq!(
+        v3.map(|v| (v.version, v.public_ipv6)),
+        Some((v0.unwrap_or_default() + 2, None))
+    );
     Ok(())
 }
 
@@ -484,7 +610,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 11);
+    assert_eq!(store.org_count().await?, 13);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -517,7 +643,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 11);
+        assert_eq!(store.org_count().await?, 13);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }
@@ -640,5 +766,42 @@ async fn console_tokens_single_use(store: &Store) -> TestResult {
     assert!(store.key_is_active(key.info.id).await?);
     store.revoke_key(&key.info.id.to_string()).await?;
     assert!(!store.key_is_active(key.info.id).await?);
+    Ok(())
+}
+
+/// Authentications are cached (keys.rs): a revocation through the same
+/// store handle is effective at once, one through another handle on the
+/// same database (`fastvm keys revoke`, another control plane) within
+/// KEY_CACHE_TTL.
+#[tokio::test]
+async fn cached_keys_follow_revocations() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let server = Store::open(dir.path(), None).await?;
+    let org = server.create_org("keys").await?;
+    let a = server.create_key(org, "a").await?;
+    let b = server.create_key(org, "b").await?;
+    for k in [&a, &b] {
+        assert_eq!(
+            server.authenticate(&k.token).await?.map(|i| i.id),
+            Some(k.info.id)
+        );
+    }
+    // This handle revokes b: refused at the next request.
+    server.revoke_key(&b.info.id.to_string()).await?;
+    assert_eq!(server.authenticate(&b.token).await?, None);
+    // Another handle (the CLI) revokes a: refused within the TTL.
+    let cli = Store::open(dir.path(), None).await?;
+    cli.revoke_key(&a.info.prefix).await?;
+    let start = std::time::Instant::now();
+    while server.authenticate(&a.token).await?.is_some() {
+        assert!(
+            start.elapsed() < KEY_CACHE_TTL + Duration::from_millis(500),
+            "a key revoked elsewhere still authenticates after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Unknown tokens are refused (and not remembered).
+    assert_eq!(server.authenticate(&crate::auth::new_token()).await?, None);
     Ok(())
 }

@@ -22,6 +22,7 @@ from ._core import (
     BaseClient,
     NotGiven,
     TimeoutTypes,
+    as_page,
     decode_json,
     make_status_error,
     parse,
@@ -192,6 +193,7 @@ class FastvmClient(BaseClient):
         params: Mapping[str, Any] | None = None,
         cast: Any = None,
         many: bool = False,
+        page: bool = False,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         max_retries: int | None = None,
     ) -> Any:
@@ -199,7 +201,8 @@ class FastvmClient(BaseClient):
             **self._request_kwargs(method, path, json_body=body, params=params, timeout=timeout)
         )
         response = self._send(request, retries=self._max_retries_for(method, max_retries))
-        return parse(decode_json(response), cast, many)
+        result = parse(decode_json(response), cast, many)
+        return as_page(result, response) if page else result
 
     @contextlib.contextmanager
     def _stream(
@@ -367,6 +370,7 @@ class AsyncFastvmClient(BaseClient):
         params: Mapping[str, Any] | None = None,
         cast: Any = None,
         many: bool = False,
+        page: bool = False,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         max_retries: int | None = None,
     ) -> Any:
@@ -374,7 +378,8 @@ class AsyncFastvmClient(BaseClient):
             **self._request_kwargs(method, path, json_body=body, params=params, timeout=timeout)
         )
         response = await self._send(request, retries=self._max_retries_for(method, max_retries))
-        return parse(decode_json(response), cast, many)
+        result = parse(decode_json(response), cast, many)
+        return as_page(result, response) if page else result
 
     @contextlib.asynccontextmanager
     async def _stream(

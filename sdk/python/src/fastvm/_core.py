@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Mapping, Sequence, Type, TypeVar, Union
+from typing import Any, Mapping, Optional, Sequence, Type, TypeVar, Union
 from urllib.parse import quote
 
 import httpx
@@ -121,6 +121,21 @@ def vm_readiness(status: str | None) -> str:
     if status in VM_TERMINAL_FAILURE:
         return "failed"
     return "pending"
+
+
+class Page(list):  # type: ignore[type-arg]
+    """A list answered by a paginated GET (extension, not in the spec): the
+    items, plus ``next_cursor``, the ``X-Next-Cursor`` response header: pass
+    it as ``cursor`` for the next page (``None`` on the last page)."""
+
+    next_cursor: Optional[str] = None
+
+
+def as_page(items: Any, response: httpx.Response) -> Page:
+    """``items`` as a :class:`Page` carrying the response's next cursor."""
+    page = Page(items or [])
+    page.next_cursor = response.headers.get("X-Next-Cursor")
+    return page
 
 
 def parse(data: Any, cast: Type[M] | None, many: bool = False) -> Any:

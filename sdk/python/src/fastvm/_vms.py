@@ -56,9 +56,16 @@ class _VMsBase(Resource):
         self.volumes = VMVolumes(client)
         self.bucket_mounts = BucketMounts(client)
 
-    def list(self, *, status: str | None = None) -> List[VM]:
-        """GET /v1/vms, optionally only VMs with ``status``."""
-        return self._client._call("GET", "/v1/vms", params={"status": status}, cast=VM, many=True)
+    def list(self, *, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> List[VM]:
+        """GET /v1/vms, optionally only VMs with ``status``.
+
+        ``limit`` and ``cursor`` are an extension (not in the spec): with
+        ``limit`` (1 to 1000) the answer is one page of at most that many VMs,
+        from ``cursor`` on; the returned list's ``next_cursor`` is the cursor
+        of the next page (``None`` on the last page). Without them: every VM.
+        """
+        params = {"status": status, "limit": limit, "cursor": cursor}
+        return self._client._call("GET", "/v1/vms", params=params, cast=VM, many=True, page=True)
 
     def retrieve(self, id: str) -> VM:
         """GET /v1/vms/{id}."""

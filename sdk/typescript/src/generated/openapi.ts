@@ -210,7 +210,7 @@ export interface paths {
         };
         /**
          * List VMs
-         * @description The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`).
+         * @description The caller's org's VMs, oldest first. Deleted VMs are left out. Filter by `status` (e.g. `?status=running`). Extension (not in the spec): `limit` (1 to 1000) answers one page of at most that many VMs, from `cursor` on; the body stays the plain array and the next page's cursor comes in the `X-Next-Cursor` response header (absent on the last page). Pages are keyset pages in the list's order: a VM that exists for the whole walk is on exactly one page, whatever is created or deleted meanwhile.
          */
         get: operations["listVms"];
         put?: never;
@@ -2171,6 +2171,17 @@ export interface operations {
             query?: {
                 /** @description Only VMs with this status; an unknown value yields an empty list. */
                 status?: string;
+                /**
+                 * @description Extension (not in the spec): at most this many VMs (1 to 1000), from
+                 *     `cursor` on; the cursor of the next page is in the `X-Next-Cursor`
+                 *     response header (absent on the last page). Without it: every VM.
+                 */
+                limit?: number;
+                /**
+                 * @description Extension (not in the spec): continue a list after the page whose
+                 *     `X-Next-Cursor` response header this is (opaque; pass it unchanged).
+                 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -2178,9 +2189,11 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The org's VMs, oldest first */
+            /** @description The org's VMs, oldest first (one page of them with `limit`) */
             200: {
                 headers: {
+                    /** @description Extension: with `limit`, the `cursor` of the next page; absent on the last page */
+                    "X-Next-Cursor"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2251,7 +2264,7 @@ export interface operations {
                     "application/json": components["schemas"]["VM"][];
                 };
             };
-            /** @description Malformed query */
+            /** @description Malformed query: `INVALID_LIMIT` (`limit` is not 1 to 1000), `INVALID_CURSOR` (`cursor` is not one this server gave) */
             400: {
                 headers: {
                     [name: string]: unknown;
