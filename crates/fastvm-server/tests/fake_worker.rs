@@ -2683,12 +2683,16 @@ async fn list_refuses_bad_limits_and_cursors() -> TestResult {
         let message = err["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{query}: {message}");
     }
-    // Empty values are absent values, like status=.
-    let (status, list, next) = h.get_page("/v1/vms?limit=&cursor=&status=").await?;
+    // An empty cursor (a string) is an absent one, like status=; an empty
+    // limit is not a number.
+    let (status, list, next) = h.get_page("/v1/vms?cursor=&status=").await?;
     assert_eq!(
         (status, ids_of(&list).len(), next),
         (StatusCode::OK, 1, None)
     );
+    let (status, err) = h.call("GET", "/v1/vms?limit=", None).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(err["error"]["code"], "INVALID_LIMIT", "{err}");
     Ok(())
 }
 
