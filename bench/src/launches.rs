@@ -8,6 +8,7 @@
 //! | fork 10: capture + 10 restores sharing   | 10 concurrent launches from an existing  |
 //! | its RAM, snapshot deleted                | snapshot of the same VM                  |
 //! | PSS per forked VM                        | PSS per VM of the 10 launched ones       |
+//! | capture of an idle c1m2 / c2m4 / c4m8    | (absolute: does it grow with RAM size?)  |
 //!
 //! Run: `cargo run --release -p fastvm-bench --bin bench-launches -- [runs] [wide]`
 //! (defaults: 10 single launches, 50 for the wide round). `RUST_LOG=fastvm_worker=debug`
@@ -204,6 +205,37 @@ async fn main() -> anyhow::Result<()> {
     delete_all(&rt, forked).await?;
     rt.delete(&src.id).await?;
     rt.delete_snapshot(&snap.id).await?;
+
+    // Capture time against guest RAM size: the same idle guest on machine
+    // types with 2, 4 and 8 GiB (untouched RAM is zero pages: holes).
+    for m in ["c1m2", "c2m4", "c4m8"] {
+        let vm = rt
+            .create(CreateVm {
+                machine: m.into(),
+                ..Default::default()
+            })
+            .await?;
+        let mut times = Vec::new();
+        let mut data_mib = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let s = rt.snapshot(&vm.id, None).await?;
+            times.push(ms(t.elapsed()));
+            data_mib = s
+                .ram
+                .as_ref()
+                .and_then(|r| std::fs::metadata(r).ok())
+                .map_or(0, |m| {
+                    (std::os::unix::fs::MetadataExt::blocks(&m) * 512) >> 20
+                });
+            rt.delete_snapshot(&s.id).await?;
+        }
+        println!(
+            "capture of an idle {m}: p50 {:>7.1} ms (RAM file {data_mib} MiB of data)",
+            percentile(&mut times, 0.5)
+        );
+        rt.delete(&vm.id).await?;
+    }
 
     // Many at once: all must succeed.
     let (all, ok, failed) = at_once(&rt, (0..wide).map(|_| machine()).collect()).await;
