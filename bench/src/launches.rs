@@ -61,6 +61,12 @@ async fn at_once(rt: &Arc<Runtime>, reqs: Vec<CreateVm>) -> (f64, Vec<String>, V
 
 /// CPU time (ms) of process `pid` so far (utime + stime).
 fn cpu_ms_of(pid: &str) -> f64 {
+    let (user, sys) = user_sys_ms_of(pid);
+    user + sys
+}
+
+/// (utime, stime) in ms of process `pid` so far.
+fn user_sys_ms_of(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces), 1-based 14 and 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -68,7 +74,7 @@ fn cpu_ms_of(pid: &str) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) * 1000.0 / hz
+    (ticks(11) * 1000.0 / hz, ticks(12) * 1000.0 / hz)
 }
 
 /// CPU time (ms) of this process's reaped children (qemu-img, ip, nft, ...).
@@ -145,11 +151,12 @@ async fn main() -> anyhow::Result<()> {
         let (own0, kids0) = (cpu_ms_of("self"), children_cpu_ms());
         let (all, ok, failed) = at_once(&rt, (0..n).map(|_| machine()).collect()).await;
         let (own, kids) = (cpu_ms_of("self") - own0, children_cpu_ms() - kids0);
-        let qemu: f64 = ok
+        let (qemu_user, qemu_sys) = ok
             .iter()
             .filter_map(|id| rt.get(id).ok().and_then(|v| v.pid))
-            .map(|pid| cpu_ms_of(&pid.to_string()))
-            .sum();
+            .map(|pid| user_sys_ms_of(&pid.to_string()))
+            .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds));
+        let qemu = qemu_user + qemu_sys;
         let per = (own + kids + qemu) / n as f64;
         println!(
             "{n:>2} concurrent launches:      all running in {all:>8.1} ms | ratio {:.2}x of one (target for 10: <= 3x) | failed {}",
@@ -157,8 +164,10 @@ async fn main() -> anyhow::Result<()> {
             failed.len()
         );
         println!(
-            "   CPU per launch {per:.1} ms (QEMU {:.1}, worker {:.1}, helpers {:.1}); {n} x that on 2 cores = {:.1} ms = {:.2}x of one",
+            "   CPU per launch {per:.1} ms (QEMU {:.1} = user {:.1} + system {:.1}, worker {:.1}, helpers {:.1}); {n} x that on 2 cores = {:.1} ms = {:.2}x of one",
             qemu / n as f64,
+            qemu_user / n as f64,
+            qemu_sys / n as f64,
             own / n as f64,
             kids / n as f64,
             per * n as f64 / 2.0,
