@@ -36,3 +36,37 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// Log to stderr at `RUST_LOG` (default `warn`).
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+}
+
+/// A runtime config on a fresh data dir `<tmp>/fastvm-bench-<name>-<pid>`
+/// (to be removed by [`Cleanup`]) using the shared guest image cache
+/// (`FASTVM_TEST_IMAGES`, default `/var/tmp/fastvm-test-images`).
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
+pub fn bench_config(name: &str) -> (PathBuf, fastvm_worker::RuntimeConfig) {
+    let data = std::env::temp_dir().join(format!("fastvm-bench-{name}-{}", std::process::id()));
+    let mut cfg = fastvm_worker::RuntimeConfig::new(&data);
+    cfg.image_dir = Some(
+        std::env::var_os("FASTVM_TEST_IMAGES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
+    );
+    (data, cfg)
+}
+
+/// A field of `/proc/<pid>/smaps_rollup` (e.g. `"Pss:"`) in MiB.
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
+pub fn rollup_mib(pid: u32, field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+}

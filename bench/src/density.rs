@@ -26,9 +26,8 @@ mod common;
 
 use common::{ms, percentile, Cleanup};
 use fastvm_worker::runtime::CreateVm;
-use fastvm_worker::{ExecRequest, Runtime, RuntimeConfig};
+use fastvm_worker::{ExecRequest, Runtime};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Host memory kept free: launching stops before MemAvailable goes below.
@@ -115,16 +114,6 @@ fn thread_cpu(pid: u32) -> BTreeMap<u32, u64> {
         }
     }
     out
-}
-
-/// A field of `/proc/<pid>/smaps_rollup` in MiB.
-fn rollup(pid: u32, field: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
 }
 
 fn mem_available_mib() -> u64 {
@@ -285,18 +274,10 @@ fn print_window(label: &str, w: &Window, n: usize) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
+    common::init_tracing();
     let args = parse_args()?;
-    let data = std::env::temp_dir().join(format!("fastvm-bench-density-{}", std::process::id()));
+    let (data, mut cfg) = common::bench_config("density");
     let _cleanup = Cleanup(data.clone());
-    let mut cfg = RuntimeConfig::new(&data);
-    cfg.image_dir = Some(
-        std::env::var_os("FASTVM_TEST_IMAGES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
-    );
     if !args.net {
         cfg.network = None;
     }
@@ -376,8 +357,8 @@ async fn main() -> anyhow::Result<()> {
     print_window(&format!("N={n}"), &wn, n);
     let (mut pss, mut rss) = (Vec::new(), Vec::new());
     for &p in &pids {
-        pss.push(rollup(p, "Pss:").unwrap_or(f64::NAN));
-        rss.push(rollup(p, "Rss:").unwrap_or(f64::NAN));
+        pss.push(common::rollup_mib(p, "Pss:").unwrap_or(f64::NAN));
+        rss.push(common::rollup_mib(p, "Rss:").unwrap_or(f64::NAN));
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let mem_after = mem_available_mib();

@@ -17,26 +17,17 @@ mod common;
 use bytes::Bytes;
 use common::{ms, percentile, Cleanup};
 use fastvm_worker::runtime::CreateVm;
-use fastvm_worker::{ExecEvent, ExecRequest, Runtime, RuntimeConfig};
-use std::path::PathBuf;
+use fastvm_worker::{ExecEvent, ExecRequest, Runtime};
 use std::time::Instant;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
+    common::init_tracing();
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(100);
     let mib: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(64);
-    let data = std::env::temp_dir().join(format!("fastvm-bench-exec-{}", std::process::id()));
+    let (data, mut cfg) = common::bench_config("exec");
     let _cleanup = Cleanup(data.clone());
-    let mut cfg = RuntimeConfig::new(&data);
-    cfg.image_dir = Some(
-        std::env::var_os("FASTVM_TEST_IMAGES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
-    );
     cfg.network = None;
     let rt = Runtime::open(cfg).await?;
     let vm = rt

@@ -19,8 +19,7 @@ mod common;
 
 use common::{ms, percentile, Cleanup};
 use fastvm_worker::runtime::CreateVm;
-use fastvm_worker::{ExecRequest, Runtime, RuntimeConfig};
-use std::path::PathBuf;
+use fastvm_worker::{ExecRequest, Runtime};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,19 +88,13 @@ fn children_cpu_ms() -> f64 {
 
 /// Mean PSS (MiB) of the QEMUs of `ids`.
 fn mean_pss(rt: &Runtime, ids: &[String]) -> f64 {
-    let mut total = 0.0;
-    for id in ids {
-        let pid = rt.get(id).ok().and_then(|v| v.pid).unwrap_or(0);
-        let rollup =
-            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-        total += rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-            / 1024.0;
-    }
+    let total: f64 = ids
+        .iter()
+        .map(|id| {
+            let pid = rt.get(id).ok().and_then(|v| v.pid).unwrap_or(0);
+            common::rollup_mib(pid, "Pss:").unwrap_or(f64::NAN)
+        })
+        .sum();
     total / ids.len().max(1) as f64
 }
 
@@ -114,21 +107,12 @@ async fn delete_all(rt: &Runtime, ids: Vec<String>) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
+    common::init_tracing();
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
     let wide: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let data: PathBuf =
-        std::env::temp_dir().join(format!("fastvm-bench-launches-{}", std::process::id()));
+    let (data, cfg) = common::bench_config("launches");
     let _cleanup = Cleanup(data.clone());
-    let mut cfg = RuntimeConfig::new(&data);
-    cfg.image_dir = Some(
-        std::env::var_os("FASTVM_TEST_IMAGES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/tmp/fastvm-test-images".into()),
-    );
     let rt: Arc<Runtime> = Runtime::open(cfg).await?;
     rt.golden_snapshot("c1m2").await?;
     println!(

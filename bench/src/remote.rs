@@ -68,9 +68,7 @@ fn line(what: &str, local: &mut [f64], remote: &mut [f64]) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
+    common::init_tracing();
     let mut args = std::env::args().skip(1);
     let launches: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
     let execs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(100);
