@@ -23,7 +23,6 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::fleet::Affinity;
-use crate::lifecycle::set_status;
 use crate::quotas::VmShape;
 use crate::store::{now_ms, VmRecord};
 use crate::worker::{MachineType, VmSpec};
@@ -149,8 +148,7 @@ impl AppState {
 /// env vars, firewall, services and TTL, `provisioning`.
 fn copy_of(source: &VmRecord, i: u32) -> VmRecord {
     let id = VmId::new_v4();
-    let now = now_ms();
-    let mut r = VmRecord {
+    VmRecord {
         id,
         org_id: source.org_id,
         worker_id: source.worker_id.clone(),
@@ -168,14 +166,11 @@ fn copy_of(source: &VmRecord, i: u32) -> VmRecord {
         ttl: source.ttl,
         expires_at_ms: None,
         ttl_remaining_ms: None,
-        created_at_ms: now,
+        created_at_ms: now_ms(),
         paused_at_ms: None,
         deleted_at_ms: None,
         version: 0,
         public_ipv6: None,
         services: source.services.clone(),
-    };
-    // Provisioning has no TTL bookkeeping yet; running starts the cycle.
-    set_status(&mut r, VmStatus::Provisioning, now);
-    r
+    }
 }

@@ -38,7 +38,6 @@
 //! whole stream. Pages of the RAM block are written in runs of up to
 //! [`RUN_BYTES`]; zero pages leave holes.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -121,7 +120,7 @@ pub fn split(
         written: vec![0u64; (ram_len as usize / PAGE).div_ceil(64)],
         stats: SplitStats::default(),
         ignore_shared: false,
-        blocks: HashMap::new(),
+        saw_ram_block: false,
         last_in: None,
         last_out: None,
         ram_section: None,
@@ -158,8 +157,8 @@ struct Splitter<'a, R: Read, W: Write> {
     stats: SplitStats,
     /// `x-ignore-shared` is on (the MEM_SIZE records carry each block's address).
     ignore_shared: bool,
-    /// Block name -> length, from MEM_SIZE.
-    blocks: HashMap<String, u64>,
+    /// MEM_SIZE named the RAM block.
+    saw_ram_block: bool,
     /// The block of the last page read / written (CONTINUE refers to it).
     last_in: Option<String>,
     last_out: Option<String>,
@@ -391,9 +390,9 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
             left = left
                 .checked_sub(len)
                 .map_or_else(|| unsupported("block sizes exceed the total"), Ok)?;
-            self.blocks.insert(name, len);
+            self.saw_ram_block |= name == RAM_BLOCK;
         }
-        if !self.blocks.contains_key(RAM_BLOCK) {
+        if !self.saw_ram_block {
             return unsupported("no RAM block named \"ram\"");
         }
         Ok(())
