@@ -6,9 +6,16 @@
 //!
 //! Hosts: namespace i has a veth to the root namespace, 198.19.250.(4i+2)/30
 //! inside and 198.19.250.(4i+1)/30 outside (198.18.0.0/15 is the benchmarking range;
-//! not 192.0.2.0/24, which some of our machines use for their uplink), and a default route out; the control
-//! planes listen on 0.0.0.0 and workers reach them at 198.19.250.1; moto
-//! listens on 0.0.0.0 too so workers can reach the snapshot store.
+//! not 192.0.2.0/24, which some of our machines use for their uplink), and a default route out.
+//! The control planes call workers at their namespace address (a connection
+//! out of the root namespace). Workers reach the control plane and moto at
+//! `127.0.0.1:<port>` of their own namespace, relayed by this test to the same
+//! port on the root namespace's loopback ([`LoopbackRelay`]): no connection
+//! ever enters the root namespace from a veth, so a host firewall that drops
+//! new inbound connections (as CI machines may have) or an HTTP proxy in the
+//! environment (removed from every child's environment too) cannot cut the
+//! cluster apart. The snapshot store's endpoint, which the control plane hands
+//! to the workers, is therefore `http://127.0.0.1:<moto>` for all of them.
 //!
 //! Needs root, QEMU, `FASTVM_BIN` (the release `fastvm`), PostgreSQL
 //! (`FASTVM_TEST_PG_URL`, scripts/start-postgres) and moto
@@ -18,11 +25,26 @@ use fastvm_e2e::{block_on, data_dir, image_cache, json_call, start_moto, Moto};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUCKET: &str = "fastvm-cluster";
+/// Proxy settings a CI environment may carry: the cluster's own traffic is
+/// local, so no child process gets them.
+const PROXY_ENV: [&str; 6] = [
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+];
 const SECRET_ENV: [(&str, &str); 2] = [
     ("FASTVM_S3_ACCESS_KEY_ID", "testing"),
     ("FASTVM_S3_SECRET_ACCESS_KEY", "testing-secret"),
@@ -57,6 +79,9 @@ struct Host {
     ns: String,
     /// Address of the host inside its namespace.
     inside: String,
+    /// Loopback ports of the root namespace (control plane, moto) reachable
+    /// at the same port on the namespace's loopback.
+    relays: Vec<LoopbackRelay>,
 }
 
 impl Host {
@@ -77,8 +102,86 @@ impl Host {
              ip -n {ns} addr add {inside}/30 dev {veth_in} && ip -n {ns} link set {veth_in} up && \
              ip -n {ns} link set lo up && ip -n {ns} route add default via {out}"
         ));
-        Host { ns, inside }
+        Host {
+            ns,
+            inside,
+            relays: Vec::new(),
+        }
     }
+
+    /// Makes `127.0.0.1:port` of the root namespace reachable at
+    /// `127.0.0.1:port` inside this host's namespace.
+    fn relay(&mut self, port: u16) {
+        self.relays.push(LoopbackRelay::start(&self.ns, port));
+    }
+}
+
+/// A TCP relay from `127.0.0.1:port` inside a network namespace to
+/// `127.0.0.1:port` of the test's own namespace. The listening socket is
+/// created by a thread that entered the namespace (a socket stays in the
+/// namespace it was made in); the accept loop and the outgoing connections
+/// run in threads of the root namespace. Stops accepting when dropped.
+struct LoopbackRelay {
+    stop: Arc<AtomicBool>,
+}
+
+impl LoopbackRelay {
+    fn start(ns: &str, port: u16) -> LoopbackRelay {
+        let target = std::fs::File::open(format!("/run/netns/{ns}")).expect("open the namespace");
+        let listener = std::thread::spawn(move || {
+            // SAFETY: setns on a valid, open namespace fd; it changes only the
+            // network namespace of this short-lived thread, which ends right
+            // after binding (no other code runs on it).
+            let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            TcpListener::bind(("127.0.0.1", port))
+        })
+        .join()
+        .expect("relay bind thread")
+        .unwrap_or_else(|e| panic!("relay listener on 127.0.0.1:{port} in {ns}: {e}"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inner, _)) => {
+                        let _ = inner.set_nonblocking(false);
+                        match TcpStream::connect(("127.0.0.1", port)) {
+                            Ok(outer) => pipe(inner, outer),
+                            Err(_) => drop(inner),
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        LoopbackRelay { stop }
+    }
+}
+
+impl Drop for LoopbackRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies both directions between two connected sockets until each side ends.
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let one_way = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    };
+    one_way(a, b2);
+    one_way(b, a2);
 }
 
 impl Drop for Host {
@@ -100,6 +203,9 @@ impl Proc {
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
             .env("RUST_LOG", "info");
+        for var in PROXY_ENV {
+            cmd.env_remove(var);
+        }
         let child = cmd.spawn().expect("spawn");
         Proc { child, log }
     }
@@ -135,6 +241,13 @@ struct ControlPlane {
     dir: PathBuf,
 }
 
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
@@ -156,7 +269,7 @@ fn start_control_plane(
     cmd.args([
         "serve",
         "--listen",
-        &format!("0.0.0.0:{port}"),
+        &format!("127.0.0.1:{port}"),
         "--database-url",
         db_url,
     ])
@@ -167,7 +280,7 @@ fn start_control_plane(
     ])
     .args([
         "--s3-endpoint",
-        &format!("http://198.19.250.1:{moto_port}"),
+        &format!("http://127.0.0.1:{moto_port}"),
         "--s3-region",
         "us-east-1",
     ])
@@ -219,7 +332,7 @@ fn start_worker(bin: &Path, cp: &ControlPlane, host: &Host, dir: &Path, i: u32) 
         .args([
             "worker",
             "--control-url",
-            &format!("http://198.19.250.1:{cp_port}"),
+            &format!("http://127.0.0.1:{cp_port}"),
         ])
         .arg("--token-file")
         .arg(cp.dir.join("worker-token"))
@@ -328,7 +441,7 @@ fn three_workers_one_control_plane_and_failures() {
     let Some(pg) = needed("FASTVM_TEST_PG_URL") else {
         return;
     };
-    let Some(moto) = start_moto("0.0.0.0", &[BUCKET]) else {
+    let Some(moto) = start_moto("127.0.0.1", &[BUCKET]) else {
         return;
     };
     // A database of its own.
@@ -355,7 +468,9 @@ fn three_workers_one_control_plane_and_failures() {
     let cp2 = start_control_plane(&bin, "cp2", &db_url, &moto, Some(cp2_dir));
     let mut hosts: Vec<WorkerHost> = (0..3)
         .map(|i| {
-            let host = Host::new(i);
+            let mut host = Host::new(i);
+            host.relay(port_of(&cp.url));
+            host.relay(port_of(&moto.endpoint));
             let dir = data_dir(&format!("worker{i}"));
             let proc = start_worker(&bin, &cp, &host, &dir, i);
             WorkerHost {
@@ -379,8 +494,9 @@ fn three_workers_one_control_plane_and_failures() {
                     .filter_map(|h| h.proc.as_ref().map(Proc::tail))
                     .collect();
                 panic!(
-                    "3 ready workers: {w:#?}\nworker logs:\n{}",
-                    logs.join("\n-----\n")
+                    "3 ready workers: {w:#?}\nworker logs:\n{}\ncontrol plane log:\n{}",
+                    logs.join("\n-----\n"),
+                    cp._proc.tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

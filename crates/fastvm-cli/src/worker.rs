@@ -222,7 +222,9 @@ impl Control {
                     let status = r.status();
                     format!("{status}: {}", r.text().await.unwrap_or_default())
                 }
-                Err(e) => e.to_string(),
+                // The whole chain: reqwest's own message hides the cause
+                // (timed out, refused, no route).
+                Err(e) => format!("{:#}", anyhow::Error::new(e)),
             };
             if !logged {
                 tracing::warn!(control = %self.base, error = %outcome, "registration failed; retrying every 2 s");
