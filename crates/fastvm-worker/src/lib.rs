@@ -35,6 +35,7 @@ pub mod qmp;
 pub mod runtime;
 pub mod snapshot_store;
 pub mod timeouts;
+pub mod volumes;
 
 pub use accel::Accel;
 pub use catalog::MachineType;
