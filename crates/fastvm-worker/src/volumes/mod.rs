@@ -64,6 +64,18 @@ impl VolumeStore {
     pub fn open(data_dir: &Path) -> io::Result<VolumeStore> {
         let dir = data_dir.join("volumes");
         std::fs::create_dir_all(&dir)?;
+        // Volumes need file handles (name_to_handle_at): ext4, xfs, btrfs
+        // and tmpfs give them, overlayfs without nfs_export does not.
+        sys::kernel_handle(std::os::fd::AsFd::as_fd(&sys::open_dir_path(&dir)?)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} cannot hold volumes: its file system gives no usable file handles ({e}); \
+                     put the data dir on ext4, xfs, btrfs or tmpfs",
+                    dir.display()
+                ),
+            )
+        })?;
         let key_path = dir.join("handle.key");
         let key = match std::fs::read(&key_path) {
             Ok(k) if k.len() == 32 => k,
