@@ -35,6 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUCKET: &str = "fastvm-cluster";
+/// One client for the whole test: building one loads the CA bundle, which
+/// in a debug build costs a core for a good part of a second each time.
+static CLIENT: std::sync::LazyLock<Client> = std::sync::LazyLock::new(Client::new);
 /// Proxy settings a CI environment may carry: the cluster's own traffic is
 /// local, so no child process gets them.
 const PROXY_ENV: [&str; 6] = [
@@ -291,7 +294,7 @@ fn start_control_plane(
     let proc = Proc::spawn(cmd, dir.join("server.log"));
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !block_on(Client::new().get(format!("{url}/healthz")).send())
+    while !block_on(CLIENT.get(format!("{url}/healthz")).send())
         .is_ok_and(|r| r.status().is_success())
     {
         assert!(
@@ -360,7 +363,7 @@ async fn call(
     body: Option<Value>,
 ) -> (StatusCode, Value) {
     json_call(
-        &Client::new(),
+        &CLIENT,
         format!("{}{path}", cp.url),
         Some(&cp.key),
         method,

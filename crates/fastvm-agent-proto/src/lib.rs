@@ -82,15 +82,20 @@ use std::collections::BTreeMap;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version of this protocol; exchanged in [`Control::Hello`] / [`Control::HelloAck`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Oldest agent protocol a host still talks to (v1: no PTYs).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// First protocol version with [`PtySpec`] and [`Control::Resize`].
 pub const PTY_PROTOCOL_VERSION: u32 = 2;
 /// First protocol version with [`Control::Connect`].
 pub const CONNECT_PROTOCOL_VERSION: u32 = 3;
+/// First protocol version with [`Control::Mount`] and [`Control::Unmount`].
+pub const MOUNT_PROTOCOL_VERSION: u32 = 4;
 /// Longest host name a [`Control::Connect`] may carry (a DNS name's limit).
 pub const MAX_CONNECT_HOST: usize = 253;
+/// Start of the `Error` message of an [`Control::Unmount`] refused because
+/// the file system is in use.
+pub const UNMOUNT_BUSY: &str = "busy:";
 /// Resynchronisation marker; followed by an 8-byte nonce.
 pub const SYNC_MAGIC: [u8; 8] = *b"FVMSYNC1";
 const SYNC_LEN: usize = SYNC_MAGIC.len() + 8;
@@ -211,6 +216,21 @@ pub enum Control {
     /// `host:port` (an IP address or a name the guest resolves) and carry its
     /// bytes on this stream; answered with `Ok` or `Error` (see the module docs).
     Connect { host: String, port: u16 },
+    /// Host -> guest (v4): mount `source` (file system type `fstype`, kernel
+    /// mount options `options`) at `target`, an absolute path the agent
+    /// creates if missing; answered with `Ok` or `Error`.
+    Mount {
+        source: String,
+        target: String,
+        fstype: String,
+        options: String,
+        read_only: bool,
+    },
+    /// Host -> guest (v4): unmount `target`. Not `lazy`: a file system in
+    /// use is refused with an `Error` whose message starts with
+    /// [`UNMOUNT_BUSY`]; `lazy`: detached at once, freed when the last user
+    /// is done. Nothing mounted there: `Ok`.
+    Unmount { target: String, lazy: bool },
     /// Host -> guest: the host gave up on this stream (client went away):
     /// kill its process group and drop its remaining output. No Exit follows.
     Cancel,

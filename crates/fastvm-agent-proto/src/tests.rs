@@ -175,7 +175,7 @@ fn bad_control_json_keeps_sync() {
 /// Schema snapshot: the JSON of control messages is the cross-version contract.
 /// Changing it requires bumping PROTOCOL_VERSION and updating this test.
 /// v2 added `exec.pty` (absent when unused, so v1 execs are byte-identical)
-/// and `resize`; v3 added `connect`.
+/// and `resize`; v3 added `connect`; v4 added `mount` and `unmount`.
 #[test]
 fn control_schema_snapshot() {
     assert_eq!(
@@ -183,9 +183,10 @@ fn control_schema_snapshot() {
             PROTOCOL_VERSION,
             MIN_PROTOCOL_VERSION,
             PTY_PROTOCOL_VERSION,
-            CONNECT_PROTOCOL_VERSION
+            CONNECT_PROTOCOL_VERSION,
+            MOUNT_PROTOCOL_VERSION
         ),
-        (3, 1, 2, 3)
+        (4, 1, 2, 3, 4)
     );
     let cases: Vec<(Control, &str)> = vec![
         (
@@ -271,6 +272,23 @@ fn control_schema_snapshot() {
                 port: 8080,
             },
             r#"{"type":"connect","host":"127.0.0.1","port":8080}"#,
+        ),
+        (
+            Control::Mount {
+                source: "10.0.0.1:/vol_x".into(),
+                target: "/mnt/x".into(),
+                fstype: "nfs".into(),
+                options: "vers=3".into(),
+                read_only: true,
+            },
+            r#"{"type":"mount","source":"10.0.0.1:/vol_x","target":"/mnt/x","fstype":"nfs","options":"vers=3","read_only":true}"#,
+        ),
+        (
+            Control::Unmount {
+                target: "/mnt/x".into(),
+                lazy: false,
+            },
+            r#"{"type":"unmount","target":"/mnt/x","lazy":false}"#,
         ),
         (Control::Cancel, r#"{"type":"cancel"}"#),
         (Control::Ping, r#"{"type":"ping"}"#),

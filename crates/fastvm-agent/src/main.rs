@@ -19,6 +19,7 @@
 mod config;
 mod exec;
 mod init;
+mod mount;
 mod port;
 mod pty;
 mod reaper;

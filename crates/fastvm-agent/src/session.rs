@@ -171,6 +171,15 @@ async fn register(shared: &Arc<Shared>, stream: u32, handle: StreamHandle) -> bo
     !duplicate
 }
 
+/// `Ok`, or `Error` with the message.
+async fn answer(shared: &Arc<Shared>, stream: u32, done: Result<(), String>) {
+    let msg = match done {
+        Ok(()) => Control::Ok,
+        Err(message) => Control::Error { message },
+    };
+    reply(shared, stream, msg).await;
+}
+
 async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
     match msg {
         Control::Hello { version, nonce } => {
@@ -286,6 +295,35 @@ async fn handle_control(shared: &Arc<Shared>, stream: u32, msg: Control) {
             }
         }
         Control::Ping => reply(shared, stream, Control::Ok).await,
+        Control::Mount {
+            source,
+            target,
+            fstype,
+            options,
+            read_only,
+        } => {
+            // mount(2) of a network file system can block for seconds: off
+            // the session loop, answered when done.
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let done = tokio::task::spawn_blocking(move || {
+                    crate::mount::mount(&source, &target, &fstype, &options, read_only)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("mount task: {e}")));
+                answer(&shared, stream, done).await;
+            });
+        }
+        Control::Unmount { target, lazy } => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let done =
+                    tokio::task::spawn_blocking(move || crate::mount::unmount(&target, lazy))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("unmount task: {e}")));
+                answer(&shared, stream, done).await;
+            });
+        }
         Control::Shutdown { reboot } => {
             reply(shared, stream, Control::Ok).await;
             // Give the writer thread a moment to flush the answer.

@@ -148,7 +148,13 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    // The volume NFS library logs every guest connection (info) and every
+    // refused write (error): a guest would choose how much we log. Silenced
+    // unless RUST_LOG names it.
+    if !filter.contains("nfs3_server") {
+        filter.push_str(",nfs3_server=off");
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -49,7 +49,8 @@ use bytes::{Bytes, BytesMut};
 pub use fastvm_agent_proto::PtySpec;
 use fastvm_agent_proto::{
     Control, ExecSpec, Fd, Frame, FrameCodec, GuestConfig, CONNECT_PROTOCOL_VERSION, DATA_CHUNK,
-    MAX_CONNECT_HOST, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PTY_PROTOCOL_VERSION, STREAM_WINDOW,
+    MAX_CONNECT_HOST, MIN_PROTOCOL_VERSION, MOUNT_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    PTY_PROTOCOL_VERSION, STREAM_WINDOW, UNMOUNT_BUSY,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::{HashMap, VecDeque};
@@ -683,6 +684,18 @@ impl AgentClient {
 
     /// Send a one-shot request and wait for its Ok/Error answer.
     async fn request(&self, msg: Control, timeout: Duration) -> Result<()> {
+        self.request_answer(msg, timeout)
+            .await?
+            .map_err(|message| Error::Protocol(format!("agent refused: {message}")))
+    }
+
+    /// Like [`AgentClient::request`], with the agent's refusal (its `Error`
+    /// message) as the inner `Err`.
+    async fn request_answer(
+        &self,
+        msg: Control,
+        timeout: Duration,
+    ) -> Result<std::result::Result<(), String>> {
         let (id, mut rx) = self.open_stream(Kind::Request, None)?;
         let result = async {
             self.send(Frame::Control { stream: id, msg }).await?;
@@ -691,10 +704,8 @@ impl AgentClient {
                     "no answer within {timeout:?}"
                 ))),
                 Ok(None) => Err(Error::AgentUnavailable("connection closed".into())),
-                Ok(Some(Incoming::Control(Control::Ok))) => Ok(()),
-                Ok(Some(Incoming::Control(Control::Error { message }))) => {
-                    Err(Error::Protocol(format!("agent refused: {message}")))
-                }
+                Ok(Some(Incoming::Control(Control::Ok))) => Ok(Ok(())),
+                Ok(Some(Incoming::Control(Control::Error { message }))) => Ok(Err(message)),
                 Ok(Some(Incoming::Closed(reason))) => Err(Error::AgentUnavailable(reason)),
                 Ok(Some(Incoming::Violation(reason))) => Err(Error::Protocol(reason)),
                 Ok(Some(_)) => Err(Error::Protocol("unexpected answer".into())),
@@ -742,6 +753,64 @@ impl AgentClient {
         }
     }
 
+    /// Mount `source` at `target` in the guest (see [`Control::Mount`]).
+    pub async fn mount(
+        &self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        options: &str,
+        read_only: bool,
+    ) -> Result<()> {
+        self.mount_supported()?;
+        let msg = Control::Mount {
+            source: source.to_owned(),
+            target: target.to_owned(),
+            fstype: fstype.to_owned(),
+            options: options.to_owned(),
+            read_only,
+        };
+        self.request_answer(msg, MOUNT_TIMEOUT)
+            .await?
+            .map_err(|m| Error::Volume(format!("the guest could not mount it: {m}")))
+    }
+
+    /// Unmount `target` in the guest. In use: detached lazily (the processes
+    /// using it keep it until they let go) and `Ok(Some(why))`.
+    pub async fn unmount(&self, target: &str) -> Result<Option<String>> {
+        self.mount_supported()?;
+        let first = Control::Unmount {
+            target: target.to_owned(),
+            lazy: false,
+        };
+        match self.request_answer(first, MOUNT_TIMEOUT).await? {
+            Ok(()) => Ok(None),
+            Err(m) if m.starts_with(UNMOUNT_BUSY) => {
+                let lazy = Control::Unmount {
+                    target: target.to_owned(),
+                    lazy: true,
+                };
+                self.request_answer(lazy, MOUNT_TIMEOUT)
+                    .await?
+                    .map_err(|m| Error::Volume(format!("the guest could not unmount it: {m}")))?;
+                Ok(Some(m[UNMOUNT_BUSY.len()..].trim().to_owned()))
+            }
+            Err(m) => Err(Error::Volume(format!(
+                "the guest could not unmount it: {m}"
+            ))),
+        }
+    }
+
+    fn mount_supported(&self) -> Result<()> {
+        if self.inner.info.version < MOUNT_PROTOCOL_VERSION {
+            return Err(Error::Volume(format!(
+                "the agent in this VM speaks protocol v{} and cannot mount volumes (v{MOUNT_PROTOCOL_VERSION} can); a VM launched from a current image can",
+                self.inner.info.version
+            )));
+        }
+        Ok(())
+    }
+
     /// Start a process; its output and exit come from the returned stream.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecStream> {
         if spec.pty.is_some() && self.inner.info.version < PTY_PROTOCOL_VERSION {
@@ -774,6 +843,10 @@ impl AgentClient {
         Ok(stream)
     }
 }
+
+/// How long the guest may take to mount or unmount a volume (an NFS mount
+/// that cannot reach its server gives up well before).
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes buffered in the in-memory pipe of a guest TCP connection, per direction.
 const TCP_PIPE_BUFFER: usize = 2 * DATA_CHUNK;

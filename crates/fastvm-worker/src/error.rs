@@ -21,6 +21,10 @@ pub enum Error {
     AgentUnavailable(String),
     #[error("guest agent protocol violation: {0}")]
     Protocol(String),
+    /// A volume operation failed (no such volume on this host, the guest
+    /// could not mount it, ...); the message says which and why.
+    #[error("{0}")]
+    Volume(String),
     #[error("invalid exec request: {0}")]
     InvalidExec(String),
     /// The VM has [`crate::agent::MAX_STREAMS`] execs and guest connections open.

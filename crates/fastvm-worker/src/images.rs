@@ -56,6 +56,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "virtio-rng",
+    // Volumes: the worker serves them over NFSv3 (crate::volumes); nfsv3
+    // brings nfs, sunrpc, lockd, grace, fscache and netfs.
+    "nfsv3",
 ];
 
 /// One progress line of a build ("[rootfs] ...").
@@ -382,7 +385,9 @@ impl ImageStore {
             })?
             .to_owned();
         let key = format!("kernel-{package}-v1");
-        let mods_key = format!("{key}-modules");
+        // The selection is part of the key: a new module list builds a new set.
+        let selection = hex::encode(&Sha256::digest(GUEST_MODULES.join(",").as_bytes())[..6]);
+        let mods_key = format!("{key}-modules-{selection}");
         if let (Some(k), Some(m)) = (self.lookup(&key), self.lookup(&mods_key)) {
             let dir = m.with_extension("d");
             if dir.join("modules.order").exists() {

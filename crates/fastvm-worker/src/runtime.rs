@@ -21,6 +21,10 @@
 //! `net.json` (network slot and firewall policy, see [`crate::net`]). [`Runtime::open`] walks these directories and re-adopts
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
+mod volumes;
+
+use volumes::VmVolumes;
+
 use crate::accel::{self, Accel, AccelChoice};
 use crate::agent::{AgentClient, ExecStream};
 use crate::catalog::MachineType;
@@ -191,6 +195,8 @@ struct Vm {
     /// The firewall policy the VM's ruleset and resolver are known to
     /// enforce; `None` when unknown (a push failed half-way, no network).
     enforced: Mutex<Option<FirewallPolicy>>,
+    /// Its volume export and mounts, once a volume was attached (volumes.rs).
+    volumes: tokio::sync::Mutex<Option<VmVolumes>>,
 }
 
 impl Vm {
@@ -323,6 +329,8 @@ pub struct Runtime {
     fetch_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// See [`Runtime::store_fetches`].
     store_fetches: std::sync::atomic::AtomicU64,
+    /// Volumes of this host, or why there can be none (volumes.rs).
+    volumes: std::result::Result<Arc<crate::volumes::VolumeStore>, String>,
 }
 
 impl Runtime {
@@ -377,6 +385,12 @@ impl Runtime {
             Some(n) => Some(Network::open(n, &cfg.data_dir).await?),
             None => None,
         };
+        let volumes = crate::volumes::VolumeStore::open(&cfg.data_dir)
+            .map(Arc::new)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "volumes are not available on this host");
+                e.to_string()
+            });
         let rt = Arc::new(Runtime {
             net,
             cfg,
@@ -394,6 +408,7 @@ impl Runtime {
             store: Default::default(),
             fetch_locks: Default::default(),
             store_fetches: Default::default(),
+            volumes,
         });
         rt.adopt_all().await?;
         Ok(rt)
@@ -467,6 +482,7 @@ impl Runtime {
                 op: Default::default(),
                 enforced: Mutex::new(net.as_ref().map(|n| n.policy())),
                 net: Mutex::new(net),
+                volumes: Default::default(),
             });
             if let Some(p) = process {
                 self.watch(vm.clone(), p);
@@ -774,6 +790,7 @@ impl Runtime {
             op: Default::default(),
             enforced: Mutex::new(net.as_ref().map(|n| n.policy())),
             net: Mutex::new(net),
+            volumes: Default::default(),
         });
         if let Err(e) = vm.save() {
             let _ = std::fs::remove_dir_all(&vm.paths.dir);
@@ -1182,6 +1199,8 @@ impl Runtime {
             p.kill().await?;
         }
         *vm.agent.lock().await = None;
+        // Stops the VM's volume server (its volumes stay, for other VMs).
+        *vm.volumes.lock().await = None;
         if let (Some(network), Some(net)) =
             (&self.net, vm.net.lock().ok().and_then(|mut n| n.take()))
         {

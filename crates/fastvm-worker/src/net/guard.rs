@@ -14,7 +14,8 @@
 //!     set deny4 / deny6  169.254.0.0/16, fe80::/10, fd00:ec2::254, loopback, the VM pool
 //!                        and prefix (other VMs) and the operator's deny list
 //!     chain input   (hook, priority filter - 10)  from tap0: DNS to the
-//!                   resolver (gateway IPv4, port 53) and ICMP; the rest refused
+//!                   resolver (gateway IPv4, port 53), the volume NFS server
+//!                   (gateway IPv4, TCP 2049) and ICMP; the rest refused
 //!     chain forward (hook, priority filter - 10)  from tap0, new connections:
 //!                   the exposed host endpoints pass (to the user firewall),
 //!                   daddr in deny4/deny6 refused
@@ -42,6 +43,7 @@
 //! leave the tap's link, and the namespace accepts only DNS and ICMP.
 
 use super::addr::{Addressing, HOST_VETH_PREFIX, TAP};
+use crate::volumes::NFS_PORT;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -157,6 +159,7 @@ pub fn render_vm(a: &Addressing, cfg: &GuardConfig, pool: Ipv4Net, prefix: Ipv6N
          chain input {{\n    type filter hook input priority filter - 10; policy accept;\n    \
          iifname != \"{TAP}\" accept\n    ct state established,related accept\n    \
          ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept\n    \
+         ip daddr {gw} tcp dport {NFS_PORT} accept\n    \
          meta l4proto {{ icmp, ipv6-icmp }} accept\n    goto refuse\n  }}\n  \
          chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n    \
          iifname != \"{TAP}\" accept\n    ct state established,related accept\n{exposed}    \
@@ -288,7 +291,13 @@ mod tests {
             s.contains("ip daddr 10.200.0.25 meta l4proto { tcp, udp } th dport 53 accept"),
             "{s}"
         );
-        assert!(!s.contains("tcp dport"), "no exposed endpoint: {s}");
+        // The volume NFS server on the gateway is the only TCP port open to the guest.
+        let nfs = "ip daddr 10.200.0.25 tcp dport 2049 accept";
+        assert!(s.contains(nfs), "{s}");
+        assert!(
+            !s.replace(nfs, "").contains("tcp dport"),
+            "no exposed endpoint: {s}"
+        );
         // Narrowed: the fixed ranges and the VM pool/prefix stay. Exposed
         // endpoints pass before the deny sets.
         let narrow = GuardConfig {

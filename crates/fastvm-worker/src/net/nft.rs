@@ -7,7 +7,7 @@
 //!    set fq<i>_4 / fq<i>_6     one pair per fqdn egress rule i (flags timeout),
 //!                              filled by the resolver with the answer's TTL
 //!    set doh4 / doh6           known public DoH endpoints (blockBypass only)
-//!    chain input   (hook)      guest -> netns: DNS to the resolver and ICMP only
+//!    chain input   (hook)      guest -> netns: DNS to the resolver, the volume NFS server (TCP 2049) and ICMP only
 //!    chain forward (hook, policy drop)
 //!       ct established,related accept; invalid drop
 //!       tap0 -> veth0: jump egress      veth0 -> tap0: jump ingress
@@ -22,6 +22,7 @@
 //! guest fails at once instead of waiting for a timeout.
 
 use super::addr::{NS_VETH, TAP};
+use crate::volumes::NFS_PORT;
 use fastvm_types::firewall::{EgressRuleKind, FirewallPolicy, PolicyAction, Ports, Protocol};
 use ipnet::IpNet;
 use std::fmt::Write;
@@ -155,6 +156,7 @@ pub fn render(policy: &FirewallPolicy, known: &[SetElement], extra_doh: &[IpNet]
         out,
         "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ct state established,related accept\n    \
          iifname \"{TAP}\" meta l4proto {{ tcp, udp }} th dport 53 accept\n    \
+         iifname \"{TAP}\" tcp dport {NFS_PORT} accept\n    \
          iifname \"{TAP}\" meta l4proto {{ icmp, ipv6-icmp }} accept\n    iifname \"{TAP}\" drop\n    \
          iifname \"{NS_VETH}\" meta l4proto {{ icmp, ipv6-icmp }} accept\n    iifname \"{NS_VETH}\" drop\n  }}"
     );

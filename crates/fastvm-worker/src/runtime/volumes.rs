@@ -1,0 +1,226 @@
+//! Volumes of the runtime: create, resize and delete them on this host,
+//! attach them to running VMs (the VM's NFS server, then a mount by the
+//! guest agent) and detach them.
+//!
+//! ```text
+//!  attach(vm, vol, path, ro):  VM running, has a network, volume exists here
+//!     -> the VM's export server (started at the first attach: <gateway>:2049
+//!        in the VM's namespace) serves /vol_<hex>
+//!     -> agent: Mount <gateway>:/vol_<hex> at path (nfs, vers=3, ...)
+//!        failed -> the export stops serving it again; the error says why
+//!  detach(vm, vol):  agent: Unmount path (in use -> lazily, with a warning)
+//!     -> the export stops serving it (handles the guest still holds: stale)
+//! ```
+
+use super::{Runtime, Vm};
+use crate::error::{Error, Result};
+use crate::volumes::{handle, ExportFs, NfsServer, VolumeStore, NFS_PORT};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+/// A VM's export and where each of its volumes is mounted.
+#[derive(Debug)]
+pub(super) struct VmVolumes {
+    export: ExportFs,
+    _server: NfsServer,
+    /// volume id -> mount path in the guest.
+    mounts: BTreeMap<String, String>,
+}
+
+/// Kernel NFS options of a volume mount: NFSv3 over TCP to the worker's
+/// server at `gw` (MOUNT on the same port, no portmapper), no lock manager,
+/// attributes cached for at most 1 s (writes of other VMs show up within a
+/// second; close-to-open consistency on top), hard (a worker restart only
+/// delays I/O).
+fn mount_options(gw: Ipv4Addr) -> String {
+    format!(
+        "vers=3,proto=tcp,port={NFS_PORT},mountport={NFS_PORT},mountproto=tcp,nolock,hard,\
+         timeo=50,retrans=3,actimeo=1,addr={gw},mountaddr={gw}"
+    )
+}
+
+impl Runtime {
+    fn volume_store(&self) -> Result<&Arc<VolumeStore>> {
+        self.volumes
+            .as_ref()
+            .map_err(|why| Error::Volume(format!("volumes are not available on this host: {why}")))
+    }
+
+    fn volume_io(id: &str, what: &str, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Volume(format!("no volume {id} on this host"))
+        } else {
+            Error::Volume(format!("{what} volume {id}: {e}"))
+        }
+    }
+
+    /// Creates volume `id` on this host (idempotent).
+    pub fn create_volume(&self, id: &str, size_bytes: u64, read_only: bool) -> Result<()> {
+        self.volume_store()?
+            .create(id, size_bytes, read_only)
+            .map(drop)
+            .map_err(|e| Self::volume_io(id, "create", e))
+    }
+
+    /// New size limit and mode of volume `id`, at once in every attached guest.
+    pub fn update_volume(&self, id: &str, size_bytes: u64, read_only: bool) -> Result<()> {
+        self.volume_store()?
+            .update(id, size_bytes, read_only)
+            .map(drop)
+            .map_err(|e| Self::volume_io(id, "update", e))
+    }
+
+    /// Bytes the files of volume `id` occupy.
+    pub fn volume_used_bytes(&self, id: &str) -> Result<u64> {
+        self.volume_store()?
+            .get(id)
+            .map(|v| v.used_bytes())
+            .map_err(|e| Self::volume_io(id, "read", e))
+    }
+
+    /// Removes volume `id` and its files; refused while a VM of this host
+    /// has it attached.
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        let store = self.volume_store()?;
+        for vm in self.all_vms() {
+            if let Some(v) = vm.volumes.lock().await.as_ref() {
+                if v.mounts.contains_key(id) {
+                    return Err(Error::Volume(format!(
+                        "volume {id} is attached to VM {}; detach it first",
+                        vm.record.launch.id
+                    )));
+                }
+            }
+        }
+        store
+            .delete(id)
+            .map_err(|e| Self::volume_io(id, "delete", e))
+    }
+
+    fn all_vms(&self) -> Vec<Arc<Vm>> {
+        self.vms
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Mounts volume `volume` at `path` in running VM `id`, read-only when
+    /// `read_only` (or when the volume is `ro`).
+    pub async fn attach_volume(
+        &self,
+        id: &str,
+        volume: &str,
+        path: &str,
+        read_only: bool,
+    ) -> Result<()> {
+        let store = self.volume_store()?;
+        let key = handle::volume_key(volume)
+            .ok_or_else(|| Error::Volume(format!("{volume:?} is not a volume id")))?;
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        Self::require(
+            &vm,
+            fastvm_worker_api::VmState::Running,
+            "attaching a volume",
+        )?;
+        let host_volume = store
+            .get(volume)
+            .map_err(|e| Self::volume_io(volume, "open", e))?;
+        let net =
+            vm.net.lock().ok().and_then(|n| n.clone()).ok_or_else(|| {
+                Error::Volume("the VM has no network to mount volumes over".into())
+            })?;
+        let gw = net.addr.gateway4;
+        let mut slot = vm.volumes.lock().await;
+        if slot.is_none() {
+            let export = store.export();
+            let server = crate::volumes::serve(
+                Some(&net.addr.netns),
+                SocketAddr::new(gw.into(), NFS_PORT),
+                export.clone(),
+            )
+            .await?;
+            *slot = Some(VmVolumes {
+                export,
+                _server: server,
+                mounts: BTreeMap::new(),
+            });
+        }
+        let Some(v) = slot.as_mut() else {
+            return Err(Error::Volume("volume server missing".into()));
+        };
+        if let Some(at) = v.mounts.get(volume) {
+            return Err(Error::Volume(format!(
+                "volume {volume} is already attached to this VM at {at}"
+            )));
+        }
+        if let Some((other, _)) = v.mounts.iter().find(|(_, p)| p.as_str() == path) {
+            return Err(Error::Volume(format!(
+                "{path} already holds volume {other} in this VM"
+            )));
+        }
+        v.export.attach(host_volume, read_only);
+        let agent = match self.agent(&vm).await {
+            Ok(a) => a,
+            Err(e) => {
+                v.export.detach(&key);
+                return Err(e);
+            }
+        };
+        let source = format!("{gw}:/{volume}");
+        if let Err(e) = agent
+            .mount(&source, path, "nfs", &mount_options(gw), read_only)
+            .await
+        {
+            v.export.detach(&key);
+            return Err(e);
+        }
+        v.mounts.insert(volume.to_owned(), path.to_owned());
+        tracing::info!(vm = %id, %volume, %path, read_only, "volume attached");
+        Ok(())
+    }
+
+    /// Unmounts volume `volume` from VM `id` and stops serving it there.
+    /// `Ok(Some(warning))` when processes still used it: it was detached
+    /// lazily and they see errors from then on; the VM keeps running.
+    pub async fn detach_volume(&self, id: &str, volume: &str) -> Result<Option<String>> {
+        let key = handle::volume_key(volume)
+            .ok_or_else(|| Error::Volume(format!("{volume:?} is not a volume id")))?;
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        let mut slot = vm.volumes.lock().await;
+        let Some(v) = slot.as_mut() else {
+            return Err(Error::Volume(format!(
+                "volume {volume} is not attached to VM {id}"
+            )));
+        };
+        let Some(path) = v.mounts.get(volume).cloned() else {
+            return Err(Error::Volume(format!(
+                "volume {volume} is not attached to VM {id}"
+            )));
+        };
+        let warning = match vm.state() {
+            fastvm_worker_api::VmState::Running => {
+                let agent = self.agent(&vm).await?;
+                agent.unmount(&path).await?
+            }
+            // A paused guest cannot unmount: the export stops serving the
+            // volume and the guest finds its mount stale when it resumes.
+            other => Some(format!(
+                "the VM was {other}: the guest did not unmount {path}; it finds the mount stale"
+            )),
+        };
+        v.export.detach(&key);
+        v.mounts.remove(volume);
+        tracing::info!(vm = %id, %volume, %path, warning = ?warning, "volume detached");
+        Ok(warning)
+    }
+
+    /// Volume id -> mount path of VM `id`'s attached volumes.
+    pub async fn volume_mounts(&self, id: &str) -> Result<BTreeMap<String, String>> {
+        let vm = self.vm(id)?;
+        let slot = vm.volumes.lock().await;
+        Ok(slot.as_ref().map(|v| v.mounts.clone()).unwrap_or_default())
+    }
+}
