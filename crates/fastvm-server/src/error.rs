@@ -8,7 +8,7 @@
 //! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user), `FORBIDDEN` (an admin endpoint, `/v1/admin/...`, with another key than the admin key) |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user), `STALE_GENERATION` (internal: a worker's heartbeat of a generation that is not current; it registers again) |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user), `STALE_GENERATION` (internal: a worker's heartbeat of a generation that is not current; it registers again), `VOL_NOT_READY` (attach of a volume that is not `ready`), `VOLUME_IN_USE` (delete of an attached volume, the same volume or mount path twice on one VM), `VOLUME_ATTACHED` (shrink or mode change refused while attached), `VOLUME_ERROR` (the worker or the guest refused a volume operation; the message says why) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed), `TOO_MANY_EXECS` (the VM has 64 execs, terminals and guest connections open), `STAGING_QUOTA_EXCEEDED` (the org's staged bytes would pass the server's cap; nothing was stored) |
@@ -70,6 +70,10 @@ pub mod codes {
     pub const QUOTA_EXCEEDED_VOLUME_COUNT: &str = "QUOTA_EXCEEDED_VOLUME_COUNT";
     pub const QUOTA_EXCEEDED_VOLUME_GIB: &str = "QUOTA_EXCEEDED_VOLUME_GIB";
     pub const TOO_MANY_EXECS: &str = "TOO_MANY_EXECS";
+    pub const VOL_NOT_READY: &str = "VOL_NOT_READY";
+    pub const VOLUME_IN_USE: &str = "VOLUME_IN_USE";
+    pub const VOLUME_ERROR: &str = "VOLUME_ERROR";
+    pub const VOLUME_ATTACHED: &str = "VOLUME_ATTACHED";
     pub const STAGING_QUOTA_EXCEEDED: &str = "STAGING_QUOTA_EXCEEDED";
     pub const FORBIDDEN: &str = "FORBIDDEN";
     pub const NO_CAPACITY: &str = "NO_CAPACITY";
@@ -173,6 +177,7 @@ impl From<WorkerError> for ApiError {
                 ApiError::invalid_state(format!("the snapshot is gone from its worker: {msg}"))
             }
             WorkerError::WrongState(_) => ApiError::invalid_state(msg),
+            WorkerError::Volume(_) => ApiError::new(StatusCode::CONFLICT, codes::VOLUME_ERROR, msg),
             WorkerError::UnknownMachineType(_) => {
                 ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, msg)
             }

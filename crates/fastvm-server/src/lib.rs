@@ -53,6 +53,7 @@ pub mod staging;
 pub mod store;
 mod ttl;
 pub mod vm_list;
+mod volumes;
 pub mod worker;
 
 pub use ttl::{spawn_ttl_reaper, TtlReaper};

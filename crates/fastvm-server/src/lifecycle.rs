@@ -999,6 +999,8 @@ impl AppState {
                 })
                 .await?;
                 self.forget_policy_lock(id);
+                // Its volumes stay; only the attachments go with the VM.
+                self.store().delete_attachments_of_vm(id).await?;
                 Ok(())
             }
             Err(e) => {

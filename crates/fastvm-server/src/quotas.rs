@@ -1,4 +1,4 @@
-//! Org quotas applied to launches, resumes and snapshot captures.
+//! Org quotas applied to launches, resumes, snapshot captures and volumes.
 //!
 //! Limits and usage come from the store ([`crate::store::DEFAULT_QUOTA`],
 //! [`crate::store::Store::quota_usage`] says what counts). A call that would
@@ -124,6 +124,40 @@ pub(crate) fn check_snapshot_limits(
             requested: 1,
         }],
     )
+}
+
+/// 429 unless `org`, using `usage` of its `limits`, can take `count` more
+/// volumes and `gib` more GiB of them.
+pub(crate) fn check_volume_limits(
+    org: OrgId,
+    action: &str,
+    limits: &OrgQuotaValues,
+    usage: &OrgQuotaValues,
+    count: u64,
+    gib: u64,
+) -> Result<(), ApiError> {
+    let needs = [
+        Need {
+            code: codes::QUOTA_EXCEEDED_VOLUME_COUNT,
+            what: "volumeCount",
+            unit: "",
+            limit: limits.volume_count,
+            usage: usage.volume_count,
+            requested: count,
+        },
+        Need {
+            code: codes::QUOTA_EXCEEDED_VOLUME_GIB,
+            what: "volumeGiB",
+            unit: " GiB",
+            limit: limits.volume_gib,
+            usage: usage.volume_gib,
+            requested: gib,
+        },
+    ];
+    // Only what this call adds: a grow is not refused for a count that an
+    // operator lowered below the org's usage.
+    let adding: Vec<Need> = needs.into_iter().filter(|n| n.requested > 0).collect();
+    check(org, action, &adding)
 }
 
 impl AppState {

@@ -116,7 +116,7 @@ async fn authenticate(
 pub(crate) fn status_of(e: &WorkerError) -> StatusCode {
     match e {
         WorkerError::NotFound(_) | WorkerError::NoSuchSnapshot(_) => StatusCode::NOT_FOUND,
-        WorkerError::WrongState(_) => StatusCode::CONFLICT,
+        WorkerError::WrongState(_) | WorkerError::Volume(_) => StatusCode::CONFLICT,
         WorkerError::UnknownMachineType(_) | WorkerError::InvalidExec(_) => StatusCode::BAD_REQUEST,
         WorkerError::TooManyExecs(_) => StatusCode::TOO_MANY_REQUESTS,
         WorkerError::ConnectRefused(_) => StatusCode::BAD_GATEWAY,

@@ -71,6 +71,10 @@ pub enum WorkerError {
     /// The worker or the guest did not answer in time.
     #[error("{0}")]
     Timeout(String),
+    /// A volume operation failed (no such volume on this worker, the guest
+    /// could not mount it, it is still attached, ...).
+    #[error("{0}")]
+    Volume(String),
     /// The worker itself cannot be reached (a remote worker that is down).
     #[error("{0}")]
     Unreachable(String),
@@ -123,6 +127,23 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> G
 /// transport (a socket in the VM's network namespace for the embedded
 /// worker, a tunnel for a remote one), callers see bytes both ways.
 pub type GuestStream = Box<dyn GuestIo>;
+
+/// What went wrong, though not fatally, while detaching a volume: the
+/// volume is detached from the VM either way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum DetachNote {
+    /// Processes in the guest still used the mount: it was detached lazily
+    /// and they get errors from then on.
+    Busy(String),
+    /// The guest did not answer (or was paused): it still has the mount,
+    /// which now answers errors (the worker stopped serving it).
+    GuestUnresponsive(String),
+}
+
+fn no_volumes() -> WorkerError {
+    WorkerError::Volume("volumes are not supported on this worker yet".into())
+}
 
 /// A host that runs VMs.
 #[async_trait]
@@ -183,6 +204,48 @@ pub trait Worker: Send + Sync + 'static {
     /// The VM's public IPv6 address, when it has a network.
     async fn public_ipv6(&self, _id: VmId) -> Result<Option<String>, WorkerError> {
         Ok(None)
+    }
+    /// Create volume `volume` on this worker, or change its size limit and
+    /// mode (at once in every guest it is attached to). Its files stay.
+    async fn put_volume(
+        &self,
+        volume: &str,
+        size_bytes: u64,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        let _ = (volume, size_bytes, read_only);
+        Err(no_volumes())
+    }
+    /// Remove volume `volume` and its files (refused while attached here).
+    async fn delete_volume(&self, volume: &str) -> Result<(), WorkerError> {
+        let _ = volume;
+        Err(no_volumes())
+    }
+    /// Bytes the files of volume `volume` occupy.
+    async fn volume_used_bytes(&self, volume: &str) -> Result<u64, WorkerError> {
+        let _ = volume;
+        Err(no_volumes())
+    }
+    /// Mount volume `volume` at `mount_path` in the running VM `id`.
+    async fn attach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+        mount_path: &str,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        let _ = (id, volume, mount_path, read_only);
+        Err(no_volumes())
+    }
+    /// Unmount volume `volume` from VM `id` and stop serving it there; a
+    /// note when that did not go cleanly (the VM keeps running either way).
+    async fn detach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+    ) -> Result<Option<DetachNote>, WorkerError> {
+        let _ = (id, volume);
+        Err(no_volumes())
     }
     /// The worker's counters; an error means it cannot be reached.
     async fn stats(&self) -> Result<WorkerStats, WorkerError> {

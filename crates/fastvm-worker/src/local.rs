@@ -27,6 +27,7 @@ impl From<crate::Error> for WorkerError {
             E::TooManyStreams(_) => WorkerError::TooManyExecs(msg),
             E::GuestConnect(_) => WorkerError::ConnectRefused(msg),
             E::Unresponsive { .. } => WorkerError::Unresponsive(msg),
+            E::Volume(_) => WorkerError::Volume(msg),
             _ => WorkerError::Failed(msg),
         }
     }
@@ -174,6 +175,44 @@ impl Worker for LocalWorker {
 
     async fn enforced_firewall(&self, id: VmId) -> Result<Option<FirewallPolicy>, WorkerError> {
         Ok(self.runtime.enforced_firewall(&id.to_string())?)
+    }
+
+    async fn put_volume(
+        &self,
+        volume: &str,
+        size_bytes: u64,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        Ok(self.runtime.create_volume(volume, size_bytes, read_only)?)
+    }
+
+    async fn delete_volume(&self, volume: &str) -> Result<(), WorkerError> {
+        Ok(self.runtime.delete_volume(volume).await?)
+    }
+
+    async fn volume_used_bytes(&self, volume: &str) -> Result<u64, WorkerError> {
+        Ok(self.runtime.volume_used_bytes(volume)?)
+    }
+
+    async fn attach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+        mount_path: &str,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        Ok(self
+            .runtime
+            .attach_volume(&id.to_string(), volume, mount_path, read_only)
+            .await?)
+    }
+
+    async fn detach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+    ) -> Result<Option<fastvm_worker_api::DetachNote>, WorkerError> {
+        Ok(self.runtime.detach_volume(&id.to_string(), volume).await?)
     }
 
     async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {

@@ -59,9 +59,6 @@ OPERATIONS: dict[str, dict[str, Any]] = EXTRACT["operations"]
 # lands in openapi/fastvm.json (this test says which); from then on the operation
 # is checked against the OpenAPI document as well as the SDK.
 NOT_SERVED: frozenset[str] = frozenset({
-    # volumes
-    "vms.volumes.attach", "vms.volumes.detach",
-    "volumes.list", "volumes.create", "volumes.retrieve", "volumes.update", "volumes.delete", "volumes.list_attachments",
     # bucket mounts
     "vms.bucket_mounts.list", "vms.bucket_mounts.attach", "vms.bucket_mounts.retrieve", "vms.bucket_mounts.rotate",
     "vms.bucket_mounts.delete",

@@ -297,3 +297,51 @@ pub fn worker_draining() -> Value {
     json!({"id": "wk_3f9a0c1d2e4b5a67", "address": "http://10.0.0.11:7070", "status": "draining", "vmCount": 4,
            "cpus": 32, "memoryMiB": 131072, "lastHeartbeatAt": "2026-12-02T12:00:00.000Z"})
 }
+
+pub const VOLUME_ID: &str = "vol_3f9a1c07b2e84d6a5c1e0f";
+
+pub fn volume() -> Value {
+    json!({
+        "id": VOLUME_ID, "name": "datasets", "orgId": ORG_ID, "accessMode": "rw", "sizeGiB": 10,
+        "status": "ready", "pendingSizeGiB": 0, "mountedCount": 1, "usedGiB": 2,
+        "createdAt": "2026-11-29T10:15:00.000Z"
+    })
+}
+
+pub fn volume_list() -> Value {
+    json!([volume()])
+}
+
+pub fn create_volume_request() -> Value {
+    json!({"name": "datasets", "sizeGiB": 10, "accessMode": "rw"})
+}
+
+pub fn update_volume_request() -> Value {
+    json!({"sizeGiB": 20})
+}
+
+pub fn volume_grown() -> Value {
+    let mut v = volume();
+    v["sizeGiB"] = json!(20);
+    v
+}
+
+pub fn volume_deleted() -> Value {
+    json!({"id": VOLUME_ID, "deleted": true})
+}
+
+pub fn attach_volume_request() -> Value {
+    json!({"volumeId": VOLUME_ID, "mountPath": "/mnt/datasets", "readOnly": false})
+}
+
+pub fn volume_attachment() -> Value {
+    json!({"volumeId": VOLUME_ID, "mountPath": "/mnt/datasets", "readOnly": false, "mountStatus": "mounted", "statusMessage": null})
+}
+
+pub fn volume_attachments() -> Value {
+    json!([{"vmId": VM_ID, "volumeId": VOLUME_ID, "mountPath": "/mnt/datasets", "readOnly": false, "mountStatus": "mounted", "statusMessage": null}])
+}
+
+pub fn detach_volume_response() -> Value {
+    json!({"detached": true, "warnings": []})
+}

@@ -14,8 +14,8 @@
 //! assets are public (see `console.rs`), and so are `/openapi.json` and the
 //! API reference `/docs` that renders it (see `docs.rs`). Request spans never carry query strings.
 //!
-//! Endpoints of the spec that are not implemented yet (volumes, bucket
-//! mounts, snapshot imports) are not routed: they answer 404 with a message
+//! Endpoints of the spec that are not implemented yet (bucket mounts,
+//! snapshot imports) are not routed: they answer 404 with a message
 //! saying this server does not serve them.
 
 pub mod admin;
@@ -31,6 +31,7 @@ pub mod org;
 pub mod services;
 pub mod snapshots;
 pub mod vms;
+pub mod volumes;
 
 use crate::error::{codes, ApiError};
 use crate::AppState;
@@ -147,6 +148,19 @@ pub fn router(state: AppState) -> Router {
             "/v1/vms/{id}/services/{serviceName}",
             put(services::update).delete(services::delete),
         )
+        .route("/v1/vms/{id}/volumes", post(volumes::attach))
+        .route(
+            "/v1/vms/{id}/volumes/{volumeId}",
+            axum::routing::delete(volumes::detach),
+        )
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/v1/volumes/{id}",
+            get(volumes::get_one)
+                .patch(volumes::update)
+                .delete(volumes::delete),
+        )
+        .route("/v1/volumes/{id}/attachments", get(volumes::attachments))
         .route("/v1/vms/{id}/files/presign", post(files::presign))
         .route("/v1/vms/{id}/files/fetch", post(files::fetch))
         .route("/v1/vms/{id}/files/export", post(files::export))
@@ -318,6 +332,25 @@ impl<S: Send + Sync> FromRequestParts<S> for VmPath {
             let shown: String = raw.chars().take(64).collect();
             ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
         })
+    }
+}
+
+/// The `{id}` and second segment of a VM sub-resource route
+/// (`/v1/vms/{id}/services/{serviceName}`, `/v1/vms/{id}/volumes/{volumeId}`).
+pub struct VmSubPath(pub VmId, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for VmSubPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((raw, name)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
+        let id = raw.parse::<VmId>().map_err(|_| {
+            let shown: String = raw.chars().take(64).collect();
+            ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
+        })?;
+        Ok(VmSubPath(id, name))
     }
 }
 

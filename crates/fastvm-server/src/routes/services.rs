@@ -4,35 +4,16 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::openapi::examples;
-use crate::routes::{JsonBody, VmPath};
+use crate::routes::{JsonBody, VmPath, VmSubPath};
 use crate::services::Registered;
 use crate::AppState;
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use fastvm_types::service::{
     validate_service_name, RegisterServiceRequest, Service, UpdateServiceRequest,
 };
-use fastvm_types::{ApiError as ErrorBody, DeleteResponse, VmId};
-
-/// The `{id}` and `{serviceName}` of a service route.
-pub struct ServicePath(pub VmId, pub String);
-
-impl<S: Send + Sync> FromRequestParts<S> for ServicePath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((raw, name)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::not_found(e.body_text()))?;
-        let id = raw.parse::<VmId>().map_err(|_| {
-            let shown: String = raw.chars().take(64).collect();
-            ApiError::not_found(format!("no VM with id {shown:?} (VM ids are UUIDs)"))
-        })?;
-        Ok(ServicePath(id, name))
-    }
-}
+use fastvm_types::{ApiError as ErrorBody, DeleteResponse};
 
 const DESCRIPTION: &str = "Each service is reachable through the proxy at `<name>--<vmIdHexNoHyphens>.proxy.<domain>` (the `url` field, an \
     extension of this server) and adds an ingress rule `::/0` on its port to the VM's `effectiveFirewall`. At most 16 services per VM.";
@@ -126,7 +107,7 @@ pub async fn register(
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    ServicePath(id, name): ServicePath,
+    VmSubPath(id, name): VmSubPath,
     JsonBody(req): JsonBody<UpdateServiceRequest>,
 ) -> Result<(StatusCode, Json<Service>), ApiError> {
     let svc = req.validate(&name)?;
@@ -159,7 +140,7 @@ pub async fn update(
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    ServicePath(id, name): ServicePath,
+    VmSubPath(id, name): VmSubPath,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     if validate_service_name(&name).is_err() {
         return Err(crate::services::no_such_service(id, &name));

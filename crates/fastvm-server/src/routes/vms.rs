@@ -52,8 +52,18 @@ pub(crate) fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// The API view of a stored VM. Features that land later are present with
-/// honest values: no volumes, no bucket mounts.
+/// The API view of a stored VM, without its volumes (see
+/// [`AppState::vm_json`]). Features that land later are present with honest
+/// values: no bucket mounts.
+impl AppState {
+    /// [`view`] with the VM's volume attachments.
+    pub(crate) async fn vm_json(&self, r: &VmRecord) -> Result<Json<Vm>, ApiError> {
+        let mut vm = view(r);
+        vm.volumes = self.vm_volume_items(r.id).await?;
+        Ok(Json(vm))
+    }
+}
+
 pub(crate) fn view(r: &VmRecord) -> Vm {
     let firewall = r.firewall.normalized();
     let effective_firewall = r.effective_firewall();
@@ -217,7 +227,9 @@ pub async fn get(
     caller: Caller,
     VmPath(id): VmPath,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.find_vm(caller.org_id, id).await?)))
+    state
+        .vm_json(&state.find_vm(caller.org_id, id).await?)
+        .await
 }
 
 /// Update a VM
@@ -246,7 +258,9 @@ pub async fn update(
     VmPath(id): VmPath,
     JsonBody(req): JsonBody<UpdateVmRequest>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.update_vm(caller.org_id, id, req).await?)))
+    state
+        .vm_json(&state.update_vm(caller.org_id, id, req).await?)
+        .await
 }
 
 /// Delete a VM
@@ -297,7 +311,9 @@ pub async fn pause(
     caller: Caller,
     VmPath(id): VmPath,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.pause_vm(caller.org_id, id).await?)))
+    state
+        .vm_json(&state.pause_vm(caller.org_id, id).await?)
+        .await
 }
 
 /// Resume a paused VM
@@ -323,7 +339,10 @@ pub async fn resume(
     caller: Caller,
     VmPath(id): VmPath,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(view(&state.resume_vm(caller.org_id, id).await?)))
+    let rec = state.resume_vm(caller.org_id, id).await?;
+    // Attachments made while it was paused.
+    state.mount_pending_volumes(id).await;
+    state.vm_json(&rec).await
 }
 
 /// Reset the VM's TTL cycle

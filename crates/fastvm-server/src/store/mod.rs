@@ -14,7 +14,8 @@
 //! (status once, name, deletion): each change is one guarded `UPDATE`.
 //! Quota limits (`org_quotas`) and usage (computed from the rows on every
 //! read) are in `quotas.rs`. One-shot console tokens (hashed) are in
-//! `console_tokens.rs`. Users' SSH public keys are in `ssh_keys.rs`. Worker
+//! `console_tokens.rs`. Users' SSH public keys are in `ssh_keys.rs`. Volumes and
+//! their attachments to VMs are in `volumes.rs`. Worker
 //! hosts of a cluster, and the queries placement runs in its transaction, are
 //! in `workers.rs`.
 
@@ -24,6 +25,7 @@ mod quotas;
 mod snapshots;
 mod ssh_keys;
 mod vms;
+mod volumes;
 mod workers;
 
 #[cfg(test)]
@@ -35,6 +37,7 @@ pub use quotas::{QuotaPatch, DEFAULT_QUOTA};
 pub use snapshots::{status_str as snapshot_status_str, SnapshotRecord};
 pub use ssh_keys::{AddSshKeyError, SshKeyRecord, MAX_SSH_KEYS_PER_USER};
 pub use vms::{VmListCursor, VmListEntry, VmRecord};
+pub use volumes::{status_str as volume_status_str, AttachmentRecord, VolumeRecord};
 pub use workers::{PlacementCandidate, WorkerRecord, WorkerRegistrationRow, WorkerStatus};
 pub(crate) use {
     quotas::{quota_limits_on, quota_usage_on},

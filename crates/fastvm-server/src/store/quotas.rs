@@ -131,7 +131,7 @@ impl Store {
             .bind(org.to_string())
             .fetch_one(&self.pool)
             .await?;
-        usage_from(&vms, &snaps)
+        usage_from(&vms, &snaps, self.volume_usage(org).await?)
     }
 }
 
@@ -157,14 +157,18 @@ fn limits_from(row: Option<sqlx::any::AnyRow>) -> Result<OrgQuotaValues> {
     })
 }
 
-fn usage_from(vms: &sqlx::any::AnyRow, snaps: &sqlx::any::AnyRow) -> Result<OrgQuotaValues> {
+fn usage_from(
+    vms: &sqlx::any::AnyRow,
+    snaps: &sqlx::any::AnyRow,
+    (volume_count, volume_gib): (u64, u64),
+) -> Result<OrgQuotaValues> {
     Ok(OrgQuotaValues {
         vcpu: count(vms, "vcpu")?,
         memory_mib: count(vms, "memory_mib")?,
         disk_gib: count(vms, "disk_gib")?,
         snapshot_count: count(snaps, "n")?,
-        volume_count: 0,
-        volume_gib: 0,
+        volume_count,
+        volume_gib,
     })
 }
 
@@ -193,5 +197,6 @@ pub(crate) async fn quota_usage_on(
         .bind(org.to_string())
         .fetch_one(&mut *conn)
         .await?;
-    usage_from(&vms, &snaps)
+    let volumes = super::volumes::volume_usage_on(&mut *conn, org).await?;
+    usage_from(&vms, &snaps, volumes)
 }

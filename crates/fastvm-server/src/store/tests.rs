@@ -55,6 +55,79 @@ async fn suite(store: &Store) -> TestResult {
     ttl_queries(store).await?;
     console_tokens_single_use(store).await?;
     ssh_keys_per_user(store).await?;
+    volumes_and_attachments(store).await?;
+    Ok(())
+}
+
+async fn volumes_and_attachments(store: &Store) -> TestResult {
+    use fastvm_types::volume::{AccessMode, MountStatus, VolumeStatus};
+    let org = store.create_org("volume-org").await?;
+    let other = store.create_org("volume-other").await?;
+    let v = store
+        .insert_volume(&VolumeRecord {
+            id: "vol_00000000000000000000aa".into(),
+            org_id: org,
+            name: "data".into(),
+            access_mode: AccessMode::Rw,
+            size_gib: 10,
+            pending_size_gib: 0,
+            status: VolumeStatus::Creating,
+            worker_id: Some("local".into()),
+            created_at_ms: 0,
+        })
+        .await?;
+    assert!(v.created_at_ms > 0);
+    assert_eq!(store.get_volume(other, &v.id).await?, None, "scoped by org");
+    // A resize in flight counts its larger size against the quota.
+    let mut grown = VolumeRecord {
+        status: VolumeStatus::Ready,
+        pending_size_gib: 25,
+        ..v.clone()
+    };
+    store.save_volume(&grown).await?;
+    assert_eq!(store.volume_usage(org).await?, (1, 25));
+    let usage = store.quota_usage(org).await?;
+    assert_eq!((usage.volume_count, usage.volume_gib), (1, 25));
+    grown.pending_size_gib = 0;
+    store.save_volume(&grown).await?;
+    assert_eq!(store.get_volume(org, &v.id).await?, Some(grown.clone()));
+    assert_eq!(store.list_volumes(org).await?.len(), 1);
+
+    let vm = VmId::new_v4();
+    let att = AttachmentRecord {
+        vm_id: vm,
+        volume_id: v.id.clone(),
+        org_id: org,
+        mount_path: "/mnt/data".into(),
+        read_only: true,
+        mount_status: MountStatus::Pending,
+        status_message: None,
+        created_at_ms: 0,
+    };
+    store.insert_attachment(&att).await?;
+    // The same volume, or the same path, twice on one VM: conflict.
+    assert!(matches!(
+        store.insert_attachment(&att).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .set_attachment_status(vm, &v.id, MountStatus::Failed, Some("why"))
+        .await?;
+    let got = store.attachments_of_vm(vm).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (
+            got[0].read_only,
+            got[0].mount_status,
+            got[0].status_message.as_deref()
+        ),
+        (true, MountStatus::Failed, Some("why"))
+    );
+    assert_eq!(store.attachments_of_volume(&v.id).await?.len(), 1);
+    store.delete_attachments_of_vm(vm).await?;
+    assert!(store.attachments_of_volume(&v.id).await?.is_empty());
+    assert!(store.delete_volume_row(org, &v.id).await?);
+    assert_eq!(store.volume_usage(org).await?, (0, 0));
     Ok(())
 }
 
@@ -610,7 +683,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 13);
+    assert_eq!(store.org_count().await?, 15);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -643,7 +716,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 13);
+        assert_eq!(store.org_count().await?, 15);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }

@@ -15,6 +15,7 @@
 use super::{Runtime, Vm};
 use crate::error::{Error, Result};
 use crate::volumes::{handle, ExportFs, NfsServer, VolumeStore, NFS_PORT};
+use fastvm_worker_api::DetachNote;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -181,40 +182,40 @@ impl Runtime {
         Ok(())
     }
 
-    /// Unmounts volume `volume` from VM `id` and stops serving it there.
-    /// `Ok(Some(warning))` when processes still used it: it was detached
-    /// lazily and they see errors from then on; the VM keeps running.
-    pub async fn detach_volume(&self, id: &str, volume: &str) -> Result<Option<String>> {
+    /// Unmounts volume `volume` from VM `id` and stops serving it there,
+    /// whatever the guest says: a note when processes still used it (it was
+    /// detached lazily) or the guest did not answer; the VM keeps running.
+    pub async fn detach_volume(&self, id: &str, volume: &str) -> Result<Option<DetachNote>> {
         let key = handle::volume_key(volume)
             .ok_or_else(|| Error::Volume(format!("{volume:?} is not a volume id")))?;
         let vm = self.vm(id)?;
         let _op = vm.op.lock().await;
         let mut slot = vm.volumes.lock().await;
-        let Some(v) = slot.as_mut() else {
-            return Err(Error::Volume(format!(
-                "volume {volume} is not attached to VM {id}"
-            )));
-        };
-        let Some(path) = v.mounts.get(volume).cloned() else {
-            return Err(Error::Volume(format!(
-                "volume {volume} is not attached to VM {id}"
-            )));
-        };
-        let warning = match vm.state() {
+        let not_attached = || Error::Volume(format!("volume {volume} is not attached to VM {id}"));
+        let v = slot.as_mut().ok_or_else(not_attached)?;
+        let path = v.mounts.get(volume).cloned().ok_or_else(not_attached)?;
+        let note = match vm.state() {
             fastvm_worker_api::VmState::Running => {
-                let agent = self.agent(&vm).await?;
-                agent.unmount(&path).await?
+                let unmounted = match self.agent(&vm).await {
+                    Ok(agent) => agent.unmount(&path).await,
+                    Err(e) => Err(e),
+                };
+                match unmounted {
+                    Ok(None) => None,
+                    Ok(Some(busy)) => Some(DetachNote::Busy(busy)),
+                    Err(e) => Some(DetachNote::GuestUnresponsive(format!(
+                        "the guest did not unmount {path} ({e}); its mount now answers errors"
+                    ))),
+                }
             }
-            // A paused guest cannot unmount: the export stops serving the
-            // volume and the guest finds its mount stale when it resumes.
-            other => Some(format!(
-                "the VM was {other}: the guest did not unmount {path}; it finds the mount stale"
-            )),
+            other => Some(DetachNote::GuestUnresponsive(format!(
+                "the VM was {other}: the guest did not unmount {path}; its mount answers errors"
+            ))),
         };
         v.export.detach(&key);
         v.mounts.remove(volume);
-        tracing::info!(vm = %id, %volume, %path, warning = ?warning, "volume detached");
-        Ok(warning)
+        tracing::info!(vm = %id, %volume, %path, note = ?note, "volume detached");
+        Ok(note)
     }
 
     /// Volume id -> mount path of VM `id`'s attached volumes.

@@ -529,10 +529,127 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{id}/volumes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Attach a volume to a VM
+         * @description Mounts the volume at `mountPath` in the running VM, without a restart (`mountStatus` `mounted`, or `failed` with the reason in `statusMessage`). On a paused VM the attachment is `pending` and mounted when the VM resumes.
+         */
+        post: operations["attachVolume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{id}/volumes/{volumeId}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Detach a volume from a VM
+         * @description Unmounts the volume; the VM keeps running. Processes still using it get a warning of type `busy` (the mount was detached lazily); a guest that does not answer, `guest_unresponsive`.
+         */
+        delete: operations["detachVolume"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List volumes
+         * @description A volume is a directory of files that outlives VMs, served to guests over NFSv3 by the worker that holds it. `sizeGiB` limits the bytes its files occupy (writes past it fail with ENOSPC); growing it takes effect at once in every attached guest. Several VMs may attach one volume: they share its files.
+         */
+        get: operations["listVolumes"];
+        put?: never;
+        /**
+         * Create a managed volume
+         * @description A volume is a directory of files that outlives VMs, served to guests over NFSv3 by the worker that holds it. `sizeGiB` limits the bytes its files occupy (writes past it fail with ENOSPC); growing it takes effect at once in every attached guest. Several VMs may attach one volume: they share its files.
+         */
+        post: operations["createVolume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get a volume
+         * @description `mountedCount` counts running VMs with the volume mounted; `usedGiB` is asked of the worker that holds it (omitted when it cannot be reached).
+         */
+        get: operations["getVolume"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a volume
+         * @description Deletes the volume and its files. Refused while it is attached to any VM.
+         */
+        delete: operations["deleteVolume"];
+        options?: never;
+        head?: never;
+        /**
+         * Update a volume's name, sizeGiB (grow / shrink-if-not-overfull), or accessMode
+         * @description Size and access mode apply at once in every guest the volume is attached to, without a remount.
+         */
+        patch: operations["updateVolume"];
+        trace?: never;
+    };
+    "/v1/volumes/{id}/attachments": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List VMs currently attached to this volume
+         * @description Every attachment of the volume, with its VM and mount status (paused VMs included, `pending` until they resume).
+         */
+        get: operations["listVolumeAttachments"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * @description Access mode of a volume.
+         * @enum {string}
+         */
+        AccessMode: "rw" | "ro";
         /** @description Body of `POST /v1/me/ssh-keys`. */
         AddSshKeyRequest: {
             /** @description Optional human label. */
@@ -551,6 +668,15 @@ export interface components {
             code: string;
             /** @description Human-readable explanation. */
             message: string;
+        };
+        /** @description Body of `POST /v1/vms/{id}/volumes`. */
+        AttachVolumeRequest: {
+            /** @description Absolute path starting with `/mnt/` or `/data/`. */
+            mountPath: string;
+            /** @description Mount read-only (default false). */
+            readOnly?: boolean;
+            /** @description The volume. */
+            volumeId: string;
         };
         /** @description A bucket-mount as returned by the API (no credentials). */
         BucketMount: {
@@ -590,6 +716,18 @@ export interface components {
             /** @description The VM to capture (running or paused). */
             vmId: components["schemas"]["VmId"];
         };
+        /** @description Body of `POST /v1/volumes`. */
+        CreateVolumeRequest: {
+            /** @description `rw` or `ro`. */
+            accessMode: components["schemas"]["AccessMode"];
+            /** @description Name (normalized like VM names; must not be empty). */
+            name: string;
+            /**
+             * Format: int64
+             * @description Size in GiB, at least 1.
+             */
+            sizeGiB: number;
+        };
         /**
          * @description Meaning of `dns.domains`.
          * @enum {string}
@@ -613,6 +751,20 @@ export interface components {
             deleted: boolean;
             /** @description Id of the deleted resource. */
             id: string;
+        };
+        /** @description Answer of `DELETE /v1/vms/{id}/volumes/{volumeId}`. */
+        DetachVolumeResponse: {
+            /** @description True once detached. */
+            detached: boolean;
+            /** @description Issues of a forced teardown (empty on the clean path). */
+            warnings: components["schemas"]["DetachWarning"][];
+        };
+        /** @description A problem met while detaching. */
+        DetachWarning: {
+            /** @description Detail. */
+            message: string;
+            /** @description `ack_timeout` or `guest_unresponsive`. */
+            type: string;
         };
         /** @description Outbound posture: rules are checked in order, then `defaultAction` applies. */
         EgressPolicy: {
@@ -1107,6 +1259,20 @@ export interface components {
             ttl?: null | components["schemas"]["Ttl"];
         };
         /**
+         * @description Body of `PATCH /v1/volumes/{id}`: any of name, size (grow, or shrink when
+         *     the data fits), access mode.
+         */
+        UpdateVolumeRequest: {
+            accessMode?: null | components["schemas"]["AccessMode"];
+            /** @description New name. */
+            name?: string | null;
+            /**
+             * Format: int64
+             * @description New size in GiB, at least 1.
+             */
+            sizeGiB?: number | null;
+        };
+        /**
          * @description A VM as returned by every VM endpoint. Every field is always present;
          *     optional ones are `null`.
          */
@@ -1195,6 +1361,41 @@ export interface components {
          *     Serialized as a plain hyphenated UUID string.
          */
         VmId: string;
+        /** @description A volume as returned by the API. */
+        Volume: {
+            /** @description `rw` or `ro`. */
+            accessMode: components["schemas"]["AccessMode"];
+            /** @description Creation time (RFC 3339). */
+            createdAt: string;
+            /** @description `vol_<22 lowercase hex>`. */
+            id: string;
+            /**
+             * Format: int64
+             * @description Running VMs with this volume attached (paused VMs not counted).
+             */
+            mountedCount: number;
+            /** @description Name. */
+            name: string;
+            /** @description Owning org. */
+            orgId: components["schemas"]["OrgId"];
+            /**
+             * Format: int64
+             * @description Target size of an in-flight resize, 0 when none.
+             */
+            pendingSizeGiB: number;
+            /**
+             * Format: int64
+             * @description Size in GiB (the pre-resize value while a resize is in flight).
+             */
+            sizeGiB: number;
+            /** @description Lifecycle status. */
+            status: components["schemas"]["VolumeStatus"];
+            /**
+             * Format: int64
+             * @description Space used, GiB rounded down; omitted (never null) when it cannot be measured.
+             */
+            usedGiB?: number;
+        };
         /** @description A volume attached to a VM. */
         VolumeAttachmentItem: {
             /** @description Where it is mounted in the guest. */
@@ -1208,6 +1409,26 @@ export interface components {
             /** @description The volume. */
             volumeId: string;
         };
+        /** @description A volume attachment with the VM it belongs to (`GET /v1/volumes/{id}/attachments`). */
+        VolumeAttachmentItemWithVm: {
+            /** @description Where it is mounted in the guest. */
+            mountPath: string;
+            /** @description `mounted`, `failed` or `pending`. */
+            mountStatus: components["schemas"]["MountStatus"];
+            /** @description Mounted read-only. */
+            readOnly: boolean;
+            /** @description Detail of a failure; null otherwise. */
+            statusMessage?: string | null;
+            /** @description The VM. */
+            vmId: components["schemas"]["VmId"];
+            /** @description The volume. */
+            volumeId: string;
+        };
+        /**
+         * @description Lifecycle status of a volume.
+         * @enum {string}
+         */
+        VolumeStatus: "creating" | "ready" | "deleting";
         /** @description A worker host as operators see it. */
         WorkerSummary: {
             /** @description Where the control plane reaches it (`embedded` for the local worker). */
@@ -4680,6 +4901,506 @@ export interface operations {
             };
             /** @description The VM has no TTL (`TTL_NOT_SET`), or is neither running nor paused (`INVALID_STATE`) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    attachVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "mountPath": "/mnt/datasets",
+                 *       "readOnly": false,
+                 *       "volumeId": "vol_3f9a1c07b2e84d6a5c1e0f"
+                 *     }
+                 */
+                "application/json": components["schemas"]["AttachVolumeRequest"];
+            };
+        };
+        responses: {
+            /** @description The attachment */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "mountPath": "/mnt/datasets",
+                     *       "mountStatus": "mounted",
+                     *       "readOnly": false,
+                     *       "statusMessage": null,
+                     *       "volumeId": "vol_3f9a1c07b2e84d6a5c1e0f"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["VolumeAttachmentItem"];
+                };
+            };
+            /** @description Malformed body, a bad volume id, or a mount path outside /mnt/ and /data/ (`INVALID_MOUNT_PATH`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM or volume in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The VM is neither running nor paused (`INVALID_STATE`), the volume is not ready (`VOL_NOT_READY`), already attached or the path taken (`VOLUME_IN_USE`), or on another worker (`VOLUME_ERROR`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    detachVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+                /** @description Volume identifier. */
+                volumeId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Detached */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "detached": true,
+                     *       "warnings": []
+                     *     }
+                     */
+                    "application/json": components["schemas"]["DetachVolumeResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM, or the volume is not attached to it */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listVolumes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The org's volumes, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "accessMode": "rw",
+                     *         "createdAt": "2026-11-29T10:15:00.000Z",
+                     *         "id": "vol_3f9a1c07b2e84d6a5c1e0f",
+                     *         "mountedCount": 1,
+                     *         "name": "datasets",
+                     *         "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *         "pendingSizeGiB": 0,
+                     *         "sizeGiB": 10,
+                     *         "status": "ready",
+                     *         "usedGiB": 2
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["Volume"][];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    createVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "accessMode": "rw",
+                 *       "name": "datasets",
+                 *       "sizeGiB": 10
+                 *     }
+                 */
+                "application/json": components["schemas"]["CreateVolumeRequest"];
+            };
+        };
+        responses: {
+            /** @description The new volume (`ready`) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "accessMode": "rw",
+                     *       "createdAt": "2026-11-29T10:15:00.000Z",
+                     *       "id": "vol_3f9a1c07b2e84d6a5c1e0f",
+                     *       "mountedCount": 1,
+                     *       "name": "datasets",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pendingSizeGiB": 0,
+                     *       "sizeGiB": 10,
+                     *       "status": "ready",
+                     *       "usedGiB": 2
+                     *     }
+                     */
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Malformed body, empty name (`INVALID_NAME`) or size below 1 GiB (`INVALID_SIZE`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The org's `volumeCount` or `volumeGiB` quota would be exceeded (`QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB`); nothing was created */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    getVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Volume identifier (e.g. vol_<22-char-lowercase-hex>). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The volume */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "accessMode": "rw",
+                     *       "createdAt": "2026-11-29T10:15:00.000Z",
+                     *       "id": "vol_3f9a1c07b2e84d6a5c1e0f",
+                     *       "mountedCount": 1,
+                     *       "name": "datasets",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pendingSizeGiB": 0,
+                     *       "sizeGiB": 10,
+                     *       "status": "ready",
+                     *       "usedGiB": 2
+                     *     }
+                     */
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such volume in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    deleteVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Volume identifier (e.g. vol_<22-char-lowercase-hex>). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "vol_3f9a1c07b2e84d6a5c1e0f"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["DeleteResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such volume in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The volume is attached to a VM (`VOLUME_IN_USE`); detach it first */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    updateVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Volume identifier (e.g. vol_<22-char-lowercase-hex>). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "sizeGiB": 20
+                 *     }
+                 */
+                "application/json": components["schemas"]["UpdateVolumeRequest"];
+            };
+        };
+        responses: {
+            /** @description The updated volume */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "accessMode": "rw",
+                     *       "createdAt": "2026-11-29T10:15:00.000Z",
+                     *       "id": "vol_3f9a1c07b2e84d6a5c1e0f",
+                     *       "mountedCount": 1,
+                     *       "name": "datasets",
+                     *       "orgId": "5e2f8a41-93c7-4b0d-8e6a-1d4c7f9b2a63",
+                     *       "pendingSizeGiB": 0,
+                     *       "sizeGiB": 20,
+                     *       "status": "ready",
+                     *       "usedGiB": 2
+                     *     }
+                     */
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Malformed body, nothing to update, empty name or size below 1 GiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such volume in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The files do not fit the smaller size (`VOLUME_ERROR`), or the volume is not ready (`VOL_NOT_READY`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Growing would exceed the org's `volumeGiB` quota (`QUOTA_EXCEEDED_VOLUME_GIB`); nothing changed */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listVolumeAttachments: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Volume identifier (e.g. vol_<22-char-lowercase-hex>). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The volume's attachments */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "mountPath": "/mnt/datasets",
+                     *         "mountStatus": "mounted",
+                     *         "readOnly": false,
+                     *         "statusMessage": null,
+                     *         "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10",
+                     *         "volumeId": "vol_3f9a1c07b2e84d6a5c1e0f"
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["VolumeAttachmentItemWithVm"][];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such volume in the caller's org */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
