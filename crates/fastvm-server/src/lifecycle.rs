@@ -487,6 +487,7 @@ impl AppState {
         let started = std::time::Instant::now();
         let launched_with = spec.firewall.clone();
         let from_snapshot = spec.snapshot.is_some();
+        let snapshot = spec.snapshot;
         let worker = self.worker_for(worker_id).await;
         let result = match &worker {
             Ok(w) => w.create(spec).await,
@@ -538,6 +539,10 @@ impl AppState {
                 .await
             }
         };
+        // The snapshot's volumes are attached again (or say why not).
+        if let (Ok(rec), Some(sid)) = (&settle, snapshot) {
+            self.reattach_snapshot_volumes(rec.org_id, id, sid).await;
+        }
         // A firewall set while the VM booted is pushed now.
         if let (Ok(rec), Ok(worker)) = (&settle, &worker) {
             if rec.effective_firewall() != launched_with {

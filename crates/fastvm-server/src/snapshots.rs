@@ -97,8 +97,20 @@ impl AppState {
                     h2c: s.h2c,
                 })
                 .collect(),
-            // Volumes and bucket mounts do not exist yet: a VM has none to capture.
-            volumes: vec![],
+            // The mounted volumes (their files are not in the snapshot: a
+            // restore attaches the volumes again). Bucket mounts do not exist yet.
+            volumes: self
+                .store()
+                .attachments_of_vm(vm.id)
+                .await?
+                .into_iter()
+                .filter(|a| a.mount_status == fastvm_types::volume::MountStatus::Mounted)
+                .map(|a| fastvm_types::snapshot::SnapshotVolumeAttachment {
+                    volume_id: a.volume_id,
+                    mount_path: a.mount_path,
+                    read_only: a.read_only,
+                })
+                .collect(),
             bucket_mounts: vec![],
             created_at_ms: now_ms(),
             deleted_at_ms: None,

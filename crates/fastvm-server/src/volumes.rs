@@ -25,7 +25,7 @@ use fastvm_types::volume::{
     DetachVolumeResponse, DetachWarning, MountStatus, UpdateVolumeRequest, Volume,
     VolumeAttachmentItem, VolumeAttachmentItemWithVm, VolumeStatus,
 };
-use fastvm_types::{DeleteResponse, OrgId, VmId, VmStatus};
+use fastvm_types::{DeleteResponse, OrgId, SnapshotId, VmId, VmStatus};
 use fastvm_worker_api::{DetachNote, Worker, WorkerError};
 use std::sync::Arc;
 
@@ -421,6 +421,75 @@ impl AppState {
             status_message: message,
             ..a
         })
+    }
+
+    /// After a restore from snapshot `sid`: attach the volumes the source
+    /// VM had mounted, at the same paths. One that cannot be (deleted since,
+    /// not ready, on another worker) is recorded `failed` with the reason,
+    /// so the VM's `volumes` says what is missing.
+    pub(crate) async fn reattach_snapshot_volumes(&self, org: OrgId, vm: VmId, sid: SnapshotId) {
+        let wanted = match self.store().get_snapshot(org, sid).await {
+            Ok(Some(s)) => s.volumes,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%vm, snapshot = %sid, error = %e, "reading the snapshot's volumes failed");
+                return;
+            }
+        };
+        for w in wanted {
+            let vm_rec = match self.store().get_vm(org, vm).await {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            let why_not = match self.store().get_volume(org, &w.volume_id).await {
+                Ok(None) => Some(format!(
+                    "volume {} of the snapshot no longer exists; not attached",
+                    w.volume_id
+                )),
+                Ok(Some(v)) if v.status != VolumeStatus::Ready => Some(format!(
+                    "volume {} of the snapshot is {}; not attached",
+                    v.id,
+                    crate::store::volume_status_str(v.status)
+                )),
+                Ok(Some(v)) if v.worker_id.as_deref() != Some(vm_rec.worker_id.as_str()) => {
+                    Some(format!(
+                        "volume {} of the snapshot lives on worker {}, this VM runs on {}; not attached",
+                        v.id,
+                        v.worker_id.as_deref().unwrap_or("(none)"),
+                        vm_rec.worker_id
+                    ))
+                }
+                Ok(Some(_)) => None,
+                Err(e) => Some(format!("volume {}: {e}", w.volume_id)),
+            };
+            let row = AttachmentRecord {
+                vm_id: vm,
+                volume_id: w.volume_id.clone(),
+                org_id: org,
+                mount_path: w.mount_path.clone(),
+                read_only: w.read_only,
+                mount_status: if why_not.is_some() {
+                    MountStatus::Failed
+                } else {
+                    MountStatus::Pending
+                },
+                status_message: why_not.clone(),
+                created_at_ms: 0,
+            };
+            match self.store().insert_attachment(&row).await {
+                Ok(row) if why_not.is_none() => {
+                    if let Err(e) = self.mount_attachment(row).await {
+                        tracing::warn!(%vm, volume = %w.volume_id, error = %e.message, "re-attaching a snapshot's volume failed");
+                    }
+                }
+                Ok(_) => {
+                    tracing::info!(%vm, volume = %w.volume_id, reason = ?why_not, "snapshot's volume not re-attached")
+                }
+                Err(e) => {
+                    tracing::warn!(%vm, volume = %w.volume_id, error = %e, "recording a snapshot's volume failed")
+                }
+            }
+        }
     }
 
     /// Mount the attachments a VM got while paused (called after a resume).

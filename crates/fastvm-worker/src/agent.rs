@@ -801,6 +801,18 @@ impl AgentClient {
         }
     }
 
+    /// Detach the mount at `target` at once (`umount -l`), in use or not.
+    pub async fn unmount_lazy(&self, target: &str) -> Result<()> {
+        self.mount_supported()?;
+        let msg = Control::Unmount {
+            target: target.to_owned(),
+            lazy: true,
+        };
+        self.request_answer(msg, MOUNT_TIMEOUT)
+            .await?
+            .map_err(|m| Error::Volume(format!("the guest could not unmount it: {m}")))
+    }
+
     fn mount_supported(&self) -> Result<()> {
         if self.inner.info.version < MOUNT_PROTOCOL_VERSION {
             return Err(Error::Volume(format!(

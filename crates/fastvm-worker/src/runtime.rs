@@ -133,6 +133,11 @@ pub struct SnapshotRecord {
     /// a worker with another key is refused. `None`: recorded before keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compat_key: Option<String>,
+    /// Volumes mounted in the guest at capture (volume id -> mount path).
+    /// A restore detaches those mounts in the guest (they point at the
+    /// source VM's server); the control plane attaches the volumes again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_mounts: BTreeMap<String, String>,
 }
 
 /// Layers pinned by a launch in progress ([`Runtime::pin_layers`]).
@@ -954,7 +959,9 @@ impl Runtime {
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, Some(&snap.memory)).await;
-        self.finish_start(&vm, result).await
+        let info = self.finish_start(&vm, result).await?;
+        self.drop_stale_mounts(&vm, &snap.volume_mounts).await;
+        Ok(info)
     }
 
     /// Start QEMU and complete the VM's network ([`Self::finish_net`]), then
@@ -1366,6 +1373,13 @@ impl Runtime {
             },
             hostname: vm.record.hostname.clone(),
             env: vm.record.env.clone(),
+            volume_mounts: vm
+                .volumes
+                .lock()
+                .await
+                .as_ref()
+                .map(|v| v.mounts())
+                .unwrap_or_default(),
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

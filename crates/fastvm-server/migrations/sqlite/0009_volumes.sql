@@ -20,7 +20,9 @@ CREATE INDEX volumes_org_created ON volumes(org_id, created_at_ms);
 
 CREATE TABLE volume_attachments (
     vm_id          TEXT NOT NULL,
-    volume_id      TEXT NOT NULL REFERENCES volumes(id),
+    -- no foreign key: a snapshot restore records an attachment of a volume
+    -- deleted since (mount_status failed, with the reason)
+    volume_id      TEXT NOT NULL,
     org_id         TEXT NOT NULL REFERENCES orgs(id),
     mount_path     TEXT NOT NULL,
     read_only      BIGINT NOT NULL,

@@ -29,6 +29,13 @@ pub(super) struct VmVolumes {
     mounts: BTreeMap<String, String>,
 }
 
+impl VmVolumes {
+    /// Volume id -> mount path.
+    pub(super) fn mounts(&self) -> BTreeMap<String, String> {
+        self.mounts.clone()
+    }
+}
+
 /// Kernel NFS options of a volume mount: NFSv3 over TCP to the worker's
 /// server at `gw` (MOUNT on the same port, no portmapper), no lock manager,
 /// attributes cached for at most 1 s (writes of other VMs show up within a
@@ -216,6 +223,33 @@ impl Runtime {
         v.mounts.remove(volume);
         tracing::info!(vm = %id, %volume, %path, note = ?note, "volume detached");
         Ok(note)
+    }
+
+    /// After a restore: detach (lazily) the guest's mounts of the volumes it
+    /// had at capture. They point at the source VM's server, which this VM
+    /// does not have: a process touching them would wait forever (hard
+    /// mounts). Failures are logged; the VM is usable either way.
+    pub(super) async fn drop_stale_mounts(&self, vm: &Vm, mounts: &BTreeMap<String, String>) {
+        if mounts.is_empty() {
+            return;
+        }
+        let agent = match self.agent(vm).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(vm = %vm.record.launch.id, error = %e, "could not detach the snapshot's volume mounts");
+                return;
+            }
+        };
+        for (volume, path) in mounts {
+            match agent.unmount_lazy(path).await {
+                Ok(()) => {
+                    tracing::info!(vm = %vm.record.launch.id, %volume, %path, "snapshot's volume mount detached in the restored guest")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm.record.launch.id, %volume, %path, error = %e, "detaching a snapshot's volume mount failed")
+                }
+            }
+        }
     }
 
     /// Volume id -> mount path of VM `id`'s attached volumes.

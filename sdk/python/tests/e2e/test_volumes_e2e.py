@@ -86,6 +86,10 @@ def test_attach_to_a_paused_vm_is_pending_until_resume(client: FastvmClient, fre
         resumed = client.vms.resume(fresh_vm.id)
         assert [(x.mount_path, x.mount_status) for x in resumed.volumes] == [("/data/later", "mounted")]
         run_ok(client, fresh_vm, "echo ok > /data/later/f && cat /data/later/f")
+        # A mounted volume survives a pause and resume (same server, NFS is stateless).
+        client.vms.pause(fresh_vm.id)
+        client.vms.resume(fresh_vm.id)
+        assert run_ok(client, fresh_vm, "cat /data/later/f && echo more >> /data/later/f && wc -l < /data/later/f") == "ok\n2\n"
         client.vms.volumes.detach(fresh_vm.id, vol.id)
     finally:
         client.volumes.delete(vol.id)
@@ -118,3 +122,40 @@ def test_bad_volume_requests_are_clear_errors(client: FastvmClient, vm: VM) -> N
         client.vms.volumes.detach(vm.id, vol.id)
     finally:
         client.volumes.delete(vol.id)
+
+
+def test_snapshots_record_volumes_and_restores_attach_them_again(client: FastvmClient, fresh_vm: VM) -> None:
+    kept = client.volumes.create(name="kept", size_gi_b=1, access_mode="rw")
+    gone = client.volumes.create(name="gone", size_gi_b=1, access_mode="rw")
+    restored = None
+    try:
+        client.vms.volumes.attach(fresh_vm.id, volume_id=kept.id, mount_path="/mnt/kept")
+        client.vms.volumes.attach(fresh_vm.id, volume_id=gone.id, mount_path="/mnt/gone", read_only=True)
+        run_ok(client, fresh_vm, "echo before snapshot > /mnt/kept/f")
+        snap = client.snapshots.create(vm_id=fresh_vm.id, name="with-volumes")
+        assert sorted((v.volume_id, v.mount_path, v.read_only) for v in snap.volumes) == sorted(
+            [(kept.id, "/mnt/kept", False), (gone.id, "/mnt/gone", True)]
+        )
+        client.vms.volumes.detach(fresh_vm.id, gone.id)
+        client.volumes.delete(gone.id)
+        # Written after the snapshot: the restored VM sees the volume as it is now.
+        run_ok(client, fresh_vm, "echo after snapshot >> /mnt/kept/f")
+
+        restored = client.vms.launch(snapshot_id=snap.id)
+        vm = client.vms.retrieve(restored.id)
+        by_path = {v.mount_path: v for v in vm.volumes}
+        assert by_path["/mnt/kept"].mount_status == "mounted", by_path
+        assert by_path["/mnt/gone"].mount_status == "failed"
+        assert "no longer exists" in (by_path["/mnt/gone"].status_message or "")
+        assert run_ok(client, vm, "cat /mnt/kept/f") == "before snapshot\nafter snapshot\n"
+        # The deleted volume's old mount was detached in the guest: nothing hangs on it.
+        r = client.vms.run(vm.id, command="timeout 10 ls /mnt/gone; grep -c ' /mnt/gone ' /proc/mounts", timeout_sec=30)
+        assert r.stdout.strip().endswith("0"), (r.stdout, r.stderr)
+        for path in ["/mnt/kept", "/mnt/gone"]:
+            client.vms.volumes.detach(vm.id, by_path[path].volume_id)
+    finally:
+        if restored is not None:
+            client.vms.delete(restored.id)
+        for att in client.volumes.list_attachments(kept.id):
+            client.vms.volumes.detach(att.vm_id, kept.id)
+        client.volumes.delete(kept.id)
