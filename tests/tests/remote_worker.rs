@@ -318,6 +318,39 @@ fn every_worker_operation_crosses_the_wire() {
         assert!(w.public_ipv6(vm).await.expect("ipv6").is_some());
         w.stats().await.expect("stats");
 
+        // Volumes: create, attach (a real NFS mount in the guest), use, detach, delete.
+        let vol = "vol_0a1b2c3d4e5f60718293a4";
+        w.put_volume(vol, 64 << 20, false)
+            .await
+            .expect("put volume");
+        w.attach_volume(vm, vol, "/mnt/remote", false)
+            .await
+            .expect("attach volume");
+        assert_eq!(
+            sh(
+                &w,
+                vm,
+                "echo over the wire > /mnt/remote/f && cat /mnt/remote/f"
+            )
+            .await,
+            ("over the wire\n".to_owned(), 0)
+        );
+        assert!(w.volume_used_bytes(vol).await.expect("used") > 0);
+        assert!(matches!(
+            w.delete_volume(vol).await,
+            Err(WorkerError::Volume(m)) if m.contains("attached")
+        ));
+        assert_eq!(w.detach_volume(vm, vol).await.expect("detach"), None);
+        assert!(matches!(
+            w.detach_volume(vm, vol).await,
+            Err(WorkerError::Volume(_))
+        ));
+        w.delete_volume(vol).await.expect("delete volume");
+        assert!(matches!(
+            w.put_volume("vol_x/../../etc", 1, false).await,
+            Err(WorkerError::Volume(_))
+        ));
+
         // Pause, resume, snapshot.
         w.pause(vm).await.expect("pause");
         assert_eq!(w.state(vm).await.expect("state"), Some(VmState::Paused));

@@ -12,7 +12,8 @@ use crate::service::{ListedVm, OpenExec, Resize, SnapshotBody};
 use crate::terminal::{PtyEvent, PtyExit, PtyInput, PtySession, PtySpec, PTY_INPUT_QUEUE};
 use crate::wire::{read_frame, write_data, write_frame, Kind, UPGRADE_PROTOCOL};
 use crate::worker::{
-    ByteStream, ExecEvents, GuestStream, VmSpec, VmState, Worker, WorkerError, WorkerStats,
+    ByteStream, DetachNote, ExecEvents, GuestStream, VmSpec, VmState, Worker, WorkerError,
+    WorkerStats,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -452,6 +453,80 @@ impl Worker for RemoteWorker {
         self.call(Method::GET, "/w/v1/stats", None, SHORT).await
     }
 
+    async fn put_volume(
+        &self,
+        volume: &str,
+        size_bytes: u64,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        let body = crate::service::PutVolumeBody {
+            size_bytes,
+            read_only,
+        };
+        self.call(
+            Method::PUT,
+            &format!("/w/v1/volumes/{}", segment(volume)?),
+            json(&body)?,
+            SHORT,
+        )
+        .await
+    }
+
+    async fn delete_volume(&self, volume: &str) -> Result<(), WorkerError> {
+        self.call(
+            Method::DELETE,
+            &format!("/w/v1/volumes/{}", segment(volume)?),
+            None,
+            LONG,
+        )
+        .await
+    }
+
+    async fn volume_used_bytes(&self, volume: &str) -> Result<u64, WorkerError> {
+        self.call(
+            Method::GET,
+            &format!("/w/v1/volumes/{}/used", segment(volume)?),
+            None,
+            SHORT,
+        )
+        .await
+    }
+
+    async fn attach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+        mount_path: &str,
+        read_only: bool,
+    ) -> Result<(), WorkerError> {
+        let body = crate::service::AttachVolumeBody {
+            volume: volume.to_owned(),
+            mount_path: mount_path.to_owned(),
+            read_only,
+        };
+        self.call(
+            Method::POST,
+            &format!("/w/v1/vms/{id}/volumes"),
+            json(&body)?,
+            LONG,
+        )
+        .await
+    }
+
+    async fn detach_volume(
+        &self,
+        id: VmId,
+        volume: &str,
+    ) -> Result<Option<DetachNote>, WorkerError> {
+        self.call(
+            Method::DELETE,
+            &format!("/w/v1/vms/{id}/volumes/{}", segment(volume)?),
+            None,
+            LONG,
+        )
+        .await
+    }
+
     async fn connect(&self, id: VmId, port: u16) -> Result<GuestStream, WorkerError> {
         let io = self
             .upgrade(&format!("/w/v1/vms/{id}/connect?port={port}"))
@@ -607,6 +682,21 @@ impl Worker for Unusable {
     async fn set_firewall(&self, _: VmId, _: &FirewallPolicy) -> Result<(), WorkerError> {
         self.err()
     }
+}
+
+/// A volume id as one URL path segment (ids are `vol_<hex>`; anything
+/// that would change the path is refused here).
+fn segment(volume: &str) -> Result<&str, WorkerError> {
+    if volume.is_empty()
+        || !volume
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(WorkerError::Volume(format!(
+            "{volume:?} is not a volume id"
+        )));
+    }
+    Ok(volume)
 }
 
 #[cfg(test)]

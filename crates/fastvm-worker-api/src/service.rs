@@ -14,7 +14,7 @@ use crate::cluster::tokens_equal;
 use crate::exec::{ExecEvent, ExecRequest};
 use crate::terminal::{PtyEvent, PtyInput, PtySpec};
 use crate::wire::{read_frame, write_data, write_frame, Kind, UPGRADE_PROTOCOL};
-use crate::worker::{VmSpec, VmState, Worker, WorkerError, WorkerStats};
+use crate::worker::{DetachNote, VmSpec, VmState, Worker, WorkerError, WorkerStats};
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -87,6 +87,13 @@ pub fn router(worker: Arc<dyn Worker>, token: ExpectedToken) -> Router {
         .route(
             "/w/v1/snapshots/{id}",
             axum::routing::delete(delete_snapshot),
+        )
+        .route("/w/v1/volumes/{id}", put(put_volume).delete(delete_volume))
+        .route("/w/v1/volumes/{id}/used", get(volume_used))
+        .route("/w/v1/vms/{id}/volumes", post(attach_volume))
+        .route(
+            "/w/v1/vms/{id}/volumes/{volume}",
+            axum::routing::delete(detach_volume),
         )
         .route("/w/v1/stats", get(stats))
         .layer(axum::middleware::from_fn_with_state(
@@ -219,6 +226,61 @@ async fn delete_snapshot(State(c): State<Ctx>, Path(id): Path<String>) -> Answer
         }
         .await,
     )
+}
+
+/// `PUT /w/v1/volumes/{id}` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PutVolumeBody {
+    pub size_bytes: u64,
+    pub read_only: bool,
+}
+
+async fn put_volume(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    Json(b): Json<PutVolumeBody>,
+) -> Answer<()> {
+    Answer(c.worker.put_volume(&id, b.size_bytes, b.read_only).await)
+}
+
+async fn delete_volume(State(c): State<Ctx>, Path(id): Path<String>) -> Answer<()> {
+    Answer(c.worker.delete_volume(&id).await)
+}
+
+async fn volume_used(State(c): State<Ctx>, Path(id): Path<String>) -> Answer<u64> {
+    Answer(c.worker.volume_used_bytes(&id).await)
+}
+
+/// `POST /w/v1/vms/{id}/volumes` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AttachVolumeBody {
+    pub volume: String,
+    pub mount_path: String,
+    pub read_only: bool,
+}
+
+async fn attach_volume(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    Json(b): Json<AttachVolumeBody>,
+) -> Answer<()> {
+    Answer(
+        async {
+            c.worker
+                .attach_volume(vm_id(&id)?, &b.volume, &b.mount_path, b.read_only)
+                .await
+        }
+        .await,
+    )
+}
+
+async fn detach_volume(
+    State(c): State<Ctx>,
+    Path((id, volume)): Path<(String, String)>,
+) -> Answer<Option<DetachNote>> {
+    Answer(async { c.worker.detach_volume(vm_id(&id)?, &volume).await }.await)
 }
 
 async fn stats(State(c): State<Ctx>) -> Answer<WorkerStats> {
