@@ -33,6 +33,7 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

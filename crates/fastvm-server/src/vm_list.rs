@@ -18,8 +18,9 @@
 //!
 //! A cached view is keyed by (VM id, row version): every write to a VM row
 //! bumps its version ([`crate::store::Store::update_vm`] and every other
-//! `UPDATE vms`), and the view is a function of the row alone, so a view of
-//! the listed version is the view of the row as it is.
+//! `UPDATE vms`), and so does every change to its volume attachments (the
+//! other input of the view), so a view of the listed version is the view of
+//! the VM as it is.
 //!
 //! Pages: `limit` (1..=1000) VMs from `cursor` on, in the list's order
 //! (oldest first, then by id); the cursor of the next page comes in the
@@ -178,6 +179,13 @@ impl AppState {
                 .map(|r| (r.id, r))
                 .collect()
         };
+        // The volume attachments of the VMs whose view is built here.
+        let mut attachments = if rows.is_empty() {
+            HashMap::new()
+        } else {
+            let ids: Vec<VmId> = rows.keys().copied().collect();
+            self.store().attachments_of_vms(&ids).await?
+        };
         let mut parts: Vec<Bytes> = Vec::with_capacity(entries.len());
         for (e, c) in entries.iter().zip(cached) {
             if let Some(json) = c.filter(|_| !moved(e, &reports)) {
@@ -196,8 +204,15 @@ impl AppState {
             if status.is_some_and(|s| s != rec.status) {
                 continue;
             }
+            let mut vm = view(&rec);
+            vm.volumes = attachments
+                .remove(&rec.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(crate::volumes::item_of)
+                .collect();
             let json = Bytes::from(
-                serde_json::to_vec(&view(&rec))
+                serde_json::to_vec(&vm)
                     .map_err(|e| ApiError::internal(format!("encoding VM {}: {e}", rec.id)))?,
             );
             self.inner_views().put(rec.id, rec.version, json.clone());

@@ -564,7 +564,7 @@ impl AppState {
     }
 }
 
-fn item_of(a: AttachmentRecord) -> VolumeAttachmentItem {
+pub(crate) fn item_of(a: AttachmentRecord) -> VolumeAttachmentItem {
     VolumeAttachmentItem {
         volume_id: a.volume_id,
         mount_path: a.mount_path,

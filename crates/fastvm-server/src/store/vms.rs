@@ -185,7 +185,7 @@ fn parse_entry(line: &str) -> Result<VmListEntry> {
 }
 
 /// Most ids bound in one `IN (...)` list of [`Store::get_vms`].
-const IDS_PER_QUERY: usize = 200;
+pub(super) const IDS_PER_QUERY: usize = 200;
 
 /// The INSERT of a new VM row (run on the pool or inside placement's transaction).
 fn insert_vm_query(

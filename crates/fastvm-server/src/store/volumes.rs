@@ -1,7 +1,8 @@
 //! Volumes (`volumes`) and their attachments to VMs (`volume_attachments`),
 //! every query scoped by org. A volume row reserves its size against the
 //! org's quota from the moment it is inserted (`creating`) until it is
-//! deleted.
+//! deleted. Every change to a VM's attachments bumps the VM row's version
+//! (its JSON lists them: the VM list caches views by row version).
 
 use super::{now_ms, parse_id, Result, Store, StoreError};
 use fastvm_types::volume::{AccessMode, MountStatus, VolumeStatus};
@@ -153,6 +154,41 @@ fn usage_from(row: &AnyRow) -> Result<(u64, u64)> {
 }
 
 impl Store {
+    /// Bump a VM row's version: its JSON (which lists its attachments)
+    /// changed, so cached views of the old version must not be served.
+    async fn touch_vm(&self, vm: VmId) -> Result<()> {
+        sqlx::query("UPDATE vms SET version = version + 1 WHERE id = $1")
+            .bind(vm.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Attachments of several VMs (the VM list), by VM, in attach order.
+    pub async fn attachments_of_vms(
+        &self,
+        vms: &[VmId],
+    ) -> Result<std::collections::HashMap<VmId, Vec<AttachmentRecord>>> {
+        let mut out: std::collections::HashMap<VmId, Vec<AttachmentRecord>> =
+            std::collections::HashMap::new();
+        for chunk in vms.chunks(super::vms::IDS_PER_QUERY) {
+            let params: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 1)).collect();
+            let sql = format!(
+                "SELECT {ATT_COLUMNS} FROM volume_attachments WHERE vm_id IN ({}) ORDER BY created_at_ms, volume_id",
+                params.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let a = attachment_from(&row)?;
+                out.entry(a.vm_id).or_default().push(a);
+            }
+        }
+        Ok(out)
+    }
+
     /// Count and provisioned GiB of `org`'s volumes.
     pub async fn volume_usage(&self, org: OrgId) -> Result<(u64, u64)> {
         let row = sqlx::query(USAGE_SQL)
@@ -264,7 +300,10 @@ impl Store {
         .execute(&self.pool)
         .await;
         match res {
-            Ok(_) => Ok(a),
+            Ok(_) => {
+                self.touch_vm(a.vm_id).await?;
+                Ok(a)
+            }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(StoreError::Conflict(format!(
                     "the VM already has volume {} or something mounted at {}",
@@ -293,7 +332,7 @@ impl Store {
         .bind(message.map(str::to_owned))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        self.touch_vm(vm).await
     }
 
     pub async fn delete_attachment(&self, vm: VmId, volume: &str) -> Result<bool> {
@@ -302,6 +341,7 @@ impl Store {
             .bind(volume)
             .execute(&self.pool)
             .await?;
+        self.touch_vm(vm).await?;
         Ok(res.rows_affected() > 0)
     }
 

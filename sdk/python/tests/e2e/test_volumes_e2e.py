@@ -32,6 +32,9 @@ def test_volume_lifecycle_shared_between_vms(client: FastvmClient, fresh_vm: VM,
         assert b.mount_status == "mounted" and b.read_only
         try:
             assert [x.mount_path for x in client.vms.retrieve(fresh_vm.id).volumes] == ["/mnt/shared"]
+            listed = {v.id: v for v in client.vms.list()}
+            assert [x.mount_path for x in listed[fresh_vm.id].volumes] == ["/mnt/shared"]
+            assert [x.mount_path for x in listed[vm.id].volumes] == ["/data/shared"]
             assert client.volumes.retrieve(vol.id).mounted_count == 2
             assert sorted(x.vm_id for x in client.volumes.list_attachments(vol.id)) == sorted([fresh_vm.id, vm.id])
 
@@ -67,6 +70,7 @@ def test_volume_lifecycle_shared_between_vms(client: FastvmClient, fresh_vm: VM,
         assert d.detached and [w.type for w in d.warnings] == ["busy"], d
         assert run_ok(client, fresh_vm, "echo alive") == "alive\n"
         assert client.vms.retrieve(fresh_vm.id).volumes == []
+        assert {v.id: v for v in client.vms.list()}[fresh_vm.id].volumes == []
         with pytest.raises(NotFoundError):
             client.vms.volumes.detach(fresh_vm.id, vol.id)
     finally:
