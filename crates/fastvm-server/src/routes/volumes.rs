@@ -55,6 +55,8 @@ pub async fn list(
         (status = 400, description = "Malformed body, empty name (`INVALID_NAME`) or size below 1 GiB (`INVALID_SIZE`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 429, description = "The org's `volumeCount` or `volumeGiB` quota would be exceeded (`QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB`); nothing was created", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     )
 )]
 pub async fn create(
@@ -110,6 +112,8 @@ pub async fn get_one(
         (status = 404, description = "No such volume in the caller's org", body = ErrorBody),
         (status = 409, description = "The files do not fit the smaller size (`VOLUME_ERROR`), or the volume is not ready (`VOL_NOT_READY`)", body = ErrorBody),
         (status = 429, description = "Growing would exceed the org's `volumeGiB` quota (`QUOTA_EXCEEDED_VOLUME_GIB`); nothing changed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     )
 )]
 pub async fn update(
@@ -188,6 +192,8 @@ pub async fn attachments(
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such VM or volume in the caller's org", body = ErrorBody),
         (status = 409, description = "The VM is neither running nor paused (`INVALID_STATE`), the volume is not ready (`VOL_NOT_READY`), already attached or the path taken (`VOLUME_IN_USE`), or on another worker (`VOLUME_ERROR`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     )
 )]
 pub async fn attach(
