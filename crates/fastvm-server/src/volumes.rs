@@ -41,16 +41,12 @@ fn in_use(msg: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, codes::VOLUME_IN_USE, msg)
 }
 
-fn format_ms(ms: i64) -> String {
-    crate::routes::vms::rfc3339(ms)
-}
-
 impl AppState {
     /// The worker that holds new volumes: the embedded one, else any
     /// reachable worker of the cluster.
-    async fn volume_worker_for_new(&self) -> Result<(String, Arc<dyn Worker>), ApiError> {
+    async fn volume_worker_for_new(&self) -> Result<Arc<dyn Worker>, ApiError> {
         if let Some(w) = self.fleet().local() {
-            return Ok((w.id().to_owned(), w.clone()));
+            return Ok(w.clone());
         }
         let w = self
             .fleet()
@@ -65,7 +61,7 @@ impl AppState {
                     "no worker is reachable to hold the volume; try again when one is",
                 )
             })?;
-        Ok((w.id().to_owned(), w))
+        Ok(w)
     }
 
     async fn volume_worker(&self, v: &VolumeRecord) -> Result<Arc<dyn Worker>, ApiError> {
@@ -119,7 +115,7 @@ impl AppState {
             pending_size_gib: v.pending_size_gib,
             mounted_count: mounted,
             used_gib,
-            created_at: format_ms(v.created_at_ms),
+            created_at: crate::routes::vms::rfc3339(v.created_at_ms),
         })
     }
 
@@ -144,7 +140,7 @@ impl AppState {
         req: CreateVolumeRequest,
     ) -> Result<Volume, ApiError> {
         let name = req.validate()?;
-        let (worker_id, worker) = self.volume_worker_for_new().await?;
+        let worker = self.volume_worker_for_new().await?;
         let record = {
             let lock = self.quota_lock(org);
             let _held = lock.lock().await;
@@ -167,7 +163,7 @@ impl AppState {
                     size_gib: req.size_gib,
                     pending_size_gib: 0,
                     status: VolumeStatus::Creating,
-                    worker_id: Some(worker_id),
+                    worker_id: Some(worker.id().to_owned()),
                     created_at_ms: 0,
                 })
                 .await?

@@ -356,15 +356,11 @@ impl Store {
 
     /// Attachments of one VM, in attach order.
     pub async fn attachments_of_vm(&self, vm: VmId) -> Result<Vec<AttachmentRecord>> {
-        sqlx::query(&format!(
-            "SELECT {ATT_COLUMNS} FROM volume_attachments WHERE vm_id = $1 ORDER BY created_at_ms, volume_id"
-        ))
-        .bind(vm.to_string())
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(attachment_from)
-        .collect()
+        Ok(self
+            .attachments_of_vms(&[vm])
+            .await?
+            .remove(&vm)
+            .unwrap_or_default())
     }
 
     /// Attachments of one volume, in attach order.
