@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// Run no services proxy.
     #[arg(long, env = "FASTVM_NO_PROXY")]
     pub no_proxy: bool,
+    /// Let bucket mounts use this endpoint URL (an `endpoint_url` of their
+    /// credentials) although it is on a private, loopback or link-local
+    /// address (repeatable; scheme, host and port must match).
+    #[arg(long = "allow-bucket-endpoint", value_name = "URL", value_parser = parse_endpoint_url)]
+    pub allow_bucket_endpoint: Vec<String>,
     /// Address of the Prometheus metrics (`GET /metrics`), apart from the API.
     #[arg(long, env = "FASTVM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
@@ -199,6 +204,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     cfg.staging.s3 = args.s3.config()?;
     cfg.staging.org_cap_bytes = args.staging_org_cap_bytes;
+    cfg.allow_bucket_endpoints = args.allow_bucket_endpoint.clone();
     if !args.no_metrics {
         cfg.metrics_listen = Some(args.metrics_listen);
     }
@@ -304,4 +310,15 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--allow-bucket-endpoint`: an absolute http(s) URL with a host.
+fn parse_endpoint_url(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!(
+            "{s:?} must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:9000"
+        ));
+    }
+    Ok(s.to_owned())
 }

@@ -3,12 +3,12 @@
 //!
 //! | status | codes                                                              |
 //! |--------|--------------------------------------------------------------------|
-//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's), `INVALID_LIMIT` / `INVALID_CURSOR` (the list extension's `limit` / `cursor` of `GET /v1/vms`) |
+//! | 400    | `INVALID_JSON` (syntax), `INVALID_REQUEST` (shape: types, unknown or missing fields; or nothing to update), the [`fastvm_types::codes`] of validation (`INVALID_CIDR`, `INVALID_METADATA`, `INVALID_TIMEOUT`, `INVALID_SERVICE_NAME`, ...), `MACHINE_TYPE_MISMATCH` (restore with another machine type than the snapshot's), `BUCKET_ENDPOINT_NOT_ALLOWED` (a bucket mount's `endpoint_url` on a private, loopback or link-local address the operator did not allow), `CREDENTIALS_REFUSED` (a rotation's new credentials do not reach the bucket; the old ones stay), `INVALID_LIMIT` / `INVALID_CURSOR` (the list extension's `limit` / `cursor` of `GET /v1/vms`) |
 //! | 401    | `UNAUTHENTICATED`                                                  |
 //! | 403    | `NO_USER` (a per-user resource, SSH keys, asked for with an org key that has no user), `FORBIDDEN` (an admin endpoint, `/v1/admin/...`, with another key than the admin key) |
 //! | 404    | `NOT_FOUND` (unknown route, bad UUID, another org's resource)      |
 //! | 405    | `METHOD_NOT_ALLOWED`                                               |
-//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user), `STALE_GENERATION` (internal: a worker's heartbeat of a generation that is not current; it registers again), `VOL_NOT_READY` (attach of a volume that is not `ready`), `VOLUME_IN_USE` (delete of an attached volume, the same volume or mount path twice on one VM), `VOLUME_ATTACHED` (shrink or mode change refused while attached), `VOLUME_ERROR` (the worker or the guest refused a volume operation; the message says why) |
+//! | 409    | `INVALID_STATE` (illegal status transition, snapshot not ready), `TTL_NOT_SET` (TTL refresh of a VM without TTL), `SERVICE_EXISTS` (POST of a service name the VM has), `TOO_MANY_SERVICES` (more than 16 services on one VM), `SSH_KEY_EXISTS` (the user registered this key already), `TOO_MANY_SSH_KEYS` (100 keys per user), `STALE_GENERATION` (internal: a worker's heartbeat of a generation that is not current; it registers again), `VOL_NOT_READY` (attach of a volume that is not `ready`), `VOLUME_IN_USE` (delete of an attached volume, the same volume or mount path twice on one VM), `VOLUME_ATTACHED` (shrink or mode change refused while attached), `VOLUME_ERROR` (the worker or the guest refused a volume operation; the message says why), `MOUNT_PATH_IN_USE` (a bucket mount at a path where the VM has a volume or bucket mounted) |
 //! | 413    | `PAYLOAD_TOO_LARGE`                                                |
 //! | 415    | `UNSUPPORTED_MEDIA_TYPE`                                           |
 //! | 429    | `QUOTA_EXCEEDED_VCPU`, `QUOTA_EXCEEDED_MEMORY_MIB`, `QUOTA_EXCEEDED_DISK_GIB`, `QUOTA_EXCEEDED_SNAPSHOT_COUNT`, `QUOTA_EXCEEDED_VOLUME_COUNT`, `QUOTA_EXCEEDED_VOLUME_GIB` (an org limit would be exceeded; nothing changed), `TOO_MANY_EXECS` (the VM has 64 execs, terminals and guest connections open), `STAGING_QUOTA_EXCEEDED` (the org's staged bytes would pass the server's cap; nothing was stored) |
@@ -74,6 +74,9 @@ pub mod codes {
     pub const VOLUME_IN_USE: &str = "VOLUME_IN_USE";
     pub const VOLUME_ERROR: &str = "VOLUME_ERROR";
     pub const VOLUME_ATTACHED: &str = "VOLUME_ATTACHED";
+    pub const MOUNT_PATH_IN_USE: &str = "MOUNT_PATH_IN_USE";
+    pub const BUCKET_ENDPOINT_NOT_ALLOWED: &str = "BUCKET_ENDPOINT_NOT_ALLOWED";
+    pub const CREDENTIALS_REFUSED: &str = "CREDENTIALS_REFUSED";
     pub const STAGING_QUOTA_EXCEEDED: &str = "STAGING_QUOTA_EXCEEDED";
     pub const FORBIDDEN: &str = "FORBIDDEN";
     pub const NO_CAPACITY: &str = "NO_CAPACITY";

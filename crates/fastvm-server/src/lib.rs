@@ -36,6 +36,7 @@
 //! worker finds their QEMU processes again) and reconciles the stored statuses.
 
 pub mod auth;
+mod bucket_mounts;
 pub mod console;
 pub mod error;
 pub mod fleet;
@@ -109,6 +110,9 @@ pub struct ServerConfig {
     /// Cluster mode (workers register over HTTP); none: the single-host
     /// server of one embedded worker.
     pub cluster: Option<ClusterConfig>,
+    /// Bucket endpoints on private, loopback or link-local addresses that
+    /// bucket mounts may use anyway (`--allow-bucket-endpoint URL`).
+    pub allow_bucket_endpoints: Vec<String>,
 }
 
 /// File (in the data dir) holding the cluster secret workers present.
@@ -182,6 +186,7 @@ impl ServerConfig {
             metrics_listen: None,
             ssh: None,
             cluster: None,
+            allow_bucket_endpoints: Vec::new(),
         }
     }
 
@@ -240,6 +245,8 @@ struct Inner {
     snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
     /// Serialised VM views of `GET /v1/vms`, by row version (see vm_list.rs).
     views: vm_list::ViewCache,
+    /// Bucket endpoints allowed on private addresses (bucket_mounts.rs).
+    allow_bucket_endpoints: Vec<String>,
 }
 
 impl AppState {
@@ -269,6 +276,7 @@ impl AppState {
                 ssh_public: None,
                 snapshot_store: None,
                 views: Default::default(),
+                allow_bucket_endpoints: Vec::new(),
             }),
         }
     }
@@ -305,6 +313,19 @@ impl AppState {
             inner.snapshot_store = settings;
         }
         self
+    }
+
+    /// Allow bucket endpoints on private addresses (call right after
+    /// [`AppState::with_fleet`]); see [`ServerConfig::allow_bucket_endpoints`].
+    pub fn with_allowed_bucket_endpoints(mut self, urls: Vec<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.allow_bucket_endpoints = urls;
+        }
+        self
+    }
+
+    pub(crate) fn allowed_bucket_endpoints(&self) -> &[String] {
+        &self.inner.allow_bucket_endpoints
     }
 
     pub(crate) fn snapshot_store_settings(
@@ -542,6 +563,7 @@ async fn build_app_with_host_key(
     }
     let mut state = AppState::with_fleet(store, fleet, cfg.launch_wait)
         .with_snapshot_store_settings(cfg.cluster.as_ref().and_then(|c| c.snapshot_store.clone()))
+        .with_allowed_bucket_endpoints(cfg.allow_bucket_endpoints.clone())
         .with_console(cfg.console.clone());
     if let Some(proxy) = &cfg.proxy {
         let public = services::ProxyPublic {

@@ -542,6 +542,8 @@ impl AppState {
         // The snapshot's volumes are attached again (or say why not).
         if let (Ok(rec), Some(sid)) = (&settle, snapshot) {
             self.reattach_snapshot_volumes(rec.org_id, id, sid).await;
+            self.restore_snapshot_bucket_mounts(rec.org_id, id, sid)
+                .await;
         }
         // A firewall set while the VM booted is pushed now.
         if let (Ok(rec), Ok(worker)) = (&settle, &worker) {
@@ -1006,6 +1008,7 @@ impl AppState {
                 self.forget_policy_lock(id);
                 // Its volumes stay; only the attachments go with the VM.
                 self.store().delete_attachments_of_vm(id).await?;
+                self.store().delete_bucket_mounts_of_vm(id).await?;
                 Ok(())
             }
             Err(e) => {

@@ -98,7 +98,7 @@ impl AppState {
                 })
                 .collect(),
             // The mounted volumes (their files are not in the snapshot: a
-            // restore attaches the volumes again). Bucket mounts do not exist yet.
+            // restore attaches the volumes again).
             volumes: self
                 .store()
                 .attachments_of_vm(vm.id)
@@ -111,7 +111,20 @@ impl AppState {
                     read_only: a.read_only,
                 })
                 .collect(),
-            bucket_mounts: vec![],
+            // The mounted buckets, without credentials (a restore leaves
+            // them `pending` until credentials are given again).
+            bucket_mounts: self
+                .store()
+                .bucket_mounts_of_vm(vm.id)
+                .await?
+                .into_iter()
+                .filter(|m| m.mount_status == fastvm_types::volume::MountStatus::Mounted)
+                .map(|m| fastvm_types::snapshot::SnapshotBucketMountAttachment {
+                    bucket_uri: m.bucket_uri,
+                    mount_path: m.mount_path,
+                    read_only: m.read_only,
+                })
+                .collect(),
             created_at_ms: now_ms(),
             deleted_at_ms: None,
             compat_key: None,

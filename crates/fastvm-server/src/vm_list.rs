@@ -186,6 +186,12 @@ impl AppState {
             let ids: Vec<VmId> = rows.keys().copied().collect();
             self.store().attachments_of_vms(&ids).await?
         };
+        let mut bucket_mounts = if rows.is_empty() {
+            HashMap::new()
+        } else {
+            let ids: Vec<VmId> = rows.keys().copied().collect();
+            self.store().bucket_mounts_of_vms(&ids).await?
+        };
         let mut parts: Vec<Bytes> = Vec::with_capacity(entries.len());
         for (e, c) in entries.iter().zip(cached) {
             if let Some(json) = c.filter(|_| !moved(e, &reports)) {
@@ -210,6 +216,12 @@ impl AppState {
                 .unwrap_or_default()
                 .into_iter()
                 .map(crate::volumes::item_of)
+                .collect();
+            vm.bucket_mounts = bucket_mounts
+                .remove(&rec.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(crate::bucket_mounts::view_of)
                 .collect();
             let json = Bytes::from(
                 serde_json::to_vec(&vm)

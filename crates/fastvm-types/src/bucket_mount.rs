@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::common::{codes, show, ValidationError, VmId};
-use crate::volume::{is_prefixed_hex_id, prefixed_hex_id, validate_mount_path, MountStatus};
+use crate::volume::{is_prefixed_hex_id, prefixed_hex_id, validate_volume_mount_path, MountStatus};
 
 /// Prefix of bucket-mount ids (`bm_<22 lowercase hex>`).
 pub const BUCKET_MOUNT_ID_PREFIX: &str = "bm_";
@@ -127,10 +127,10 @@ fn cred_err(msg: impl Into<String>) -> ValidationError {
 }
 
 impl AwsCredentialsFile {
-    /// Reads the `[default]` section's keys.
-    pub fn default_keys(&self) -> Result<AwsKeys, ValidationError> {
+    /// The `key = value` pairs of the `[default]` section (keys lowercased).
+    fn default_section(&self) -> BTreeMap<String, String> {
         let mut section = String::new();
-        let mut values: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut values = BTreeMap::new();
         for line in self.data.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
@@ -142,27 +142,44 @@ impl AwsCredentialsFile {
             }
             if section == "default" {
                 if let Some((k, v)) = line.split_once('=') {
-                    values.insert(k.trim(), v.trim());
+                    let v = v.trim();
+                    if !v.is_empty() {
+                        values.insert(k.trim().to_ascii_lowercase(), v.to_string());
+                    }
                 }
             }
         }
-        let get = |k: &str| {
-            values
-                .get(k)
-                .filter(|v| !v.is_empty())
-                .map(|v| v.to_string())
-        };
-        match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        values
+    }
+
+    /// Reads the `[default]` section's keys.
+    pub fn default_keys(&self) -> Result<AwsKeys, ValidationError> {
+        let mut values = self.default_section();
+        match (
+            values.remove("aws_access_key_id"),
+            values.remove("aws_secret_access_key"),
+        ) {
             (Some(access_key_id), Some(secret_access_key)) => Ok(AwsKeys {
                 access_key_id,
                 secret_access_key,
-                session_token: get("aws_session_token"),
+                session_token: values.remove("aws_session_token"),
             }),
             _ => Err(cred_err(
                 "credentials.value.data must be AWS credentials INI text with a [default] section \
                  holding aws_access_key_id and aws_secret_access_key",
             )),
         }
+    }
+
+    /// `endpoint_url` of the `[default]` section: an S3-compatible endpoint
+    /// instead of AWS.
+    pub fn endpoint_url(&self) -> Option<String> {
+        self.default_section().remove("endpoint_url")
+    }
+
+    /// `region` of the `[default]` section.
+    pub fn region(&self) -> Option<String> {
+        self.default_section().remove("region")
     }
 }
 
@@ -267,7 +284,7 @@ impl BucketMountCredentials {
 pub struct AttachBucketMountRequest {
     /// `gs://<bucket>[/prefix]` or `s3://<bucket>[/prefix]`.
     pub bucket_uri: String,
-    /// Absolute, clean path in the guest.
+    /// Absolute, clean path in the guest under `/mnt/` or `/data/`.
     pub mount_path: String,
     /// Mount read-only (default false).
     #[serde(default)]
@@ -277,10 +294,11 @@ pub struct AttachBucketMountRequest {
 }
 
 impl AttachBucketMountRequest {
-    /// Checks URI, mount path and credentials; returns the parsed URI.
+    /// Checks URI, mount path (under `/mnt/` or `/data/`, as volumes) and
+    /// credentials; returns the parsed URI.
     pub fn validate(&self) -> Result<BucketUri, ValidationError> {
         let uri = parse_bucket_uri(&self.bucket_uri)?;
-        validate_mount_path(&self.mount_path)?;
+        validate_volume_mount_path(&self.mount_path)?;
         self.credentials.validate_for(uri.scheme)?;
         Ok(uri)
     }
@@ -381,6 +399,15 @@ mod tests {
             ("A", "B")
         );
         assert_eq!(k.session_token.as_deref(), Some("T"));
+        assert_eq!(f.endpoint_url(), None);
+        let f = AwsCredentialsFile {
+            data: "[default]\nAWS_ACCESS_KEY_ID=A\naws_secret_access_key=B\n\
+                   endpoint_url = http://127.0.0.1:9000\nregion=eu-west-1\n"
+                .into(),
+        };
+        assert!(f.default_keys().is_ok());
+        assert_eq!(f.endpoint_url().as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(f.region().as_deref(), Some("eu-west-1"));
         assert!(!format!("{k:?}").contains('B'));
         for bad in [
             "",

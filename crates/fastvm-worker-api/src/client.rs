@@ -527,6 +527,62 @@ impl Worker for RemoteWorker {
         .await
     }
 
+    async fn attach_bucket(
+        &self,
+        id: VmId,
+        bucket: &crate::BucketAttach,
+    ) -> Result<(), WorkerError> {
+        self.call(
+            Method::POST,
+            &format!("/w/v1/vms/{id}/buckets"),
+            json(bucket)?,
+            LONG,
+        )
+        .await
+    }
+
+    async fn rotate_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+        bucket_uri: &str,
+        credentials: &fastvm_types::bucket_mount::BucketMountCredentials,
+    ) -> Result<(), WorkerError> {
+        let body = crate::service::RotateBucketBody {
+            bucket_uri: bucket_uri.to_owned(),
+            credentials: credentials.clone(),
+        };
+        self.call(
+            Method::PUT,
+            &format!("/w/v1/vms/{id}/buckets/{}", segment(mount)?),
+            json(&body)?,
+            LONG,
+        )
+        .await
+    }
+
+    async fn detach_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+    ) -> Result<Option<DetachNote>, WorkerError> {
+        self.call(
+            Method::DELETE,
+            &format!("/w/v1/vms/{id}/buckets/{}", segment(mount)?),
+            None,
+            LONG,
+        )
+        .await
+    }
+
+    async fn bucket_health(
+        &self,
+        id: VmId,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, WorkerError> {
+        self.call(Method::GET, &format!("/w/v1/vms/{id}/buckets"), None, SHORT)
+            .await
+    }
+
     async fn connect(&self, id: VmId, port: u16) -> Result<GuestStream, WorkerError> {
         let io = self
             .upgrade(&format!("/w/v1/vms/{id}/connect?port={port}"))

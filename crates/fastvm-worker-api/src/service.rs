@@ -95,6 +95,14 @@ pub fn router(worker: Arc<dyn Worker>, token: ExpectedToken) -> Router {
             "/w/v1/vms/{id}/volumes/{volume}",
             axum::routing::delete(detach_volume),
         )
+        .route(
+            "/w/v1/vms/{id}/buckets",
+            post(attach_bucket).get(bucket_health),
+        )
+        .route(
+            "/w/v1/vms/{id}/buckets/{mount}",
+            put(rotate_bucket).delete(detach_bucket),
+        )
         .route("/w/v1/stats", get(stats))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
@@ -281,6 +289,51 @@ async fn detach_volume(
     Path((id, volume)): Path<(String, String)>,
 ) -> Answer<Option<DetachNote>> {
     Answer(async { c.worker.detach_volume(vm_id(&id)?, &volume).await }.await)
+}
+
+async fn attach_bucket(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+    Json(b): Json<crate::BucketAttach>,
+) -> Answer<()> {
+    Answer(async { c.worker.attach_bucket(vm_id(&id)?, &b).await }.await)
+}
+
+/// `PUT /w/v1/vms/{id}/buckets/{mount}` body: new credentials.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RotateBucketBody {
+    pub bucket_uri: String,
+    pub credentials: fastvm_types::bucket_mount::BucketMountCredentials,
+}
+
+async fn rotate_bucket(
+    State(c): State<Ctx>,
+    Path((id, mount)): Path<(String, String)>,
+    Json(b): Json<RotateBucketBody>,
+) -> Answer<()> {
+    Answer(
+        async {
+            c.worker
+                .rotate_bucket(vm_id(&id)?, &mount, &b.bucket_uri, &b.credentials)
+                .await
+        }
+        .await,
+    )
+}
+
+async fn detach_bucket(
+    State(c): State<Ctx>,
+    Path((id, mount)): Path<(String, String)>,
+) -> Answer<Option<DetachNote>> {
+    Answer(async { c.worker.detach_bucket(vm_id(&id)?, &mount).await }.await)
+}
+
+async fn bucket_health(
+    State(c): State<Ctx>,
+    Path(id): Path<String>,
+) -> Answer<std::collections::BTreeMap<String, Option<String>>> {
+    Answer(async { c.worker.bucket_health(vm_id(&id)?).await }.await)
 }
 
 async fn stats(State(c): State<Ctx>) -> Answer<WorkerStats> {

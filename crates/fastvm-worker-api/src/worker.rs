@@ -141,6 +141,25 @@ pub enum DetachNote {
     GuestUnresponsive(String),
 }
 
+/// A bucket to mount in a running VM. The credentials travel to the worker
+/// only; it signs the bucket requests, the guest never sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketAttach {
+    /// `bm_<22 hex>`.
+    pub mount: String,
+    /// `s3://<bucket>[/prefix]` or `gs://<bucket>[/prefix]`.
+    pub bucket_uri: String,
+    /// Where it appears in the guest.
+    pub mount_path: String,
+    pub read_only: bool,
+    pub credentials: fastvm_types::bucket_mount::BucketMountCredentials,
+}
+
+fn no_buckets() -> WorkerError {
+    WorkerError::Volume("bucket mounts are not supported on this worker".into())
+}
+
 fn no_volumes() -> WorkerError {
     WorkerError::Volume("volumes are not supported on this worker yet".into())
 }
@@ -246,6 +265,42 @@ pub trait Worker: Send + Sync + 'static {
     ) -> Result<Option<DetachNote>, WorkerError> {
         let _ = (id, volume);
         Err(no_volumes())
+    }
+    /// Mount a bucket in the running VM `id`.
+    async fn attach_bucket(&self, id: VmId, bucket: &BucketAttach) -> Result<(), WorkerError> {
+        let _ = (id, bucket);
+        Err(no_buckets())
+    }
+    /// New credentials for bucket mount `mount` of VM `id` (of bucket
+    /// `bucket_uri`): checked, then used from the next request on.
+    async fn rotate_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+        bucket_uri: &str,
+        credentials: &fastvm_types::bucket_mount::BucketMountCredentials,
+    ) -> Result<(), WorkerError> {
+        let _ = (id, mount, bucket_uri, credentials);
+        Err(no_buckets())
+    }
+    /// Unmount bucket mount `mount` from VM `id`; a note when that did not
+    /// go cleanly (the VM keeps running either way).
+    async fn detach_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+    ) -> Result<Option<DetachNote>, WorkerError> {
+        let _ = (id, mount);
+        Err(no_buckets())
+    }
+    /// The bucket mounts served to VM `id`: mount id -> the last error its
+    /// bucket answered (None: none since mounting or the last rotation).
+    async fn bucket_health(
+        &self,
+        id: VmId,
+    ) -> Result<BTreeMap<String, Option<String>>, WorkerError> {
+        let _ = id;
+        Err(no_buckets())
     }
     /// The worker's counters; an error means it cannot be reached.
     async fn stats(&self) -> Result<WorkerStats, WorkerError> {

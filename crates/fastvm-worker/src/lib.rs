@@ -19,6 +19,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod buckets;
 pub mod catalog;
 pub mod cgroup;
 pub mod console;

@@ -215,6 +215,52 @@ impl Worker for LocalWorker {
         Ok(self.runtime.detach_volume(&id.to_string(), volume).await?)
     }
 
+    async fn attach_bucket(
+        &self,
+        id: VmId,
+        b: &fastvm_worker_api::BucketAttach,
+    ) -> Result<(), WorkerError> {
+        Ok(self
+            .runtime
+            .attach_bucket(
+                &id.to_string(),
+                &b.mount,
+                &b.bucket_uri,
+                &b.mount_path,
+                b.read_only,
+                &b.credentials,
+            )
+            .await?)
+    }
+
+    async fn rotate_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+        bucket_uri: &str,
+        credentials: &fastvm_types::bucket_mount::BucketMountCredentials,
+    ) -> Result<(), WorkerError> {
+        Ok(self
+            .runtime
+            .rotate_bucket(&id.to_string(), mount, bucket_uri, credentials)
+            .await?)
+    }
+
+    async fn detach_bucket(
+        &self,
+        id: VmId,
+        mount: &str,
+    ) -> Result<Option<fastvm_worker_api::DetachNote>, WorkerError> {
+        Ok(self.runtime.detach_bucket(&id.to_string(), mount).await?)
+    }
+
+    async fn bucket_health(
+        &self,
+        id: VmId,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, WorkerError> {
+        Ok(self.runtime.bucket_health(&id.to_string()).await?)
+    }
+
     async fn public_ipv6(&self, id: VmId) -> Result<Option<String>, WorkerError> {
         Ok(self
             .runtime

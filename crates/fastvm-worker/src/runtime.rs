@@ -21,6 +21,7 @@
 //! `net.json` (network slot and firewall policy, see [`crate::net`]). [`Runtime::open`] walks these directories and re-adopts
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
+mod buckets;
 mod volumes;
 
 use volumes::VmVolumes;
@@ -133,9 +134,10 @@ pub struct SnapshotRecord {
     /// a worker with another key is refused. `None`: recorded before keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compat_key: Option<String>,
-    /// Volumes mounted in the guest at capture (volume id -> mount path).
-    /// A restore detaches those mounts in the guest (they point at the
-    /// source VM's server); the control plane attaches the volumes again.
+    /// Volumes and bucket mounts mounted in the guest at capture (volume or
+    /// bucket-mount id -> mount path). A restore detaches those mounts in the
+    /// guest (they point at the source VM's server); the control plane
+    /// attaches the volumes again (bucket mounts: once given credentials).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volume_mounts: BTreeMap<String, String>,
 }

@@ -342,6 +342,27 @@ pub fn volume_attachments() -> Value {
     json!([{"vmId": VM_ID, "volumeId": VOLUME_ID, "mountPath": "/mnt/datasets", "readOnly": false, "mountStatus": "mounted", "statusMessage": null}])
 }
 
+pub fn bucket_mount() -> Value {
+    json!({"id": "bm_0123456789abcdef012345", "vmId": VM_ID, "bucketUri": "s3://team-datasets/train",
+        "mountPath": "/mnt/datasets", "readOnly": true, "mountStatus": "mounted", "statusMessage": null,
+        "createdAt": "2025-01-01T00:00:00.000Z"})
+}
+
+pub fn bucket_mount_list() -> Value {
+    json!([bucket_mount()])
+}
+
+pub fn attach_bucket_mount_request() -> Value {
+    json!({"bucketUri": "s3://team-datasets/train", "mountPath": "/mnt/datasets", "readOnly": true,
+        "credentials": {"type": "aws-credentials", "value": {"data":
+            "[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/EXAMPLEKEY\nendpoint_url = http://10.0.0.5:9000\n"}}})
+}
+
+pub fn rotate_bucket_mount_request() -> Value {
+    json!({"credentials": {"type": "aws-credentials", "value": {"data":
+        "[default]\naws_access_key_id = AKIANEWEXAMPLE\naws_secret_access_key = bPxRfiCYEXAMPLEKEY\nendpoint_url = http://10.0.0.5:9000\n"}}})
+}
+
 pub fn detach_volume_response() -> Value {
     json!({"detached": true, "warnings": []})
 }

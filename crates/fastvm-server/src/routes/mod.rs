@@ -19,6 +19,7 @@
 //! saying this server does not serve them.
 
 pub mod admin;
+pub mod bucket_mounts;
 pub mod console;
 pub mod docs;
 pub mod exec;
@@ -147,6 +148,16 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/vms/{id}/services/{serviceName}",
             put(services::update).delete(services::delete),
+        )
+        .route(
+            "/v1/vms/{id}/bucket-mounts",
+            get(bucket_mounts::list).post(bucket_mounts::attach),
+        )
+        .route(
+            "/v1/vms/{id}/bucket-mounts/{bucketMountId}",
+            get(bucket_mounts::get_one)
+                .patch(bucket_mounts::rotate)
+                .delete(bucket_mounts::delete),
         )
         .route("/v1/vms/{id}/volumes", post(volumes::attach))
         .route(

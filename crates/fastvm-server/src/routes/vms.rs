@@ -52,14 +52,12 @@ pub(crate) fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// The API view of a stored VM, without its volumes (see
-/// [`AppState::vm_json`]). Features that land later are present with honest
-/// values: no bucket mounts.
 impl AppState {
-    /// [`view`] with the VM's volume attachments.
+    /// [`view`] with the VM's volume attachments and bucket mounts.
     pub(crate) async fn vm_json(&self, r: &VmRecord) -> Result<Json<Vm>, ApiError> {
         let mut vm = view(r);
         vm.volumes = self.vm_volume_items(r.id).await?;
+        vm.bucket_mounts = self.vm_bucket_mount_items(r.id).await?;
         Ok(Json(vm))
     }
 }

@@ -19,6 +19,7 @@
 //! hosts of a cluster, and the queries placement runs in its transaction, are
 //! in `workers.rs`.
 
+mod bucket_mounts;
 mod console_tokens;
 mod keys;
 mod quotas;
@@ -31,6 +32,7 @@ mod workers;
 #[cfg(test)]
 mod tests;
 
+pub use bucket_mounts::BucketMountRecord;
 pub use console_tokens::{ConsoleTokenRecord, Redeemed};
 pub use keys::{ApiKeyInfo, NewApiKey, KEY_CACHE_TTL};
 pub use quotas::{QuotaPatch, DEFAULT_QUOTA};

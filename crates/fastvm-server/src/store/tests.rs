@@ -56,6 +56,74 @@ async fn suite(store: &Store) -> TestResult {
     console_tokens_single_use(store).await?;
     ssh_keys_per_user(store).await?;
     volumes_and_attachments(store).await?;
+    bucket_mount_rows(store).await?;
+    Ok(())
+}
+
+async fn bucket_mount_rows(store: &Store) -> TestResult {
+    use fastvm_types::volume::MountStatus;
+    let org = store.create_org("bucket-org").await?;
+    let other = store.create_org("bucket-other").await?;
+    let (vm, vm2) = (VmId::new_v4(), VmId::new_v4());
+    let m = store
+        .insert_bucket_mount(&BucketMountRecord {
+            id: "bm_00000000000000000000aa".into(),
+            vm_id: vm,
+            org_id: org,
+            bucket_uri: "s3://bucket-one/p".into(),
+            mount_path: "/mnt/b".into(),
+            read_only: true,
+            mount_status: MountStatus::Pending,
+            status_message: None,
+            created_at_ms: 0,
+        })
+        .await?;
+    assert!(m.created_at_ms > 0);
+    assert_eq!(
+        store.get_bucket_mount(org, vm, &m.id).await?,
+        Some(m.clone())
+    );
+    assert_eq!(
+        store.get_bucket_mount(other, vm, &m.id).await?,
+        None,
+        "scoped by org"
+    );
+    assert_eq!(
+        store.get_bucket_mount(org, vm2, &m.id).await?,
+        None,
+        "scoped by VM"
+    );
+    store
+        .set_bucket_mount_status(vm, &m.id, MountStatus::Failed, Some("no such bucket"))
+        .await?;
+    let got = store
+        .get_bucket_mount(org, vm, &m.id)
+        .await?
+        .ok_or("gone")?;
+    assert_eq!(
+        (
+            got.mount_status,
+            got.status_message.as_deref(),
+            got.read_only
+        ),
+        (MountStatus::Failed, Some("no such bucket"), true)
+    );
+    let m2 = store
+        .insert_bucket_mount(&BucketMountRecord {
+            id: "bm_00000000000000000000bb".into(),
+            vm_id: vm2,
+            ..m.clone()
+        })
+        .await?;
+    let by_vm = store.bucket_mounts_of_vms(&[vm, vm2]).await?;
+    assert_eq!(
+        (by_vm[&vm].len(), by_vm[&vm2][0].id.as_str()),
+        (1, m2.id.as_str())
+    );
+    assert!(store.delete_bucket_mount(vm, &m.id).await?);
+    assert!(!store.delete_bucket_mount(vm, &m.id).await?);
+    store.delete_bucket_mounts_of_vm(vm2).await?;
+    assert!(store.bucket_mounts_of_vm(vm2).await?.is_empty());
     Ok(())
 }
 
@@ -683,7 +751,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 15);
+    assert_eq!(store.org_count().await?, 17);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -716,7 +784,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 15);
+        assert_eq!(store.org_count().await?, 17);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }

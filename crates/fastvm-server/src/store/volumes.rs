@@ -156,7 +156,7 @@ fn usage_from(row: &AnyRow) -> Result<(u64, u64)> {
 impl Store {
     /// Bump a VM row's version: its JSON (which lists its attachments)
     /// changed, so cached views of the old version must not be served.
-    async fn touch_vm(&self, vm: VmId) -> Result<()> {
+    pub(super) async fn touch_vm(&self, vm: VmId) -> Result<()> {
         sqlx::query("UPDATE vms SET version = version + 1 WHERE id = $1")
             .bind(vm.to_string())
             .execute(&self.pool)

@@ -14,25 +14,29 @@
 
 use super::{Runtime, Vm};
 use crate::error::{Error, Result};
-use crate::volumes::{handle, ExportFs, NfsServer, VolumeStore, NFS_PORT};
+use crate::volumes::{handle, NfsServer, VmExport, VolumeStore, NFS_PORT};
 use fastvm_worker_api::DetachNote;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-/// A VM's export and where each of its volumes is mounted.
+/// A VM's export (volumes and bucket mounts) and where each is mounted.
 #[derive(Debug)]
 pub(super) struct VmVolumes {
-    export: ExportFs,
+    pub(super) export: VmExport,
     _server: NfsServer,
     /// volume id -> mount path in the guest.
     mounts: BTreeMap<String, String>,
+    /// bucket-mount id -> mount path in the guest (buckets.rs).
+    pub(super) buckets: BTreeMap<String, String>,
 }
 
 impl VmVolumes {
-    /// Volume id -> mount path.
+    /// Volume and bucket-mount id -> mount path.
     pub(super) fn mounts(&self) -> BTreeMap<String, String> {
-        self.mounts.clone()
+        let mut all = self.mounts.clone();
+        all.extend(self.buckets.clone());
+        all
     }
 }
 
@@ -41,7 +45,7 @@ impl VmVolumes {
 /// attributes cached for at most 1 s (writes of other VMs show up within a
 /// second; close-to-open consistency on top), hard (a worker restart only
 /// delays I/O).
-fn mount_options(gw: Ipv4Addr) -> String {
+pub(super) fn mount_options(gw: Ipv4Addr) -> String {
     format!(
         "vers=3,proto=tcp,port={NFS_PORT},mountport={NFS_PORT},mountproto=tcp,nolock,hard,\
          timeo=50,retrans=3,actimeo=1,addr={gw},mountaddr={gw}"
@@ -106,6 +110,39 @@ impl Runtime {
             .map_err(|e| Self::volume_io(id, "delete", e))
     }
 
+    /// The VM's export, its NFS server started at first use (at
+    /// `<gateway>:2049` in the VM's namespace).
+    pub(super) async fn vm_export<'a>(
+        &self,
+        slot: &'a mut Option<VmVolumes>,
+        net: &crate::net::VmNet,
+    ) -> Result<&'a mut VmVolumes> {
+        if slot.is_none() {
+            let volumes = match &self.volumes {
+                Ok(store) => store.export(),
+                // No volume store on this host: bucket mounts still work;
+                // volume handles are sealed with a key of this process.
+                Err(_) => crate::volumes::ExportFs::new(handle::Sealer::new(rand::random())),
+            };
+            let export = VmExport::new(volumes);
+            let gw = net.addr.gateway4;
+            let server = crate::volumes::serve(
+                Some(&net.addr.netns),
+                SocketAddr::new(gw.into(), NFS_PORT),
+                export.clone(),
+            )
+            .await?;
+            *slot = Some(VmVolumes {
+                export,
+                _server: server,
+                mounts: BTreeMap::new(),
+                buckets: BTreeMap::new(),
+            });
+        }
+        slot.as_mut()
+            .ok_or_else(|| Error::Volume("volume server missing".into()))
+    }
+
     fn all_vms(&self) -> Vec<Arc<Vm>> {
         self.vms
             .lock()
@@ -141,23 +178,7 @@ impl Runtime {
             })?;
         let gw = net.addr.gateway4;
         let mut slot = vm.volumes.lock().await;
-        if slot.is_none() {
-            let export = store.export();
-            let server = crate::volumes::serve(
-                Some(&net.addr.netns),
-                SocketAddr::new(gw.into(), NFS_PORT),
-                export.clone(),
-            )
-            .await?;
-            *slot = Some(VmVolumes {
-                export,
-                _server: server,
-                mounts: BTreeMap::new(),
-            });
-        }
-        let Some(v) = slot.as_mut() else {
-            return Err(Error::Volume("volume server missing".into()));
-        };
+        let v = self.vm_export(&mut slot, &net).await?;
         if let Some(at) = v.mounts.get(volume) {
             return Err(Error::Volume(format!(
                 "volume {volume} is already attached to this VM at {at}"
@@ -168,11 +189,11 @@ impl Runtime {
                 "{path} already holds volume {other} in this VM"
             )));
         }
-        v.export.attach(host_volume, read_only);
+        v.export.volumes().attach(host_volume, read_only);
         let agent = match self.agent(&vm).await {
             Ok(a) => a,
             Err(e) => {
-                v.export.detach(&key);
+                v.export.volumes().detach(&key);
                 return Err(e);
             }
         };
@@ -181,7 +202,7 @@ impl Runtime {
             .mount(&source, path, "nfs", &mount_options(gw), read_only)
             .await
         {
-            v.export.detach(&key);
+            v.export.volumes().detach(&key);
             return Err(e);
         }
         v.mounts.insert(volume.to_owned(), path.to_owned());
@@ -201,10 +222,20 @@ impl Runtime {
         let not_attached = || Error::Volume(format!("volume {volume} is not attached to VM {id}"));
         let v = slot.as_mut().ok_or_else(not_attached)?;
         let path = v.mounts.get(volume).cloned().ok_or_else(not_attached)?;
-        let note = match vm.state() {
+        let note = self.unmount_in_guest(&vm, &path).await;
+        v.export.volumes().detach(&key);
+        v.mounts.remove(volume);
+        tracing::info!(vm = %id, %volume, %path, note = ?note, "volume detached");
+        Ok(note)
+    }
+
+    /// Unmount `path` in the guest of `vm` (volume or bucket): a note when
+    /// processes still used it (detached lazily) or the guest did not answer.
+    pub(super) async fn unmount_in_guest(&self, vm: &Vm, path: &str) -> Option<DetachNote> {
+        match vm.state() {
             fastvm_worker_api::VmState::Running => {
-                let unmounted = match self.agent(&vm).await {
-                    Ok(agent) => agent.unmount(&path).await,
+                let unmounted = match self.agent(vm).await {
+                    Ok(agent) => agent.unmount(path).await,
                     Err(e) => Err(e),
                 };
                 match unmounted {
@@ -218,11 +249,7 @@ impl Runtime {
             other => Some(DetachNote::GuestUnresponsive(format!(
                 "the VM was {other}: the guest did not unmount {path}; its mount answers errors"
             ))),
-        };
-        v.export.detach(&key);
-        v.mounts.remove(volume);
-        tracing::info!(vm = %id, %volume, %path, note = ?note, "volume detached");
-        Ok(note)
+        }
     }
 
     /// After a restore: detach (lazily) the guest's mounts of the volumes it

@@ -473,7 +473,13 @@ impl ExportFs {
             Target::Object { att, kind, kernel } => {
                 let fd = sys::open_by_handle(att.volume.root.as_fd(), kind, &kernel, libc::O_PATH)
                     .map_err(io_err)?;
-                Self::attr_fd(&att, &fd)
+                let st = sys::stat(fd.as_fd()).map_err(io_err)?;
+                // Removed, though the host kernel may keep the inode a moment
+                // longer (and then still opens it by handle): stale to guests.
+                if st.st_nlink == 0 {
+                    return Err(nfsstat3::NFS3ERR_STALE);
+                }
+                Ok(attr_of(&st, att.volume.fsid()))
             }
         }
     }
@@ -775,6 +781,14 @@ impl ExportFs {
 /// A directory listing from a cookie on.
 pub struct DirListing {
     entries: std::vec::IntoIter<DirEntryPlus<VolHandle>>,
+}
+
+impl DirListing {
+    pub fn new(entries: Vec<DirEntryPlus<VolHandle>>) -> DirListing {
+        DirListing {
+            entries: entries.into_iter(),
+        }
+    }
 }
 
 impl ReadDirPlusIterator<VolHandle> for DirListing {

@@ -11,6 +11,13 @@
 //!  then 16      HMAC-SHA256 (truncated) of all the bytes before, under the store's key
 //! ```
 //!
+//! Bucket mounts (crate::buckets) name their objects by number instead
+//! (object keys are longer than a handle): `2`, the mount id (11 bytes of
+//! `bm_<22 hex>`), the serving process's epoch (8 bytes: numbers of an
+//! earlier worker process are stale, never another object), the object's
+//! number (8 bytes); unsealed, they only mean something to the one VM's export
+//! that numbered them.
+//!
 //! A guest can send any bytes as a handle. Without a valid MAC a handle is
 //! refused (`NFS3ERR_BADHANDLE`), so a guest can only name objects the server
 //! handed out for that volume: it cannot forge the kernel handle of a host
@@ -146,6 +153,40 @@ impl Sealer {
     }
 }
 
+/// The handle of object `ino` of bucket mount `mount`, numbered by the
+/// process of `epoch`.
+pub fn bucket_handle(mount: &VolumeKey, epoch: u64, ino: u64) -> VolHandle {
+    let mut bytes = Vec::with_capacity(28);
+    bytes.push(2);
+    bytes.extend_from_slice(mount);
+    bytes.extend_from_slice(&epoch.to_le_bytes());
+    bytes.extend_from_slice(&ino.to_le_bytes());
+    VolHandle { bytes }
+}
+
+/// `(mount, epoch, ino)` of a bucket-mount handle; `None` for other handles.
+pub fn open_bucket_handle(h: &VolHandle) -> Option<(VolumeKey, u64, u64)> {
+    let b = &h.bytes;
+    if b.len() != 28 || b[0] != 2 {
+        return None;
+    }
+    let mut mount = [0u8; 11];
+    mount.copy_from_slice(&b[1..12]);
+    let epoch = u64::from_le_bytes(b[12..20].try_into().ok()?);
+    let ino = u64::from_le_bytes(b[20..28].try_into().ok()?);
+    Some((mount, epoch, ino))
+}
+
+/// The 11 bytes of `bm_<22 hex>`, or `None` for another shape.
+pub fn bucket_mount_key(id: &str) -> Option<VolumeKey> {
+    if !fastvm_types::bucket_mount::is_bucket_mount_id(id) {
+        return None;
+    }
+    let mut key = [0u8; 11];
+    hex::decode_to_slice(&id[3..], &mut key).ok()?;
+    Some(key)
+}
+
 /// The 11 bytes of `vol_<22 hex>`, or `None` for another shape.
 pub fn volume_key(id: &str) -> Option<VolumeKey> {
     if !fastvm_types::volume::is_volume_id(id) {
@@ -195,6 +236,19 @@ mod tests {
         assert!(s.seal(&vol, 1, &[0; KERNEL_MAX + 1]).is_none());
         assert!(VolHandle::from_bytes(&[]).is_none());
         assert!(VolHandle::from_bytes(&[1; 57]).is_none());
+    }
+
+    #[test]
+    fn bucket_handles_round_trip() {
+        let m = bucket_mount_key("bm_0123456789abcdef012345").expect("key");
+        let h = bucket_handle(&m, 7, 42);
+        assert!(h.len() <= MAX_LEN);
+        assert_eq!(open_bucket_handle(&h), Some((m, 7, 42)));
+        // Volume handles and the export root are not bucket handles, and a
+        // bucket handle opens no volume object.
+        assert_eq!(open_bucket_handle(&Sealer::export_root()), None);
+        assert_eq!(Sealer::new([7; 32]).open(&h), None);
+        assert_eq!(bucket_mount_key("vol_0123456789abcdef012345"), None);
     }
 
     #[test]

@@ -19,10 +19,12 @@
 //! address. [`fs`] is the file system each VM sees, [`handle`] its file
 //! handles, [`sys`] the system calls it makes.
 
+pub mod export;
 pub mod fs;
 pub mod handle;
 mod sys;
 
+pub use export::VmExport;
 pub use fs::{ExportFs, HostVolume};
 pub use handle::{Sealer, VolHandle};
 
@@ -219,11 +221,14 @@ impl Drop for NfsServer {
 
 /// Serves `fs` on `addr` inside network namespace `netns` (`None`: this
 /// process's own namespace, for tests).
-pub async fn serve(
+pub async fn serve<F>(
     netns: Option<&str>,
     addr: SocketAddr,
-    fs: ExportFs,
-) -> crate::error::Result<NfsServer> {
+    fs: F,
+) -> crate::error::Result<NfsServer>
+where
+    F: nfs3_server::vfs::NfsFileSystem<Handle = VolHandle> + 'static,
+{
     let rt = tokio::runtime::Handle::current();
     let bind = move || {
         // The socket is made by the thread that polls the bind: this one, in

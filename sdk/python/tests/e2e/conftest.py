@@ -102,6 +102,9 @@ class LiveServer:
     image_dir: Path
     port: int = 0
     proxy_port: int = 0
+    # Where the bucket-mount tests' S3 server (moto, see ``moto_s3``) listens: the
+    # server allows that loopback endpoint (--allow-bucket-endpoint).
+    moto_port: int = field(default_factory=lambda: _free_port())
     api_key: str = ""
     process: subprocess.Popen | None = None
     _stopped: bool = field(default=False, repr=False)
@@ -144,6 +147,7 @@ class LiveServer:
                     "--image-dir", str(self.image_dir),
                     # Guests' allowed DNS queries go nowhere: never the host's resolver.
                     "--dns-upstream", "127.0.0.1:9",
+                    "--allow-bucket-endpoint", f"http://127.0.0.1:{self.moto_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -343,3 +347,53 @@ def fresh_vm(client: FastvmClient) -> Iterator[VM]:
         client.vms.delete(v.id)
     except Exception:
         pass  # already deleted by the test, or the server teardown will
+
+
+@dataclass
+class MotoS3:
+    """A moto S3 server with IAM authentication on (see ``moto_s3``)."""
+
+    endpoint: str
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def moto_s3(fastvm_server: LiveServer) -> Iterator[MotoS3]:
+    """moto's S3-compatible server on the port the live server allows as a bucket
+    endpoint, started by this session and stopped after it. Authentication is
+    enforced after the first 3 requests (INITIAL_NO_AUTH_ACTION_COUNT), which the
+    tests spend on creating their first IAM user: from then on only that user's
+    keys (and those it creates) are accepted."""
+    binary = os.environ.get("FASTVM_TEST_MOTO") or shutil.which("moto_server")
+    if not binary:
+        msg = "no moto_server for the bucket-mount tests (set FASTVM_TEST_MOTO or pip install 'moto[server]')"
+        if os.environ.get("FASTVM_E2E") == "1":
+            pytest.fail(msg + " [FASTVM_E2E=1: e2e tests must run]", pytrace=False)
+        pytest.skip(msg)
+    log = open(fastvm_server.root / "moto.log", "ab")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(fastvm_server.moto_port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+    )
+    log.close()
+    endpoint = f"http://127.0.0.1:{fastvm_server.moto_port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", fastvm_server.moto_port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not start: {_tail(fastvm_server.root / 'moto.log')}", pytrace=False)
+            time.sleep(0.1)
+    try:
+        yield MotoS3(endpoint=endpoint, process=proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -253,6 +253,58 @@ export interface paths {
         patch: operations["updateVm"];
         trace?: never;
     };
+    "/v1/vms/{id}/bucket-mounts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List bucket-mounts on a VM
+         * @description The VM's bucket mounts, oldest first. A `mounted` one whose bucket answered errors since (deleted, credentials revoked) says so in `statusMessage`; `pending` ones wait for credentials (after a snapshot restore).
+         */
+        get: operations["listBucketMounts"];
+        put?: never;
+        /**
+         * Attach a customer GCS / S3 bucket to a VM
+         * @description Mounts `bucketUri` at `mountPath` in the running VM: its objects appear as files, writes become objects when a file is closed or fsynced. The credentials stay with the worker, which signs the bucket requests; they never enter the guest, are never returned and never land in a snapshot. Credentials the bucket refuses give `mountStatus` `failed` with the reason in `statusMessage`. An `endpoint_url` on a private, loopback or link-local address is refused unless the operator allowed it (`fastvm serve --allow-bucket-endpoint`). gs:// buckets are not supported by this server yet (`failed`).
+         */
+        post: operations["attachBucketMount"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{id}/bucket-mounts/{bucketMountId}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get a bucket-mount
+         * @description One bucket mount of the VM, with the last error its bucket answered in `statusMessage` if any.
+         */
+        get: operations["getBucketMount"];
+        put?: never;
+        post?: never;
+        /**
+         * Detach and delete a bucket-mount
+         * @description Unmounts the bucket in the guest (lazily when processes still use it) and forgets the mount and its credentials. Writes not yet closed or fsynced in the guest are lost. The VM keeps running.
+         */
+        delete: operations["deleteBucketMount"];
+        options?: never;
+        head?: never;
+        /**
+         * Rotate bucket-mount credentials in-place
+         * @description Replaces the credentials of a `mounted` bucket mount without a remount: the worker checks them against the bucket, then signs the next request with them (refused: `CREDENTIALS_REFUSED`, the old ones stay). A `pending` (restored) or `failed` mount is mounted with them now.
+         */
+        patch: operations["rotateBucketMount"];
+        trace?: never;
+    };
     "/v1/vms/{id}/console": {
         parameters: {
             query?: never;
@@ -669,6 +721,17 @@ export interface components {
             /** @description Human-readable explanation. */
             message: string;
         };
+        /** @description Body of `POST /v1/vms/{id}/bucket-mounts`. */
+        AttachBucketMountRequest: {
+            /** @description `gs://<bucket>[/prefix]` or `s3://<bucket>[/prefix]`. */
+            bucketUri: string;
+            /** @description Credentials (never returned). */
+            credentials: components["schemas"]["BucketMountCredentials"];
+            /** @description Absolute, clean path in the guest under `/mnt/` or `/data/`. */
+            mountPath: string;
+            /** @description Mount read-only (default false). */
+            readOnly?: boolean;
+        };
         /** @description Body of `POST /v1/vms/{id}/volumes`. */
         AttachVolumeRequest: {
             /** @description Absolute path starting with `/mnt/` or `/data/`. */
@@ -677,6 +740,14 @@ export interface components {
             readOnly?: boolean;
             /** @description The volume. */
             volumeId: string;
+        };
+        /** @description An AWS shared-credentials file (INI text). */
+        AwsCredentialsFile: {
+            /**
+             * @description INI text with a `[default]` section holding `aws_access_key_id` and
+             *     `aws_secret_access_key` (and optionally `aws_session_token`).
+             */
+            data: string;
         };
         /** @description A bucket-mount as returned by the API (no credentials). */
         BucketMount: {
@@ -696,6 +767,18 @@ export interface components {
             statusMessage?: string | null;
             /** @description The VM. */
             vmId: components["schemas"]["VmId"];
+        };
+        /** @description Customer credentials, selected by `type`: `{"type": "...", "value": {...}}`. */
+        BucketMountCredentials: {
+            /** @enum {string} */
+            type: "gcp-service-account-json";
+            /** @description A GCP service-account JSON key (for `gs://`). */
+            value: components["schemas"]["GcpServiceAccountKey"];
+        } | {
+            /** @enum {string} */
+            type: "aws-credentials";
+            /** @description An AWS shared-credentials file (for `s3://`). */
+            value: components["schemas"]["AwsCredentialsFile"];
         };
         /** @description A console session handle. */
         ConsoleTokenResponse: {
@@ -959,6 +1042,18 @@ export interface components {
              */
             count: number;
         };
+        /**
+         * @description A GCP service-account key file. Its other fields (`project_id`,
+         *     `private_key_id`, `token_uri`, ...) are kept in `extra` and passed on.
+         */
+        GcpServiceAccountKey: Record<string, never> & {
+            /** @description The service account's email. */
+            client_email: string;
+            /** @description PEM private key. */
+            private_key: string;
+            /** @description Always `service_account`. */
+            type: string;
+        };
         /** @description Health check answer. */
         HealthResponse: {
             /** @description `ok` when the server is serving. */
@@ -1091,6 +1186,11 @@ export interface components {
              * @description TCP port, 1024-65535.
              */
             port: number;
+        };
+        /** @description Body of `PATCH /v1/vms/{id}/bucket-mounts/{bucketMountId}` (rotate credentials). */
+        RotateBucketMountRequest: {
+            /** @description New credentials; same kind as the mount's bucket needs. */
+            credentials: components["schemas"]["BucketMountCredentials"];
         };
         /** @description A service registration as returned by the API. */
         Service: {
@@ -3017,6 +3117,368 @@ export interface operations {
             };
             /** @description No such VM in the caller's org */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body is not JSON */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listBucketMounts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The VM's bucket mounts */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "bucketUri": "s3://team-datasets/train",
+                     *         "createdAt": "2025-01-01T00:00:00.000Z",
+                     *         "id": "bm_0123456789abcdef012345",
+                     *         "mountPath": "/mnt/datasets",
+                     *         "mountStatus": "mounted",
+                     *         "readOnly": true,
+                     *         "statusMessage": null,
+                     *         "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["BucketMount"][];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    attachBucketMount: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "bucketUri": "s3://team-datasets/train",
+                 *       "credentials": {
+                 *         "type": "aws-credentials",
+                 *         "value": {
+                 *           "data": "[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/EXAMPLEKEY\nendpoint_url = http://10.0.0.5:9000\n"
+                 *         }
+                 *       },
+                 *       "mountPath": "/mnt/datasets",
+                 *       "readOnly": true
+                 *     }
+                 */
+                "application/json": components["schemas"]["AttachBucketMountRequest"];
+            };
+        };
+        responses: {
+            /** @description The bucket mount (`mounted` or `failed`) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "bucketUri": "s3://team-datasets/train",
+                     *       "createdAt": "2025-01-01T00:00:00.000Z",
+                     *       "id": "bm_0123456789abcdef012345",
+                     *       "mountPath": "/mnt/datasets",
+                     *       "mountStatus": "mounted",
+                     *       "readOnly": true,
+                     *       "statusMessage": null,
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["BucketMount"];
+                };
+            };
+            /** @description Malformed body, a bad bucket URI (`INVALID_BUCKET_URI`), mount path (`INVALID_MOUNT_PATH`) or credentials (`INVALID_CREDENTIALS`), or an endpoint not allowed (`BUCKET_ENDPOINT_NOT_ALLOWED`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The VM is not running (`INVALID_STATE`) or the mount path is taken (`MOUNT_PATH_IN_USE`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body is not JSON */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    getBucketMount: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+                /** @description BucketMount identifier (e.g. bm_<22-char-lowercase-hex>), unique per VM. */
+                bucketMountId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The bucket mount */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "bucketUri": "s3://team-datasets/train",
+                     *       "createdAt": "2025-01-01T00:00:00.000Z",
+                     *       "id": "bm_0123456789abcdef012345",
+                     *       "mountPath": "/mnt/datasets",
+                     *       "mountStatus": "mounted",
+                     *       "readOnly": true,
+                     *       "statusMessage": null,
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["BucketMount"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM, or no such bucket mount on it */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    deleteBucketMount: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+                /** @description BucketMount identifier (e.g. bm_<22-char-lowercase-hex>), unique per VM. */
+                bucketMountId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Detached and deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM, or no such bucket mount on it */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    rotateBucketMount: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description VM ID (UUID). */
+                id: string;
+                /** @description BucketMount identifier (e.g. bm_<22-char-lowercase-hex>), unique per VM. */
+                bucketMountId: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "credentials": {
+                 *         "type": "aws-credentials",
+                 *         "value": {
+                 *           "data": "[default]\naws_access_key_id = AKIANEWEXAMPLE\naws_secret_access_key = bPxRfiCYEXAMPLEKEY\nendpoint_url = http://10.0.0.5:9000\n"
+                 *         }
+                 *       }
+                 *     }
+                 */
+                "application/json": components["schemas"]["RotateBucketMountRequest"];
+            };
+        };
+        responses: {
+            /** @description The bucket mount */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "bucketUri": "s3://team-datasets/train",
+                     *       "createdAt": "2025-01-01T00:00:00.000Z",
+                     *       "id": "bm_0123456789abcdef012345",
+                     *       "mountPath": "/mnt/datasets",
+                     *       "mountStatus": "mounted",
+                     *       "readOnly": true,
+                     *       "statusMessage": null,
+                     *       "vmId": "0b9c4a52-6d1e-4f3a-9a57-2f1c8e3d7b10"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["BucketMount"];
+                };
+            };
+            /** @description Malformed body, credentials of the wrong kind (`INVALID_CREDENTIALS`), refused by the bucket (`CREDENTIALS_REFUSED`), or an endpoint not allowed (`BUCKET_ENDPOINT_NOT_ALLOWED`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such VM, or no such bucket mount on it */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description A mount to make now on a VM that is not running (`INVALID_STATE`) */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
