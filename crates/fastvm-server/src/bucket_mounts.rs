@@ -87,25 +87,38 @@ fn origin(u: &url::Url) -> Option<String> {
 }
 
 impl AppState {
-    /// Refuses an `endpoint_url` on an internal address (see [`is_internal`])
-    /// unless the operator allowed it (`--allow-bucket-endpoint`).
+    /// Refuses credentials that send the worker to an internal address (see
+    /// [`is_internal`]) unless the operator allowed it (`--allow-bucket-endpoint`):
+    /// S3's `endpoint_url`, a GCS key's `token_uri` and `gcs_base_url`.
     async fn check_bucket_endpoint(&self, creds: &BucketMountCredentials) -> Result<(), ApiError> {
-        let BucketMountCredentials::AwsCredentials(file) = creds else {
-            return Ok(());
+        let urls: Vec<String> = match creds {
+            BucketMountCredentials::AwsCredentials(file) => {
+                file.endpoint_url().into_iter().collect()
+            }
+            BucketMountCredentials::GcpServiceAccountJson(key) => ["token_uri", "gcs_base_url"]
+                .iter()
+                .filter_map(|k| key.extra.get(*k))
+                .map(|v| v.as_str().unwrap_or_default().to_owned())
+                .collect(),
         };
-        let Some(endpoint) = file.endpoint_url() else {
-            return Ok(());
-        };
+        for endpoint in urls {
+            self.check_one_endpoint(&endpoint).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_one_endpoint(&self, endpoint: &str) -> Result<(), ApiError> {
+        let endpoint = endpoint.to_owned();
         let bad = |why: String| ApiError::invalid(fastvm_types::codes::INVALID_CREDENTIALS, why);
         let url = url::Url::parse(&endpoint)
-            .map_err(|e| bad(format!("endpoint_url {endpoint:?} is not a URL: {e}")))?;
+            .map_err(|e| bad(format!("bucket endpoint {endpoint:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad(format!(
-                "endpoint_url {endpoint:?} must be an http:// or https:// URL"
+                "bucket endpoint {endpoint:?} must be an http:// or https:// URL"
             )));
         }
         let Some(own) = origin(&url) else {
-            return Err(bad(format!("endpoint_url {endpoint:?} has no host")));
+            return Err(bad(format!("bucket endpoint {endpoint:?} has no host")));
         };
         let allowed = self
             .allowed_bucket_endpoints()
@@ -122,7 +135,7 @@ impl AppState {
                 let port = url.port_or_known_default().unwrap_or(443);
                 tokio::net::lookup_host((d, port))
                     .await
-                    .map_err(|e| bad(format!("endpoint_url host {d:?} does not resolve: {e}")))?
+                    .map_err(|e| bad(format!("bucket endpoint host {d:?} does not resolve: {e}")))?
                     .map(|s| s.ip())
                     .collect()
             }
@@ -132,7 +145,7 @@ impl AppState {
             return Err(ApiError::invalid(
                 codes::BUCKET_ENDPOINT_NOT_ALLOWED,
                 format!(
-                    "endpoint_url {endpoint} is on an internal address ({ip}); bucket endpoints must be \
+                    "bucket endpoint {endpoint} is on an internal address ({ip}); bucket endpoints must be \
                      public unless the operator allows this one (fastvm serve --allow-bucket-endpoint {own})"
                 ),
             ));

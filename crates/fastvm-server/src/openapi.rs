@@ -78,7 +78,7 @@ use utoipa::{Modify, OpenApi};
         (name = "services", description = "HTTP services of a VM, exposed by the proxy (`fastvm serve --proxy-listen`) at `<name>--<vmIdHex>.proxy.<domain>`: HTTP/1.1, WebSocket, Server-Sent Events and h2c (gRPC) pass through; a request for a paused VM resumes it"),
         (name = "snapshots", description = "Snapshots of VMs (memory, device state and disk); restore one with POST /v1/vms {snapshotId}"),
         (name = "files", description = "File transfer through the staging store. `/files/export` is an extension of this server (the spec's download flow needs guest network; export does not)"),
-        (name = "bucket-mounts", description = "Customer S3 buckets mounted in running VMs; the worker signs the bucket requests, credentials never enter the guest"),
+        (name = "bucket-mounts", description = "Customer S3 and GCS buckets mounted in running VMs; the worker signs the bucket requests, credentials never enter the guest"),
         (name = "volumes", description = "Managed volumes: files that outlive VMs, attached to running VMs at /mnt/... or /data/... and shared between them"),
         (name = "org", description = "The caller's org: quotas and usage"),
         (name = "admin", description = "Operator endpoints (extension), admin key only: the worker hosts of a cluster"),

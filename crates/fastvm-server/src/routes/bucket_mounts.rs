@@ -49,7 +49,9 @@ pub async fn list(
         requests; they never enter the guest, are never returned and never land in a snapshot. Credentials the \
         bucket refuses give `mountStatus` `failed` with the reason in `statusMessage`. An `endpoint_url` on a \
         private, loopback or link-local address is refused unless the operator allowed it \
-        (`fastvm serve --allow-bucket-endpoint`). gs:// buckets are not supported by this server yet (`failed`).",
+        (`fastvm serve --allow-bucket-endpoint`); so is a GCS key whose `token_uri` (or `gcs_base_url`) is. s3:// takes \
+        `aws-credentials` (`endpoint_url` for S3-compatible stores); gs:// a service-account key (OAuth2 tokens from \
+        its `token_uri`, then the GCS XML API).",
     params(("id" = String, Path, description = "VM ID (UUID).")),
     request_body(content = AttachBucketMountRequest, example = json!(examples::attach_bucket_mount_request())),
     security(("bearerAuth" = [])),

@@ -12,9 +12,11 @@
 //! request is signed with the new credentials, without a remount. [`fs`] is
 //! the file system (and its POSIX gaps).
 //!
-//! GCS (`gs://`): not built yet: attaching one fails with a clear message.
+//! GCS (`gs://`): a service-account key; the worker gets OAuth2 tokens from
+//! its `token_uri` and uses the GCS XML API ([`gcs`]).
 
 pub mod fs;
+pub mod gcs;
 
 pub use fs::BucketFs;
 
@@ -47,18 +49,8 @@ pub fn open_store(
                 .with_access_key_id(keys.access_key_id)
                 .with_secret_access_key(keys.secret_access_key)
                 .with_region(file.region().unwrap_or_else(|| "us-east-1".into()))
-                // A bucket that stops answering fails the guest's call within
-                // seconds (an I/O error and a statusMessage), not minutes.
-                .with_retry(RetryConfig {
-                    max_retries: 2,
-                    retry_timeout: Duration::from_secs(10),
-                    ..RetryConfig::default()
-                })
-                .with_client_options(
-                    ClientOptions::new()
-                        .with_connect_timeout(Duration::from_secs(5))
-                        .with_timeout(Duration::from_secs(60)),
-                );
+                .with_retry(retry())
+                .with_client_options(client_options());
             if let Some(token) = keys.session_token {
                 b = b.with_token(token);
             }
@@ -72,14 +64,32 @@ pub fn open_store(
                 .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
                 .map_err(|e| format!("the S3 client could not be made from these credentials: {e}"))
         }
-        (BucketScheme::Gcs, _) => Err(
-            "gs:// bucket mounts are not supported by this worker yet; mount an s3:// bucket"
-                .into(),
-        ),
+        (BucketScheme::Gcs, BucketMountCredentials::GcpServiceAccountJson(key)) => {
+            gcs::open(&uri.bucket, key, retry(), client_options())
+        }
+        (BucketScheme::Gcs, _) => {
+            Err("a gs:// bucket needs credentials of type gcp-service-account-json".into())
+        }
         (BucketScheme::S3, _) => {
             Err("an s3:// bucket needs credentials of type aws-credentials".into())
         }
     }
+}
+
+/// A bucket that stops answering fails the guest's call within seconds (an
+/// I/O error and a statusMessage), not minutes.
+fn retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+        ..RetryConfig::default()
+    }
+}
+
+fn client_options() -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(60))
 }
 
 /// Parses `uri` and opens its client: see [`open_store`].

@@ -105,6 +105,8 @@ class LiveServer:
     # Where the bucket-mount tests' S3 server (moto, see ``moto_s3``) listens: the
     # server allows that loopback endpoint (--allow-bucket-endpoint).
     moto_port: int = field(default_factory=lambda: _free_port())
+    # ...and of the stand-in GCS (token endpoint + XML API, see fake_gcs.py).
+    gcs_port: int = field(default_factory=lambda: _free_port())
     api_key: str = ""
     process: subprocess.Popen | None = None
     _stopped: bool = field(default=False, repr=False)
@@ -148,6 +150,7 @@ class LiveServer:
                     # Guests' allowed DNS queries go nowhere: never the host's resolver.
                     "--dns-upstream", "127.0.0.1:9",
                     "--allow-bucket-endpoint", f"http://127.0.0.1:{self.moto_port}",
+                    "--allow-bucket-endpoint", f"http://127.0.0.1:{self.gcs_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -397,3 +400,15 @@ def moto_s3(fastvm_server: LiveServer) -> Iterator[MotoS3]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(fastvm_server: LiveServer):
+    """The stand-in GCS of fake_gcs.py on the port the live server allows."""
+    from .fake_gcs import FakeGcs
+
+    gcs = FakeGcs(fastvm_server.gcs_port)
+    try:
+        yield gcs
+    finally:
+        gcs.close()

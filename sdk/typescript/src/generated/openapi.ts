@@ -268,7 +268,7 @@ export interface paths {
         put?: never;
         /**
          * Attach a customer GCS / S3 bucket to a VM
-         * @description Mounts `bucketUri` at `mountPath` in the running VM: its objects appear as files, writes become objects when a file is closed or fsynced. The credentials stay with the worker, which signs the bucket requests; they never enter the guest, are never returned and never land in a snapshot. Credentials the bucket refuses give `mountStatus` `failed` with the reason in `statusMessage`. An `endpoint_url` on a private, loopback or link-local address is refused unless the operator allowed it (`fastvm serve --allow-bucket-endpoint`). gs:// buckets are not supported by this server yet (`failed`).
+         * @description Mounts `bucketUri` at `mountPath` in the running VM: its objects appear as files, writes become objects when a file is closed or fsynced. The credentials stay with the worker, which signs the bucket requests; they never enter the guest, are never returned and never land in a snapshot. Credentials the bucket refuses give `mountStatus` `failed` with the reason in `statusMessage`. An `endpoint_url` on a private, loopback or link-local address is refused unless the operator allowed it (`fastvm serve --allow-bucket-endpoint`); so is a GCS key whose `token_uri` (or `gcs_base_url`) is. s3:// takes `aws-credentials` (`endpoint_url` for S3-compatible stores); gs:// a service-account key (OAuth2 tokens from its `token_uri`, then the GCS XML API).
          */
         post: operations["attachBucketMount"];
         delete?: never;
