@@ -103,6 +103,8 @@ fn put(url: &str, body: Vec<u8>) -> (StatusCode, Value) {
         let res = F
             .client
             .put(url)
+            // Not pooled: a refused upload ends its connection (see bounds.rs).
+            .header("connection", "close")
             .header("content-type", "application/octet-stream")
             .body(body)
             .send()

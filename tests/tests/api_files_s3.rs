@@ -127,6 +127,8 @@ fn put(url: &str, body: Vec<u8>) -> StatusCode {
     block_on(async {
         s.client
             .put(url)
+            // Not pooled: a refused upload ends its connection (see bounds.rs).
+            .header("connection", "close")
             .header("content-type", "application/octet-stream")
             .body(body)
             .send()

@@ -287,9 +287,13 @@ fn presign(vm: &str, path: &str) -> Value {
 
 fn put(url: &str, len: usize) -> (StatusCode, Value) {
     block_on(async {
+        // Connection: close: a refused upload is answered before its body is
+        // read, and the server then drops the connection; pooled, the next
+        // request could go out on it and fail (hyper's IncompleteMessage).
         let res = S
             .client
             .put(url)
+            .header("connection", "close")
             .header("content-type", "application/octet-stream")
             .body(vec![7u8; len])
             .send()
