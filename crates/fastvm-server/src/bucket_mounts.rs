@@ -153,13 +153,6 @@ impl AppState {
         Ok(())
     }
 
-    async fn running_vm(&self, org: OrgId, vm: VmId) -> Result<crate::store::VmRecord, ApiError> {
-        self.store()
-            .get_vm(org, vm)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no VM with id {vm} in your org")))
-    }
-
     async fn bucket_mount_record(
         &self,
         org: OrgId,
@@ -199,7 +192,7 @@ impl AppState {
         org: OrgId,
         vm: VmId,
     ) -> Result<Vec<BucketMount>, ApiError> {
-        self.running_vm(org, vm).await?;
+        self.find_vm(org, vm).await?;
         let rows = self.store().bucket_mounts_of_vm(vm).await?;
         Ok(self.live_views(vm, rows).await)
     }
@@ -241,7 +234,7 @@ impl AppState {
     ) -> Result<BucketMount, ApiError> {
         req.validate()?;
         self.check_bucket_endpoint(&req.credentials).await?;
-        let vm = self.running_vm(org, vm_id).await?;
+        let vm = self.find_vm(org, vm_id).await?;
         if vm.status != VmStatus::Running {
             return Err(ApiError::invalid_state(format!(
                 "VM {vm_id} is {}; buckets mount in running VMs (resume it first)",
@@ -341,7 +334,7 @@ impl AppState {
         req.credentials.validate_for(uri.scheme)?;
         self.check_bucket_endpoint(&req.credentials).await?;
         if row.mount_status != MountStatus::Mounted {
-            let vm = self.running_vm(org, vm_id).await?;
+            let vm = self.find_vm(org, vm_id).await?;
             if vm.status != VmStatus::Running {
                 return Err(ApiError::invalid_state(format!(
                     "VM {vm_id} is {}; the bucket mounts when the VM runs (resume it, then rotate)",

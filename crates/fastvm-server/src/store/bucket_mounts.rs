@@ -2,7 +2,8 @@
 //! credentials are stored: the worker serving a mount holds them. Every
 //! change bumps the VM row's version (its JSON lists its bucket mounts).
 
-use super::{now_ms, parse_id, Result, Store, StoreError};
+use super::volumes::{mount_status_of, mount_str};
+use super::{now_ms, parse_id, Result, Store};
 use fastvm_types::volume::MountStatus;
 use fastvm_types::{OrgId, VmId};
 use sqlx::any::AnyRow;
@@ -26,14 +27,6 @@ pub struct BucketMountRecord {
 const COLUMNS: &str =
     "id, vm_id, org_id, bucket_uri, mount_path, read_only, mount_status, status_message, created_at_ms";
 
-fn status_str(s: MountStatus) -> &'static str {
-    match s {
-        MountStatus::Mounted => "mounted",
-        MountStatus::Failed => "failed",
-        MountStatus::Pending => "pending",
-    }
-}
-
 fn record_from(row: &AnyRow) -> Result<BucketMountRecord> {
     let status: String = row.try_get("mount_status")?;
     let ro: i64 = row.try_get("read_only")?;
@@ -44,17 +37,7 @@ fn record_from(row: &AnyRow) -> Result<BucketMountRecord> {
         bucket_uri: row.try_get("bucket_uri")?,
         mount_path: row.try_get("mount_path")?,
         read_only: ro != 0,
-        mount_status: match status.as_str() {
-            "mounted" => MountStatus::Mounted,
-            "failed" => MountStatus::Failed,
-            "pending" => MountStatus::Pending,
-            other => {
-                return Err(StoreError::Corrupt {
-                    table: "bucket_mounts",
-                    message: format!("mount_status {other:?}"),
-                })
-            }
-        },
+        mount_status: mount_status_of("bucket_mounts", &status)?,
         status_message: row.try_get("status_message")?,
         created_at_ms: row.try_get("created_at_ms")?,
     })
@@ -76,7 +59,7 @@ impl Store {
         .bind(&m.bucket_uri)
         .bind(&m.mount_path)
         .bind(i64::from(m.read_only))
-        .bind(status_str(m.mount_status))
+        .bind(mount_str(m.mount_status))
         .bind(m.status_message.clone())
         .bind(m.created_at_ms)
         .execute(&self.pool)
@@ -119,7 +102,7 @@ impl Store {
         )
         .bind(vm.to_string())
         .bind(id)
-        .bind(status_str(status))
+        .bind(mount_str(status))
         .bind(message.map(str::to_owned))
         .execute(&self.pool)
         .await?;

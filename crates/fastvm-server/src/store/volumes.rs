@@ -58,11 +58,22 @@ pub fn status_str(s: VolumeStatus) -> &'static str {
     }
 }
 
-fn mount_str(s: MountStatus) -> &'static str {
+/// `mounted`, `failed` or `pending` (volume attachments and bucket mounts).
+pub(super) fn mount_str(s: MountStatus) -> &'static str {
     match s {
         MountStatus::Mounted => "mounted",
         MountStatus::Failed => "failed",
         MountStatus::Pending => "pending",
+    }
+}
+
+/// The [`MountStatus`] stored as `s` in `table`.
+pub(super) fn mount_status_of(table: &'static str, s: &str) -> Result<MountStatus> {
+    match s {
+        "mounted" => Ok(MountStatus::Mounted),
+        "failed" => Ok(MountStatus::Failed),
+        "pending" => Ok(MountStatus::Pending),
+        other => Err(corrupt(table, format!("mount_status {other:?}"))),
     }
 }
 
@@ -114,17 +125,7 @@ fn attachment_from(row: &AnyRow) -> Result<AttachmentRecord> {
         org_id: parse_id(row, "org_id", "volume_attachments")?,
         mount_path: row.try_get("mount_path")?,
         read_only: ro != 0,
-        mount_status: match status.as_str() {
-            "mounted" => MountStatus::Mounted,
-            "failed" => MountStatus::Failed,
-            "pending" => MountStatus::Pending,
-            other => {
-                return Err(corrupt(
-                    "volume_attachments",
-                    format!("mount_status {other:?}"),
-                ))
-            }
-        },
+        mount_status: mount_status_of("volume_attachments", &status)?,
         status_message: row.try_get("status_message")?,
         created_at_ms: row.try_get("created_at_ms")?,
     })
