@@ -30,7 +30,7 @@ static FIX: LazyLock<Fixture> = LazyLock::new(|| {
     // 48 MiB of random bytes in tmpfs: guest RAM only, checked by hash in clones.
     let setup = "head -c 48M /dev/urandom > /dev/shm/blob; sha256sum /dev/shm/blob > /root/blob.sha; \
                  echo payload > /root/file; \
-                 nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 & \
+                 nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 & \
                  sleep 1; cat /tmp/counter";
     let out = block_on(rt.exec_buffered(&vm.id, &ExecRequest::shell(setup), CAP)).expect("setup");
     assert_eq!(out.exit_code, 0, "{out:?}");
