@@ -35,7 +35,8 @@
 //! stderr), then `Eof{Stdout}` and the usual [`Control::Exit`].
 //! [`Control::Resize`] changes the window size (the foreground process
 //! group gets SIGWINCH). An empty argv with a PTY means the login shell
-//! (`/bin/bash -l`, else `/bin/sh -l`).
+//! (`/bin/bash -l`, else `/bin/sh -l`; a guest with neither answers
+//! `Exit{code: 127, error}`).
 //!
 //! ```text
 //!  host: Exec{argv: [], pty: {term, cols, rows}} on s  -> agent: Started{pid}
@@ -145,7 +146,8 @@ pub struct ExecSpec {
     /// Extra environment, on top of the VM-wide env set by [`Control::Configure`].
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory; the agent's default (`/root`) when absent.
+    /// Working directory; when absent, [`ExecDefaults::cwd`], else `/root`
+    /// (`/` when the guest has no `/root`).
     #[serde(default)]
     pub cwd: Option<String>,
     /// Kill the whole process group after this many milliseconds.
@@ -266,6 +268,32 @@ pub struct GuestConfig {
     /// of one snapshot get their own MAC and addresses. Absent: untouched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// Defaults of every exec (working directory, user), e.g. from an
+    /// imported image's config; replaces the previous defaults. Absent on
+    /// the wire when `None` (what older hosts send): execs run as root in
+    /// `/root` (else `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_defaults: Option<ExecDefaults>,
+}
+
+/// Defaults of every exec, from an imported image's config (WorkingDir, User).
+///
+/// The agent applies them when an [`ExecSpec`] says nothing: `cwd` when the
+/// spec has no `cwd` (created if missing); `user` always (an exec has no
+/// user of its own). The user is resolved in the guest's `/etc/passwd` and
+/// `/etc/group` at each exec, as a container runtime does: `name` or `uid`
+/// (its passwd entry's group, else gid 0; supplementary groups from
+/// `/etc/group` membership), `name:group` or `uid:gid` (that group only).
+/// HOME comes from passwd (else `/`), USER and LOGNAME are the name (else
+/// the uid). A name the guest does not know fails the exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDefaults {
+    /// Working directory when an exec names none (the image's WorkingDir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// User to run as: `name`, `uid`, `name:group`, `uid:gid` (the image's User).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Addressing of the guest's one network interface (the first that is not `lo`).
@@ -289,6 +317,10 @@ pub struct NetworkConfig {
 }
 
 /// One unit on the wire.
+// `Control` (a `Configure` holds a whole GuestConfig) dwarfs the data
+// variants; a frame lives from decode to dispatch only, and boxing it would
+// change every sender's and matcher's code for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Session (re)start marker.

@@ -176,6 +176,8 @@ fn bad_control_json_keeps_sync() {
 /// Changing it requires bumping PROTOCOL_VERSION and updating this test.
 /// v2 added `exec.pty` (absent when unused, so v1 execs are byte-identical)
 /// and `resize`; v3 added `connect`; v4 added `mount` and `unmount`.
+/// Optional `configure` fields absent when unset (`network`,
+/// `exec_defaults`) need no new version: older peers' messages are unchanged.
 #[test]
 fn control_schema_snapshot() {
     assert_eq!(
@@ -212,8 +214,26 @@ fn control_schema_snapshot() {
                 time_unix_ns: Some(5),
                 entropy: vec![1, 2],
                 network: None,
+                exec_defaults: None,
             }),
             r#"{"type":"configure","hostname":"h","env":{"K":"v"},"time_unix_ns":5,"entropy":[1,2]}"#,
+        ),
+        (
+            Control::Configure(GuestConfig {
+                exec_defaults: Some(ExecDefaults {
+                    cwd: Some("/app".into()),
+                    user: Some("nobody:nogroup".into()),
+                }),
+                ..Default::default()
+            }),
+            r#"{"type":"configure","hostname":null,"env":{},"time_unix_ns":null,"entropy":[],"exec_defaults":{"cwd":"/app","user":"nobody:nogroup"}}"#,
+        ),
+        (
+            Control::Configure(GuestConfig {
+                exec_defaults: Some(ExecDefaults::default()),
+                ..Default::default()
+            }),
+            r#"{"type":"configure","hostname":null,"env":{},"time_unix_ns":null,"entropy":[],"exec_defaults":{}}"#,
         ),
         (
             Control::Configure(GuestConfig {
@@ -321,6 +341,28 @@ fn control_schema_snapshot() {
     for (msg, want) in cases {
         assert_eq!(serde_json::to_string(&msg).expect("json"), want);
         assert_eq!(serde_json::from_str::<Control>(want).expect("parse"), msg);
+    }
+}
+
+/// Older hosts send `configure` without `exec_defaults` (and older agents
+/// ignore it): both directions decode.
+#[test]
+fn exec_defaults_are_optional_on_the_wire() {
+    let old = r#"{"type":"configure","hostname":"h","env":{},"time_unix_ns":1,"entropy":[]}"#;
+    match serde_json::from_str::<Control>(old).expect("parse") {
+        Control::Configure(cfg) => assert_eq!(cfg.exec_defaults, None),
+        other => panic!("{other:?}"),
+    }
+    let partial = r#"{"type":"configure","exec_defaults":{"user":"1000"}}"#;
+    match serde_json::from_str::<Control>(partial).expect("parse") {
+        Control::Configure(cfg) => assert_eq!(
+            cfg.exec_defaults,
+            Some(ExecDefaults {
+                cwd: None,
+                user: Some("1000".into())
+            })
+        ),
+        other => panic!("{other:?}"),
     }
 }
 

@@ -287,30 +287,50 @@ fn command(
     argv: &[String],
     pty: Option<&Pty>,
 ) -> std::io::Result<std::process::Command> {
+    let defaults = shared
+        .exec_defaults
+        .read()
+        .ok()
+        .and_then(|d| d.clone())
+        .unwrap_or_default();
+    // The image's user, resolved in the guest at each exec (an exec may have
+    // added users since); none: root, as ever.
+    let identity = match defaults.user.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(spec) => Some(
+            crate::user::resolve_in_guest(spec)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?,
+        ),
+        None => None,
+    };
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
+    let (home, user) = match &identity {
+        Some(id) => (id.home.as_str(), id.name.as_str()),
+        None => ("/root", "root"),
+    };
     cmd.env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
+        .env("HOME", home)
+        .env("USER", user)
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm");
+    if identity.is_some() {
+        cmd.env("LOGNAME", user);
+    }
     if let Some(p) = &spec.pty {
         cmd.env("TERM", &p.term)
-            .env("LOGNAME", "root")
+            .env("LOGNAME", user)
             .env("SHELL", &argv[0]);
     }
     if let Ok(env) = shared.env.read() {
         cmd.envs(env.iter());
     }
     cmd.envs(spec.env.iter());
-    let cwd = spec.cwd.clone().unwrap_or_else(|| "/root".to_owned());
-    cmd.current_dir(
-        if std::path::Path::new(&cwd).is_dir() || spec.cwd.is_some() {
-            cwd
-        } else {
-            "/".to_owned()
-        },
-    );
+    let as_root = identity.as_ref().is_none_or(|id| id.uid == 0);
+    cmd.current_dir(working_dir(
+        spec.cwd.as_deref(),
+        defaults.cwd.as_deref(),
+        as_root,
+    ));
     match pty {
         Some(pty) => {
             cmd.stdin(pty.slave.try_clone()?)
@@ -320,6 +340,14 @@ fn command(
             // it only makes async-signal-safe calls.
             unsafe {
                 cmd.pre_exec(pty::make_controlling_terminal);
+            }
+            if let Some(id) = &identity {
+                // SAFETY: after the terminal is ours (TIOCSCTTY needs no
+                // privilege for a new session, but is done as root anyway);
+                // raw system calls only, no allocation.
+                unsafe {
+                    cmd.pre_exec(crate::user::switch_to(id, true));
+                }
             }
         }
         None => {
@@ -337,9 +365,35 @@ fn command(
                     Ok(())
                 });
             }
+            if let Some(id) = &identity {
+                // SAFETY: raw system calls only, no allocation (see switch_to).
+                unsafe {
+                    cmd.pre_exec(crate::user::switch_to(id, false));
+                }
+            }
         }
     }
     Ok(cmd)
+}
+
+/// The exec's own `cwd`, else the image's (made if missing, as container
+/// runtimes do), else `/root` when the guest has one and the exec runs as
+/// root, else `/` (where a container runtime starts an image's other users).
+fn working_dir(spec: Option<&str>, default: Option<&str>, as_root: bool) -> String {
+    if let Some(cwd) = spec {
+        return cwd.to_owned();
+    }
+    if let Some(cwd) = default.filter(|c| !c.is_empty()) {
+        if !std::path::Path::new(cwd).is_dir() {
+            let _ = std::fs::create_dir_all(cwd);
+        }
+        return cwd.to_owned();
+    }
+    if as_root && std::path::Path::new("/root").is_dir() {
+        "/root".to_owned()
+    } else {
+        "/".to_owned()
+    }
 }
 
 fn decode_status(status: libc::c_int) -> (i32, Option<i32>) {
@@ -371,18 +425,22 @@ pub(crate) async fn run(shared: Arc<Shared>, stream: u32, spec: ExecSpec, mut pa
     let argv = if spec.argv.is_empty() && parts.pty.is_some() {
         pty::login_shell()
     } else {
-        spec.argv.clone()
+        Ok(spec.argv.clone())
     };
-    if argv.is_empty() || argv[0].is_empty() {
-        let status = ExitStatus {
-            code: 127,
-            signal: None,
-            timed_out: false,
-            duration_ms: 0,
-            error: Some("empty command".into()),
-        };
-        return finish(&shared, stream, &parts.detached, status).await;
-    }
+    let argv = match argv {
+        Ok(argv) if !argv.is_empty() && !argv[0].is_empty() => argv,
+        bad => {
+            let error = bad.err().unwrap_or_else(|| "empty command".into());
+            let status = ExitStatus {
+                code: 127,
+                signal: None,
+                timed_out: false,
+                duration_ms: 0,
+                error: Some(error),
+            };
+            return finish(&shared, stream, &parts.detached, status).await;
+        }
+    };
     // The slave is only needed until the child has its copies: dropping ours
     // lets the master see EOF (EIO) once the child and its jobs are gone.
     let pty = parts.pty.take();
@@ -606,6 +664,27 @@ async fn feed_stdin(shared: Arc<Shared>, stream: u32, mut tx: Sink, mut rx: Stdi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn working_dir_spec_then_image_then_root_home_then_slash() {
+        let made =
+            std::env::temp_dir().join(format!("fastvm-agent-cwd-{}/a/b", std::process::id()));
+        let made_s = made.to_str().expect("utf-8");
+        assert_eq!(working_dir(Some("/x"), Some(made_s), true), "/x");
+        // The image's WorkingDir is made when missing (as runc does).
+        assert_eq!(working_dir(None, Some(made_s), false), made_s);
+        assert!(made.is_dir());
+        let _ = std::fs::remove_dir_all(made.parent().and_then(|p| p.parent()).expect("parent"));
+        let root_home = if std::path::Path::new("/root").is_dir() {
+            "/root"
+        } else {
+            "/"
+        };
+        assert_eq!(working_dir(None, None, true), root_home);
+        assert_eq!(working_dir(None, Some(""), true), root_home);
+        // Another user of the image starts in /, never in root's home.
+        assert_eq!(working_dir(None, None, false), "/");
+    }
 
     #[tokio::test]
     async fn stdin_past_the_window_is_dropped_and_closes_stdin() {

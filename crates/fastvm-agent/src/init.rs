@@ -136,6 +136,16 @@ pub(crate) fn early() -> io::Result<()> {
     // SAFETY: chroot with a valid C string; we are root in the initramfs.
     check(unsafe { libc::chroot(dot.as_ptr()) }, "chroot")?;
     std::env::set_current_dir("/")?;
+    // An imported image may lack any of these mount points (even /dev/pts
+    // and /dev/shm are not in a fresh devtmpfs): made first, as `mkdir -p`.
+    for (dir, mode) in [
+        ("/tmp", 0o1777),
+        ("/run", 0o755),
+        ("/dev/pts", 0o755),
+        ("/dev/shm", 0o1777),
+    ] {
+        ensure_dir(dir, mode)?;
+    }
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777")?;
     mount("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755")?;
@@ -147,12 +157,32 @@ pub(crate) fn early() -> io::Result<()> {
         "gid=5,mode=620,ptmxmode=666",
     )?;
     mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777")?;
-    // Best effort: loopback up and the root filesystem grown to the disk size.
-    run_quietly("ip", &["link", "set", "lo", "up"]);
+    // Best effort: loopback up (netlink: no `ip` needed) and the root file
+    // system grown to the disk size (an image without resize2fs has a disk
+    // made at its full size).
+    if let Err(e) = crate::netlink::link_up("lo") {
+        crate::log(&format!("loopback: {e}"));
+    }
     run_quietly("resize2fs", &[root.as_str()]);
     Ok(())
 }
 
+/// `mkdir -p path` with `mode` for the directories made (not for one that
+/// exists: the image's own modes stay).
+fn ensure_dir(path: &str, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if Path::new(path).is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+        .map_err(|e| io::Error::new(e.kind(), format!("create {path}: {e}")))
+}
+
+/// Run a helper of the guest image if it has one; its absence is no error.
 fn run_quietly(prog: &str, args: &[&str]) {
     let status = std::process::Command::new(prog)
         .args(args)
@@ -161,8 +191,10 @@ fn run_quietly(prog: &str, args: &[&str]) {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
-    if let Err(e) = status {
-        crate::log(&format!("{prog} failed to start: {e}"));
+    match status {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => crate::log(&format!("{prog} failed to start: {e}")),
+        Ok(_) => {}
     }
 }
 

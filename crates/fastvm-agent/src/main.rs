@@ -1,13 +1,16 @@
 //! `fastvm-agent`: the in-guest agent, PID 1 of every Fast VM guest.
 //!
 //! It is a static musl binary packed as `/init` into the initramfs that the
-//! worker builds; it needs nothing from the guest image. Boot sequence:
+//! worker builds; it needs nothing from the guest image (no shell, no `ip`:
+//! the network is configured over netlink, see `netlink`). Boot sequence:
 //!
 //! ```text
 //!  kernel -> /init (this binary, in the initramfs)
 //!     init::early()      mount /dev /proc /sys, load the few virtio modules,
 //!                        mount the root disk, move into it (chroot), mount
-//!                        /tmp /run /dev/pts, grow the root filesystem
+//!                        /tmp /run /dev/pts /dev/shm (made if missing),
+//!                        lo up (netlink), grow the root filesystem if the
+//!                        image has resize2fs
 //!     reaper::start()    SIGCHLD handler: PID 1 reaps every zombie
 //!     port::open()       the virtio-serial port named `fastvm.agent`
 //!     session::run()     serve frames forever (see fastvm-agent-proto)
@@ -20,11 +23,13 @@ mod config;
 mod exec;
 mod init;
 mod mount;
+mod netlink;
 mod port;
 mod pty;
 mod reaper;
 mod session;
 mod tcp;
+mod user;
 
 use std::time::Duration;
 

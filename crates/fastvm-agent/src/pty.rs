@@ -162,12 +162,45 @@ pub(crate) async fn write_all(master: &Master, mut data: &[u8]) -> io::Result<()
     Ok(())
 }
 
-/// argv of the login shell: `/bin/bash -l`, else `/bin/sh -l`.
-pub(crate) fn login_shell() -> Vec<String> {
-    let shell = if std::path::Path::new("/bin/bash").exists() {
-        "/bin/bash"
-    } else {
-        "/bin/sh"
-    };
-    vec![shell.to_owned(), "-l".to_owned()]
+/// argv of the login shell: `/bin/bash -l`, else `/bin/sh -l`; an error
+/// when the guest has neither (a distroless image).
+pub(crate) fn login_shell() -> Result<Vec<String>, String> {
+    login_shell_in(std::path::Path::new("/"))
+}
+
+fn login_shell_in(root: &std::path::Path) -> Result<Vec<String>, String> {
+    ["/bin/bash", "/bin/sh"]
+        .into_iter()
+        .find(|shell| root.join(&shell[1..]).exists())
+        .map(|shell| vec![shell.to_owned(), "-l".to_owned()])
+        .ok_or_else(|| {
+            "no login shell in this guest: neither /bin/bash nor /bin/sh exists \
+             (run a command instead)"
+                .to_owned()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_shell_prefers_bash_then_sh_then_fails() {
+        let dir = std::env::temp_dir().join(format!("fastvm-agent-shell-{}", std::process::id()));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).expect("must succeed");
+        let err = login_shell_in(&dir).expect_err("must fail");
+        assert!(err.contains("neither /bin/bash nor /bin/sh"), "{err}");
+        std::fs::write(bin.join("sh"), "").expect("must succeed");
+        assert_eq!(
+            login_shell_in(&dir).expect("must succeed"),
+            ["/bin/sh", "-l"]
+        );
+        std::fs::write(bin.join("bash"), "").expect("must succeed");
+        assert_eq!(
+            login_shell_in(&dir).expect("must succeed"),
+            ["/bin/bash", "-l"]
+        );
+        std::fs::remove_dir_all(&dir).expect("must succeed");
+    }
 }

@@ -42,6 +42,9 @@ impl Out {
 /// State shared by all streams of the agent.
 pub(crate) struct Shared {
     pub(crate) env: RwLock<BTreeMap<String, String>>,
+    /// Working directory and user of execs that name none (see
+    /// [`fastvm_agent_proto::ExecDefaults`]); replaced by every Configure.
+    pub(crate) exec_defaults: RwLock<Option<fastvm_agent_proto::ExecDefaults>>,
     pub(crate) reaper: Reaper,
     pub(crate) out: Out,
     streams: Mutex<HashMap<u32, StreamHandle>>,
@@ -76,6 +79,7 @@ pub(crate) async fn serve(path: &Path, reaper: Reaper) -> std::io::Result<()> {
     let mut port = crate::port::open(path)?;
     let shared = Arc::new(Shared {
         env: RwLock::new(BTreeMap::new()),
+        exec_defaults: RwLock::new(None),
         reaper,
         out: Out {
             tx: port.tx.clone(),

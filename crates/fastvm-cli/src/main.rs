@@ -18,6 +18,7 @@ mod console;
 mod cp;
 mod exec;
 mod images;
+mod import;
 mod orgs;
 mod serve;
 mod service;
@@ -97,6 +98,11 @@ enum Command {
     Snapshot {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
+    },
+    /// Build snapshots from OCI images: `import image REF`, then `vm launch --snapshot ID`.
+    Import {
+        #[command(subcommand)]
+        command: import::ImportCommand,
     },
     /// The org's quotas: limits and usage.
     Quota {
@@ -186,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cp(args) => cp::run(args).await.map(|()| 0),
             Command::Console(args) => console::run(args).await,
             Command::Snapshot { command } => snapshot::run(command).await.map(|()| 0),
+            Command::Import { command } => import::run(command).await,
             Command::Service { command } => service::run(command).await.map(|()| 0),
             Command::Quota { conn } => api_misc::quota(conn).await.map(|()| 0),
             Command::Files { command } => api_misc::files(command).await.map(|()| 0),

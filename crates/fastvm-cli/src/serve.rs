@@ -97,6 +97,26 @@ pub struct RuntimeArgs {
     /// No VM networking at all (hosts without nftables or network namespaces).
     #[arg(long, env = "FASTVM_NO_NETWORK")]
     pub no_network: bool,
+    /// Speak plain HTTP to this image registry (HOST:PORT) in snapshot
+    /// imports (repeatable; every other registry is spoken to over HTTPS).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT", value_parser = parse_registry_host)]
+    pub insecure_registry: Vec<String>,
+}
+
+/// `--insecure-registry`: a registry host with an optional port, no scheme or path.
+fn parse_registry_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && !s.contains("://")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a registry host: give HOST or HOST:PORT, e.g. 127.0.0.1:5000 (no scheme, no path)"
+        ))
+    }
 }
 
 impl RuntimeArgs {
@@ -104,6 +124,7 @@ impl RuntimeArgs {
     pub fn apply(&self, cfg: &mut fastvm_worker::RuntimeConfig) -> anyhow::Result<()> {
         cfg.accel = self.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         cfg.image_dir = self.image_dir.clone();
+        cfg.insecure_registries = self.insecure_registry.clone();
         if self.no_network {
             cfg.network = None;
         } else if let Some(net) = cfg.network.as_mut() {

@@ -37,6 +37,10 @@ pub fn control_values() -> Vec<Control> {
                 ipv6: Some("fd00::2/64".into()),
                 ..NetworkConfig::default()
             }),
+            exec_defaults: Some(fastvm_agent_proto::ExecDefaults {
+                cwd: Some("/app".into()),
+                user: Some("1000:1000".into()),
+            }),
         }),
         Control::Exec(ExecSpec {
             argv: vec!["sh".into(), "-c".into(), "echo hi".into()],

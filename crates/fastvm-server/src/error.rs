@@ -209,7 +209,7 @@ impl From<WorkerError> for ApiError {
             WorkerError::Unresponsive(_) => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, codes::VM_UNRESPONSIVE, msg)
             }
-            WorkerError::Failed(_) => {
+            WorkerError::Failed(_) | WorkerError::Import(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::WORKER_ERROR, msg)
             }
         }

@@ -48,6 +48,7 @@ pub mod proxy;
 mod quotas;
 pub mod routes;
 pub mod services;
+mod snapshot_imports;
 mod snapshots;
 pub mod ssh;
 pub mod staging;
@@ -247,6 +248,8 @@ struct Inner {
     views: vm_list::ViewCache,
     /// Bucket endpoints allowed on private addresses (bucket_mounts.rs).
     allow_bucket_endpoints: Vec<String>,
+    /// Tasks of the snapshot imports this process runs (snapshot_imports.rs).
+    imports: snapshot_imports::ImportTasks,
 }
 
 impl AppState {
@@ -277,6 +280,7 @@ impl AppState {
                 snapshot_store: None,
                 views: Default::default(),
                 allow_bucket_endpoints: Vec::new(),
+                imports: Default::default(),
             }),
         }
     }
@@ -322,6 +326,10 @@ impl AppState {
             inner.allow_bucket_endpoints = urls;
         }
         self
+    }
+
+    pub(crate) fn import_tasks(&self) -> &snapshot_imports::ImportTasks {
+        &self.inner.imports
     }
 
     pub(crate) fn allowed_bucket_endpoints(&self) -> &[String] {

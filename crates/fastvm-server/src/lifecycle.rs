@@ -1079,6 +1079,7 @@ impl AppState {
                     tracing::warn!(worker = worker.id(), error = %e.message, "reconciling a worker at startup failed");
                 }
             }
+            self.reconcile_imports().await?;
             return self.reconcile_snapshots().await;
         }
         let Some(worker) = self.fleet().local().cloned() else {
@@ -1138,6 +1139,7 @@ impl AppState {
                 }
             }
         }
+        self.reconcile_imports().await?;
         self.reconcile_snapshots().await
     }
 

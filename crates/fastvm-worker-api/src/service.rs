@@ -132,7 +132,9 @@ pub(crate) fn status_of(e: &WorkerError) -> StatusCode {
     match e {
         WorkerError::NotFound(_) | WorkerError::NoSuchSnapshot(_) => StatusCode::NOT_FOUND,
         WorkerError::WrongState(_) | WorkerError::Volume(_) => StatusCode::CONFLICT,
-        WorkerError::UnknownMachineType(_) | WorkerError::InvalidExec(_) => StatusCode::BAD_REQUEST,
+        WorkerError::UnknownMachineType(_)
+        | WorkerError::InvalidExec(_)
+        | WorkerError::Import(_) => StatusCode::BAD_REQUEST,
         WorkerError::TooManyExecs(_) => StatusCode::TOO_MANY_REQUESTS,
         WorkerError::ConnectRefused(_) => StatusCode::BAD_GATEWAY,
         WorkerError::Timeout(_) | WorkerError::Unresponsive(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -82,6 +82,11 @@ pub enum WorkerError {
     /// (`error` with a message) and only a delete helps.
     #[error("{0}")]
     Unresponsive(String),
+    /// An image import failed for a reason the user can act on (a bad
+    /// reference, refused credentials, a missing platform, an image that
+    /// does not boot); the message is safe to show them.
+    #[error("{0}")]
+    Import(String),
     /// Anything else (QEMU, disks, images).
     #[error("{0}")]
     Failed(String),
@@ -156,6 +161,75 @@ pub struct BucketAttach {
     pub credentials: fastvm_types::bucket_mount::BucketMountCredentials,
 }
 
+/// An OCI image to turn into a snapshot ([`Worker::import_image`]).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageImport {
+    /// The import's id (names its build VM and scratch files).
+    pub import_id: String,
+    /// The snapshot to produce.
+    pub snapshot: SnapshotId,
+    /// Image reference (`registry/repo:tag`, `repo@sha256:...`).
+    pub image: String,
+    /// `os/arch[/variant]`; `linux/amd64` when `None`.
+    pub platform: Option<String>,
+    /// Registry credentials of this import only (never stored).
+    pub registry_username: Option<String>,
+    pub registry_password: Option<String>,
+    /// Shape of the build VM and of the snapshot.
+    pub machine: MachineType,
+    pub disk_gib: u32,
+}
+
+impl std::fmt::Debug for ImageImport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageImport")
+            .field("import_id", &self.import_id)
+            .field("snapshot", &self.snapshot)
+            .field("image", &self.image)
+            .field("platform", &self.platform)
+            .field("registry_username", &self.registry_username)
+            .field(
+                "registry_password",
+                &self.registry_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("machine", &self.machine)
+            .field("disk_gib", &self.disk_gib)
+            .finish()
+    }
+}
+
+/// Progress of an import: phase events and build-log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ImportNote {
+    /// A phase (`pull`, `export`, `saving`, `warming`) `started`,
+    /// `completed` or `failed`, with a user-safe message.
+    Event {
+        phase: String,
+        status: String,
+        message: Option<String>,
+    },
+    /// One line of the build log.
+    Log { line: String },
+}
+
+/// Where [`Worker::import_image`] reports progress.
+pub type ImportSink = std::sync::Arc<dyn Fn(ImportNote) + Send + Sync>;
+
+/// What an import produced (the snapshot is on the worker, like a capture's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportedImage {
+    /// Digest of the image manifest that was imported.
+    pub manifest_digest: String,
+    /// The image's `Env` (the snapshot's VMs see it under their own env).
+    pub env: BTreeMap<String, String>,
+    /// The image's `WorkingDir` and `User`: defaults of every exec.
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
 fn no_buckets() -> WorkerError {
     WorkerError::Volume("bucket mounts are not supported on this worker".into())
 }
@@ -207,6 +281,19 @@ pub trait Worker: Send + Sync + 'static {
     /// layers are reference-collected). An unknown snapshot is already
     /// deleted (`Ok`).
     async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError>;
+    /// Pull `job.image`, make a root disk of it, boot it once and capture
+    /// the running VM as snapshot `job.snapshot`. Dropping the future
+    /// cancels the import: its build VM and scratch files are removed.
+    async fn import_image(
+        &self,
+        job: ImageImport,
+        progress: ImportSink,
+    ) -> Result<ImportedImage, WorkerError> {
+        let _ = (job, progress);
+        Err(WorkerError::Failed(
+            "this worker cannot import images".into(),
+        ))
+    }
     /// Replace the firewall of a VM; a running VM enforces it within a
     /// second, without a restart.
     async fn set_firewall(&self, id: VmId, policy: &FirewallPolicy) -> Result<(), WorkerError>;

@@ -83,6 +83,9 @@ pub struct AgentInfo {
 }
 
 /// What a stream's consumer receives.
+// A `Control` is large (a guest config with its network and exec defaults) and
+// rare next to data frames; boxing it would cost an allocation per control frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Incoming {
     Control(Control),
@@ -96,6 +99,9 @@ enum Incoming {
 }
 
 /// What the guest sent on a stream, before it is admitted.
+// A `Control` is large (a guest config with its network and exec defaults) and
+// rare next to data frames; boxing it would cost an allocation per control frame.
+#[allow(clippy::large_enum_variant)]
 enum FromGuest {
     Control(Control),
     Data(Fd, Bytes),
@@ -106,6 +112,9 @@ enum FromGuest {
 
 /// One item of an [`Inbox`]; output data is owned by the inbox (copied out
 /// of the reader's buffer) so small frames pin no larger allocation.
+// A `Control` is large (a guest config with its network and exec defaults) and
+// rare next to data frames; boxing it would cost an allocation per control frame.
+#[allow(clippy::large_enum_variant)]
 enum Queued {
     Data(Fd, BytesMut),
     Other(Incoming),

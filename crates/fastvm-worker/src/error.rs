@@ -76,6 +76,10 @@ pub enum Error {
         snapshot: String,
         worker: String,
     },
+    /// An image import failed for a reason the user can act on (the
+    /// message names no host paths and no credentials).
+    #[error("{0}")]
+    Import(String),
     #[error("corrupt state file {path}: {message}")]
     CorruptState { path: PathBuf, message: String },
 }

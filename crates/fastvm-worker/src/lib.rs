@@ -31,6 +31,7 @@ pub mod jail;
 pub mod local;
 pub mod migstream;
 pub mod net;
+pub mod oci;
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;

@@ -28,6 +28,7 @@ impl From<crate::Error> for WorkerError {
             E::GuestConnect(_) => WorkerError::ConnectRefused(msg),
             E::Unresponsive { .. } => WorkerError::Unresponsive(msg),
             E::Volume(_) => WorkerError::Volume(msg),
+            E::Import(_) => WorkerError::Import(msg),
             _ => WorkerError::Failed(msg),
         }
     }
@@ -159,6 +160,14 @@ impl Worker for LocalWorker {
             .snapshot(&vm.to_string(), Some(snapshot.to_string()))
             .await?;
         Ok(())
+    }
+
+    async fn import_image(
+        &self,
+        job: fastvm_worker_api::ImageImport,
+        progress: fastvm_worker_api::ImportSink,
+    ) -> Result<fastvm_worker_api::ImportedImage, WorkerError> {
+        Ok(self.runtime.import_image(&job, progress).await?)
     }
 
     async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError> {

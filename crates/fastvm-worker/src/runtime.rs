@@ -22,6 +22,7 @@
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
 mod buckets;
+mod imports;
 mod volumes;
 
 use volumes::VmVolumes;
@@ -64,6 +65,8 @@ pub struct RuntimeConfig {
     /// Per-VM networking (namespace, tap, firewall, resolver); `None` gives
     /// VMs no network device at all (hosts without nftables).
     pub network: Option<NetConfig>,
+    /// Registries (`HOST:PORT`) image imports speak plain HTTP to.
+    pub insecure_registries: Vec<String>,
 }
 
 impl RuntimeConfig {
@@ -78,6 +81,7 @@ impl RuntimeConfig {
             image_dir: None,
             golden: true,
             network: Some(NetConfig::default()),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -140,6 +144,28 @@ pub struct SnapshotRecord {
     /// attaches the volumes again (bucket mounts: once given credentials).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volume_mounts: BTreeMap<String, String>,
+    /// Defaults of an imported image (its env, working dir, user), carried
+    /// by every VM restored from the snapshot and by their snapshots.
+    #[serde(default, skip_serializing_if = "GuestDefaults::is_empty")]
+    pub guest_defaults: GuestDefaults,
+}
+
+/// What an imported image sets for every process in its VMs: its `Env`
+/// (under the VM's own env vars), `WorkingDir` and `User`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDefaults {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl GuestDefaults {
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.working_dir.is_none() && self.user.is_none()
+    }
 }
 
 /// Layers pinned by a launch in progress ([`Runtime::pin_layers`]).
@@ -186,6 +212,16 @@ struct VmRecord {
     /// Disk layers, the writable one first, then its frozen backing layers.
     #[serde(default)]
     layers: Vec<PathBuf>,
+    /// An imported image's env, working dir and user.
+    #[serde(default, skip_serializing_if = "GuestDefaults::is_empty")]
+    defaults: GuestDefaults,
+}
+
+/// Who a new VM is in its guest: hostname, env vars, image defaults.
+struct GuestIdentity {
+    hostname: Option<String>,
+    env: BTreeMap<String, String>,
+    defaults: GuestDefaults,
 }
 
 struct Vm {
@@ -278,9 +314,19 @@ impl Vm {
             .duration_since(UNIX_EPOCH)
             .ok()
             .and_then(|d| u64::try_from(d.as_nanos()).ok());
+        let d = &self.record.defaults;
+        let mut env = d.env.clone();
+        env.extend(self.record.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let exec_defaults = (d.working_dir.is_some() || d.user.is_some()).then(|| {
+            fastvm_agent_proto::ExecDefaults {
+                cwd: d.working_dir.clone(),
+                user: d.user.clone(),
+            }
+        });
         GuestConfig {
             hostname: self.record.hostname.clone(),
-            env: self.record.env.clone(),
+            env,
+            exec_defaults,
             time_unix_ns: now,
             entropy: (0..32).map(|_| rand::random::<u8>()).collect(),
             network: self.net().map(|n| n.guest_config()),
@@ -726,13 +772,12 @@ impl Runtime {
         &self,
         id: &str,
         launch: LaunchSpec,
-        hostname: Option<String>,
-        env: BTreeMap<String, String>,
+        guest: GuestIdentity,
         layers: Vec<PathBuf>,
         net: Option<Arc<VmNet>>,
     ) -> Result<Arc<Vm>> {
         let result = self
-            .register_with(id, launch, hostname, env, layers.clone(), net.clone())
+            .register_with(id, launch, guest, layers.clone(), net.clone())
             .await;
         if result.is_err() {
             if let (Some(network), Some(n)) = (&self.net, &net) {
@@ -749,8 +794,7 @@ impl Runtime {
         &self,
         id: &str,
         mut launch: LaunchSpec,
-        hostname: Option<String>,
-        env: BTreeMap<String, String>,
+        guest: GuestIdentity,
         layers: Vec<PathBuf>,
         net: Option<Arc<VmNet>>,
     ) -> Result<Arc<Vm>> {
@@ -783,9 +827,10 @@ impl Runtime {
         }
         let record = VmRecord {
             launch,
-            hostname,
-            env,
+            hostname: guest.hostname,
+            env: guest.env,
             layers: layers.clone(),
+            defaults: guest.defaults,
         };
         let vm = Arc::new(Vm {
             record,
@@ -836,13 +881,19 @@ impl Runtime {
 
     /// Boot a VM from the image (the slow path: kernel boot under TCG).
     pub async fn boot_fresh(&self, req: CreateVm) -> Result<VmInfo> {
-        self.boot_fresh_with(req, None).await
+        self.boot_fresh_with(req, None, None, &GuestDefaults::default())
+            .await
     }
 
+    /// Boot a VM from the image's kernel and initramfs, with its disk over
+    /// `base` (a frozen qcow2 layer, e.g. an imported root disk) or else over
+    /// the image's root filesystem.
     async fn boot_fresh_with(
         &self,
         req: CreateVm,
         ram: Option<crate::hypervisor::RamFile>,
+        base: Option<&std::path::Path>,
+        defaults: &GuestDefaults,
     ) -> Result<VmInfo> {
         let machine = MachineType::lookup(&req.machine)?;
         let image = self.image().await?.clone();
@@ -853,27 +904,27 @@ impl Runtime {
         let disk_gib = req.disk_gib.unwrap_or(machine.disk_gib);
         let vm = {
             let disk = self.layer_path();
-            let _pinned = self.pin_layers(vec![disk.clone()]).await;
+            let mut pins = vec![disk.clone()];
+            pins.extend(base.map(|b| b.to_path_buf()));
+            let _pinned = self.pin_layers(pins).await;
+            let overlay = match base {
+                Some(b) => Self::qemu_img_overlay(b, "qcow2", &disk, None),
+                None => Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)),
+            };
             let net = self
-                .create_disk_and_net(
-                    Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)),
-                    &disk,
-                    &id,
-                    &req.firewall,
-                )
+                .create_disk_and_net(overlay, &disk, &id, &req.firewall)
                 .await?;
             let mut launch =
                 LaunchSpec::new(&id, machine, disk_gib, self.accel, &image, disk.clone());
             launch.ram = ram;
-            self.register(
-                &id,
-                launch,
-                req.hostname.clone(),
-                req.env.clone(),
-                vec![disk],
-                net,
-            )
-            .await?
+            let guest = GuestIdentity {
+                hostname: req.hostname.clone(),
+                env: req.env.clone(),
+                defaults: defaults.clone(),
+            };
+            let mut layers = vec![disk];
+            layers.extend(base.map(|b| b.to_path_buf()));
+            self.register(&id, launch, guest, layers, net).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, None).await;
@@ -956,8 +1007,12 @@ impl Runtime {
             });
             let mut layers = vec![disk];
             layers.extend(snap.layers.iter().cloned());
-            self.register(&id, launch, hostname, env, layers, net)
-                .await?
+            let guest = GuestIdentity {
+                hostname,
+                env,
+                defaults: snap.guest_defaults.clone(),
+            };
+            self.register(&id, launch, guest, layers, net).await?
         };
         let _op = vm.op.lock().await;
         let result = self.start_process(&vm, Some(&snap.memory)).await;
@@ -1375,6 +1430,7 @@ impl Runtime {
             },
             hostname: vm.record.hostname.clone(),
             env: vm.record.env.clone(),
+            guest_defaults: vm.record.defaults.clone(),
             volume_mounts: vm
                 .volumes
                 .lock()
@@ -1594,7 +1650,9 @@ impl Runtime {
             path: tmp.join("ram"),
             shared: true,
         };
-        let booted = self.boot_fresh_with(req, Some(ram)).await;
+        let booted = self
+            .boot_fresh_with(req, Some(ram), None, &GuestDefaults::default())
+            .await;
         let captured = match booted {
             // Left paused: with shared RAM, anything it ran afterwards would change the image.
             Ok(_) => {

@@ -366,3 +366,108 @@ pub fn rotate_bucket_mount_request() -> Value {
 pub fn detach_volume_response() -> Value {
     json!({"detached": true, "warnings": []})
 }
+
+pub const IMPORT_ID: &str = "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35";
+
+fn import_event(phase: &str, status: &str, ms: u64, message: Option<&str>) -> Value {
+    json!({"phase": phase, "status": status, "timestampMs": ms, "message": message})
+}
+
+pub fn create_snapshot_import_request() -> Value {
+    json!({
+        "machineType": "c1m2",
+        "diskGiB": 10,
+        "name": "python-base",
+        "source": {"type": "image", "image": "registry.example.com:5000/python:3.13-slim"}
+    })
+}
+
+fn snapshot_import(status: &str, finished: bool) -> Value {
+    let mut events = vec![
+        import_event("preparing", "started", 1_748_779_200_000, None),
+        import_event(
+            "preparing",
+            "completed",
+            1_748_779_200_004,
+            Some("worker local"),
+        ),
+    ];
+    if finished {
+        events.extend([
+            import_event("pull", "started", 1_748_779_200_010, Some("pulling registry.example.com:5000/python:3.13-slim")),
+            import_event("pull", "completed", 1_748_779_203_100, Some("5 layers (0 from the cache), 49871233 bytes downloaded, manifest sha256:4f1c...")),
+            import_event("export", "started", 1_748_779_203_101, None),
+            import_event("export", "completed", 1_748_779_206_900, Some("9120 entries, 131228915 bytes")),
+            import_event("saving", "started", 1_748_779_206_901, None),
+            import_event("saving", "completed", 1_748_779_209_300, Some("root disk of 10 GiB")),
+            import_event("warming", "started", 1_748_779_209_301, None),
+            import_event("warming", "completed", 1_748_779_213_800, None),
+            import_event("done", "completed", 1_748_779_213_820, Some("snapshot c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27")),
+        ]);
+    }
+    json!({
+        "id": IMPORT_ID,
+        "name": "python-base",
+        "status": status,
+        "source": {
+            "type": "image",
+            "image": "registry.example.com:5000/python:3.13-slim",
+            "platform": null, "registryUsername": null, "registryHost": null,
+            "dockerfilePath": null, "buildArgs": null, "target": null, "contextSizeBytes": null
+        },
+        "events": events,
+        "snapshotId": if status == "succeeded" { json!(SNAPSHOT_ID) } else { Value::Null },
+        "error": null,
+        "machineName": "c1m2",
+        "cpu": 1,
+        "memoryMiB": 2048,
+        "diskGiB": 10,
+        "createdAt": CREATED_AT,
+        "startedAt": if finished { json!("2025-06-01T12:00:00.010Z") } else { Value::Null },
+        "updatedAt": if finished { "2025-06-01T12:00:13.820Z" } else { CREATED_AT },
+        "finishedAt": if finished { json!("2025-06-01T12:00:13.820Z") } else { Value::Null }
+    })
+}
+
+pub fn snapshot_import_pending() -> Value {
+    snapshot_import("pending", false)
+}
+
+pub fn snapshot_import_succeeded() -> Value {
+    snapshot_import("succeeded", true)
+}
+
+pub fn snapshot_import_list() -> Value {
+    json!([snapshot_import_succeeded()])
+}
+
+pub fn snapshot_import_cancelled() -> Value {
+    let mut v = snapshot_import("cancelled", false);
+    if let Some(e) = v["events"].as_array_mut() {
+        e.push(import_event(
+            "done",
+            "cancelled",
+            1_748_779_201_000,
+            Some("cancelled by the user"),
+        ));
+    }
+    v["finishedAt"] = json!("2025-06-01T12:00:01Z");
+    v
+}
+
+pub fn snapshot_import_deleted() -> Value {
+    json!({"id": IMPORT_ID, "deleted": true})
+}
+
+pub fn context_presign_request() -> Value {
+    json!({"sizeBytes": 1_048_576})
+}
+
+pub fn context_presign_response() -> Value {
+    json!({
+        "contextRef": "ctx_2f9c1e7a",
+        "uploadUrl": "http://127.0.0.1:8080/v1/staging/...",
+        "expiresInSec": 900,
+        "maxUploadBytes": 536_870_912
+    })
+}

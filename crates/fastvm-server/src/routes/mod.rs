@@ -30,6 +30,7 @@ pub mod internal;
 pub mod me;
 pub mod org;
 pub mod services;
+pub mod snapshot_imports;
 pub mod snapshots;
 pub mod vms;
 pub mod volumes;
@@ -208,6 +209,26 @@ pub fn router(state: AppState) -> Router {
             get(snapshots::get)
                 .patch(snapshots::update)
                 .delete(snapshots::delete),
+        )
+        .route(
+            "/v1/snapshot-imports",
+            get(snapshot_imports::list).post(snapshot_imports::create),
+        )
+        .route(
+            "/v1/snapshot-imports/context-presign",
+            post(snapshot_imports::presign_context),
+        )
+        .route(
+            "/v1/snapshot-imports/{id}",
+            get(snapshot_imports::get).delete(snapshot_imports::delete),
+        )
+        .route(
+            "/v1/snapshot-imports/{id}/cancel",
+            post(snapshot_imports::cancel),
+        )
+        .route(
+            "/v1/snapshot-imports/{id}/logs",
+            get(snapshot_imports::logs),
         )
         .route("/v1/vms/{id}/console-token", post(console::console_token))
         .route("/v1/vms/{id}/console", get(console::open_vm_console))

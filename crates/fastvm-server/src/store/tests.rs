@@ -57,6 +57,99 @@ async fn suite(store: &Store) -> TestResult {
     ssh_keys_per_user(store).await?;
     volumes_and_attachments(store).await?;
     bucket_mount_rows(store).await?;
+    snapshot_import_rows(store).await?;
+    Ok(())
+}
+
+async fn snapshot_import_rows(store: &Store) -> TestResult {
+    use fastvm_types::snapshot_import::{
+        SnapshotImportEvent, SnapshotImportSourceType, SnapshotImportSourceView,
+        SnapshotImportStatus as S,
+    };
+    let org = store.create_org("import-org").await?;
+    let other = store.create_org("import-other").await?;
+    let mut rec = SnapshotImportRecord {
+        id: fastvm_types::SnapshotImportId::new_v4(),
+        org_id: org,
+        name: "busybox".into(),
+        status: S::Pending,
+        source: SnapshotImportSourceView {
+            source_type: SnapshotImportSourceType::Image,
+            image: Some("127.0.0.1:5000/busybox:1".into()),
+            platform: None,
+            registry_username: Some("puller".into()),
+            registry_host: None,
+            dockerfile_path: None,
+            build_args: None,
+            target: None,
+            context_size_bytes: None,
+        },
+        events: vec![SnapshotImportEvent {
+            phase: "preparing".into(),
+            status: "started".into(),
+            timestamp_ms: 1,
+            message: None,
+        }],
+        logs: String::new(),
+        worker_id: None,
+        snapshot_id: Some(SnapshotId::new_v4()),
+        error: None,
+        machine_name: "c1m2".into(),
+        cpu: 1,
+        memory_mib: 2048,
+        disk_gib: 10,
+        created_at_ms: 5,
+        started_at_ms: None,
+        updated_at_ms: 5,
+        finished_at_ms: None,
+    };
+    store.insert_snapshot_import(&rec).await?;
+    assert_eq!(
+        store.get_snapshot_import(org, rec.id).await?,
+        Some(rec.clone())
+    );
+    assert_eq!(
+        store.get_snapshot_import(other, rec.id).await?,
+        None,
+        "scoped by org"
+    );
+    assert_eq!(store.list_snapshot_imports(org).await?.len(), 1);
+    assert!(store
+        .snapshot_imports_in_flight()
+        .await?
+        .iter()
+        .any(|r| r.id == rec.id));
+    // An import in flight cannot be deleted.
+    assert!(!store.mark_snapshot_import_deleted(org, rec.id).await?);
+    rec.status = S::Running;
+    rec.worker_id = Some("local".into());
+    rec.logs = "layer 1/1: 3 entries\n".into();
+    rec.started_at_ms = Some(7);
+    assert!(store.save_import_progress(&rec).await?);
+    rec.status = S::Cancelled;
+    rec.finished_at_ms = Some(9);
+    assert!(store.save_import_progress(&rec).await?);
+    // Terminal: progress no longer lands.
+    let mut late = rec.clone();
+    late.status = S::Succeeded;
+    assert!(!store.save_import_progress(&late).await?);
+    let got = store
+        .get_snapshot_import(org, rec.id)
+        .await?
+        .ok_or("gone")?;
+    assert_eq!(
+        (got.status, got.logs.as_str(), got.started_at_ms),
+        (S::Cancelled, "layer 1/1: 3 entries\n", Some(7))
+    );
+    assert!(!store
+        .snapshot_imports_in_flight()
+        .await?
+        .iter()
+        .any(|r| r.id == rec.id));
+    assert!(!store.mark_snapshot_import_deleted(other, rec.id).await?);
+    assert!(store.mark_snapshot_import_deleted(org, rec.id).await?);
+    assert_eq!(store.get_snapshot_import(org, rec.id).await?, None);
+    assert!(store.list_snapshot_imports(org).await?.is_empty());
     Ok(())
 }
 
@@ -751,7 +844,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 17);
+    assert_eq!(store.org_count().await?, 19);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -784,7 +877,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 17);
+        assert_eq!(store.org_count().await?, 19);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }

@@ -107,6 +107,10 @@ class LiveServer:
     moto_port: int = field(default_factory=lambda: _free_port())
     # ...and of the stand-in GCS (token endpoint + XML API, see fake_gcs.py).
     gcs_port: int = field(default_factory=lambda: _free_port())
+    # The snapshot-import tests' registries (docker-registry, plain HTTP; the
+    # second one with basic auth): the server speaks HTTP to them (--insecure-registry).
+    registry_port: int = field(default_factory=lambda: _free_port())
+    registry_auth_port: int = field(default_factory=lambda: _free_port())
     api_key: str = ""
     process: subprocess.Popen | None = None
     _stopped: bool = field(default=False, repr=False)
@@ -151,6 +155,8 @@ class LiveServer:
                     "--dns-upstream", "127.0.0.1:9",
                     "--allow-bucket-endpoint", f"http://127.0.0.1:{self.moto_port}",
                     "--allow-bucket-endpoint", f"http://127.0.0.1:{self.gcs_port}",
+                    "--insecure-registry", f"127.0.0.1:{self.registry_port}",
+                    "--insecure-registry", f"127.0.0.1:{self.registry_auth_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -412,3 +418,25 @@ def fake_gcs(fastvm_server: LiveServer):
         yield gcs
     finally:
         gcs.close()
+
+
+@pytest.fixture(scope="session")
+def oci_registries(fastvm_server: LiveServer):
+    """Two local registries (docker-registry, plain HTTP) on the ports the live
+    server treats as insecure: an open one with the ready-made test images
+    pushed (oci_registry.push_all), and one with basic auth (user ``puller``,
+    password ``s3cret``) holding the busybox image."""
+    from . import oci_registry
+
+    reason = oci_registry.unavailable_reason()
+    if reason:
+        if os.environ.get("FASTVM_E2E") == "1":
+            pytest.fail(reason + " [FASTVM_E2E=1: e2e tests must run]", pytrace=False)
+        pytest.skip(reason)
+    auth = ("puller", "s3cret")
+    with oci_registry.Registry(port=fastvm_server.registry_port) as open_reg, oci_registry.Registry(
+        port=fastvm_server.registry_auth_port, auth=auth
+    ) as auth_reg:
+        images = oci_registry.push_all(open_reg.host)
+        private = oci_registry.push_busybox_image(auth_reg.host, repo="private/busybox", tag="1", auth=auth)
+        yield {"open": open_reg, "auth": auth_reg, "images": images, "private": private, "credentials": auth}

@@ -129,6 +129,114 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/snapshot-imports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List the calling org's snapshot imports
+         * @description Every import of the org (in flight and terminal), oldest first.
+         */
+        get: operations["listSnapshotImports"];
+        put?: never;
+        /**
+         * Build a snapshot from a Docker / OCI image or a Dockerfile
+         * @description Answers at once with the import `pending`; poll `GET /v1/snapshot-imports/{id}` until `succeeded` (then `snapshotId` is set) or `failed` (`error`). The image is pulled by the worker (linux/amd64 unless `platform` says otherwise; registries named by `fastvm serve --insecure-registry` over plain HTTP), its layers applied into a root disk of `diskGiB`, booted once with the Fast VM agent as PID 1 and captured. The image's Env, WorkingDir and User become the defaults of every exec. `type: dockerfile` answers 501 on this server (not built yet).
+         */
+        post: operations["createSnapshotImport"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshot-imports/context-presign": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Mint a signed URL for uploading a Dockerfile build-context archive
+         * @description Dockerfile builds are not available on this server yet: answers 501 (after checking the body).
+         */
+        post: operations["presignSnapshotImportContext"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshot-imports/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get a snapshot import's state
+         * @description Status, the per-phase events (preparing, pull, export, saving, warming, done) and, once terminal, `snapshotId` or `error`.
+         */
+        get: operations["getSnapshotImport"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a terminal snapshot import (cascades to its snapshot)
+         * @description A succeeded import's snapshot is deleted with it (VMs restored from it keep running). An import in flight must be cancelled first.
+         */
+        delete: operations["deleteSnapshotImport"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshot-imports/{id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Cancel an in-flight snapshot import
+         * @description Stops the pull, unpack or build VM and frees what it made; the import ends `cancelled`.
+         */
+        post: operations["cancelSnapshotImport"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshot-imports/{id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The build log of a snapshot import
+         * @description Extension: the import's log as text (pull, layer and disk steps, boot), its last 256 KiB.
+         */
+        get: operations["getSnapshotImportLogs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/snapshots": {
         parameters: {
             query?: never;
@@ -792,6 +900,45 @@ export interface components {
             /** @description Relative WebSocket path. */
             websocketPath: string;
         };
+        /** @description Body of `POST /v1/snapshot-imports/context-presign`. */
+        ContextPresignRequest: {
+            /**
+             * Format: int64
+             * @description Planned upload size in bytes; rejected above the platform cap.
+             */
+            sizeBytes?: number | null;
+        };
+        /** @description One-shot upload handle for a Dockerfile build context. */
+        ContextPresignResponse: {
+            /** @description Token for `source.contextRef`; single use. */
+            contextRef: string;
+            /**
+             * Format: int64
+             * @description Lifetime of `uploadUrl`, seconds.
+             */
+            expiresInSec: number;
+            /**
+             * Format: int64
+             * @description Upload size cap, bytes.
+             */
+            maxUploadBytes: number;
+            /** @description Signed PUT URL for the ZIP archive (`Content-Type: application/zip`). */
+            uploadUrl: string;
+        };
+        /** @description Body of `POST /v1/snapshot-imports`. */
+        CreateSnapshotImportRequest: {
+            /**
+             * Format: int64
+             * @description Disk size of the snapshot (machine type's default when absent), at least 1.
+             */
+            diskGiB?: number | null;
+            /** @description Machine type of the build and the resulting snapshot (server default when absent). */
+            machineType?: string | null;
+            /** @description Label for the import and its snapshot (the import id when absent). */
+            name?: string | null;
+            /** @description What to build from. */
+            source: components["schemas"]["SnapshotImportSourceSpec"];
+        };
         /** @description Body of `POST /v1/snapshots`. */
         CreateSnapshotRequest: {
             /** @description Name (see [`normalize_snapshot_name`]). */
@@ -1258,6 +1405,138 @@ export interface components {
          *     Serialized as a plain hyphenated UUID string.
          */
         SnapshotId: string;
+        /** @description One entry of an import's append-only event log. */
+        SnapshotImportEvent: {
+            /** @description User-safe summary; null when none. */
+            message?: string | null;
+            /**
+             * @description Sub-phase (`preparing`, `network`, `pull`, `fetch_context`, `build`,
+             *     `export`, `saving`, `warming`, `done`).
+             */
+            phase: string;
+            /** @description `started`, `completed`, `failed`, `skipped`, `cancelled`. */
+            status: string;
+            /**
+             * Format: int64
+             * @description Unix-epoch milliseconds.
+             */
+            timestampMs: number;
+        };
+        /**
+         * Format: uuid
+         * @description Id of a snapshot import.
+         *
+         *     Serialized as a plain hyphenated UUID string.
+         */
+        SnapshotImportId: string;
+        /** @description Current state of an import. */
+        SnapshotImportResponse: {
+            /**
+             * Format: int32
+             * @description vCPUs.
+             */
+            cpu: number;
+            /** @description Creation time (RFC 3339). */
+            createdAt: string;
+            /**
+             * Format: int64
+             * @description Disk, GiB.
+             */
+            diskGiB: number;
+            /** @description User-safe diagnostic once `failed`; null otherwise. */
+            error?: string | null;
+            /** @description Event log, oldest first. */
+            events: components["schemas"]["SnapshotImportEvent"][];
+            /** @description When it reached a terminal state; null before. */
+            finishedAt?: string | null;
+            /** @description Import id (UUID). */
+            id: components["schemas"]["SnapshotImportId"];
+            /** @description Machine type. */
+            machineName: string;
+            /**
+             * Format: int64
+             * @description Memory, MiB.
+             */
+            memoryMiB: number;
+            /** @description Label. */
+            name: string;
+            snapshotId?: null | components["schemas"]["SnapshotId"];
+            /** @description Source (no secrets). */
+            source: components["schemas"]["SnapshotImportSourceView"];
+            /** @description When a worker started it; null before. */
+            startedAt?: string | null;
+            /** @description Current state. */
+            status: components["schemas"]["SnapshotImportStatus"];
+            /** @description Last change. */
+            updatedAt: string;
+        };
+        /**
+         * @description Source descriptor of `POST /v1/snapshot-imports`. `type` selects which other
+         *     fields apply; fields of the other variant must be omitted.
+         */
+        SnapshotImportSourceSpec: {
+            /** @description `--build-arg` pairs (at most 64, 8 KiB total). */
+            buildArgs?: {
+                [key: string]: string;
+            } | null;
+            /** @description One-shot token from `/v1/snapshot-imports/context-presign`; required for `dockerfile`. */
+            contextRef?: string | null;
+            /** @description Dockerfile path relative to the context root (default `Dockerfile`). */
+            dockerfilePath?: string | null;
+            /** @description OCI image reference; required for `image`. */
+            image?: string | null;
+            /** @description `<os>/<arch>[/<variant>]` (default `linux/amd64`); `image` only. */
+            platform?: string | null;
+            /**
+             * @description Registry host the credentials are for; required with credentials on
+             *     `dockerfile`, ignored on `image`.
+             */
+            registryHost?: string | null;
+            /** @description Registry password or token (both variants); never returned or stored. */
+            registryPassword?: string | null;
+            /** @description Registry username (both variants). */
+            registryUsername?: string | null;
+            /** @description Multi-stage `--target` (empty: final stage). */
+            target?: string | null;
+            /** @description `image` or `dockerfile`. */
+            type: components["schemas"]["SnapshotImportSourceType"];
+        };
+        /**
+         * @description Which pipeline builds the snapshot.
+         * @enum {string}
+         */
+        SnapshotImportSourceType: "image" | "dockerfile";
+        /** @description Public view of an import's source (no secrets). */
+        SnapshotImportSourceView: {
+            /** @description Build args. */
+            buildArgs?: {
+                [key: string]: string;
+            } | null;
+            /**
+             * Format: int64
+             * @description Size of the uploaded context, bytes.
+             */
+            contextSizeBytes?: number | null;
+            /** @description Dockerfile path. */
+            dockerfilePath?: string | null;
+            /** @description OCI image reference. */
+            image?: string | null;
+            /** @description Platform selector. */
+            platform?: string | null;
+            /** @description Registry host (dockerfile source only). */
+            registryHost?: string | null;
+            /** @description Registry username. */
+            registryUsername?: string | null;
+            /** @description Build target. */
+            target?: string | null;
+            /** @description `image` or `dockerfile`. */
+            type: components["schemas"]["SnapshotImportSourceType"];
+        };
+        /**
+         * @description Status of an import.
+         * @enum {string}
+         */
+        SnapshotImportStatus: "pending" | "claimed" | "running" | "succeeded" | "failed" | "cancelled";
         /** @description A service registration captured with a snapshot. */
         SnapshotService: {
             /** @description HTTP/2 cleartext to the backend. */
@@ -1961,6 +2240,669 @@ export interface operations {
             };
             /** @description Missing or invalid API key */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    listSnapshotImports: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The org's imports, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example [
+                     *       {
+                     *         "cpu": 1,
+                     *         "createdAt": "2025-06-01T12:00:00Z",
+                     *         "diskGiB": 10,
+                     *         "error": null,
+                     *         "events": [
+                     *           {
+                     *             "message": null,
+                     *             "phase": "preparing",
+                     *             "status": "started",
+                     *             "timestampMs": 1748779200000
+                     *           },
+                     *           {
+                     *             "message": "worker local",
+                     *             "phase": "preparing",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779200004
+                     *           },
+                     *           {
+                     *             "message": "pulling registry.example.com:5000/python:3.13-slim",
+                     *             "phase": "pull",
+                     *             "status": "started",
+                     *             "timestampMs": 1748779200010
+                     *           },
+                     *           {
+                     *             "message": "5 layers (0 from the cache), 49871233 bytes downloaded, manifest sha256:4f1c...",
+                     *             "phase": "pull",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779203100
+                     *           },
+                     *           {
+                     *             "message": null,
+                     *             "phase": "export",
+                     *             "status": "started",
+                     *             "timestampMs": 1748779203101
+                     *           },
+                     *           {
+                     *             "message": "9120 entries, 131228915 bytes",
+                     *             "phase": "export",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779206900
+                     *           },
+                     *           {
+                     *             "message": null,
+                     *             "phase": "saving",
+                     *             "status": "started",
+                     *             "timestampMs": 1748779206901
+                     *           },
+                     *           {
+                     *             "message": "root disk of 10 GiB",
+                     *             "phase": "saving",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779209300
+                     *           },
+                     *           {
+                     *             "message": null,
+                     *             "phase": "warming",
+                     *             "status": "started",
+                     *             "timestampMs": 1748779209301
+                     *           },
+                     *           {
+                     *             "message": null,
+                     *             "phase": "warming",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779213800
+                     *           },
+                     *           {
+                     *             "message": "snapshot c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *             "phase": "done",
+                     *             "status": "completed",
+                     *             "timestampMs": 1748779213820
+                     *           }
+                     *         ],
+                     *         "finishedAt": "2025-06-01T12:00:13.820Z",
+                     *         "id": "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35",
+                     *         "machineName": "c1m2",
+                     *         "memoryMiB": 2048,
+                     *         "name": "python-base",
+                     *         "snapshotId": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *         "source": {
+                     *           "buildArgs": null,
+                     *           "contextSizeBytes": null,
+                     *           "dockerfilePath": null,
+                     *           "image": "registry.example.com:5000/python:3.13-slim",
+                     *           "platform": null,
+                     *           "registryHost": null,
+                     *           "registryUsername": null,
+                     *           "target": null,
+                     *           "type": "image"
+                     *         },
+                     *         "startedAt": "2025-06-01T12:00:00.010Z",
+                     *         "status": "succeeded",
+                     *         "updatedAt": "2025-06-01T12:00:13.820Z"
+                     *       }
+                     *     ]
+                     */
+                    "application/json": components["schemas"]["SnapshotImportResponse"][];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    createSnapshotImport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "diskGiB": 10,
+                 *       "machineType": "c1m2",
+                 *       "name": "python-base",
+                 *       "source": {
+                 *         "image": "registry.example.com:5000/python:3.13-slim",
+                 *         "type": "image"
+                 *       }
+                 *     }
+                 */
+                "application/json": components["schemas"]["CreateSnapshotImportRequest"];
+            };
+        };
+        responses: {
+            /** @description The import, pending */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "diskGiB": 10,
+                     *       "error": null,
+                     *       "events": [
+                     *         {
+                     *           "message": null,
+                     *           "phase": "preparing",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779200000
+                     *         },
+                     *         {
+                     *           "message": "worker local",
+                     *           "phase": "preparing",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779200004
+                     *         }
+                     *       ],
+                     *       "finishedAt": null,
+                     *       "id": "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "name": "python-base",
+                     *       "snapshotId": null,
+                     *       "source": {
+                     *         "buildArgs": null,
+                     *         "contextSizeBytes": null,
+                     *         "dockerfilePath": null,
+                     *         "image": "registry.example.com:5000/python:3.13-slim",
+                     *         "platform": null,
+                     *         "registryHost": null,
+                     *         "registryUsername": null,
+                     *         "target": null,
+                     *         "type": "image"
+                     *       },
+                     *       "startedAt": null,
+                     *       "status": "pending",
+                     *       "updatedAt": "2025-06-01T12:00:00Z"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SnapshotImportResponse"];
+                };
+            };
+            /** @description Malformed body, a bad source, machine type or diskGiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Body is not JSON */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The org's snapshotCount quota is used up (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`) */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description `type: dockerfile`: Dockerfile builds are not available on this server */
+            501: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No worker can build it now */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    presignSnapshotImportContext: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "sizeBytes": 1048576
+                 *     }
+                 */
+                "application/json": components["schemas"]["ContextPresignRequest"];
+            };
+        };
+        responses: {
+            /** @description The upload handle (when Dockerfile builds are available) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "contextRef": "ctx_2f9c1e7a",
+                     *       "expiresInSec": 900,
+                     *       "maxUploadBytes": 536870912,
+                     *       "uploadUrl": "http://127.0.0.1:8080/v1/staging/..."
+                     *     }
+                     */
+                    "application/json": components["schemas"]["ContextPresignResponse"];
+                };
+            };
+            /** @description Malformed body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description Dockerfile builds are not available on this server */
+            501: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    getSnapshotImport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Snapshot import ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The import */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "diskGiB": 10,
+                     *       "error": null,
+                     *       "events": [
+                     *         {
+                     *           "message": null,
+                     *           "phase": "preparing",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779200000
+                     *         },
+                     *         {
+                     *           "message": "worker local",
+                     *           "phase": "preparing",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779200004
+                     *         },
+                     *         {
+                     *           "message": "pulling registry.example.com:5000/python:3.13-slim",
+                     *           "phase": "pull",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779200010
+                     *         },
+                     *         {
+                     *           "message": "5 layers (0 from the cache), 49871233 bytes downloaded, manifest sha256:4f1c...",
+                     *           "phase": "pull",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779203100
+                     *         },
+                     *         {
+                     *           "message": null,
+                     *           "phase": "export",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779203101
+                     *         },
+                     *         {
+                     *           "message": "9120 entries, 131228915 bytes",
+                     *           "phase": "export",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779206900
+                     *         },
+                     *         {
+                     *           "message": null,
+                     *           "phase": "saving",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779206901
+                     *         },
+                     *         {
+                     *           "message": "root disk of 10 GiB",
+                     *           "phase": "saving",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779209300
+                     *         },
+                     *         {
+                     *           "message": null,
+                     *           "phase": "warming",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779209301
+                     *         },
+                     *         {
+                     *           "message": null,
+                     *           "phase": "warming",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779213800
+                     *         },
+                     *         {
+                     *           "message": "snapshot c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *           "phase": "done",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779213820
+                     *         }
+                     *       ],
+                     *       "finishedAt": "2025-06-01T12:00:13.820Z",
+                     *       "id": "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "name": "python-base",
+                     *       "snapshotId": "c71d3e08-2b94-4a6f-b5e1-8f0a9c4d6e27",
+                     *       "source": {
+                     *         "buildArgs": null,
+                     *         "contextSizeBytes": null,
+                     *         "dockerfilePath": null,
+                     *         "image": "registry.example.com:5000/python:3.13-slim",
+                     *         "platform": null,
+                     *         "registryHost": null,
+                     *         "registryUsername": null,
+                     *         "target": null,
+                     *         "type": "image"
+                     *       },
+                     *       "startedAt": "2025-06-01T12:00:00.010Z",
+                     *       "status": "succeeded",
+                     *       "updatedAt": "2025-06-01T12:00:13.820Z"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SnapshotImportResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such import in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    deleteSnapshotImport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Snapshot import ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "deleted": true,
+                     *       "id": "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["DeleteResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such import in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The import is still in flight */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    cancelSnapshotImport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Snapshot import ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The import, cancelled */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "cpu": 1,
+                     *       "createdAt": "2025-06-01T12:00:00Z",
+                     *       "diskGiB": 10,
+                     *       "error": null,
+                     *       "events": [
+                     *         {
+                     *           "message": null,
+                     *           "phase": "preparing",
+                     *           "status": "started",
+                     *           "timestampMs": 1748779200000
+                     *         },
+                     *         {
+                     *           "message": "worker local",
+                     *           "phase": "preparing",
+                     *           "status": "completed",
+                     *           "timestampMs": 1748779200004
+                     *         },
+                     *         {
+                     *           "message": "cancelled by the user",
+                     *           "phase": "done",
+                     *           "status": "cancelled",
+                     *           "timestampMs": 1748779201000
+                     *         }
+                     *       ],
+                     *       "finishedAt": "2025-06-01T12:00:01Z",
+                     *       "id": "9d41c7e2-5a08-4b3f-8c6d-2e7f1a0b9c35",
+                     *       "machineName": "c1m2",
+                     *       "memoryMiB": 2048,
+                     *       "name": "python-base",
+                     *       "snapshotId": null,
+                     *       "source": {
+                     *         "buildArgs": null,
+                     *         "contextSizeBytes": null,
+                     *         "dockerfilePath": null,
+                     *         "image": "registry.example.com:5000/python:3.13-slim",
+                     *         "platform": null,
+                     *         "registryHost": null,
+                     *         "registryUsername": null,
+                     *         "target": null,
+                     *         "type": "image"
+                     *       },
+                     *       "startedAt": null,
+                     *       "status": "cancelled",
+                     *       "updatedAt": "2025-06-01T12:00:00Z"
+                     *     }
+                     */
+                    "application/json": components["schemas"]["SnapshotImportResponse"];
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such import in the caller's org */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description The import is already terminal */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+        };
+    };
+    getSnapshotImportLogs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Snapshot import ID (UUID). */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The log */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+            /** @description Missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiError"];
+                };
+            };
+            /** @description No such import in the caller's org */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

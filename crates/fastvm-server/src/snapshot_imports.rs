@@ -1,0 +1,499 @@
+//! Snapshot imports: an OCI image becomes a snapshot, built by a worker
+//! (`Worker::import_image`) in a task of the control plane.
+//!
+//! ```text
+//!  POST ──▶ pending ──▶ claimed ──▶ running ──▶ succeeded (snapshot row `ready`)
+//!              │        (worker      (first     ├──────▶ failed    (error: user-safe)
+//!              │         chosen)     progress)  │
+//!              └────────────┴───────────────────┴──────▶ cancelled (POST .../cancel)
+//!
+//!  DELETE: terminal only; a succeeded import's snapshot goes with it.
+//!  Server restart: imports in flight become `failed` ("the server restarted
+//!  ..."); their build VM and partial snapshot are removed from the worker.
+//! ```
+//!
+//! The registry password lives only in the import's task (memory) and in the
+//! worker call; the row holds the public view of the source. Progress (phase
+//! events, build log) is written to the row as it arrives, at most every
+//! [`FLUSH_EVERY`] for log lines.
+//!
+//! Dockerfile sources (`type: dockerfile`) and the build-context upload
+//! answer 501 `NOT_IMPLEMENTED`: the builder VM is not built yet.
+
+use crate::auth::Caller;
+use crate::error::{codes, ApiError};
+use crate::store::{now_ms, SnapshotImportRecord, SnapshotRecord};
+use crate::worker::MachineType;
+use crate::AppState;
+use axum::http::StatusCode;
+use fastvm_types::snapshot::SnapshotStatus;
+use fastvm_types::snapshot_import::{
+    CreateSnapshotImportRequest, SnapshotImportEvent, SnapshotImportSourceType,
+    SnapshotImportStatus,
+};
+use fastvm_types::{OrgId, SnapshotId, SnapshotImportId};
+use fastvm_worker_api::{ImageImport, ImportNote, Worker, WorkerError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Machine type of an import that names none.
+pub const DEFAULT_MACHINE: &str = "c1m2";
+/// Largest disk of an imported snapshot.
+pub const MAX_IMPORT_DISK_GIB: u64 = 256;
+/// Kept tail of an import's build log.
+const MAX_LOG_BYTES: usize = 256 * 1024;
+/// Log lines are written to the row at most this often (events at once).
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+fn no_such_import(id: SnapshotImportId) -> ApiError {
+    ApiError::not_found(format!("no snapshot import with id {id}"))
+}
+
+/// Build-context cap of `context-presign` (checked before it answers 501).
+pub const MAX_CONTEXT_BYTES: u64 = 512 << 20;
+
+pub(crate) fn dockerfile_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        codes::NOT_IMPLEMENTED,
+        "Dockerfile builds are not available on this server yet; import a built image with source.type = \"image\"",
+    )
+}
+
+fn event(phase: &str, status: &str, message: Option<String>) -> SnapshotImportEvent {
+    SnapshotImportEvent {
+        phase: phase.into(),
+        status: status.into(),
+        timestamp_ms: u64::try_from(now_ms()).unwrap_or(0),
+        message,
+    }
+}
+
+fn push_log(logs: &mut String, line: &str) {
+    logs.push_str(line.trim_end());
+    logs.push('\n');
+    if logs.len() > MAX_LOG_BYTES {
+        let mut cut = logs.len() - MAX_LOG_BYTES;
+        while !logs.is_char_boundary(cut) {
+            cut += 1;
+        }
+        logs.drain(..cut);
+    }
+}
+
+/// Tasks of the imports this control plane runs, by import.
+#[derive(Default)]
+pub(crate) struct ImportTasks {
+    tasks:
+        std::sync::Mutex<std::collections::HashMap<SnapshotImportId, tokio::task::JoinHandle<()>>>,
+}
+
+impl ImportTasks {
+    fn insert(&self, id: SnapshotImportId, task: tokio::task::JoinHandle<()>) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.retain(|_, h| !h.is_finished());
+            t.insert(id, task);
+        }
+    }
+    fn take(&self, id: SnapshotImportId) -> Option<tokio::task::JoinHandle<()>> {
+        self.tasks.lock().ok().and_then(|mut t| t.remove(&id))
+    }
+}
+
+impl AppState {
+    pub(crate) async fn find_snapshot_import(
+        &self,
+        org: OrgId,
+        id: SnapshotImportId,
+    ) -> Result<SnapshotImportRecord, ApiError> {
+        self.store()
+            .get_snapshot_import(org, id)
+            .await?
+            .ok_or_else(|| no_such_import(id))
+    }
+
+    pub(crate) async fn list_snapshot_imports(
+        &self,
+        org: OrgId,
+    ) -> Result<Vec<SnapshotImportRecord>, ApiError> {
+        Ok(self.store().list_snapshot_imports(org).await?)
+    }
+
+    /// `POST /v1/snapshot-imports`: validate, record `pending`, start the
+    /// import's task; answers at once.
+    pub(crate) async fn create_snapshot_import(
+        &self,
+        caller: Caller,
+        req: CreateSnapshotImportRequest,
+    ) -> Result<SnapshotImportRecord, ApiError> {
+        req.validate()?;
+        if req.source.source_type == SnapshotImportSourceType::Dockerfile {
+            return Err(dockerfile_unavailable());
+        }
+        let machine_name = req.machine_type.as_deref().unwrap_or(DEFAULT_MACHINE);
+        let machine = MachineType::lookup(machine_name).map_err(|e| {
+            ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string())
+        })?;
+        let disk_gib = req.disk_gib.unwrap_or(u64::from(machine.disk_gib));
+        if disk_gib > MAX_IMPORT_DISK_GIB {
+            return Err(ApiError::invalid(
+                fastvm_types::codes::INVALID_SIZE,
+                format!("diskGiB {disk_gib} is over the limit of {MAX_IMPORT_DISK_GIB}"),
+            ));
+        }
+        let image = req.source.image.clone().unwrap_or_default();
+        self.check_snapshot_quota(caller.org_id).await?;
+        let worker = self.import_worker().await?;
+        let id = SnapshotImportId::new_v4();
+        let now = now_ms();
+        let mut rec = SnapshotImportRecord {
+            id,
+            org_id: caller.org_id,
+            name: req
+                .name
+                .clone()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| id.to_string()),
+            status: SnapshotImportStatus::Pending,
+            source: req.source.view(None),
+            events: vec![event("preparing", "started", None)],
+            logs: String::new(),
+            worker_id: None,
+            // Chosen now (the worker names its files after it); shown once succeeded.
+            snapshot_id: Some(SnapshotId::new_v4()),
+            error: None,
+            machine_name: machine.name.to_owned(),
+            cpu: machine.vcpus,
+            memory_mib: u64::from(machine.memory_mib),
+            disk_gib,
+            created_at_ms: now,
+            started_at_ms: None,
+            updated_at_ms: now,
+            finished_at_ms: None,
+        };
+        self.store().insert_snapshot_import(&rec).await?;
+        tracing::info!(import = %id, org = %caller.org_id, image = %image, worker = worker.id(), "snapshot import created");
+        let job = ImageImport {
+            import_id: id.to_string(),
+            snapshot: rec.snapshot_id.unwrap_or_else(SnapshotId::new_v4),
+            image,
+            platform: req.source.platform.clone(),
+            registry_username: req.source.registry_username.clone(),
+            registry_password: req.source.registry_password.clone(),
+            machine,
+            disk_gib: u32::try_from(disk_gib).unwrap_or(u32::MAX),
+        };
+        let state = self.clone();
+        let task_rec = rec.clone();
+        let task = tokio::spawn(async move { state.run_import(task_rec, worker, job).await });
+        self.import_tasks().insert(id, task);
+        rec.updated_at_ms = now_ms();
+        Ok(rec)
+    }
+
+    /// The worker that builds imports: this process's, else the first
+    /// reachable worker of the cluster.
+    async fn import_worker(&self) -> Result<Arc<dyn Worker>, ApiError> {
+        if let Some(w) = self.fleet().local() {
+            return Ok(w.clone());
+        }
+        self.fleet()
+            .reachable()
+            .await
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::NO_CAPACITY,
+                    "no worker is available to build the import; try again later",
+                )
+            })
+    }
+
+    /// The import's task: drive the worker, mirror its progress into the
+    /// row, settle the outcome.
+    async fn run_import(
+        &self,
+        mut rec: SnapshotImportRecord,
+        worker: Arc<dyn Worker>,
+        job: ImageImport,
+    ) {
+        let id = rec.id;
+        rec.status = SnapshotImportStatus::Claimed;
+        rec.worker_id = Some(worker.id().to_owned());
+        rec.events.push(event(
+            "preparing",
+            "completed",
+            Some(format!("worker {}", worker.id())),
+        ));
+        if !self.save_import(&rec).await {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ImportNote>();
+        let sink: fastvm_worker_api::ImportSink = Arc::new(move |note| {
+            let _ = tx.send(note);
+        });
+        let snapshot_id = job.snapshot;
+        let started = std::time::Instant::now();
+        let work = worker.import_image(job, sink);
+        tokio::pin!(work);
+        let mut last_flush = std::time::Instant::now();
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                Some(note) = rx.recv() => {
+                    let mut dirty = false;
+                    if rec.status == SnapshotImportStatus::Claimed {
+                        rec.status = SnapshotImportStatus::Running;
+                        rec.started_at_ms = Some(now_ms());
+                        dirty = true;
+                    }
+                    match note {
+                        ImportNote::Event { phase, status, message } => {
+                            push_log(&mut rec.logs, &format!("[{phase}] {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()));
+                            rec.events.push(event(&phase, &status, message));
+                            if !self.save_import(&rec).await {
+                                return;
+                            }
+                            last_flush = std::time::Instant::now();
+                        }
+                        ImportNote::Log { line } => {
+                            push_log(&mut rec.logs, &line);
+                            dirty = true;
+                        }
+                    }
+                    if dirty && last_flush.elapsed() >= FLUSH_EVERY {
+                        if !self.save_import(&rec).await {
+                            return;
+                        }
+                        last_flush = std::time::Instant::now();
+                    }
+                }
+            }
+        };
+        while let Ok(note) = rx.try_recv() {
+            match note {
+                ImportNote::Event {
+                    phase,
+                    status,
+                    message,
+                } => rec.events.push(event(&phase, &status, message)),
+                ImportNote::Log { line } => push_log(&mut rec.logs, &line),
+            }
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(imported) => {
+                match self
+                    .record_imported_snapshot(&rec, snapshot_id, &worker, &imported)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(import = %id, snapshot = %snapshot_id, elapsed_ms, "snapshot import succeeded");
+                        rec.status = SnapshotImportStatus::Succeeded;
+                        rec.events.push(event(
+                            "done",
+                            "completed",
+                            Some(format!(
+                                "snapshot {snapshot_id}, image {}",
+                                imported.manifest_digest
+                            )),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(import = %id, error = %e.message, "recording the imported snapshot failed");
+                        let _ = worker.delete_snapshot(snapshot_id).await;
+                        rec.status = SnapshotImportStatus::Failed;
+                        rec.error =
+                            Some(format!("the snapshot could not be recorded: {}", e.message));
+                        rec.events.push(event("done", "failed", rec.error.clone()));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(import = %id, error = %e, elapsed_ms, "snapshot import failed");
+                rec.status = SnapshotImportStatus::Failed;
+                rec.error = Some(match e {
+                    WorkerError::Import(m) => m,
+                    other => format!("the import failed on its worker: {other}"),
+                });
+                rec.events.push(event("done", "failed", rec.error.clone()));
+            }
+        }
+        rec.finished_at_ms = Some(now_ms());
+        if rec.status != SnapshotImportStatus::Succeeded {
+            rec.snapshot_id = None;
+        }
+        if !self.save_import(&rec).await && rec.status == SnapshotImportStatus::Succeeded {
+            // Cancelled at the last moment: the snapshot goes again.
+            let _ = self
+                .store()
+                .mark_snapshot_deleted(rec.org_id, snapshot_id, now_ms())
+                .await;
+            let _ = worker.delete_snapshot(snapshot_id).await;
+        }
+    }
+
+    /// Save progress; false when the import is no longer in flight (cancelled).
+    async fn save_import(&self, rec: &SnapshotImportRecord) -> bool {
+        match self.store().save_import_progress(rec).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(import = %rec.id, error = %e, "saving an import's progress failed");
+                true
+            }
+        }
+    }
+
+    async fn record_imported_snapshot(
+        &self,
+        rec: &SnapshotImportRecord,
+        snapshot_id: SnapshotId,
+        worker: &Arc<dyn Worker>,
+        imported: &fastvm_worker_api::ImportedImage,
+    ) -> Result<(), ApiError> {
+        let worker_id = worker.id().to_owned();
+        let (compat_key, stored) = self.fleet().snapshot_traits(&worker_id).await;
+        let _ = imported;
+        let vm_id: fastvm_types::VmId = rec
+            .id
+            .to_string()
+            .parse()
+            .map_err(|_| ApiError::internal("import id is not a UUID"))?;
+        // Named by the import's name, else by the image reference (VMs
+        // restored from it show it as their sourceName).
+        let label = if rec.name == rec.id.to_string() {
+            rec.source.image.clone().unwrap_or_default()
+        } else {
+            rec.name.clone()
+        };
+        let snap = SnapshotRecord {
+            id: snapshot_id,
+            org_id: rec.org_id,
+            // No VM row: an imported snapshot's source is its import.
+            vm_id,
+            worker_id,
+            name: fastvm_types::snapshot::normalize_snapshot_name(Some(&label), &vm_id),
+            status: SnapshotStatus::Ready,
+            status_message: None,
+            machine_name: rec.machine_name.clone(),
+            cpu: rec.cpu,
+            memory_mib: rec.memory_mib,
+            disk_gib: rec.disk_gib,
+            metadata: Default::default(),
+            env_vars: Default::default(),
+            firewall: Default::default(),
+            services: Vec::new(),
+            volumes: Vec::new(),
+            bucket_mounts: Vec::new(),
+            created_at_ms: now_ms(),
+            deleted_at_ms: None,
+            compat_key,
+            stored,
+        };
+        self.store().insert_snapshot(&snap).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/snapshot-imports/{id}/cancel`: stop an import in flight and
+    /// free what it built so far.
+    pub(crate) async fn cancel_snapshot_import(
+        &self,
+        org: OrgId,
+        id: SnapshotImportId,
+    ) -> Result<SnapshotImportRecord, ApiError> {
+        let rec = self.find_snapshot_import(org, id).await?;
+        if rec.status.is_terminal() {
+            return Err(ApiError::invalid_state(format!(
+                "snapshot import {id} is already {}; only an import in flight can be cancelled",
+                crate::store::import_status_str(rec.status)
+            )));
+        }
+        if let Some(task) = self.import_tasks().take(id) {
+            task.abort();
+            // Its worker call is dropped with it: the worker removes the
+            // build VM and scratch files.
+            let _ = task.await;
+        }
+        let mut rec = self.find_snapshot_import(org, id).await?;
+        if rec.status.is_terminal() {
+            return Ok(rec);
+        }
+        if let (Some(w), Some(snap)) = (&rec.worker_id, rec.snapshot_id) {
+            if let Ok(worker) = self.worker_for(w).await {
+                let _ = worker.delete_snapshot(snap).await;
+            }
+        }
+        rec.status = SnapshotImportStatus::Cancelled;
+        rec.snapshot_id = None;
+        rec.finished_at_ms = Some(now_ms());
+        rec.events.push(event(
+            "done",
+            "cancelled",
+            Some("cancelled by the user".into()),
+        ));
+        self.store().save_import_progress(&rec).await?;
+        tracing::info!(import = %id, "snapshot import cancelled");
+        self.find_snapshot_import(org, id).await
+    }
+
+    /// `DELETE /v1/snapshot-imports/{id}`: a terminal import, with its snapshot.
+    pub(crate) async fn delete_snapshot_import(
+        &self,
+        org: OrgId,
+        id: SnapshotImportId,
+    ) -> Result<(), ApiError> {
+        let rec = self.find_snapshot_import(org, id).await?;
+        if !rec.status.is_terminal() {
+            return Err(ApiError::invalid_state(format!(
+                "snapshot import {id} is {}; cancel it first",
+                crate::store::import_status_str(rec.status)
+            )));
+        }
+        if let Some(snap) = rec.snapshot_id {
+            match self.delete_snapshot(org, snap).await {
+                Ok(()) => {}
+                Err(e) if e.status == StatusCode::NOT_FOUND => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.store().mark_snapshot_import_deleted(org, id).await? {
+            return Err(no_such_import(id));
+        }
+        tracing::info!(import = %id, org = %org, "snapshot import deleted");
+        Ok(())
+    }
+
+    /// At startup: imports the last run left in flight cannot resume (their
+    /// registry credentials were in memory only): they fail, and what they
+    /// left on their worker goes.
+    pub(crate) async fn reconcile_imports(&self) -> Result<(), ApiError> {
+        if self.fleet().is_cluster() {
+            // Another control plane may be running them.
+            return Ok(());
+        }
+        for mut rec in self.store().snapshot_imports_in_flight().await? {
+            tracing::info!(import = %rec.id, "an import was interrupted by the last shutdown; marking it failed");
+            if let Some(w) = &rec.worker_id {
+                if let Ok(worker) = self.worker_for(w).await {
+                    if let Ok(vm) = rec.id.to_string().parse() {
+                        let _ = worker.delete(vm).await;
+                    }
+                    if let Some(snap) = rec.snapshot_id {
+                        let _ = worker.delete_snapshot(snap).await;
+                    }
+                }
+            }
+            rec.status = SnapshotImportStatus::Failed;
+            rec.snapshot_id = None;
+            rec.error =
+                Some("the server restarted while this import was running; create it again".into());
+            rec.finished_at_ms = Some(now_ms());
+            rec.events.push(event("done", "failed", rec.error.clone()));
+            self.store().save_import_progress(&rec).await?;
+        }
+        Ok(())
+    }
+}
