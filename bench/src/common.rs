@@ -26,6 +26,7 @@ impl Drop for Cleanup {
 }
 
 /// The `p` quantile (0..=1) of `v` (sorted in place).
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)

@@ -393,3 +393,200 @@ fn every_worker_operation_crosses_the_wire() {
         assert!(t.elapsed() < Duration::from_secs(5));
     });
 }
+
+/// The test images' registry: `oci_registry.py serve` (the SDK e2e tests'
+/// helper) with the ready-made images pushed; stopped (SIGTERM) on drop.
+struct TestRegistry {
+    child: std::process::Child,
+    host: String,
+    images: serde_json::Value,
+}
+
+impl TestRegistry {
+    fn start() -> Option<TestRegistry> {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let python = repo.join(".venv/bin/python");
+        if !python.is_file() || !std::path::Path::new("/usr/bin/docker-registry").is_file() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI: the import test needs .venv (httpx) and docker-registry (scripts/test sets them up)"
+            );
+            eprintln!("no .venv or docker-registry: skipping the import test");
+            return None;
+        }
+        let mut child = std::process::Command::new(python)
+            .arg(repo.join("sdk/python/tests/e2e/oci_registry.py"))
+            .arg("serve")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start oci_registry.py serve");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("registry refs");
+        let refs: serde_json::Value = serde_json::from_str(&line).expect("refs JSON");
+        Some(TestRegistry {
+            child,
+            host: refs["host"].as_str().expect("host").to_owned(),
+            images: refs["images"].clone(),
+        })
+    }
+    fn image(&self, name: &str) -> String {
+        self.images[name].as_str().expect("image").to_owned()
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        // SAFETY: kill by the pid of the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn image_imports_cross_the_wire() {
+    if std::env::var_os("FASTVM_E2E").is_none() && std::env::var_os("CI").is_none() {
+        eprintln!("FASTVM_E2E is not set: skipping (needs QEMU)");
+        return;
+    }
+    let Some(registry) = TestRegistry::start() else {
+        return;
+    };
+    let dir = fastvm_e2e::data_dir("remote-import");
+    let mut cfg = fastvm_e2e::config(&dir);
+    cfg.insecure_registries = vec![registry.host.clone()];
+    let rt = block_on(fastvm_worker::Runtime::open(cfg)).expect("open runtime");
+    block_on(async {
+        let local: Arc<dyn Worker> = Arc::new(LocalWorker::with_id(rt.clone(), "wk_remote"));
+        let expected = ExpectedToken::default();
+        expected.set(Some(worker_token(SECRET, "wk_remote", 1)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router(local, expected)).await });
+        let w = remote(addr, 1);
+        let machine = MachineType::lookup("c1m2").expect("c1m2");
+
+        // An import: its notes arrive as they happen, the result at the end.
+        let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink_notes = notes.clone();
+        let sink: fastvm_worker_api::ImportSink = Arc::new(move |n| {
+            if let Ok(mut v) = sink_notes.lock() {
+                v.push(n);
+            }
+        });
+        let (import_id, snapshot) = (VmId::new_v4(), SnapshotId::new_v4());
+        let job = |id: VmId, snapshot: SnapshotId, image: String| fastvm_worker_api::ImageImport {
+            import_id: id.to_string(),
+            snapshot,
+            image,
+            platform: None,
+            registry_username: None,
+            registry_password: None,
+            machine,
+            disk_gib: 2,
+        };
+        let done = w
+            .import_image(job(import_id, snapshot, registry.image("busybox")), sink)
+            .await
+            .expect("import over the wire");
+        assert!(done.manifest_digest.starts_with("sha256:"));
+        assert_eq!(done.user.as_deref(), Some("app"));
+        let phases: Vec<String> = notes
+            .lock()
+            .expect("notes")
+            .iter()
+            .filter_map(|n| match n {
+                fastvm_worker_api::ImportNote::Event { phase, status, .. } => {
+                    Some(format!("{phase}:{status}"))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                "pull:started",
+                "pull:completed",
+                "export:started",
+                "export:completed",
+                "saving:started",
+                "saving:completed",
+                "warming:started",
+                "warming:completed"
+            ]
+        );
+        // Its snapshot restores like any other, with the image's defaults.
+        let vm = VmId::new_v4();
+        w.create(VmSpec {
+            id: vm,
+            machine,
+            hostname: "imported".into(),
+            env: Default::default(),
+            snapshot: Some(snapshot),
+            firewall: FirewallPolicy::default(),
+        })
+        .await
+        .expect("restore the imported snapshot");
+        assert_eq!(
+            sh(&w, vm, "id -un; pwd").await,
+            ("app\n/home/app\n".into(), 0)
+        );
+        w.delete(vm).await.expect("delete");
+
+        // Errors keep their kind: an Import error with the registry's answer.
+        let err = w
+            .import_image(
+                job(
+                    VmId::new_v4(),
+                    SnapshotId::new_v4(),
+                    format!("{}/nope:1", registry.host),
+                ),
+                Arc::new(|_| {}),
+            )
+            .await
+            .expect_err("a missing image");
+        assert!(
+            matches!(&err, WorkerError::Import(m) if m.contains("not found")),
+            "{err:?}"
+        );
+
+        // Dropping the call (a cancelled import) stops the worker's import:
+        // its build VM and scratch directory go.
+        let cancelled = VmId::new_v4();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink: fastvm_worker_api::ImportSink = Arc::new(move |n| {
+            let _ = tx.send(n);
+        });
+        let import = w.import_image(
+            job(cancelled, SnapshotId::new_v4(), registry.image("layered")),
+            sink,
+        );
+        tokio::select! {
+            r = import => panic!("the import ended before its cancel: {r:?}"),
+            _ = async {
+                while let Some(n) = rx.recv().await {
+                    if matches!(&n, fastvm_worker_api::ImportNote::Event { phase, status, .. } if phase == "saving" && status == "started") {
+                        break;
+                    }
+                }
+            } => {}
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while dir.join("vms").join(cancelled.to_string()).exists()
+            || dir.join("imports").join(cancelled.to_string()).exists()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cancelled import left its files"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(rt.list().is_empty(), "no VM left: {:?}", rt.list());
+        w.delete_snapshot(snapshot).await.expect("delete snapshot");
+    });
+    drop(registry);
+}

@@ -283,6 +283,9 @@ impl AppState {
                 ImportNote::Log { line } => push_log(&mut rec.logs, &line),
             }
         }
+        if rec.started_at_ms.is_none() {
+            rec.started_at_ms = Some(now_ms());
+        }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(imported) => {

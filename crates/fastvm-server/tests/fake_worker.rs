@@ -46,6 +46,9 @@ struct FakeWorker {
     enforced: Mutex<HashMap<VmId, FirewallPolicy>>,
     /// How many times `resume` ran.
     resumes: AtomicUsize,
+    /// When set, `import_image` waits for a permit after its pull (a
+    /// long import, cancelled or interrupted by a restart).
+    import_gate: Option<tokio::sync::Semaphore>,
 }
 
 impl FakeWorker {
@@ -213,6 +216,52 @@ impl Worker for FakeWorker {
             s.insert(snapshot);
         }
         Ok(())
+    }
+
+    async fn import_image(
+        &self,
+        job: fastvm_server::worker::ImageImport,
+        progress: fastvm_server::worker::ImportSink,
+    ) -> Result<fastvm_server::worker::ImportedImage, WorkerError> {
+        use fastvm_server::worker::ImportNote;
+        let event = |phase: &str, status: &str| ImportNote::Event {
+            phase: phase.into(),
+            status: status.into(),
+            message: None,
+        };
+        progress(event("pull", "started"));
+        if job.image.contains("missing") {
+            return Err(WorkerError::Import(format!(
+                "image {} was not found in its registry",
+                job.image
+            )));
+        }
+        progress(ImportNote::Log {
+            line: "layer 1/1: cached".into(),
+        });
+        progress(event("pull", "completed"));
+        if let Some(gate) = &self.import_gate {
+            let _permit = gate.acquire().await;
+        }
+        // The build VM is named after the import; the snapshot appears.
+        if let Ok(vm) = job.import_id.parse() {
+            self.set(vm, VmState::Running);
+        }
+        if let Ok(mut s) = self.snapshots.lock() {
+            s.insert(job.snapshot);
+        }
+        if let Ok(vm) = job.import_id.parse() {
+            if let Ok(mut m) = self.vms.lock() {
+                m.remove(&vm);
+            }
+        }
+        progress(event("warming", "completed"));
+        Ok(fastvm_server::worker::ImportedImage {
+            manifest_digest: "sha256:feed".into(),
+            env: Default::default(),
+            working_dir: None,
+            user: None,
+        })
     }
 
     async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError> {
@@ -2710,5 +2759,266 @@ async fn list_keeps_the_stored_status_when_the_worker_cannot_say() -> TestResult
         assert_eq!(ids_of(&list), [known.to_string(), lost.id.to_string()]);
         assert_eq!(list[1]["status"], "running", "{list}");
     }
+    Ok(())
+}
+
+// --- snapshot imports ----------------------------------------------------------------
+
+impl Harness {
+    async fn wait_import(
+        &self,
+        id: &str,
+        status: &str,
+    ) -> Result<Value, Box<dyn std::error::Error>> {
+        for _ in 0..300 {
+            let (_, v) = self
+                .call("GET", &format!("/v1/snapshot-imports/{id}"), None)
+                .await?;
+            if v["status"] == json!(status) {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, v) = self
+            .call("GET", &format!("/v1/snapshot-imports/{id}"), None)
+            .await?;
+        Err(format!("import {id} never became {status}: {v}").into())
+    }
+}
+
+fn image_import(image: &str) -> Value {
+    json!({"source": {"type": "image", "image": image, "registryUsername": "u", "registryPassword": "pw-secret"}})
+}
+
+#[tokio::test]
+async fn imports_succeed_fail_and_delete_with_their_snapshot() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let (code, imp) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports",
+            Some(image_import("reg:5000/app:1")),
+        )
+        .await?;
+    assert_eq!(code, StatusCode::CREATED, "{imp}");
+    assert_eq!(imp["status"], json!("pending"));
+    assert_eq!(
+        imp["snapshotId"],
+        Value::Null,
+        "no snapshot id before success"
+    );
+    assert!(
+        !imp.to_string().contains("pw-secret"),
+        "the password is never echoed: {imp}"
+    );
+    let id = id_of(&imp)?;
+    let done = h.wait_import(&id, "succeeded").await?;
+    let snap = done["snapshotId"]
+        .as_str()
+        .ok_or("no snapshotId")?
+        .to_owned();
+    let phases: Vec<String> = done["events"]
+        .as_array()
+        .ok_or("no events")?
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["phase"].as_str().unwrap_or(""),
+                e["status"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        phases.first().map(String::as_str),
+        Some("preparing:started")
+    );
+    assert_eq!(
+        phases.last().map(String::as_str),
+        Some("done:completed"),
+        "{phases:?}"
+    );
+    let (_, logs) = h
+        .send(
+            "GET",
+            &format!("/v1/snapshot-imports/{id}/logs"),
+            None,
+            None,
+        )
+        .await?;
+    assert!(String::from_utf8_lossy(&logs).contains("layer 1/1: cached"));
+    // The snapshot row: ready, named by the image, its source is the import.
+    let (code, s) = h
+        .call("GET", &format!("/v1/snapshots/{snap}"), None)
+        .await?;
+    assert_eq!(code, StatusCode::OK, "{s}");
+    assert_eq!(
+        (s["status"].clone(), s["vmId"].clone(), s["name"].clone()),
+        (json!("ready"), json!(id), json!("reg:5000/app:1"))
+    );
+    // Terminal: cancel is refused, delete takes the snapshot along.
+    let (code, _) = h
+        .call("POST", &format!("/v1/snapshot-imports/{id}/cancel"), None)
+        .await?;
+    assert_eq!(code, StatusCode::CONFLICT);
+    let (code, _) = h
+        .call("DELETE", &format!("/v1/snapshot-imports/{id}"), None)
+        .await?;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshots/{snap}"), None)
+            .await?
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert!(!h.worker.has_snapshot(snap.parse()?));
+    assert_eq!(
+        h.call("GET", &format!("/v1/snapshot-imports/{id}"), None)
+            .await?
+            .0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A failed import: the worker's user-safe message, no snapshot.
+    let (_, imp) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports",
+            Some(image_import("reg:5000/missing:1")),
+        )
+        .await?;
+    let failed = h.wait_import(&id_of(&imp)?, "failed").await?;
+    assert_eq!(
+        failed["error"],
+        json!("image reg:5000/missing:1 was not found in its registry")
+    );
+    assert_eq!(failed["snapshotId"], Value::Null);
+    Ok(())
+}
+
+#[tokio::test]
+async fn imports_in_flight_are_cancelled_or_failed_by_a_restart() -> TestResult {
+    let h = harness(
+        FakeWorker {
+            import_gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
+        },
+        Duration::from_secs(5),
+    )
+    .await?;
+    // Cancel: the worker call is dropped, the import ends cancelled.
+    let (_, imp) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports",
+            Some(image_import("reg:5000/app:1")),
+        )
+        .await?;
+    let id = id_of(&imp)?;
+    h.wait_import(&id, "running").await?;
+    let (code, c) = h
+        .call("POST", &format!("/v1/snapshot-imports/{id}/cancel"), None)
+        .await?;
+    assert_eq!(code, StatusCode::OK, "{c}");
+    assert_eq!(
+        (c["status"].clone(), c["snapshotId"].clone()),
+        (json!("cancelled"), Value::Null)
+    );
+    assert_eq!(
+        c["events"]
+            .as_array()
+            .and_then(|e| e.last())
+            .map(|e| e["status"].clone()),
+        Some(json!("cancelled"))
+    );
+    // Its task is gone: nothing brings it back to life.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        h.wait_import(&id, "cancelled").await?["status"],
+        json!("cancelled")
+    );
+
+    // Restart while one runs: it fails clearly, and its build VM and snapshot go.
+    let (_, imp) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports",
+            Some(image_import("reg:5000/app:2")),
+        )
+        .await?;
+    let id = id_of(&imp)?;
+    h.wait_import(&id, "running").await?;
+    let (h2, _reaper) = h.restarted().await?;
+    let v = h2.wait_import(&id, "failed").await?;
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the server restarted"),
+        "{v}"
+    );
+    let build_vm: VmId = id.parse()?;
+    assert!(
+        h2.worker
+            .deleted
+            .lock()
+            .map(|d| d.contains(&build_vm))
+            .unwrap_or(false),
+        "the build VM is removed"
+    );
+    assert!(v["finishedAt"].is_string());
+    Ok(())
+}
+
+#[tokio::test]
+async fn import_requests_are_checked() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    for (body, code, err) in [
+        (
+            json!({"source": {"type": "image"}}),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            json!({"source": {"type": "image", "image": "a"}, "machineType": "c9m9"}),
+            StatusCode::BAD_REQUEST,
+            Some("INVALID_MACHINE_TYPE"),
+        ),
+        (
+            json!({"source": {"type": "image", "image": "a"}, "diskGiB": 257}),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            json!({"source": {"type": "dockerfile", "contextRef": "x"}}),
+            StatusCode::NOT_IMPLEMENTED,
+            Some("NOT_IMPLEMENTED"),
+        ),
+        (
+            json!({"source": {"type": "image", "image": "a", "contextRef": "x"}}),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+    ] {
+        let (got, v) = h
+            .call("POST", "/v1/snapshot-imports", Some(body.clone()))
+            .await?;
+        assert_eq!(got, code, "{body} -> {v}");
+        if let Some(e) = err {
+            assert_eq!(v["error"]["code"], json!(e), "{v}");
+        }
+    }
+    assert_eq!(
+        h.call("GET", "/v1/snapshot-imports", None).await?.1,
+        json!([])
+    );
+    let (code, _) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports/context-presign",
+            Some(json!({"sizeBytes": 5})),
+        )
+        .await?;
+    assert_eq!(code, StatusCode::NOT_IMPLEMENTED);
     Ok(())
 }

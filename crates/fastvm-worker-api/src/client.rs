@@ -363,6 +363,39 @@ impl Worker for RemoteWorker {
             .await
     }
 
+    async fn import_image(
+        &self,
+        job: crate::worker::ImageImport,
+        progress: crate::worker::ImportSink,
+    ) -> Result<crate::worker::ImportedImage, WorkerError> {
+        use crate::worker::{ImportNote, ImportedImage};
+        enum Item {
+            Note(ImportNote),
+            Done(ImportedImage),
+        }
+        let (rd, wr) = self.open_stream("/w/v1/imports", &job).await?;
+        // Dropping the stream (a cancelled import) closes the connection:
+        // the worker drops its import and cleans up.
+        let mut items = frame_stream(rd, wr, "import", |k, d| match k {
+            Kind::Stdout => Some((last::<ImportNote>(&d, "import note").map(Item::Note), true)),
+            Kind::Exit => Some((
+                last::<ImportedImage>(&d, "import result").map(Item::Done),
+                false,
+            )),
+            _ => None,
+        });
+        while let Some(item) = items.next().await {
+            match item? {
+                Item::Note(n) => progress(n),
+                Item::Done(done) => return Ok(done),
+            }
+        }
+        Err(WorkerError::Unreachable(format!(
+            "worker {} ended the import without a result",
+            self.endpoint.id
+        )))
+    }
+
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError> {
         let open = OpenExec {
             request: req,

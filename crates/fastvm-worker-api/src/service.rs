@@ -84,6 +84,7 @@ pub fn router(worker: Arc<dyn Worker>, token: ExpectedToken) -> Router {
         .route("/w/v1/vms/{id}/guest-tcp", get(guest_tcp))
         .route("/w/v1/vms/{id}/serial", get(serial))
         .route("/w/v1/snapshots", post(snapshot))
+        .route("/w/v1/imports", get(import_image))
         .route(
             "/w/v1/snapshots/{id}",
             axum::routing::delete(delete_snapshot),
@@ -413,6 +414,59 @@ async fn read_open<T: serde::de::DeserializeOwned, R: tokio::io::AsyncRead + Unp
         Ok(_) => Err(WorkerError::Failed("expected an OPEN frame".into())),
         Err(e) => Err(WorkerError::Failed(format!("reading the OPEN frame: {e}"))),
     }
+}
+
+/// An image import over an upgraded stream: OPEN carries the
+/// [`crate::worker::ImageImport`], every progress note is a STDOUT frame
+/// (JSON), EXIT carries the [`crate::worker::ImportedImage`]. The client
+/// closing the connection drops the import (the worker cleans up).
+async fn import_image(State(c): State<Ctx>, req: Request) -> Response {
+    upgrade(req, move |io| serve_import(c.worker, io))
+}
+
+async fn serve_import(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgraded>) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let job: crate::worker::ImageImport = match read_open(&mut rd).await {
+        Ok(j) => j,
+        Err(e) => return write_error(&mut wr, &e).await,
+    };
+    if write_frame(&mut wr, Kind::Opened, b"").await.is_err() {
+        return;
+    }
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(watch_close(rd, gone_tx));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sink: crate::worker::ImportSink = Arc::new(move |note| {
+        let _ = tx.send(note);
+    });
+    let work = worker.import_image(job, sink);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            Some(note) = rx.recv() => {
+                let body = serde_json::to_vec(&note).unwrap_or_default();
+                if write_frame(&mut wr, Kind::Stdout, &body).await.is_err() {
+                    return; // the client is gone: dropping `work` cancels it
+                }
+            }
+            _ = &mut gone => return,
+        }
+    };
+    while let Ok(note) = rx.try_recv() {
+        let body = serde_json::to_vec(&note).unwrap_or_default();
+        if write_frame(&mut wr, Kind::Stdout, &body).await.is_err() {
+            return;
+        }
+    }
+    match result {
+        Ok(done) => {
+            let body = serde_json::to_vec(&done).unwrap_or_default();
+            let _ = write_frame(&mut wr, Kind::Exit, &body).await;
+        }
+        Err(e) => write_error(&mut wr, &e).await,
+    }
+    let _ = wr.shutdown().await;
 }
 
 async fn exec(State(c): State<Ctx>, Path(id): Path<String>, req: Request) -> Response {
