@@ -384,6 +384,9 @@ pub struct Runtime {
     store_fetches: std::sync::atomic::AtomicU64,
     /// Volumes of this host, or why there can be none (volumes.rs).
     volumes: std::result::Result<Arc<crate::volumes::VolumeStore>, String>,
+    /// Image imports that may run at once (imports.rs): each unpacks, makes a
+    /// file system and boots a VM; more wait their turn.
+    import_slots: tokio::sync::Semaphore,
 }
 
 impl Runtime {
@@ -462,6 +465,7 @@ impl Runtime {
             fetch_locks: Default::default(),
             store_fetches: Default::default(),
             volumes,
+            import_slots: tokio::sync::Semaphore::new(imports::CONCURRENT_IMPORTS),
         });
         rt.adopt_all().await?;
         Ok(rt)

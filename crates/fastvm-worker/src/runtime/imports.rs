@@ -30,6 +30,8 @@ use std::time::Duration;
 
 /// Budget of `mkfs.ext4 -d` and `qemu-img convert` of one imported disk.
 const DISK_TOOL: Duration = Duration::from_secs(20 * 60);
+/// Imports one worker runs at once; more wait (their event log says so).
+pub(super) const CONCURRENT_IMPORTS: usize = 2;
 /// Most tar entries of one image (all layers).
 const MAX_ENTRIES: u64 = 4_000_000;
 
@@ -109,6 +111,18 @@ impl Runtime {
             return Err(import_err(format!("import id {id:?} is not usable")));
         }
         let snapshot_id = job.snapshot.to_string();
+        let _slot = match self.import_slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                progress.log(format!(
+                    "waiting for one of the {CONCURRENT_IMPORTS} import slots of this worker"
+                ));
+                self.import_slots
+                    .acquire()
+                    .await
+                    .map_err(|_| import_err("the worker is shutting down"))?
+            }
+        };
         // A kernel and initramfs to boot with (built on first use).
         self.image().await?;
 
