@@ -727,7 +727,8 @@ impl AppState {
         for id in running.keys() {
             let keep = match self.store().get_vm_unscoped(*id).await? {
                 Some(r) => r.deleted_at_ms.is_none() && r.worker_id == worker_id,
-                None => false,
+                // The build VM of an import in flight has no VM row.
+                None => self.store().is_import_in_flight(*id).await?,
             };
             if !keep {
                 tracing::info!(vm = %id, worker = worker_id, "fencing: deleting a VM the store deleted or placed elsewhere");

@@ -184,6 +184,18 @@ impl Store {
         .collect()
     }
 
+    /// True when `id` (a VM id of a worker) is an import in flight: its
+    /// build VM, which has no VM row.
+    pub async fn is_import_in_flight(&self, id: fastvm_types::VmId) -> Result<bool> {
+        let row = sqlx::query(&format!(
+            "SELECT id FROM snapshot_imports WHERE id = $1 AND status IN {IN_FLIGHT}"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// Write an in-flight import's progress: status, worker, events, logs,
     /// and the outcome fields. Returns false (nothing written) when the
     /// import is no longer in flight (cancelled meanwhile).

@@ -119,6 +119,9 @@ async fn snapshot_import_rows(store: &Store) -> TestResult {
         .await?
         .iter()
         .any(|r| r.id == rec.id));
+    let as_vm: VmId = rec.id.to_string().parse()?;
+    assert!(store.is_import_in_flight(as_vm).await?);
+    assert!(!store.is_import_in_flight(VmId::new_v4()).await?);
     // An import in flight cannot be deleted.
     assert!(!store.mark_snapshot_import_deleted(org, rec.id).await?);
     rec.status = S::Running;
