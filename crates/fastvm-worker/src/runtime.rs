@@ -468,6 +468,20 @@ impl Runtime {
             import_slots: tokio::sync::Semaphore::new(imports::CONCURRENT_IMPORTS),
         });
         rt.adopt_all().await?;
+        // Imports do not survive a restart of their worker (the control plane
+        // fails them and deletes their build VM): their scratch trees go.
+        // Moved aside at once (a new import may start right away), removed in
+        // the background.
+        let scratch = rt.cfg.data_dir.join("imports");
+        let old = rt
+            .cfg
+            .data_dir
+            .join(format!(".imports-old-{}", uuid::Uuid::new_v4().simple()));
+        if std::fs::rename(&scratch, &old).is_ok() {
+            std::thread::spawn(move || {
+                let _ = std::fs::remove_dir_all(&old);
+            });
+        }
         Ok(rt)
     }
 
