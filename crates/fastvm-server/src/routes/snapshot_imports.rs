@@ -139,6 +139,8 @@ pub async fn create(
         (status = 200, description = "The upload handle (when Dockerfile builds are available)", body = ContextPresignResponse, example = json!(examples::context_presign_response())),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 501, description = "Dockerfile builds are not available on this server", body = ErrorBody),
     )
 )]
