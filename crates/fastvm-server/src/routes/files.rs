@@ -429,31 +429,10 @@ fn stdout_of(
 /// `PUT /v1/staging/{token}`: store the body (an uploadUrl, single-use). No
 /// API key: the token is the credential. A Content-Length over the cap or
 /// over what the org may still stage is refused before any byte is read; a
-/// body crossing either is cut off and discarded. A refusal says
-/// `Connection: close`: the unread rest of the body makes the connection
-/// unusable, and a client that pooled it would send its next request on it.
+/// body crossing either is cut off and discarded.
 pub async fn staging_put(
     State(state): State<AppState>,
     Path(token): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match store_upload(state, token, headers, body).await {
-        Ok(r) => r,
-        Err(e) => {
-            let mut r = e.into_response();
-            r.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            r
-        }
-    }
-}
-
-async fn store_upload(
-    state: AppState,
-    token: String,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
