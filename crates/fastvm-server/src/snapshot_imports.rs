@@ -81,6 +81,35 @@ fn push_log(logs: &mut String, line: &str) {
     }
 }
 
+/// Mirror one progress note of the worker into the record: the first one
+/// marks the import `running`; an event goes to the events and the log, a
+/// log line to the log. True for an event.
+fn apply_note(rec: &mut SnapshotImportRecord, note: ImportNote) -> bool {
+    if rec.status == SnapshotImportStatus::Claimed {
+        rec.status = SnapshotImportStatus::Running;
+        rec.started_at_ms = Some(now_ms());
+    }
+    match note {
+        ImportNote::Event {
+            phase,
+            status,
+            message,
+        } => {
+            let suffix = message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            push_log(&mut rec.logs, &format!("[{phase}] {status}{suffix}"));
+            rec.events.push(event(&phase, &status, message));
+            true
+        }
+        ImportNote::Log { line } => {
+            push_log(&mut rec.logs, &line);
+            false
+        }
+    }
+}
+
 /// Tasks of the imports this control plane runs, by import.
 #[derive(Default)]
 pub(crate) struct ImportTasks {
@@ -244,27 +273,9 @@ impl AppState {
             tokio::select! {
                 r = &mut work => break r,
                 Some(note) = rx.recv() => {
-                    let mut dirty = false;
-                    if rec.status == SnapshotImportStatus::Claimed {
-                        rec.status = SnapshotImportStatus::Running;
-                        rec.started_at_ms = Some(now_ms());
-                        dirty = true;
-                    }
-                    match note {
-                        ImportNote::Event { phase, status, message } => {
-                            push_log(&mut rec.logs, &format!("[{phase}] {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()));
-                            rec.events.push(event(&phase, &status, message));
-                            if !self.save_import(&rec).await {
-                                return;
-                            }
-                            last_flush = std::time::Instant::now();
-                        }
-                        ImportNote::Log { line } => {
-                            push_log(&mut rec.logs, &line);
-                            dirty = true;
-                        }
-                    }
-                    if dirty && last_flush.elapsed() >= FLUSH_EVERY {
+                    // Events are written at once, log lines at most every FLUSH_EVERY.
+                    let is_event = apply_note(&mut rec, note);
+                    if is_event || last_flush.elapsed() >= FLUSH_EVERY {
                         if !self.save_import(&rec).await {
                             return;
                         }
@@ -274,23 +285,13 @@ impl AppState {
             }
         };
         while let Ok(note) = rx.try_recv() {
-            match note {
-                ImportNote::Event {
-                    phase,
-                    status,
-                    message,
-                } => rec.events.push(event(&phase, &status, message)),
-                ImportNote::Log { line } => push_log(&mut rec.logs, &line),
-            }
-        }
-        if rec.started_at_ms.is_none() {
-            rec.started_at_ms = Some(now_ms());
+            apply_note(&mut rec, note);
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(imported) => {
                 match self
-                    .record_imported_snapshot(&rec, snapshot_id, &worker, &imported)
+                    .record_imported_snapshot(&rec, snapshot_id, &worker)
                     .await
                 {
                     Ok(()) => {
@@ -355,11 +356,9 @@ impl AppState {
         rec: &SnapshotImportRecord,
         snapshot_id: SnapshotId,
         worker: &Arc<dyn Worker>,
-        imported: &fastvm_worker_api::ImportedImage,
     ) -> Result<(), ApiError> {
         let worker_id = worker.id().to_owned();
         let (compat_key, stored) = self.fleet().snapshot_traits(&worker_id).await;
-        let _ = imported;
         let vm_id: fastvm_types::VmId = rec
             .id
             .to_string()

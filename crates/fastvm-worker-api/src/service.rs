@@ -445,8 +445,7 @@ async fn serve_import(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgra
         tokio::select! {
             r = &mut work => break r,
             Some(note) = rx.recv() => {
-                let body = serde_json::to_vec(&note).unwrap_or_default();
-                if write_frame(&mut wr, Kind::Stdout, &body).await.is_err() {
+                if !write_note(&mut wr, &note).await {
                     return; // the client is gone: dropping `work` cancels it
                 }
             }
@@ -454,8 +453,7 @@ async fn serve_import(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgra
         }
     };
     while let Ok(note) = rx.try_recv() {
-        let body = serde_json::to_vec(&note).unwrap_or_default();
-        if write_frame(&mut wr, Kind::Stdout, &body).await.is_err() {
+        if !write_note(&mut wr, &note).await {
             return;
         }
     }
@@ -467,6 +465,15 @@ async fn serve_import(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgra
         Err(e) => write_error(&mut wr, &e).await,
     }
     let _ = wr.shutdown().await;
+}
+
+/// One import note as a STDOUT frame; false when the client is gone.
+async fn write_note<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    note: &crate::worker::ImportNote,
+) -> bool {
+    let body = serde_json::to_vec(note).unwrap_or_default();
+    write_frame(w, Kind::Stdout, &body).await.is_ok()
 }
 
 async fn exec(State(c): State<Ctx>, Path(id): Path<String>, req: Request) -> Response {
