@@ -40,11 +40,40 @@ pub enum ImportCommand {
         #[command(flatten)]
         conn: ConnectArgs,
     },
-    /// Build a Dockerfile (with DIR as its context) into a snapshot.
+    /// Build a Dockerfile into a snapshot (in a builder VM of the worker); waits for it.
+    ///
+    /// The context directory (default: the Dockerfile's directory) is zipped
+    /// and uploaded; `FROM` images come from the registries the server can
+    /// reach (`--insecure-registry` ones included).
     Dockerfile {
+        /// The Dockerfile.
         path: PathBuf,
+        /// The build context directory (default: the Dockerfile's directory).
         #[arg(long)]
         context: Option<PathBuf>,
+        /// `KEY=VALUE` build argument (repeatable).
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+        /// Build up to this stage of a multi-stage Dockerfile.
+        #[arg(long)]
+        target: Option<String>,
+        /// Machine type of the builder and of the snapshot (default c1m2).
+        #[arg(long)]
+        machine: Option<String>,
+        /// Disk size of the snapshot in GiB (default: the machine type's).
+        #[arg(long = "disk-gib")]
+        disk_gib: Option<u64>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Registry (HOST[:PORT]) the credentials are for.
+        #[arg(long = "registry-host")]
+        registry_host: Option<String>,
+        /// Registry username (the password is read from FASTVM_REGISTRY_PASSWORD).
+        #[arg(long = "registry-username")]
+        registry_username: Option<String>,
+        /// Answer with the import at once instead of waiting for it.
+        #[arg(long = "no-wait")]
+        no_wait: bool,
         #[command(flatten)]
         conn: ConnectArgs,
     },
@@ -148,6 +177,116 @@ async fn follow(
     }
 }
 
+/// Print the new import (`no_wait`) or follow it to its end; the exit code.
+async fn finish(
+    client: &Client,
+    imp: SnapshotImportResponse,
+    no_wait: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    if no_wait {
+        print(&[imp], json)?;
+        return Ok(0);
+    }
+    let done = follow(client, imp, json).await?;
+    let ok = done.status == SnapshotImportStatus::Succeeded;
+    if json {
+        print_json(&done)?;
+    } else if ok {
+        let snap = done.snapshot_id.map(|s| s.to_string()).unwrap_or_default();
+        println!("snapshot {snap} ready; launch it with: fastvm vm launch --snapshot {snap}");
+    } else {
+        eprintln!(
+            "import {} {}: {}",
+            done.id,
+            status_str(done.status),
+            done.error.clone().unwrap_or_default()
+        );
+        eprintln!("its build log: fastvm import logs {}", done.id);
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn tokio_util_reader_stream(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    futures::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0u8; 256 << 10];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    })
+}
+
+/// ZIP `dir` (regular files and directories; symlinks are skipped with a
+/// note) into a temp file. The Dockerfile's path in it: its path inside
+/// `dir`, or `Dockerfile.fastvm` at the root when it lies outside.
+fn zip_context(
+    dir: &std::path::Path,
+    dockerfile: &std::path::Path,
+) -> anyhow::Result<(tempfile::NamedTempFile, String)> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    let tmp = tempfile::NamedTempFile::new()?;
+    let mut zip = zip::ZipWriter::new(tmp.reopen()?);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("context directory {}", dir.display()))?;
+    let df = dockerfile
+        .canonicalize()
+        .with_context(|| format!("Dockerfile {}", dockerfile.display()))?;
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .with_context(|| format!("reading {}", d.display()))?
+            .collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let rel = p
+                .strip_prefix(&root)?
+                .to_string_lossy()
+                .replace(std::path::MAIN_SEPARATOR, "/");
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                zip.add_directory(format!("{rel}/"), opts)?;
+                stack.push(p);
+            } else if ft.is_file() {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = e.metadata()?.permissions().mode();
+                zip.start_file(rel, opts.unix_permissions(mode & 0o7777))?;
+                let mut f =
+                    std::fs::File::open(&p).with_context(|| format!("reading {}", p.display()))?;
+                std::io::copy(&mut f, &mut zip)?;
+            } else {
+                eprintln!("skipping {} (not a regular file or directory)", p.display());
+            }
+        }
+    }
+    let path = match df.strip_prefix(&root) {
+        Ok(rel) => rel
+            .to_string_lossy()
+            .replace(std::path::MAIN_SEPARATOR, "/"),
+        Err(_) => {
+            let name = "Dockerfile.fastvm".to_owned();
+            zip.start_file(name.as_str(), opts)?;
+            zip.write_all(&std::fs::read(&df)?)?;
+            name
+        }
+    };
+    zip.finish()?.flush()?;
+    Ok((tmp, path))
+}
+
 pub async fn run(cmd: ImportCommand) -> anyhow::Result<i32> {
     match cmd {
         ImportCommand::Image {
@@ -182,39 +321,91 @@ pub async fn run(cmd: ImportCommand) -> anyhow::Result<i32> {
             let imp: SnapshotImportResponse = client
                 .call(Method::POST, "/v1/snapshot-imports", Some(&req))
                 .await?;
-            if no_wait {
-                print(&[imp], conn.json)?;
-                return Ok(0);
-            }
-            let done = follow(&client, imp, conn.json).await?;
-            let ok = done.status == SnapshotImportStatus::Succeeded;
-            if conn.json {
-                print_json(&done)?;
-            } else if ok {
-                let snap = done.snapshot_id.map(|s| s.to_string()).unwrap_or_default();
-                println!(
-                    "snapshot {snap} ready; launch it with: fastvm vm launch --snapshot {snap}"
-                );
-            } else {
-                eprintln!(
-                    "import {} {}: {}",
-                    done.id,
-                    status_str(done.status),
-                    done.error.clone().unwrap_or_default()
-                );
-            }
-            Ok(if ok { 0 } else { 1 })
+            finish(&client, imp, no_wait, conn.json).await
         }
         ImportCommand::Dockerfile {
             path,
             context,
+            build_args,
+            target,
+            machine,
+            disk_gib,
+            name,
+            registry_host,
+            registry_username,
+            no_wait,
             conn,
         } => {
-            let _ = (context, conn);
-            anyhow::bail!(
-                "Dockerfile builds are not available yet ({}): build the image elsewhere, push it to a registry and run `fastvm import image REF`",
-                path.display()
-            )
+            let mut args = std::collections::BTreeMap::new();
+            for a in &build_args {
+                let (k, v) = a
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--build-arg {a:?} is not KEY=VALUE"))?;
+                args.insert(k.to_owned(), v.to_owned());
+            }
+            let dir = match context {
+                Some(c) => c,
+                None => path
+                    .parent()
+                    .map(|p| {
+                        if p.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            p.to_owned()
+                        }
+                    })
+                    .unwrap_or_else(|| PathBuf::from(".")),
+            };
+            let (zip, dockerfile_path) = {
+                let (dir, path) = (dir.clone(), path.clone());
+                tokio::task::spawn_blocking(move || zip_context(&dir, &path)).await??
+            };
+            let size = zip.as_file().metadata()?.len();
+            let client = Client::new(&conn)?;
+            let p: fastvm_types::snapshot_import::ContextPresignResponse = client
+                .call(
+                    Method::POST,
+                    "/v1/snapshot-imports/context-presign",
+                    Some(&serde_json::json!({"sizeBytes": size})),
+                )
+                .await?;
+            let file = tokio::fs::File::open(zip.path()).await?;
+            let put = client
+                .http
+                .put(&p.upload_url)
+                .header(reqwest::header::CONTENT_TYPE, "application/zip")
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .body(reqwest::Body::wrap_stream(tokio_util_reader_stream(file)))
+                .send()
+                .await?;
+            if !put.status().is_success() {
+                crate::client::decode(put).await?;
+                return Ok(1);
+            }
+            if !conn.json {
+                eprintln!("context uploaded ({size} bytes, {})", dir.display());
+            }
+            let req = CreateSnapshotImportRequest {
+                machine_type: machine,
+                disk_gib,
+                name,
+                source: SnapshotImportSourceSpec {
+                    source_type: SnapshotImportSourceType::Dockerfile,
+                    image: None,
+                    platform: None,
+                    registry_username,
+                    registry_password: std::env::var("FASTVM_REGISTRY_PASSWORD").ok(),
+                    registry_host,
+                    context_ref: Some(p.context_ref),
+                    dockerfile_path: Some(dockerfile_path),
+                    build_args: (!args.is_empty()).then_some(args),
+                    target,
+                },
+            };
+            let imp: SnapshotImportResponse = client
+                .call(Method::POST, "/v1/snapshot-imports", Some(&req))
+                .await?;
+            finish(&client, imp, no_wait, conn.json).await
         }
         ImportCommand::List { conn } => {
             let all: Vec<SnapshotImportResponse> =

@@ -17,11 +17,17 @@
 //! events, build log) is written to the row as it arrives, at most every
 //! [`FLUSH_EVERY`] for log lines.
 //!
-//! Dockerfile sources (`type: dockerfile`) and the build-context upload
-//! answer 501 `NOT_IMPLEMENTED`: the builder VM is not built yet.
+//! Dockerfile sources (`type: dockerfile`): `context-presign` mints an
+//! object of the staging store (`org/<nil uuid>/<object>`, capped at
+//! [`MAX_CONTEXT_BYTES`]) and a `contextRef` (`ctx_<object>`); the client
+//! PUTs the ZIP to the signed URL; `create` claims the ref (single use),
+//! and the task streams the object to the worker's
+//! `Worker::build_dockerfile` (the build runs in a builder VM there), then
+//! deletes it whatever the outcome.
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
+use crate::staging::ObjectKey;
 use crate::store::{now_ms, SnapshotImportRecord, SnapshotRecord};
 use crate::worker::MachineType;
 use crate::AppState;
@@ -32,7 +38,9 @@ use fastvm_types::snapshot_import::{
     SnapshotImportStatus,
 };
 use fastvm_types::{OrgId, SnapshotId, SnapshotImportId};
-use fastvm_worker_api::{ImageImport, ImportNote, Worker, WorkerError};
+use fastvm_worker_api::{
+    ByteStream, DockerfileImport, ImageImport, ImportNote, ImportedImage, Worker, WorkerError,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,15 +57,33 @@ fn no_such_import(id: SnapshotImportId) -> ApiError {
     ApiError::not_found(format!("no snapshot import with id {id}"))
 }
 
-/// Build-context cap of `context-presign` (checked before it answers 501).
+/// Build-context cap of `context-presign` and of its signed URL.
 pub const MAX_CONTEXT_BYTES: u64 = 512 << 20;
+/// `contextRef` prefix; the rest is the staging object's UUID (simple form).
+const CONTEXT_REF_PREFIX: &str = "ctx_";
 
-pub(crate) fn dockerfile_unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        codes::NOT_IMPLEMENTED,
-        "Dockerfile builds are not available on this server yet; import a built image with source.type = \"image\"",
-    )
+/// The staging object of an org's build context.
+fn context_key(org: OrgId, object: uuid::Uuid) -> ObjectKey {
+    ObjectKey {
+        org: org.to_string(),
+        // Contexts belong to no VM: the nil UUID stands for "none".
+        vm: uuid::Uuid::nil().to_string(),
+        object: object.to_string(),
+    }
+}
+
+fn bad_context_ref(msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(fastvm_types::codes::INVALID_CONTEXT_REF, msg)
+}
+
+/// What the import's task hands its worker.
+enum Job {
+    Image(ImageImport),
+    Dockerfile {
+        job: DockerfileImport,
+        context: ByteStream,
+        key: ObjectKey,
+    },
 }
 
 fn event(phase: &str, status: &str, message: Option<String>) -> SnapshotImportEvent {
@@ -115,9 +141,43 @@ fn apply_note(rec: &mut SnapshotImportRecord, note: ImportNote) -> bool {
 pub(crate) struct ImportTasks {
     tasks:
         std::sync::Mutex<std::collections::HashMap<SnapshotImportId, tokio::task::JoinHandle<()>>>,
+    /// Build contexts claimed by an import (their staging objects are
+    /// deleted when it ends; the set only guards the window before).
+    claimed: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Deletes an import's build context from the staging store when dropped.
+struct ContextCleanup {
+    state: AppState,
+    key: ObjectKey,
+}
+
+impl Drop for ContextCleanup {
+    fn drop(&mut self) {
+        let (state, key) = (self.state.clone(), self.key.clone());
+        tokio::spawn(async move {
+            if let Ok(staging) = state.staging() {
+                if let Err(e) = staging.delete(&key).await {
+                    tracing::warn!(error = %e, "removing a build context failed");
+                }
+            }
+        });
+    }
 }
 
 impl ImportTasks {
+    /// Mark build context `object` used; false when it was already.
+    fn claim(&self, object: &str) -> bool {
+        self.claimed
+            .lock()
+            .map(|mut c| c.insert(object.to_owned()))
+            .unwrap_or(false)
+    }
+    fn unclaim(&self, object: &str) {
+        if let Ok(mut c) = self.claimed.lock() {
+            c.remove(object);
+        }
+    }
     fn insert(&self, id: SnapshotImportId, task: tokio::task::JoinHandle<()>) {
         if let Ok(mut t) = self.tasks.lock() {
             t.retain(|_, h| !h.is_finished());
@@ -156,9 +216,6 @@ impl AppState {
         req: CreateSnapshotImportRequest,
     ) -> Result<SnapshotImportRecord, ApiError> {
         req.validate()?;
-        if req.source.source_type == SnapshotImportSourceType::Dockerfile {
-            return Err(dockerfile_unavailable());
-        }
         let machine_name = req.machine_type.as_deref().unwrap_or(DEFAULT_MACHINE);
         let machine = MachineType::lookup(machine_name).map_err(|e| {
             ApiError::invalid(fastvm_types::codes::INVALID_MACHINE_TYPE, e.to_string())
@@ -173,6 +230,14 @@ impl AppState {
         let image = req.source.image.clone().unwrap_or_default();
         self.check_snapshot_quota(caller.org_id).await?;
         let worker = self.import_worker().await?;
+        // A Dockerfile source: claim its uploaded context (single use).
+        let context = match req.source.source_type {
+            SnapshotImportSourceType::Image => None,
+            SnapshotImportSourceType::Dockerfile => Some(
+                self.claim_context(caller.org_id, req.source.context_ref.as_deref())
+                    .await?,
+            ),
+        };
         let id = SnapshotImportId::new_v4();
         let now = now_ms();
         let mut rec = SnapshotImportRecord {
@@ -185,7 +250,7 @@ impl AppState {
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| id.to_string()),
             status: SnapshotImportStatus::Pending,
-            source: req.source.view(None),
+            source: req.source.view(context.as_ref().map(|c| c.1)),
             events: vec![event("preparing", "started", None)],
             logs: String::new(),
             worker_id: None,
@@ -203,15 +268,40 @@ impl AppState {
         };
         self.store().insert_snapshot_import(&rec).await?;
         tracing::info!(import = %id, org = %caller.org_id, image = %image, worker = worker.id(), "snapshot import created");
-        let job = ImageImport {
-            import_id: id.to_string(),
-            snapshot: rec.snapshot_id.unwrap_or_else(SnapshotId::new_v4),
-            image,
-            platform: req.source.platform.clone(),
-            registry_username: req.source.registry_username.clone(),
-            registry_password: req.source.registry_password.clone(),
-            machine,
-            disk_gib: u32::try_from(disk_gib).unwrap_or(u32::MAX),
+        let snapshot = rec.snapshot_id.unwrap_or_else(SnapshotId::new_v4);
+        let disk_gib = u32::try_from(disk_gib).unwrap_or(u32::MAX);
+        let job = match context {
+            None => Job::Image(ImageImport {
+                import_id: id.to_string(),
+                snapshot,
+                image,
+                platform: req.source.platform.clone(),
+                registry_username: req.source.registry_username.clone(),
+                registry_password: req.source.registry_password.clone(),
+                machine,
+                disk_gib,
+            }),
+            Some((key, size, body)) => Job::Dockerfile {
+                job: DockerfileImport {
+                    import_id: id.to_string(),
+                    snapshot,
+                    dockerfile_path: req
+                        .source
+                        .dockerfile_path
+                        .clone()
+                        .unwrap_or_else(|| "Dockerfile".into()),
+                    build_args: req.source.build_args.clone().unwrap_or_default(),
+                    target: req.source.target.clone().filter(|t| !t.is_empty()),
+                    registry_host: req.source.registry_host.clone(),
+                    registry_username: req.source.registry_username.clone(),
+                    registry_password: req.source.registry_password.clone(),
+                    context_bytes: size,
+                    machine,
+                    disk_gib,
+                },
+                context: body,
+                key,
+            },
         };
         let state = self.clone();
         let task_rec = rec.clone();
@@ -219,6 +309,64 @@ impl AppState {
         self.import_tasks().insert(id, task);
         rec.updated_at_ms = now_ms();
         Ok(rec)
+    }
+
+    /// `POST /v1/snapshot-imports/context-presign`: a staging object for
+    /// the org's build context and its signed PUT URL.
+    pub(crate) async fn presign_context(
+        &self,
+        org: OrgId,
+    ) -> Result<fastvm_types::snapshot_import::ContextPresignResponse, ApiError> {
+        let staging = self.staging()?;
+        let object = uuid::Uuid::new_v4();
+        let ttl = self.staging_config().url_ttl;
+        let urls = staging
+            .presign(&context_key(org, object), MAX_CONTEXT_BYTES, ttl)
+            .await?;
+        Ok(fastvm_types::snapshot_import::ContextPresignResponse {
+            context_ref: format!("{CONTEXT_REF_PREFIX}{}", object.simple()),
+            upload_url: urls.upload_url,
+            expires_in_sec: ttl.as_secs(),
+            max_upload_bytes: MAX_CONTEXT_BYTES,
+        })
+    }
+
+    /// Claim `context_ref` of `org`: its staging object, size and bytes.
+    /// A ref is claimed once (a second create with it is refused).
+    async fn claim_context(
+        &self,
+        org: OrgId,
+        context_ref: Option<&str>,
+    ) -> Result<(ObjectKey, u64, ByteStream), ApiError> {
+        let r = context_ref.unwrap_or("").trim();
+        let object = r
+            .strip_prefix(CONTEXT_REF_PREFIX)
+            .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
+            .ok_or_else(|| {
+                bad_context_ref(format!(
+                    "source.contextRef {r:?} is not a context ref; get one from POST /v1/snapshot-imports/context-presign"
+                ))
+            })?;
+        let key = context_key(org, object);
+        if !self.import_tasks().claim(&key.object) {
+            return Err(bad_context_ref(
+                "source.contextRef was used already (each build context serves one import); presign and upload it again",
+            ));
+        }
+        let staging = self.staging()?;
+        match staging.get(&key).await {
+            Ok((size, body)) => Ok((key, size, body)),
+            Err(crate::staging::StagingError::NotFound) => {
+                self.import_tasks().unclaim(&key.object);
+                Err(bad_context_ref(
+                    "nothing was uploaded for source.contextRef: PUT the context ZIP to its uploadUrl first (unused contexts are deleted after about a day)",
+                ))
+            }
+            Err(e) => {
+                self.import_tasks().unclaim(&key.object);
+                Err(e.into())
+            }
+        }
     }
 
     /// The worker that builds imports: this process's, else the first
@@ -243,12 +391,7 @@ impl AppState {
 
     /// The import's task: drive the worker, mirror its progress into the
     /// row, settle the outcome.
-    async fn run_import(
-        &self,
-        mut rec: SnapshotImportRecord,
-        worker: Arc<dyn Worker>,
-        job: ImageImport,
-    ) {
+    async fn run_import(&self, mut rec: SnapshotImportRecord, worker: Arc<dyn Worker>, job: Job) {
         let id = rec.id;
         rec.status = SnapshotImportStatus::Claimed;
         rec.worker_id = Some(worker.id().to_owned());
@@ -264,9 +407,25 @@ impl AppState {
         let sink: fastvm_worker_api::ImportSink = Arc::new(move |note| {
             let _ = tx.send(note);
         });
-        let snapshot_id = job.snapshot;
         let started = std::time::Instant::now();
-        let work = worker.import_image(job, sink);
+        let (snapshot_id, work, context_key): (
+            _,
+            futures::future::BoxFuture<'_, Result<ImportedImage, WorkerError>>,
+            _,
+        ) = match job {
+            Job::Image(job) => (job.snapshot, worker.import_image(job, sink), None),
+            Job::Dockerfile { job, context, key } => (
+                job.snapshot,
+                worker.build_dockerfile(job, context, sink),
+                Some(key),
+            ),
+        };
+        // The build context goes when the worker is done with it (or the
+        // task is aborted: cancel), whatever the outcome.
+        let _context = context_key.map(|key| ContextCleanup {
+            state: self.clone(),
+            key,
+        });
         tokio::pin!(work);
         let mut last_flush = std::time::Instant::now();
         let result = loop {

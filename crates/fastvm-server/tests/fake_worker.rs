@@ -26,6 +26,9 @@ use tower::ServiceExt;
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// A worker whose VMs are entries in a map; boots can be held at a gate.
+/// A Dockerfile build a [`FakeWorker`] saw: (context bytes, path, target, build args).
+type Built = (Vec<u8>, String, Option<String>, String);
+
 #[derive(Default)]
 struct FakeWorker {
     vms: Mutex<HashMap<VmId, VmState>>,
@@ -49,6 +52,8 @@ struct FakeWorker {
     /// When set, `import_image` waits for a permit after its pull (a
     /// long import, cancelled or interrupted by a restart).
     import_gate: Option<tokio::sync::Semaphore>,
+    /// Dockerfile builds seen: (context bytes, path, target, build args).
+    built: std::sync::Mutex<Vec<Built>>,
 }
 
 impl FakeWorker {
@@ -216,6 +221,47 @@ impl Worker for FakeWorker {
             s.insert(snapshot);
         }
         Ok(())
+    }
+
+    async fn build_dockerfile(
+        &self,
+        job: fastvm_server::worker::DockerfileImport,
+        mut context: fastvm_server::worker::ByteStream,
+        progress: fastvm_server::worker::ImportSink,
+    ) -> Result<fastvm_server::worker::ImportedImage, WorkerError> {
+        use futures::StreamExt as _;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = context.next().await {
+            bytes.extend_from_slice(&chunk.map_err(|e| WorkerError::Failed(e.to_string()))?);
+        }
+        assert_eq!(bytes.len() as u64, job.context_bytes);
+        let args: Vec<String> = job
+            .build_args
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if let Ok(mut b) = self.built.lock() {
+            b.push((
+                bytes,
+                job.dockerfile_path.clone(),
+                job.target.clone(),
+                args.join(","),
+            ));
+        }
+        if let Ok(mut s) = self.snapshots.lock() {
+            s.insert(job.snapshot);
+        }
+        progress(fastvm_server::worker::ImportNote::Event {
+            phase: "build".into(),
+            status: "completed".into(),
+            message: None,
+        });
+        Ok(fastvm_server::worker::ImportedImage {
+            manifest_digest: "sha256:beef".into(),
+            env: Default::default(),
+            working_dir: None,
+            user: None,
+        })
     }
 
     async fn import_image(
@@ -2991,8 +3037,8 @@ async fn import_requests_are_checked() -> TestResult {
         ),
         (
             json!({"source": {"type": "dockerfile", "contextRef": "x"}}),
-            StatusCode::NOT_IMPLEMENTED,
-            Some("NOT_IMPLEMENTED"),
+            StatusCode::BAD_REQUEST,
+            Some("INVALID_CONTEXT_REF"),
         ),
         (
             json!({"source": {"type": "image", "image": "a", "contextRef": "x"}}),
@@ -3019,6 +3065,90 @@ async fn import_requests_are_checked() -> TestResult {
             Some(json!({"sizeBytes": 5})),
         )
         .await?;
+    // This harness has no staging store.
     assert_eq!(code, StatusCode::NOT_IMPLEMENTED);
+    Ok(())
+}
+
+/// A Dockerfile import: presign, PUT the context, create; the worker gets
+/// the context's bytes and the build's parameters; the ref is single-use
+/// and the staged context is gone afterwards.
+#[tokio::test]
+async fn dockerfile_imports_stream_their_context_once() -> TestResult {
+    let mut h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let local = Arc::new(fastvm_server::staging::local::LocalStaging::open(
+        h._dir.path(),
+        "http://127.0.0.1:1",
+    )?);
+    let state = AppState::new(
+        h.state.store().clone(),
+        h.worker.clone(),
+        Duration::from_secs(5),
+    )
+    .with_local_staging(local, Default::default());
+    h.router = fastvm_server::routes::router(state.clone());
+    h.state = state;
+    let (code, p) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports/context-presign",
+            Some(json!({"sizeBytes": 11})),
+        )
+        .await?;
+    assert_eq!(code, StatusCode::OK, "{p}");
+    let ctx = p["contextRef"].as_str().ok_or("no contextRef")?.to_owned();
+    assert!(ctx.starts_with("ctx_"), "{p}");
+    assert_eq!(p["maxUploadBytes"], json!(512u64 << 20));
+    let url = p["uploadUrl"].as_str().ok_or("no uploadUrl")?;
+    let path = url
+        .strip_prefix("http://127.0.0.1:1")
+        .ok_or("odd uploadUrl")?;
+    let create = json!({"source": {"type": "dockerfile", "contextRef": ctx,
+        "buildArgs": {"A": "1"}, "target": "app", "dockerfilePath": "sub/Dockerfile"}});
+    // Before the upload: nothing to build.
+    let (code, v) = h
+        .call("POST", "/v1/snapshot-imports", Some(create.clone()))
+        .await?;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], json!("INVALID_CONTEXT_REF"));
+    let put = Request::builder()
+        .method("PUT")
+        .uri(path)
+        .header("content-type", "application/zip")
+        .body(Body::from(&b"PK-context!"[..]))?;
+    let res = h.router.clone().oneshot(put).await?;
+    assert!(res.status().is_success(), "{}", res.status());
+    let (code, v) = h
+        .call("POST", "/v1/snapshot-imports", Some(create.clone()))
+        .await?;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    assert_eq!(v["source"]["contextSizeBytes"], json!(11));
+    let id = id_of(&v)?;
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        done = h
+            .call("GET", &format!("/v1/snapshot-imports/{id}"), None)
+            .await?
+            .1;
+        if done["status"] == json!("succeeded") || done["status"] == json!("failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(done["status"], json!("succeeded"), "{done}");
+    let got = h.worker.built.lock().map(|b| b.clone()).unwrap_or_default();
+    assert_eq!(
+        got,
+        vec![(
+            b"PK-context!".to_vec(),
+            "sub/Dockerfile".to_owned(),
+            Some("app".to_owned()),
+            "A=1".to_owned()
+        )]
+    );
+    // Single use: the same ref again is refused.
+    let (code, v) = h.call("POST", "/v1/snapshot-imports", Some(create)).await?;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], json!("INVALID_CONTEXT_REF"));
     Ok(())
 }

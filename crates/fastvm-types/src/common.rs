@@ -52,6 +52,8 @@ pub mod codes {
     pub const INVALID_NAME: &str = "INVALID_NAME";
     /// A snapshot-import source descriptor breaks its rules.
     pub const INVALID_IMPORT_SOURCE: &str = "INVALID_IMPORT_SOURCE";
+    /// A `source.contextRef` names no uploaded build context of the org, or was used.
+    pub const INVALID_CONTEXT_REF: &str = "INVALID_CONTEXT_REF";
     /// A fork's `count` is outside 1..=32.
     pub const INVALID_FORK_COUNT: &str = "INVALID_FORK_COUNT";
 }

@@ -327,6 +327,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
+impl RemoteWorker {
+    /// Follow an import's stream: notes to `progress`, then its result.
+    /// `keep` holds the connection's write side until the end.
+    async fn follow_import(
+        &self,
+        rd: ReadHalf<Upgraded>,
+        keep: impl Send + 'static,
+        progress: crate::worker::ImportSink,
+    ) -> Result<crate::worker::ImportedImage, WorkerError> {
+        use crate::worker::{ImportNote, ImportedImage};
+        enum Item {
+            Note(ImportNote),
+            Done(ImportedImage),
+        }
+        let mut items = frame_stream(rd, keep, "import", |k, d| match k {
+            Kind::Stdout => Some((last::<ImportNote>(&d, "import note").map(Item::Note), true)),
+            Kind::Exit => Some((
+                last::<ImportedImage>(&d, "import result").map(Item::Done),
+                false,
+            )),
+            _ => None,
+        });
+        while let Some(item) = items.next().await {
+            match item? {
+                Item::Note(n) => progress(n),
+                Item::Done(done) => return Ok(done),
+            }
+        }
+        Err(WorkerError::Unreachable(format!(
+            "worker {} ended the import without a result",
+            self.endpoint.id
+        )))
+    }
+}
+
 #[async_trait]
 impl Worker for RemoteWorker {
     fn id(&self) -> &str {
@@ -368,32 +403,39 @@ impl Worker for RemoteWorker {
         job: crate::worker::ImageImport,
         progress: crate::worker::ImportSink,
     ) -> Result<crate::worker::ImportedImage, WorkerError> {
-        use crate::worker::{ImportNote, ImportedImage};
-        enum Item {
-            Note(ImportNote),
-            Done(ImportedImage),
-        }
         let (rd, wr) = self.open_stream("/w/v1/imports", &job).await?;
         // Dropping the stream (a cancelled import) closes the connection:
         // the worker drops its import and cleans up.
-        let mut items = frame_stream(rd, wr, "import", |k, d| match k {
-            Kind::Stdout => Some((last::<ImportNote>(&d, "import note").map(Item::Note), true)),
-            Kind::Exit => Some((
-                last::<ImportedImage>(&d, "import result").map(Item::Done),
-                false,
-            )),
-            _ => None,
-        });
-        while let Some(item) = items.next().await {
-            match item? {
-                Item::Note(n) => progress(n),
-                Item::Done(done) => return Ok(done),
+        self.follow_import(rd, wr, progress).await
+    }
+
+    async fn build_dockerfile(
+        &self,
+        job: crate::worker::DockerfileImport,
+        mut context: ByteStream,
+        progress: crate::worker::ImportSink,
+    ) -> Result<crate::worker::ImportedImage, WorkerError> {
+        let (rd, mut wr) = self.open_stream("/w/v1/builds", &job).await?;
+        // The context follows the OPEN frame as STDIN frames.
+        let pump = tokio::spawn(async move {
+            while let Some(chunk) = context.next().await {
+                let sent = match chunk {
+                    Ok(data) => write_data(&mut wr, Kind::Stdin, &data).await,
+                    Err(e) => {
+                        let _ =
+                            write_frame(&mut wr, Kind::StdinAbort, e.to_string().as_bytes()).await;
+                        break;
+                    }
+                };
+                if sent.is_err() {
+                    break;
+                }
             }
-        }
-        Err(WorkerError::Unreachable(format!(
-            "worker {} ended the import without a result",
-            self.endpoint.id
-        )))
+            let _ = write_frame(&mut wr, Kind::StdinEof, b"").await;
+            // Keep the write half (the connection) open until the build ends.
+            std::future::pending::<()>().await;
+        });
+        self.follow_import(rd, AbortOnDrop(pump), progress).await
     }
 
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError> {

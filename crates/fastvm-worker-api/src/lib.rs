@@ -27,6 +27,7 @@ pub use exec::{ExecEvent, ExecRequest, ExitStatus};
 pub use machines::{MachineType, UnknownMachineType};
 pub use terminal::{PtyEvent, PtyExit, PtyInput, PtySession, PtySpec, PTY_INPUT_QUEUE};
 pub use worker::{
-    BucketAttach, ByteStream, DetachNote, ExecEvents, GuestIo, GuestStream, ImageImport,
-    ImportNote, ImportSink, ImportedImage, VmSpec, VmState, Worker, WorkerError, WorkerStats,
+    BucketAttach, ByteStream, DetachNote, DockerfileImport, ExecEvents, GuestIo, GuestStream,
+    ImageImport, ImportNote, ImportSink, ImportedImage, VmSpec, VmState, Worker, WorkerError,
+    WorkerStats,
 };

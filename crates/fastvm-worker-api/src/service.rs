@@ -85,6 +85,7 @@ pub fn router(worker: Arc<dyn Worker>, token: ExpectedToken) -> Router {
         .route("/w/v1/vms/{id}/serial", get(serial))
         .route("/w/v1/snapshots", post(snapshot))
         .route("/w/v1/imports", get(import_image))
+        .route("/w/v1/builds", get(build_dockerfile))
         .route(
             "/w/v1/snapshots/{id}",
             axum::routing::delete(delete_snapshot),
@@ -433,13 +434,56 @@ async fn serve_import(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgra
     if write_frame(&mut wr, Kind::Opened, b"").await.is_err() {
         return;
     }
-    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let (gone_tx, gone) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(watch_close(rd, gone_tx));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let sink: crate::worker::ImportSink = Arc::new(move |note| {
         let _ = tx.send(note);
     });
     let work = worker.import_image(job, sink);
+    drive_import(work, rx, gone, wr).await
+}
+
+/// A Dockerfile build over an upgraded stream: OPEN carries the
+/// [`crate::worker::DockerfileImport`], STDIN frames the context archive
+/// (then STDIN_EOF); notes and result as for [`import_image`].
+async fn build_dockerfile(State(c): State<Ctx>, req: Request) -> Response {
+    upgrade(req, move |io| serve_build(c.worker, io))
+}
+
+async fn serve_build(worker: Arc<dyn Worker>, io: TokioIo<hyper::upgrade::Upgraded>) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let job: crate::worker::DockerfileImport = match read_open(&mut rd).await {
+        Ok(j) => j,
+        Err(e) => return write_error(&mut wr, &e).await,
+    };
+    if write_frame(&mut wr, Kind::Opened, b"").await.is_err() {
+        return;
+    }
+    let (gone_tx, gone) = tokio::sync::oneshot::channel::<()>();
+    let (ctx_tx, ctx_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(read_stdin(rd, ctx_tx, gone_tx));
+    let context: crate::worker::ByteStream =
+        Box::pin(futures::stream::unfold(ctx_rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            Some((item, rx))
+        }));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let sink: crate::worker::ImportSink = Arc::new(move |note| {
+        let _ = tx.send(note);
+    });
+    let work = worker.build_dockerfile(job, context, sink);
+    drive_import(work, rx, gone, wr).await
+}
+
+/// Forward an import's notes as STDOUT frames while it runs, then its
+/// result (EXIT) or error; drop it when the client goes away.
+async fn drive_import<W: tokio::io::AsyncWrite + Unpin>(
+    work: impl std::future::Future<Output = Result<crate::worker::ImportedImage, WorkerError>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::worker::ImportNote>,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+    mut wr: W,
+) {
     tokio::pin!(work);
     let result = loop {
         tokio::select! {

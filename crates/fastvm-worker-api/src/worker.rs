@@ -199,6 +199,55 @@ impl std::fmt::Debug for ImageImport {
     }
 }
 
+/// A Dockerfile build to turn into a snapshot ([`Worker::build_dockerfile`]).
+/// The build context (a ZIP archive) travels beside it as a byte stream.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerfileImport {
+    /// The import's id (names its VMs and scratch files).
+    pub import_id: String,
+    /// The snapshot to produce.
+    pub snapshot: SnapshotId,
+    /// The Dockerfile's path in the context (relative, checked).
+    pub dockerfile_path: String,
+    /// `--build-arg KEY=VALUE` pairs.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target` stage (`None`: the last one).
+    pub target: Option<String>,
+    /// The registry `registry_username`/`registry_password` are for
+    /// (`host[:port]`); `FROM` images of other registries are pulled
+    /// anonymously.
+    pub registry_host: Option<String>,
+    pub registry_username: Option<String>,
+    pub registry_password: Option<String>,
+    /// Size of the context archive that follows (bytes).
+    pub context_bytes: u64,
+    /// Shape of the builder VM and of the snapshot.
+    pub machine: MachineType,
+    pub disk_gib: u32,
+}
+
+impl std::fmt::Debug for DockerfileImport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerfileImport")
+            .field("import_id", &self.import_id)
+            .field("snapshot", &self.snapshot)
+            .field("dockerfile_path", &self.dockerfile_path)
+            .field("build_args", &self.build_args.keys().collect::<Vec<_>>())
+            .field("target", &self.target)
+            .field("registry_host", &self.registry_host)
+            .field("registry_username", &self.registry_username)
+            .field(
+                "registry_password",
+                &self.registry_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("context_bytes", &self.context_bytes)
+            .field("machine", &self.machine)
+            .field("disk_gib", &self.disk_gib)
+            .finish()
+    }
+}
+
 /// Progress of an import: phase events and build-log lines.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -292,6 +341,22 @@ pub trait Worker: Send + Sync + 'static {
         let _ = (job, progress);
         Err(WorkerError::Failed(
             "this worker cannot import images".into(),
+        ))
+    }
+    /// Build `job`'s Dockerfile against `context` (a ZIP archive of
+    /// `job.context_bytes` bytes) in a builder VM, make a root disk of the
+    /// result, boot it once and capture it as snapshot `job.snapshot`.
+    /// Dropping the future cancels the build: its VMs and scratch files are
+    /// removed.
+    async fn build_dockerfile(
+        &self,
+        job: DockerfileImport,
+        context: ByteStream,
+        progress: ImportSink,
+    ) -> Result<ImportedImage, WorkerError> {
+        let _ = (job, context, progress);
+        Err(WorkerError::Failed(
+            "this worker cannot build Dockerfiles".into(),
         ))
     }
     /// Replace the firewall of a VM; a running VM enforces it within a

@@ -17,6 +17,11 @@
 //!   made into ext4 by `mkfs.ext4 -d` (no loop mounts). VMs boot from
 //!   copy-on-write qcow2 overlays of it; the agent grows the filesystem to
 //!   the VM's disk size at boot.
+//! * builder rootfs (Dockerfile imports only, built on their first use):
+//!   the same bookworm minbase plus [`BUILDER_PACKAGES`] (buildah, unzip),
+//!   with buildah set to the `vfs` storage driver and `chroot` isolation.
+//!   It boots with the same kernel and initramfs; nothing of it runs on
+//!   the host.
 //!
 //! A build runs once per recipe; concurrent callers in one process wait for
 //! it, other processes are kept out by a lock file.
@@ -48,6 +53,16 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     // /usr/lib/openssh/sftp-server: the SSH gateway's `sftp` subsystem (and scp).
     "openssh-sftp-server",
 ];
+/// Packages of the builder rootfs (Dockerfile imports), beside minbase.
+pub const BUILDER_PACKAGES: &[&str] = &[
+    "buildah",
+    "unzip",
+    "ca-certificates",
+    "e2fsprogs",
+    "netbase",
+];
+/// Bump when the builder recipe changes in a way the package list does not show.
+const BUILDER_RECIPE_VERSION: u32 = 1;
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// Modules the agent loads; their dependencies are added automatically.
 pub const GUEST_MODULES: &[&str] = &[
@@ -508,36 +523,76 @@ impl ImageStore {
     }
 
     async fn ensure_rootfs(&self, progress: &Progress) -> Result<PathBuf> {
+        self.ensure_tree_image(
+            "rootfs",
+            ROOTFS_RECIPE_VERSION,
+            ROOTFS_PACKAGES,
+            customize_rootfs,
+            progress,
+        )
+        .await
+    }
+
+    /// The builder rootfs of Dockerfile imports (ext4, raw), built on first
+    /// use. Callers boot it with the default image's kernel and initramfs.
+    pub async fn ensure_builder(&self, progress: &Progress) -> Result<PathBuf> {
+        let _guard = self.building.lock().await;
+        let _file_lock = self.lock().await?;
+        self.ensure_tree_image(
+            "builder",
+            BUILDER_RECIPE_VERSION,
+            BUILDER_PACKAGES,
+            customize_builder,
+            progress,
+        )
+        .await
+    }
+
+    /// `mmdebstrap` minbase + `packages`, edited by `customize`, as ext4.
+    async fn ensure_tree_image(
+        &self,
+        tag: &str,
+        version: u32,
+        packages: &[&str],
+        customize: fn(&Path) -> Result<()>,
+        progress: &Progress,
+    ) -> Result<PathBuf> {
         let recipe = format!(
-            "{ROOTFS_RECIPE_VERSION}:{DEBIAN_SUITE}:{}:{}",
+            "{version}:{DEBIAN_SUITE}:{}:{}",
             self.mirror,
-            ROOTFS_PACKAGES.join(",")
+            packages.join(",")
         );
-        let key = format!("rootfs-{}", &sha256_hex(recipe.as_bytes())[..32]);
+        // The default rootfs keeps its historic recipe key (no tag in it).
+        let recipe = if tag == "rootfs" {
+            recipe
+        } else {
+            format!("{tag}:{recipe}")
+        };
+        let key = format!("{tag}-{}", &sha256_hex(recipe.as_bytes())[..32]);
         if let Some(p) = self.lookup(&key) {
             return Ok(p);
         }
         progress(&format!(
-            "[rootfs] building Debian {DEBIAN_SUITE} (first use; takes a minute)"
+            "[{tag}] building Debian {DEBIAN_SUITE} (first use; takes a minute)"
         ));
-        let work = self.work_dir("rootfs")?;
+        let work = self.work_dir(tag)?;
         let tree = work.join("tree");
         run(
             progress,
-            "rootfs",
+            tag,
             tokio::process::Command::new("mmdebstrap")
                 .arg("--variant=minbase")
-                .arg(format!("--include={}", ROOTFS_PACKAGES.join(",")))
+                .arg(format!("--include={}", packages.join(",")))
                 .arg("--mode=root")
                 .arg(DEBIAN_SUITE)
                 .arg(&tree)
                 .arg(&self.mirror),
         )
         .await?;
-        customize_rootfs(&tree)?;
+        customize(&tree)?;
         let used = run(
             progress,
-            "rootfs",
+            tag,
             tokio::process::Command::new("du").args(["-sb"]).arg(&tree),
         )
         .await?;
@@ -547,10 +602,10 @@ impl ImageStore {
             .and_then(|n| n.parse().ok())
             .unwrap_or(1 << 30);
         let size_mib = ((used * 5 / 4) >> 20) + 256;
-        let image = work.join("rootfs.ext4");
+        let image = work.join(format!("{tag}.ext4"));
         run(
             progress,
-            "rootfs",
+            tag,
             tokio::process::Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-L", "fastvm-root", "-d"])
                 .arg(&tree)
@@ -561,7 +616,7 @@ impl ImageStore {
         let path = self.commit(&key, &image)?;
         let _ = std::fs::remove_dir_all(&work);
         progress(&format!(
-            "[rootfs] ready: {} ({size_mib} MiB)",
+            "[{tag}] ready: {} ({size_mib} MiB)",
             path.display()
         ));
         Ok(path)
@@ -614,6 +669,30 @@ fn customize_rootfs(tree: &Path) -> Result<()> {
     // Each VM gets its own identity; an empty machine-id is regenerated by tools that need one.
     w("etc/machine-id", "")?;
     std::fs::create_dir_all(tree.join("root")).ctx(|| "create /root".into())?;
+    Ok(())
+}
+
+/// The builder's buildah configuration: `vfs` storage (no overlay module in
+/// the guest kernel, no fuse), short names resolved against docker.io (the
+/// worker loads every `FROM` image into local storage under its full name
+/// before the build; buildah never pulls).
+fn customize_builder(tree: &Path) -> Result<()> {
+    customize_rootfs(tree)?;
+    let w = |rel: &str, content: &str| {
+        if let Some(parent) = tree.join(rel).parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("create the parent of /{rel}"))?;
+        }
+        std::fs::write(tree.join(rel), content).ctx(|| format!("write /{rel}"))
+    };
+    w(
+        "etc/containers/storage.conf",
+        "[storage]\ndriver = \"vfs\"\nrunroot = \"/run/containers/storage\"\ngraphroot = \"/var/lib/containers/storage\"\n",
+    )?;
+    w(
+        "etc/containers/registries.conf",
+        "unqualified-search-registries = [\"docker.io\"]\nshort-name-mode = \"permissive\"\n",
+    )?;
+    std::fs::create_dir_all(tree.join("build")).ctx(|| "create /build".into())?;
     Ok(())
 }
 

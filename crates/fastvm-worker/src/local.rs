@@ -170,6 +170,18 @@ impl Worker for LocalWorker {
         Ok(self.runtime.import_image(&job, progress).await?)
     }
 
+    async fn build_dockerfile(
+        &self,
+        job: fastvm_worker_api::DockerfileImport,
+        context: ByteStream,
+        progress: fastvm_worker_api::ImportSink,
+    ) -> Result<fastvm_worker_api::ImportedImage, WorkerError> {
+        Ok(self
+            .runtime
+            .build_dockerfile(&job, context, progress)
+            .await?)
+    }
+
     async fn delete_snapshot(&self, snapshot: SnapshotId) -> Result<(), WorkerError> {
         match self.runtime.delete_snapshot(&snapshot.to_string()).await {
             Ok(()) | Err(crate::Error::NoSuchSnapshot(_)) => Ok(()),

@@ -22,6 +22,7 @@
 //! every VM whose QEMU still runs; the others are reported `Stopped`.
 
 mod buckets;
+mod builds;
 mod imports;
 mod volumes;
 
@@ -148,6 +149,17 @@ pub struct SnapshotRecord {
     /// by every VM restored from the snapshot and by their snapshots.
     #[serde(default, skip_serializing_if = "GuestDefaults::is_empty")]
     pub guest_defaults: GuestDefaults,
+}
+
+/// What a fresh boot's root disk sits on (a new qcow2 overlay either way).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RootDisk<'a> {
+    /// The guest image's rootfs.
+    Default,
+    /// A frozen qcow2 layer (an imported image's base).
+    Layer(&'a std::path::Path),
+    /// Another raw ext4 image of the image store (the Dockerfile builder).
+    Raw(&'a std::path::Path),
 }
 
 /// What an imported image sets for every process in its VMs: its `Env`
@@ -694,6 +706,16 @@ impl Runtime {
         v
     }
 
+    /// The builder rootfs of Dockerfile imports, building it on first use.
+    pub async fn builder_rootfs(&self) -> Result<PathBuf> {
+        self.image().await?;
+        let (store, _) = self
+            .images
+            .get()
+            .ok_or_else(|| Error::ImageBuild("the image store is not open".into()))?;
+        store.ensure_builder(&self.progress).await
+    }
+
     /// The default guest image, building it on first use.
     pub async fn image(&self) -> Result<&GuestImage> {
         let (_, image) = self
@@ -899,7 +921,7 @@ impl Runtime {
 
     /// Boot a VM from the image (the slow path: kernel boot under TCG).
     pub async fn boot_fresh(&self, req: CreateVm) -> Result<VmInfo> {
-        self.boot_fresh_with(req, None, None, &GuestDefaults::default())
+        self.boot_fresh_with(req, None, RootDisk::Default, &GuestDefaults::default())
             .await
     }
 
@@ -910,9 +932,13 @@ impl Runtime {
         &self,
         req: CreateVm,
         ram: Option<crate::hypervisor::RamFile>,
-        base: Option<&std::path::Path>,
+        root: RootDisk<'_>,
         defaults: &GuestDefaults,
     ) -> Result<VmInfo> {
+        let base = match root {
+            RootDisk::Layer(b) => Some(b),
+            RootDisk::Default | RootDisk::Raw(_) => None,
+        };
         let machine = MachineType::lookup(&req.machine)?;
         let image = self.image().await?.clone();
         let id = req
@@ -925,9 +951,12 @@ impl Runtime {
             let mut pins = vec![disk.clone()];
             pins.extend(base.map(|b| b.to_path_buf()));
             let _pinned = self.pin_layers(pins).await;
-            let overlay = match base {
-                Some(b) => Self::qemu_img_overlay(b, "qcow2", &disk, None),
-                None => Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib)),
+            let overlay = match root {
+                RootDisk::Layer(b) => Self::qemu_img_overlay(b, "qcow2", &disk, None),
+                RootDisk::Raw(r) => Self::qemu_img_overlay(r, "raw", &disk, Some(disk_gib)),
+                RootDisk::Default => {
+                    Self::qemu_img_overlay(&image.rootfs, "raw", &disk, Some(disk_gib))
+                }
             };
             let net = self
                 .create_disk_and_net(overlay, &disk, &id, &req.firewall)
@@ -1669,7 +1698,7 @@ impl Runtime {
             shared: true,
         };
         let booted = self
-            .boot_fresh_with(req, Some(ram), None, &GuestDefaults::default())
+            .boot_fresh_with(req, Some(ram), RootDisk::Default, &GuestDefaults::default())
             .await;
         let captured = match booted {
             // Left paused: with shared RAM, anything it ran afterwards would change the image.

@@ -102,17 +102,18 @@ pub async fn list(
     description = "Answers at once with the import `pending`; poll `GET /v1/snapshot-imports/{id}` until `succeeded` (then `snapshotId` is set) or `failed` (`error`). \
                    The image is pulled by the worker (linux/amd64 unless `platform` says otherwise; registries named by `fastvm serve --insecure-registry` over plain HTTP), \
                    its layers applied into a root disk of `diskGiB`, booted once with the Fast VM agent as PID 1 and captured. The image's Env, WorkingDir and User become \
-                   the defaults of every exec. `type: dockerfile` answers 501 on this server (not built yet).",
+                   the defaults of every exec. `type: dockerfile` builds the Dockerfile of the uploaded context (`contextRef` from `context-presign`) with buildah in a builder VM \
+                   (never on the host): `FROM` images are pulled by the worker like `type: image` (credentials apply to `registryHost`), `buildArgs` and `target` go to the build, \
+                   `RUN` steps have network egress; the result continues as an image import (phases preparing, fetch_context, pull, build, export, saving, warming).",
     request_body(content = CreateSnapshotImportRequest, example = json!(examples::create_snapshot_import_request())),
     security(("bearerAuth" = [])),
     responses(
         (status = 201, description = "The import, pending", body = SnapshotImportResponse, example = json!(examples::snapshot_import_pending())),
-        (status = 400, description = "Malformed body, a bad source, machine type or diskGiB", body = ErrorBody),
+        (status = 400, description = "Malformed body, a bad source, machine type or diskGiB, or a contextRef with no upload or already used (`INVALID_CONTEXT_REF`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 429, description = "The org's snapshotCount quota is used up (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`)", body = ErrorBody),
-        (status = 501, description = "`type: dockerfile`: Dockerfile builds are not available on this server", body = ErrorBody),
         (status = 503, description = "No worker can build it now", body = ErrorBody),
     )
 )]
@@ -132,24 +133,25 @@ pub async fn create(
     tag = "snapshot-imports",
     operation_id = "presignSnapshotImportContext",
     summary = "Mint a signed URL for uploading a Dockerfile build-context archive",
-    description = "Dockerfile builds are not available on this server yet: answers 501 (after checking the body).",
+    description = "A signed PUT URL (`uploadUrl`, valid `expiresInSec`, at most `maxUploadBytes`) for the build-context ZIP of a Dockerfile import, and the single-use `contextRef` to pass as `source.contextRef` to `POST /v1/snapshot-imports`. `sizeBytes` over the cap answers 400. Unused contexts are deleted after about a day.",
     request_body(content = ContextPresignRequest, example = json!(examples::context_presign_request())),
     security(("bearerAuth" = [])),
     responses(
-        (status = 200, description = "The upload handle (when Dockerfile builds are available)", body = ContextPresignResponse, example = json!(examples::context_presign_response())),
+        (status = 200, description = "The upload handle", body = ContextPresignResponse, example = json!(examples::context_presign_response())),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 501, description = "Dockerfile builds are not available on this server", body = ErrorBody),
+        (status = 501, description = "This server has no staging store for uploads", body = ErrorBody),
     )
 )]
 pub async fn presign_context(
-    _caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     JsonBody(req): JsonBody<ContextPresignRequest>,
 ) -> Result<Json<ContextPresignResponse>, ApiError> {
     req.validate(crate::snapshot_imports::MAX_CONTEXT_BYTES)?;
-    Err(crate::snapshot_imports::dockerfile_unavailable())
+    Ok(Json(state.presign_context(caller.org_id).await?))
 }
 
 /// Get a snapshot import's state

@@ -1,4 +1,8 @@
-//! OCI images: registry pulls ([`registry`]) and layer unpacking ([`layer`]),
-//! the first half of an image import (`runtime/imports.rs`).
+//! OCI images: registry pulls ([`registry`]), layer unpacking ([`layer`]),
+//! image archives between the host and a builder VM ([`archive`]) and the
+//! images a Dockerfile names ([`dockerfile`]): the first half of an import
+//! (`runtime/imports.rs`, `runtime/builds.rs`).
+pub mod archive;
+pub mod dockerfile;
 pub mod layer;
 pub mod registry;

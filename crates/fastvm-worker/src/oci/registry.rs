@@ -87,6 +87,20 @@ pub struct PulledImage {
     pub downloaded_bytes: u64,
     /// Layers found in the cache.
     pub cached_layers: usize,
+    /// The image manifest and config as the registry served them (what a
+    /// builder needs to load the image unchanged, digests included).
+    pub manifest: RawBlob,
+    pub config: RawBlob,
+    /// The normalised reference (`docker.io/library/busybox:latest`).
+    pub name: String,
+}
+
+/// A small blob kept in memory: a manifest or a config.
+#[derive(Debug, Clone)]
+pub struct RawBlob {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +174,7 @@ pub struct Puller {
 }
 
 #[derive(Deserialize)]
-struct ConfigFile {
+pub(super) struct ConfigFile {
     #[serde(default)]
     architecture: String,
     #[serde(default)]
@@ -168,11 +182,11 @@ struct ConfigFile {
     #[serde(default)]
     variant: Option<String>,
     #[serde(default)]
-    config: Option<RunConfig>,
+    pub(super) config: Option<RunConfig>,
 }
 
 #[derive(Deserialize, Default)]
-struct RunConfig {
+pub(super) struct RunConfig {
     #[serde(rename = "Env", default)]
     env: Option<Vec<String>>,
     #[serde(rename = "WorkingDir", default)]
@@ -185,7 +199,7 @@ struct RunConfig {
     cmd: Option<Vec<String>>,
 }
 
-fn parse_defaults(cfg: Option<RunConfig>) -> ImageDefaults {
+pub(super) fn parse_defaults(cfg: Option<RunConfig>) -> ImageDefaults {
     let cfg = cfg.unwrap_or_default();
     let mut env = BTreeMap::new();
     for kv in cfg.env.unwrap_or_default() {
@@ -256,12 +270,7 @@ impl Puller {
     }
 
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
-        let hex = digest.strip_prefix("sha256:")?;
-        (hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| self.root.join("blobs").join("sha256").join(hex))
+        blob_path(&self.root, digest)
     }
 
     fn client(&self, platform: Platform) -> Client {
@@ -310,9 +319,30 @@ impl Puller {
             Err(e) => return Err(classify(image, e)),
         };
         self.check_manifest(image, &manifest)?;
-        let config = self
+        let (config, config_bytes) = self
             .pull_config(&client, &reference, &manifest.config, image)
             .await?;
+        // The manifest's own bytes (the resolved platform's, by digest).
+        let by_digest = Reference::with_digest(
+            reference.resolve_registry().to_owned(),
+            reference.repository().to_owned(),
+            manifest_digest.clone(),
+        );
+        let (manifest_bytes, _) = client
+            .pull_manifest_raw(
+                &by_digest,
+                &auth,
+                &[
+                    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+                    oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+                ],
+            )
+            .await
+            .map_err(|e| classify(image, e))?;
+        let manifest_media_type = manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.to_owned());
         let found = Platform {
             os: config.os.clone(),
             arch: config.architecture.clone(),
@@ -382,6 +412,17 @@ impl Puller {
             });
         }
         Ok(PulledImage {
+            manifest: RawBlob {
+                digest: manifest_digest.clone(),
+                media_type: manifest_media_type,
+                bytes: manifest_bytes,
+            },
+            config: RawBlob {
+                digest: manifest.config.digest.clone(),
+                media_type: manifest.config.media_type.clone(),
+                bytes: config_bytes,
+            },
+            name: reference.whole(),
             manifest_digest,
             layers,
             defaults,
@@ -446,7 +487,7 @@ impl Puller {
         reference: &Reference,
         desc: &OciDescriptor,
         image: &str,
-    ) -> Result<ConfigFile, PullError> {
+    ) -> Result<(ConfigFile, Vec<u8>), PullError> {
         if desc.size < 0 || desc.size as u64 > MAX_CONFIG_BYTES {
             return Err(PullError::Unsupported(
                 image.to_owned(),
@@ -461,12 +502,13 @@ impl Puller {
             .pull_blob(reference, desc, &mut buf)
             .await
             .map_err(|e| classify(image, e))?;
-        serde_json::from_slice(&buf).map_err(|e| {
+        let config = serde_json::from_slice(&buf).map_err(|e| {
             PullError::Unsupported(
                 image.to_owned(),
                 format!("its config is not valid JSON: {e}"),
             )
-        })
+        })?;
+        Ok((config, buf))
     }
 
     /// Stream one blob into the cache (verified by oci-client against its
@@ -523,7 +565,17 @@ impl Puller {
     }
 }
 
-fn short(digest: &str) -> &str {
+/// `<root>/blobs/sha256/<hex>` of a well-formed sha256 digest.
+pub(super) fn blob_path(root: &Path, digest: &str) -> Option<PathBuf> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| root.join("blobs").join("sha256").join(hex))
+}
+
+pub(super) fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     hex.get(..12).unwrap_or(hex)
 }

@@ -20,7 +20,7 @@
 use super::{CreateVm, GuestDefaults, Runtime};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::layer::{self, ApplyStats, Limits};
-use crate::oci::registry::{PullRequest, Puller};
+use crate::oci::registry::{PullRequest, PulledImage, Puller};
 use crate::timeouts;
 use fastvm_worker_api::{ImageImport, ImportNote, ImportSink, ImportedImage};
 use std::path::{Path, PathBuf};
@@ -35,32 +35,48 @@ pub(super) const CONCURRENT_IMPORTS: usize = 2;
 /// Most tar entries of one image (all layers).
 const MAX_ENTRIES: u64 = 4_000_000;
 
-fn import_err(msg: impl Into<String>) -> Error {
+pub(super) fn import_err(msg: impl Into<String>) -> Error {
     Error::Import(msg.into())
 }
 
+/// What an import produces: its id, the snapshot, the snapshot's shape.
+pub(super) struct Target<'a> {
+    pub import_id: &'a str,
+    pub snapshot_id: String,
+    pub machine: &'static str,
+    pub disk_gib: u32,
+}
+
+/// Import ids name VMs and directories: UUID characters only.
+pub(super) fn check_import_id(id: &str) -> Result<()> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(import_err(format!("import id {id:?} is not usable")));
+    }
+    Ok(())
+}
+
 /// Sends phase events and log lines to the caller.
-struct Progress {
-    sink: ImportSink,
+pub(super) struct Progress {
+    pub sink: ImportSink,
 }
 
 impl Progress {
-    fn event(&self, phase: &str, status: &str, message: Option<String>) {
+    pub fn event(&self, phase: &str, status: &str, message: Option<String>) {
         (self.sink)(ImportNote::Event {
             phase: phase.into(),
             status: status.into(),
             message,
         });
     }
-    fn log(&self, line: impl Into<String>) {
+    pub fn log(&self, line: impl Into<String>) {
         (self.sink)(ImportNote::Log { line: line.into() });
     }
 }
 
 /// The build VM: deleted when dropped (also when the import is cancelled).
-struct BuildVm {
-    runtime: Arc<Runtime>,
-    id: String,
+pub(super) struct BuildVm {
+    pub runtime: Arc<Runtime>,
+    pub id: String,
 }
 
 impl Drop for BuildVm {
@@ -80,7 +96,7 @@ impl Drop for BuildVm {
 /// The import's scratch directory: removed when dropped. The flag tells an
 /// unpack still running on a blocking thread to stop (and remove what it
 /// wrote after this removal).
-struct Scratch(PathBuf, Arc<AtomicBool>);
+pub(super) struct Scratch(pub PathBuf, pub Arc<AtomicBool>);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -106,23 +122,8 @@ impl Runtime {
         sink: ImportSink,
     ) -> Result<ImportedImage> {
         let progress = Progress { sink };
-        let id = &job.import_id;
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(import_err(format!("import id {id:?} is not usable")));
-        }
-        let snapshot_id = job.snapshot.to_string();
-        let _slot = match self.import_slots.try_acquire() {
-            Ok(slot) => slot,
-            Err(_) => {
-                progress.log(format!(
-                    "waiting for one of the {CONCURRENT_IMPORTS} import slots of this worker"
-                ));
-                self.import_slots
-                    .acquire()
-                    .await
-                    .map_err(|_| import_err("the worker is shutting down"))?
-            }
-        };
+        check_import_id(&job.import_id)?;
+        let _slot = self.import_slot(&progress).await?;
         // A kernel and initramfs to boot with (built on first use).
         self.image().await?;
 
@@ -156,7 +157,45 @@ impl Runtime {
                 pulled.manifest_digest
             )),
         );
+        let target = Target {
+            import_id: &job.import_id,
+            snapshot_id: job.snapshot.to_string(),
+            machine: job.machine.name,
+            disk_gib: job.disk_gib,
+        };
+        self.snapshot_of(&target, pulled, &progress).await
+    }
 
+    /// One of the worker's import slots, waiting (and saying so) when all
+    /// are taken.
+    pub(super) async fn import_slot(
+        &self,
+        progress: &Progress,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        match self.import_slots.try_acquire() {
+            Ok(slot) => Ok(slot),
+            Err(_) => {
+                progress.log(format!(
+                    "waiting for one of the {CONCURRENT_IMPORTS} import slots of this worker"
+                ));
+                self.import_slots
+                    .acquire()
+                    .await
+                    .map_err(|_| import_err("the worker is shutting down"))
+            }
+        }
+    }
+
+    /// The common tail of image imports and Dockerfile builds: an image in
+    /// the blob cache becomes the snapshot (export, saving, warming).
+    pub(super) async fn snapshot_of(
+        self: &Arc<Self>,
+        job: &Target<'_>,
+        pulled: PulledImage,
+        progress: &Progress,
+    ) -> Result<ImportedImage> {
+        let id = job.import_id;
+        let snapshot_id = job.snapshot_id.clone();
         // export: layers -> directory tree
         progress.event("export", "started", None);
         let work = self.cfg.data_dir.join("imports").join(id);
@@ -253,7 +292,7 @@ impl Runtime {
             &work.join("disk.ext4"),
             &base,
             job.disk_gib,
-            &progress,
+            progress,
         )
         .await
         {
@@ -276,20 +315,20 @@ impl Runtime {
             user: pulled.defaults.user.clone(),
         };
         // The build VM is named after the import (a UUID, like every VM id).
-        let vm_id = id.clone();
+        let vm_id = id.to_owned();
         let build_vm = BuildVm {
             runtime: self.clone(),
             id: vm_id.clone(),
         };
         let create = CreateVm {
             id: Some(vm_id.clone()),
-            machine: job.machine.name.to_owned(),
+            machine: job.machine.to_owned(),
             disk_gib: Some(job.disk_gib),
             ..Default::default()
         };
         let t0 = std::time::Instant::now();
         let booted = self
-            .boot_fresh_with(create, None, Some(&base), &defaults)
+            .boot_fresh_with(create, None, super::RootDisk::Layer(&base), &defaults)
             .await;
         if let Err(e) = booted {
             let msg = format!("the image did not boot: {e}");
