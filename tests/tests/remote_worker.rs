@@ -587,6 +587,92 @@ fn image_imports_cross_the_wire() {
         }
         assert!(rt.list().is_empty(), "no VM left: {:?}", rt.list());
         w.delete_snapshot(snapshot).await.expect("delete snapshot");
+
+        // A Dockerfile build: the context streams after the OPEN frame, the
+        // builder VM pulls nothing itself (the FROM image is on a loopback
+        // registry only this host reaches).
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default();
+        zip.start_file("Dockerfile", opts).expect("zip");
+        std::io::Write::write_all(
+            &mut zip,
+            format!(
+                "FROM {}\nUSER root\nCOPY note.txt /note.txt\nRUN echo built >> /note.txt\n",
+                registry.image("busybox")
+            )
+            .as_bytes(),
+        )
+        .expect("zip");
+        zip.start_file("note.txt", opts).expect("zip");
+        std::io::Write::write_all(&mut zip, b"from the context\n").expect("zip");
+        let context = zip.finish().expect("zip").into_inner();
+        let built_snapshot = SnapshotId::new_v4();
+        let build = fastvm_worker_api::DockerfileImport {
+            import_id: VmId::new_v4().to_string(),
+            snapshot: built_snapshot,
+            dockerfile_path: "Dockerfile".into(),
+            build_args: Default::default(),
+            target: None,
+            registry_host: None,
+            registry_username: None,
+            registry_password: None,
+            context_bytes: context.len() as u64,
+            machine,
+            disk_gib: 2,
+        };
+        let body: fastvm_worker_api::ByteStream =
+            Box::pin(futures::stream::iter(vec![Ok(bytes::Bytes::from(context))]));
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let sink_log = log.clone();
+        let built = w
+            .build_dockerfile(
+                build,
+                body,
+                Arc::new(move |n| {
+                    if let (fastvm_worker_api::ImportNote::Log { line }, Ok(mut l)) =
+                        (n, sink_log.lock())
+                    {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }),
+            )
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "build over the wire: {e:?}\n{}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                )
+            });
+        assert!(built.manifest_digest.starts_with("sha256:"));
+        let vm = VmId::new_v4();
+        w.create(VmSpec {
+            id: vm,
+            machine,
+            hostname: "built".into(),
+            env: Default::default(),
+            snapshot: Some(built_snapshot),
+            firewall: FirewallPolicy::default(),
+        })
+        .await
+        .expect("restore the built snapshot");
+        assert_eq!(
+            sh(&w, vm, "cat /note.txt; id -un").await,
+            ("from the context\nbuilt\nroot\n".into(), 0)
+        );
+        w.delete(vm).await.expect("delete");
+        w.delete_snapshot(built_snapshot)
+            .await
+            .expect("delete snapshot");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rt.list().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the builder VM stayed: {:?}",
+                rt.list()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     drop(registry);
 }

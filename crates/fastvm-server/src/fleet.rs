@@ -727,8 +727,17 @@ impl AppState {
         for id in running.keys() {
             let keep = match self.store().get_vm_unscoped(*id).await? {
                 Some(r) => r.deleted_at_ms.is_none() && r.worker_id == worker_id,
-                // The build VM of an import in flight has no VM row.
-                None => self.store().is_import_in_flight(*id).await?,
+                // The build VM (id = import id) or the builder VM of a
+                // Dockerfile import in flight has no VM row.
+                None => {
+                    self.store().is_import_in_flight(*id).await?
+                        || match fastvm_worker_api::builder_vm_id(&id.to_string())
+                            .and_then(|b| b.to_string().parse().ok())
+                        {
+                            Some(import) => self.store().is_import_in_flight(import).await?,
+                            None => false,
+                        }
+                }
             };
             if !keep {
                 tracing::info!(vm = %id, worker = worker_id, "fencing: deleting a VM the store deleted or placed elsewhere");

@@ -526,7 +526,16 @@ impl AppState {
         // Named by the import's name, else by the image reference (VMs
         // restored from it show it as their sourceName).
         let label = if rec.name == rec.id.to_string() {
-            rec.source.image.clone().unwrap_or_default()
+            match rec.source.source_type {
+                SnapshotImportSourceType::Image => rec.source.image.clone().unwrap_or_default(),
+                SnapshotImportSourceType::Dockerfile => format!(
+                    "dockerfile:{}",
+                    rec.source
+                        .dockerfile_path
+                        .as_deref()
+                        .unwrap_or("Dockerfile")
+                ),
+            }
         } else {
             rec.name.clone()
         };
@@ -640,6 +649,12 @@ impl AppState {
             if let Some(w) = &rec.worker_id {
                 if let Ok(worker) = self.worker_for(w).await {
                     if let Ok(vm) = rec.id.to_string().parse() {
+                        let _ = worker.delete(vm).await;
+                    }
+                    // A Dockerfile import's builder VM.
+                    if let Some(Ok(vm)) = fastvm_worker_api::builder_vm_id(&rec.id.to_string())
+                        .map(|b| b.to_string().parse())
+                    {
                         let _ = worker.delete(vm).await;
                     }
                     if let Some(snap) = rec.snapshot_id {

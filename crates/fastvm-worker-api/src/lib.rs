@@ -27,7 +27,7 @@ pub use exec::{ExecEvent, ExecRequest, ExitStatus};
 pub use machines::{MachineType, UnknownMachineType};
 pub use terminal::{PtyEvent, PtyExit, PtyInput, PtySession, PtySpec, PTY_INPUT_QUEUE};
 pub use worker::{
-    BucketAttach, ByteStream, DetachNote, DockerfileImport, ExecEvents, GuestIo, GuestStream,
-    ImageImport, ImportNote, ImportSink, ImportedImage, VmSpec, VmState, Worker, WorkerError,
-    WorkerStats,
+    builder_vm_id, BucketAttach, ByteStream, DetachNote, DockerfileImport, ExecEvents, GuestIo,
+    GuestStream, ImageImport, ImportNote, ImportSink, ImportedImage, VmSpec, VmState, Worker,
+    WorkerError, WorkerStats,
 };

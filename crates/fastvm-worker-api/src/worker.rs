@@ -199,6 +199,18 @@ impl std::fmt::Debug for ImageImport {
     }
 }
 
+/// The id of the builder VM of Dockerfile import `import_id` (and back: the
+/// mapping is its own inverse). Both the worker, which names the VM, and the
+/// control plane, which must recognise it as an import's (it has no VM row),
+/// derive it from the import id. `None` when `import_id` is not a UUID.
+pub fn builder_vm_id(import_id: &str) -> Option<uuid::Uuid> {
+    // Flips bits of the node field only: version and variant stay.
+    const MASK: u128 = 0xb11d_0b11d;
+    uuid::Uuid::parse_str(import_id)
+        .ok()
+        .map(|u| uuid::Uuid::from_u128(u.as_u128() ^ MASK))
+}
+
 /// A Dockerfile build to turn into a snapshot ([`Worker::build_dockerfile`]).
 /// The build context (a ZIP archive) travels beside it as a byte stream.
 #[derive(Clone, Serialize, Deserialize)]
@@ -507,5 +519,23 @@ pub trait Worker: Send + Sync + 'static {
         Err(WorkerError::Failed(
             "this worker cannot open connections inside its VMs".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::builder_vm_id;
+
+    #[test]
+    fn builder_vm_ids_map_back_to_their_import() {
+        let import = "7f0b8c1e-3d2a-4b5c-9e8f-0a1b2c3d4e5f";
+        let builder = builder_vm_id(import).map(|u| u.to_string());
+        assert_ne!(builder.as_deref(), Some(import));
+        let back = builder.as_deref().and_then(builder_vm_id);
+        assert_eq!(back.map(|u| u.to_string()).as_deref(), Some(import));
+        // Still a version-4 UUID of the RFC variant.
+        let b = builder_vm_id(import).map(|u| (u.get_version_num(), u.get_variant()));
+        assert_eq!(b, Some((4, uuid::Variant::RFC4122)));
+        assert_eq!(builder_vm_id("not-a-uuid"), None);
     }
 }

@@ -2,7 +2,7 @@
 //! become a user snapshot. The build runs in a builder VM, never on the host.
 //!
 //! ```text
-//!  builder        boot builder VM <uuid> from the builder rootfs (buildah,
+//!  builder        boot builder VM builder_vm_id(<import id>) from the builder rootfs (buildah,
 //!                 vfs storage, chroot isolation; built once per worker)
 //!  fetch_context  the context ZIP streams into the VM (agent channel),
 //!                 unzip there; the Dockerfile is read back (<= 1 MiB)
@@ -75,7 +75,9 @@ impl Runtime {
                 return Err(import_err(msg));
             }
         };
-        let builder_id = uuid::Uuid::new_v4().to_string();
+        let builder_id = fastvm_worker_api::builder_vm_id(&job.import_id)
+            .ok_or_else(|| import_err("the import id is not a UUID"))?
+            .to_string();
         let builder = BuildVm {
             runtime: self.clone(),
             id: builder_id.clone(),

@@ -144,7 +144,7 @@ export interface paths {
         put?: never;
         /**
          * Build a snapshot from a Docker / OCI image or a Dockerfile
-         * @description Answers at once with the import `pending`; poll `GET /v1/snapshot-imports/{id}` until `succeeded` (then `snapshotId` is set) or `failed` (`error`). The image is pulled by the worker (linux/amd64 unless `platform` says otherwise; registries named by `fastvm serve --insecure-registry` over plain HTTP), its layers applied into a root disk of `diskGiB`, booted once with the Fast VM agent as PID 1 and captured. The image's Env, WorkingDir and User become the defaults of every exec. `type: dockerfile` answers 501 on this server (not built yet).
+         * @description Answers at once with the import `pending`; poll `GET /v1/snapshot-imports/{id}` until `succeeded` (then `snapshotId` is set) or `failed` (`error`). The image is pulled by the worker (linux/amd64 unless `platform` says otherwise; registries named by `fastvm serve --insecure-registry` over plain HTTP), its layers applied into a root disk of `diskGiB`, booted once with the Fast VM agent as PID 1 and captured. The image's Env, WorkingDir and User become the defaults of every exec. `type: dockerfile` builds the Dockerfile of the uploaded context (`contextRef` from `context-presign`) with buildah in a builder VM (never on the host): `FROM` images are pulled by the worker like `type: image` (credentials apply to `registryHost`), `buildArgs` and `target` go to the build, `RUN` steps have network egress; the result continues as an image import (phases preparing, fetch_context, pull, build, export, saving, warming).
          */
         post: operations["createSnapshotImport"];
         delete?: never;
@@ -164,7 +164,7 @@ export interface paths {
         put?: never;
         /**
          * Mint a signed URL for uploading a Dockerfile build-context archive
-         * @description Dockerfile builds are not available on this server yet: answers 501 (after checking the body).
+         * @description A signed PUT URL (`uploadUrl`, valid `expiresInSec`, at most `maxUploadBytes`) for the build-context ZIP of a Dockerfile import, and the single-use `contextRef` to pass as `source.contextRef` to `POST /v1/snapshot-imports`. `sizeBytes` over the cap answers 400. Unused contexts are deleted after about a day.
          */
         post: operations["presignSnapshotImportContext"];
         delete?: never;
@@ -2451,7 +2451,7 @@ export interface operations {
                     "application/json": components["schemas"]["SnapshotImportResponse"];
                 };
             };
-            /** @description Malformed body, a bad source, machine type or diskGiB */
+            /** @description Malformed body, a bad source, machine type or diskGiB, or a contextRef with no upload or already used (`INVALID_CONTEXT_REF`) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2496,15 +2496,6 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
-            /** @description `type: dockerfile`: Dockerfile builds are not available on this server */
-            501: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ApiError"];
-                };
-            };
             /** @description No worker can build it now */
             503: {
                 headers: {
@@ -2534,7 +2525,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description The upload handle (when Dockerfile builds are available) */
+            /** @description The upload handle */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -2587,7 +2578,7 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
-            /** @description Dockerfile builds are not available on this server */
+            /** @description This server has no staging store for uploads */
             501: {
                 headers: {
                     [name: string]: unknown;
