@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -395,10 +396,21 @@ def test_dockerfile_failures_are_clear_and_cancel_frees_the_builder(client, fast
     ctx = _context(tmp_path)
     api = _api(fastvm_server)
     before = set(fastvm_server.qemu_pids())
-    # A failing RUN: status failed, the step's output in the log, the exit in the error.
-    ref = _upload_context(client, api, ctx, f"FROM {host}/busybox:1\nRUN echo about to fail && exit 7\n")
-    failed = _wait(client, client.snapshot_imports.create(source={"type": "dockerfile", "context_ref": ref}).id, 900)
+    # A failing RUN, through the CLI (zip, upload, create, follow): exit 1,
+    # status failed, the step's output in the log, the exit in the error.
+    (ctx / "Dockerfile").write_text(f"FROM {host}/busybox:1\nARG CODE\nRUN echo about to fail && exit $CODE\n")
+    env = dict(os.environ, FASTVM_BASE_URL=fastvm_server.base_url, FASTVM_API_KEY=fastvm_server.api_key)
+    proc = subprocess.run(
+        [str(fastvm_server.binary), "import", "dockerfile", str(ctx / "Dockerfile"), "--build-arg", "CODE=7", "--name", "cli-fail"],
+        env=env, capture_output=True, timeout=900,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, (proc.returncode, stderr)
+    assert "context uploaded" in stderr and "the build failed (exit 7)" in stderr, stderr
+    (ctx / "Dockerfile").unlink()
+    failed = next(i for i in client.snapshot_imports.list() if i.name == "cli-fail")
     assert failed.status == "failed" and failed.snapshot_id is None
+    assert failed.source.build_args == {"CODE": "7"}
     assert "the build failed (exit" in (failed.error or ""), failed.error
     assert "about to fail" in api.get(f"/v1/snapshot-imports/{failed.id}/logs").text
     # A context without the named Dockerfile.
