@@ -207,23 +207,6 @@ async fn finish(
     Ok(if ok { 0 } else { 1 })
 }
 
-fn tokio_util_reader_stream(
-    file: tokio::fs::File,
-) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
-    futures::stream::unfold(file, |mut f| async move {
-        use tokio::io::AsyncReadExt as _;
-        let mut buf = vec![0u8; 256 << 10];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), f))
-            }
-            Err(e) => Some((Err(e), f)),
-        }
-    })
-}
-
 /// ZIP `dir` (regular files and directories; symlinks are skipped with a
 /// note) into a temp file. The Dockerfile's path in it: its path inside
 /// `dir`, or `Dockerfile.fastvm` at the root when it lies outside.
@@ -375,7 +358,9 @@ pub async fn run(cmd: ImportCommand) -> anyhow::Result<i32> {
                 .put(&p.upload_url)
                 .header(reqwest::header::CONTENT_TYPE, "application/zip")
                 .header(reqwest::header::CONTENT_LENGTH, size)
-                .body(reqwest::Body::wrap_stream(tokio_util_reader_stream(file)))
+                .body(reqwest::Body::wrap_stream(
+                    tokio_util::io::ReaderStream::with_capacity(file, 256 << 10),
+                ))
                 .send()
                 .await?;
             if !put.status().is_success() {

@@ -299,6 +299,28 @@ fn frame_stream<T: Send + 'static>(
     Box::pin(items)
 }
 
+/// Send `input` as STDIN frames (STDIN_ABORT on a read error), then
+/// STDIN_EOF; the returned guard keeps the write half (the connection) open
+/// until the stream's reader is done with it.
+fn send_input(mut wr: WriteHalf<Upgraded>, mut input: ByteStream) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        while let Some(chunk) = input.next().await {
+            let sent = match chunk {
+                Ok(data) => write_data(&mut wr, Kind::Stdin, &data).await,
+                Err(e) => {
+                    let _ = write_frame(&mut wr, Kind::StdinAbort, e.to_string().as_bytes()).await;
+                    break;
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        let _ = write_frame(&mut wr, Kind::StdinEof, b"").await;
+        std::future::pending::<()>().await;
+    }))
+}
+
 /// The JSON body of a stream's last frame.
 fn last<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, WorkerError> {
     serde_json::from_slice(body)
@@ -412,30 +434,13 @@ impl Worker for RemoteWorker {
     async fn build_dockerfile(
         &self,
         job: crate::worker::DockerfileImport,
-        mut context: ByteStream,
+        context: ByteStream,
         progress: crate::worker::ImportSink,
     ) -> Result<crate::worker::ImportedImage, WorkerError> {
-        let (rd, mut wr) = self.open_stream("/w/v1/builds", &job).await?;
+        let (rd, wr) = self.open_stream("/w/v1/builds", &job).await?;
         // The context follows the OPEN frame as STDIN frames.
-        let pump = tokio::spawn(async move {
-            while let Some(chunk) = context.next().await {
-                let sent = match chunk {
-                    Ok(data) => write_data(&mut wr, Kind::Stdin, &data).await,
-                    Err(e) => {
-                        let _ =
-                            write_frame(&mut wr, Kind::StdinAbort, e.to_string().as_bytes()).await;
-                        break;
-                    }
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-            let _ = write_frame(&mut wr, Kind::StdinEof, b"").await;
-            // Keep the write half (the connection) open until the build ends.
-            std::future::pending::<()>().await;
-        });
-        self.follow_import(rd, AbortOnDrop(pump), progress).await
+        let pump = send_input(wr, context);
+        self.follow_import(rd, pump, progress).await
     }
 
     async fn exec(&self, id: VmId, req: ExecRequest) -> Result<ExecEvents, WorkerError> {
@@ -453,34 +458,16 @@ impl Worker for RemoteWorker {
         &self,
         id: VmId,
         req: ExecRequest,
-        mut input: ByteStream,
+        input: ByteStream,
     ) -> Result<ExecEvents, WorkerError> {
         let open = OpenExec {
             request: req,
             input: true,
         };
-        let (rd, mut wr) = self
+        let (rd, wr) = self
             .open_stream(&format!("/w/v1/vms/{id}/exec"), &open)
             .await?;
-        let pump = tokio::spawn(async move {
-            while let Some(chunk) = input.next().await {
-                let sent = match chunk {
-                    Ok(data) => write_data(&mut wr, Kind::Stdin, &data).await,
-                    Err(e) => {
-                        let _ =
-                            write_frame(&mut wr, Kind::StdinAbort, e.to_string().as_bytes()).await;
-                        break;
-                    }
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-            let _ = write_frame(&mut wr, Kind::StdinEof, b"").await;
-            // Keep the write half (the connection) open until the events end.
-            std::future::pending::<()>().await;
-        });
-        Ok(exec_events(rd, AbortOnDrop(pump)))
+        Ok(exec_events(rd, send_input(wr, input)))
     }
 
     async fn snapshot(&self, vm: VmId, snapshot: SnapshotId) -> Result<(), WorkerError> {
