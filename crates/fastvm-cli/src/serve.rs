@@ -101,6 +101,14 @@ pub struct RuntimeArgs {
     /// imports (repeatable; every other registry is spoken to over HTTPS).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT", value_parser = parse_registry_host)]
     pub insecure_registry: Vec<String>,
+    /// Cap of the snapshot imports' layer cache (DATA_DIR/oci), in GiB; the
+    /// least recently used layers are evicted after an import.
+    #[arg(
+        long = "layer-cache-gib",
+        env = "FASTVM_LAYER_CACHE_GIB",
+        default_value_t = 10
+    )]
+    pub layer_cache_gib: u64,
 }
 
 /// `--insecure-registry`: a registry host with an optional port, no scheme or path.
@@ -125,6 +133,7 @@ impl RuntimeArgs {
         cfg.accel = self.accel.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         cfg.image_dir = self.image_dir.clone();
         cfg.insecure_registries = self.insecure_registry.clone();
+        cfg.layer_cache_bytes = self.layer_cache_gib.saturating_mul(1 << 30);
         if self.no_network {
             cfg.network = None;
         } else if let Some(net) = cfg.network.as_mut() {

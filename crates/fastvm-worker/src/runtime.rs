@@ -68,6 +68,9 @@ pub struct RuntimeConfig {
     pub network: Option<NetConfig>,
     /// Registries (`HOST:PORT`) image imports speak plain HTTP to.
     pub insecure_registries: Vec<String>,
+    /// Cap of the imports' layer cache (`<data>/oci`), least recently used
+    /// blobs evicted first.
+    pub layer_cache_bytes: u64,
 }
 
 impl RuntimeConfig {
@@ -83,6 +86,7 @@ impl RuntimeConfig {
             golden: true,
             network: Some(NetConfig::default()),
             insecure_registries: Vec::new(),
+            layer_cache_bytes: crate::oci::cache::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -399,6 +403,9 @@ pub struct Runtime {
     /// Image imports that may run at once (imports.rs): each unpacks, makes a
     /// file system and boots a VM; more wait their turn.
     import_slots: tokio::sync::Semaphore,
+    /// Imports hold it for reading while they run; the layer cache is pruned
+    /// under the write lock, so only when none runs (oci/cache.rs).
+    layer_cache: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Runtime {
@@ -478,6 +485,7 @@ impl Runtime {
             store_fetches: Default::default(),
             volumes,
             import_slots: tokio::sync::Semaphore::new(imports::CONCURRENT_IMPORTS),
+            layer_cache: Default::default(),
         });
         rt.adopt_all().await?;
         // Imports do not survive a restart of their worker (the control plane

@@ -278,3 +278,27 @@ def test_stop_kills_the_registry() -> None:
         os.kill(pid, 0)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{reg.url}/v2/", timeout=2)
+
+
+def test_token_auth_refuses_anonymous_and_issues_bearer_tokens() -> None:
+    """docker-registry in token mode against the helper's token service: the
+    Bearer flow oci-client follows (challenge -> token with basic credentials
+    -> retry), real JWT verification by the registry."""
+    from .e2e.oci_registry import BearerAuth, TokenServer
+
+    with TokenServer(users={"tok": "en-pass"}) as ts, Registry(token=ts) as reg:
+        anon = httpx.get(f"{reg.url}/v2/")
+        assert anon.status_code == 401 and anon.headers["www-authenticate"].lower().startswith("bearer ")
+        layer = Layer().file("hello", "hi\n")
+        with pytest.raises(RegistryError) as err:
+            push_image(reg.host, "tokened", "1", [layer], auth=("tok", "en-pass"))  # basic is not enough
+        assert err.value.status_code == 401
+        digest = push_image(reg.host, "tokened", "1", [layer], auth=BearerAuth("tok", "en-pass"))
+        assert ("tok", "repository:tokened:pull,push") in ts.issued
+        assert get_manifest(reg.host, "tokened", "1", auth=BearerAuth("tok", "en-pass"))[2] == digest
+        with pytest.raises(RegistryError) as err:
+            get_manifest(reg.host, "tokened", "1", auth=BearerAuth("tok", "wrong"))
+        assert err.value.status_code == 401
+        if shutil.which("skopeo"):
+            info = json.loads(skopeo("inspect", "--tls-verify=false", "--creds", "tok:en-pass", f"docker://{reg.host}/tokened:1").stdout)
+            assert info["Digest"] == digest

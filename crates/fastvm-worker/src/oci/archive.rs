@@ -141,6 +141,7 @@ pub fn read_archive(
             ));
         }
         if dest.is_file() {
+            super::cache::touch(&dest);
             present.insert(digest, size);
             continue; // already cached (content-addressed: same bytes)
         }

@@ -381,6 +381,7 @@ impl Puller {
             })?;
             let size = u64::try_from(desc.size).unwrap_or(0);
             if path.is_file() {
+                super::cache::touch(&path);
                 cached += 1;
                 progress(format!(
                     "layer {}/{n} {} ({size} bytes): cached",

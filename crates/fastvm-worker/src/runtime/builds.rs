@@ -58,6 +58,20 @@ impl Runtime {
         context: ByteStream,
         sink: ImportSink,
     ) -> Result<ImportedImage> {
+        let result = {
+            let _cache = self.layer_cache.read().await;
+            self.build_dockerfile_now(job, context, sink).await
+        };
+        self.prune_layer_cache();
+        result
+    }
+
+    async fn build_dockerfile_now(
+        self: &Arc<Self>,
+        job: &DockerfileImport,
+        context: ByteStream,
+        sink: ImportSink,
+    ) -> Result<ImportedImage> {
         let progress = Progress { sink };
         check_import_id(&job.import_id)?;
         let dockerfile_path = check_dockerfile_path(&job.dockerfile_path)?;

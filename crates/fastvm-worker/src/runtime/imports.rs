@@ -121,6 +121,40 @@ impl Runtime {
         job: &ImageImport,
         sink: ImportSink,
     ) -> Result<ImportedImage> {
+        let result = {
+            let _cache = self.layer_cache.read().await;
+            self.import_image_now(job, sink).await
+        };
+        self.prune_layer_cache();
+        result
+    }
+
+    /// Prune the layer cache to its cap, unless an import is running.
+    pub(super) fn prune_layer_cache(&self) {
+        let Ok(guard) = self.layer_cache.clone().try_write_owned() else {
+            return;
+        };
+        let (root, cap) = (self.cfg.data_dir.join("oci"), self.cfg.layer_cache_bytes);
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            match crate::oci::cache::prune(&root, cap) {
+                Ok(p) if p.removed > 0 => tracing::info!(
+                    removed = p.removed,
+                    removed_bytes = p.removed_bytes,
+                    kept_bytes = p.kept_bytes,
+                    "layer cache pruned"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning the layer cache failed"),
+            }
+        });
+    }
+
+    async fn import_image_now(
+        self: &Arc<Self>,
+        job: &ImageImport,
+        sink: ImportSink,
+    ) -> Result<ImportedImage> {
         let progress = Progress { sink };
         check_import_id(&job.import_id)?;
         let _slot = self.import_slot(&progress).await?;

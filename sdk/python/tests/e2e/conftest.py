@@ -111,6 +111,7 @@ class LiveServer:
     # second one with basic auth): the server speaks HTTP to them (--insecure-registry).
     registry_port: int = field(default_factory=lambda: _free_port())
     registry_auth_port: int = field(default_factory=lambda: _free_port())
+    registry_token_port: int = field(default_factory=lambda: _free_port())
     api_key: str = ""
     process: subprocess.Popen | None = None
     _stopped: bool = field(default=False, repr=False)
@@ -157,6 +158,7 @@ class LiveServer:
                     "--allow-bucket-endpoint", f"http://127.0.0.1:{self.gcs_port}",
                     "--insecure-registry", f"127.0.0.1:{self.registry_port}",
                     "--insecure-registry", f"127.0.0.1:{self.registry_auth_port}",
+                    "--insecure-registry", f"127.0.0.1:{self.registry_token_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -422,10 +424,11 @@ def fake_gcs(fastvm_server: LiveServer):
 
 @pytest.fixture(scope="session")
 def oci_registries(fastvm_server: LiveServer):
-    """Two local registries (docker-registry, plain HTTP) on the ports the live
-    server treats as insecure: an open one with the ready-made test images
-    pushed (oci_registry.push_all), and one with basic auth (user ``puller``,
-    password ``s3cret``) holding the busybox image."""
+    """Three local registries (docker-registry, plain HTTP) on the ports the
+    live server treats as insecure: an open one with the ready-made test images
+    pushed (oci_registry.push_all), one with basic auth (user ``puller``,
+    password ``s3cret``) holding the busybox image, and one with the Bearer
+    token flow (oci_registry.TokenServer; user ``tokener``) holding it too."""
     from . import oci_registry
 
     reason = oci_registry.unavailable_reason()
@@ -436,7 +439,13 @@ def oci_registries(fastvm_server: LiveServer):
     auth = ("puller", "s3cret")
     with oci_registry.Registry(port=fastvm_server.registry_port) as open_reg, oci_registry.Registry(
         port=fastvm_server.registry_auth_port, auth=auth
-    ) as auth_reg:
+    ) as auth_reg, oci_registry.TokenServer(users={"tokener": "t0ken-pass"}) as tokens, oci_registry.Registry(
+        port=fastvm_server.registry_token_port, token=tokens
+    ) as token_reg:
         images = oci_registry.push_all(open_reg.host)
         private = oci_registry.push_busybox_image(auth_reg.host, repo="private/busybox", tag="1", auth=auth)
-        yield {"open": open_reg, "auth": auth_reg, "images": images, "private": private, "credentials": auth}
+        tokened = oci_registry.push_busybox_image(
+            token_reg.host, repo="tokened/busybox", tag="1", auth=oci_registry.BearerAuth("tokener", "t0ken-pass")
+        )
+        yield {"open": open_reg, "auth": auth_reg, "images": images, "private": private, "credentials": auth,
+               "token": token_reg, "token_server": tokens, "tokened": tokened, "token_credentials": ("tokener", "t0ken-pass")}

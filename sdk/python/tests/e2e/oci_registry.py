@@ -328,7 +328,57 @@ class RegistryError(RuntimeError):
         self.status_code = status_code
 
 
-Auth = Union[tuple[str, str], None]
+Auth = Union[tuple[str, str], httpx.Auth, None]
+
+
+class BearerAuth(httpx.Auth):
+    """The registry token flow (what docker and oci-client do): on a 401 with
+    ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``, get a token
+    from the realm with basic ``credentials`` and retry with it."""
+
+    requires_response_body = True
+
+    def __init__(self, user: str, password: str) -> None:
+        self.credentials = (user, password)
+        self._token: str | None = None
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        if self._token:
+            request.headers["Authorization"] = f"Bearer {self._token}"
+        response = yield request
+        challenge = response.headers.get("www-authenticate", "")
+        if response.status_code != 401 or not challenge.lower().startswith("bearer "):
+            return
+        params = dict(
+            (k.strip(), v.strip().strip('"'))
+            for k, v in (part.split("=", 1) for part in _split_challenge(challenge[7:]) if "=" in part)
+        )
+        realm = params.pop("realm", "")
+        import base64
+
+        basic = base64.b64encode(":".join(self.credentials).encode()).decode()
+        tok = yield httpx.Request("GET", realm, params=params, headers={"Authorization": f"Basic {basic}"})
+        if tok.status_code != 200:
+            return
+        self._token = tok.json().get("token")
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+
+def _split_challenge(s: str) -> list[str]:
+    """`a="x,y",b="z"` -> ['a="x,y"', 'b="z"'] (commas inside quotes kept)."""
+    parts, cur, quoted = [], "", False
+    for ch in s:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    return parts
 
 
 def _client(auth: Auth) -> httpx.Client:
@@ -786,6 +836,125 @@ def _yaml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a YAML double-quoted scalar
 
 
+def _b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenServer:
+    """A registry token service (the Bearer flow of the distribution spec) in
+    a thread of this process: ``GET /token?service=...&scope=...`` with basic
+    auth of one of ``users`` answers a JWT (RS256, signed by a self-signed
+    certificate the registry trusts) granting the asked actions; anything
+    else answers 401. ``issued`` lists (user, scope) of every token given."""
+
+    users: dict[str, str]
+    service: str = "fastvm-test-registry"
+    issuer: str = "fastvm-test-token-issuer"
+    root: Path | None = None
+    issued: list[tuple[str, str]] = field(default_factory=list)
+    port: int = field(init=False, default=0)
+    _server: object | None = field(init=False, default=None, repr=False)
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    @property
+    def cert_path(self) -> Path:
+        assert self.root is not None
+        return self.root / "token-cert.pem"
+
+    def start(self) -> TokenServer:
+        import base64
+        import datetime
+        import http.server
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.x509.oid import NameOID
+
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="fastvm-token-"))
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.issuer)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                from urllib.parse import parse_qs, urlparse
+
+                q = parse_qs(urlparse(self.path).query)
+                user = ""
+                header = self.headers.get("Authorization", "")
+                if header.lower().startswith("basic "):
+                    try:
+                        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                    except ValueError:
+                        user, password = "", ""
+                    if outer.users.get(user) != password:
+                        user = ""
+                if not user or q.get("service", [""])[0] != outer.service:
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"details": "bad credentials"}')
+                    return
+                access = []
+                for scope in q.get("scope", []):
+                    kind, _, rest = scope.partition(":")
+                    repo, _, actions = rest.rpartition(":")
+                    access.append({"type": kind, "name": repo, "actions": actions.split(",")})
+                    outer.issued.append((user, scope))
+                t = int(time.time())
+                claims = {"iss": outer.issuer, "sub": user, "aud": outer.service, "exp": t + 600, "nbf": t - 60,
+                          "iat": t, "jti": secrets.token_hex(8), "access": access}
+                head = {"typ": "JWT", "alg": "RS256", "x5c": [x5c]}
+                signing = f"{_b64url(json.dumps(head).encode())}.{_b64url(json.dumps(claims).encode())}"
+                sig = key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
+                token = f"{signing}.{_b64url(sig)}"
+                body = json.dumps({"token": token, "access_token": token, "expires_in": 600}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> TokenServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class Registry:
     """``docker-registry serve`` on 127.0.0.1:<free port>, plain HTTP.
@@ -793,11 +962,13 @@ class Registry:
     ``with Registry() as reg: push_busybox_image(reg.host)``. Storage and
     ``registry.log`` are in a temp dir (``root``) removed at ``stop()`` unless
     ``keep`` (or ``FASTVM_E2E_KEEP=1``). ``auth=("user", "pass")`` turns on
-    htpasswd basic auth (anonymous requests get 401). The process is killed by
+    htpasswd basic auth (anonymous requests get 401); ``token=TokenServer(...)``
+    the Bearer token flow against that (started) token service instead. The process is killed by
     its pid at ``stop()``, on ``__exit__`` and at interpreter exit."""
 
     auth: Auth = None
     port: int | None = None
+    token: TokenServer | None = None
     root: Path | None = None
     keep: bool = False
     binary: str | None = None
@@ -849,7 +1020,11 @@ class Registry:
             "  headers:",
             "    X-Content-Type-Options: [nosniff]",
         ]
-        if self.auth:
+        if self.token is not None:
+            lines += ["auth:", "  token:", f"    realm: {_yaml_str(self.token.realm)}",
+                      f"    service: {_yaml_str(self.token.service)}", f"    issuer: {_yaml_str(self.token.issuer)}",
+                      f"    rootcertbundle: {_yaml_str(str(self.token.cert_path))}"]
+        elif isinstance(self.auth, tuple):
             user, password = self.auth
             htpasswd = self.root / "htpasswd"
             htpasswd.write_text(f"{user}:{bcrypt_hash(password)}\n")

@@ -237,6 +237,28 @@ def test_private_registry_and_cancel_frees_everything(client, fastvm_server, oci
     assert os.path.isdir(fastvm_server.data_dir / "oci" / "blobs" / "sha256")
 
 
+
+def test_token_auth_registry(client, oci_registries) -> None:
+    """A registry with the Bearer token flow: the worker answers its challenge
+    with a token fetched with the import's credentials."""
+    ref = oci_registries["tokened"]
+    user, password = oci_registries["token_credentials"]
+    tokens = oci_registries["token_server"]
+    for creds in [{}, {"registry_username": user, "registry_password": "nope"}]:
+        imp = _wait(client, client.snapshot_imports.create(source={"type": "image", "image": ref, **creds}).id)
+        assert imp.status == "failed" and "credentials" in (imp.error or ""), imp.error
+        assert "nope" not in (imp.error or "")
+        client.snapshot_imports.delete(imp.id)
+    issued_before = len(tokens.issued)
+    imp = client.snapshot_imports.create(
+        source={"type": "image", "image": ref, "registry_username": user, "registry_password": password}
+    )
+    done = _wait(client, imp.id)
+    assert done.status == "succeeded", done.error
+    # The pull went through the token service, as this user, for this repository.
+    assert (user, "repository:tokened/busybox:pull") in tokens.issued[issued_before:], tokens.issued
+    client.snapshot_imports.delete(done.id)
+
 # ---------------------------------------------------------------------------
 # Dockerfile builds: buildah in a builder VM of the worker; FROM images come
 # from the test's registries through the worker (loopback, plain HTTP).
