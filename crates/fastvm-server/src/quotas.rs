@@ -216,6 +216,17 @@ impl AppState {
         let usage = self.store().quota_usage(org).await?;
         check_snapshot_limits(org, &limits, &usage)
     }
+
+    /// [`Self::check_snapshot_quota`] for a new import: the org's imports in
+    /// flight count as the snapshots they will make.
+    pub(crate) async fn check_import_quota(&self, org: OrgId) -> Result<(), ApiError> {
+        let limits = self.store().quota_limits(org).await?;
+        let mut usage = self.store().quota_usage(org).await?;
+        usage.snapshot_count = usage
+            .snapshot_count
+            .saturating_add(self.store().count_imports_in_flight(org).await?);
+        check_snapshot_limits(org, &limits, &usage)
+    }
 }
 
 #[cfg(test)]

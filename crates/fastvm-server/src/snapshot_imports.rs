@@ -228,7 +228,7 @@ impl AppState {
             ));
         }
         let image = req.source.image.clone().unwrap_or_default();
-        self.check_snapshot_quota(caller.org_id).await?;
+        self.check_import_quota(caller.org_id).await?;
         let worker = self.import_worker().await?;
         // A Dockerfile source: claim its uploaded context (single use).
         let context = match req.source.source_type {

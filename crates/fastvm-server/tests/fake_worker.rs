@@ -2962,6 +2962,27 @@ async fn imports_in_flight_are_cancelled_or_failed_by_a_restart() -> TestResult 
         .await?;
     let id = id_of(&imp)?;
     h.wait_import(&id, "running").await?;
+    // An import in flight counts against snapshotCount: with room for one
+    // snapshot, a second import is refused while the first runs.
+    h.state
+        .store()
+        .set_quota(
+            org_of(&h).await?,
+            fastvm_server::store::QuotaPatch {
+                snapshot_count: Some(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let (code, v) = h
+        .call(
+            "POST",
+            "/v1/snapshot-imports",
+            Some(image_import("reg:5000/other:1")),
+        )
+        .await?;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], json!("QUOTA_EXCEEDED_SNAPSHOT_COUNT"));
     let (code, c) = h
         .call("POST", &format!("/v1/snapshot-imports/{id}/cancel"), None)
         .await?;

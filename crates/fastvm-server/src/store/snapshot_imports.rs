@@ -184,6 +184,18 @@ impl Store {
         .collect()
     }
 
+    /// Imports of `org` in flight: each will add a snapshot (counted against
+    /// the org's snapshotCount quota before it does).
+    pub async fn count_imports_in_flight(&self, org: OrgId) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM snapshot_imports WHERE org_id = $1 AND status IN {IN_FLIGHT} AND deleted_at_ms IS NULL"
+        ))
+        .bind(org.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// True when `id` (a VM id of a worker) is an import in flight: its
     /// build VM, which has no VM row.
     pub async fn is_import_in_flight(&self, id: fastvm_types::VmId) -> Result<bool> {

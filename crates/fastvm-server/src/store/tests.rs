@@ -122,6 +122,8 @@ async fn snapshot_import_rows(store: &Store) -> TestResult {
     let as_vm: VmId = rec.id.to_string().parse()?;
     assert!(store.is_import_in_flight(as_vm).await?);
     assert!(!store.is_import_in_flight(VmId::new_v4()).await?);
+    assert_eq!(store.count_imports_in_flight(org).await?, 1);
+    assert_eq!(store.count_imports_in_flight(other).await?, 0);
     // An import in flight cannot be deleted.
     assert!(!store.mark_snapshot_import_deleted(org, rec.id).await?);
     rec.status = S::Running;
@@ -149,6 +151,7 @@ async fn snapshot_import_rows(store: &Store) -> TestResult {
         .await?
         .iter()
         .any(|r| r.id == rec.id));
+    assert_eq!(store.count_imports_in_flight(org).await?, 0);
     assert!(!store.mark_snapshot_import_deleted(other, rec.id).await?);
     assert!(store.mark_snapshot_import_deleted(org, rec.id).await?);
     assert_eq!(store.get_snapshot_import(org, rec.id).await?, None);
