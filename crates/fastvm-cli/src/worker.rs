@@ -158,20 +158,7 @@ async fn worker_info(runtime: &Runtime, data_dir: &Path) -> anyhow::Result<Worke
 }
 
 fn disk_free_gib(dir: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return 0;
-    };
-    let mut st: libc::statvfs = unsafe {
-        // SAFETY: statvfs is plain old data; all-zero is a valid value.
-        std::mem::zeroed()
-    };
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid out pointer.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return 0;
-    }
-    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 30
+    fastvm_worker::disk::free_bytes(dir).unwrap_or(0) >> 30
 }
 
 /// The worker's side of registration and heartbeats.

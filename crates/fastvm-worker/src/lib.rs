@@ -23,6 +23,7 @@ pub mod buckets;
 pub mod catalog;
 pub mod cgroup;
 pub mod console;
+pub mod disk;
 pub mod error;
 pub mod exec;
 pub mod hypervisor;

@@ -246,7 +246,12 @@ impl Runtime {
         let scratch = Scratch(work.clone(), gone.clone());
         let work2 = work.clone();
         let root = work.join("root");
+        // Unpacking needs room for the tree, the ext4 image and the qcow2
+        // layer at once: at most a third of the free space, and the disk.
         let disk_bytes = u64::from(job.disk_gib) << 30;
+        let free = crate::disk::free_bytes(&self.cfg.data_dir);
+        let space_bound = free.filter(|f| f / 3 < disk_bytes);
+        let disk_bytes = space_bound.map_or(disk_bytes, |f| f / 3);
         let layers = pulled.layers.clone();
         let root2 = root.clone();
         let sink2 = progress.sink.clone();
@@ -280,7 +285,13 @@ impl Runtime {
                         &remaining,
                         &mut stats,
                     )
-                    .map_err(|e| format!("layer {}/{n} ({}): {e}", i + 1, l.digest))?;
+                    .map_err(|e| match (&e, space_bound) {
+                        (layer::LayerError::TooLarge { .. }, Some(free)) => format!(
+                            "the image does not fit in this worker's free disk space ({} MiB free; unpacking needs about 3 times the image's size)",
+                            free >> 20
+                        ),
+                        _ => format!("layer {}/{n} ({}): {e}", i + 1, l.digest),
+                    })?;
                     sink2(ImportNote::Log {
                         line: format!(
                             "layer {}/{n}: {} entries, {} bytes{}",
