@@ -148,9 +148,13 @@ fn qemu_is_in_its_own_cgroup_with_the_machine_type_limits() {
     let (rt, a, _) = &*SHARED;
     let pid = pid_of(rt, a);
     let m = MachineType::lookup("c1m2").expect("c1m2");
-    let want = Limits::for_vm(m.vcpus, m.memory_mib, rt.accel());
+    // Every launch is a restore onto a sealed RAM copy: guest RAM counts twice.
+    let want = Limits::for_restored_vm(m.vcpus, m.memory_mib, rt.accel());
     let overhead = fastvm_worker::cgroup::overhead_mib(rt.accel());
-    assert_eq!(want.memory_max, (u64::from(m.memory_mib) + overhead) << 20);
+    assert_eq!(
+        want.memory_max,
+        (2 * u64::from(m.memory_mib) + overhead) << 20
+    );
     let cgroups = Cgroups::setup();
     let dirs = cgroups.dirs(a);
     assert!(
@@ -234,6 +238,29 @@ fn qemu_is_in_its_own_cgroup_with_the_machine_type_limits() {
         }
         Cgroups::Off { reason } => panic!("no cgroup limits: {reason}"),
     }
+}
+
+/// A guest may use all of its RAM: its first writes to pages that were
+/// holes in the RAM image also add zero pages to the shared sealed copy,
+/// charged to its cgroup, and that must not get its QEMU killed.
+#[test]
+fn a_guest_using_most_of_its_ram_is_not_killed_by_its_cgroup() {
+    let (rt, _, _) = &*SHARED;
+    let id = create(rt);
+    let pid = pid_of(rt, &id);
+    // 1.6 GiB of fresh guest pages in a tmpfs of a 2 GiB guest.
+    let out = exec(
+        rt,
+        &id,
+        "mkdir -p /mnt/fill && mount -t tmpfs -o size=1700m fill /mnt/fill \
+         && dd if=/dev/zero of=/mnt/fill/zeros bs=1M count=1600 2>/dev/null \
+         && du -m /mnt/fill/zeros | cut -f1",
+    );
+    assert_eq!(out.trim(), "1600");
+    assert_eq!(exec(rt, &id, "echo alive").trim(), "alive");
+    assert_eq!(rt.get(&id).expect("vm").pid, Some(pid), "same QEMU");
+    assert_eq!(rt.get(&id).expect("vm").state, VmState::Running);
+    block_on(rt.delete(&id)).expect("delete");
 }
 
 #[test]

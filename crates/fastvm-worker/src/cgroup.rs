@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  cgroup v2 with memory, cpu, pids:  <cgroup2 mount>/fastvm.slice/vm-<id>/
-//!      memory.max = guest RAM + overhead, memory.swap.max = 0,
+//!      memory.max = guest RAM + overhead (+ guest RAM once more for restored
+//!      VMs, see Limits::for_restored_vm), memory.swap.max = 0,
 //!      cpu.max = "<vcpus x 100000> 100000", pids.max, io.weight and
 //!      io.max (if io is there)
 //!  else cgroup v1 (hybrid hosts):      <mount of ctrl>/<our own cgroup>/fastvm/vm-<id>/
@@ -106,6 +107,23 @@ impl Limits {
             io_iops: IO_IOPS_PER_VCPU * u64::from(vcpus.max(1)),
             io_device: None,
         }
+    }
+
+    /// The limits of a VM restored onto a sealed copy of a RAM image (every
+    /// launch but a golden build): guest RAM counts twice. The guest's first
+    /// write to a page that is a hole in the image (zero when captured)
+    /// makes the kernel allocate a zero page in the shared memfd before
+    /// copying it into the VM's private page (private mappings of shmem
+    /// fault through the file; `qemu.rs`, `SealedRamCache`), and the memory
+    /// cgroup charges both to the VM that touched the offset first. Those
+    /// zero pages are shared with every VM on the copy and bounded by the
+    /// RAM size; without room for them a guest using most of its RAM is
+    /// killed by its cgroup (seen: a c1m2 guest holding a 1 GiB file in its
+    /// page cache).
+    pub fn for_restored_vm(vcpus: u32, memory_mib: u32, accel: Accel) -> Limits {
+        let mut l = Limits::for_vm(vcpus, memory_mib, accel);
+        l.memory_max += u64::from(memory_mib) << 20;
+        l
     }
 }
 
@@ -386,6 +404,10 @@ mod tests {
             Limits::for_vm(1, 2048, Accel::Kvm).memory_max,
             (2048 + 256) << 20
         );
+        // Restored VMs: room for the zero pages their faults add to the copy.
+        let r = Limits::for_restored_vm(2, 4096, Accel::Tcg);
+        assert_eq!(r.memory_max, (2 * 4096 + 384) << 20);
+        assert_eq!(r.cpu_quota_us, l.cpu_quota_us);
     }
 
     #[test]

@@ -134,9 +134,13 @@ fn measure_tsc_khz() -> Option<u64> {
 
 /// Sealed memfd copies of RAM files (golden RAM images and the RAM files
 /// of user snapshots) handed to restored VMs. Each costs its RAM's data
-/// bytes in shared memory while it is kept; past [`SealedRamCache::budget`]
-/// the least recently used go (VMs that mapped one keep their mapping: the
-/// next restore makes a new copy).
+/// bytes in shared memory when made, and grows afterwards: a fault on one
+/// of its holes through a VM's private mapping (the guest's first write to
+/// a page, or QEMU reading every page during a capture) makes shmem
+/// allocate a zero page there, which the seals keep until the copy is
+/// dropped. Past [`SealedRamCache::budget`], counted with that growth
+/// ([`SealedRam::resident`]), the least recently used go (VMs that mapped
+/// one keep their mapping: the next restore makes a new, lean copy).
 struct SealedRamCache {
     entries: HashMap<PathBuf, Slot>,
     budget: u64,
@@ -155,7 +159,23 @@ struct SealedRam {
     /// The file's (inode, mtime) when copied: a changed file is copied again.
     key: (u64, i64),
     fd: Arc<OwnedFd>,
+    /// Shared memory the copy held when made (the file's data extents).
     bytes: u64,
+}
+
+impl SealedRam {
+    /// Shared memory the copy holds now: its data plus the zero pages that
+    /// faults on its holes have allocated since it was made.
+    fn resident(&self) -> u64 {
+        allocated_bytes(&self.fd).unwrap_or(self.bytes)
+    }
+}
+
+/// Bytes a file descriptor's file has allocated (`st_blocks`).
+fn allocated_bytes(fd: &OwnedFd) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::from(fd.try_clone().ok()?);
+    file.metadata().ok().map(|m| m.blocks() * 512)
 }
 
 /// A quarter of the host's memory (4 GiB when unknown).
@@ -190,42 +210,44 @@ impl SealedRamCache {
             slot.copy.clone()
         };
         let mut copy = slot.lock().map_err(poisoned)?;
-        if let Some(e) = copy.as_ref().filter(|e| e.key == key) {
-            return Ok(e.fd.clone());
-        }
-        let t0 = std::time::Instant::now();
-        let fd = Arc::new(
-            jail::sealed_copy(path)
-                .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
-        );
-        let bytes = std::fs::File::from(fd.try_clone().ctx(|| "dup memfd".into())?)
-            .metadata()
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0);
-        tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, mib = bytes >> 20, "sealed copy of a RAM file made");
-        *copy = Some(SealedRam {
-            key,
-            fd: fd.clone(),
-            bytes,
-        });
+        let fd = match copy.as_ref().filter(|e| e.key == key) {
+            Some(e) => e.fd.clone(),
+            None => {
+                let t0 = std::time::Instant::now();
+                let fd = Arc::new(
+                    jail::sealed_copy(path)
+                        .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
+                );
+                let bytes = allocated_bytes(&fd).unwrap_or(0);
+                tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, mib = bytes >> 20, "sealed copy of a RAM file made");
+                *copy = Some(SealedRam {
+                    key,
+                    fd: fd.clone(),
+                    bytes,
+                });
+                fd
+            }
+        };
         drop(copy);
         let mut c = cache.lock().map_err(poisoned)?;
         // Deleted while it was copied (`forget_ram` came first): keep nothing.
         if !path.exists() {
             c.entries.remove(path);
         }
+        // On every use, not only when a copy is made: copies grow while
+        // they are mapped (see above).
         c.evict_over_budget(path);
         Ok(fd)
     }
 
-    /// Drop the least recently used copies (never `keep`) until the kept
-    /// bytes fit the budget. Copies being made count as nothing.
+    /// Drop the least recently used copies (never `keep`) until what they
+    /// hold now fits the budget. Copies being made count as nothing.
     fn evict_over_budget(&mut self, keep: &Path) {
         let bytes = |s: &Slot| {
             s.copy
                 .try_lock()
                 .ok()
-                .and_then(|c| c.as_ref().map(|e| e.bytes))
+                .and_then(|c| c.as_ref().map(SealedRam::resident))
                 .unwrap_or(0)
         };
         let mut total: u64 = self.entries.values().map(bytes).sum();
@@ -238,8 +260,9 @@ impl SealedRamCache {
                 .map(|(p, _)| p.clone());
             let Some(p) = oldest else { return };
             if let Some(s) = self.entries.remove(&p) {
-                tracing::info!(ram = %p.display(), "sealed RAM copy dropped (over budget)");
-                total = total.saturating_sub(bytes(&s));
+                let held = bytes(&s);
+                tracing::info!(ram = %p.display(), mib = held >> 20, "sealed RAM copy dropped (over budget)");
+                total = total.saturating_sub(held);
             }
         }
     }
@@ -584,7 +607,11 @@ impl Hypervisor for QemuMicrovm {
             .as_ref()
             .map(|n| crate::net::netns::open(&n.netns))
             .transpose()?;
-        let mut limits = Limits::for_vm(spec.vcpus, spec.memory_mib, spec.accel);
+        let mut limits = if ram_fd.is_some() {
+            Limits::for_restored_vm(spec.vcpus, spec.memory_mib, spec.accel)
+        } else {
+            Limits::for_vm(spec.vcpus, spec.memory_mib, spec.accel)
+        };
         limits.io_device = self.io_device;
         let cgroup_procs = self
             .cgroups
@@ -1172,6 +1199,72 @@ impl VmProcess for QemuProcess {
 mod tests {
     use super::*;
     use crate::hypervisor::{NetLaunch, RamFile};
+
+    /// A sparse RAM file of `len` bytes with one page of data at 0.
+    fn sparse_ram(dir: &Path, name: &str, len: u64) -> PathBuf {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join(name);
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(len).expect("size");
+        f.write_at(&[7u8; 4096], 0).expect("write");
+        path
+    }
+
+    /// Read one byte of every page of `fd` through a private mapping, as
+    /// QEMU does during a capture (and a guest's first writes do).
+    fn fault_every_page(fd: &OwnedFd, len: usize) -> u64 {
+        // SAFETY: a fresh private read-only mapping of a memfd of `len`
+        // bytes; only read within it, then unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fd.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let mut sum = 0u64;
+            for off in (0..len).step_by(4096) {
+                sum += u64::from(std::ptr::read_volatile((p as *const u8).add(off)));
+            }
+            libc::munmap(p, len);
+            sum
+        }
+    }
+
+    #[test]
+    fn faults_on_holes_grow_a_sealed_copy_and_the_budget_counts_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 32 << 20;
+        let golden = sparse_ram(dir.path(), "golden", len);
+        let other = sparse_ram(dir.path(), "other", len);
+        let cache = Mutex::new(SealedRamCache {
+            entries: HashMap::new(),
+            budget: 16 << 20,
+            clock: 0,
+        });
+        let fd = SealedRamCache::get(&cache, &golden).expect("copy");
+        let _ = SealedRamCache::get(&cache, &other).expect("copy");
+        // Both copies hold one page each: they fit the budget.
+        assert!(cache.lock().expect("lock").entries.contains_key(&golden));
+        assert!(allocated_bytes(&fd).expect("fstat") < 1 << 20);
+
+        // Reading every page of the copy fills its holes with zero pages.
+        assert_eq!(fault_every_page(&fd, len as usize), 7);
+        let grown = allocated_bytes(&fd).expect("fstat");
+        assert!(grown >= len, "{grown} bytes after faulting {len}");
+
+        // The next restore's eviction sees what the copy holds now.
+        let _ = SealedRamCache::get(&cache, &other).expect("copy");
+        let c = cache.lock().expect("lock");
+        assert!(
+            !c.entries.contains_key(&golden),
+            "the grown copy is dropped"
+        );
+        assert!(c.entries.contains_key(&other));
+    }
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
