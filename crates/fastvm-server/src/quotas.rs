@@ -1,4 +1,4 @@
-//! Org quotas applied to launches, resumes, snapshot captures and volumes.
+//! Org quotas applied to launches, resumes, snapshot captures, imports and volumes.
 //!
 //! Limits and usage come from the store ([`crate::store::DEFAULT_QUOTA`],
 //! [`crate::store::Store::quota_usage`] says what counts). A call that would
@@ -217,14 +217,18 @@ impl AppState {
         check_snapshot_limits(org, &limits, &usage)
     }
 
-    /// [`Self::check_snapshot_quota`] for a new import: the org's imports in
-    /// flight count as the snapshots they will make.
-    pub(crate) async fn check_import_quota(&self, org: OrgId) -> Result<(), ApiError> {
+    /// 429 unless `org` can take one more import running a VM of `shape`
+    /// (call with the org's quota lock held). Its usage already counts the
+    /// imports in flight, VM and snapshot each ([`crate::store::Store::quota_usage`]);
+    /// this one needs both too.
+    pub(crate) async fn check_import_quota(
+        &self,
+        org: OrgId,
+        shape: VmShape,
+    ) -> Result<(), ApiError> {
         let limits = self.store().quota_limits(org).await?;
-        let mut usage = self.store().quota_usage(org).await?;
-        usage.snapshot_count = usage
-            .snapshot_count
-            .saturating_add(self.store().count_imports_in_flight(org).await?);
+        let usage = self.store().quota_usage(org).await?;
+        check(org, "this import", &vm_needs(&limits, &usage, shape))?;
         check_snapshot_limits(org, &limits, &usage)
     }
 }

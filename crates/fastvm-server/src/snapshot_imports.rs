@@ -27,6 +27,7 @@
 
 use crate::auth::Caller;
 use crate::error::{codes, ApiError};
+use crate::quotas::VmShape;
 use crate::staging::ObjectKey;
 use crate::store::{now_ms, SnapshotImportRecord, SnapshotRecord};
 use crate::worker::MachineType;
@@ -228,7 +229,15 @@ impl AppState {
             ));
         }
         let image = req.source.image.clone().unwrap_or_default();
-        self.check_import_quota(caller.org_id).await?;
+        // Check and reserve (the pending row) atomically per org.
+        let lock = self.quota_lock(caller.org_id);
+        let held = lock.lock().await;
+        let shape = VmShape {
+            cpu: u64::from(machine.vcpus),
+            memory_mib: u64::from(machine.memory_mib),
+            disk_gib,
+        };
+        self.check_import_quota(caller.org_id, shape).await?;
         let worker = self.import_worker().await?;
         // A Dockerfile source: claim its uploaded context (single use).
         let context = match req.source.source_type {
@@ -267,6 +276,7 @@ impl AppState {
             finished_at_ms: None,
         };
         self.store().insert_snapshot_import(&rec).await?;
+        drop(held);
         tracing::info!(import = %id, org = %caller.org_id, image = %image, worker = worker.id(), "snapshot import created");
         let snapshot = rec.snapshot_id.unwrap_or_else(SnapshotId::new_v4);
         let disk_gib = u32::try_from(disk_gib).unwrap_or(u32::MAX);

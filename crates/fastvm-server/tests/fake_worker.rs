@@ -2983,6 +2983,33 @@ async fn imports_in_flight_are_cancelled_or_failed_by_a_restart() -> TestResult 
         .await?;
     assert_eq!(code, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_eq!(v["error"]["code"], json!("QUOTA_EXCEEDED_SNAPSHOT_COUNT"));
+    // Its VM (no VM row) holds its machine's vCPUs: with a limit of one
+    // vCPU, a launch is refused while it runs, and the usage shows it.
+    h.state
+        .store()
+        .set_quota(
+            org_of(&h).await?,
+            fastvm_server::store::QuotaPatch {
+                vcpu: Some(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let (code, v) = h
+        .call("POST", "/v1/vms", Some(json!({"machineType": "c1m2"})))
+        .await?;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], json!("QUOTA_EXCEEDED_VCPU"));
+    let (_, q) = h.call("GET", "/v1/org/quotas", None).await?;
+    assert_eq!(
+        (
+            &q["usage"]["vcpu"],
+            &q["usage"]["memoryMiB"],
+            &q["usage"]["snapshotCount"]
+        ),
+        (&json!(1), &json!(2048), &json!(1)),
+        "{q}"
+    );
     let (code, c) = h
         .call("POST", &format!("/v1/snapshot-imports/{id}/cancel"), None)
         .await?;

@@ -113,7 +113,7 @@ pub async fn list(
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 429, description = "The org's snapshotCount quota is used up (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`)", body = ErrorBody),
+        (status = 429, description = "The org's quota has no room for the import's VM (`QUOTA_EXCEEDED_VCPU`, `_MEMORY_MIB`, `_DISK_GIB`: imports in flight count with their machine type and disk) or for its snapshot (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`: imports in flight count as the snapshot they will add)", body = ErrorBody),
         (status = 503, description = "No worker can build it now", body = ErrorBody),
     )
 )]

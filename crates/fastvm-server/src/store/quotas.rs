@@ -9,8 +9,12 @@
 //!   QEMU process keeps its memory and their disk stays allocated.
 //!   Provisioning, pausing, resuming and deleting VMs count too (they hold or
 //!   are about to hold the resources).
-//! - `snapshotCount`: live (not deleted) snapshots, whatever their status.
-//! - `volumeCount`, `volumeGiB`: 0 (this server has no volumes yet).
+//!   Snapshot imports in flight (`pending`, `claimed`, `running`) count with
+//!   their machine's vCPUs and memory and their disk: each runs a VM (the
+//!   image's first boot, a Dockerfile's builder) that has no VM row.
+//! - `snapshotCount`: live (not deleted) snapshots, whatever their status,
+//!   plus imports in flight (each will add one).
+//! - `volumeCount`, `volumeGiB`: the org's live volumes and their sizes.
 
 use super::{Result, Store, StoreError};
 use fastvm_types::quota::OrgQuotaValues;
@@ -131,7 +135,11 @@ impl Store {
             .bind(org.to_string())
             .fetch_one(&self.pool)
             .await?;
-        usage_from(&vms, &snaps, self.volume_usage(org).await?)
+        let imports = sqlx::query(USAGE_IMPORTS_SQL)
+            .bind(org.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        usage_from(&vms, &snaps, &imports, self.volume_usage(org).await?)
     }
 }
 
@@ -141,6 +149,9 @@ const USAGE_VMS_SQL: &str = "SELECT CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcp
      FROM vms WHERE org_id = $1 AND deleted_at_ms IS NULL AND status NOT IN ('stopped', 'error')";
 const USAGE_SNAPSHOTS_SQL: &str =
     "SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL";
+const USAGE_IMPORTS_SQL: &str = "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcpu, \
+        CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
+     FROM snapshot_imports WHERE org_id = $1 AND deleted_at_ms IS NULL AND status IN ('pending', 'claimed', 'running')";
 
 fn limits_from(row: Option<sqlx::any::AnyRow>) -> Result<OrgQuotaValues> {
     let Some(row) = row else {
@@ -160,13 +171,16 @@ fn limits_from(row: Option<sqlx::any::AnyRow>) -> Result<OrgQuotaValues> {
 fn usage_from(
     vms: &sqlx::any::AnyRow,
     snaps: &sqlx::any::AnyRow,
+    imports: &sqlx::any::AnyRow,
     (volume_count, volume_gib): (u64, u64),
 ) -> Result<OrgQuotaValues> {
+    let sum =
+        |col: &str| Ok::<_, StoreError>(count(vms, col)?.saturating_add(count(imports, col)?));
     Ok(OrgQuotaValues {
-        vcpu: count(vms, "vcpu")?,
-        memory_mib: count(vms, "memory_mib")?,
-        disk_gib: count(vms, "disk_gib")?,
-        snapshot_count: count(snaps, "n")?,
+        vcpu: sum("vcpu")?,
+        memory_mib: sum("memory_mib")?,
+        disk_gib: sum("disk_gib")?,
+        snapshot_count: count(snaps, "n")?.saturating_add(count(imports, "n")?),
         volume_count,
         volume_gib,
     })
@@ -197,6 +211,10 @@ pub(crate) async fn quota_usage_on(
         .bind(org.to_string())
         .fetch_one(&mut *conn)
         .await?;
+    let imports = sqlx::query(USAGE_IMPORTS_SQL)
+        .bind(org.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
     let volumes = super::volumes::volume_usage_on(&mut *conn, org).await?;
-    usage_from(&vms, &snaps, volumes)
+    usage_from(&vms, &snaps, &imports, volumes)
 }

@@ -2487,7 +2487,7 @@ export interface operations {
                     "application/json": components["schemas"]["ApiError"];
                 };
             };
-            /** @description The org's snapshotCount quota is used up (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`) */
+            /** @description The org's quota has no room for the import's VM (`QUOTA_EXCEEDED_VCPU`, `_MEMORY_MIB`, `_DISK_GIB`: imports in flight count with their machine type and disk) or for its snapshot (`QUOTA_EXCEEDED_SNAPSHOT_COUNT`: imports in flight count as the snapshot they will add) */
             429: {
                 headers: {
                     [name: string]: unknown;
