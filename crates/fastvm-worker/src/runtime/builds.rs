@@ -96,11 +96,18 @@ impl Runtime {
             runtime: self.clone(),
             id: builder_id.clone(),
         };
+        let free = crate::disk::free_bytes(&self.cfg.data_dir);
+        let disk_gib = match builder_disk_gib(job.disk_gib, free) {
+            Ok(g) => g,
+            Err(msg) => {
+                progress.event("builder", "failed", Some(msg.clone()));
+                return Err(import_err(msg));
+            }
+        };
         let create = CreateVm {
             id: Some(builder_id.clone()),
             machine: job.machine.name.to_owned(),
-            // vfs keeps a full copy per layer: room for a few of them.
-            disk_gib: Some(job.disk_gib.saturating_mul(3).clamp(10, 1024)),
+            disk_gib: Some(disk_gib),
             ..Default::default()
         };
         if let Err(e) = self
@@ -536,6 +543,30 @@ impl Runtime {
 }
 
 /// The credentials of `job` when `image` is on its `registry_host`.
+/// Smallest builder disk worth booting (its root file system and buildah's
+/// storage of a small build).
+const MIN_BUILDER_DISK_GIB: u32 = 4;
+
+/// The builder VM's disk: three times the image's (vfs keeps a full copy
+/// per layer: room for a few), 10 GiB to 1 TiB, and at most half of the
+/// worker's `free` bytes (the disk is a sparse qcow2 layer that grows as the
+/// build writes; a build that fills it fails with "no space left" in its
+/// log instead of filling the worker's disk). An error says why when the
+/// worker has too little room for any builder.
+fn builder_disk_gib(disk_gib: u32, free: Option<u64>) -> std::result::Result<u32, String> {
+    let want = disk_gib.saturating_mul(3).clamp(10, 1024);
+    let Some(free) = free else { return Ok(want) };
+    let room = u32::try_from((free / 2) >> 30).unwrap_or(u32::MAX);
+    if room < MIN_BUILDER_DISK_GIB {
+        return Err(format!(
+            "the worker has {} MiB of free disk space: a builder needs at least {} GiB (twice that free); free space on the worker or retry later",
+            free >> 20,
+            MIN_BUILDER_DISK_GIB
+        ));
+    }
+    Ok(want.min(room))
+}
+
 fn credentials_for<'a>(image: &str, job: &'a DockerfileImport) -> Option<(&'a str, &'a str)> {
     let host = job.registry_host.as_deref()?;
     let user = job.registry_username.as_deref()?;
@@ -601,6 +632,22 @@ impl LineSplitter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_builder_disk_is_bounded_by_free_space() {
+        use super::builder_disk_gib as g;
+        const GIB: u64 = 1 << 30;
+        // Three times the image's disk, 10 GiB at least, when there is room.
+        assert_eq!(g(10, Some(500 * GIB)), Ok(30));
+        assert_eq!(g(2, Some(500 * GIB)), Ok(10));
+        assert_eq!(g(10, None), Ok(30));
+        // At most half of the free space.
+        assert_eq!(g(10, Some(41 * GIB)), Ok(20));
+        assert_eq!(g(10, Some(8 * GIB)), Ok(4));
+        // Too little for any builder: a message that says so.
+        let e = g(10, Some(7 * GIB)).expect_err("too little room");
+        assert!(e.contains("7168 MiB of free disk space"), "{e}");
+    }
+
     use super::*;
 
     #[test]
