@@ -119,9 +119,12 @@ fn buffered_output_is_capped_and_flagged() {
 }
 
 #[test]
-fn twenty_mib_streamed_with_flat_memory() {
+fn sixty_four_mib_streamed_with_flat_memory() {
     let (rt, id) = &*SHARED;
-    let total = 20usize << 20;
+    // RSS is the whole test process's, and other tests run beside this one
+    // (a few MiB of noise): stream much more than the bound, so a host that
+    // buffered the output would show it whatever the noise.
+    let total = 64usize << 20;
     let before = rss_bytes();
     let (got, peak, code) = block_on(async {
         let mut stream = rt
@@ -150,8 +153,9 @@ fn twenty_mib_streamed_with_flat_memory() {
     assert_eq!(got, total);
     assert_eq!(code, Some(0));
     let growth = peak.saturating_sub(before);
+    eprintln!("streamed {total} bytes; test process RSS grew by {growth} bytes");
     assert!(
-        growth < 12 << 20,
+        growth < 24 << 20,
         "RSS grew by {growth} bytes while streaming {total} bytes"
     );
 }
