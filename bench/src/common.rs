@@ -72,3 +72,18 @@ pub fn rollup_mib(pid: u32, field: &str) -> Option<f64> {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
 }
+
+/// A field of the host's `/proc/meminfo` (e.g. `MemAvailable`, `Shmem`), MiB;
+/// 0 when it cannot be read.
+#[allow(dead_code)] // Not every bench binary that includes this module calls it.
+pub fn meminfo_mib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}

@@ -117,15 +117,7 @@ fn thread_cpu(pid: u32) -> BTreeMap<u32, u64> {
 }
 
 fn mem_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+    common::meminfo_mib("MemAvailable")
 }
 
 /// One idle window's CPU figures.

@@ -17,7 +17,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{ms, percentile, Cleanup};
+use common::{meminfo_mib, ms, percentile, Cleanup};
 use fastvm_worker::runtime::CreateVm;
 use fastvm_worker::{ExecRequest, Runtime};
 use std::sync::Arc;
@@ -87,19 +87,6 @@ fn children_cpu_ms() -> f64 {
 }
 
 /// Mean PSS (MiB) of the QEMUs of `ids`.
-/// Shared memory on the host (`Shmem` of /proc/meminfo), MiB.
-fn shmem_mib() -> i64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("Shmem:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<i64>().ok())
-        })
-        .map_or(0, |kb| kb >> 10)
-}
-
 fn mean_pss(rt: &Runtime, ids: &[String]) -> f64 {
     let total: f64 = ids
         .iter()
@@ -225,11 +212,11 @@ async fn main() -> anyhow::Result<()> {
         let mut data_mib = 0;
         let mut shmem_growth = Vec::new();
         for _ in 0..3 {
-            let before = shmem_mib();
+            let before = meminfo_mib("Shmem") as i64;
             let t = Instant::now();
             let s = rt.snapshot(&vm.id, None).await?;
             times.push(ms(t.elapsed()));
-            shmem_growth.push(shmem_mib() - before);
+            shmem_growth.push(meminfo_mib("Shmem") as i64 - before);
             data_mib = s
                 .ram
                 .as_ref()

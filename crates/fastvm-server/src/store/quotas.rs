@@ -135,7 +135,7 @@ impl Store {
             .bind(org.to_string())
             .fetch_one(&self.pool)
             .await?;
-        let imports = sqlx::query(USAGE_IMPORTS_SQL)
+        let imports = sqlx::query(&usage_imports_sql())
             .bind(org.to_string())
             .fetch_one(&self.pool)
             .await?;
@@ -149,9 +149,6 @@ const USAGE_VMS_SQL: &str = "SELECT CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcp
      FROM vms WHERE org_id = $1 AND deleted_at_ms IS NULL AND status NOT IN ('stopped', 'error')";
 const USAGE_SNAPSHOTS_SQL: &str =
     "SELECT COUNT(*) AS n FROM snapshots WHERE org_id = $1 AND deleted_at_ms IS NULL";
-const USAGE_IMPORTS_SQL: &str = "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcpu, \
-        CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
-     FROM snapshot_imports WHERE org_id = $1 AND deleted_at_ms IS NULL AND status IN ('pending', 'claimed', 'running')";
 
 fn limits_from(row: Option<sqlx::any::AnyRow>) -> Result<OrgQuotaValues> {
     let Some(row) = row else {
@@ -186,6 +183,16 @@ fn usage_from(
     })
 }
 
+/// Imports in flight: their VMs' resources and the snapshots they will add.
+fn usage_imports_sql() -> String {
+    format!(
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cpu), 0) AS BIGINT) AS vcpu, \
+            CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
+         FROM snapshot_imports WHERE org_id = $1 AND deleted_at_ms IS NULL AND status IN {}",
+        super::snapshot_imports::IN_FLIGHT
+    )
+}
+
 /// [`Store::quota_limits`] on `conn` (inside placement's transaction).
 pub(crate) async fn quota_limits_on(
     conn: &mut sqlx::AnyConnection,
@@ -211,7 +218,7 @@ pub(crate) async fn quota_usage_on(
         .bind(org.to_string())
         .fetch_one(&mut *conn)
         .await?;
-    let imports = sqlx::query(USAGE_IMPORTS_SQL)
+    let imports = sqlx::query(&usage_imports_sql())
         .bind(org.to_string())
         .fetch_one(&mut *conn)
         .await?;

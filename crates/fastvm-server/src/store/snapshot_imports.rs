@@ -41,7 +41,8 @@ pub struct SnapshotImportRecord {
 const COLUMNS: &str = "id, org_id, name, status, source, events, logs, worker_id, snapshot_id, error, \
      machine_name, cpu, memory_mib, disk_gib, created_at_ms, started_at_ms, updated_at_ms, finished_at_ms";
 
-const IN_FLIGHT: &str = "('pending', 'claimed', 'running')";
+/// Statuses of an import still running (it holds a VM and will add a snapshot).
+pub(super) const IN_FLIGHT: &str = "('pending', 'claimed', 'running')";
 
 fn corrupt(message: String) -> StoreError {
     StoreError::Corrupt {
@@ -182,18 +183,6 @@ impl Store {
         .iter()
         .map(record_from)
         .collect()
-    }
-
-    /// Imports of `org` in flight: each will add a snapshot (counted against
-    /// the org's snapshotCount quota before it does).
-    pub async fn count_imports_in_flight(&self, org: OrgId) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM snapshot_imports WHERE org_id = $1 AND status IN {IN_FLIGHT} AND deleted_at_ms IS NULL"
-        ))
-        .bind(org.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// True when `id` (a VM id of a worker) is an import in flight: its
