@@ -233,6 +233,24 @@ fn deleting_a_snapshot_keeps_its_clones_and_reclaims_layers_later() {
         text(&run(&fix.rt, &d, "cat /root/c /root/file")),
         "from-c\npayload"
     );
+    // d's base (s2's RAM file) is gone: its capture cannot read the pages
+    // d did not write from it and migrates the RAM instead; either way the
+    // snapshot holds d's memory and disk.
+    run(&fix.rt, &d, "echo in-ram-of-d > /dev/shm/d");
+    let s3 =
+        block_on(fix.rt.snapshot(&d, None)).expect("snapshot of a clone of a deleted snapshot");
+    let e = block_on(fix.rt.create(CreateVm {
+        snapshot: Some(s3.id.clone()),
+        ..Default::default()
+    }))
+    .expect("restore")
+    .id;
+    assert_eq!(
+        text(&run(&fix.rt, &e, "cat /dev/shm/d /root/c /root/file; sha256sum -c /root/blob.sha >/dev/null && echo blob-ok")),
+        "in-ram-of-d\nfrom-c\npayload\nblob-ok"
+    );
+    block_on(fix.rt.delete(&e)).expect("delete e");
+    block_on(fix.rt.delete_snapshot(&s3.id)).expect("delete s3");
     block_on(fix.rt.delete(&d)).expect("delete d");
     assert!(
         !d_top.exists() && !frozen.exists(),
@@ -341,7 +359,16 @@ fn user_snapshot_ram_is_a_file_clones_map_copy_on_write() {
     );
     // A snapshot of a clone (whose RAM is a mapping of the first file) is
     // a RAM file of its own and restores with the clone's changes.
+    let from_process = fastvm_worker::qemu::ram_captures_from_process();
+    let t = Instant::now();
     let snap_a = block_on(fix.rt.snapshot(&a, None)).expect("snapshot of a clone");
+    eprintln!("snapshot of a clone taken in {:?}", t.elapsed());
+    // Its RAM was read from the process (base file + written pages), not
+    // migrated (which reads every page; see ram_capture).
+    assert!(
+        fastvm_worker::qemu::ram_captures_from_process() > from_process,
+        "the capture of a restored VM migrated its RAM"
+    );
     let c = block_on(fix.rt.create(CreateVm {
         snapshot: Some(snap_a.id.clone()),
         ..Default::default()

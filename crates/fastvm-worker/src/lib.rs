@@ -35,6 +35,7 @@ pub mod net;
 pub mod oci;
 pub mod qemu;
 pub mod qmp;
+pub mod ram_capture;
 pub mod runtime;
 pub mod snapshot_store;
 pub mod timeouts;

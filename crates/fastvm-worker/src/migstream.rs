@@ -113,7 +113,7 @@ pub fn split(
             inner: BufWriter::with_capacity(1 << 20, out),
             bytes: 0,
         },
-        ram,
+        ram: Some(ram),
         ram_len,
         run: Vec::with_capacity(RUN_BYTES),
         run_at: 0,
@@ -124,12 +124,75 @@ pub fn split(
         last_in: None,
         last_out: None,
         ram_section: None,
+        stop_at_devices: false,
     };
     s.run()?;
     s.flush_run()?;
     s.w.inner.flush()?;
     s.stats.stream_bytes = s.w.bytes;
     Ok(s.stats)
+}
+
+/// The part of a split stream (or of a golden VM's, whose RAM is not in
+/// it) before the device state: header, configuration and the RAM
+/// sections, which carry the block list and the pages of the ROM blocks
+/// but none of block [`RAM_BLOCK`] (of `ram_len` bytes). A stream with a
+/// page of that block is [`SplitError::Unsupported`].
+///
+/// A capture that takes the RAM from the process ([`crate::ram_capture`])
+/// writes this part of the VM's restore stream, then the device state
+/// QEMU saves alone ([`join_device_state`]): the ROM blocks are as the
+/// restore loaded them (a booted guest does not write its firmware).
+pub fn state_prefix(input: impl Read, ram_len: u64) -> Result<Vec<u8>, SplitError> {
+    let mut out = Vec::new();
+    let mut s = Splitter {
+        r: BufReader::with_capacity(1 << 16, input),
+        w: Counting {
+            inner: &mut out,
+            bytes: 0,
+        },
+        ram: None,
+        ram_len,
+        run: Vec::new(),
+        run_at: 0,
+        written: Vec::new(),
+        stats: SplitStats::default(),
+        ignore_shared: false,
+        saw_ram_block: false,
+        last_in: None,
+        last_out: None,
+        ram_section: None,
+        stop_at_devices: true,
+    };
+    s.run()?;
+    if !s.saw_ram_block {
+        return unsupported("no RAM section before the device state");
+    }
+    Ok(out)
+}
+
+/// A whole stream: `prefix` ([`state_prefix`]) followed by the device
+/// sections of `devices`, a stream as QMP `xen-save-devices-state` writes
+/// one (magic, version, FULL sections, EOF: no configuration, no RAM).
+pub fn join_device_state(mut prefix: Vec<u8>, devices: &[u8]) -> Result<Vec<u8>, SplitError> {
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&MAGIC.to_be_bytes());
+    head[4..].copy_from_slice(&VERSION.to_be_bytes());
+    if devices.len() < 10 || devices[..8] != head {
+        return unsupported("device state without a QEVM header");
+    }
+    let body = &devices[8..];
+    if body.first() != Some(&SECTION_FULL) {
+        return unsupported(format!(
+            "device state starts with section type {:#x}",
+            body[0]
+        ));
+    }
+    if body.last() != Some(&SECTION_EOF) {
+        return unsupported("device state does not end with EOF");
+    }
+    prefix.extend_from_slice(body);
+    Ok(prefix)
 }
 
 struct Counting<W: Write> {
@@ -147,7 +210,8 @@ impl<W: Write> Counting<W> {
 struct Splitter<'a, R: Read, W: Write> {
     r: BufReader<R>,
     w: Counting<W>,
-    ram: &'a File,
+    /// Where pages of the RAM block go; `None`: such a page is an error.
+    ram: Option<&'a File>,
     ram_len: u64,
     /// Pending consecutive RAM pages, to be written at `run_at`.
     run: Vec<u8>,
@@ -163,6 +227,8 @@ struct Splitter<'a, R: Read, W: Write> {
     last_in: Option<String>,
     last_out: Option<String>,
     ram_section: Option<u32>,
+    /// Stop before the first device section ([`state_prefix`]).
+    stop_at_devices: bool,
 }
 
 fn unsupported<T>(what: impl Into<String>) -> Result<T, SplitError> {
@@ -219,12 +285,16 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
                     let id = self.be32()?;
                     let idstr = self.name()?;
                     let (instance, version) = (self.be32()?, self.be32()?);
+                    let ram_start = idstr == "ram" && kind == SECTION_START;
+                    if kind == SECTION_FULL && !ram_start && self.stop_at_devices {
+                        return Ok(());
+                    }
                     self.w.put(&[kind])?;
                     self.w.put(&id.to_be_bytes())?;
                     self.put_name(&idstr)?;
                     self.w.put(&instance.to_be_bytes())?;
                     self.w.put(&version.to_be_bytes())?;
-                    if idstr == "ram" && kind == SECTION_START {
+                    if ram_start {
                         self.ram_section = Some(id);
                         self.ram_data()?;
                         self.footer()?;
@@ -245,6 +315,7 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
                     self.ram_data()?;
                     self.footer()?;
                 }
+                SECTION_EOF if self.stop_at_devices => return Ok(()),
                 SECTION_EOF => {
                     self.w.put(&[kind])?;
                     return self.copy_rest();
@@ -352,6 +423,9 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
                 Page::Fill(self.u8()?)
             };
             if block == RAM_BLOCK {
+                if self.ram.is_none() {
+                    return unsupported("the stream carries pages of the RAM block");
+                }
                 self.ram_page(addr, data)?;
             } else {
                 self.stats.other_pages += 1;
@@ -438,8 +512,8 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
     }
 
     fn flush_run(&mut self) -> Result<(), SplitError> {
-        if !self.run.is_empty() {
-            self.ram.write_all_at(&self.run, self.run_at)?;
+        if let (false, Some(ram)) = (self.run.is_empty(), self.ram) {
+            ram.write_all_at(&self.run, self.run_at)?;
             self.run.clear();
         }
         Ok(())
@@ -571,6 +645,55 @@ mod tests {
         assert!(out.ends_with(b"\x01\x02\x03 device bytes \x7e\x00\x00\x06{json}"));
         assert!(out.windows(PAGE).any(|w| w.iter().all(|b| *b == 0x55)));
         assert!(!out.windows(64).any(|w| w.iter().all(|b| *b == 0xaa)));
+    }
+
+    #[test]
+    fn a_prefix_ends_before_the_device_state_and_takes_a_saved_device_state() {
+        let (_tmp, file) = ram_file(16 * PAGE as u64);
+        let mut split_out = Vec::new();
+        split(&stream()[..], &mut split_out, &file, 16 * PAGE as u64).expect("test");
+        let prefix = state_prefix(&split_out[..], 16 * PAGE as u64).expect("prefix");
+        // Everything up to the first device section, nothing of it.
+        let device_at = split_out
+            .windows(4)
+            .position(|w| w == b"\x03cpu")
+            .expect("device section")
+            - 5;
+        assert_eq!(prefix, split_out[..device_at]);
+        assert!(prefix.windows(PAGE).any(|w| w.iter().all(|b| *b == 0x55)));
+        // A stream that still carries RAM pages has no such prefix.
+        let e = state_prefix(&stream()[..], 16 * PAGE as u64).expect_err("RAM pages");
+        assert!(matches!(e, SplitError::Unsupported(_)), "{e}");
+        // A RAM block of another size neither.
+        assert!(state_prefix(&split_out[..], 8 * PAGE as u64).is_err());
+
+        let mut devices = Vec::new();
+        devices.extend_from_slice(&MAGIC.to_be_bytes());
+        devices.extend_from_slice(&VERSION.to_be_bytes());
+        devices.push(SECTION_FULL);
+        devices.extend_from_slice(
+            b"\x00\x00\x00\x09\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c saved \x7e",
+        );
+        devices.push(SECTION_EOF);
+        let whole = join_device_state(prefix.clone(), &devices).expect("join");
+        assert_eq!(whole[..prefix.len()], prefix[..]);
+        assert_eq!(whole[prefix.len()..], devices[8..]);
+        // The joined stream is one the splitter reads to its end.
+        let (_tmp2, file2) = ram_file(16 * PAGE as u64);
+        let mut again = Vec::new();
+        let stats = split(&whole[..], &mut again, &file2, 16 * PAGE as u64).expect("reads");
+        assert_eq!((stats.ram_pages, stats.other_pages), (0, 2));
+        assert_eq!(again, whole);
+
+        for bad in [
+            &devices[..6],
+            &devices[4..],
+            &[&devices[..8], &[SECTION_START][..], &devices[9..]].concat()[..],
+            &devices[..devices.len() - 1],
+        ] {
+            let e = join_device_state(prefix.clone(), bad).expect_err("bad device state");
+            assert!(matches!(e, SplitError::Unsupported(_)), "{e}");
+        }
     }
 
     #[test]

@@ -452,6 +452,10 @@ impl QemuMicrovm {
             // The stream is fed after the capabilities are set over QMP.
             a.push("-incoming".into());
             a.push("defer".into());
+            // Paused once loaded, whatever run state the stream recorded
+            // (device state saved alone records "running"): the worker
+            // lets the guest run once its network is in place.
+            a.push("-S".into());
         }
         a
     }
@@ -690,7 +694,16 @@ impl Hypervisor for QemuMicrovm {
                 )));
             }
         };
-        let process = QemuProcess::new(pid, qmp, spec, paths, self.cgroups.clone());
+        let mut process = QemuProcess::new(pid, qmp, spec, paths, self.cgroups.clone());
+        if let (Some(fd), Some(stream), Some(ram)) = (&ram_fd, incoming, &spec.ram) {
+            let ram_len = u64::from(spec.memory_mib) << 20;
+            match RestoredFrom::new(fd, &ram.path, stream, ram_len) {
+                Ok(from) => process.restored = Some(from),
+                Err(e) => {
+                    tracing::warn!(vm = %spec.id, error = %e, "captures of this VM will migrate its RAM")
+                }
+            }
+        }
         if incoming.is_some() {
             let uri = format!("fd:{FD_INCOMING}");
             let started = async {
@@ -744,6 +757,22 @@ impl Hypervisor for QemuMicrovm {
     }
 }
 
+/// The content of `path`, refused past `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut out))
+        .ctx(|| format!("read {}", path.display()))?;
+    if out.len() as u64 > max {
+        return Err(Error::Qemu(format!(
+            "{} is over {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
 /// Copy a migration stream to its file with 1 MiB reads and writes.
 fn copy_stream(
     mut from: std::os::unix::net::UnixStream,
@@ -777,7 +806,87 @@ pub struct QemuProcess {
     qmp: Arc<Qmp>,
     uid: Option<u32>,
     paths: VmPaths,
+    /// Set when this worker restored the VM with its RAM mapped from a
+    /// sealed copy: captures then take the RAM from the process.
+    restored: Option<RestoredFrom>,
 }
+
+/// What a restored VM was restored from. A capture of it reads the pages
+/// the guest wrote from the process and the others from `base`
+/// ([`crate::ram_capture`]), and reuses the part of `stream` before the
+/// device state ([`migstream::state_prefix`]).
+#[derive(Debug, Clone)]
+struct RestoredFrom {
+    /// The RAM file the sealed copy was made of.
+    base: PathBuf,
+    base_stamp: FileStamp,
+    /// The state stream the restore loaded.
+    stream: PathBuf,
+    stream_stamp: FileStamp,
+    /// The sealed memfd QEMU maps, as `/proc/<pid>/maps` names it.
+    memfd: crate::ram_capture::FileIdentity,
+    ram_len: u64,
+}
+
+/// Who a file is: a file replaced at the same path (a rebuilt golden
+/// snapshot) is another file, and a capture must not read it as the base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+
+    /// `path` opened, if it is still the file of this stamp.
+    fn open_same(&self, path: &Path) -> Result<std::fs::File> {
+        let f = std::fs::File::open(path).ctx(|| format!("open {}", path.display()))?;
+        let meta = f.metadata().ctx(|| format!("stat {}", path.display()))?;
+        if FileStamp::of(&meta) != *self {
+            return Err(Error::Qemu(format!(
+                "{} changed since the VM was restored from it",
+                path.display()
+            )));
+        }
+        Ok(f)
+    }
+}
+
+impl RestoredFrom {
+    fn new(memfd: &OwnedFd, base: &Path, stream: &Path, ram_len: u64) -> Result<Self> {
+        let memfd = std::fs::File::from(memfd.try_clone().ctx(|| "dup the RAM fd".into())?)
+            .metadata()
+            .ctx(|| "stat the RAM fd".into())?;
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| FileStamp::of(&m))
+                .ctx(|| format!("stat {}", p.display()))
+        };
+        Ok(RestoredFrom {
+            base: base.to_owned(),
+            base_stamp: stamp(base)?,
+            stream: stream.to_owned(),
+            stream_stamp: stamp(stream)?,
+            memfd: crate::ram_capture::FileIdentity::of(&memfd),
+            ram_len,
+        })
+    }
+}
+
+/// Largest device state a capture accepts from QEMU (a few hundred KiB
+/// normally; QEMU is not trusted to keep it small).
+const MAX_DEVICE_STATE: u64 = 64 << 20;
 
 impl QemuProcess {
     /// The handle of a running QEMU; starts the task that drains its
@@ -799,6 +908,7 @@ impl QemuProcess {
             qmp,
             uid: spec.uid,
             paths: paths.clone(),
+            restored: None,
         }
     }
 }
@@ -883,6 +993,25 @@ pub fn set_split_ram(on: bool) {
     SPLIT_RAM.store(on, Ordering::Relaxed);
 }
 
+/// Captures of restored VMs take the RAM from the process
+/// ([`crate::ram_capture`]) rather than from a migration.
+static RAM_FROM_PROCESS: AtomicBool = AtomicBool::new(true);
+
+/// Captures that took the RAM from the process, in this process (tests and
+/// benchmarks check which way a capture went).
+static RAM_FROM_PROCESS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many captures took the RAM from the process so far.
+pub fn ram_captures_from_process() -> u64 {
+    RAM_FROM_PROCESS_DONE.load(Ordering::Relaxed)
+}
+
+/// Turn RAM capture from the process on or off for this process
+/// (benchmarks compare it with the migration; a worker never needs it).
+pub fn set_ram_from_process(on: bool) {
+    RAM_FROM_PROCESS.store(on, Ordering::Relaxed);
+}
+
 impl QemuProcess {
     /// Freeze the current top layer: the worker creates `new_layer` over it
     /// (QEMU cannot create files), gives it to the VM's uid and QEMU opens
@@ -926,6 +1055,72 @@ impl QemuProcess {
         if self.uid.is_some() {
             jail::make_shared_readonly(&top).ctx(|| format!("chown {}", top.display()))?;
         }
+        Ok(())
+    }
+
+    /// Capture a restored VM without migrating its RAM: QEMU saves the
+    /// device state alone (`xen-save-devices-state`, into a file the worker
+    /// made for its uid), `memory` becomes the restore stream's part before
+    /// the device state followed by it, and `ram` gets the base RAM file
+    /// overlaid with the pages the guest wrote ([`crate::ram_capture`]).
+    /// The VM is paused.
+    async fn save_state_from_process(
+        &self,
+        memory: &Path,
+        ram: &Path,
+        from: &RestoredFrom,
+    ) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let devstate = self.paths.dir.join("devstate");
+        let _ = std::fs::remove_file(&devstate);
+        jail::create_private(&devstate).ctx(|| format!("create {}", devstate.display()))?;
+        if let Some(uid) = self.uid {
+            jail::give_to_vm(&devstate, uid).ctx(|| format!("chown {}", devstate.display()))?;
+        }
+        let saved = self
+            .qmp
+            .execute(
+                "xen-save-devices-state",
+                Some(json!({ "filename": devstate.to_string_lossy(), "live": false })),
+            )
+            .await;
+        let devices = read_bounded(&devstate, MAX_DEVICE_STATE);
+        let _ = std::fs::remove_file(&devstate);
+        saved?;
+        let devices = devices?;
+        let t_devices = t0.elapsed();
+        let (from, memory, ram, pid) = (from.clone(), memory.to_owned(), ram.to_owned(), self.pid);
+        let stats = tokio::task::spawn_blocking(move || -> Result<crate::ram_capture::Stats> {
+            let stream = from.stream_stamp.open_same(&from.stream)?;
+            let prefix = migstream::state_prefix(stream, from.ram_len)
+                .map_err(|e| Error::Qemu(format!("{}: {e}", from.stream.display())))?;
+            let whole = migstream::join_device_state(prefix, &devices)
+                .map_err(|e| Error::Qemu(format!("the saved device state: {e}")))?;
+            std::io::Write::write_all(
+                &mut jail::create_private(&memory)
+                    .ctx(|| format!("create {}", memory.display()))?,
+                &whole,
+            )
+            .ctx(|| format!("write {}", memory.display()))?;
+            let base = from.base_stamp.open_same(&from.base)?;
+            let maps_path = format!("/proc/{pid}/maps");
+            let maps = std::fs::read_to_string(&maps_path).ctx(|| format!("read {maps_path}"))?;
+            let maps = crate::ram_capture::parse_maps(&maps, from.memfd);
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&ram)
+                .ctx(|| format!("open {}", ram.display()))?;
+            crate::ram_capture::capture(pid, &maps, &base, &out, from.ram_len)
+                .ctx(|| format!("RAM of QEMU {pid} into {}", ram.display()))
+        })
+        .await
+        .map_err(|e| Error::Qemu(format!("RAM capture: {e}")))??;
+        tracing::debug!(
+            ?stats,
+            devices_ms = t_devices.as_millis() as u64,
+            ms = t0.elapsed().as_millis() as u64,
+            "capture: RAM taken from the process"
+        );
         Ok(())
     }
 
@@ -1121,6 +1316,24 @@ impl VmProcess for QemuProcess {
                     .await
                     .map(|()| RamCapture::InStream);
             };
+            if let Some(from) = self
+                .restored
+                .as_ref()
+                .filter(|_| RAM_FROM_PROCESS.load(Ordering::Relaxed))
+            {
+                match self.save_state_from_process(memory, ram, from).await {
+                    Ok(()) => {
+                        RAM_FROM_PROCESS_DONE.fetch_add(1, Ordering::Relaxed);
+                        return Ok(RamCapture::File);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "capture: RAM from the process failed; migrating it instead");
+                        std::fs::File::create(ram)
+                            .and_then(|f| f.set_len(from.ram_len))
+                            .ctx(|| format!("empty {}", ram.display()))?;
+                    }
+                }
+            }
             match self.save_state(memory, Some(ram)).await {
                 Ok(()) => Ok(RamCapture::File),
                 Err(Error::Qemu(why)) if why.starts_with(migstream::NOT_SPLITTABLE) => {

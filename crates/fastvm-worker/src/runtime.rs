@@ -1735,6 +1735,20 @@ impl Runtime {
         // (restores get a sealed copy, see `jail`).
         if let Some(ram) = &record.ram {
             crate::jail::make_root_only(ram).ctx(|| format!("chown {}", ram.display()))?;
+            // Pages its guest zeroed are allocated in the file: holes they
+            // become, so copies and captures of it skip them.
+            let path = ram.clone();
+            let punched = tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| crate::ram_capture::punch_zero_pages(&f))
+            })
+            .await
+            .map_err(|e| Error::Qemu(format!("golden RAM: {e}")))?
+            .ctx(|| format!("punch the zero pages of {}", ram.display()))?;
+            tracing::debug!(mib = punched >> 20, "golden RAM: zero pages punched out");
         }
         self.gc_layers().await?;
         Ok(record)

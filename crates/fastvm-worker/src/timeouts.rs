@@ -11,7 +11,7 @@
 //! |---------------------------------------------------|---------|
 //! | QMP `query-status`, `stop`, `cont`, `quit`, capability and parameter setting, `query-migrate` (one poll) | [`QMP_SHORT`] 5 s |
 //! | QMP `migrate`, `migrate-incoming` (the command, not the transfer) | [`QMP_SHORT`] 5 s |
-//! | QMP `blockdev-snapshot-sync` (creates a qcow2 file) | [`QMP_DISK`] 30 s |
+//! | QMP `blockdev-snapshot-sync` (creates a qcow2 file), `xen-save-devices-state` (writes the device state to a file) | [`QMP_DISK`] 30 s |
 //! | QMP anything else                                 | [`QMP_DEFAULT`] 30 s |
 //! | a migration to complete (memory capture / restore load) | [`MIGRATION`] 120 s |
 //! | `qemu-img create`, `qemu-system-x86_64 --version` | [`QEMU_IMG`] 30 s |
@@ -54,7 +54,7 @@ pub fn qmp_budget(command: &str) -> Duration {
         | "migrate-set-parameters"
         | "migrate"
         | "migrate-incoming" => QMP_SHORT,
-        "blockdev-snapshot-sync" => QMP_DISK,
+        "blockdev-snapshot-sync" | "xen-save-devices-state" => QMP_DISK,
         _ => QMP_DEFAULT,
     }
 }
