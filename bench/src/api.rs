@@ -21,7 +21,9 @@
 //! so no QEMU behind them and the worker is not asked). In one run, each for
 //! `seconds` (default 5) from CONCURRENCY connections: `GET /healthz` (the
 //! floor: HTTP stack only), the plain `GET /v1/vms` (every VM, one JSON
-//! array) and the first page of `GET /v1/vms?limit=50`.
+//! array), the same with `Accept-Encoding: gzip` (the client reads the
+//! compressed bytes; what decompressing one costs is printed apart) and the
+//! first page of `GET /v1/vms?limit=50`.
 //!
 //! `bench-api execs [vms] [per_vm]`: `vms` (default 10) real guests, then
 //! `vms * per_vm` (default 10 each: 100) concurrent `POST .../exec` of
@@ -143,6 +145,7 @@ async fn load_for(
     key: &str,
     secs: f64,
     min_bytes: usize,
+    gzip: bool,
 ) -> anyhow::Result<(f64, Vec<f64>, usize)> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
@@ -153,8 +156,20 @@ async fn load_for(
             let (mut lat, mut bytes) = (Vec::new(), 0usize);
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let resp = client.get(&url).bearer_auth(&key).send().await?;
+                let mut req = client.get(&url).bearer_auth(&key);
+                if gzip {
+                    req = req.header("accept-encoding", "gzip");
+                }
+                let resp = req.send().await?;
                 anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+                anyhow::ensure!(
+                    !gzip
+                        || resp
+                            .headers()
+                            .get("content-encoding")
+                            .is_some_and(|v| v == "gzip"),
+                    "GET {url}: not gzip-encoded"
+                );
                 let body = resp.bytes().await?;
                 anyhow::ensure!(
                     body.len() >= min_bytes,
@@ -304,22 +319,60 @@ async fn list_bench(args: &[String]) -> anyhow::Result<()> {
         auth_ms * 1000.0
     );
 
+    // The gzip answer, and what decompressing it costs a client (not in
+    // the load below: its client only reads the bytes, like the others).
+    let zipped = client
+        .get(format!("{base}/v1/vms"))
+        .bearer_auth(&key)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let t = Instant::now();
+    let mut unzipped = Vec::new();
+    for _ in 0..20 {
+        unzipped.clear();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&zipped[..]),
+            &mut unzipped,
+        )?;
+    }
+    anyhow::ensure!(
+        unzipped.len() == full_bytes,
+        "the gzip answer is {} bytes once decompressed, the plain one {full_bytes}",
+        unzipped.len()
+    );
+    println!(
+        "gzip answer {} B for {full_bytes} B of JSON; a client decompresses it in {:.2} ms",
+        zipped.len(),
+        mean_ms(t, 20)
+    );
+
     let shapes = [
-        ("GET /healthz (floor)", format!("{base}/healthz"), 1),
+        ("GET /healthz (floor)", format!("{base}/healthz"), 1, false),
         (
             "GET /v1/vms?limit=50",
             format!("{base}/v1/vms?limit=50"),
             full_bytes * 50 / vms / 2,
+            false,
         ),
         (
             "GET /v1/vms (plain)",
             format!("{base}/v1/vms"),
             full_bytes / 2,
+            false,
+        ),
+        (
+            "GET /v1/vms (gzip)",
+            format!("{base}/v1/vms"),
+            zipped.len() / 2,
+            true,
         ),
     ];
     let mut floor = (0.0, f64::NAN);
-    for (name, url, min_bytes) in shapes {
-        let (rps, lat, bytes) = load_for(&client, &url, &key, secs, min_bytes).await?;
+    for (name, url, min_bytes, gzip) in shapes {
+        let (rps, lat, bytes) = load_for(&client, &url, &key, secs, min_bytes, gzip).await?;
         let (p50, p99) = percentiles(lat);
         if floor.0 == 0.0 {
             floor = (rps, p99);

@@ -246,6 +246,8 @@ struct Inner {
     snapshot_store: Option<routes::internal::SnapshotStoreSettings>,
     /// Serialised VM views of `GET /v1/vms`, by row version (see vm_list.rs).
     views: vm_list::ViewCache,
+    /// Whole answers of `GET /v1/vms`, by list generation (see vm_list.rs).
+    lists: vm_list::ListCache,
     /// Bucket endpoints allowed on private addresses (bucket_mounts.rs).
     allow_bucket_endpoints: Vec<String>,
     /// Tasks of the snapshot imports this process runs (snapshot_imports.rs).
@@ -279,6 +281,7 @@ impl AppState {
                 ssh_public: None,
                 snapshot_store: None,
                 views: Default::default(),
+                lists: Default::default(),
                 allow_bucket_endpoints: Vec::new(),
                 imports: Default::default(),
             }),
@@ -352,6 +355,10 @@ impl AppState {
 
     pub(crate) fn inner_views(&self) -> &vm_list::ViewCache {
         &self.inner.views
+    }
+
+    pub(crate) fn inner_lists(&self) -> &vm_list::ListCache {
+        &self.inner.lists
     }
 
     pub(crate) fn metrics(&self) -> &metrics::Metrics {

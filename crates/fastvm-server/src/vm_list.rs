@@ -16,6 +16,19 @@
 //!   body              the cached views joined into one `[...]`
 //! ```
 //!
+//! The whole list (no `limit` / `cursor`) is cached too ([`ListCache`]), per
+//! org and status filter, with the org's list generation it was built at
+//! ([`crate::store::Store::vm_list_generation`]: database triggers move it
+//! on every write of one of the org's VM rows, from any control plane). A
+//! request reads the generation (one primary-key lookup, before anything
+//! else) and, when it is the cached list's and the workers still report
+//! the cached running / paused VMs in their cached status, answers the
+//! cached body without reading the rows. Anything else rebuilds the list
+//! as above (a reconciliation it writes moves the generation again). Large
+//! cached answers are also kept gzip-compressed, made once per cached list,
+//! for clients that accept it (`Accept-Encoding: gzip`: httpx, browsers,
+//! fetch): ~805 KB of JSON for 1,000 VMs is what bounds the whole list.
+//!
 //! A cached view is keyed by (VM id, row version): every write to a VM row
 //! bumps its version ([`crate::store::Store::update_vm`] and every other
 //! `UPDATE vms`), and so does every change to its volume attachments (the
@@ -38,7 +51,7 @@ use crate::AppState;
 use bytes::Bytes;
 use fastvm_types::{OrgId, VmId, VmStatus};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The response header that carries the cursor of the next page.
 pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
@@ -76,6 +89,89 @@ impl ViewCache {
                 cache.clear();
             }
             cache.insert(id, (version, json));
+        }
+    }
+}
+
+/// Most whole lists cached at once (one per org and status filter).
+const LIST_CACHE_MAX: usize = 4096;
+
+/// Answers at least this large are also served gzip-compressed.
+pub const GZIP_MIN_BYTES: usize = 8 << 10;
+
+/// Whole lists of `GET /v1/vms`, by org and status filter, each valid for
+/// one list generation (see the module docs).
+#[derive(Default)]
+pub(crate) struct ListCache {
+    lists: Mutex<HashMap<ListKey, Arc<CachedList>>>,
+}
+
+/// A whole list: an org's VMs, only those in a status when given.
+type ListKey = (OrgId, Option<VmStatus>);
+
+/// One whole list as answered.
+pub struct CachedList {
+    /// The org's list generation read before the list was built.
+    generation: i64,
+    /// Its running and paused VMs, as listed: their workers are asked on
+    /// every hit (a VM that died moves the list).
+    live: Vec<VmListEntry>,
+    body: Bytes,
+    /// `body` gzip-compressed, made on the first request that accepts it.
+    gzip: OnceLock<Bytes>,
+}
+
+impl CachedList {
+    /// The body gzip-compressed (made once, off the async threads).
+    pub async fn gzip(self: &Arc<Self>) -> Result<Bytes, ApiError> {
+        if let Some(g) = self.gzip.get() {
+            return Ok(g.clone());
+        }
+        let me = self.clone();
+        let g = tokio::task::spawn_blocking(move || gzip(&me.body))
+            .await
+            .map_err(|e| ApiError::internal(format!("compressing the VM list: {e}")))?
+            .map_err(|e| ApiError::internal(format!("compressing the VM list: {e}")))?;
+        Ok(self.gzip.get_or_init(|| g).clone())
+    }
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Bytes> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 8),
+        flate2::Compression::default(),
+    );
+    enc.write_all(body)?;
+    Ok(Bytes::from(enc.finish()?))
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip (a `gzip` or `*` coding
+/// whose q is not 0).
+pub fn accepts_gzip(accept_encoding: &str) -> bool {
+    accept_encoding.split(',').any(|coding| {
+        let mut parts = coding.split(';').map(str::trim);
+        let name = parts.next().unwrap_or("");
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+    })
+}
+
+impl ListCache {
+    fn get(&self, org: OrgId, status: Option<VmStatus>) -> Option<Arc<CachedList>> {
+        self.lists.lock().ok()?.get(&(org, status)).cloned()
+    }
+
+    fn put(&self, org: OrgId, status: Option<VmStatus>, list: Arc<CachedList>) {
+        if let Ok(mut lists) = self.lists.lock() {
+            if lists.len() >= LIST_CACHE_MAX {
+                lists.clear();
+            }
+            lists.insert((org, status), list);
         }
     }
 }
@@ -130,8 +226,10 @@ pub fn parse_limit(raw: Option<&str>) -> Result<Option<u32>, ApiError> {
 /// A list (or page) as the response body, and the next page's cursor.
 pub struct VmListPage {
     /// A JSON array of `Vm`.
-    pub body: Vec<u8>,
+    pub body: Bytes,
     pub next_cursor: Option<String>,
+    /// The whole list as cached (its gzip form can be asked of it).
+    pub cached: Option<Arc<CachedList>>,
 }
 
 impl AppState {
@@ -145,6 +243,22 @@ impl AppState {
         after: Option<VmListCursor>,
         limit: Option<u32>,
     ) -> Result<VmListPage, ApiError> {
+        let whole = after.is_none() && limit.is_none();
+        // Read before the rows: a write after it moves the generation, so
+        // the list built below is at least as new as the generation says.
+        let generation = if whole {
+            let generation = self.store().vm_list_generation(org).await?;
+            if let Some(hit) = self.cached_list(org, status, generation).await {
+                return Ok(VmListPage {
+                    body: hit.body.clone(),
+                    next_cursor: None,
+                    cached: Some(hit),
+                });
+            }
+            Some(generation)
+        } else {
+            None
+        };
         // One more than asked: whether a next page exists.
         let mut entries = self
             .store()
@@ -239,7 +353,45 @@ impl AppState {
             body.extend_from_slice(p);
         }
         body.push(b']');
-        Ok(VmListPage { body, next_cursor })
+        let body = Bytes::from(body);
+        let cached = generation.map(|generation| {
+            let list = Arc::new(CachedList {
+                generation,
+                live: entries
+                    .into_iter()
+                    .filter(|e| matches!(e.status, VmStatus::Running | VmStatus::Paused))
+                    .collect(),
+                body: body.clone(),
+                gzip: OnceLock::new(),
+            });
+            self.inner_lists().put(org, status, list.clone());
+            list
+        });
+        Ok(VmListPage {
+            body,
+            next_cursor,
+            cached,
+        })
+    }
+
+    /// The cached whole list of `org` (in `status`), if it was built at
+    /// `generation` and its workers still report its running and paused
+    /// VMs in the status it lists.
+    async fn cached_list(
+        &self,
+        org: OrgId,
+        status: Option<VmStatus>,
+        generation: i64,
+    ) -> Option<Arc<CachedList>> {
+        let list = self.inner_lists().get(org, status)?;
+        if list.generation != generation {
+            return None;
+        }
+        let reports = self.worker_reports(&list.live).await;
+        let moved = list.live.iter().any(|e| {
+            matches!(reports.get(&e.id), Some(Ok(state)) if crate::lifecycle::observed(state.clone()).0 != e.status)
+        });
+        (!moved).then_some(list)
     }
 
     /// What the workers report about the running and paused VMs of

@@ -2791,6 +2791,119 @@ async fn list_refuses_bad_limits_and_cursors() -> TestResult {
     Ok(())
 }
 
+impl Harness {
+    /// GET `path` with `Accept-Encoding: accept_encoding` (when given): the
+    /// status, the Content-Encoding and the body as received.
+    async fn get_encoded(
+        &self,
+        path: &str,
+        accept_encoding: Option<&str>,
+    ) -> Result<(StatusCode, Option<String>, Vec<u8>), Box<dyn std::error::Error>> {
+        let mut req = Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.key));
+        if let Some(a) = accept_encoding {
+            req = req.header("accept-encoding", a);
+        }
+        let res = self
+            .router
+            .clone()
+            .oneshot(req.body(Body::empty())?)
+            .await?;
+        let status = res.status();
+        assert_eq!(
+            res.headers().get("vary").and_then(|v| v.to_str().ok()),
+            Some("accept-encoding")
+        );
+        let encoding = res
+            .headers()
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = axum::body::to_bytes(res.into_body(), 64 << 20).await?;
+        Ok((status, encoding, bytes.to_vec()))
+    }
+}
+
+fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The whole list is answered from a cache while the org's list generation
+/// stands: a write by another control plane (another store on the same
+/// database) and a VM whose worker reports another status both show at the
+/// next list; clients that accept gzip get the same list compressed.
+#[tokio::test]
+async fn whole_lists_follow_every_write_and_are_served_gzipped() -> TestResult {
+    let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(h.running_row(i).await?);
+    }
+    let (status, encoding, plain) = h.get_encoded("/v1/vms", None).await?;
+    assert_eq!((status, encoding), (StatusCode::OK, None));
+    assert!(plain.len() > 8 << 10, "{} bytes", plain.len());
+    let list: Value = serde_json::from_slice(&plain)?;
+    assert_eq!(ids_of(&list).len(), 30);
+    for accept in ["gzip", "br, gzip;q=0.5", "*", "deflate, GZIP"] {
+        let (status, encoding, zipped) = h.get_encoded("/v1/vms", Some(accept)).await?;
+        assert_eq!(
+            (status, encoding.as_deref()),
+            (StatusCode::OK, Some("gzip")),
+            "{accept}"
+        );
+        assert!(
+            zipped.len() < plain.len() / 4,
+            "{accept}: {} bytes",
+            zipped.len()
+        );
+        assert_eq!(gunzip(&zipped)?, plain, "{accept}");
+    }
+    for accept in ["gzip;q=0", "identity", "br", "*;q=0"] {
+        let (_, encoding, body) = h.get_encoded("/v1/vms", Some(accept)).await?;
+        assert_eq!((encoding, body.len()), (None, plain.len()), "{accept}");
+    }
+    // Small answers and pages are never compressed.
+    let (_, encoding, _) = h.get_encoded("/v1/vms?limit=20", Some("gzip")).await?;
+    assert_eq!(encoding, None);
+
+    // Another control plane renames a VM: the next list, plain or gzip, shows it.
+    let other = Store::open(h._dir.path(), None).await?;
+    let org = org_of(&h).await?;
+    let mut rec = other.get_vm(org, ids[7]).await?.ok_or("row")?;
+    rec.name = "renamed-elsewhere".into();
+    assert!(other.update_vm(&mut rec).await?);
+    let (_, _, zipped) = h.get_encoded("/v1/vms", Some("gzip")).await?;
+    let list: Value = serde_json::from_slice(&gunzip(&zipped)?)?;
+    assert_eq!(list[7]["name"], "renamed-elsewhere");
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(list[7]["name"], "renamed-elsewhere");
+    // ...and a VM it inserts is listed.
+    let mut extra = row(org, VmStatus::Stopped);
+    extra.created_at_ms = 100;
+    other.insert_vm(&extra).await?;
+    let (_, list, _) = h.get_page("/v1/vms").await?;
+    assert_eq!(ids_of(&list).len(), 31);
+    assert_eq!(list[30]["id"], extra.id.to_string());
+    // A VM whose worker says it is paused now (no row written yet).
+    h.worker.set(ids[3], VmState::Paused);
+    let (_, _, zipped) = h.get_encoded("/v1/vms", Some("gzip")).await?;
+    let list: Value = serde_json::from_slice(&gunzip(&zipped)?)?;
+    assert_eq!(list[3]["status"], "paused");
+    // With the status filter, cached apart.
+    let (_, paused, _) = h.get_page("/v1/vms?status=paused").await?;
+    assert_eq!(ids_of(&paused), [ids[3].to_string()]);
+    h.worker.set(ids[3], VmState::Running);
+    let (_, paused, _) = h.get_page("/v1/vms?status=paused").await?;
+    assert_eq!(ids_of(&paused), Vec::<String>::new());
+    other.close().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn list_keeps_the_stored_status_when_the_worker_cannot_say() -> TestResult {
     let h = harness(FakeWorker::default(), Duration::from_secs(5)).await?;

@@ -133,6 +133,7 @@ pub(crate) fn view(r: &VmRecord) -> Vm {
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     QueryParams(q): QueryParams<ListVmsQuery>,
 ) -> Result<Response, ApiError> {
     let limit = vm_list::parse_limit(q.limit.as_deref())?;
@@ -151,14 +152,35 @@ pub async fn list(
     let page = state
         .list_vm_page(caller.org_id, status, after, limit)
         .await?;
-    let mut res = (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        page.body,
-    )
-        .into_response();
+    let gzip = match &page.cached {
+        Some(list)
+            if page.body.len() >= vm_list::GZIP_MIN_BYTES
+                && headers
+                    .get(header::ACCEPT_ENCODING)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(vm_list::accepts_gzip) =>
+        {
+            Some(list.gzip().await?)
+        }
+        _ => None,
+    };
+    let json = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    let mut res = match gzip {
+        Some(body) => (
+            [
+                json,
+                vary,
+                (header::CONTENT_ENCODING, HeaderValue::from_static("gzip")),
+            ],
+            body,
+        )
+            .into_response(),
+        None => ([json, vary], page.body).into_response(),
+    };
     if let Some(next) = page.next_cursor {
         let value = HeaderValue::from_str(&next)
             .map_err(|e| ApiError::internal(format!("cursor {next:?} as a header: {e}")))?;

@@ -49,6 +49,7 @@ async fn suite(store: &Store) -> TestResult {
     orgs_and_keys(store).await?;
     vms_roundtrip_and_scoping(store).await?;
     vm_list_entries_pages(store).await?;
+    vm_list_generations(store).await?;
     optimistic_concurrency(store).await?;
     snapshots_roundtrip_and_scoping(store).await?;
     quotas_limits_and_usage(store).await?;
@@ -546,6 +547,44 @@ async fn vms_roundtrip_and_scoping(store: &Store) -> TestResult {
     Ok(())
 }
 
+/// Every write of a VM row moves its org's list generation (triggers), and
+/// nothing else does.
+async fn vm_list_generations(store: &Store) -> TestResult {
+    let org = store.create_org("gen-org").await?;
+    let other = store.create_org("gen-other").await?;
+    assert_eq!(store.vm_list_generation(org).await?, 0);
+    let vm = sample_vm(org);
+    store.insert_vm(&vm).await?;
+    let g1 = store.vm_list_generation(org).await?;
+    assert_ne!(g1, 0, "an insert moves it");
+    store.insert_vm(&sample_vm(other)).await?;
+    assert_eq!(
+        store.vm_list_generation(org).await?,
+        g1,
+        "another org's insert does not"
+    );
+    let mut running = vm.clone();
+    running.status = VmStatus::Running;
+    assert!(store.update_vm(&mut running).await?);
+    let g2 = store.vm_list_generation(org).await?;
+    assert_ne!(g2, g1, "an update moves it");
+    // A stale write changes no row: nothing moves.
+    let mut stale = vm.clone();
+    stale.status = VmStatus::Paused;
+    assert!(!store.update_vm(&mut stale).await?);
+    assert_eq!(store.vm_list_generation(org).await?, g2);
+    // Reads do not move it.
+    store.list_vm_entries(org, None, None, None).await?;
+    store.get_vm(org, vm.id).await?;
+    assert_eq!(store.vm_list_generation(org).await?, g2);
+    // A soft delete is an update.
+    running.deleted_at_ms = Some(now_ms());
+    running.status = VmStatus::Deleting;
+    assert!(store.update_vm(&mut running).await?);
+    assert_ne!(store.vm_list_generation(org).await?, g2);
+    Ok(())
+}
+
 async fn optimistic_concurrency(store: &Store) -> TestResult {
     let org = store.create_org("cas-org").await?;
     let vm = sample_vm(org);
@@ -862,7 +901,7 @@ async fn store_suite_sqlite() -> TestResult {
     store.close().await;
     // WAL mode is on, and reopening (migrations already applied) keeps the data.
     let store = Store::open(dir.path(), None).await?;
-    assert_eq!(store.org_count().await?, 19);
+    assert_eq!(store.org_count().await?, 21);
     let mode: String = sqlx::query("PRAGMA journal_mode")
         .fetch_one(&store.pool)
         .await?
@@ -895,7 +934,7 @@ async fn store_suite_postgres() -> TestResult {
         store.close().await;
         // Reopen: migrations are idempotent, data is kept.
         let store = Store::open(Path::new("/nonexistent"), Some(&test_url)).await?;
-        assert_eq!(store.org_count().await?, 19);
+        assert_eq!(store.org_count().await?, 21);
         store.close().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     }

@@ -356,6 +356,22 @@ impl Store {
         }
     }
 
+    /// The generation of `org`'s VM list: it changes with every insert,
+    /// update and delete of a VM row of the org (database triggers,
+    /// migration 0012), so an answer built after reading generation `g`
+    /// is the list as it is while the generation is still `g`. 0 for an
+    /// org that never had a VM.
+    pub async fn vm_list_generation(&self, org: OrgId) -> Result<i64> {
+        let row = sqlx::query("SELECT generation FROM vm_list_generations WHERE org_id = $1")
+            .bind(org.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("generation")?,
+            None => 0,
+        })
+    }
+
     /// The live VMs of `org` among `ids`, in no particular order (ids of
     /// another org or deleted VMs are left out).
     pub async fn get_vms(&self, org: OrgId, ids: &[VmId]) -> Result<Vec<VmRecord>> {
