@@ -175,42 +175,8 @@ pub fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
     let mem = unsafe { OwnedFd::from_raw_fd(fd) };
     let file = std::fs::File::from(mem.try_clone()?);
     file.set_len(len)?;
+    crate::ram_capture::copy_data(&src, &file, len)?;
     let (s, d) = (src.as_raw_fd(), mem.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on a valid fd.
-        let data = unsafe { libc::lseek(s, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains.
-        }
-        // SAFETY: lseek on a valid fd.
-        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        let mut off = data;
-        while off < end {
-            let mut out_off = off;
-            // SAFETY: copy_file_range between two valid fds with valid offset pointers.
-            let n = unsafe {
-                libc::copy_file_range(s, &mut off, d, &mut out_off, (end - off) as usize, 0)
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS)
-                ) {
-                    copy_range_slow(&src, &file, off as u64, (end - off) as u64)?;
-                    off = end;
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-        }
-        pos = end;
-    }
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a valid memfd.
     if unsafe { libc::fcntl(d, libc::F_ADD_SEALS, seals) } != 0 {
@@ -220,27 +186,6 @@ pub fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
     // SAFETY: advice on a valid fd.
     unsafe { libc::posix_fadvise(s, 0, 0, libc::POSIX_FADV_DONTNEED) };
     Ok(mem)
-}
-
-fn copy_range_slow(
-    src: &std::fs::File,
-    dst: &std::fs::File,
-    off: u64,
-    len: u64,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < len {
-        let want = buf.len().min((len - done) as usize);
-        let n = src.read_at(&mut buf[..want], off + done)?;
-        if n == 0 {
-            break;
-        }
-        dst.write_all_at(&buf[..n], off + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: name, flags, padding to 40 bytes.

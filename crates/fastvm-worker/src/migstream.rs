@@ -107,25 +107,12 @@ pub fn split(
     ram: &File,
     ram_len: u64,
 ) -> Result<SplitStats, SplitError> {
-    let mut s = Splitter {
-        r: BufReader::with_capacity(1 << 20, input),
-        w: Counting {
-            inner: BufWriter::with_capacity(1 << 20, out),
-            bytes: 0,
-        },
-        ram: Some(ram),
+    let mut s = Splitter::new(
+        BufReader::with_capacity(1 << 20, input),
+        BufWriter::with_capacity(1 << 20, out),
+        Some(ram),
         ram_len,
-        run: Vec::with_capacity(RUN_BYTES),
-        run_at: 0,
-        written: vec![0u64; (ram_len as usize / PAGE).div_ceil(64)],
-        stats: SplitStats::default(),
-        ignore_shared: false,
-        saw_ram_block: false,
-        last_in: None,
-        last_out: None,
-        ram_section: None,
-        stop_at_devices: false,
-    };
+    );
     s.run()?;
     s.flush_run()?;
     s.w.inner.flush()?;
@@ -145,25 +132,13 @@ pub fn split(
 /// restore loaded them (a booted guest does not write its firmware).
 pub fn state_prefix(input: impl Read, ram_len: u64) -> Result<Vec<u8>, SplitError> {
     let mut out = Vec::new();
-    let mut s = Splitter {
-        r: BufReader::with_capacity(1 << 16, input),
-        w: Counting {
-            inner: &mut out,
-            bytes: 0,
-        },
-        ram: None,
+    let mut s = Splitter::new(
+        BufReader::with_capacity(1 << 16, input),
+        &mut out,
+        None,
         ram_len,
-        run: Vec::new(),
-        run_at: 0,
-        written: Vec::new(),
-        stats: SplitStats::default(),
-        ignore_shared: false,
-        saw_ram_block: false,
-        last_in: None,
-        last_out: None,
-        ram_section: None,
-        stop_at_devices: true,
-    };
+    );
+    s.stop_at_devices = true;
     s.run()?;
     if !s.saw_ram_block {
         return unsupported("no RAM section before the device state");
@@ -235,7 +210,36 @@ fn unsupported<T>(what: impl Into<String>) -> Result<T, SplitError> {
     Err(SplitError::Unsupported(what.into()))
 }
 
-impl<R: Read, W: Write> Splitter<'_, R, W> {
+impl<'a, R: Read, W: Write> Splitter<'a, R, W> {
+    /// A splitter writing the RAM block's pages into `ram` (none: such a
+    /// page is an error), the rest into `out`.
+    fn new(r: BufReader<R>, out: W, ram: Option<&'a File>, ram_len: u64) -> Self {
+        let pages = if ram.is_some() {
+            ram_len as usize / PAGE
+        } else {
+            0
+        };
+        Splitter {
+            r,
+            w: Counting {
+                inner: out,
+                bytes: 0,
+            },
+            ram,
+            ram_len,
+            run: Vec::with_capacity(if ram.is_some() { RUN_BYTES } else { 0 }),
+            run_at: 0,
+            written: vec![0u64; pages.div_ceil(64)],
+            stats: SplitStats::default(),
+            ignore_shared: false,
+            saw_ram_block: false,
+            last_in: None,
+            last_out: None,
+            ram_section: None,
+            stop_at_devices: false,
+        }
+    }
+
     fn read_exact<const N: usize>(&mut self) -> Result<[u8; N], SplitError> {
         let mut b = [0u8; N];
         self.r.read_exact(&mut b)?;

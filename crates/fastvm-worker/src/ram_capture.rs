@@ -147,8 +147,9 @@ pub fn capture(pid: u32, maps: &[Mapping], base: &File, out: &File, len: u64) ->
 }
 
 /// Copy the data extents of `from` (up to `len`) into `to` at the same
-/// offsets, leaving its holes holes. Bytes copied.
-fn copy_data(from: &File, to: &File, len: u64) -> io::Result<u64> {
+/// offsets, leaving its holes holes (in the kernel where it can: the
+/// sealed copies of RAM files are made with it too). Bytes copied.
+pub(crate) fn copy_data(from: &File, to: &File, len: u64) -> io::Result<u64> {
     let len = len.min(from.metadata()?.len());
     let mut copied = 0;
     let mut at = 0u64;
