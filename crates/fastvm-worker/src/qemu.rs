@@ -156,9 +156,11 @@ struct Slot {
 }
 
 struct SealedRam {
-    /// The file's (inode, mtime) when copied: a changed file is copied again.
-    key: (u64, i64),
+    /// The file when copied: a changed file is copied again.
+    stamp: FileStamp,
     fd: Arc<OwnedFd>,
+    /// The memfd as `/proc/<pid>/maps` names it (captures find its mappings).
+    memfd: crate::ram_capture::FileIdentity,
     /// Shared memory the copy held when made (the file's data extents).
     bytes: u64,
 }
@@ -169,6 +171,14 @@ impl SealedRam {
     fn resident(&self) -> u64 {
         allocated_bytes(&self.fd).unwrap_or(self.bytes)
     }
+}
+
+/// A sealed copy as a restore gets it: the fd to pass, and which file it is
+/// a copy of and under which identity QEMU will map it ([`RestoredFrom`]).
+struct SealedRamFd {
+    fd: Arc<OwnedFd>,
+    base: FileStamp,
+    memfd: crate::ram_capture::FileIdentity,
 }
 
 /// Bytes a file descriptor's file has allocated (`st_blocks`).
@@ -194,13 +204,12 @@ fn default_sealed_budget() -> u64 {
 impl SealedRamCache {
     /// The sealed memfd copy of RAM file `path` (made on first use, again
     /// when the file changed; concurrent first uses make one copy).
-    fn get(cache: &Mutex<SealedRamCache>, path: &Path) -> Result<Arc<OwnedFd>> {
-        use std::os::unix::fs::MetadataExt;
+    fn get(cache: &Mutex<SealedRamCache>, path: &Path) -> Result<SealedRamFd> {
         fn poisoned<T>(_: T) -> Error {
             Error::Qemu("sealed RAM cache poisoned".into())
         }
         let meta = std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
-        let key = (meta.ino(), meta.mtime());
+        let stamp = FileStamp::of(&meta);
         let slot = {
             let mut c = cache.lock().map_err(poisoned)?;
             c.clock += 1;
@@ -210,22 +219,36 @@ impl SealedRamCache {
             slot.copy.clone()
         };
         let mut copy = slot.lock().map_err(poisoned)?;
-        let fd = match copy.as_ref().filter(|e| e.key == key) {
-            Some(e) => e.fd.clone(),
+        let sealed = match copy.as_ref().filter(|e| e.stamp == stamp) {
+            Some(e) => SealedRamFd {
+                fd: e.fd.clone(),
+                base: e.stamp,
+                memfd: e.memfd,
+            },
             None => {
                 let t0 = std::time::Instant::now();
                 let fd = Arc::new(
                     jail::sealed_copy(path)
                         .ctx(|| format!("copy {} into a sealed memfd", path.display()))?,
                 );
-                let bytes = allocated_bytes(&fd).unwrap_or(0);
+                let meta =
+                    std::fs::File::from(fd.try_clone().ctx(|| "dup the sealed copy".into())?)
+                        .metadata()
+                        .ctx(|| "stat the sealed copy".into())?;
+                let bytes = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+                let memfd = crate::ram_capture::FileIdentity::of(&meta);
                 tracing::info!(ram = %path.display(), ms = t0.elapsed().as_millis() as u64, mib = bytes >> 20, "sealed copy of a RAM file made");
                 *copy = Some(SealedRam {
-                    key,
+                    stamp,
                     fd: fd.clone(),
+                    memfd,
                     bytes,
                 });
-                fd
+                SealedRamFd {
+                    fd,
+                    base: stamp,
+                    memfd,
+                }
             }
         };
         drop(copy);
@@ -237,7 +260,7 @@ impl SealedRamCache {
         // On every use, not only when a copy is made: copies grow while
         // they are mapped (see above).
         c.evict_over_budget(path);
-        Ok(fd)
+        Ok(sealed)
     }
 
     /// Drop the least recently used copies (never `keep`) until what they
@@ -606,6 +629,16 @@ impl Hypervisor for QemuMicrovm {
             Some(ram) => Some(SealedRamCache::get(&self.sealed_ram, &ram.path)?),
             None => None,
         };
+        // What captures of a restored VM need to know of its restore.
+        let restored = match (&ram_fd, incoming, &memory, &spec.ram) {
+            (Some(sealed), Some(stream), Some(file), Some(ram)) => {
+                let ram_len = u64::from(spec.memory_mib) << 20;
+                RestoredFrom::new(sealed, &ram.path, stream, file, ram_len)
+                    .map_err(|e| tracing::warn!(vm = %spec.id, error = %e, "captures of this VM will migrate its RAM"))
+                    .ok()
+            }
+            _ => None,
+        };
         let netns = spec
             .net
             .as_ref()
@@ -633,8 +666,8 @@ impl Hypervisor for QemuMicrovm {
         if let Some(m) = &memory {
             setup.pass_fd(m.as_raw_fd(), FD_INCOMING).map_err(io)?;
         }
-        if let Some(fd) = &ram_fd {
-            setup.pass_fd(fd.as_raw_fd(), FD_RAM).map_err(io)?;
+        if let Some(sealed) = &ram_fd {
+            setup.pass_fd(sealed.fd.as_raw_fd(), FD_RAM).map_err(io)?;
         }
         if let (Some(ns), Some(net)) = (&netns, &spec.net) {
             setup.tap_in_netns(ns.as_raw_fd(), &net.tap).map_err(io)?;
@@ -695,15 +728,7 @@ impl Hypervisor for QemuMicrovm {
             }
         };
         let mut process = QemuProcess::new(pid, qmp, spec, paths, self.cgroups.clone());
-        if let (Some(fd), Some(stream), Some(ram)) = (&ram_fd, incoming, &spec.ram) {
-            let ram_len = u64::from(spec.memory_mib) << 20;
-            match RestoredFrom::new(fd, &ram.path, stream, ram_len) {
-                Ok(from) => process.restored = Some(from),
-                Err(e) => {
-                    tracing::warn!(vm = %spec.id, error = %e, "captures of this VM will migrate its RAM")
-                }
-            }
-        }
+        process.restored = restored;
         if incoming.is_some() {
             let uri = format!("fd:{FD_INCOMING}");
             let started = async {
@@ -864,21 +889,24 @@ impl FileStamp {
 }
 
 impl RestoredFrom {
-    fn new(memfd: &OwnedFd, base: &Path, stream: &Path, ram_len: u64) -> Result<Self> {
-        let memfd = std::fs::File::from(memfd.try_clone().ctx(|| "dup the RAM fd".into())?)
+    /// From what the restore already has: the sealed copy (made of `base`)
+    /// and the stream it opened (`stream_file`, at `stream`).
+    fn new(
+        sealed: &SealedRamFd,
+        base: &Path,
+        stream: &Path,
+        stream_file: &std::fs::File,
+        ram_len: u64,
+    ) -> Result<Self> {
+        let stream_meta = stream_file
             .metadata()
-            .ctx(|| "stat the RAM fd".into())?;
-        let stamp = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|m| FileStamp::of(&m))
-                .ctx(|| format!("stat {}", p.display()))
-        };
+            .ctx(|| format!("stat {}", stream.display()))?;
         Ok(RestoredFrom {
             base: base.to_owned(),
-            base_stamp: stamp(base)?,
+            base_stamp: sealed.base,
             stream: stream.to_owned(),
-            stream_stamp: stamp(stream)?,
-            memfd: crate::ram_capture::FileIdentity::of(&memfd),
+            stream_stamp: FileStamp::of(&stream_meta),
+            memfd: sealed.memfd,
             ram_len,
         })
     }
@@ -1458,7 +1486,7 @@ mod tests {
             budget: 16 << 20,
             clock: 0,
         });
-        let fd = SealedRamCache::get(&cache, &golden).expect("copy");
+        let fd = SealedRamCache::get(&cache, &golden).expect("copy").fd;
         let _ = SealedRamCache::get(&cache, &other).expect("copy");
         // Both copies hold one page each: they fit the budget.
         assert!(cache.lock().expect("lock").entries.contains_key(&golden));
